@@ -1,0 +1,3 @@
+from dmmig.cli import main
+
+raise SystemExit(main())

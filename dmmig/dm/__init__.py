@@ -1,0 +1,1 @@
+"""Device-mapper: typed targets (table lines, status parsing) and the dmsetup adapter."""

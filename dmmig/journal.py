@@ -1,0 +1,128 @@
+"""Per-disk journal and lock under the state directory.
+
+The journal remembers intent and endpoints; what the kernel says (dmsetup) is the truth.
+Written atomically (write temp, fsync, rename, fsync dir) at every phase change.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dmmig.errors import Busy, StateError
+
+DEFAULT_STATE_DIR = "/var/lib/dmmig"
+
+# Phases, in order. "preparing"/"aborting" etc. mark a change that may not have completed.
+WRAPPED = "wrapped"
+PREPARING = "preparing"
+PREPARED = "prepared"
+COPYING = "copying"
+COPIED = "copied"
+CUTTING_OVER = "cutting-over"
+MIRRORING = "mirroring"
+FINISHING = "finishing"
+ABORTING = "aborting"
+
+
+def state_dir(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("DMMIG_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+@dataclass
+class Entry:
+    name: str
+    origin: str                     # path as given
+    origin_devno: str               # major:minor at wrap time
+    phase: str = WRAPPED
+    block_sectors: int | None = None
+    metadata: str | None = None      # metadata device path (given or our loop device)
+    metadata_file: str | None = None  # our own metadata file (None when --metadata given)
+    checkpoints: list[int] = field(default_factory=list)
+    dest: dict[str, Any] = field(default_factory=dict)
+    copy: dict[str, Any] = field(default_factory=dict)
+    history: list[list[Any]] = field(default_factory=list)  # [time, phase]
+
+    @property
+    def top(self) -> str:
+        return f"dmmig-{self.name}"
+
+    @property
+    def era(self) -> str:
+        return f"dmmig-{self.name}-era"
+
+
+class Journal:
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.json")
+
+    def ensure_dir(self) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+
+    def load(self, name: str) -> Entry | None:
+        try:
+            with open(self.path(name)) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise StateError(f"journal {self.path(name)} is unreadable: {e}",
+                             hint="inspect or move the file away; the kernel state is the truth") from e
+        return Entry(**data)
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(f[:-5] for f in os.listdir(self.dir) if f.endswith(".json"))
+        except FileNotFoundError:
+            return []
+
+    def save(self, entry: Entry, phase: str | None = None) -> None:
+        if phase is not None and phase != entry.phase:
+            entry.phase = phase
+            entry.history.append([round(time.time(), 3), phase])
+        self.ensure_dir()
+        p = self.path(entry.name)
+        tmp = f"{p}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(asdict(entry), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """One dmmig process per disk. flock dies with the process, so a killed dmmig
+        never leaves a stale lock."""
+        self.ensure_dir()
+        fd = os.open(os.path.join(self.dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise Busy(f"another dmmig is working on {name!r}",
+                               hint="wait for it, or find it with `fuser` on the lock file") from None
+                raise
+            yield
+        finally:
+            os.close(fd)

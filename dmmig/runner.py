@@ -1,0 +1,59 @@
+"""The one way dmmig runs a command: argv lists only, a timeout, logged, typed errors."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol
+
+from dmmig.errors import CommandError, MissingDependency
+
+log = logging.getLogger("dmmig.cmd")
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
+            input: str | None = None) -> Result: ...
+
+
+class SubprocessRunner:
+    """Runs commands for real. Never through a shell."""
+
+    def __init__(self, default_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.default_timeout = default_timeout
+
+    def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
+            input: str | None = None) -> Result:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise TypeError(f"argv must be a non-empty list of str, got {argv!r}")
+        t = self.default_timeout if timeout is None else timeout
+        log.debug("run: %s", argv)
+        env = dict(os.environ)
+        env.setdefault("LC_ALL", "C")  # we parse output; keep it stable
+        try:
+            p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=t,
+                               env=env, stdin=None if input is not None else subprocess.DEVNULL)
+        except FileNotFoundError as e:
+            raise MissingDependency(f"command not found: {argv[0]}",
+                                    hint="install it (see README: the install command)") from e
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            log.debug("timeout after %ss: %s", t, argv)
+            raise CommandError(argv, None, out, err, timed_out=True) from e
+        log.debug("rc=%d stdout=%r stderr=%r", p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+        res = Result(argv, p.returncode, p.stdout, p.stderr)
+        if check and p.returncode != 0:
+            raise CommandError(argv, p.returncode, p.stdout, p.stderr)
+        return res

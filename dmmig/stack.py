@@ -1,0 +1,319 @@
+"""The local device stack of one disk: wrap, prepare (insert era live), dirty, abort, unwrap.
+
+    /dev/mapper/dmmig-NAME      top: blkback opens it; only its table is ever swapped
+    /dev/mapper/dmmig-NAME-era  dm-era over the origin, metadata on a device of ours
+    origin                      LV, partition, loop device
+
+Every change is journaled before it is made, so a killed dmmig leaves a state that
+`status` explains and `abort` undoes; abort reads the kernel, not just the journal.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmmig import journal as J
+from dmmig.blockdev import BlockDev, Loop, block_device, dm_name_of, holder_names
+from dmmig.dm.dmsetup import DmInfo, DmSetup
+from dmmig.dm.targets import Era, Linear, Table
+from dmmig.era import BlockRange, EraTools
+from dmmig.errors import BadInput, Busy, DmmigError, StateError, Undo
+from dmmig.runner import Runner
+from dmmig.validate import disk_name, require_tools
+
+UUID_PREFIX = "DMMIG"
+DEFAULT_BLOCK_BYTES = 64 << 10
+
+
+def top_name(name: str) -> str:
+    return f"dmmig-{name}"
+
+
+def era_name(name: str) -> str:
+    return f"dmmig-{name}-era"
+
+
+def uuid_for(role: str, name: str) -> str:
+    return f"{UUID_PREFIX}-{role}-{name}"
+
+
+def metadata_bytes(origin_bytes: int, block_sectors: int) -> int:
+    """Era metadata size: 4 bytes per block for the era array, a bitset per archived
+    writeset (a few live at once), btree and space-map overhead; doubled for headroom,
+    since dm-era cannot grow its metadata later."""
+    nr_blocks = -(-origin_bytes // (block_sectors * 512))
+    need = 4 * nr_blocks + 8 * (nr_blocks // 8 + 1) + (4 << 20)
+    return _round_up(2 * need, 1 << 20)
+
+
+def min_metadata_bytes(origin_bytes: int, block_sectors: int) -> int:
+    nr_blocks = -(-origin_bytes // (block_sectors * 512))
+    return _round_up(4 * nr_blocks + 8 * (nr_blocks // 8 + 1) + (2 << 20), 4096)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass
+class Stack:
+    runner: Runner
+    dm: DmSetup
+    journal: J.Journal
+    loop: Loop = field(init=False)
+    era: EraTools = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loop = Loop(self.runner)
+        self.era = EraTools(self.runner, self.dm)
+
+    # ---- wrap / unwrap ------------------------------------------------------------------
+    def wrap(self, name: str, origin_path: str) -> str:
+        disk_name(name)
+        origin = block_device(origin_path)
+        top = top_name(name)
+        info = self.dm.info(top)
+        if info is not None:
+            t = self.dm.table(top).target
+            entry = self.journal.load(name)
+            under = self._origin_devno(name, entry, t)
+            if under == origin.devno:
+                if entry is None:  # journal lost: remember the origin again
+                    self.journal.save(J.Entry(name, origin_path, origin.devno), J.WRAPPED)
+                return f"/dev/mapper/{top}"
+            raise BadInput(f"{top} already exists over {under}, not over {origin_path} ({origin.devno})",
+                           hint=f"use another NAME, or `dmmig unwrap {name}` first")
+        own = dm_name_of(origin)
+        if own is not None and own.startswith("dmmig-"):
+            raise BadInput(f"{origin_path} is a dmmig device itself; wrap the real disk")
+        holders = holder_names(origin)
+        if holders:
+            raise BadInput(f"{origin_path} is already held by {', '.join(holders)}",
+                           hint="a disk under another dm device cannot be wrapped")
+        require_tools("dmsetup")
+        size = origin.size_bytes()
+        if size == 0 or size % 512:
+            raise BadInput(f"{origin_path} has size {size}: not usable")
+        with self.journal.lock(name):
+            entry = J.Entry(name, origin_path, origin.devno)
+            self.journal.save(entry, J.WRAPPED)
+            try:
+                self.dm.create(top, Table(Linear(size // 512, origin.devno)), uuid=uuid_for("top", name))
+            except BaseException:
+                self.journal.delete(name)
+                raise
+        return f"/dev/mapper/{top}"
+
+    def unwrap(self, name: str, *, force: bool = False) -> None:
+        disk_name(name)
+        top = top_name(name)
+        info = self.dm.info(top)
+        entry = self.journal.load(name)
+        if info is None and entry is None:
+            raise BadInput(f"unknown disk {name!r}: no {top} and no journal entry")
+        if entry is not None and entry.phase != J.WRAPPED and not force:
+            raise StateError(f"a migration of {name} is in progress (phase {entry.phase})",
+                             hint=f"`dmmig abort {name}` first, or --force to abort and unwrap")
+        if info is not None and info.open_count > 0 and not force:
+            raise Busy(f"{top} is open ({info.open_count} opener(s)); unwrapping would pull the disk "
+                       "from under them", hint="stop the domain first, or --force")
+        with self.journal.lock(name):
+            if entry is not None and entry.phase != J.WRAPPED or self.dm.info(era_name(name)):
+                self._abort_locked(name)
+            if info is not None:
+                self.dm.remove(top)
+            self.journal.delete(name)
+
+    # ---- prepare ------------------------------------------------------------------------
+    def prepare(self, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                metadata: str | None = None) -> Table:
+        from dmmig.validate import era_block_size
+        disk_name(name)
+        bs = era_block_size(block_bytes)
+        entry = self._entry(name)
+        top = top_name(name)
+        info = self.dm.info(top)
+        if info is None:
+            raise StateError(f"{top} does not exist", hint=f"`dmmig wrap {name} ORIGIN` first")
+        if entry.phase != J.WRAPPED or self.dm.info(era_name(name)) is not None:
+            raise StateError(f"{name} is already prepared (phase {entry.phase})",
+                             hint=f"`dmmig status {name}`; `dmmig abort {name}` to start over")
+        cur = self.dm.table(top).target
+        if not (isinstance(cur, Linear) and cur.device == entry.origin_devno and cur.offset == 0):
+            raise StateError(f"{top} is not linear over the origin {entry.origin_devno}: {self.dm.table_text(top)}")
+        require_tools("dmsetup", "era_invalidate", "losetup")
+        self.dm.require_targets("era")
+        length = cur.length
+        meta_dev: BlockDev | None = None
+        if metadata is not None:
+            meta_dev = block_device(metadata)
+            need = min_metadata_bytes(length * 512, bs)
+            if meta_dev.size_bytes() < need:
+                raise BadInput(f"metadata device {metadata} is too small: {meta_dev.size_bytes()} bytes, "
+                               f"need at least {need} for {length * 512} bytes at {bs * 512}-byte blocks")
+            if meta_dev.holders():
+                raise BadInput(f"metadata device {metadata} is in use by {', '.join(holder_names(meta_dev))}")
+
+        with self.journal.lock(name):
+            entry.block_sectors = bs
+            entry.checkpoints = []
+            undo = Undo()
+            self.journal.save(entry, J.PREPARING)
+            try:
+                if meta_dev is None:
+                    mfile = os.path.join(self.journal.dir, f"{name}.era-meta")
+                    entry.metadata_file = mfile
+                    self.journal.save(entry)
+                    _make_zeroed_file(mfile, metadata_bytes(length * 512, bs))
+                    undo.push(f"remove {mfile}", lambda: os.unlink(mfile))
+                    loopdev = self.loop.attach(mfile)
+                    undo.push(f"detach {loopdev}", lambda: self.loop.detach(loopdev))
+                    entry.metadata = loopdev
+                else:
+                    entry.metadata = meta_dev.path
+                    _zero_superblock(meta_dev.path)  # era formats a zeroed superblock
+                self.journal.save(entry)
+                meta = block_device(entry.metadata)
+                origin = entry.origin_devno
+                self.dm.create(era_name(name), Table(Era(length, meta.devno, origin, bs)),
+                               uuid=uuid_for("era", name))
+                undo.push(f"remove {era_name(name)}", lambda: self.dm.remove(era_name(name)))
+                era_dev = block_device(f"/dev/mapper/{era_name(name)}")
+                new = Table(Linear(length, era_dev.devno))
+                self.dm.swap(top, new)
+            except BaseException:
+                undo.run(f"undo of a failed prepare of {name}")
+                entry.metadata = entry.metadata_file = None
+                entry.block_sectors = None
+                self.journal.save(entry, J.WRAPPED)
+                raise
+            self.journal.save(entry, J.PREPARED)
+        return new
+
+    # ---- era queries ----------------------------------------------------------------------
+    def checkpoint(self, name: str) -> int:
+        entry = self._prepared(name)
+        with self.journal.lock(name):
+            era = self.era.checkpoint(era_name(name))
+            entry.checkpoints.append(era)
+            self.journal.save(entry)
+        return era
+
+    def dirty(self, name: str, since: int = 1) -> tuple[list[BlockRange], int, int]:
+        """(dirty block ranges, block size in bytes, era current when read)."""
+        entry = self._prepared(name)
+        if since < 0:
+            raise BadInput(f"--since must be >= 0, got {since}")
+        assert entry.metadata and entry.block_sectors
+        with self.journal.lock(name):
+            ranges, now = self.era.dirty(era_name(name), entry.metadata, since)
+        return ranges, entry.block_sectors * 512, now
+
+    # ---- abort ----------------------------------------------------------------------------
+    def abort(self, name: str) -> list[str]:
+        """Return the top device to linear over the origin; remove everything else.
+        Works from any state, also after dmmig was killed half-way."""
+        disk_name(name)
+        entry = self.journal.load(name)
+        if entry is None and self.dm.info(top_name(name)) is None and self.dm.info(era_name(name)) is None:
+            raise BadInput(f"unknown disk {name!r}: nothing of dmmig exists for it")
+        with self.journal.lock(name):
+            return self._abort_locked(name)
+
+    def _abort_locked(self, name: str) -> list[str]:
+        done: list[str] = []
+        entry = self.journal.load(name)
+        top = top_name(name)
+        if entry is not None:
+            self.journal.save(entry, J.ABORTING)
+        errors: list[BaseException] = []
+
+        def step(desc: str, fn: Any) -> None:
+            try:
+                fn()
+                done.append(desc)
+            except Exception as e:  # noqa: BLE001 - collect, keep going, report all
+                errors.append(DmmigError(f"{desc}: {e}"))
+
+        info = self.dm.info(top)
+        if info is not None:
+            origin_devno = self._origin_devno(name, entry, self.dm.table(top).target)
+            if origin_devno is None:
+                errors.append(StateError(f"cannot tell the origin of {top}: no journal and its table "
+                                         f"is {self.dm.table_text(top)!r}"))
+            else:
+                cur = self.dm.table(top).target
+                back = Table(Linear(cur.length, origin_devno))
+                if not (isinstance(cur, Linear) and cur.device == origin_devno) or info.has_inactive:
+                    # noflush: a mirror with handle_errors may hold writes; keep them queued
+                    # and let them go to the origin instead of failing them.
+                    step(f"swap {top} back to linear over {origin_devno}",
+                         lambda: self.dm.swap(top, back, noflush=True))
+                elif info.suspended:
+                    step(f"resume {top}", lambda: self.dm.resume(top))
+        era = era_name(name)
+        if self.dm.info(era) is not None:
+            step(f"remove {era}", lambda: self.dm.remove(era))
+        mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
+        for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
+            step(f"detach {dev}", lambda dev=dev: self.loop.detach(dev))
+        if os.path.exists(mfile):
+            step(f"remove {mfile}", lambda: os.unlink(mfile))
+        if entry is not None:
+            if errors:
+                self.journal.save(entry)  # stays "aborting": status shows it, abort can retry
+            else:
+                entry.metadata = entry.metadata_file = None
+                entry.block_sectors = None
+                entry.checkpoints = []
+                if self.dm.info(top) is not None:
+                    self.journal.save(entry, J.WRAPPED)
+                else:
+                    self.journal.delete(name)
+        if errors:
+            from dmmig.errors import TeardownError
+            raise TeardownError(f"abort of {name}", errors)
+        return done
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _entry(self, name: str) -> J.Entry:
+        e = self.journal.load(name)
+        if e is None:
+            raise BadInput(f"unknown disk {name!r}: not wrapped by dmmig",
+                           hint=f"`dmmig wrap {name} ORIGIN` first")
+        return e
+
+    def _prepared(self, name: str) -> J.Entry:
+        disk_name(name)
+        e = self._entry(name)
+        if e.phase in (J.WRAPPED, J.PREPARING) or self.dm.info(era_name(name)) is None:
+            raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
+        return e
+
+    def _origin_devno(self, name: str, entry: J.Entry | None, target: Any) -> str | None:
+        if entry is not None:
+            return entry.origin_devno
+        if isinstance(target, Linear):
+            return target.device
+        return None
+
+    def infos(self, name: str) -> dict[str, DmInfo | None]:
+        return {top_name(name): self.dm.info(top_name(name)), era_name(name): self.dm.info(era_name(name))}
+
+
+def _make_zeroed_file(path: str, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)  # sparse: reads as zeroes, so the era superblock is zero
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _zero_superblock(dev: str) -> None:
+    fd = os.open(dev, os.O_WRONLY | os.O_SYNC)
+    try:
+        os.pwrite(fd, bytes(4096), 0)
+    finally:
+        os.close(fd)

@@ -1,0 +1,108 @@
+"""`dmmig status`: what the journal says, what the kernel says, and where they disagree."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dmmig import journal as J
+from dmmig.dm.targets import Era, Linear, Mirror, ParseError
+from dmmig.stack import Stack, era_name, top_name
+
+
+def disk_status(stack: Stack, name: str) -> dict[str, Any]:
+    entry = stack.journal.load(name)
+    out: dict[str, Any] = {"name": name, "journal": None, "devices": {}, "problems": []}
+    problems: list[str] = out["problems"]
+    if entry is not None:
+        out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
+                          "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
+                          "metadata": entry.metadata, "checkpoints": entry.checkpoints,
+                          "dest": entry.dest, "copy": entry.copy, "history": entry.history[-10:]}
+    for dev in (top_name(name), era_name(name)):
+        info = stack.dm.info(dev)
+        if info is None:
+            continue
+        d: dict[str, Any] = {"devno": info.devno, "open": info.open_count, "suspended": info.suspended,
+                             "inactive_table": info.has_inactive, "events": info.events,
+                             "table": stack.dm.table_text(dev)}
+        # never ask a suspended era device for status: it answers through its worker
+        if not info.suspended:
+            line = stack.dm.status_line(dev)
+            d["status"] = line
+            try:
+                t = stack.dm.table(dev).target
+                if isinstance(t, Era):
+                    st = stack.dm.era_status(dev)
+                    d["era"] = {"current_era": st.current_era, "metadata_used": st.metadata_used,
+                                "metadata_total": st.metadata_total, "snapshot_held": st.snapshot_block is not None}
+                    if st.snapshot_block is not None:
+                        problems.append(f"{dev} holds a metadata snapshot (left by an interrupted dmmig; harmless, "
+                                        "the next query drops it)")
+                elif isinstance(t, Mirror):
+                    ms = stack.dm.mirror_status(dev)
+                    d["mirror"] = {"in_sync": ms.in_sync, "regions": ms.regions, "health": ms.health,
+                                   "healthy": ms.healthy}
+                    if not ms.healthy:
+                        problems.append(f"{dev}: mirror leg(s) {ms.failed_legs} failed (health {ms.health}); "
+                                        "writes go on to the local disk and era records them")
+            except ParseError as e:
+                problems.append(f"{dev}: cannot parse its table or status: {e}")
+        else:
+            problems.append(f"{dev} is suspended: I/O to it is blocked (an interrupted table swap?); "
+                            f"`dmmig abort {name}` resumes it")
+        out["devices"][dev] = d
+
+    top = out["devices"].get(top_name(name))
+    era = out["devices"].get(era_name(name))
+    if entry is None:
+        if top or era:
+            problems.append("dm devices exist but there is no journal entry (journal lost?)")
+        return out
+    if top is None:
+        problems.append(f"journal says {entry.phase} but {top_name(name)} does not exist")
+    if entry.phase == J.WRAPPED and era is not None:
+        problems.append(f"journal says wrapped but {era_name(name)} exists (interrupted prepare?)")
+    if entry.phase not in (J.WRAPPED, J.PREPARING, J.ABORTING) and era is None:
+        problems.append(f"journal says {entry.phase} but {era_name(name)} does not exist")
+    if entry.phase in (J.PREPARING, J.ABORTING, J.CUTTING_OVER, J.FINISHING):
+        problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted); "
+                        f"`dmmig abort {name}` cleans up")
+    if entry.metadata_file and entry.phase != J.WRAPPED and not os.path.exists(entry.metadata_file):
+        problems.append(f"era metadata file {entry.metadata_file} is missing")
+    if top is not None and entry.phase == J.WRAPPED:
+        try:
+            t = stack.dm.table(top_name(name)).target
+            if not (isinstance(t, Linear) and t.device == entry.origin_devno):
+                problems.append(f"{top_name(name)} is not linear over the origin {entry.origin_devno}")
+        except ParseError:
+            pass
+    return out
+
+
+def render(st: dict[str, Any]) -> str:
+    lines = [f"{st['name']}:"]
+    j = st["journal"]
+    if j:
+        lines.append(f"  phase:   {j['phase']}")
+        lines.append(f"  origin:  {j['origin']} ({j['origin_devno']})")
+        if j["block_bytes"]:
+            lines.append(f"  era:     block {j['block_bytes']} bytes, metadata {j['metadata']}")
+        if j["dest"]:
+            lines.append(f"  dest:    {j['dest'].get('host')} {j['dest'].get('disk', '')}")
+    else:
+        lines.append("  phase:   (no journal entry)")
+    for dev, d in st["devices"].items():
+        flags = (" SUSPENDED" if d["suspended"] else "") + (" +inactive-table" if d["inactive_table"] else "")
+        lines.append(f"  {dev} ({d['devno']}, open {d['open']}{flags})")
+        lines.append(f"    table:  {d['table']}")
+        if "status" in d:
+            lines.append(f"    status: {d['status']}")
+        if "era" in d:
+            e = d["era"]
+            lines.append(f"    era {e['current_era']}, metadata {e['metadata_used']}/{e['metadata_total']} blocks")
+        if "mirror" in d:
+            m = d["mirror"]
+            lines.append(f"    mirror {m['in_sync']}/{m['regions']} in sync, legs {m['health']}")
+    for p in st["problems"]:
+        lines.append(f"  ! {p}")
+    return "\n".join(lines)
