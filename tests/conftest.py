@@ -1,0 +1,90 @@
+"""Fixtures. Kernel tests (marked `kernel`) run their commands in a real Linux kernel:
+user-mode-linux, booted here by the suite itself. A rig that cannot boot is an error,
+never a skip."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.rig import leaks
+from tests.rig.uml import ROOT, UmlHost
+
+ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
+
+
+@pytest.fixture(scope="session")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UmlHost]:
+    host = UmlHost("a", log_dir=str(tmp_path_factory.mktemp("rig")))
+    host.start()
+    print(f"\n[rig] kernel a booted in {host.boot_seconds:.1f}s")
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails any kernel test that leaves dm devices, loop devices, nbd attachments,
+    processes or journal files behind (and cleans them, so the next test starts clean)."""
+    if request.node.get_closest_marker("kernel") is None:
+        yield
+        return
+    hosts: list[UmlHost] = []
+    for fx in ("rig", "pair"):
+        if fx in request.fixturenames:
+            v = request.getfixturevalue(fx)
+            hosts += list(v) if isinstance(v, tuple) else [v]
+    before = {h.name: leaks.snapshot(h) for h in hosts}
+    yield
+    found = []
+    for h in hosts:
+        if not h.alive():
+            continue
+        after = leaks.snapshot(h)
+        lk = leaks.leaks(before[h.name], after)
+        if lk:
+            found.append(f"{h.name}: " + ", ".join(lk))
+            leaks.clean(h, before[h.name], after)
+    if found:
+        pytest.fail("test leaked: " + "; ".join(found), pytrace=False)
+
+
+class Disks:
+    """Scratch disks in the guest: files in its /dev/shm (fast) behind loop devices."""
+
+    def __init__(self, host: UmlHost) -> None:
+        self.host = host
+        self.made: list[tuple[str, str]] = []
+
+    def __call__(self, size_mib: int, *, fill_seed: int | None = None) -> str:
+        f = f"/dev/shm/disk-{uuid.uuid4().hex[:8]}"
+        self.host.run(["truncate", "-s", f"{size_mib}M", f])
+        dev = self.host.run(["losetup", "--find", "--show", f]).out.strip()
+        self.made.append((dev, f))
+        if fill_seed is not None:
+            self.host.run([python(), ORACLE, "fill", dev, "--seed", str(fill_seed)])
+        return dev
+
+    def cleanup(self) -> None:
+        for dev, f in reversed(self.made):
+            self.host.run(["losetup", "-d", dev], check=False)
+            self.host.run(["rm", "-f", f], check=False)
+
+
+def python() -> str:
+    return str(ROOT / ".venv" / "bin" / "python")
+
+
+@pytest.fixture
+def disks(rig: UmlHost) -> Iterator[Callable[..., str]]:
+    d = Disks(rig)
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture
+def name() -> str:
+    return f"t{uuid.uuid4().hex[:6]}"

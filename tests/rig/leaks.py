@@ -1,0 +1,78 @@
+"""What a kernel test may leave behind: nothing. Snapshot before, compare after."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from tests.rig.uml import UmlHost
+
+SNAPSHOT = r"""
+import json, os, subprocess
+def sh(*a):
+    return subprocess.run(a, capture_output=True, text=True).stdout
+dm = [l.split()[0] for l in sh("dmsetup", "ls").splitlines() if l.strip() and "No devices" not in l]
+loops = [l.split(":")[0] for l in sh("losetup", "-a").splitlines() if l.strip()]
+nbds = sorted(d for d in os.listdir("/sys/block") if d.startswith("nbd") and os.path.exists(f"/sys/block/{d}/pid"))
+procs = []
+me = os.getpid()
+for p in os.listdir("/proc"):
+    if not p.isdigit() or int(p) in (me, os.getppid()):
+        continue
+    try:
+        st = open(f"/proc/{p}/stat").read()
+        cmd = open(f"/proc/{p}/cmdline").read().replace("\0", " ").strip()
+    except OSError:
+        continue
+    ppid = int(st.rsplit(")", 1)[1].split()[1])
+    if int(p) == 2 or ppid == 2 or not cmd:   # kernel threads
+        continue
+    try:  # udevd's workers come and go on their own
+        if "systemd-udevd" in open(f"/proc/{ppid}/cmdline").read():
+            continue
+    except OSError:
+        pass
+    procs.append([int(p), cmd])
+state = sorted(f for f in os.listdir("/run/dmmig") if not f.endswith(".lock")) if os.path.isdir("/run/dmmig") else []
+print(json.dumps({"dm": dm, "loops": loops, "nbd": nbds, "procs": procs, "state": state}))
+"""
+
+
+@dataclass
+class Snapshot:
+    dm: set[str]
+    loops: set[str]
+    nbd: set[str]
+    procs: dict[int, str]
+    state: set[str]
+
+
+def snapshot(host: UmlHost) -> Snapshot:
+    d = json.loads(host.py(SNAPSHOT).out)
+    return Snapshot(set(d["dm"]), set(d["loops"]), set(d["nbd"]), {p: c for p, c in d["procs"]}, set(d["state"]))
+
+
+def leaks(before: Snapshot, after: Snapshot) -> list[str]:
+    out = []
+    out += [f"dm device {n}" for n in sorted(after.dm - before.dm)]
+    out += [f"loop device {n}" for n in sorted(after.loops - before.loops)]
+    out += [f"nbd attachment {n}" for n in sorted(after.nbd - before.nbd)]
+    out += [f"process {p} ({c})" for p, c in sorted(after.procs.items()) if p not in before.procs]
+    out += [f"state file /run/dmmig/{n}" for n in sorted(after.state - before.state)]
+    return out
+
+
+def clean(host: UmlHost, before: Snapshot, after: Snapshot) -> None:
+    """Remove what a failed test leaked so the next test starts clean."""
+    for p in after.procs:
+        if p not in before.procs:
+            host.run(["kill", "-9", str(p)], check=False)
+    for n in after.nbd - before.nbd:
+        host.run(["nbd-client", "-d", f"/dev/{n}"], check=False)
+    for _ in range(3):  # stacked devices: remove top first, retry what was still held
+        for n in sorted(after.dm - before.dm):
+            host.run(["dmsetup", "resume", n], check=False)
+            host.run(["dmsetup", "remove", "--force", n], check=False)
+    for n in after.loops - before.loops:
+        host.run(["losetup", "-d", n], check=False)
+    for n in after.state - before.state:
+        host.run(["rm", "-f", f"/run/dmmig/{n}"], check=False)

@@ -1,0 +1,161 @@
+"""An independent writer and checker: the oracle for "no acknowledged write is lost".
+
+It shares no code with dmmig. The writer writes 4 KiB blocks with O_DIRECT (each one
+acknowledged before the next), every block's content derived from (seed, block, seq), and
+records the last acknowledged seq of every block. The checker reads a device back and
+compares every block with what the record says it must hold.
+
+    oracle.py fill   DEV --seed S                  # every block gets seq 0
+    oracle.py write  DEV --seed S --record R [--count N] [--blocks A:B] [--rate R]
+                     (runs until SIGTERM or N writes; exits 1 if any write failed)
+    oracle.py check  DEV --seed S --record R [--record R2 ...]   # exits 1 on any mismatch
+    oracle.py digest DEV                                          # sha256 of the whole device
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import random
+import signal
+import struct
+import sys
+import time
+
+BS = 4096
+MAGIC = b"ORACLE01"
+
+
+def content(seed: int, block: int, seq: int) -> bytes:
+    head = MAGIC + struct.pack("<QQQ", seed, block, seq)
+    fill = hashlib.blake2b(head, digest_size=64).digest()
+    return (head + fill * 64)[:BS]
+
+
+def dev_blocks(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END) // BS
+
+
+def cmd_fill(a: argparse.Namespace) -> int:
+    fd = os.open(a.dev, os.O_WRONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, BS * 256)
+    n = dev_blocks(fd)
+    b = 0
+    while b < n:
+        k = min(256, n - b)
+        for i in range(k):
+            buf[i * BS:(i + 1) * BS] = content(a.seed, b + i, 0)
+        os.pwrite(fd, memoryview(buf)[:k * BS], b * BS)
+        b += k
+    os.fsync(fd)
+    os.close(fd)
+    return 0
+
+
+def cmd_write(a: argparse.Namespace) -> int:
+    fd = os.open(a.dev, os.O_WRONLY | os.O_DIRECT)
+    n = dev_blocks(fd)
+    lo, hi = (int(x) for x in a.blocks.split(":")) if a.blocks else (0, n)
+    record: dict[int, int] = {}
+    if a.resume and os.path.exists(a.record):
+        record = {int(k): v for k, v in json.load(open(a.record))["last"].items()}
+    seq = max(record.values(), default=0)
+    stop = False
+    errors: list[str] = []
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    rnd = random.Random(a.seed * 7919 + seq)
+    buf = mmap.mmap(-1, BS)
+    writes = 0
+    t0 = time.monotonic()
+    ready = a.record + ".started"
+    open(ready, "w").close()
+    while not stop and (a.count is None or writes < a.count):
+        blk = rnd.randrange(lo, hi)
+        seq += 1
+        buf[:] = content(a.seed, blk, seq)
+        try:
+            if os.pwrite(fd, buf, blk * BS) != BS:
+                raise OSError("short write")
+        except OSError as e:
+            errors.append(f"block {blk} seq {seq}: {e}")
+            break
+        record[blk] = seq  # acknowledged: it must be there afterwards
+        writes += 1
+        if a.rate:
+            time.sleep(max(0.0, writes / a.rate - (time.monotonic() - t0)))
+    os.close(fd)
+    with open(a.record + ".tmp", "w") as f:
+        json.dump({"seed": a.seed, "writes": writes, "errors": errors, "seconds": time.monotonic() - t0,
+                   "last": record}, f)
+    os.replace(a.record + ".tmp", a.record)
+    print(json.dumps({"writes": writes, "errors": errors}))
+    return 1 if errors else 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    last: dict[int, int] = {}
+    for r in a.record or []:
+        for k, v in json.load(open(r))["last"].items():
+            last[int(k)] = max(last.get(int(k), 0), v)
+    fd = os.open(a.dev, os.O_RDONLY | os.O_DIRECT)
+    n = dev_blocks(fd)
+    buf = mmap.mmap(-1, BS * 256)
+    bad: list[str] = []
+    b = 0
+    while b < n:
+        k = min(256, n - b)
+        got = os.preadv(fd, [buf], b * BS)
+        if got != k * BS and got < k * BS:
+            k = got // BS
+        for i in range(k):
+            blk = b + i
+            want = content(a.seed, blk, last.get(blk, 0))
+            if buf[i * BS:(i + 1) * BS] != want:
+                have = bytes(buf[i * BS:i * BS + 32])
+                what = (f"seq {struct.unpack('<QQQ', have[8:32])[2]}" if have[:8] == MAGIC else "foreign data")
+                bad.append(f"block {blk}: want seq {last.get(blk, 0)}, found {what}")
+        b += k
+    os.close(fd)
+    print(json.dumps({"blocks": n, "written_blocks": len(last), "mismatches": len(bad), "first": bad[:10]}))
+    return 1 if bad else 0
+
+
+def cmd_digest(a: argparse.Namespace) -> int:
+    h = hashlib.sha256()
+    with open(a.dev, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    print(h.hexdigest())
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("fill", "write", "check", "digest"):
+        sp = sub.add_parser(name)
+        sp.add_argument("dev")
+        if name != "digest":
+            sp.add_argument("--seed", type=int, default=1)
+        if name == "write":
+            sp.add_argument("--record", required=True)
+            sp.add_argument("--count", type=int)
+            sp.add_argument("--blocks")
+            sp.add_argument("--rate", type=float)
+            sp.add_argument("--resume", action="store_true")
+        if name == "check":
+            sp.add_argument("--record", action="append")
+    a = p.parse_args()
+    return {"fill": cmd_fill, "write": cmd_write, "check": cmd_check, "digest": cmd_digest}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
