@@ -1,0 +1,53 @@
+#!/bin/bash
+# Install dmmig and everything its tests and demo need on Debian 12, as root; then
+#   ./install.sh demo   run a migration between two simulated hosts (user-mode-linux rig)
+#   ./install.sh test   run the whole test suite
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")"
+here=$(pwd)
+
+PKGS=(
+  # dmmig at run time
+  dmsetup thin-provisioning-tools nbd-client nbdkit libnbd-bin python3-libnbd
+  openssh-client udev kmod util-linux iproute2
+  # the destination side (dmmig agent) and the rig's second host
+  openssh-server
+  # venv from Debian's own python3, so python3-libnbd is visible
+  python3 python3-venv python3-pip
+  # the real-kernel rig: user-mode-linux (Linux 6.1 as a process), a compiler for its shim
+  user-mode-linux gcc libc6-dev ethtool procps psmisc e2fsprogs
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install.sh: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+
+# the Xen block script and udev rules, where the machine has Xen / udev
+if [ -d hotplug ] && [ -f hotplug/block-dmmig ]; then
+  install -d /etc/xen/scripts && install -m 0755 hotplug/block-dmmig /etc/xen/scripts/block-dmmig
+fi
+if [ -d udev-rules ] && ls udev-rules/*.rules >/dev/null 2>&1; then
+  install -d /etc/udev/rules.d && install -m 0644 udev-rules/*.rules /etc/udev/rules.d/
+fi
+ln -sf "$here/.venv/bin/dmmig" /usr/local/bin/dmmig
+
+case "${1:-}" in
+  demo) shift; exec .venv/bin/python -m tests.rig.demo "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest -ra "$@" ;;
+  "") echo "install.sh: installed; dmmig is $(command -v dmmig)" ;;
+  *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
+esac
