@@ -9,7 +9,7 @@ here=$(pwd)
 
 PKGS=(
   # dmmig at run time
-  dmsetup thin-provisioning-tools nbd-client nbdkit libnbd-bin python3-libnbd
+  dmsetup thin-provisioning-tools nbd-client qemu-utils libnbd-bin python3-libnbd
   openssh-client udev kmod util-linux iproute2
   # the destination side (dmmig agent) and the rig's second host
   openssh-server

@@ -123,6 +123,11 @@ class Mirror:
                 raise ParseError(f"unknown mirror log type {kind!r}")
             nlegs = int(rest[0])
             legs = tuple(rest[1 + 2 * i] for i in range(nlegs))
+            offsets = [rest[2 + 2 * i] for i in range(nlegs)]
+            if any(int(o) != 0 for o in offsets):
+                # Mirror models offset-0 legs only: dropping an offset would make a foreign
+                # table compare equal to one dmmig rendered
+                raise ParseError(f"mirror leg offsets {offsets} are not all 0")
             feats = rest[1 + 2 * nlegs:]
             feat_words = feats[1:1 + int(feats[0])] if feats else []
         except (IndexError, ValueError) as e:

@@ -74,6 +74,7 @@ def cmd_write(a: argparse.Namespace) -> int:
     rnd = random.Random(a.seed * 7919 + seq)
     buf = mmap.mmap(-1, BS)
     writes = 0
+    slow: list[float] = []  # latencies over 5 ms, in ms: the writer's view of I/O pauses
     t0 = time.monotonic()
     ready = a.record + ".started"
     open(ready, "w").close()
@@ -81,12 +82,16 @@ def cmd_write(a: argparse.Namespace) -> int:
         blk = rnd.randrange(lo, hi)
         seq += 1
         buf[:] = content(a.seed, blk, seq)
+        t1 = time.monotonic()
         try:
             if os.pwrite(fd, buf, blk * BS) != BS:
                 raise OSError("short write")
         except OSError as e:
             errors.append(f"block {blk} seq {seq}: {e}")
             break
+        lat = time.monotonic() - t1
+        if lat > 0.005:
+            slow.append(round(lat * 1000, 2))
         record[blk] = seq  # acknowledged: it must be there afterwards
         writes += 1
         if a.rate:
@@ -94,9 +99,10 @@ def cmd_write(a: argparse.Namespace) -> int:
     os.close(fd)
     with open(a.record + ".tmp", "w") as f:
         json.dump({"seed": a.seed, "writes": writes, "errors": errors, "seconds": time.monotonic() - t0,
-                   "last": record}, f)
+                   "slow_ms": slow, "last": record}, f)
     os.replace(a.record + ".tmp", a.record)
-    print(json.dumps({"writes": writes, "errors": errors}))
+    print(json.dumps({"writes": writes, "errors": errors, "max_latency_ms": max(slow, default=0.0),
+                      "writes_over_5ms": len(slow)}))
     return 1 if errors else 0
 
 

@@ -1,0 +1,375 @@
+"""DmSetup and EraTools with an injected fake runner: the exact argv dmmig sends, and how it
+reads the answers (info lines as real dmsetup prints them)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmmig.dm.dmsetup import INFO_FIELDS, DmInfo, DmSetup
+from dmmig.dm.targets import CoreLog, Era, Linear, Mirror, Table
+from dmmig.era import BlockRange, EraTools
+from dmmig.errors import CommandError, DmmigError, MissingDependency
+from dmmig.runner import Result
+
+KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())
+INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o",
+        "name,major,minor,attr,open,segments,events,uuid"]
+
+Reply = tuple[int, str, str]  # returncode, stdout, stderr
+
+
+class FakeRunner:
+    """Records every call. Answers with the first matching rule (an argv prefix -> a reply or a
+    list of replies used in turn), else rc 0 and no output. Honours check= like the real one."""
+
+    def __init__(self, rules: list[tuple[list[str], Any]] | None = None) -> None:
+        self.rules = rules or []
+        self.calls: list[dict[str, Any]] = []
+
+    def run(self, argv: list[str], check: bool = True, timeout: float | None = None,
+            input: str | None = None) -> Result:
+        self.calls.append({"argv": list(argv), "check": check, "timeout": timeout, "input": input})
+        rc, out, err = 0, "", ""
+        for prefix, reply in self.rules:
+            if argv[:len(prefix)] == prefix:
+                if isinstance(reply, list):
+                    rc, out, err = reply.pop(0) if len(reply) > 1 else reply[0]
+                elif callable(reply):
+                    rc, out, err = reply(argv)
+                else:
+                    rc, out, err = reply
+                break
+        res = Result(list(argv), rc, out, err)
+        if check and rc != 0:
+            raise CommandError(list(argv), rc, out, err)
+        return res
+
+    @property
+    def argvs(self) -> list[list[str]]:
+        return [c["argv"] for c in self.calls]
+
+
+class NodeWaits:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, name: str, *, present: bool) -> None:
+        self.calls.append((name, present))
+
+
+def make(rules: list[tuple[list[str], Any]] | None = None) -> tuple[DmSetup, FakeRunner, NodeWaits]:
+    r, w = FakeRunner(rules), NodeWaits()
+    return DmSetup(r, wait_node=w), r, w
+
+
+LIN = Table(Linear(2048, "7:0"))
+MIR = Table(Mirror(2048, CoreLog(128, "nosync"), ("254:0", "43:0"), handle_errors=True))
+
+
+# ---- changes ------------------------------------------------------------------------------
+
+def test_create() -> None:
+    dm, r, w = make()
+    dm.create("dmmig-x", LIN)
+    assert r.argvs == [["dmsetup", "create", "dmmig-x", "--table", "0 2048 linear 7:0 0"]]
+    assert w.calls == [("dmmig-x", True)]
+
+
+def test_create_with_uuid() -> None:
+    dm, r, _ = make()
+    dm.create("dmmig-x", MIR, uuid="DMMIG-x")
+    assert r.argvs == [["dmsetup", "create", "dmmig-x", "-u", "DMMIG-x", "--table",
+                        "0 2048 mirror core 2 128 nosync 2 254:0 0 43:0 0 1 handle_errors"]]
+
+
+def test_create_without_wait_node() -> None:
+    r = FakeRunner()
+    DmSetup(r).create("a", LIN)  # no udev waiter: just the command
+    assert r.argvs == [["dmsetup", "create", "a", "--table", "0 2048 linear 7:0 0"]]
+
+
+def test_create_failure_raises_and_does_not_wait() -> None:
+    dm, r, w = make([(["dmsetup", "create"], (1, "", "device-mapper: reload ioctl failed: Invalid argument"))])
+    with pytest.raises(CommandError, match="Invalid argument") as e:
+        dm.create("a", LIN)
+    assert e.value.returncode == 1 and e.value.argv[:3] == ["dmsetup", "create", "a"]
+    assert w.calls == []
+
+
+def test_load_and_clear() -> None:
+    dm, r, w = make()
+    dm.load("a", Table(Era(2048, "7:1", "254:0", 128)))
+    dm.clear_inactive("a")
+    assert r.argvs == [["dmsetup", "load", "a", "--table", "0 2048 era 7:1 254:0 128"],
+                       ["dmsetup", "clear", "a"]]
+    assert w.calls == []
+
+
+@pytest.mark.parametrize("noflush, flag", [(False, []), (True, ["--noflush"])])
+def test_suspend_resume(noflush: bool, flag: list[str]) -> None:
+    dm, r, w = make()
+    dm.suspend("a", noflush=noflush)
+    dm.resume("a", noflush=noflush)
+    assert r.argvs == [["dmsetup", "suspend", *flag, "a"], ["dmsetup", "resume", *flag, "a"]]
+    assert [c["timeout"] for c in r.calls] == [120, 120]
+    assert w.calls == [("a", True)]  # resume makes the /dev/mapper node appear
+
+
+def test_message() -> None:
+    dm, r, _ = make([(["dmsetup", "message"], (0, "ok\n", ""))])
+    assert dm.message("era-a", "take_metadata_snap") == "ok\n"
+    assert r.argvs == [["dmsetup", "message", "era-a", "0", "take_metadata_snap"]]
+
+
+@pytest.mark.parametrize("retry, flag", [(True, ["--retry"]), (False, [])])
+def test_remove(retry: bool, flag: list[str]) -> None:
+    dm, r, w = make()
+    dm.remove("a", retry=retry)
+    assert r.argvs == [["dmsetup", "remove", *flag, "a"]]
+    assert r.calls[0]["timeout"] == 60
+    assert w.calls == [("a", False)]
+
+
+def test_wait_event() -> None:
+    dm, r, _ = make()
+    dm.wait_event("a", 7, timeout=5)
+    assert r.calls == [{"argv": ["dmsetup", "wait", "--noflush", "a", "7"], "check": True, "timeout": 5,
+                        "input": None}]
+
+
+@pytest.mark.parametrize("noflush, flag", [(False, []), (True, ["--noflush"])])
+def test_swap_loads_then_resumes_once(noflush: bool, flag: list[str]) -> None:
+    # resume with an inactive table: the kernel suspends, swaps and resumes in one ioctl
+    dm, r, w = make()
+    secs = dm.swap("top", MIR, noflush=noflush)
+    assert r.argvs == [["dmsetup", "load", "top", "--table", MIR.render()],
+                       ["dmsetup", "resume", *flag, "top"]]
+    assert r.calls[1]["timeout"] == 120
+    assert secs >= 0 and w.calls == [("top", True)]
+
+
+def test_swap_clears_inactive_when_resume_fails() -> None:
+    dm, r, w = make([(["dmsetup", "resume"], (1, "", "device-mapper: resume ioctl failed")),
+                     (["dmsetup", "clear"], (1, "", "clear failed too"))])
+    with pytest.raises(CommandError, match="resume ioctl failed"):
+        dm.swap("top", LIN, noflush=True)
+    assert r.argvs == [["dmsetup", "load", "top", "--table", LIN.render()],
+                       ["dmsetup", "resume", "--noflush", "top"],
+                       ["dmsetup", "clear", "top"]]
+    assert r.calls[2]["check"] is False  # a failing clear must not hide the resume's error
+    assert w.calls == []
+
+
+def test_swap_load_failure_touches_nothing_else() -> None:
+    dm, r, _ = make([(["dmsetup", "load"], (1, "", "reload ioctl failed"))])
+    with pytest.raises(CommandError):
+        dm.swap("top", LIN)
+    assert r.argvs == [["dmsetup", "load", "top", "--table", LIN.render()]]
+
+
+def test_suspended_context_always_resumes() -> None:
+    dm, r, _ = make()
+    with pytest.raises(RuntimeError):
+        with dm.suspended("a", noflush=True):
+            raise RuntimeError("boom")
+    assert r.argvs == [["dmsetup", "suspend", "--noflush", "a"], ["dmsetup", "resume", "--noflush", "a"]]
+
+
+# ---- queries ------------------------------------------------------------------------------
+
+def test_info_fields_constant() -> None:
+    assert INFO_FIELDS == "name,major,minor,attr,open,segments,events,uuid"
+
+
+def test_info_parses_real_line() -> None:
+    line = KERNEL["linear"]["info"]  # as dmsetup 1.02.185 printed it in the rig
+    dm, r, _ = make([(INFO, (0, line, ""))])
+    info = dm.info("t1")
+    assert r.calls == [{"argv": INFO + ["t1"], "check": False, "timeout": None, "input": None}]
+    assert info is not None
+    name, major, minor = line.split(";")[:3]
+    assert info == DmInfo(name, int(major), int(minor), "L--w", 0, 1, 0, "")
+    assert info.devno == f"{major}:{minor}"
+    assert info.live and not info.suspended and not info.has_inactive
+
+
+def test_info_suspended_real_line() -> None:
+    dm, _, _ = make([(INFO, (0, KERNEL["linear"]["info_suspended"], ""))])
+    info = dm.info("t1")
+    assert info is not None and info.suspended and info.attr == "L-sw"
+
+
+def test_info_with_inactive_table_open_and_uuid() -> None:
+    dm, _, _ = make([(INFO, (0, "dmmig-a;254;3;LIsw;2;1;5;DMMIG-a-3f2c\n", ""))])
+    info = dm.info("dmmig-a")
+    assert info == DmInfo("dmmig-a", 254, 3, "LIsw", 2, 1, 5, "DMMIG-a-3f2c")
+    assert info.has_inactive and info.suspended and info.live and info.devno == "254:3"
+
+
+def test_info_missing_device_is_none() -> None:
+    dm, _, _ = make([(INFO, (1, "", "Device does not exist.\nCommand failed.\n"))])
+    assert dm.info("nope") is None
+
+
+def test_info_other_failure_raises() -> None:
+    dm, _, _ = make([(INFO, (1, "", "/dev/mapper/control: open failed: Permission denied\n"))])
+    with pytest.raises(CommandError, match="Permission denied"):
+        dm.info("a")
+
+
+def test_list_info() -> None:
+    out = "a;254;0;L--w;1;1;0;\nb;254;1;L-sw;0;1;3;DMMIG-b\n"
+    dm, r, _ = make([(INFO, (0, out, ""))])
+    infos = dm.list_info()
+    assert r.argvs == [INFO]
+    assert [(i.name, i.devno, i.suspended, i.uuid) for i in infos] == \
+        [("a", "254:0", False, ""), ("b", "254:1", True, "DMMIG-b")]
+
+
+@pytest.mark.parametrize("out", ["", "No devices found\n"])
+def test_list_info_none(out: str) -> None:
+    dm, _, _ = make([(INFO, (0, out, ""))])
+    assert dm.list_info() == []
+
+
+def test_table_and_inactive_table() -> None:
+    text = KERNEL["mirror_failed_flakey"]["table"]
+    dm, r, _ = make([(["dmsetup", "table"], (0, text, ""))])
+    t = dm.table("m")
+    assert isinstance(t.target, Mirror) and t.target.handle_errors
+    dm.table("m", inactive=True)
+    assert dm.table_text("m") == text.strip()
+    assert r.argvs == [["dmsetup", "table", "m"], ["dmsetup", "table", "--inactive", "m"],
+                       ["dmsetup", "table", "m"]]
+
+
+def test_status_uses_noflush_and_timeout() -> None:
+    line = KERNEL["mirror_failed_error"]["status"]
+    dm, r, _ = make([(["dmsetup", "status"], (0, line, ""))])
+    assert dm.status_line("m") == line.strip()
+    dm.status_line("m", noflush=False)
+    assert r.argvs == [["dmsetup", "status", "--noflush", "m"], ["dmsetup", "status", "m"]]
+    assert [c["timeout"] for c in r.calls] == [30, 30]
+    st = dm.mirror_status("m")
+    assert st.failed_legs == [1] and not st.healthy
+
+
+def test_era_status() -> None:
+    dm, _, _ = make([(["dmsetup", "status"], (0, KERNEL["era"]["status_snap"], ""))])
+    st = dm.era_status("e")
+    assert st.snapshot_block is not None and st.current_era == KERNEL["era"]["first_era"] + 1
+
+
+TARGETS = ("dust             v1.0.0\nflakey           v1.5.0\nmirror           v1.14.0\n"
+           "era              v1.0.0\nlinear           v1.4.0\nerror            v1.5.0\n")
+
+
+def test_targets() -> None:
+    dm, r, _ = make([(["dmsetup", "targets"], (0, TARGETS, ""))])
+    t = dm.targets()
+    assert t["era"] == "v1.0.0" and t["mirror"] == "v1.14.0" and len(t) == 6
+    assert r.argvs == [["dmsetup", "targets"]]
+
+
+def test_require_targets_present() -> None:
+    dm, r, _ = make([(["dmsetup", "targets"], (0, TARGETS, ""))])
+    dm.require_targets("era", "mirror", "linear")
+    assert not any(a[0] == "modprobe" for a in r.argvs)
+
+
+def test_require_targets_modprobes_then_finds() -> None:
+    without = "linear           v1.4.0\n"
+    dm, r, _ = make([(["dmsetup", "targets"], [(0, without, ""), (0, TARGETS, "")])])
+    dm.require_targets("era", "mirror")
+    assert r.argvs == [["dmsetup", "targets"], ["modprobe", "dm-era"], ["modprobe", "dm-mirror"],
+                       ["dmsetup", "targets"]]
+    assert [c["check"] for c in r.calls if c["argv"][0] == "modprobe"] == [False, False]
+
+
+def test_require_targets_missing() -> None:
+    dm, _, _ = make([(["dmsetup", "targets"], (0, "linear v1.4.0\n", "")),
+                     (["modprobe"], (1, "", "modprobe: FATAL: Module dm-era not found"))])
+    with pytest.raises(MissingDependency, match="era"):
+        dm.require_targets("era", "linear")
+
+
+# ---- EraTools -------------------------------------------------------------------------------
+
+def era_rules(statuses: list[str], xml: str = "<blocks/>") -> list[tuple[list[str], Any]]:
+    return [(["dmsetup", "status"], [(0, s, "") for s in statuses]),
+            (["era_invalidate"], (0, xml, ""))]
+
+
+def test_checkpoint() -> None:
+    r = FakeRunner(era_rules(["0 2048 era 8 9/1024 4 -\n"]))
+    tools = EraTools(r, DmSetup(r))
+    assert tools.checkpoint("era-a") == 4
+    assert r.argvs == [["dmsetup", "message", "era-a", "0", "checkpoint"],
+                       ["dmsetup", "status", "--noflush", "era-a"]]
+
+
+def test_written_since_argv_and_parse() -> None:
+    xml = KERNEL["era"]["invalidate_since_first"]
+    r = FakeRunner(era_rules([], xml))
+    tools = EraTools(r, DmSetup(r))
+    assert tools.written_since("/dev/loop3", 2) == [BlockRange(3, 4), BlockRange(200, 201)]
+    assert r.calls == [{"argv": ["era_invalidate", "--metadata-snapshot", "--written-since", "2", "/dev/loop3"],
+                        "check": True, "timeout": 300, "input": None}]
+
+
+def test_written_since_failure_has_hint() -> None:
+    r = FakeRunner([(["era_invalidate"], (1, "", "no metadata snapshot taken.\n"))])
+    tools = EraTools(r, DmSetup(r))
+    with pytest.raises(CommandError) as e:
+        tools.written_since("/dev/loop3", 0)
+    assert e.value.hint and "snapshot" in e.value.hint
+
+
+def test_written_since_garbage_output() -> None:
+    r = FakeRunner([(["era_invalidate"], (0, "not xml", ""))])
+    with pytest.raises(DmmigError, match="cannot parse era_invalidate output"):
+        EraTools(r, DmSetup(r)).written_since("/dev/loop3", 0)
+
+
+def test_dirty_takes_queries_and_drops_the_snapshot() -> None:
+    r = FakeRunner(era_rules(["0 2048 era 8 9/1024 3 -\n", "0 2048 era 8 12/1024 4 28\n"],
+                             '<blocks><range begin="0" end = "2"/><block block="2"/></blocks>'))
+    tools = EraTools(r, DmSetup(r))
+    ranges, now = tools.dirty("era-a", "/dev/loop3", 3)
+    assert ranges == [BlockRange(0, 3)] and now == 4
+    assert r.argvs == [
+        ["dmsetup", "status", "--noflush", "era-a"],
+        ["dmsetup", "message", "era-a", "0", "take_metadata_snap"],
+        ["dmsetup", "status", "--noflush", "era-a"],
+        ["era_invalidate", "--metadata-snapshot", "--written-since", "3", "/dev/loop3"],
+        ["dmsetup", "message", "era-a", "0", "drop_metadata_snap"],
+    ]
+
+
+def test_snapshot_drops_a_stale_one_first() -> None:
+    r = FakeRunner(era_rules(["0 2048 era 8 12/1024 4 28\n", "0 2048 era 8 12/1024 5 31\n"]))
+    tools = EraTools(r, DmSetup(r))
+    with tools.snapshot("era-a") as now:
+        assert now == 5
+    msgs = [a[4] for a in r.argvs if a[:2] == ["dmsetup", "message"]]
+    assert msgs == ["drop_metadata_snap", "take_metadata_snap", "drop_metadata_snap"]
+
+
+def test_snapshot_dropped_even_when_query_fails() -> None:
+    r = FakeRunner(era_rules(["0 2048 era 8 9/1024 3 -\n", "0 2048 era 8 12/1024 4 28\n"])
+                   + [(["era_invalidate"], (1, "", "boom"))])
+    r.rules = [x for x in r.rules if x[0] != ["era_invalidate"] or x[1] == (1, "", "boom")]
+    tools = EraTools(r, DmSetup(r))
+    with pytest.raises(CommandError):
+        tools.dirty("era-a", "/dev/loop3", 0)
+    assert r.argvs[-1] == ["dmsetup", "message", "era-a", "0", "drop_metadata_snap"]
+
+
+def test_fake_runner_matches_protocol() -> None:
+    # the fake's signature is the Runner protocol's: argv, check, timeout, input
+    r: Callable[..., Result] = FakeRunner().run
+    assert r(["true"], check=True, timeout=None, input=None).returncode == 0
