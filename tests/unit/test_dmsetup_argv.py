@@ -360,9 +360,9 @@ def test_snapshot_drops_a_stale_one_first() -> None:
 
 
 def test_snapshot_dropped_even_when_query_fails() -> None:
-    r = FakeRunner(era_rules(["0 2048 era 8 9/1024 3 -\n", "0 2048 era 8 12/1024 4 28\n"])
-                   + [(["era_invalidate"], (1, "", "boom"))])
-    r.rules = [x for x in r.rules if x[0] != ["era_invalidate"] or x[1] == (1, "", "boom")]
+    r = FakeRunner([(["dmsetup", "status"], [(0, "0 2048 era 8 9/1024 3 -\n", ""),
+                                             (0, "0 2048 era 8 12/1024 4 28\n", "")]),
+                    (["era_invalidate"], (1, "", "boom"))])
     tools = EraTools(r, DmSetup(r))
     with pytest.raises(CommandError):
         tools.dirty("era-a", "/dev/loop3", 0)
