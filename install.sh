@@ -10,7 +10,7 @@ here=$(pwd)
 PKGS=(
   # dmmig at run time
   dmsetup thin-provisioning-tools nbd-client qemu-utils libnbd-bin python3-libnbd
-  openssh-client udev kmod util-linux iproute2
+  openssh-client udev kmod util-linux iproute2 iputils-ping
   # the destination side (dmmig agent) and the rig's second host
   openssh-server
   # venv from Debian's own python3, so python3-libnbd is visible

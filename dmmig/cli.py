@@ -75,10 +75,46 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_abort(a: argparse.Namespace) -> int:
-    for step in make_stack(a).abort(a.name):
+    from dmmig import migrate
+    done, left = migrate.abort(make_stack(a), a.name)
+    for step in done:
         print(f"done: {step}")
     print(f"{a.name}: aborted; dmmig-{a.name} is linear over its origin")
+    if left:
+        for x in left:
+            print(f"left behind: {x}", file=sys.stderr)
+        return int(Exit.REMOTE)
     return 0
+
+
+def cmd_copy(a: argparse.Namespace) -> int:
+    from dmmig import migrate
+    from dmmig.progress import Progress
+    opts = migrate.CopyOptions(dest_disk=a.dest_disk, create=a.create, transport=a.transport,
+                               nbd_address=a.nbd_address, remote_dmmig=a.remote_dmmig,
+                               remote_state_dir=a.remote_state_dir, converge=parse_size(a.converge),
+                               max_rounds=a.max_rounds, bwlimit=parse_size(a.bwlimit) if a.bwlimit else None)
+    ep = {"port": a.port, "known_hosts": a.known_hosts, "identity": a.identity}
+    s = migrate.copy(make_stack(a), a.name, a.host, ep, opts, Progress(a.json))
+    if a.json:
+        print(json.dumps({"event": "summary", **s}))
+        return 0
+    mib = 1 << 20
+    print(f"{a.name}: copied; {s['stopped_because']}")
+    print(f"  read {s['read'] / mib:.1f} MiB, sent {s['sent'] / mib:.1f} MiB, zeroed {s['zeroed'] / mib:.1f} MiB, "
+          f"skipped as zero {s['skipped'] / mib:.1f} MiB in {s['seconds']:.1f}s "
+          f"({s['throughput_bytes_per_s'] / mib:.1f} MiB/s)")
+    for i, r in enumerate(s["rounds"], 1):
+        print(f"  round {i}: {r['dirty_bytes'] / mib:.2f} MiB dirty, sent {r['sent'] / mib:.2f} MiB "
+              f"in {r['seconds']:.2f}s")
+    if s["dirty_rate_bytes_per_s"] is not None:
+        print(f"  dirty rate {s['dirty_rate_bytes_per_s'] / mib:.2f} MiB/s")
+    return 0
+
+
+def cmd_agent(a: argparse.Namespace) -> int:
+    from dmmig import agent
+    return agent.main(a.state_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("status", cmd_status, "show phase, device stack, era and problems")
     sp.add_argument("name", nargs="?", metavar="NAME")
     sp.add_argument("--json", action="store_true")
+
+    sp = verb("copy", cmd_copy, "copy the disk to the destination: base copy, then era rounds")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("host", nargs="?", metavar="[USER@]HOST", help="destination (remembered in the journal)")
+    sp.add_argument("--dest-disk", metavar="PATH", help="destination disk (default: the origin's path)")
+    sp.add_argument("--create", action="store_true", help="create the destination disk (sparse file or LV)")
+    sp.add_argument("--transport", choices=["ssh", "nbd"], default="ssh",
+                    help="ssh (default): NBD through the SSH connection, export on the destination's "
+                         "loopback only; nbd: direct NBD on a trusted migration network")
+    sp.add_argument("--nbd-address", metavar="ADDR", help="destination address for --transport nbd")
+    sp.add_argument("--port", type=int, default=22, help="SSH port")
+    sp.add_argument("--known-hosts", metavar="FILE", help="default ~/.ssh/known_hosts; unknown keys are refused")
+    sp.add_argument("--identity", metavar="FILE", help="SSH private key")
+    sp.add_argument("--remote-dmmig", default="dmmig", metavar="PATH", help="dmmig on the destination")
+    sp.add_argument("--remote-state-dir", metavar="DIR", help="state dir on the destination")
+    sp.add_argument("--converge", default="64M", metavar="SIZE", help="stop when a round's delta is below")
+    sp.add_argument("--max-rounds", type=int, default=10, metavar="N")
+    sp.add_argument("--bwlimit", metavar="RATE", help="payload bytes per second, e.g. 50M")
+    sp.add_argument("--json", action="store_true", help="JSON lines: progress events and a summary")
+
+    sp = verb("agent", cmd_agent, "destination side: speak the agent protocol on stdin/stdout (run over SSH)")
 
     sp = verb("abort", cmd_abort, "return to linear over the origin and remove everything else (any phase)")
     sp.add_argument("name", metavar="NAME")

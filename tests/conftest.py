@@ -25,6 +25,18 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UmlHost]:
         host.stop()
 
 
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UmlHost, UmlHost]]:
+    from tests.rig.pair import Pair
+    p = Pair(str(tmp_path_factory.mktemp("pair")))
+    try:
+        a, b = p.start()
+        print(f"\n[rig] pair booted: a {a.boot_seconds:.1f}s, b {b.boot_seconds:.1f}s")
+        yield a, b
+    finally:
+        p.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fails any kernel test that leaves dm devices, loop devices, nbd attachments,
@@ -83,6 +95,14 @@ def disks(rig: UmlHost) -> Iterator[Callable[..., str]]:
     d = Disks(rig)
     yield d
     d.cleanup()
+
+
+@pytest.fixture
+def pdisks(pair: tuple[UmlHost, UmlHost]) -> Iterator[tuple[Disks, Disks]]:
+    da, db = Disks(pair[0]), Disks(pair[1])
+    yield da, db
+    da.cleanup()
+    db.cleanup()
 
 
 @pytest.fixture

@@ -29,16 +29,16 @@ def run(req: dict) -> None:
     env = dict(os.environ)
     env.update(req.get("env") or {})
     try:
-        p = subprocess.Popen(req["argv"], stdin=subprocess.PIPE if req.get("stdin") is not None else subprocess.DEVNULL,
+        stdin = open(req["stdin_file"], "rb") if req.get("stdin_file") else subprocess.DEVNULL
+        p = subprocess.Popen(req["argv"], stdin=stdin,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                              cwd=req.get("cwd") or "/", start_new_session=True)
     except OSError as e:
         send({"id": rid, "rc": 127, "out": "", "err": base64.b64encode(str(e).encode()).decode()})
         return
     _procs[rid] = p
-    stdin = base64.b64decode(req["stdin"]) if req.get("stdin") is not None else None
     try:
-        out, err = p.communicate(stdin, timeout=req.get("timeout"))
+        out, err = p.communicate(timeout=req.get("timeout"))
         rc = p.returncode
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
@@ -46,6 +46,9 @@ def run(req: dict) -> None:
         rc, err = -999, err + b"\n[rig] timed out"
     finally:
         _procs.pop(rid, None)
+        if req.get("stdin_file"):
+            stdin.close()
+            os.unlink(req["stdin_file"])
     send({"id": rid, "rc": rc, "out": base64.b64encode(out).decode(), "err": base64.b64encode(err).decode()})
 
 

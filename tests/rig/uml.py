@@ -93,6 +93,9 @@ class UmlHost:
         self._replies: dict[int, dict] = {}
         self._next = itertools.count(1)
         self.boot_seconds = 0.0
+        # a directory on this machine's file system that the guest sees too (hostfs): large
+        # inputs and files shared between hosts go here, not through the console
+        self.shared = Path(f"/var/tmp/{self.umid}")
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 90) -> "UmlHost":
@@ -112,6 +115,7 @@ class UmlHost:
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns] + argv
         env = dict(os.environ, LD_PRELOAD=str(shim()), TMPDIR="/dev/shm")
+        self.shared.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         t0 = time.monotonic()
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
@@ -154,6 +158,7 @@ class UmlHost:
 
     def _cleanup_umid(self) -> None:
         shutil.rmtree(Path.home() / ".uml" / self.umid, ignore_errors=True)
+        shutil.rmtree(self.shared, ignore_errors=True)
 
     def __enter__(self) -> "UmlHost":
         return self.start()
@@ -180,8 +185,11 @@ class UmlHost:
     def spawn(self, argv: list[str], *, env: dict[str, str] | None = None, input: bytes | None = None,
               cwd: str | None = None, timeout: float | None = None) -> Job:
         rid = next(self._next)
-        msg = {"op": "run", "id": rid, "argv": argv, "env": env or {}, "cwd": cwd, "timeout": timeout,
-               "stdin": base64.b64encode(input).decode() if input is not None else None}
+        msg = {"op": "run", "id": rid, "argv": argv, "env": env or {}, "cwd": cwd, "timeout": timeout}
+        if input is not None:  # the console drops bytes of very long lines: pass input as a file
+            f = self.shared / f"stdin-{rid}"
+            f.write_bytes(input)
+            msg["stdin_file"] = str(f)
         self._send(msg)
         return Job(self, rid, argv)
 

@@ -1,0 +1,248 @@
+"""The destination agent: `dmmig agent`, started over SSH, speaks JSON lines on stdin/stdout.
+
+Protocol version 1. The first line the agent writes is a hello:
+    {"agent": "dmmig", "protocol": 1, "version": "...", "host": "..."}
+then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
+"error": MSG, "kind": CLASS}. The agent keeps no connection state: everything it starts
+(an export) is recorded in its state directory, so a later connection can stop it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dmmig import __version__
+from dmmig import journal as J
+from dmmig import nbd as N
+from dmmig.blockdev import block_device, holder_names
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError
+from dmmig.runner import Runner, SubprocessRunner
+from dmmig.validate import disk_name
+
+PROTOCOL = 1
+
+
+class AgentServer:
+    def __init__(self, runner: Runner, state: str) -> None:
+        self.r = runner
+        self.state = state
+
+    def _rec_path(self, name: str) -> str:
+        return os.path.join(self.state, f"{disk_name(name)}.dest.json")
+
+    def _load(self, name: str) -> dict[str, Any] | None:
+        try:
+            with open(self._rec_path(name)) as f:
+                return dict(json.load(f))
+        except FileNotFoundError:
+            return None
+
+    def _save(self, name: str, rec: dict[str, Any]) -> None:
+        os.makedirs(self.state, mode=0o700, exist_ok=True)
+        tmp = self._rec_path(name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._rec_path(name))
+
+    # ---- operations ---------------------------------------------------------------------
+    def op_hello(self) -> dict[str, Any]:
+        return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname()}
+
+    def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False) -> dict[str, Any]:
+        rec = self._load(name)
+        if rec and rec.get("path") != path:
+            raise Busy(f"{name} is already being migrated here onto {rec['path']}")
+        created = bool(rec and rec.get("created"))
+        if not os.path.exists(path):
+            if not create:
+                raise BadInput(f"destination disk {path} does not exist", hint="pass --create to make it")
+            self._create(path, size)
+            created = True
+        else:
+            self._check_not_in_use(name, path, rec)
+        have = _size_of(path)
+        if have < size:
+            raise BadInput(f"destination disk {path} is smaller than the source: {have} < {size} bytes")
+        rec = dict(rec or {}, name=name, path=path, size=size, created=created)
+        self._save(name, rec)
+        # a disk we just created (sparse file or new LV) reads as zeroes: zero blocks can be skipped
+        return {"path": path, "size": have, "created": created, "zeroed": created and not rec.get("written")}
+
+    def op_export(self, name: str, addr: str = "127.0.0.1") -> dict[str, Any]:
+        rec = self._load(name)
+        if rec is None:
+            raise BadInput(f"no destination disk prepared for {name}")
+        exp = rec.get("export")
+        if exp and N.Export(**exp).alive():
+            return {"export": exp}
+        e = N.start_export(self.r, name, rec["path"], addr, os.path.join(self.state, f"{name}.qemu-nbd.pid"))
+        rec["export"] = e.__dict__
+        rec["written"] = True  # from now on the disk is not known to be zero
+        self._save(name, rec)
+        return {"export": e.__dict__}
+
+    def op_status(self, name: str) -> dict[str, Any]:
+        rec = self._load(name)
+        if rec is None:
+            return {"known": False}
+        exp = rec.get("export")
+        return {"known": True, "record": rec, "export_alive": bool(exp and N.Export(**exp).alive())}
+
+    def op_stop(self, name: str, remove_created: bool = False) -> dict[str, Any]:
+        """Stop the export and forget NAME; with remove_created, delete a disk we created."""
+        rec = self._load(name)
+        done: list[str] = []
+        if rec is None:
+            return {"done": done}
+        exp = rec.get("export")
+        if exp:
+            N.stop_export(N.Export(**exp))
+            done.append(f"stopped qemu-nbd {exp['pid']} exporting {rec['path']}")
+        pidf = os.path.join(self.state, f"{name}.qemu-nbd.pid")
+        if os.path.exists(pidf):
+            os.unlink(pidf)
+        if remove_created and rec.get("created") and os.path.isfile(rec["path"]):
+            os.unlink(rec["path"])
+            done.append(f"removed {rec['path']} (created by dmmig)")
+        os.unlink(self._rec_path(name))
+        return {"done": done}
+
+    def op_digest(self, path: str, offset: int, length: int, chunk: int) -> dict[str, Any]:
+        return {"digests": digest_ranges(path, offset, length, chunk)}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _create(self, path: str, size: int) -> None:
+        parts = path.split("/")
+        if len(parts) == 4 and parts[1] == "dev" and parts[2] not in ("mapper", "shm", "disk", "block") \
+                and self._is_vg(parts[2]):
+            self.r.run(["lvcreate", "--yes", "-L", f"{size}b", "-n", parts[3], parts[2]], timeout=120)
+            return
+        d = os.path.dirname(path) or "."
+        if not os.path.isdir(d):
+            raise BadInput(f"cannot create {path}: {d} is not a directory")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)  # sparse
+        finally:
+            os.close(fd)
+
+    def _is_vg(self, vg: str) -> bool:
+        return self.r.run(["vgs", "--noheadings", vg], check=False).returncode == 0
+
+    def _check_not_in_use(self, name: str, path: str, rec: dict[str, Any] | None) -> None:
+        exp = (rec or {}).get("export")
+        if exp and N.Export(**exp).alive():
+            return  # our own export of this very disk (a resumed copy)
+        if os.path.isfile(path):
+            loops = self.r.run(["losetup", "-j", path], check=False).stdout.strip()
+            if loops:
+                raise Busy(f"destination disk {path} is in use by a loop device: {loops}")
+            return
+        dev = block_device(path)
+        holders = holder_names(dev)
+        if holders:
+            raise Busy(f"destination disk {path} is in use (held by {', '.join(holders)})")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+            os.close(fd)
+        except OSError as e:
+            raise Busy(f"destination disk {path} is in use (mounted or opened exclusively): {e.strerror}") from None
+
+    def serve(self, inp: Any, out: Any) -> None:
+        out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
+        out.flush()
+        ops: dict[str, Callable[..., dict[str, Any]]] = {
+            "hello": self.op_hello, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
+            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest}
+        for line in inp:
+            try:
+                req = json.loads(line)
+                op = ops[req.pop("op")]
+                reply = {"ok": True, **op(**req)}
+            except DmmigError as e:
+                reply = {"ok": False, "error": e.message, "hint": e.hint, "kind": type(e).__name__}
+            except Exception as e:  # noqa: BLE001 - report to the source, keep serving
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+
+
+def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
+    """sha256 of each CHUNK of [offset, offset+length) read with O_DIRECT when possible."""
+    import mmap
+    flags = os.O_RDONLY | (os.O_DIRECT if N.direct_io_ok(path) else 0)
+    fd = os.open(path, flags)
+    buf = mmap.mmap(-1, chunk)
+    out = []
+    try:
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = os.preadv(fd, [buf], pos)
+            want = min(chunk, end - pos)
+            out.append(hashlib.sha256(buf[:min(n, want)]).hexdigest())
+            pos += want
+    finally:
+        os.close(fd)
+    return out
+
+
+def _size_of(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def main(state_dir: str | None = None) -> int:
+    AgentServer(SubprocessRunner(), J.state_dir(state_dir)).serve(sys.stdin, sys.stdout)
+    return 0
+
+
+class AgentClient:
+    """The source's side of the agent protocol, over a paramiko exec channel."""
+
+    def __init__(self, client: Any, remote_dmmig: str, state_dir: str | None = None) -> None:
+        argv = [remote_dmmig] + (["--state-dir", state_dir] if state_dir else []) + ["agent"]
+        import shlex
+        # exec_command takes one string that the remote shell splits: quote every word
+        self.chan = client.get_transport().open_session()
+        self.chan.exec_command(" ".join(shlex.quote(a) for a in argv))
+        self.rfile = self.chan.makefile("r")
+        self.wfile = self.chan.makefile("w")
+        first = self.rfile.readline()
+        try:
+            hello = json.loads(first)
+        except ValueError:
+            err = self.chan.makefile_stderr("r").read(4000)
+            raise RemoteError(f"cannot start `{' '.join(argv)}` on the destination: "
+                              f"{(err.decode() if isinstance(err, bytes) else err).strip() or first!r}",
+                              hint="install dmmig there, or pass --remote-dmmig PATH") from None
+        if hello.get("agent") != "dmmig" or hello.get("protocol") != PROTOCOL:
+            raise RemoteError(f"the destination's dmmig speaks protocol {hello.get('protocol')}, "
+                              f"we speak {PROTOCOL}", hint="install the same dmmig version on both hosts")
+        self.hello = hello
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.wfile.write(json.dumps({"op": op, **kw}) + "\n")
+        self.wfile.flush()
+        line = self.rfile.readline()
+        if not line:
+            raise RemoteError(f"the destination agent went away during {op}")
+        rep = dict(json.loads(line))
+        if not rep.pop("ok"):
+            kind = rep.get("kind")
+            cls = {"BadInput": BadInput, "Busy": Busy}.get(str(kind), RemoteError)
+            raise cls(f"destination: {rep['error']}", hint=rep.get("hint"))
+        return rep
+
+    def close(self) -> None:
+        self.chan.close()

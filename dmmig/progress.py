@@ -1,0 +1,44 @@
+"""Progress: a bar on a terminal, JSON lines with --json, nothing otherwise."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+class Progress:
+    def __init__(self, json_lines: bool = False) -> None:
+        self.json = json_lines
+        self.tty = sys.stderr.isatty() and not json_lines
+        self._bar: Any = None
+        self._last = 0.0
+        self._done = 0
+        self._total = 0
+        self._what = ""
+
+    def event(self, kind: str, **kw: Any) -> None:
+        if self.json:
+            print(json.dumps({"event": kind, "time": round(time.time(), 3), **kw}), flush=True)
+
+    def start(self, what: str, total: int) -> None:
+        self._what, self._total, self._done = what, total, 0
+        if self.tty:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, leave=False)
+        self.event("start", phase=what, total_bytes=total)
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.json and time.monotonic() - self._last > 1:
+            self._last = time.monotonic()
+            self.event("progress", phase=self._what, done_bytes=self._done, total_bytes=self._total)
+
+    def end(self, **kw: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.event("end", phase=self._what, **kw)

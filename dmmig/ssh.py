@@ -1,0 +1,114 @@
+"""SSH adapter (paramiko): strict host-key checking, the agent channel, port forwards.
+
+Never auto-adds a host key: an unknown or changed key is refused with the fingerprint.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import paramiko
+
+from dmmig.errors import BadInput, RemoteError
+
+CONNECT_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    user: str = "root"
+    port: int = 22
+    known_hosts: str = "~/.ssh/known_hosts"
+    identity: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, *, port: int = 22, known_hosts: str | None = None,
+              identity: str | None = None) -> "Endpoint":
+        user, _, host = spec.rpartition("@")
+        if not host or any(c in host for c in " /;|&$`'\"\\"):
+            raise BadInput(f"invalid destination {spec!r}: expected [USER@]HOST")
+        return cls(host, user or "root", port, known_hosts or "~/.ssh/known_hosts", identity)
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def connect(ep: Endpoint) -> paramiko.SSHClient:
+    kh = os.path.expanduser(ep.known_hosts)
+    c = paramiko.SSHClient()
+    try:
+        c.load_host_keys(kh)
+    except FileNotFoundError:
+        raise BadInput(f"known_hosts file {kh} does not exist",
+                       hint=f"add the destination's host key: ssh-keyscan -p {ep.port} {ep.host} (and check "
+                            "its fingerprint out of band), or pass --known-hosts FILE") from None
+    c.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        c.connect(ep.host, port=ep.port, username=ep.user,
+                  key_filename=os.path.expanduser(ep.identity) if ep.identity else None,
+                  timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
+                  allow_agent=ep.identity is None, look_for_keys=ep.identity is None)
+    except paramiko.BadHostKeyException as e:
+        raise RemoteError(f"host key of {ep.host} has CHANGED (got {e.key.get_name()} "
+                          f"{e.key.fingerprint}); refusing to connect",
+                          hint=f"if the change is legitimate, fix {kh}; otherwise this may be an attack") from None
+    except paramiko.SSHException as e:
+        if "not found in known_hosts" in str(e):
+            raise RemoteError(f"host key of {ep.host} is unknown (not in {kh}); refusing to connect",
+                              hint=f"verify and add it: ssh-keyscan -p {ep.port} {ep.host} >> {kh}") from None
+        if isinstance(e, paramiko.AuthenticationException):
+            raise RemoteError(f"authentication as {ep.user} on {ep.host} failed: {e}",
+                              hint="check --identity and the destination's authorized_keys") from None
+        raise RemoteError(f"SSH to {ep} failed: {e}") from None
+    except (socket.timeout, TimeoutError):
+        raise RemoteError(f"{ep.host}:{ep.port} did not answer within {CONNECT_TIMEOUT:.0f}s",
+                          hint="is the host up and reachable? is sshd running?") from None
+    except OSError as e:
+        raise RemoteError(f"cannot reach {ep.host}:{ep.port}: {e.strerror or e}",
+                          hint="check the host name, the network and that sshd runs") from None
+    t = c.get_transport()
+    assert t is not None
+    t.set_keepalive(5)
+    return c
+
+
+def forward_socket(client: paramiko.SSHClient, host: str, port: int) -> socket.socket:
+    """A local socket connected, through the SSH connection, to HOST:PORT as seen from the
+    destination. Gives libnbd a real file descriptor (connect_socket)."""
+    t = client.get_transport()
+    assert t is not None
+    try:
+        chan = t.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT)
+    except paramiko.ChannelException as e:
+        raise RemoteError(f"the destination refused a tunnel to {host}:{port}: {e}") from None
+    ours, theirs = socket.socketpair()
+    threading.Thread(target=_pump, args=(theirs, chan), daemon=True).start()
+    threading.Thread(target=_pump_back, args=(chan, theirs), daemon=True).start()
+    return ours
+
+
+def _pump(sock: socket.socket, chan: paramiko.Channel) -> None:
+    try:
+        while data := sock.recv(1 << 20):
+            chan.sendall(data)
+    except OSError:
+        pass
+    finally:
+        chan.close()
+
+
+def _pump_back(chan: paramiko.Channel, sock: socket.socket) -> None:
+    try:
+        while data := chan.recv(1 << 20):
+            sock.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()

@@ -1,0 +1,180 @@
+"""Issue 3 on two kernels: the copy phase over SSH (and direct NBD) to a real sshd."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import ORACLE, python
+from tests.kernel.test_stack import start_writer, stop_writer
+from tests.rig.pair import B_IP, SSH_OPTS
+from tests.rig.uml import ROOT, UmlHost
+
+pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
+DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
+MiB = 1 << 20
+
+
+def copy_args(name: str, dest_disk: str, *extra: str) -> list[str]:
+    return ["copy", name, f"root@{B_IP}", "--dest-disk", dest_disk, "--remote-dmmig", DMMIG,
+            *SSH_OPTS, "--json", *extra]
+
+
+def summary(out: str) -> dict:
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    return [x for x in lines if x.get("event") == "summary"][-1]
+
+
+def digest(h: UmlHost, dev: str) -> str:
+    return h.run([python(), ORACLE, "digest", dev]).out.strip()
+
+
+def test_copy_under_writer_then_final_round_is_exact(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(64, fill_seed=11), db(64)
+    top = a.dmmig("wrap", name, origin).out.strip()
+    a.dmmig("prepare", name)
+    rec = f"{a.shared}/{name}.rec"  # on hostfs: the checker on b reads the writer's record
+    w = start_writer(a, top, rec, seed=11, rate="2000", blocks="0:4096")  # the first 16 MiB
+    s1 = summary(a.dmmig(*copy_args(name, dest, "--converge", "256K", "--max-rounds", "4")).out)
+    assert s1["read"] >= 64 * MiB and s1["rounds"], s1
+    stop_writer(a, w)
+    s2 = summary(a.dmmig("copy", name, "--json").out)   # destination from the journal
+    # deltas, not full copies: only the writer's 16 MiB can be dirty
+    assert 0 < s2["rounds"][0]["dirty_bytes"] <= 16 * MiB and s2["read"] <= 16 * MiB, s2
+    chk = b.run([python(), ORACLE, "check", dest, "--seed", "11", "--record", rec], check=False)
+    assert chk.rc == 0, chk.out
+    assert digest(a, origin) == digest(b, dest)
+    a.dmmig("abort", name)
+    assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0, "abort left the export running"
+    a.dmmig("unwrap", name)
+    a.run(["rm", "-f", rec, rec + ".started"])
+
+
+def test_resume_after_sigkill_and_after_ssh_cut_sends_only_what_is_missing(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    size = 96
+    origin, dest = da(size, fill_seed=5), db(size)
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    src_digest = digest(a, origin)
+    # 1) dmmig SIGKILLed mid-base-copy
+    job = a.spawn([DMMIG, *copy_args(name, dest, "--bwlimit", "16M")])
+    wait_base_beyond(a, name, 0)
+    job.signal(9)
+    job.wait()
+    st = json.loads(a.dmmig("status", name, "--json").out)
+    assert st["journal"]["phase"] == "copying"
+    done1 = st["journal"]["copy"]["base_offset"]
+    assert 0 < done1 < size * MiB, done1
+    # 2) the SSH connection cut mid-copy: kill sshd's session process on the destination
+    job = a.spawn([DMMIG, *copy_args(name, dest, "--bwlimit", "16M")])
+    wait_base_beyond(a, name, done1)
+    b.run(["pkill", "-9", "-f", "^sshd: root@"], check=False)
+    r = job.wait()
+    assert r.rc == 8, (r.rc, r.err)   # a remote failure, reported as such
+    st = json.loads(a.dmmig("status", name, "--json").out)
+    done2 = st["journal"]["copy"]["base_offset"]
+    assert done1 <= done2 < size * MiB
+    # 3) resume completes; it sends the rest, not everything again
+    s = summary(a.dmmig(*copy_args(name, dest)).out)
+    assert s["rounds"][-1]["dirty_bytes"] == 0
+    # base resumed at the journaled offset; nothing was written meanwhile, so rounds send ~nothing
+    assert s["read"] <= size * MiB - done2 + 2 * MiB, (s, done2)
+    assert digest(b, dest) == src_digest
+    a.dmmig("abort", name)
+    assert digest(a, origin) == src_digest
+    a.dmmig("unwrap", name)
+
+
+def wait_base_beyond(a: UmlHost, name: str, offset: int) -> None:
+    for _ in range(120):
+        st = json.loads(a.dmmig("status", name, "--json").out)["journal"]
+        if st["phase"] == "copying" and st["copy"].get("base_offset", 0) > offset:
+            return
+        time.sleep(0.25)
+    raise AssertionError("the base copy made no progress")
+
+
+def test_half_zero_disk_sends_only_the_data_half(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(64), db(64)
+    a.run(["dd", "if=/dev/urandom", f"of={origin}", "bs=1M", "count=32", "oflag=direct"])
+    b.run(["dd", "if=/dev/urandom", f"of={dest}", "bs=1M", "count=64", "oflag=direct"])  # stale data there
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    s = summary(a.dmmig(*copy_args(name, dest)).out)
+    assert s["sent"] <= 32 * MiB + 64 * 1024, s
+    assert s["zeroed"] >= 32 * MiB - 64 * 1024, s  # the zero half is zeroed without payload
+    assert digest(a, origin) == digest(b, dest)
+    a.dmmig("abort", name)
+    # a created (sparse, known-zero) destination: zero blocks are skipped entirely
+    a.dmmig("prepare", name)
+    s = summary(a.dmmig(*copy_args(name, "/dev/shm/created.img", "--create")).out)
+    assert s["skipped"] >= 32 * MiB - 64 * 1024 and s["zeroed"] == 0, s
+    assert digest(a, origin) == digest(b, "/dev/shm/created.img")
+    a.dmmig("abort", name)
+    assert b.run(["test", "-e", "/dev/shm/created.img"], check=False).rc != 0, "abort kept the created disk"
+    a.dmmig("unwrap", name)
+
+
+def test_direct_nbd_transport(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(32, fill_seed=2), db(32)
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    summary(a.dmmig(*copy_args(name, dest, "--transport", "nbd", "--nbd-address", B_IP)).out)
+    assert digest(a, origin) == digest(b, dest)
+    a.dmmig("abort", name)
+    a.dmmig("unwrap", name)
+
+
+def world(a: UmlHost, b: UmlHost) -> tuple[str, ...]:
+    return (a.run(["dmsetup", "table"]).out, a.sh("cat /run/dmmig/*.json 2>/dev/null; true").out,
+            b.run(["dmsetup", "table"]).out, b.sh("ls /run/dmmig; pgrep -a qemu-nbd; true").out)
+
+
+def test_refusals_before_any_change(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, small, dest = da(32), db(16), db(32)
+
+    def refused(args: list[str], code: int, *needles: str) -> None:
+        before = world(a, b)
+        t0 = time.monotonic()
+        r = a.dmmig(*args, check=False, timeout=60)
+        assert r.rc == code, (r.rc, r.err)
+        for n in needles:
+            assert n in r.err, (n, r.err)
+        assert time.monotonic() - t0 < 40, "took too long to refuse"
+        assert world(a, b) == before
+
+    refused(copy_args(name, dest), 3, "unknown disk")
+    a.dmmig("wrap", name, origin)
+    refused(copy_args(name, dest), 6, "not prepared")
+    a.dmmig("prepare", name)
+    refused(copy_args(name, small), 3, "smaller")
+    b.run(["dmsetup", "create", f"{name}-holder", "--table", f"0 65536 linear {dest} 0"])
+    try:
+        refused(copy_args(name, dest), 7, "in use")
+    finally:
+        b.run(["dmsetup", "remove", f"{name}-holder"])
+    a.run(["sh", "-c", "cat > /run/ssh/empty_known_hosts"], input=b"")
+    args = copy_args(name, dest)
+    args[args.index("/run/ssh/known_hosts")] = "/run/ssh/empty_known_hosts"
+    refused(args, 8, "unknown", "refusing")
+    a.sh("rm -f /run/ssh/other_key*; ssh-keygen -q -t ed25519 -N '' -f /run/ssh/other_key")
+    args = copy_args(name, dest)
+    args[args.index("/run/ssh/id_ed25519")] = "/run/ssh/other_key"
+    refused(args, 8, "authentication")
+    args = copy_args(name, dest)
+    args[2] = "root@192.168.200.77"
+    refused(args, 8, "192.168.200.77")
+    a.run(["rm", "-f", "/run/ssh/other_key", "/run/ssh/other_key.pub", "/run/ssh/empty_known_hosts"])
+    a.dmmig("abort", name)
+    a.dmmig("unwrap", name)
