@@ -28,21 +28,21 @@ def main() -> int:
     try:
         a, b = p.start()
         step(f"two rig hosts up (a {a.boot_seconds:.1f}s, b {b.boot_seconds:.1f}s); sshd on b", t0)
-        a.sh("truncate -s 256M /dev/shm/vm1.img && losetup /dev/loop0 /dev/shm/vm1.img")
+        a.sh("truncate -s 128M /dev/shm/vm1.img && losetup /dev/loop0 /dev/shm/vm1.img")
         a.run([PY, ORACLE, "fill", "/dev/loop0", "--seed", "42"])
-        b.sh("truncate -s 256M /dev/shm/vm1.img && losetup /dev/loop0 /dev/shm/vm1.img")
-        step("source disk a:/dev/loop0 (256 MiB, filled); destination b:/dev/loop0", t0)
+        b.sh("truncate -s 128M /dev/shm/vm1.img && losetup /dev/loop0 /dev/shm/vm1.img")
+        step("source disk a:/dev/loop0 (128 MiB, filled); destination b:/dev/loop0", t0)
         top = a.dmmig("wrap", "vm1", "/dev/loop0").out.strip()
         step(f"dmmig wrap vm1 -> {top}", t0)
         rec = f"{a.shared}/rec"  # on hostfs, so the checker on b can read it
-        w = a.spawn([PY, ORACLE, "write", top, "--seed", "42", "--record", rec, "--rate", "500"])
+        w = a.spawn([PY, ORACLE, "write", top, "--seed", "42", "--record", rec, "--rate", "500", "--blocks", "0:4096"])
         time.sleep(1)
-        step("a writer is writing 4 KiB blocks to the top device with O_DIRECT (500/s)", t0)
+        step("a writer is writing 4 KiB blocks to the top device with O_DIRECT (500/s, in its first 16 MiB)", t0)
         a.dmmig("prepare", "vm1")
         step("dmmig prepare vm1: dm-era inserted live", t0)
         t1 = time.monotonic()
         out = a.dmmig("copy", "vm1", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG,
-                      *SSH_OPTS, "--converge", "1M", "--max-rounds", "5").out
+                      *SSH_OPTS, "--converge", "1M", "--max-rounds", "3").out
         step(f"dmmig copy vm1 over SSH in {time.monotonic() - t1:.1f}s:\n" + out.rstrip(), t0)
         w.signal(15)
         step("writer stopped: " + w.wait().out.strip(), t0)
