@@ -112,6 +112,54 @@ def cmd_copy(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cutover(a: argparse.Namespace) -> int:
+    from dmmig import migrate
+    from dmmig.progress import Progress
+    s = migrate.cutover(make_stack(a), a.name, migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
+                        Progress(a.json))
+    if a.json:
+        print(json.dumps({"event": "summary", **s}))
+        return 0
+    print(f"{a.name}: mirroring to the destination over {s['nbd']}; every write now reaches both hosts")
+    print(f"  top device suspended for {s['suspended_seconds'] * 1000:.0f} ms; the kernel resynced "
+          f"{s['resync_regions']} of {s['regions']} regions ({s['resync_bytes'] / (1 << 20):.2f} MiB) "
+          f"in {s['resync_seconds']:.2f}s")
+    return 0
+
+
+def cmd_finish(a: argparse.Namespace) -> int:
+    from dmmig import migrate
+    done, left = migrate.finish(make_stack(a), a.name, force=a.force, remove=a.remove)
+    for step in done:
+        print(f"done: {step}")
+    print(f"{a.name}: finished" + ("" if a.remove else f"; dmmig-{a.name} is linear over its origin"))
+    for x in left:
+        print(f"left behind: {x}", file=sys.stderr)
+    return int(Exit.REMOTE) if left else 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from dmmig import migrate
+    from dmmig.progress import Progress
+    r = migrate.verify(make_stack(a), a.name, chunk=parse_size(a.chunk), progress=Progress(a.json))
+    if a.json:
+        print(json.dumps({"event": "summary", **r}))
+    else:
+        for m in r["mismatches"]:
+            print(f"MISMATCH bytes {m['offset']}-{m['offset'] + m['length']} ({m['length']} bytes)")
+        verdict = "identical" if not r["mismatches"] else f"{len(r['mismatches'])} mismatched range(s)"
+        print(f"{a.name}: {r['source']} vs {r['destination']}: {verdict} "
+              f"({r['bytes']} bytes in {r['chunk']}-byte chunks, {r['seconds']:.1f}s)")
+    return int(Exit.MISMATCH) if r["mismatches"] else 0
+
+
+def cmd_watch(a: argparse.Namespace) -> int:
+    from dmmig.stack import top_name
+    from dmmig.watch import watch
+    stack = make_stack(a)
+    return watch(stack.dm, stack.journal.dir, a.name, top_name(a.name))
+
+
 def cmd_agent(a: argparse.Namespace) -> int:
     from dmmig import agent
     return agent.main(a.state_dir)
@@ -174,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-rounds", type=int, default=10, metavar="N")
     sp.add_argument("--bwlimit", metavar="RATE", help="payload bytes per second, e.g. 50M")
     sp.add_argument("--json", action="store_true", help="JSON lines: progress events and a summary")
+
+    sp = verb("cutover", cmd_cutover, "switch to a synchronous mirror: every write reaches both hosts; "
+              "the kernel resyncs what changed since the last copy round")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
+                    help="a request to a dead destination fails the leg after this (default 10)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = verb("finish", cmd_finish, "after the new owner took over: tear down both sides, keep the data")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--remove", action="store_true", help="also remove /dev/mapper/dmmig-NAME (must be closed)")
+    sp.add_argument("--force", action="store_true", help="even if the mirror is not in sync and healthy")
+
+    sp = verb("verify", cmd_verify, "compare source and destination by digests computed on each side")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--chunk", default="1M", metavar="SIZE", help="digest granularity (default 1M)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = verb("watch", cmd_watch, "leg watcher daemon, started by cutover (records when a leg fails)")
+    sp.add_argument("name", metavar="NAME")
 
     sp = verb("agent", cmd_agent, "destination side: speak the agent protocol on stdin/stdout (run over SSH)")
 

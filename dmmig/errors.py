@@ -5,6 +5,7 @@ The CLI is the one place that turns them into a message and an exit code.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 
 class Exit(enum.IntEnum):
@@ -17,6 +18,7 @@ class Exit(enum.IntEnum):
     STATE = 6            # the journal or the kernel are not in the state the verb needs
     BUSY = 7             # another dmmig holds the disk's lock, or a device is open
     REMOTE = 8           # the destination (SSH, agent, NBD) failed or refused
+    MISMATCH = 9         # verify: the two disks differ
     INTERRUPTED = 130
 
 
@@ -81,25 +83,40 @@ class TeardownError(DmmigError):
                          hint="run `dmmig status NAME` to see what is left, then retry")
 
 
+class Steps:
+    """Teardown steps that keep going past failures: every step is attempted, every error
+    is kept, and check() reports them all at once."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+        self.errors: list[BaseException] = []
+
+    def __call__(self, desc: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+            self.done.append(desc)
+        except Exception as e:  # noqa: BLE001 - every error is collected and reported
+            self.errors.append(DmmigError(f"{desc}: {e}"))
+
+    def check(self, what: str) -> None:
+        if self.errors:
+            raise TeardownError(what, self.errors)
+
+
 class Undo:
     """Collects cleanup callbacks; runs them all in reverse order and reports every failure."""
 
     def __init__(self) -> None:
-        self._steps: list[tuple[str, object]] = []
+        self._steps: list[tuple[str, Callable[[], object]]] = []
 
-    def push(self, what: str, fn: object) -> None:
+    def push(self, what: str, fn: Callable[[], object]) -> None:
         self._steps.append((what, fn))
 
     def run(self, what: str) -> None:
-        errors: list[BaseException] = []
+        steps = Steps()
         while self._steps:
-            desc, fn = self._steps.pop()
-            try:
-                fn()  # type: ignore[operator]
-            except Exception as e:  # noqa: BLE001 - every error is collected and reported
-                errors.append(DmmigError(f"{desc}: {e}"))
-        if errors:
-            raise TeardownError(what, errors)
+            steps(*self._steps.pop())
+        steps.check(what)
 
     def clear(self) -> None:
         self._steps.clear()

@@ -47,6 +47,7 @@ class Entry:
     checkpoints: list[int] = field(default_factory=list)
     dest: dict[str, Any] = field(default_factory=dict)
     copy: dict[str, Any] = field(default_factory=dict)
+    mirror: dict[str, Any] = field(default_factory=dict)  # cutover: leg, log, tunnel, watcher, sync
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
 
     @property
@@ -56,6 +57,9 @@ class Entry:
     @property
     def era(self) -> str:
         return f"dmmig-{self.name}-era"
+
+
+_FIELDS = set(Entry.__dataclass_fields__)
 
 
 class Journal:
@@ -77,7 +81,7 @@ class Journal:
         except (OSError, ValueError) as e:
             raise StateError(f"journal {self.path(name)} is unreadable: {e}",
                              hint="inspect or move the file away; the kernel state is the truth") from e
-        return Entry(**data)
+        return Entry(**{k: v for k, v in data.items() if k in _FIELDS})
 
     def names(self) -> list[str]:
         try:

@@ -1,4 +1,5 @@
-"""The migration flow, top to bottom: copy (base + era rounds), abort of both sides.
+"""The migration flow, top to bottom: copy (base + era rounds), cutover to the mirror,
+finish, verify, and abort of both sides.
 
 Each phase journals its intent and progress, so a killed dmmig resumes (`copy` again) or
 cleans up (`abort`) from what the journal and the kernel say.
@@ -6,19 +7,26 @@ cleans up (`abort`) from what the journal and the kernel say.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import paramiko
 
 from dmmig import journal as J
+from dmmig import mirrorlog
 from dmmig import nbd as N
-from dmmig.agent import AgentClient
+from dmmig.agent import AgentClient, digest_ranges
+from dmmig.blockdev import block_device
 from dmmig.copy import Copier, Counters
-from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
+from dmmig.era import BlockRange, merge
+from dmmig.errors import BadInput, DmmigError, RemoteError, StateError, Steps
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint, connect, forward_socket
-from dmmig.stack import Stack, era_name
+from dmmig.stack import Stack, era_name, top_name
+from dmmig.validate import require_tools
 
 log = logging.getLogger("dmmig.migrate")
 
@@ -68,6 +76,9 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
         remote = Remote(dest)  # unknown host key, bad credentials, unreachable: refused here
+        # catching up after a failed leg (or a cutover that did not finish): back to linear
+        # over era first; era holds every write since the cutover, and the rounds resend them
+        _drop_mirror(stack, entry)
         try:
             size = stack.dm.table(f"dmmig-{name}").length * 512
             disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
@@ -169,28 +180,256 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
     return summary
 
 
+# ---- cutover -------------------------------------------------------------------------------
+@dataclass
+class CutoverOptions:
+    nbd_timeout: int = 10       # seconds before a request to a dead peer fails the leg
+    sync_timeout: float = 3600
+
+
+def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
+    """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
+    the regions era recorded since the last copy round."""
+    entry = stack._prepared(name)
+    if entry.phase not in (J.COPIED, J.CUTTING_OVER, J.MIRRORING) or not entry.copy.get("base_done"):
+        raise StateError(f"{name} has not been copied (phase {entry.phase})",
+                         hint=f"`dmmig copy {name} HOST` first")
+    if not 1 <= opts.nbd_timeout <= 600:
+        raise BadInput(f"--nbd-timeout must be 1..600 seconds, got {opts.nbd_timeout}")
+    require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
+    stack.dm.require_targets("mirror")
+    top, era = top_name(name), era_name(name)
+    with stack.journal.lock(name):
+        def save() -> None:
+            stack.journal.save(entry)
+
+        _drop_mirror(stack, entry)  # a rerun starts again from linear over era
+        remote = Remote(entry.dest)
+        try:
+            addr = "127.0.0.1" if entry.dest["transport"] == "ssh" else str(entry.dest["nbd_address"])
+            export = remote.agent.call("export", name=name, addr=addr)["export"]
+        finally:
+            remote.close()
+        entry.dest["export"] = export
+        stack.journal.save(entry, J.CUTTING_OVER)
+        assert entry.metadata and entry.block_sectors
+        length = stack.dm.table(top).length
+        rs = entry.block_sectors  # one mirror region is one era block
+        nr = mirrorlog.region_count(length, rs)
+        try:
+            leg = stack.mirror.attach_leg(entry, export, opts.nbd_timeout, save)
+            logdev = stack.mirror.make_log(entry, nr, save)
+            # handle_errors + keep_log: a failed leg raises a dm event but holds no write; the
+            # guest keeps writing to leg 0 and era keeps recording (README: "Leg failures")
+            table = Table(Mirror(length, DiskLog(block_device(logdev).devno, rs),
+                                 (block_device(f"/dev/mapper/{era}").devno, block_device(leg).devno),
+                                 handle_errors=True, keep_log=True))
+            stack.dm.load(top, table)  # the constructor runs now, while I/O still flows
+            t0 = time.monotonic()
+            stack.dm.suspend(top)  # flushes: every write so far is in era, none in flight
+            try:
+                ranges, now = stack.era.dirty(era, entry.metadata, int(entry.copy["next_since"]))
+                regions = [i for r in ranges for i in range(r.begin, min(r.end, nr))]
+                mirrorlog.write(logdev, mirrorlog.render(nr, regions))  # read by the resume below
+            except BaseException:
+                stack.dm.clear_inactive(top)
+                stack.dm.resume(top)
+                raise
+            pause = stack.dm.resume(top) - t0
+        except BaseException:
+            _drop_mirror(stack, entry)
+            stack.journal.save(entry, J.COPIED)
+            raise
+        entry.copy["next_since"] = now - 1  # a catch-up resends everything since this cutover
+        entry.mirror.update(era=now, pause_seconds=round(pause, 4), resync_regions=len(regions),
+                            resync_bytes=min(len(regions) * rs, length) * 512, regions=nr,
+                            resync_ranges=[[r.begin, min(r.end, nr)] for r in ranges if r.begin < nr])
+        save()
+        stack.mirror.start_watcher(entry, save)
+        t1 = time.monotonic()
+        events = _wait_sync(stack, top, nr, opts.sync_timeout, progress, name)
+        entry.mirror["synced"] = {"at": time.time(), "events": events,
+                                  "seconds": round(time.monotonic() - t1, 3)}
+        stack.journal.save(entry, J.MIRRORING)
+    return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"],
+            "resync_regions": len(regions), "regions": nr, "region_bytes": rs * 512,
+            "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
+            "nbd": leg, "events_at_sync": events}
+
+
+def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> int:
+    """Until every region is in sync and every leg is alive; the sync ratio alone is not
+    enough (a failed recovery can still count). Returns the dm event counter then."""
+    deadline = time.monotonic() + timeout
+    first = stack.dm.mirror_status(top)
+    progress.start("resync (regions)", first.regions - first.in_sync)
+    done = 0
+    while True:
+        st = stack.dm.mirror_status(top)
+        progress.advance(max(0, st.in_sync - first.in_sync - done))
+        done = max(done, st.in_sync - first.in_sync)
+        if not st.healthy:
+            raise RemoteError(f"the NBD leg of {name} failed during the resync (health {st.health}, "
+                              f"log {st.log_health}); the guest keeps writing to the source",
+                              hint=f"`dmmig copy {name}` then `dmmig cutover {name}` to catch up, "
+                                   f"or `dmmig abort {name}`")
+        if st.synced:
+            break
+        if time.monotonic() > deadline:
+            raise StateError(f"{name}: resync not done after {timeout:.0f}s ({st.in_sync}/{st.regions})",
+                             hint="it goes on in the kernel; `dmmig status` shows it; rerun cutover to wait")
+        time.sleep(0.1)
+    # the kernel raises one event when the last region is in sync: let it land first
+    ev = stack.dm.info(top)
+    assert ev is not None
+    while True:
+        time.sleep(0.2)
+        again = stack.dm.info(top)
+        assert again is not None
+        if again.events == ev.events:
+            break
+        ev = again
+    progress.end(in_sync=st.in_sync, regions=st.regions)
+    return ev.events
+
+
+def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
+    """Back to linear over era (which holds every write), then tear down the leg, log,
+    tunnel and watcher. A no-op when there is no mirror."""
+    top = top_name(entry.name)
+    info = stack.dm.info(top)
+    steps = Steps()
+    if info is not None and (info.has_inactive or info.suspended or isinstance(stack.dm.table(top).target, Mirror)):
+        era_dev = block_device(f"/dev/mapper/{era_name(entry.name)}").devno
+        back = Table(Linear(stack.dm.table(top).length, era_dev))
+        if isinstance(stack.dm.table(top).target, Mirror) or info.has_inactive:
+            steps(f"swap {top} back to linear over the era device", lambda: stack.dm.swap(top, back, noflush=True))
+        else:
+            steps(f"resume {top}", lambda: stack.dm.resume(top))
+    steps.check(f"leaving the mirror of {entry.name}")  # never tear down a leg still in use
+    if entry.mirror or stack.mirror.leftovers(entry.name):
+        stack.mirror.teardown(entry.name, entry, steps)
+        entry.mirror = {}
+        stack.journal.save(entry)
+    steps.check(f"leaving the mirror of {entry.name}")
+
+
+# ---- finish -------------------------------------------------------------------------------
+def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False) -> tuple[list[str], list[str]]:
+    """The new owner has the disk: tear down both sides, keep the data on both. Returns
+    (done, left behind on the destination)."""
+    entry = stack._entry(name)
+    top = top_name(name)
+    if not force:
+        if entry.phase != J.MIRRORING:
+            raise StateError(f"{name} is not mirroring (phase {entry.phase}): the destination may miss writes",
+                             hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
+                                  "or --force to finish anyway")
+        st = stack.dm.mirror_status(top)
+        if not (st.synced and st.healthy):
+            raise StateError(f"the mirror of {name} is not in sync with healthy legs "
+                             f"({st.in_sync}/{st.regions}, health {st.health}): the destination misses writes",
+                             hint=f"catch up with `dmmig copy {name}` + `dmmig cutover {name}`, or --force")
+    if remove:
+        info = stack.dm.info(top)
+        if info is not None and info.open_count > 0:
+            raise StateError(f"{top} is still open ({info.open_count} opener(s)); it cannot be removed",
+                             hint="stop the domain on this host first, or finish without --remove")
+    dest = dict(entry.dest) if entry.dest else None
+    with stack.journal.lock(name):
+        done = stack._abort_locked(name, phase=J.FINISHING)
+        if remove and stack.dm.info(top) is not None:
+            stack.dm.remove(top)
+            done.append(f"remove {top}")
+        if remove:
+            stack.journal.delete(name)
+    left = _stop_remote(name, dest, remove_created=False, done=done)
+    return done, left
+
+
+# ---- verify -------------------------------------------------------------------------------
+def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 << 20, rechecks: int = 2,
+           progress: Progress | None = None) -> dict[str, Any]:
+    """Compare source and destination chunk by chunk by digests computed on each side.
+    While mirroring, a chunk written during the pass can differ once; it is read again
+    (RECHECKS times) before it counts as a mismatch."""
+    entry = stack._entry(name)
+    if not entry.dest:
+        raise StateError(f"no destination known for {name}", hint=f"`dmmig copy {name} HOST` first")
+    if chunk <= 0 or chunk % 4096:
+        raise BadInput(f"--chunk must be a positive multiple of 4096, got {chunk}")
+    size = stack.dm.table(top_name(name)).length * 512
+    src, dst = entry.origin, entry.dest["disk"]
+    t0 = time.monotonic()
+    remote = Remote(entry.dest)
+    bad: list[int] = []
+    try:
+        if progress:
+            progress.start("verify", size)
+        for off in range(0, size, batch):
+            n = min(batch, size - off)
+            mine: list[str] = []
+            th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))
+            th.start()
+            theirs = remote.agent.call("digest", path=dst, offset=off, length=n, chunk=chunk)["digests"]
+            th.join()
+            bad += [off // chunk + i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+            if progress:
+                progress.advance(n)
+        for _ in range(rechecks):
+            if not bad:
+                break
+            time.sleep(0.5)
+            still = []
+            for i in bad:
+                n = min(chunk, size - i * chunk)
+                a = digest_ranges(src, i * chunk, n, chunk)
+                b = remote.agent.call("digest", path=dst, offset=i * chunk, length=n, chunk=chunk)["digests"]
+                if a != b:
+                    still.append(i)
+            bad = still
+    finally:
+        remote.close()
+    ranges = merge([BlockRange(i, i + 1) for i in bad])
+    res = {"name": name, "source": src, "destination": f"{entry.dest['host']}:{dst}", "bytes": size,
+           "chunk": chunk, "seconds": round(time.monotonic() - t0, 3),
+           "mismatches": [{"offset": r.begin * chunk, "length": min(r.end * chunk, size) - r.begin * chunk}
+                          for r in ranges]}
+    if progress:
+        progress.end(mismatched_ranges=len(ranges))
+    return res
+
+
+# ---- abort --------------------------------------------------------------------------------
 def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
-    """Abort locally (always possible), then stop the destination's export. Returns (done,
-    left behind on the destination)."""
+    """Abort locally (always possible), then stop the destination's export and remove a
+    disk dmmig created there. Returns (done, left behind on the destination)."""
     entry = stack.journal.load(name)
     dest = dict(entry.dest) if entry and entry.dest else None
     done = stack.abort(name)
-    left: list[str] = []
-    if dest:
-        try:
-            remote = Remote(dest)
-            try:
-                done += [f"destination: {d}" for d in remote.agent.call("stop", name=name, remove_created=True)["done"]]
-            finally:
-                remote.close()
-        except DmmigError as e:
-            exp = dest.get("export") or {}
-            left.append(f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
-                        f"{exp.get('addr')}:{exp.get('port')}) could not be stopped: {e.message}. There, run: "
-                        f"kill {exp.get('pid')}; rm {dest.get('remote_state_dir') or J.DEFAULT_STATE_DIR}/{name}.dest.json")
-        e2 = stack.journal.load(name)
-        if e2 is not None:
-            e2.dest = {}
-            e2.copy = {}
-            stack.journal.save(e2)
+    left = _stop_remote(name, dest, remove_created=True, done=done)
+    e2 = stack.journal.load(name)
+    if e2 is not None and (e2.dest or e2.copy):
+        e2.dest = {}
+        e2.copy = {}
+        stack.journal.save(e2)
     return done, left
+
+
+def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
+    """Stop the destination's export; what could not be stopped is returned, exactly."""
+    if not dest:
+        return []
+    try:
+        remote = Remote(dest)
+        try:
+            reply = remote.agent.call("stop", name=name, remove_created=remove_created)
+            done += [f"destination: {d}" for d in reply["done"]]
+        finally:
+            remote.close()
+    except DmmigError as e:
+        exp = dest.get("export") or {}
+        return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
+                f"{exp.get('addr')}:{exp.get('port')}) could not be stopped: {e.message}. There, run: "
+                f"kill {exp.get('pid')}; rm {dest.get('remote_state_dir') or J.DEFAULT_STATE_DIR}/{name}.dest.json"]
+    return []

@@ -26,6 +26,8 @@ class Runner(Protocol):
     def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
             input: str | None = None) -> Result: ...
 
+    def spawn(self, argv: list[str], *, logfile: str) -> int: ...
+
 
 class SubprocessRunner:
     """Runs commands for real. Never through a shell."""
@@ -57,3 +59,20 @@ class SubprocessRunner:
         if check and p.returncode != 0:
             raise CommandError(argv, p.returncode, p.stdout, p.stderr)
         return res
+
+    def spawn(self, argv: list[str], *, logfile: str) -> int:
+        """Start a daemon that outlives dmmig (SSH tunnel, leg watcher): its own session, so a
+        terminal's ^C does not reach it; stdout and stderr appended to LOGFILE. Returns its pid."""
+        log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            env = dict(os.environ)
+            env.setdefault("LC_ALL", "C")
+            logging.getLogger("dmmig.cmd").debug("spawn: %s", argv)
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                 start_new_session=True, env=env)
+        except FileNotFoundError as e:
+            raise MissingDependency(f"command not found: {argv[0]}",
+                                    hint="install it (see README: the install command)") from e
+        finally:
+            os.close(log_fd)
+        return p.pid

@@ -10,6 +10,7 @@ Every change is journaled before it is made, so a killed dmmig leaves a state th
 from __future__ import annotations
 
 import os
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +19,10 @@ from dmmig.blockdev import BlockDev, Loop, block_device, dm_name_of, holder_name
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.dm.targets import Era, Linear, Table
 from dmmig.era import BlockRange, EraTools
-from dmmig.errors import BadInput, Busy, DmmigError, StateError, Undo
+from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
+from dmmig.mirror import MirrorSide
 from dmmig.runner import Runner
-from dmmig.validate import disk_name, require_tools
+from dmmig.validate import disk_name, era_block_size, require_tools
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = 64 << 10
@@ -63,10 +65,12 @@ class Stack:
     journal: J.Journal
     loop: Loop = field(init=False)
     era: EraTools = field(init=False)
+    mirror: MirrorSide = field(init=False)
 
     def __post_init__(self) -> None:
         self.loop = Loop(self.runner)
         self.era = EraTools(self.runner, self.dm)
+        self.mirror = MirrorSide(self.runner, self.journal.dir)
 
     # ---- wrap / unwrap ------------------------------------------------------------------
     def wrap(self, name: str, origin_path: str) -> str:
@@ -128,7 +132,6 @@ class Stack:
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
                 metadata: str | None = None) -> Table:
-        from dmmig.validate import era_block_size
         disk_name(name)
         bs = era_block_size(block_bytes)
         entry = self._entry(name)
@@ -221,60 +224,52 @@ class Stack:
         with self.journal.lock(name):
             return self._abort_locked(name)
 
-    def _abort_locked(self, name: str) -> list[str]:
-        done: list[str] = []
+    def _abort_locked(self, name: str, phase: str = J.ABORTING) -> list[str]:
+        """Also finish's local teardown (PHASE finishing): the steps are the same."""
         entry = self.journal.load(name)
         top = top_name(name)
         if entry is not None:
-            self.journal.save(entry, J.ABORTING)
-        errors: list[BaseException] = []
-
-        def step(desc: str, fn: Any) -> None:
-            try:
-                fn()
-                done.append(desc)
-            except Exception as e:  # noqa: BLE001 - collect, keep going, report all
-                errors.append(DmmigError(f"{desc}: {e}"))
-
+            self.journal.save(entry, phase)
+        step = Steps()
         info = self.dm.info(top)
         if info is not None:
             origin_devno = self._origin_devno(name, entry, self.dm.table(top).target)
             if origin_devno is None:
-                errors.append(StateError(f"cannot tell the origin of {top}: no journal and its table "
-                                         f"is {self.dm.table_text(top)!r}"))
+                step.errors.append(StateError(f"cannot tell the origin of {top}: no journal and its table "
+                                              f"is {self.dm.table_text(top)!r}"))
             else:
                 cur = self.dm.table(top).target
                 back = Table(Linear(cur.length, origin_devno))
                 if not (isinstance(cur, Linear) and cur.device == origin_devno) or info.has_inactive:
-                    # noflush: a mirror with handle_errors may hold writes; keep them queued
-                    # and let them go to the origin instead of failing them.
+                    # noflush: writes a mirror holds stay queued and go to the origin
                     step(f"swap {top} back to linear over {origin_devno}",
                          lambda: self.dm.swap(top, back, noflush=True))
                 elif info.suspended:
                     step(f"resume {top}", lambda: self.dm.resume(top))
+        # the mirror's pieces (watcher, nbd leg, tunnel, log) once nothing uses them
+        self.mirror.teardown(name, entry, step)
         era = era_name(name)
         if self.dm.info(era) is not None:
             step(f"remove {era}", lambda: self.dm.remove(era))
         mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
         for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
-            step(f"detach {dev}", lambda dev=dev: self.loop.detach(dev))
+            step(f"detach {dev}", partial(self.loop.detach, dev))
         if os.path.exists(mfile):
             step(f"remove {mfile}", lambda: os.unlink(mfile))
         if entry is not None:
-            if errors:
+            if step.errors:
                 self.journal.save(entry)  # stays "aborting": status shows it, abort can retry
             else:
                 entry.metadata = entry.metadata_file = None
                 entry.block_sectors = None
                 entry.checkpoints = []
+                entry.mirror = {}
                 if self.dm.info(top) is not None:
                     self.journal.save(entry, J.WRAPPED)
                 else:
                     self.journal.delete(name)
-        if errors:
-            from dmmig.errors import TeardownError
-            raise TeardownError(f"abort of {name}", errors)
-        return done
+        step.check(f"{'finish' if phase == J.FINISHING else 'abort'} of {name}")
+        return step.done
 
     # ---- helpers --------------------------------------------------------------------------
     def _entry(self, name: str) -> J.Entry:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from dmmig import journal as J
+from dmmig import proc
 from dmmig.dm.targets import Era, Linear, Mirror, ParseError
 from dmmig.stack import Stack, era_name, top_name
+from dmmig.watch import read_health
 
 
 def disk_status(stack: Stack, name: str) -> dict[str, Any]:
@@ -17,7 +20,8 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
                           "metadata": entry.metadata, "checkpoints": entry.checkpoints,
-                          "dest": entry.dest, "copy": entry.copy, "history": entry.history[-10:]}
+                          "dest": entry.dest, "copy": entry.copy, "mirror": entry.mirror,
+                          "history": entry.history[-10:]}
     for dev in (top_name(name), era_name(name)):
         info = stack.dm.info(dev)
         if info is None:
@@ -41,10 +45,16 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                 elif isinstance(t, Mirror):
                     ms = stack.dm.mirror_status(dev)
                     d["mirror"] = {"in_sync": ms.in_sync, "regions": ms.regions, "health": ms.health,
-                                   "healthy": ms.healthy}
+                                   "log_health": ms.log_health, "healthy": ms.healthy}
                     if not ms.healthy:
-                        problems.append(f"{dev}: mirror leg(s) {ms.failed_legs} failed (health {ms.health}); "
-                                        "writes go on to the local disk and era records them")
+                        h = read_health(stack.journal.dir, name)
+                        since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['failed_at']))}"
+                                 if h else " (time unknown: no watcher record)")
+                        d["mirror"]["failed_at"] = h["failed_at"] if h else None
+                        problems.append(f"{dev}: mirror leg(s) {ms.failed_legs} failed{since} (health {ms.health}); "
+                                        "the guest's writes go on to the local disk and era records them; "
+                                        f"`dmmig copy {name}` + `dmmig cutover {name}` catch up, "
+                                        f"`dmmig abort {name}` returns to linear")
             except ParseError as e:
                 problems.append(f"{dev}: cannot parse its table or status: {e}")
         else:
@@ -67,6 +77,14 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     if entry.phase in (J.PREPARING, J.ABORTING, J.CUTTING_OVER, J.FINISHING):
         problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted); "
                         f"`dmmig abort {name}` cleans up")
+    if entry.phase == J.MIRRORING and top is not None and "mirror" in top:
+        synced = entry.mirror.get("synced") or {}
+        if synced and top["events"] != synced.get("events"):
+            problems.append(f"{top_name(name)}: dm event counter {top['events']} differs from "
+                            f"{synced.get('events')} at sync: something happened to the mirror since")
+        if entry.mirror.get("watcher") and not proc.alive(entry.mirror["watcher"],
+                                                          stack.mirror.watcher_marker(name)):
+            problems.append("the leg watcher is not running: a leg failure would not be timed")
     if entry.metadata_file and entry.phase != J.WRAPPED and not os.path.exists(entry.metadata_file):
         problems.append(f"era metadata file {entry.metadata_file} is missing")
     if top is not None and entry.phase == J.WRAPPED:
@@ -102,7 +120,8 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"    era {e['current_era']}, metadata {e['metadata_used']}/{e['metadata_total']} blocks")
         if "mirror" in d:
             m = d["mirror"]
-            lines.append(f"    mirror {m['in_sync']}/{m['regions']} in sync, legs {m['health']}")
+            lines.append(f"    mirror {m['in_sync']}/{m['regions']} in sync, legs {m['health']}"
+                         + (f", log {m['log_health']}" if m.get("log_health") else ""))
     for p in st["problems"]:
         lines.append(f"  ! {p}")
     return "\n".join(lines)

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmmig.dm.targets import EraStatus, MirrorStatus, Table
@@ -102,9 +101,12 @@ class DmSetup:
     def suspend(self, name: str, *, noflush: bool = False) -> None:
         self.r.run(["dmsetup", "suspend"] + (["--noflush"] if noflush else []) + [name], timeout=120)
 
-    def resume(self, name: str, *, noflush: bool = False) -> None:
+    def resume(self, name: str, *, noflush: bool = False) -> float:
+        """Resume; returns time.monotonic() when the kernel had resumed (before udev settles)."""
         self.r.run(["dmsetup", "resume"] + (["--noflush"] if noflush else []) + [name], timeout=120)
+        t = time.monotonic()
         self._wait(name, present=True)
+        return t
 
     def message(self, name: str, msg: str) -> str:
         return self.r.run(["dmsetup", "message", name, "0", msg]).stdout
@@ -115,16 +117,6 @@ class DmSetup:
 
     def wait_event(self, name: str, event_nr: int, timeout: float) -> None:
         self.r.run(["dmsetup", "wait", "--noflush", name, str(event_nr)], timeout=timeout)
-
-    @contextmanager
-    def suspended(self, name: str, *, noflush: bool = False) -> Iterator[None]:
-        """Suspend, yield, always resume (also on error): a device left suspended stalls
-        every writer above it."""
-        self.suspend(name, noflush=noflush)
-        try:
-            yield
-        finally:
-            self.resume(name, noflush=noflush)
 
     def swap(self, name: str, table: Table, *, noflush: bool = False) -> float:
         """Replace the live table of NAME. Load first (the new target's constructor runs

@@ -171,14 +171,6 @@ def test_swap_load_failure_touches_nothing_else() -> None:
     assert r.argvs == [["dmsetup", "load", "top", "--table", LIN.render()]]
 
 
-def test_suspended_context_always_resumes() -> None:
-    dm, r, _ = make()
-    with pytest.raises(RuntimeError):
-        with dm.suspended("a", noflush=True):
-            raise RuntimeError("boom")
-    assert r.argvs == [["dmsetup", "suspend", "--noflush", "a"], ["dmsetup", "resume", "--noflush", "a"]]
-
-
 # ---- queries ------------------------------------------------------------------------------
 
 def test_info_fields_constant() -> None:

@@ -1,0 +1,113 @@
+"""The source's side of mirroring: the NBD leg (tunnel + kernel client), the pre-written
+dirty log, the leg watcher; set up by cutover, torn down by finish/abort/catch-up.
+
+Each resource is journaled (entry.mirror) before or right after it exists, and teardown
+also finds what a killed dmmig did not get to journal (by file name or command line), so
+a crash at any point is cleaned up by `abort`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+from collections.abc import Callable
+from typing import Any
+
+from dmmig import journal as J
+from dmmig import mirrorlog, proc, tunnel
+from dmmig.blockdev import Loop
+from dmmig.errors import Steps
+from dmmig.nbdkernel import NbdKernel
+from dmmig.runner import Runner
+from dmmig.watch import health_path
+
+
+
+class MirrorSide:
+    def __init__(self, runner: Runner, state: str) -> None:
+        self.r = runner
+        self.state = state
+        self.nbd = NbdKernel(runner)
+        self.loop = Loop(runner)
+
+    def _path(self, name: str, what: str) -> str:
+        return os.path.join(self.state, f"{name}.{what}")
+
+    def watcher_marker(self, name: str) -> str:
+        return f"--state-dir {self.state} watch {name}"
+
+    # ---- set up -------------------------------------------------------------------------
+    def attach_leg(self, entry: J.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+        m = entry.mirror
+        dest = entry.dest
+        if dest["transport"] == "ssh":
+            sock = self._path(entry.name, "nbd.sock")
+            m["tunnel"] = {"sock": sock, "pid": None}
+            save()
+            m["tunnel"]["pid"] = tunnel.start(self.r, dest, sock, int(export["port"]),
+                                              self._path(entry.name, "tunnel.log"))
+            save()
+        dev = self.nbd.free_device()
+        m["nbd"] = dev
+        save()
+        if dest["transport"] == "ssh":
+            self.nbd.attach(dev, export["name"], timeout=timeout, unix=m["tunnel"]["sock"])
+        else:
+            self.nbd.attach(dev, export["name"], timeout=timeout, host=export["addr"], port=int(export["port"]))
+        return dev
+
+    def make_log(self, entry: J.Entry, nr_regions: int, save: Callable[[], None]) -> str:
+        path = self._path(entry.name, "mirror-log")
+        entry.mirror["log_file"] = path
+        save()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, mirrorlog.log_bytes(nr_regions))
+        finally:
+            os.close(fd)
+        dev = self.loop.attach(path)
+        entry.mirror["log_dev"] = dev
+        save()
+        return dev
+
+    def start_watcher(self, entry: J.Entry, save: Callable[[], None]) -> int:
+        argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name]
+        pid = self.r.spawn(argv, logfile=self._path(entry.name, "watch.log"))
+        entry.mirror["watcher"] = pid
+        save()
+        return pid
+
+    def leftovers(self, name: str) -> bool:
+        """Anything of a mirror that a killed dmmig did not journal."""
+        return bool(proc.find(self.watcher_marker(name)) or proc.find(self._path(name, "nbd.sock"))
+                    or os.path.exists(self._path(name, "mirror-log")))
+
+    # ---- tear down ----------------------------------------------------------------------
+    def teardown(self, name: str, entry: J.Entry | None, step: Steps) -> None:
+        """Everything but the top table, which the caller has already moved off the mirror.
+        Every step is attempted; STEP collects the errors."""
+        m = entry.mirror if entry else {}
+        marker = self.watcher_marker(name)
+        for pid in set(proc.find(marker)) | ({m["watcher"]} if m.get("watcher") else set()):
+            if proc.alive(pid, marker):
+                step(f"stop the leg watcher (pid {pid})", partial(proc.stop, pid, marker))
+        dev = m.get("nbd")
+        if dev and self.nbd.attached(dev):
+            step(f"detach {dev} (nbd-client -d)", lambda: self.nbd.detach(dev))
+        sock = self._path(name, "nbd.sock")
+        tpid = (m.get("tunnel") or {}).get("pid")
+        for pid in set(proc.find(sock)) | ({tpid} if tpid else set()):
+            if proc.alive(pid, sock):
+                step(f"stop the SSH tunnel (pid {pid})", partial(tunnel.stop, pid, sock))
+        log_file = m.get("log_file") or self._path(name, "mirror-log")
+        if os.path.exists(log_file):
+            for ldev in self.loop.find(log_file):
+                step(f"detach {ldev} (mirror log)", partial(self.loop.detach, ldev))
+            step(f"remove {log_file}", lambda: os.unlink(log_file))
+        for what in ("nbd.sock", "tunnel.log", "watch.log"):
+            p = self._path(name, what)
+            if os.path.exists(p):
+                step(f"remove {p}", partial(os.unlink, p))
+        hp = health_path(self.state, name)
+        if os.path.exists(hp):
+            step(f"remove {hp}", lambda: os.unlink(hp))
