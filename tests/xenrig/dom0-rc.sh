@@ -1,0 +1,56 @@
+#!/bin/sh
+# dom0's init (PID 1) once its root exists: this machine's root, read-only over 9p, under a
+# tmpfs overlay with Debian's Xen tree on top (see dom0-initramfs-init.sh). Brings up the
+# Xen control plane and udev, then hands PID 1 to the rig's command agent.
+# Parameters arrive as environment variables from dom0's kernel command line (XENRIG_*).
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ms() { echo "XENRIG-MILESTONE $*"; }
+fatal() { echo "XENRIG-FATAL $*"; }
+for d in /run /tmp /var/tmp /dev/shm; do mkdir -p $d; mount -t tmpfs -o mode=1777 tmpfs $d; done
+chmod 755 /run
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# Xen's locking.sh runs `stat /dev/stdin`: without these links the stock block script hangs
+# until libxl's 40 s timeout
+ln -sf /proc/self/fd /dev/fd; ln -sf fd/0 /dev/stdin; ln -sf fd/1 /dev/stdout; ln -sf fd/2 /dev/stderr
+mkdir -p /xchg && mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 xchg /xchg \
+    || fatal "mount 9p xchg"
+hostname "$XENRIG_NAME"
+dmesg -n 1
+modprobe -a xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback dm-mod dm-era dm-mirror dm-log \
+    dm-region-hash loop nbd virtio_console virtio_net || fatal "modprobe"
+mount -t xenfs xenfs /proc/xen || fatal "mount xenfs"
+ms modules
+# without udev, /dev/mapper nodes do not appear and dmsetup cannot sync with udev. Coldplug
+# only block devices (loop, nbd): a full trigger costs ~10 s under emulation, and the
+# Xen daemons start while udev works
+/lib/systemd/systemd-udevd --daemon --resolve-names=never || fatal "udevd"
+udevadm trigger --action=add --subsystem-match=block >/dev/null 2>&1
+mkdir -p /run/xen /run/xenstored /var/lib/xenstored /var/lib/xen /var/log/xen/console /run/lock
+xenstored --pid-file=/run/xenstored.pid || fatal "xenstored"
+/usr/lib/xen-4.17/bin/xen-init-dom0 >/dev/null || fatal "xen-init-dom0"
+ms xenstored
+# guest consoles are logged per domain name: tests read what their guests printed there
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || fatal "xenconsoled"
+ms xenconsoled
+udevadm settle --timeout=60 || fatal "udevadm settle"
+ms udev
+xl info >/run/xl-info || fatal "xl info"
+ms xl-info
+ip link set lo up
+if [ -n "$XENRIG_IP" ]; then
+    ip addr add "$XENRIG_IP" dev eth0 && ip link set eth0 up || fatal "network"
+fi
+# the agent talks over the virtio-serial port named xenrig.agent
+port=
+i=0
+while [ -z "$port" ] && [ $i -lt 100 ]; do
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat $p/name 2>/dev/null)" = xenrig.agent ] && port=/dev/${p##*/}
+    done
+    [ -n "$port" ] || { sleep 0.1; i=$((i+1)); }
+done
+[ -n "$port" ] || fatal "no virtio-serial port xenrig.agent"
+ms agent-start
+cd /
+# a virtio port opens only once at a time: one read-write open shared by stdin and stdout
+exec "$XENRIG_PY" "$XENRIG_ROOT/tests/rig/guest_agent.py" 0<>"$port" 1>&0
