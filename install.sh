@@ -17,6 +17,11 @@ PKGS=(
   python3 python3-venv python3-pip
   # the real-kernel rig: user-mode-linux (Linux 6.1 as a process), a compiler for its shim
   user-mode-linux gcc libc6-dev ethtool procps psmisc e2fsprogs
+  # the Xen rig (tests/xenrig): real Xen under QEMU emulation, artifacts unpacked from Debian packages
+  qemu-system-x86 cpio busybox-static
+  # the Vagrant rig's checks (vagrant validate with its libvirt provider, shellcheck, LVM in
+  # the rig, the guest initramfs also uses busybox-static and cpio from the line above)
+  vagrant vagrant-libvirt shellcheck lvm2 xenstore-utils
 )
 
 missing=()

@@ -92,7 +92,7 @@ class MirrorSide:
             if proc.alive(pid, marker):
                 step(f"stop the leg watcher (pid {pid})", partial(proc.stop, pid, marker))
         dev = m.get("nbd")
-        if dev and self.nbd.attached(dev):
+        if dev:
             step(f"detach {dev} (nbd-client -d)", lambda: self.nbd.detach(dev))
         sock = self._path(name, "nbd.sock")
         tpid = (m.get("tunnel") or {}).get("pid")

@@ -14,6 +14,11 @@ from dmmig.errors import DmmigError, RemoteError
 from dmmig.runner import Runner
 
 
+# udev-rules/57-dmmig.rules keeps blkid and LVM off nbd devices marked here: the leg holds
+# the guest's data, and the marker must exist before the device connects
+UDEV_MARKS = "/run/dmmig-nbd"
+
+
 class NbdKernel:
     def __init__(self, runner: Runner) -> None:
         self.r = runner
@@ -40,15 +45,27 @@ class NbdKernel:
         else:
             assert host is not None and port is not None
             where = [host, str(port)]
+        os.makedirs(UDEV_MARKS, mode=0o700, exist_ok=True)
+        with open(os.path.join(UDEV_MARKS, os.path.basename(dev)), "w"):
+            pass
         res = self.r.run(["nbd-client", "-N", export, *where, dev, "-b", "512", "-t", str(timeout)],
                          check=False, timeout=60)
         if res.returncode != 0 or not self.attached(dev):
+            _unmark(dev)
             raise RemoteError(f"nbd-client could not attach the destination's export to {dev}: "
                               f"{(res.stderr or res.stdout).strip()}")
 
     def detach(self, dev: str) -> None:
         if self.attached(dev):
             self.r.run(["nbd-client", "-d", dev], timeout=60)
+        _unmark(dev)
+
+
+def _unmark(dev: str) -> None:
+    try:
+        os.unlink(os.path.join(UDEV_MARKS, os.path.basename(dev)))
+    except FileNotFoundError:
+        pass
 
 
 def _size(dev: str) -> int:
