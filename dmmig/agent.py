@@ -53,7 +53,9 @@ class AgentServer:
 
     # ---- operations ---------------------------------------------------------------------
     def op_hello(self) -> dict[str, Any]:
-        return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname()}
+        # the state dir lets the source say exactly what to remove here if we become unreachable
+        return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
+                "state_dir": self.state}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False) -> dict[str, Any]:
         rec = self._load(name)

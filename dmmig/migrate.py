@@ -86,6 +86,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             addr = "127.0.0.1" if opts.transport == "ssh" else str(opts.nbd_address)
             export = remote.agent.call("export", name=name, addr=addr)["export"]
             dest["export"] = export
+            dest["remote_state"] = remote.agent.hello.get("state_dir")
             if "zeroed" not in entry.copy:
                 entry.copy["zeroed"] = bool(disk["zeroed"])
             entry.dest = dest
@@ -431,5 +432,10 @@ def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool
         exp = dest.get("export") or {}
         return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
                 f"{exp.get('addr')}:{exp.get('port')}) could not be stopped: {e.message}. There, run: "
-                f"kill {exp.get('pid')}; rm {dest.get('remote_state_dir') or J.DEFAULT_STATE_DIR}/{name}.dest.json"]
+                f"kill {exp.get('pid')}; rm -f {_remote_state(dest)}/{name}.dest.json "
+                f"{_remote_state(dest)}/{name}.qemu-nbd.pid"]
     return []
+
+
+def _remote_state(dest: dict[str, Any]) -> str:
+    return str(dest.get("remote_state") or dest.get("remote_state_dir") or J.DEFAULT_STATE_DIR)

@@ -178,3 +178,27 @@ def test_refusals_before_any_change(pair, pdisks, name: str) -> None:
     a.run(["rm", "-f", "/run/ssh/other_key", "/run/ssh/other_key.pub", "/run/ssh/empty_known_hosts"])
     a.dmmig("abort", name)
     a.dmmig("unwrap", name)
+
+
+def test_abort_with_the_destination_unreachable_says_exactly_what_is_left(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(16, fill_seed=2), db(16)
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest))
+    pid = b.run(["pgrep", "qemu-nbd"]).out.split()[0]
+    b.run(["ip", "link", "set", "vec0", "down"])
+    try:
+        t = time.monotonic()
+        r = a.dmmig("abort", name, check=False)
+        took = time.monotonic() - t
+    finally:
+        b.run(["ip", "link", "set", "vec0", "up"])
+    assert r.rc == 8 and took < 60, (r.rc, took, r.err)   # no hang, a remote failure
+    assert "left behind" in r.err and f"kill {pid}" in r.err, r.err
+    st = json.loads(a.dmmig("status", name, "--json").out)  # the source side is clean anyway
+    assert st["journal"]["phase"] == "wrapped" and list(st["devices"]) == [f"dmmig-{name}"], st
+    b.sh(r.err.split("There, run: ", 1)[1].strip())  # the printed instructions are exact
+    assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0
+    a.dmmig("unwrap", name)

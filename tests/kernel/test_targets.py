@@ -149,12 +149,15 @@ def test_linear_table_roundtrip_and_info(rig: UmlHost, disks, dmdev: DmDevices, 
     assert info.devno == mine == devno(rig, f"/dev/mapper/{name}")
     capture("linear", info=rig.run(["dmsetup", "info", "-c", "--noheadings", "--separator", ";",
                                     "-o", "name,major,minor,attr,open,segments,events,uuid", name]).out)
-    with dmdev.dm.suspended(name):
+    dmdev.dm.suspend(name)
+    try:
         info = dmdev.dm.info(name)
         assert info is not None and info.suspended
         capture("linear", info_suspended=rig.run(
             ["dmsetup", "info", "-c", "--noheadings", "--separator", ";",
              "-o", "name,major,minor,attr,open,segments,events,uuid", name]).out)
+    finally:
+        dmdev.dm.resume(name)
     info = dmdev.dm.info(name)
     assert info is not None and not info.suspended
     assert dmdev.dm.info(name + "-absent") is None
