@@ -248,19 +248,20 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         save()
         stack.mirror.start_watcher(entry, save)
         t1 = time.monotonic()
-        events = _wait_sync(stack, top, nr, opts.sync_timeout, progress, name)
-        entry.mirror["synced"] = {"at": time.time(), "events": events,
-                                  "seconds": round(time.monotonic() - t1, 3)}
+        events, kernel_out = _wait_sync(stack, top, nr, opts.sync_timeout, progress, name)
+        entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
+                                  "kernel_out_of_sync_first_seen": kernel_out}
         stack.journal.save(entry, J.MIRRORING)
     return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"],
             "resync_regions": len(regions), "regions": nr, "region_bytes": rs * 512,
             "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
-            "nbd": leg, "events_at_sync": events}
+            "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
 
 
-def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> int:
+def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:
     """Until every region is in sync and every leg is alive; the sync ratio alone is not
-    enough (a failed recovery can still count). Returns the dm event counter then."""
+    enough (a failed recovery can still count). Returns the dm event counter then, and how
+    many regions the kernel itself first reported out of sync (its view of our log)."""
     deadline = time.monotonic() + timeout
     first = stack.dm.mirror_status(top)
     progress.start("resync (regions)", first.regions - first.in_sync)
@@ -291,7 +292,7 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
             break
         ev = again
     progress.end(in_sync=st.in_sync, regions=st.regions)
-    return ev.events
+    return ev.events, first.regions - first.in_sync
 
 
 def _drop_mirror(stack: Stack, entry: J.Entry) -> None:

@@ -112,8 +112,21 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
     a.py(WRITE_BLOCKS, f"/dev/mapper/dmmig-{name}", *map(str, offs))
     src = a.py(DIGEST_AT, origin, *map(str, offs)).out.split()
     assert b.py(DIGEST_AT, dest, *map(str, offs)).out.split() != src  # not on b yet
-    cut = summary(a.dmmig("cutover", name, "--json").out)
+    throttle = "/sys/module/dm_mirror/parameters/raid1_resync_throttle"
+    a.sh(f"echo 1 > {throttle}")  # slow, so dmmig sees the kernel's count before it drops
+    try:
+        cut = summary(a.dmmig("cutover", name, "--json").out)
+    finally:
+        a.sh(f"echo 100 > {throttle}")
     assert cut["resync_regions"] == 3 and cut["resync_bytes"] == 3 * BLOCK, cut
+    # the kernel's own view of the log we wrote, at dmmig's first look after the resume: never
+    # more than those 3 regions out of sync (the first may already be done), and not 0
+    assert 1 <= cut["kernel_out_of_sync_first_seen"] <= 3, cut
+    # and the log it rewrote since parses with our reader: every region in sync now
+    log = status(a, name)["journal"]["mirror"]["log_dev"]
+    nr, dirty = json.loads(a.py(f"import json\nfrom dmmig import mirrorlog as L\n"
+                                f"print(json.dumps(L.parse(L.read({log!r}, 4096))))").out)
+    assert (nr, dirty) == (32 * MiB // BLOCK, []), (nr, dirty)
     st = status(a, name)
     assert st["journal"]["mirror"]["resync_ranges"] == [[3, 4], [10, 12]], st["journal"]["mirror"]
     # nothing but the kernel's resync moved them: no copy ran after `before`
