@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from dmmig import journal as J
 from dmmig import nbd as N
 from dmmig.blockdev import block_device, holder_names
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError
+from dmmig.gate import GateServer
 from dmmig.runner import Runner, SubprocessRunner
 from dmmig.validate import disk_name
 
@@ -31,6 +33,7 @@ class AgentServer:
     def __init__(self, runner: Runner, state: str) -> None:
         self.r = runner
         self.state = state
+        self.gate = GateServer(state)
 
     def _rec_path(self, name: str) -> str:
         return os.path.join(self.state, f"{disk_name(name)}.dest.json")
@@ -116,6 +119,21 @@ class AgentServer:
         os.unlink(self._rec_path(name))
         return {"done": done}
 
+    def op_await_gate(self, names: list[str], timeout: float) -> dict[str, Any]:
+        """Block until a destination `add` asks about one of NAMES (see dmmig/gate.py)."""
+        self.gate.start()
+        return {"asked": self.gate.wait(names, timeout)}
+
+    def op_answer_gate(self, name: str, ok: bool, why: str = "") -> dict[str, Any]:
+        rec = self._load(name)
+        if ok and rec:  # free the disk for blkback before the `add` goes on; this host owns it now
+            if rec.get("export"):
+                N.stop_export(N.Export(**rec["export"]))
+                rec.pop("export")
+            rec["handed_over"] = time.time()
+            self._save(name, rec)
+        return {"delivered": self.gate.answer(name, ok, why)}
+
     def op_digest(self, path: str, offset: int, length: int, chunk: int) -> dict[str, Any]:
         return {"digests": digest_ranges(path, offset, length, chunk)}
 
@@ -162,7 +180,14 @@ class AgentServer:
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {
             "hello": self.op_hello, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
-            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest}
+            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest,
+            "await_gate": self.op_await_gate, "answer_gate": self.op_answer_gate}
+        try:
+            self._serve(inp, out, ops)
+        finally:
+            self.gate.close()
+
+    def _serve(self, inp: Any, out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
         for line in inp:
             try:
                 req = json.loads(line)

@@ -127,6 +127,16 @@ def cmd_cutover(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_handover(a: argparse.Namespace) -> int:
+    from dmmig import migrate
+    r = migrate.handover(make_stack(a), a.name, timeout=a.timeout)
+    if a.json:
+        print(json.dumps({"event": "summary", **r}))
+    else:
+        print(f"{a.name}: handed over ({r['why']}) in {r['seconds']:.2f}s")
+    return 0
+
+
 def cmd_finish(a: argparse.Namespace) -> int:
     from dmmig import migrate
     done, left = migrate.finish(make_stack(a), a.name, force=a.force, remove=a.remove)
@@ -158,6 +168,11 @@ def cmd_watch(a: argparse.Namespace) -> int:
     from dmmig.watch import watch
     stack = make_stack(a)
     return watch(stack.dm, stack.journal.dir, a.name, top_name(a.name))
+
+
+def cmd_hotplug(a: argparse.Namespace) -> int:
+    from dmmig import hotplug
+    return hotplug.main(a.action, state_dir=a.state_dir)
 
 
 def cmd_agent(a: argparse.Namespace) -> int:
@@ -230,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a request to a dead destination fails the leg after this (default 10)")
     sp.add_argument("--json", action="store_true")
 
+    sp = verb("handover", cmd_handover, "the source's side of the handover gate: wait for the destination's "
+              "block script to ask, vouch for the mirror (or catch up first), answer")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--timeout", type=float, default=300, metavar="SECONDS", help="wait this long for the ask")
+    sp.add_argument("--json", action="store_true")
+
     sp = verb("finish", cmd_finish, "after the new owner took over: tear down both sides, keep the data")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--remove", action="store_true", help="also remove /dev/mapper/dmmig-NAME (must be closed)")
@@ -244,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
 
     sp = verb("agent", cmd_agent, "destination side: speak the agent protocol on stdin/stdout (run over SSH)")
+
+    sp = verb("hotplug", cmd_hotplug, "the Xen block script block-dmmig (run by libxl with XENBUS_PATH set): "
+              "add wraps the disk's target and hands it to blkback, remove unwraps it")
+    sp.add_argument("action", choices=["add", "remove"])
 
     sp = verb("abort", cmd_abort, "return to linear over the origin and remove everything else (any phase)")
     sp.add_argument("name", metavar="NAME")

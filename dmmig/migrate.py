@@ -316,6 +316,72 @@ def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
     steps.check(f"leaving the mirror of {entry.name}")
 
 
+# ---- handover gate (the source's side; see dmmig/gate.py) --------------------------------
+def handover(stack: Stack, name: str, *, timeout: float = 300) -> dict[str, Any]:
+    """Wait for the destination's `add` to ask about NAME, then vouch for the disk: with the
+    top device suspended (every write that was acknowledged is through the mirror), check that
+    every region is in sync, every leg alive and no dm event came since the sync; otherwise
+    first copy what era recorded since the cutover. Answer yes or no; resume."""
+    entry = stack._entry(name)
+    if entry.phase != J.MIRRORING or not entry.mirror.get("synced"):
+        raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
+                         hint=f"`dmmig cutover {name}` first")
+    top, era = top_name(name), era_name(name)
+    with stack.journal.lock(name):
+        remote = Remote(entry.dest)
+        try:
+            asked = remote.agent.call("await_gate", names=[name], timeout=timeout)["asked"]
+            if asked is None:
+                raise RemoteError(f"the destination did not ask for {name} within {timeout:.0f}s",
+                                  hint="its block script asks when `xl migrate` connects the disk there")
+            t0 = time.monotonic()
+            stack.dm.suspend(top)
+            try:
+                try:
+                    ok, why, sent = _vouch(stack, entry, remote, top, era)
+                except DmmigError as e:
+                    ok, why, sent = False, e.message, 0
+                reply = remote.agent.call("answer_gate", name=name, ok=ok, why=why)
+            finally:
+                stack.dm.resume(top)  # always: if the guest resumes here, it must find its disk
+            took = time.monotonic() - t0
+        finally:
+            remote.close()
+        entry.mirror["handover"] = {"at": time.time(), "ok": ok, "why": why, "caught_up_bytes": sent,
+                                    "seconds": round(took, 3), "delivered": reply["delivered"]}
+        stack.journal.save(entry)
+    if not ok:
+        raise RemoteError(f"handover of {name} refused: {why}", hint="the guest stays on this host; "
+                          f"`dmmig copy {name}` + `dmmig cutover {name}` to retry, or `dmmig abort {name}`")
+    if not reply["delivered"]:
+        raise RemoteError(f"the destination stopped waiting for {name} before the answer came",
+                          hint="its `add` failed: the guest stays on this host")
+    return {"name": name, **entry.mirror["handover"]}
+
+
+def _vouch(stack: Stack, entry: J.Entry, remote: Remote, top: str, era: str) -> tuple[bool, str, int]:
+    st = stack.dm.mirror_status(top)
+    info = stack.dm.info(top)
+    assert info is not None
+    at_sync = entry.mirror["synced"]["events"]
+    if st.synced and st.healthy and info.events == at_sync:
+        return True, "every region in sync, every leg alive, no dm event since the sync", 0
+    # the leg failed (or something happened) since the sync: era knows every block written since
+    # the cutover, and with the top suspended that set is final
+    assert entry.metadata and entry.block_sectors
+    addr = "127.0.0.1" if entry.dest["transport"] == "ssh" else str(entry.dest["nbd_address"])
+    export = remote.agent.call("export", name=entry.name, addr=addr)["export"]
+    ranges, _ = stack.era.dirty(era, entry.metadata, int(entry.copy["next_since"]))
+    bs = entry.block_sectors * 512
+    size = stack.dm.table(top).length * 512
+    h = remote.nbd(export, entry.name)
+    c = Copier(entry.origin, h, dest_zero=False).copy(
+        [(r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges if r.begin * bs < size])
+    h.shutdown()
+    return True, (f"the mirror was not intact (health {st.health}, dm events {info.events}, {at_sync} at "
+                  f"sync): copied the {c.read} bytes era recorded since the cutover first"), c.read
+
+
 # ---- finish -------------------------------------------------------------------------------
 def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False) -> tuple[list[str], list[str]]:
     """The new owner has the disk: tear down both sides, keep the data on both. Returns
@@ -328,7 +394,8 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                              hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
                                   "or --force to finish anyway")
         st = stack.dm.mirror_status(top)
-        if not (st.synced and st.healthy):
+        vouched = (entry.mirror.get("handover") or {}).get("ok")  # the gate already checked or caught up
+        if not (st.synced and st.healthy) and not vouched:
             raise StateError(f"the mirror of {name} is not in sync with healthy legs "
                              f"({st.in_sync}/{st.regions}, health {st.health}): the destination misses writes",
                              hint=f"catch up with `dmmig copy {name}` + `dmmig cutover {name}`, or --force")

@@ -1,7 +1,7 @@
 """The README's demo: a whole migration between two simulated hosts (two user-mode-linux
 kernels on a veth pair, a real sshd on the destination) while a guest-like O_DIRECT writer
 writes the disk: wrap, prepare, copy, cutover to the mirror, writes in mirror mode, verify,
-finish. The result is checked against the writer's own record, read back on the destination.
+the handover gate, finish. The result is checked against the writer's own record, read back on the destination.
 
     ./install.sh demo
 """
@@ -55,13 +55,21 @@ def main() -> int:
         step(f"3 s of writes in mirror mode, then the writer stopped: {res['writes']} writes, "
              f"{len(res['errors'])} errors, slowest {res['max_latency_ms']:.0f} ms", t0)
         t1 = time.monotonic()
+        job = a.spawn([DMMIG, "handover", "vm1", "--timeout", "60"])
+        ask = b.py("import json\nfrom dmmig import gate\nprint(json.dumps(gate.ask('/run/dmmig', 'vm1', 35)))",
+                   check=False)
+        ho = job.wait(120)
+        step(f"handover gate in {time.monotonic() - t1:.1f}s (what the destination's block script asks while "
+             f"xl migrate has the guest suspended): destination got {ask.out.strip() or ask.err.strip()}; "
+             f"source: {ho.out.strip() or ho.err.strip()}", t0)
+        t1 = time.monotonic()
         v = a.dmmig("verify", "vm1", check=False)
         step(f"dmmig verify vm1 (digests on each side) in {time.monotonic() - t1:.1f}s:\n" + v.out.rstrip(), t0)
         chk = json.loads(b.run([PY, ORACLE, "check", "/dev/loop0", "--seed", "42", "--record", rec],
                                check=False).out)
         da = a.run([PY, ORACLE, "digest", "/dev/loop0"]).out.strip()
         db = b.run([PY, ORACLE, "digest", "/dev/loop0"]).out.strip()
-        ok = chk["mismatches"] == 0 and da == db and v.rc == 0 and not res["errors"]
+        ok = chk["mismatches"] == 0 and da == db and v.rc == 0 and not res["errors"] and ho.rc == 0
         step(f"checked independently: the destination holds every acknowledged write "
              f"({chk['written_blocks']} blocks written, {chk['mismatches']} mismatches); sha256 source {da[:16]} "
              f"destination {db[:16]} -> {'EQUAL' if da == db else 'DIFFERENT'}", t0)

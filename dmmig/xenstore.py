@@ -1,0 +1,75 @@
+"""XenStore adapter (pyxs): the few operations dmmig needs, with str paths and values.
+
+Paths may be relative: xenstored resolves them against the caller's domain home
+(/local/domain/0 in dom0), which is how libxl hands a hotplug script its XENBUS_PATH.
+"""
+from __future__ import annotations
+
+import errno
+from types import TracebackType
+from typing import Protocol
+
+import pyxs
+
+from dmmig.errors import DmmigError, Exit
+
+
+class XenStoreError(DmmigError):
+    exit_code = Exit.COMMAND
+
+
+class XenStore(Protocol):
+    def read(self, path: str) -> str | None:
+        """The value at PATH, or None if PATH does not exist."""
+        ...
+
+    def write(self, path: str, value: str) -> None: ...
+
+
+class PyxsXenStore:
+    """One connection to xenstored's unix socket (pyxs's default: $XENSTORED_PATH or
+    /var/run/xenstored/socket). Use as a context manager.
+
+    pyxs waits for each answer without a timeout: callers that must finish in time (the
+    hotplug script) bound the whole run with an alarm instead."""
+
+    def __init__(self, socket_path: str | None = None) -> None:
+        self._client = pyxs.Client(unix_socket_path=socket_path)
+        self._socket = socket_path
+
+    def __enter__(self) -> "PyxsXenStore":
+        try:
+            self._client.connect()
+        except (pyxs.PyXSError, OSError) as e:
+            raise XenStoreError(f"cannot connect to xenstored ({self._socket or 'default socket'}): {e}",
+                                hint="is xenstored running, and are we root in dom0?") from e
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self._client.close()
+
+    def read(self, path: str) -> str | None:
+        try:
+            raw: bytes = self._client.read(_enc("path", path))
+        except pyxs.PyXSError as e:
+            if e.args and e.args[0] == errno.ENOENT:
+                return None
+            raise XenStoreError(f"xenstore read {path}: {e}") from e
+        return raw.decode("ascii", errors="replace")
+
+    def write(self, path: str, value: str) -> None:
+        try:
+            self._client.write(_enc("path", path), _enc("value", value))
+        except pyxs.PyXSError as e:
+            raise XenStoreError(f"xenstore write {path}: {e}") from e
+
+
+def _enc(what: str, s: str) -> bytes:
+    # XenStore carries 7-bit ASCII only (pyxs refuses anything else with a bare ValueError)
+    try:
+        b = s.encode("ascii")
+    except UnicodeEncodeError:
+        raise XenStoreError(f"xenstore {what} {s!r} is not ASCII") from None
+    if any(c < 0x20 or c == 0x7f for c in b) or not b:
+        raise XenStoreError(f"xenstore {what} {s!r} is empty or has control characters")
+    return b

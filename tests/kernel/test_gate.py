@@ -1,0 +1,81 @@
+"""The handover gate on two kernels, without Xen: the destination asks exactly as its block
+script's `add` will (dmmig.gate.ask), the source answers with `dmmig handover`. The oracle is
+the writer's record read back on the destination."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.kernel.test_copy import DMMIG, digest, summary
+from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, wait_leg_failed
+from tests.kernel.test_stack import start_writer, stop_writer
+from tests.rig.uml import UmlHost
+
+pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
+
+ASK = r"""
+import json, sys, time
+from dmmig import gate
+t = time.monotonic()
+try:
+    rep = gate.ask(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+except gate.GateRefused as e:
+    print(json.dumps({"refused": e.message, "seconds": time.monotonic() - t}))
+    sys.exit(3)
+print(json.dumps(dict(rep, seconds=time.monotonic() - t)))
+"""
+
+
+def ask(b: UmlHost, name: str, timeout: float) -> tuple[int, dict]:
+    r = b.py(ASK, "/run/dmmig", name, str(timeout), check=False)
+    return r.rc, json.loads(r.out)
+
+
+@pytest.mark.parametrize("leg", ["healthy", "failed"])
+def test_gate_vouches_for_the_disk_and_frees_it(pair, pdisks, name: str, leg: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(32, fill_seed=8), db(32)
+    top, rec = f"/dev/mapper/dmmig-{name}", f"{a.shared}/{name}.rec"
+    migrate_to_mirror(a, name, origin, dest)
+    w = start_writer(a, top, rec, seed=8, rate="500", blocks="0:2048")
+    time.sleep(1)
+    if leg == "failed":  # after the sync and before the handover: the destination misses writes
+        inject(b, "kill-server", None)
+        wait_leg_failed(a, name)
+        time.sleep(1)
+    stop_writer(a, w)  # the guest is suspended now, as when `add` runs on the destination
+    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
+    rc, rep = ask(b, name, 35)
+    res = job.wait(120)
+    assert rc == 0 and rep["ok"], rep
+    assert res.rc == 0, res.err
+    s = summary(res.out)
+    assert (s["caught_up_bytes"] > 0) == (leg == "failed"), s
+    assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0  # the export is gone: the disk is free
+    check(b, dest, 8, rec)          # every acknowledged write is on the destination
+    assert digest(a, origin) == digest(b, dest)
+    a.dmmig("finish", name)
+    cleanup(a, b, name, rec)
+
+
+def test_gate_refuses_when_no_source_vouches(pair, pdisks, name: str) -> None:
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(16, fill_seed=5), db(16)
+    migrate_to_mirror(a, name, origin, dest)
+    t = time.monotonic()
+    rc, rep = ask(b, name, 10)   # nobody runs `dmmig handover` on the source
+    assert rc == 3 and "refusing a disk that may have missed writes" in rep["refused"], rep
+    assert time.monotonic() - t < 30
+    # a source that waits, but for another disk, leaves this one's `add` to time out
+    job = a.spawn([DMMIG, "handover", name, "--timeout", "20"])
+    time.sleep(3)
+    rc, rep = ask(b, "not-" + name, 5)
+    assert rc == 3 and "did not confirm" in rep["refused"], rep
+    res = job.wait(60)
+    assert res.rc == 8 and "did not ask" in res.err, res.err
+    a.dmmig("abort", name)
+    cleanup(a, b, name)
