@@ -11,8 +11,11 @@ from tests.rig.uml import UmlHost
 
 A_IP, B_IP = "192.168.200.1", "192.168.200.2"
 
-SSHD_CONFIG = f"""\
-ListenAddress {B_IP}
+
+def sshd_config(ip: str) -> str:
+    """A root-only, key-only sshd whose state lives in /run (the rig's root is this machine's)."""
+    return f"""\
+ListenAddress {ip}
 HostKey /run/ssh/host_ed25519
 AuthorizedKeysFile /run/ssh/authorized_keys
 PermitRootLogin prohibit-password
@@ -58,7 +61,7 @@ class Pair:
     def _ssh(self) -> None:
         a, b = self.a, self.b
         b.sh("mkdir -p -m 700 /run/ssh /run/sshd && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/host_ed25519")
-        b.run(["sh", "-c", "cat > /run/ssh/sshd_config"], input=SSHD_CONFIG.encode())
+        b.run(["sh", "-c", "cat > /run/ssh/sshd_config"], input=sshd_config(B_IP).encode())
         a.sh("mkdir -p -m 700 /run/ssh && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/id_ed25519")
         pub = a.run(["cat", "/run/ssh/id_ed25519.pub"]).out
         b.run(["sh", "-c", "cat > /run/ssh/authorized_keys"], input=pub.encode())

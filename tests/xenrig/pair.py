@@ -9,6 +9,7 @@ import socket
 import time
 from contextlib import ExitStack
 
+from tests.rig.pair import sshd_config
 from tests.rig.uml import ROOT, RigError
 from tests.xenrig.build import build
 from tests.xenrig.host import NetSpec, XenHost
@@ -17,21 +18,6 @@ A_IP, B_IP = "192.168.201.1", "192.168.201.2"
 # for dmmig's own SSH transport (paramiko): the same files ssh uses through ssh_config.d
 SSH_OPTS = ["--known-hosts", "/run/ssh/known_hosts", "--identity", "/run/ssh/id_ed25519"]
 CLOCK_PORT = 47123
-
-
-def _sshd_config(ip: str) -> str:
-    return f"""\
-ListenAddress {ip}
-HostKey /run/ssh/host_ed25519
-AuthorizedKeysFile /run/ssh/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile /run/sshd.pid
-SetEnv DMMIG_STATE_DIR=/run/dmmig
-"""
 
 
 def _ssh_client_config(peer: str) -> str:
@@ -112,7 +98,7 @@ class XenPair:
         for h, ip, _, _ in hosts:
             h.sh("mkdir -p -m 700 /run/ssh /run/sshd && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/host_ed25519"
                  " && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/id_ed25519")
-            h.write_file("/run/ssh/sshd_config", _sshd_config(ip))
+            h.write_file("/run/ssh/sshd_config", sshd_config(ip))
         for h, ip, peer, peer_ip in hosts:
             peer.write_file("/run/ssh/authorized_keys", h.run(["cat", "/run/ssh/id_ed25519.pub"]).out)
             key = peer.run(["cat", "/run/ssh/host_ed25519.pub"]).out.split()
