@@ -80,6 +80,23 @@ class AgentServer:
         # a disk we just created (sparse file or new LV) reads as zeroes: zero blocks can be skipped
         return {"path": path, "size": have, "created": created, "zeroed": created and not rec.get("written")}
 
+    def op_probe(self, paths: list[str], script: str = "/etc/xen/scripts/block-dmmig") -> dict[str, Any]:
+        """What `dmmig migrate --dry-run` and its checks need to know here; changes nothing."""
+        disks: dict[str, Any] = {}
+        for path in paths:
+            name = _probe_name(path)
+            rec = self._load(name) if name else None
+            d: dict[str, Any] = {"exists": os.path.exists(path), "incoming": bool(rec and not rec.get("handed_over"))}
+            if d["exists"]:
+                d["size"] = _size_of(path)
+                try:
+                    self._check_not_in_use(name or "", path, rec)
+                    d["in_use"] = None
+                except DmmigError as e:
+                    d["in_use"] = e.message
+            disks[path] = d
+        return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script}
+
     def op_export(self, name: str, addr: str = "127.0.0.1") -> dict[str, Any]:
         rec = self._load(name)
         if rec is None:
@@ -179,7 +196,7 @@ class AgentServer:
         out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {
-            "hello": self.op_hello, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
+            "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
             "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest,
             "await_gate": self.op_await_gate, "answer_gate": self.op_answer_gate}
         try:
@@ -219,6 +236,14 @@ def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
     finally:
         os.close(fd)
     return out
+
+
+def _probe_name(path: str) -> str | None:
+    from dmmig.hotplug import disk_name_for
+    try:
+        return disk_name_for(path)
+    except DmmigError:
+        return None
 
 
 def _size_of(path: str) -> int:

@@ -90,12 +90,7 @@ def cmd_abort(a: argparse.Namespace) -> int:
 def cmd_copy(a: argparse.Namespace) -> int:
     from dmmig import migrate
     from dmmig.progress import Progress
-    opts = migrate.CopyOptions(dest_disk=a.dest_disk, create=a.create, transport=a.transport,
-                               nbd_address=a.nbd_address, remote_dmmig=a.remote_dmmig,
-                               remote_state_dir=a.remote_state_dir, converge=parse_size(a.converge),
-                               max_rounds=a.max_rounds, bwlimit=parse_size(a.bwlimit) if a.bwlimit else None)
-    ep = {"port": a.port, "known_hosts": a.known_hosts, "identity": a.identity}
-    s = migrate.copy(make_stack(a), a.name, a.host, ep, opts, Progress(a.json))
+    s = migrate.copy(make_stack(a), a.name, a.host, _ep_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
     if a.json:
         print(json.dumps({"event": "summary", **s}))
         return 0
@@ -163,6 +158,47 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return int(Exit.MISMATCH) if r["mismatches"] else 0
 
 
+def cmd_migrate(a: argparse.Namespace) -> int:
+    from dmmig import migrate
+    from dmmig import migrate_domain as MD
+    from dmmig.progress import Progress
+    from dmmig.xenstore import PyxsXenStore
+    from dmmig.xl import Xl, check_migrate_args
+    opts = MD.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
+                             xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared)
+    stack = make_stack(a)
+    xl = Xl(stack.runner)
+    with PyxsXenStore() as xs:
+        plan = MD.plan(stack, xs, xl, a.domain, a.host, _ep_opts(a), opts)
+    if a.dry_run:
+        print(json.dumps({"event": "plan", **_plan_dict(plan)}) if a.json else plan.render())
+        return 0
+
+    def say(line: str) -> None:
+        print(json.dumps({"event": "step", "message": line}) if a.json else line, flush=True)
+    if not a.json:
+        print(plan.render(), flush=True)
+    s = MD.migrate(stack, xl, plan, _ep_opts(a), opts, lambda d, i: Progress(a.json, label=d.name, position=i),
+                   say)
+    if a.json:
+        print(json.dumps({"event": "summary", **s}))
+    else:
+        print(f"{plan.domain.name}: migrated to {a.host} in {s['seconds']:.1f}s (xl migrate {s['xl']['seconds']:.1f}s); "
+              "every disk verified by the handover gate")
+        for n, d in s["disks"].items():
+            h = d.get("handover", {})
+            print(f"  {n}: handover suspended I/O for {h.get('seconds', 0) * 1000:.0f} ms ({h.get('why')})")
+    return 0
+
+
+def _plan_dict(p: Any) -> dict[str, Any]:
+    return {"domain": p.domain.name, "domid": p.domain.domid, "host": p.host,
+            "disks": [{"vdev": d.vbd.vdev, "params": d.vbd.params, "name": d.name, "size": d.size, "phase": d.phase,
+                       "destination": d.dest_disk, "destination_exists": d.dest_exists, "tables": d.tables}
+                      for d in p.disks],
+            "not_moved": [{"vdev": v.vdev, "params": v.params, "script": v.script, "mode": v.mode} for v in p.others]}
+
+
 def cmd_watch(a: argparse.Namespace) -> int:
     from dmmig.stack import top_name
     from dmmig.watch import watch
@@ -178,6 +214,35 @@ def cmd_hotplug(a: argparse.Namespace) -> int:
 def cmd_agent(a: argparse.Namespace) -> int:
     from dmmig import agent
     return agent.main(a.state_dir)
+
+
+def _copy_options(sp: argparse.ArgumentParser) -> None:
+    """Destination, transport and copy options: the same for `copy` and `migrate`."""
+    sp.add_argument("--create", action="store_true", help="create the destination disk (sparse file or LV)")
+    sp.add_argument("--transport", choices=["ssh", "nbd"], default="ssh",
+                    help="ssh (default): NBD through the SSH connection, export on the destination's "
+                         "loopback only; nbd: direct NBD on a trusted migration network")
+    sp.add_argument("--nbd-address", metavar="ADDR", help="destination address for --transport nbd")
+    sp.add_argument("--port", type=int, default=22, help="SSH port")
+    sp.add_argument("--known-hosts", metavar="FILE", help="default ~/.ssh/known_hosts; unknown keys are refused")
+    sp.add_argument("--identity", metavar="FILE", help="SSH private key")
+    sp.add_argument("--remote-dmmig", default="dmmig", metavar="PATH", help="dmmig on the destination")
+    sp.add_argument("--remote-state-dir", metavar="DIR", help="state dir on the destination")
+    sp.add_argument("--converge", default="64M", metavar="SIZE", help="stop when a round's delta is below")
+    sp.add_argument("--max-rounds", type=int, default=10, metavar="N")
+    sp.add_argument("--bwlimit", metavar="RATE", help="payload bytes per second, e.g. 50M")
+
+
+def _copy_opts(a: argparse.Namespace, dest_disk: str | None = None) -> Any:
+    from dmmig import migrate
+    return migrate.CopyOptions(dest_disk=dest_disk, create=a.create, transport=a.transport,
+                               nbd_address=a.nbd_address, remote_dmmig=a.remote_dmmig,
+                               remote_state_dir=a.remote_state_dir, converge=parse_size(a.converge),
+                               max_rounds=a.max_rounds, bwlimit=parse_size(a.bwlimit) if a.bwlimit else None)
+
+
+def _ep_opts(a: argparse.Namespace) -> dict[str, Any]:
+    return {"port": a.port, "known_hosts": a.known_hosts, "identity": a.identity}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,19 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("host", nargs="?", metavar="[USER@]HOST", help="destination (remembered in the journal)")
     sp.add_argument("--dest-disk", metavar="PATH", help="destination disk (default: the origin's path)")
-    sp.add_argument("--create", action="store_true", help="create the destination disk (sparse file or LV)")
-    sp.add_argument("--transport", choices=["ssh", "nbd"], default="ssh",
-                    help="ssh (default): NBD through the SSH connection, export on the destination's "
-                         "loopback only; nbd: direct NBD on a trusted migration network")
-    sp.add_argument("--nbd-address", metavar="ADDR", help="destination address for --transport nbd")
-    sp.add_argument("--port", type=int, default=22, help="SSH port")
-    sp.add_argument("--known-hosts", metavar="FILE", help="default ~/.ssh/known_hosts; unknown keys are refused")
-    sp.add_argument("--identity", metavar="FILE", help="SSH private key")
-    sp.add_argument("--remote-dmmig", default="dmmig", metavar="PATH", help="dmmig on the destination")
-    sp.add_argument("--remote-state-dir", metavar="DIR", help="state dir on the destination")
-    sp.add_argument("--converge", default="64M", metavar="SIZE", help="stop when a round's delta is below")
-    sp.add_argument("--max-rounds", type=int, default=10, metavar="N")
-    sp.add_argument("--bwlimit", metavar="RATE", help="payload bytes per second, e.g. 50M")
+    _copy_options(sp)
     sp.add_argument("--json", action="store_true", help="JSON lines: progress events and a summary")
 
     sp = verb("cutover", cmd_cutover, "switch to a synchronous mirror: every write reaches both hosts; "
@@ -261,6 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunk", default="1M", metavar="SIZE", help="digest granularity (default 1M)")
     sp.add_argument("--json", action="store_true")
 
+    sp = verb("migrate", cmd_migrate, "live-migrate a running domain and its block-dmmig disks: copy, mirror, "
+              "xl migrate with the handover gate, finish both hosts. Options for xl migrate go after `--` "
+              "(-s SSHCMD, -C CONFIG, -e, -p, -D, -F, --debug)")
+    sp.add_argument("domain", metavar="DOMAIN", help="domain name or domid")
+    sp.add_argument("host", metavar="[USER@]HOST", help="destination, as for xl migrate (same SSH login)")
+    sp.set_defaults(xl_args=[])  # what follows `--`: options for xl migrate (see main)
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the plan (disks, sizes, destination paths, dm tables) and change nothing")
+    _copy_options(sp)
+    sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
+                    help="a request to a dead destination fails the mirror leg after this (default 10)")
+    sp.add_argument("--shared", action="store_true",
+                    help="the domain's writable disks that do not use block-dmmig are on shared storage")
+    sp.add_argument("--xl-timeout", type=float, default=3600, metavar="SECONDS", help="give xl migrate this long")
+    sp.add_argument("--json", action="store_true")
+
     sp = verb("watch", cmd_watch, "leg watcher daemon, started by cutover (records when a leg fails)")
     sp.add_argument("name", metavar="NAME")
 
@@ -277,7 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `dmmig migrate DOMAIN HOST [OPTIONS] -- XL-OPTIONS`: what follows `--` is xl's, verbatim
+    tail: list[str] | None = None
+    if "migrate" in argv and "--" in argv[argv.index("migrate"):]:
+        cut = argv.index("--", argv.index("migrate"))
+        argv, tail = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if tail is not None:
+        args.xl_args = tail
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     fn: Callable[[Any], int] = args.fn

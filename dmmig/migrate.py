@@ -318,15 +318,8 @@ def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
 
 # ---- handover gate (the source's side; see dmmig/gate.py) --------------------------------
 def handover(stack: Stack, name: str, *, timeout: float = 300) -> dict[str, Any]:
-    """Wait for the destination's `add` to ask about NAME, then vouch for the disk: with the
-    top device suspended (every write that was acknowledged is through the mirror), check that
-    every region is in sync, every leg alive and no dm event came since the sync; otherwise
-    first copy what era recorded since the cutover. Answer yes or no; resume."""
-    entry = stack._entry(name)
-    if entry.phase != J.MIRRORING or not entry.mirror.get("synced"):
-        raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
-                         hint=f"`dmmig cutover {name}` first")
-    top, era = top_name(name), era_name(name)
+    """Wait for the destination's `add` to ask about NAME, then answer it (answer_gate)."""
+    entry = _mirroring(stack, name)
     with stack.journal.lock(name):
         remote = Remote(entry.dest)
         try:
@@ -334,29 +327,47 @@ def handover(stack: Stack, name: str, *, timeout: float = 300) -> dict[str, Any]
             if asked is None:
                 raise RemoteError(f"the destination did not ask for {name} within {timeout:.0f}s",
                                   hint="its block script asks when `xl migrate` connects the disk there")
-            t0 = time.monotonic()
-            stack.dm.suspend(top)
-            try:
-                try:
-                    ok, why, sent = _vouch(stack, entry, remote, top, era)
-                except DmmigError as e:
-                    ok, why, sent = False, e.message, 0
-                reply = remote.agent.call("answer_gate", name=name, ok=ok, why=why)
-            finally:
-                stack.dm.resume(top)  # always: if the guest resumes here, it must find its disk
-            took = time.monotonic() - t0
+            h = answer_gate(stack, entry, remote)
         finally:
             remote.close()
-        entry.mirror["handover"] = {"at": time.time(), "ok": ok, "why": why, "caught_up_bytes": sent,
-                                    "seconds": round(took, 3), "delivered": reply["delivered"]}
-        stack.journal.save(entry)
-    if not ok:
-        raise RemoteError(f"handover of {name} refused: {why}", hint="the guest stays on this host; "
+    if not h["ok"]:
+        raise RemoteError(f"handover of {name} refused: {h['why']}", hint="the guest stays on this host; "
                           f"`dmmig copy {name}` + `dmmig cutover {name}` to retry, or `dmmig abort {name}`")
-    if not reply["delivered"]:
+    if not h["delivered"]:
         raise RemoteError(f"the destination stopped waiting for {name} before the answer came",
                           hint="its `add` failed: the guest stays on this host")
-    return {"name": name, **entry.mirror["handover"]}
+    return {"name": name, **h}
+
+
+def _mirroring(stack: Stack, name: str) -> J.Entry:
+    entry = stack._entry(name)
+    if entry.phase != J.MIRRORING or not entry.mirror.get("synced"):
+        raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
+                         hint=f"`dmmig cutover {name}` first")
+    return entry
+
+
+def answer_gate(stack: Stack, entry: J.Entry, remote: Remote) -> dict[str, Any]:
+    """The destination asked about ENTRY (its lock is held): vouch for the disk. With the top
+    device suspended (every write that was acknowledged is through the mirror), check that
+    every region is in sync, every leg alive and no dm event came since the sync; otherwise
+    first copy what era recorded since the cutover. Answer yes or no; resume. Returns the
+    journaled record: ok, why, caught_up_bytes, seconds (suspended), delivered."""
+    top, era = top_name(entry.name), era_name(entry.name)
+    t0 = time.monotonic()
+    stack.dm.suspend(top)
+    try:
+        try:
+            ok, why, sent = _vouch(stack, entry, remote, top, era)
+        except DmmigError as e:
+            ok, why, sent = False, e.message, 0
+        reply = remote.agent.call("answer_gate", name=entry.name, ok=ok, why=why)
+    finally:
+        stack.dm.resume(top)  # always: if the guest resumes here, it must find its disk
+    entry.mirror["handover"] = {"at": time.time(), "ok": ok, "why": why, "caught_up_bytes": sent,
+                                "seconds": round(time.monotonic() - t0, 3), "delivered": reply["delivered"]}
+    stack.journal.save(entry)
+    return dict(entry.mirror["handover"])
 
 
 def _vouch(stack: Stack, entry: J.Entry, remote: Remote, top: str, era: str) -> tuple[bool, str, int]:

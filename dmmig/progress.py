@@ -8,8 +8,12 @@ from typing import Any
 
 
 class Progress:
-    def __init__(self, json_lines: bool = False) -> None:
+    def __init__(self, json_lines: bool = False, *, label: str = "", position: int = 0) -> None:
+        """LABEL and POSITION: one of several disks moving at once (dmmig migrate): each
+        has its own bar line, and its JSON events carry "disk"."""
         self.json = json_lines
+        self.label = label
+        self.position = position
         self.tty = sys.stderr.isatty() and not json_lines
         self._bar: Any = None
         self._last = 0.0
@@ -19,14 +23,16 @@ class Progress:
 
     def event(self, kind: str, **kw: Any) -> None:
         if self.json:
-            print(json.dumps({"event": kind, "time": round(time.time(), 3), **kw}), flush=True)
+            disk = {"disk": self.label} if self.label else {}
+            print(json.dumps({"event": kind, "time": round(time.time(), 3), **disk, **kw}), flush=True)
 
     def start(self, what: str, total: int) -> None:
         self._what, self._total, self._done = what, total, 0
         if self.tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, leave=False)
+            self._bar = tqdm(total=total, desc=f"{self.label}: {what}" if self.label else what, unit="B",
+                             unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
+                             position=self.position)
         self.event("start", phase=what, total_bytes=total)
 
     def advance(self, n: int) -> None:

@@ -25,6 +25,10 @@ class XenStore(Protocol):
 
     def write(self, path: str, value: str) -> None: ...
 
+    def list(self, path: str) -> list[str]:
+        """The names of PATH's children; [] if PATH does not exist."""
+        ...
+
 
 class PyxsXenStore:
     """One connection to xenstored's unix socket (pyxs's default: $XENSTORED_PATH or
@@ -62,6 +66,16 @@ class PyxsXenStore:
             self._client.write(_enc("path", path), _enc("value", value))
         except pyxs.PyXSError as e:
             raise XenStoreError(f"xenstore write {path}: {e}") from e
+
+
+    def list(self, path: str) -> list[str]:
+        try:
+            raw: list[bytes] = self._client.list(_enc("path", path))
+        except pyxs.PyXSError as e:
+            if e.args and e.args[0] == errno.ENOENT:
+                return []
+            raise XenStoreError(f"xenstore list {path}: {e}") from e
+        return [c.decode("ascii", errors="replace") for c in raw if c]
 
 
 def _enc(what: str, s: str) -> bytes:

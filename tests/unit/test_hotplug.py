@@ -48,6 +48,10 @@ class MemXenStore:
     def read(self, path: str) -> str | None:
         return self.data.get(path)
 
+    def list(self, path: str) -> list[str]:
+        pre = path.rstrip("/") + "/"
+        return sorted({k[len(pre):].split("/")[0] for k in self.data if k.startswith(pre)})
+
     def write(self, path: str, value: str) -> None:
         if path.rsplit("/", 1)[-1] in self.refuse:
             raise XenStoreError(f"xenstore write {path}: (13, 'Permission denied')")

@@ -1,0 +1,318 @@
+"""`dmmig migrate DOMAIN HOST`: a running domain and all its block-dmmig disks, top to bottom.
+
+1. plan: find the domain's disks in XenStore; refuse, before anything changes, a disk dmmig
+   cannot move (a writable disk not on block-dmmig, unless the operator says it is shared; a
+   destination disk missing, too small or in use; no block-dmmig on the destination);
+2. every disk to a synchronous mirror, in parallel: prepare, copy (base + era rounds),
+   cutover; any failure aborts them all and the domain never moved;
+3. `xl migrate`, while one agent session answers the handover gate for each disk as the
+   destination's block script asks (migrate.answer_gate);
+4. xl succeeded: finish every disk on both sides (the source's stack is removed, the loop
+   device block-dmmig attached is detached); xl failed and the guest resumed here: abort
+   every disk on both sides. A guest that is neither here nor known to have moved is left
+   to the operator, with the state `dmmig status` explains.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmmig import journal as J
+from dmmig import migrate as M
+from dmmig.domain import Vbd, vbds
+from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.hotplug import format_devno
+from dmmig.progress import Progress
+from dmmig.ssh import Endpoint
+from dmmig.stack import Stack, era_name, top_name
+from dmmig.xenstore import XenStore
+from dmmig.xl import Domain, Xl, XlRun
+
+CLOSE_WAIT_S = 20.0  # blkback lets go of the source's top device from deferred work
+
+
+@dataclass
+class MigrateOptions:
+    copy: M.CopyOptions = field(default_factory=M.CopyOptions)
+    cutover: M.CutoverOptions = field(default_factory=M.CutoverOptions)
+    xl_args: list[str] = field(default_factory=list)
+    xl_timeout: float = 3600
+    shared_ok: bool = False         # the domain's writable disks not on block-dmmig are shared storage
+    block_script: str = "/etc/xen/scripts/block-dmmig"
+
+
+@dataclass
+class Disk:
+    vbd: Vbd
+    name: str
+    origin: str            # what dmmig-NAME wraps here (the LV, or block-dmmig's loop device)
+    size: int
+    phase: str
+    dest_disk: str         # params: block-dmmig on the destination wraps the same path
+    dest_exists: bool
+    tables: list[str]
+
+    @property
+    def top(self) -> str:
+        return top_name(self.name)
+
+
+@dataclass
+class Plan:
+    domain: Domain
+    host: str
+    disks: list[Disk]
+    others: list[Vbd]      # disks xl migrate must find on the destination as they are
+
+    def render(self) -> str:
+        lines = [f"migrate domain {self.domain.name} (domid {self.domain.domid}) to {self.host}:"]
+        for d in self.disks:
+            dest = "exists" if d.dest_exists else "created (--create)"
+            lines.append(f"  {d.vbd.vdev}: {d.vbd.params} as dmmig disk {d.name}, {d.size} bytes "
+                         f"({d.size / (1 << 20):.1f} MiB), phase {d.phase}; destination {self.host}:{d.dest_disk} "
+                         f"({dest})")
+            lines += [f"    {t}" for t in d.tables]
+        for v in self.others:
+            lines.append(f"  {v.vdev}: {v.params or '(no params)'} (script {v.script or 'none'}, mode {v.mode}): "
+                         "not moved by dmmig; xl migrate expects it on the destination as it is")
+        return "\n".join(lines)
+
+
+# ---- 1. plan -----------------------------------------------------------------------------
+def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: dict[str, Any],
+         opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = M.Remote) -> Plan:
+    """Everything `dmmig migrate` will do, checked on both hosts; changes nothing. REMOTE
+    connects to the destination's agent (injected by the unit tests)."""
+    dom = xl.find(domain)
+    if dom is None:
+        raise BadInput(f"no domain {domain!r} runs on this host", hint="`xl list` shows the running domains")
+    if dom.domid == 0:
+        raise BadInput("domain 0 cannot be migrated")
+    all_vbds = vbds(xs, dom.domid)
+    mine = [v for v in all_vbds if v.managed]
+    others = [v for v in all_vbds if not v.managed]
+    if not mine:
+        raise BadInput(f"none of {dom.name}'s disks uses block-dmmig: nothing for dmmig to move",
+                       hint="give its disks script=block-dmmig (README), or use `xl migrate` for shared storage")
+    risky = [v for v in others if v.writable]
+    if risky and not opts.shared_ok:
+        raise BadInput(f"{dom.name} has writable disks dmmig does not move: "
+                       + ", ".join(f"{v.vdev} ({v.params})" for v in risky)
+                       + "; the destination would run the guest on its own copy of them",
+                       hint="use script=block-dmmig for them, or pass --shared if they are on shared storage")
+    remote_of = [v for v in mine if not v.local_backend]
+    if remote_of:
+        raise BadInput(f"{', '.join(v.vdev for v in remote_of)}: served from a driver domain "
+                       f"({remote_of[0].backend}); dmmig moves disks served by dom0's blkback only")
+    ep = Endpoint.parse(host, **ep_opts)
+    disks = [_disk_here(stack, v, ep.host) for v in mine]
+    _check_destination(disks, host, ep_opts, opts, remote)
+    return Plan(dom, host, disks, others)
+
+
+def _disk_here(stack: Stack, v: Vbd, dest_host: str) -> Disk:
+    name = v.name
+    top = top_name(name)
+    entry = stack.journal.load(name)
+    info = stack.dm.info(top)
+    if entry is None or info is None:
+        raise StateError(f"{v.vdev} ({v.params}): block-dmmig set it up, but {top} or its journal entry is "
+                         "missing here", hint=f"`dmmig status {name}`; the domain may need a restart on this host")
+    if format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
+        raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not {top}",
+                         hint="the disk was re-pointed behind block-dmmig; do not migrate it with dmmig")
+    if entry.dest and entry.dest.get("host") != dest_host:
+        raise StateError(f"{name} is already being migrated to {entry.dest.get('host')}",
+                         hint=f"`dmmig abort {name}` first")
+    length = stack.dm.table(top).length
+    tables = [f"now:        {top}: {stack.dm.table_text(top).strip()}"]
+    if entry.phase == J.WRAPPED:
+        tables += [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> {entry.origin_devno} 128",
+                   f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
+    tables.append(f"cutover:    {top}: 0 {length} mirror disk 2 <log loop> 128 2 <{era_name(name)}> 0 "
+                  "<nbd leg> 0 2 handle_errors keep_log")
+    return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables)
+
+
+def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
+                       connect: Callable[[dict[str, Any]], Any]) -> None:
+    c = opts.copy
+    ep = Endpoint.parse(host, **ep_opts)
+    dest = {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
+            "identity": ep.identity, "transport": c.transport, "remote_dmmig": c.remote_dmmig,
+            "remote_state_dir": c.remote_state_dir}
+    remote = connect(dest)  # unknown host key, bad credentials, no dmmig there: refused here
+    try:
+        probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script)
+    finally:
+        remote.close()
+    if not probe["block_script"]:
+        raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
+                       hint="run the README's install command there")
+    for d in disks:
+        p = probe["disks"][d.dest_disk]
+        d.dest_exists = bool(p["exists"])
+        if not p["exists"] and not c.create:
+            raise BadInput(f"{host}:{d.dest_disk} does not exist", hint="create it, or pass --create")
+        if p["exists"] and p["size"] < d.size:
+            raise BadInput(f"{host}:{d.dest_disk} is smaller than {d.vbd.params}: {p['size']} < {d.size} bytes")
+        if p["exists"] and p.get("in_use") and not p.get("incoming"):
+            raise BadInput(f"{host}:{d.dest_disk}: {p['in_use']}")
+
+
+# ---- 2.-4. the migration -----------------------------------------------------------------
+def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: MigrateOptions,
+            progress: Callable[[Disk, int], Progress], say: Callable[[str], None]) -> dict[str, Any]:
+    t0 = time.monotonic()
+    summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
+    # 2. every disk to a synchronous mirror
+    mirrored = _parallel(p.disks, lambda d, i: _to_mirror(stack, d, p.host, ep_opts, opts, progress(d, i)))
+    failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
+    if failed:
+        _abort_all(stack, p.disks, say)
+        first = next(iter(failed.values()))
+        raise _with_context(first, f"{', '.join(failed)}: could not reach a synchronous mirror, so every "
+                            f"disk was aborted and {p.domain.name} did not move")
+    for d, r in mirrored:
+        summary["disks"][d.name] = r
+        say(f"{d.name}: mirroring; copied {r['copy']['read'] / (1 << 20):.1f} MiB, cutover suspended I/O for "
+            f"{r['cutover']['suspended_seconds'] * 1000:.0f} ms, resynced {r['cutover']['resync_regions']} regions")
+    summary["to_mirror_seconds"] = round(time.monotonic() - t0, 3)
+
+    # 3. xl migrate, answering the gate
+    say(f"xl migrate {p.domain.name} {p.host}")
+    xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
+    for name, g in gates.items():
+        summary["disks"][name]["handover"] = g
+    summary["xl"] = {"returncode": xl_res.returncode, "seconds": xl_res.seconds}
+
+    # 4. finish or abort
+    if xl_res.returncode == 0:
+        for d in p.disks:
+            summary["disks"][d.name]["finish"] = _finish_source(stack, d)
+        summary["seconds"] = round(time.monotonic() - t0, 3)
+        return summary
+    here = xl.find(p.domain.name)
+    xl_err = xl_res.output.strip()[-3000:]
+    refused = {n: g["why"] for n, g in gates.items() if not g["ok"]}
+    why = f"xl migrate failed (status {xl_res.returncode}): {xl_err}"
+    if refused:
+        why += "; the handover gate refused " + "; ".join(f"{n}: {w}" for n, w in refused.items())
+    if here is not None and here.domid == p.domain.domid:
+        _abort_all(stack, p.disks, say)
+        raise RemoteError(why + f"\n{p.domain.name} resumed on this host with every write on its disks; "
+                          "dmmig aborted the disks' migration on both hosts",
+                          hint="fix the cause, then run `dmmig migrate` again")
+    raise StateError(why + f"\n{p.domain.name} (domid {p.domain.domid}) no longer runs here under its name; "
+                     "dmmig left every disk as it is (mirroring)",
+                     hint=f"find where the guest runs (`xl list` on both hosts). If on {p.host}: "
+                          f"`dmmig finish --force --remove NAME` here for each disk; if here: `dmmig abort NAME`")
+
+
+def _to_mirror(stack: Stack, d: Disk, host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
+               progress: Progress) -> dict[str, Any]:
+    entry = stack.journal.load(d.name)
+    if entry is not None and entry.phase == J.WRAPPED:
+        stack.prepare(d.name)
+    c = opts.copy
+    copts = M.CopyOptions(dest_disk=d.dest_disk, create=c.create, transport=c.transport,
+                          nbd_address=c.nbd_address, remote_dmmig=c.remote_dmmig,
+                          remote_state_dir=c.remote_state_dir, converge=c.converge,
+                          max_rounds=c.max_rounds, bwlimit=c.bwlimit)
+    copied = M.copy(stack, d.name, host, ep_opts, copts, progress)
+    cut = M.cutover(stack, d.name, opts.cutover, progress)
+    return {"copy": copied, "cutover": cut}
+
+
+def _parallel(disks: list[Disk], fn: Callable[[Disk, int], Any]) -> list[tuple[Disk, Any]]:
+    """FN for every disk in its own thread; each result, or the exception it raised."""
+    results: list[Any] = [None] * len(disks)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fn(disks[i], i)
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{d.name}") for i, d in enumerate(disks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return list(zip(disks, results))
+
+
+def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -> tuple[XlRun, dict[str, Any]]:
+    """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
+    about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
+    are held throughout, so no other dmmig touches them."""
+    entries = {d.name: M._mirroring(stack, d.name) for d in p.disks}
+    gates: dict[str, Any] = {}
+    box: list[XlRun] = []
+    with contextlib.ExitStack() as locks:
+        for name in entries:
+            locks.enter_context(stack.journal.lock(name))
+        remote = M.Remote(next(iter(entries.values())).dest)
+        try:
+            remote.agent.call("await_gate", names=[], timeout=0)  # the gate socket is up before xl starts
+
+            def run_xl() -> None:
+                box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout))
+            th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
+            th.start()
+            pending = list(entries)
+            while pending and th.is_alive():
+                asked = remote.agent.call("await_gate", names=pending, timeout=1.0)["asked"]
+                if asked is not None:
+                    gates[asked] = M.answer_gate(stack, entries[asked], remote)
+                    pending.remove(asked)
+            th.join()
+        finally:
+            remote.close()
+    if not box:  # xl.migrate itself raised (xl missing): the guest never left
+        return XlRun(-1, "xl migrate did not run (see above)", 0.0), gates
+    return box[0], gates
+
+
+def _finish_source(stack: Stack, d: Disk) -> dict[str, Any]:
+    """The guest runs on the destination: remove this host's stack (blkback lets go of the
+    top device shortly after libxl destroyed the domain), detach block-dmmig's loop device,
+    and let the destination's agent forget the disk."""
+    deadline = time.monotonic() + CLOSE_WAIT_S
+    while True:
+        info = stack.dm.info(d.top)
+        if info is None or info.open_count == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    t = time.monotonic()
+    done, left = M.finish(stack, d.name, remove=True)
+    if d.vbd.node and d.vbd.node in stack.loop.find(os.path.realpath(d.vbd.params)):
+        stack.loop.detach(d.vbd.node)
+        done.append(f"detach {d.vbd.node}")
+    if left:
+        raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
+    return {"done": done, "seconds": round(time.monotonic() - t, 3)}
+
+
+def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None]) -> None:
+    for d in disks:
+        try:
+            done, left = M.abort(stack, d.name)
+            say(f"{d.name}: aborted ({len(done)} steps)")
+            for x in left:
+                say(f"{d.name}: left behind: {x}")
+        except DmmigError as e:
+            say(f"{d.name}: abort failed: {e.message}; `dmmig status {d.name}`, then `dmmig abort {d.name}`")
+
+
+def _with_context(e: BaseException, what: str) -> BaseException:
+    """E's message after WHAT, with E's hint and exit code."""
+    if not isinstance(e, DmmigError):
+        return e  # a bug: the CLI shows it as one
+    out = DmmigError(f"{what}: {e.message}", hint=e.hint)
+    out.exit_code = e.exit_code
+    return out

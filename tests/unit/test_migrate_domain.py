@@ -1,0 +1,229 @@
+"""`dmmig migrate`'s plan without Xen or root: which disks it moves, what it refuses before
+anything changes, and xl's options. XenStore is the in-memory adapter, device-mapper and xl
+answer through the fake runner, and the destination is the real agent's probe, in-process,
+over files in tmp_path (the whole flow runs on real Xen in tests/xen)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmmig import journal as J
+from dmmig import migrate_domain as MD
+from dmmig.agent import AgentServer
+from dmmig.dm.dmsetup import DmSetup
+from dmmig.domain import vbds
+from dmmig.errors import BadInput, StateError
+from dmmig.hotplug import disk_name_for
+from dmmig.stack import Stack
+from dmmig.xl import Xl, check_migrate_args
+from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.test_hotplug import INFO, NOT_THERE, MemXenStore
+
+DOMID = 7
+MIB = 1 << 20
+
+
+def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scripts/block-dmmig",
+             mode: str = "w", pdev: str = "fd:4", backend_dom: int = 0, node: str = "") -> dict[str, str]:
+    be = f"/local/domain/{backend_dom}/backend/vbd/{DOMID}/{devid}"
+    keys = {f"/local/domain/{DOMID}/device/vbd/{devid}/backend": be, f"{be}/dev": vdev, f"{be}/params": params,
+            f"{be}/mode": mode, f"{be}/physical-device": pdev}
+    if script:
+        keys[f"{be}/script"] = script
+    if node:
+        keys[f"{be}/node"] = node
+    return keys
+
+
+class FakeAgent:
+    """The destination: the real agent's operations, in this process."""
+
+    def __init__(self, server: AgentServer) -> None:
+        self.server = server
+        self.calls: list[str] = []
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.calls.append(op)
+        return dict(getattr(self.server, f"op_{op}")(**kw))
+
+
+class FakeRemote:
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class World:
+    """A source host with domain vm1 (domid 7) and a destination directory for its disks."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.dest_dir = tmp_path / "dest"
+        self.dest_dir.mkdir()
+        self.script = tmp_path / "block-dmmig"
+        self.script.write_text("#!/bin/sh\n")
+        self.script.chmod(0o755)
+        self.xs = MemXenStore()
+        self.runner = FakeRunner([
+            (["xl", "domid", "vm1"], (0, f"{DOMID}\n", "")),
+            (["xl", "domid"], (1, "", "Can't get domid of domain name 'x', maybe this domain does not exist.\n")),
+            (["xl", "domname", str(DOMID)], (0, "vm1\n", "")),
+            (["xl", "domname"], (1, "", "")),
+            (["dmsetup", "info"], NOT_THERE),
+        ])
+        self.stack = Stack(self.runner, DmSetup(self.runner), J.Journal(str(tmp_path / "state")))
+        self.agent = FakeAgent(AgentServer(FakeRunner([(["losetup", "-j"], (0, "", ""))]), str(tmp_path / "dstate")))
+        self.opts = MD.MigrateOptions(block_script=str(self.script))
+
+    def disk(self, size: int = 8 * MIB) -> str:
+        """A managed disk d1: params is a file under dest/ (so the destination's path exists
+        with SIZE bytes); wrapped here as dmmig-d1 (fd:4) over 7:1."""
+        f = self.dest_dir / "d1"
+        f.write_bytes(b"")
+        os.truncate(f, size)
+        params = str(f)
+        name = disk_name_for(params)
+        self.runner.rules.insert(0, (["dmsetup", "table", f"dmmig-{name}"], (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
+        self.runner.rules.insert(0, (INFO + [f"dmmig-{name}"], (0, f"dmmig-{name};253;4;L--w;1;1;0;DMMIG-top-{name}\n", "")))
+        self.stack.journal.save(J.Entry(name, "/dev/loop1", "7:1"), J.WRAPPED)
+        self.xs.data.update(vbd_keys(51712, "xvda", params, node="/dev/loop1"))
+        return name
+
+    def plan(self, domain: str = "vm1", **opts: Any) -> MD.Plan:
+        for k, v in opts.items():
+            setattr(self.opts, k, v)
+        return MD.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", {}, self.opts,
+                       remote=lambda dest: FakeRemote(self.agent))
+
+    def mutating(self) -> list[list[str]]:
+        return [a for a in self.runner.argvs if a[:2] not in (["dmsetup", "info"], ["dmsetup", "table"])
+                and a[0] != "xl"]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_plan_of_one_managed_disk(world: World) -> None:
+    name = world.disk()
+    p = world.plan()
+    assert (p.domain.domid, p.domain.name) == (DOMID, "vm1")
+    [d] = p.disks
+    assert (d.name, d.vbd.vdev, d.size, d.phase, d.dest_disk) == (name, "xvda", 8 * MIB, J.WRAPPED, d.vbd.params)
+    text = p.render()
+    assert "linear 7:1 0" in text and "era <metadata loop> 7:1 128" in text
+    assert "mirror disk 2 <log loop> 128 2" in text and "handle_errors keep_log" in text
+    assert world.mutating() == []  # the plan changed nothing here...
+    assert world.agent.calls == ["probe"]  # ...nor there
+    assert not (world.tmp / "dstate").exists() or not list((world.tmp / "dstate").iterdir())
+
+
+def test_plan_by_domid(world: World) -> None:
+    world.disk()
+    assert world.plan(str(DOMID)).domain.name == "vm1"
+
+
+def test_unknown_domain_and_dom0_refused(world: World) -> None:
+    with pytest.raises(BadInput, match="no domain 'x'"):
+        world.plan("x")
+    world.runner.rules.insert(0, (["xl", "domname", "0"], (0, "Domain-0\n", "")))
+    with pytest.raises(BadInput, match="domain 0"):
+        world.plan("0")
+
+
+def test_no_managed_disk_refused(world: World) -> None:
+    world.xs.data.update(vbd_keys(51712, "xvda", "/dev/vg0/x", script="/etc/xen/scripts/block"))
+    with pytest.raises(BadInput, match="none of vm1's disks uses block-dmmig"):
+        world.plan()
+
+
+def test_unmanaged_writable_disk_refused_unless_shared(world: World) -> None:
+    world.disk()
+    world.xs.data.update(vbd_keys(51728, "xvdb", "/dev/vg0/data", script="/etc/xen/scripts/block"))
+    world.xs.data.update(vbd_keys(51744, "xvdc", "/srv/iso/d.iso", script="/etc/xen/scripts/block", mode="r"))
+    with pytest.raises(BadInput, match=r"xvdb \(/dev/vg0/data\)") as e:
+        world.plan()
+    assert "xvdc" not in e.value.message  # a read-only disk cannot diverge
+    p = world.plan(shared_ok=True)
+    assert [v.vdev for v in p.others] == ["xvdb", "xvdc"]
+    assert "xvdb: /dev/vg0/data" in p.render() and "not moved by dmmig" in p.render()
+
+
+def test_driver_domain_backend_refused(world: World) -> None:
+    world.xs.data.update(vbd_keys(51712, "xvda", "/dev/vg0/x", backend_dom=3))
+    with pytest.raises(BadInput, match="driver domain"):
+        world.plan()
+
+
+def test_missing_stack_and_repointed_disk_refused(world: World) -> None:
+    world.xs.data.update(vbd_keys(51712, "xvda", "/dev/vg0/nothere"))
+    with pytest.raises(StateError, match="dmmig-vg0-nothere or its journal entry is missing"):
+        world.plan()
+    world.xs.data.clear()
+    world.disk()
+    be = f"/local/domain/0/backend/vbd/{DOMID}/51712"
+    world.xs.data[f"{be}/physical-device"] = "8:1"
+    with pytest.raises(StateError, match="blkback serves 8:1"):
+        world.plan()
+
+
+def test_destination_checks(world: World) -> None:
+    world.disk()
+    (world.dest_dir / "d1").unlink()
+    with pytest.raises(BadInput, match="does not exist") as e:
+        world.plan()
+    assert e.value.hint == "create it, or pass --create"
+    world.opts.copy.create = True
+    assert not world.plan().disks[0].dest_exists
+    (world.dest_dir / "d1").write_bytes(b"\0" * 4096)
+    with pytest.raises(BadInput, match="smaller"):
+        world.plan()
+    world.script.chmod(0o644)
+    with pytest.raises(BadInput, match="no executable"):
+        world.plan()
+
+
+def test_destination_in_use_refused(world: World) -> None:
+    world.disk()
+    world.agent.server.r = FakeRunner([(["losetup", "-j"], (0, "/dev/loop9: []: (/x/d1)\n", ""))])
+    with pytest.raises(BadInput, match="in use by a loop device"):
+        world.plan()
+
+
+def test_vbds_reads_backend_keys() -> None:
+    xs = MemXenStore(vbd_keys(51712, "xvda", "/srv/a.img", node="/dev/loop3")
+                     | vbd_keys(768, "hda", "/dev/sdb", script="", mode="r"))
+    got = vbds(xs, DOMID)
+    assert [(v.devid, v.vdev, v.managed, v.writable, v.node) for v in got] == [
+        ("768", "hda", False, False, ""), ("51712", "xvda", True, True, "/dev/loop3")]
+    assert got[1].name == "srv-a.img" and got[1].local_backend
+
+
+@pytest.mark.parametrize("args,out", [
+    ([], []),
+    (["-s", "ssh -p 2222", "-e"], ["-s", "ssh -p 2222", "-e"]),
+    (["-sssh -p 2", "--debug", "-C", "/etc/xen/vm1.cfg"], ["-s", "ssh -p 2", "--debug", "-C", "/etc/xen/vm1.cfg"]),
+])
+def test_xl_migrate_args(args: list[str], out: list[str]) -> None:
+    assert check_migrate_args(args) == out
+
+
+@pytest.mark.parametrize("args,msg", [(["-s"], "needs a value"), (["--colo"], "not an xl migrate option"),
+                                      (["vm2"], "not an xl migrate option")])
+def test_xl_migrate_args_refused(args: list[str], msg: str) -> None:
+    with pytest.raises(BadInput, match=msg):
+        check_migrate_args(args)
+
+
+def test_xl_migrate_argv_and_result() -> None:
+    r = FakeRunner([(["xl", "migrate"], (1, "", "migration sender: Target reported an error\n"))])
+    res = Xl(r).migrate(7, "root@b", ["-s", "ssh -p 2"], 100)
+    assert r.argvs == [["xl", "migrate", "-s", "ssh -p 2", "7", "root@b"]]
+    assert res.returncode == 1 and "Target reported" in res.output and res.seconds >= 0
