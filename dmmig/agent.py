@@ -95,7 +95,10 @@ class AgentServer:
                 except DmmigError as e:
                     d["in_use"] = e.message
             disks[path] = d
-        return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script}
+        # the block script here finds an incoming migration in ITS state dir (the default, or
+        # $DMMIG_STATE_DIR of xl's environment): if that is not ours, the gate is never asked
+        return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script,
+                "state_dir": self.state, "hotplug_state_dir": J.state_dir(None)}
 
     def op_export(self, name: str, addr: str = "127.0.0.1") -> dict[str, Any]:
         rec = self._load(name)

@@ -281,9 +281,12 @@ class Hotplug:
         name = disk_name_for(params)
         top = top_name(name)
         entry = self.stack.journal.load(name)
+        if entry is not None and entry.handed_over:
+            self._finish_source(name, entry)
+            return
         if entry is not None and entry.phase != J.WRAPPED:
-            # the stack belongs to the migration now (on the source after `xl migrate` hands
-            # over, the mirror still carries the last writes); dmmig finishes or aborts it
+            # the stack belongs to the migration (a domain destroyed mid-migration, or a gate
+            # that said no): dmmig finishes or aborts it
             self.log(f"{name} is in phase {entry.phase!r} of a migration: left for dmmig "
                      f"(`dmmig status {name}`; the migration finishes it, or `dmmig abort {name}`)")
             return
@@ -309,6 +312,25 @@ class Hotplug:
             self.log(f"{top} does not exist: nothing to unwrap")
         if node:
             self._detach(node, params)
+
+    def _finish_source(self, name: str, entry: J.Entry) -> None:
+        """After a completed migration (libxl destroys the source domain once the destination
+        runs it): the destination's add got our yes, so this host's stack is history. Tear it
+        down here and keep the data; `dmmig migrate` tells the destination's agent."""
+        top = top_name(name)
+        info = self._wait_closed(top)
+        if info is not None and info.open_count > 0:
+            self.log(f"{name} was handed over, but {top} is still open after {self.close_wait_s:.0f}s: left "
+                     f"for `dmmig finish --remove {name}`")
+            return
+        from dmmig import migrate  # here only: paramiko costs every other run of the script 0.2 s
+        node = self.xs.read(self.be.key("node"))
+        # force: the mirror's leg is gone (the destination stopped its export at the yes); the
+        # yes is the proof that the destination has every write
+        done, _ = migrate.finish(self.stack, name, force=True, remove=True, remote=False)
+        if node:
+            self._detach(node, self._read("params"))
+        self.log(f"{name} was handed over to the destination: finished here in {self._took()} ({len(done)} steps)")
 
     def _wait_closed(self, top: str) -> DmInfo | None:
         deadline = time.monotonic() + self.close_wait_s

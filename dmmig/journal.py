@@ -58,6 +58,12 @@ class Entry:
     def era(self) -> str:
         return f"dmmig-{self.name}-era"
 
+    @property
+    def handed_over(self) -> bool:
+        """The destination's block script got this source's yes: the disk there is the guest's."""
+        h = self.mirror.get("handover") or {}
+        return bool(self.phase == MIRRORING and h.get("ok") and h.get("delivered"))
+
 
 _FIELDS = set(Entry.__dataclass_fields__)
 

@@ -359,8 +359,8 @@ def answer_gate(stack: Stack, entry: J.Entry, remote: Remote) -> dict[str, Any]:
     try:
         try:
             ok, why, sent = _vouch(stack, entry, remote, top, era)
-        except DmmigError as e:
-            ok, why, sent = False, e.message, 0
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the answer is no
+            ok, why, sent = False, e.message if isinstance(e, DmmigError) else f"{type(e).__name__}: {e}", 0
         reply = remote.agent.call("answer_gate", name=entry.name, ok=ok, why=why)
     finally:
         stack.dm.resume(top)  # always: if the guest resumes here, it must find its disk
@@ -394,9 +394,10 @@ def _vouch(stack: Stack, entry: J.Entry, remote: Remote, top: str, era: str) -> 
 
 
 # ---- finish -------------------------------------------------------------------------------
-def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False) -> tuple[list[str], list[str]]:
-    """The new owner has the disk: tear down both sides, keep the data on both. Returns
-    (done, left behind on the destination)."""
+def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False,
+           remote: bool = True) -> tuple[list[str], list[str]]:
+    """The new owner has the disk: tear down both sides (this side only without REMOTE),
+    keep the data on both. Returns (done, left behind on the destination)."""
     entry = stack._entry(name)
     top = top_name(name)
     if not force:
@@ -423,7 +424,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
             done.append(f"remove {top}")
         if remove:
             stack.journal.delete(name)
-    left = _stop_remote(name, dest, remove_created=False, done=done)
+    left = _stop_remote(name, dest, remove_created=False, done=done) if remote else []
     return done, left
 
 

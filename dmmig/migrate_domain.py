@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from dmmig.stack import Stack, era_name, top_name
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun
 
+log = logging.getLogger("dmmig.migrate")
 CLOSE_WAIT_S = 20.0  # blkback lets go of the source's top device from deferred work
 
 
@@ -88,7 +90,7 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
          opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = M.Remote) -> Plan:
     """Everything `dmmig migrate` will do, checked on both hosts; changes nothing. REMOTE
     connects to the destination's agent (injected by the unit tests)."""
-    dom = xl.find(domain)
+    dom = xl.find(domain)  # no xl here: refused as a missing tool
     if dom is None:
         raise BadInput(f"no domain {domain!r} runs on this host", hint="`xl list` shows the running domains")
     if dom.domid == 0:
@@ -154,6 +156,10 @@ def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], op
     if not probe["block_script"]:
         raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
                        hint="run the README's install command there")
+    if os.path.realpath(probe["state_dir"]) != os.path.realpath(probe["hotplug_state_dir"]):
+        raise BadInput(f"on {host}, dmmig's state dir would be {probe['state_dir']} but block-dmmig's is "
+                       f"{probe['hotplug_state_dir']}: its add would not ask the handover gate",
+                       hint="drop --remote-state-dir, or set DMMIG_STATE_DIR for both there")
     for d in disks:
         p = probe["disks"][d.dest_disk]
         d.dest_exists = bool(p["exists"])
@@ -186,7 +192,12 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
 
     # 3. xl migrate, answering the gate
     say(f"xl migrate {p.domain.name} {p.host}")
-    xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
+    dests = {d.name: dict(M._mirroring(stack, d.name).dest) for d in p.disks}
+    try:
+        xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
+    except BaseException:  # the gate could not be set up: xl never ran, the guest is here
+        _abort_all(stack, p.disks, say)
+        raise
     for name, g in gates.items():
         summary["disks"][name]["handover"] = g
     summary["xl"] = {"returncode": xl_res.returncode, "seconds": xl_res.seconds}
@@ -194,7 +205,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     # 4. finish or abort
     if xl_res.returncode == 0:
         for d in p.disks:
-            summary["disks"][d.name]["finish"] = _finish_source(stack, d)
+            summary["disks"][d.name]["finish"] = _finish_source(stack, d, dests[d.name])
         summary["seconds"] = round(time.monotonic() - t0, 3)
         return summary
     here = xl.find(p.domain.name)
@@ -249,10 +260,13 @@ def _parallel(disks: list[Disk], fn: Callable[[Disk, int], Any]) -> list[tuple[D
 def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -> tuple[XlRun, dict[str, Any]]:
     """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
     about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
-    are held throughout, so no other dmmig touches them."""
+    are held until the last answer, so no other dmmig touches them meanwhile."""
     entries = {d.name: M._mirroring(stack, d.name) for d in p.disks}
     gates: dict[str, Any] = {}
     box: list[XlRun] = []
+    def run_xl() -> None:
+        box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout))
+    th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
     with contextlib.ExitStack() as locks:
         for name in entries:
             locks.enter_context(stack.journal.lock(name))
@@ -260,39 +274,52 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
         try:
             remote.agent.call("await_gate", names=[], timeout=0)  # the gate socket is up before xl starts
 
-            def run_xl() -> None:
-                box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout))
-            th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
             th.start()
             pending = list(entries)
-            while pending and th.is_alive():
-                asked = remote.agent.call("await_gate", names=pending, timeout=1.0)["asked"]
-                if asked is not None:
-                    gates[asked] = M.answer_gate(stack, entries[asked], remote)
-                    pending.remove(asked)
-            th.join()
+            try:
+                while pending and th.is_alive():
+                    asked = remote.agent.call("await_gate", names=pending, timeout=1.0)["asked"]
+                    if asked is not None:
+                        gates[asked] = M.answer_gate(stack, entries[asked], remote)
+                        pending.remove(asked)
+            except Exception as e:  # noqa: BLE001 - xl runs on; it decides where the guest runs
+                # the gate is lost (the agent or its connection died): a destination that asks
+                # now gets no yes in time and refuses
+                msg = e.message if isinstance(e, DmmigError) else f"{type(e).__name__}: {e}"
+                log.warning("handover gate lost during xl migrate: %s", msg)
+                for n in pending:
+                    gates[n] = {"ok": False, "why": f"the gate was lost: {msg}", "delivered": False}
         finally:
             remote.close()
+    # the locks are free again: after the last yes, libxl destroys the guest here and the
+    # block script's remove finishes each handed-over disk (it takes the disk's lock)
+    th.join()
     if not box:  # xl.migrate itself raised (xl missing): the guest never left
         return XlRun(-1, "xl migrate did not run (see above)", 0.0), gates
     return box[0], gates
 
 
-def _finish_source(stack: Stack, d: Disk) -> dict[str, Any]:
-    """The guest runs on the destination: remove this host's stack (blkback lets go of the
-    top device shortly after libxl destroyed the domain), detach block-dmmig's loop device,
-    and let the destination's agent forget the disk."""
-    deadline = time.monotonic() + CLOSE_WAIT_S
-    while True:
-        info = stack.dm.info(d.top)
-        if info is None or info.open_count == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any]:
+    """The guest runs on the destination. The block script's remove, run by libxl as it
+    destroyed the guest here, normally finished this host's side already; whatever it left
+    (blkback slow to let go, an error) is finished here. Then the destination's agent forgets
+    the disk."""
     t = time.monotonic()
-    done, left = M.finish(stack, d.name, remove=True)
+    done: list[str] = []
+    if stack.journal.load(d.name) is not None:
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while True:
+            info = stack.dm.info(d.top)
+            if info is None or info.open_count == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        done, _ = M.finish(stack, d.name, remove=True, remote=False)
+    else:
+        done.append("finished here by block-dmmig remove")
     if d.vbd.node and d.vbd.node in stack.loop.find(os.path.realpath(d.vbd.params)):
         stack.loop.detach(d.vbd.node)
         done.append(f"detach {d.vbd.node}")
+    left = M._stop_remote(d.name, dest, remove_created=False, done=done)
     if left:
         raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
     return {"done": done, "seconds": round(time.monotonic() - t, 3)}

@@ -318,6 +318,28 @@ def test_remove_leaves_a_disk_in_migration_to_dmmig(tmp_path: Path, phase: str) 
     assert any(f"phase {phase!r} of a migration: left for dmmig" in ln for ln in log)
 
 
+@pytest.mark.parametrize("delivered", [True, False])
+def test_remove_finishes_a_disk_handed_over_to_the_destination(tmp_path: Path, delivered: bool) -> None:
+    """After a completed migration libxl destroys the source domain: remove tears this host's
+    stack down once the destination's add got our yes, and only then."""
+    xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
+    st, r = stack(tmp_path, [(["dmsetup", "table", "dmmig-vg0-vm1"], (0, "0 2048 linear 254:1 0\n", ""))]
+                  + top_info("vg0-vm1", 0))
+    e = J.Entry("vg0-vm1", "/dev/vg0/vm1", "254:1")
+    e.mirror = {"handover": {"ok": True, "delivered": delivered, "why": "in sync"}}
+    st.journal.save(e, J.MIRRORING)
+    rc, log = run("remove", xs, st)
+    assert rc == 0 and xs.writes == []
+    if delivered:
+        assert ["dmsetup", "remove", "dmmig-vg0-vm1"] in [a[:2] + a[-1:] for a in r.argvs]
+        assert st.journal.load("vg0-vm1") is None
+        assert any("handed over to the destination: finished here" in ln for ln in log)
+    else:
+        assert not any(a[1] == "remove" for a in r.argvs)
+        assert st.journal.load("vg0-vm1") is not None
+        assert any("of a migration: left for dmmig" in ln for ln in log)
+
+
 def test_remove_leaves_an_open_top_device(tmp_path: Path) -> None:
     xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
     st, r = stack(tmp_path, top_info("vg0-vm1", 1))

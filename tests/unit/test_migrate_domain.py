@@ -107,7 +107,9 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    # what block-dmmig would use on the destination: the agent's own state dir
+    monkeypatch.setenv("DMMIG_STATE_DIR", str(tmp_path / "dstate"))
     return World(tmp_path)
 
 
@@ -227,3 +229,12 @@ def test_xl_migrate_argv_and_result() -> None:
     res = Xl(r).migrate(7, "root@b", ["-s", "ssh -p 2"], 100)
     assert r.argvs == [["xl", "migrate", "-s", "ssh -p 2", "7", "root@b"]]
     assert res.returncode == 1 and "Target reported" in res.output and res.seconds >= 0
+
+
+def test_destination_block_script_must_share_the_agents_state_dir(world: World,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else the destination's add never sees the incoming migration and never asks the gate."""
+    world.disk()
+    monkeypatch.setenv("DMMIG_STATE_DIR", str(world.tmp / "elsewhere"))
+    with pytest.raises(BadInput, match="would not ask the handover gate"):
+        world.plan()
