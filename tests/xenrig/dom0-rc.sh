@@ -15,6 +15,10 @@ ln -sf /proc/self/fd /dev/fd; ln -sf fd/0 /dev/stdin; ln -sf fd/1 /dev/stdout; l
 mkdir -p /xchg && mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 xchg /xchg \
     || fatal "mount 9p xchg"
 hostname "$XENRIG_NAME"
+# block-dmmig runs /usr/local/bin/dmmig when that is executable: dom0 sees this machine's
+# /usr/local, whose dmmig may be another checkout's (or a dangling link, so the script fell
+# back to a path that does not exist and every xl create failed). dom0 runs this checkout's.
+mkdir -p /usr/local/bin && ln -sfn "$XENRIG_ROOT/.venv/bin/dmmig" /usr/local/bin/dmmig || fatal "dmmig link"
 dmesg -n 1
 modprobe -a xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback dm-mod dm-era dm-mirror dm-log \
     dm-region-hash loop nbd virtio_console virtio_net || fatal "modprobe"
@@ -51,6 +55,13 @@ while [ -z "$port" ] && [ $i -lt 100 ]; do
 done
 [ -n "$port" ] || fatal "no virtio-serial port xenrig.agent"
 ms agent-start
+# XenHost(serial_shell=True): a root shell on dom0's console, typed into through Xen's serial
+# input (XenHost.serial_input); for looking at a dom0 whose agent stopped answering
+[ "$XENRIG_SHELL" = 1 ] && ( setsid sh -c 'exec /bin/sh -i </dev/hvc0 >/dev/hvc0 2>&1' & )
 cd /
-# a virtio port opens only once at a time: one read-write open shared by stdin and stdout
-exec "$XENRIG_PY" "$XENRIG_ROOT/tests/rig/guest_agent.py" 0<>"$port" 1>&0
+# The agent talks to the port through agent_relay.py, which polls the port: under TCG, dom0
+# sometimes stops getting the port's interrupt while a guest runs, and an agent blocked in
+# read() on the port then never sees the next request (the relay's docstring has the details)
+mkfifo /run/xenrig-agent.in /run/xenrig-agent.out || fatal "mkfifo"
+"$XENRIG_PY" "$XENRIG_ROOT/tests/xenrig/agent_relay.py" "$port" /run/xenrig-agent.in /run/xenrig-agent.out &
+exec "$XENRIG_PY" "$XENRIG_ROOT/tests/rig/guest_agent.py" </run/xenrig-agent.in >/run/xenrig-agent.out

@@ -38,6 +38,17 @@ _MARKS = [
 ]
 
 
+# -smap: dom0 (PV) dies with #PF under TCG + SMAP. -rdtscp: a PVH guest hangs on RDTSCP under
+# emulated SVM. -xsave (which also drops AVX, AVX2, PKU): with XSAVE, while an HVM/PVH guest
+# runs, dom0's processes lose register state across Xen's context switches (QEMU 7.2 TCG):
+# threaded Python in dom0 died of SIGSEGV or "malloc(): corrupted top size" or computed wrong
+# SHA-256 sums within seconds, the rig's agent died ("free(): corrupted unsorted chunks": dom0
+# powered off) or stopped answering, xl crashed after fork, and the guest itself panicked (its
+# GS base lost: "stack guard page was hit"). Without XSAVE (Xen and both kernels use FXSAVE)
+# none of it was seen. -pku alone does not help.
+CPU_MODEL = "max,-smap,-rdtscp,-xsave"
+
+
 @dataclass
 class NetSpec:
     """dom0's NIC: a QEMU socket network on loopback (one side listens, the other connects)."""
@@ -51,12 +62,19 @@ class XenHost:
     _ids = itertools.count(1)
 
     def __init__(self, name: str, *, net: NetSpec | None = None, mem_mib: int = 2048, dom0_mem_mib: int = 1024,
-                 log_dir: str | None = None, artifacts: Artifacts | None = None, tcg_thread: str = "single", cpus: int = 2) -> None:
+                 log_dir: str | None = None, artifacts: Artifacts | None = None, tcg_thread: str = "single", cpus: int = 2,
+                 cpu_model: str = CPU_MODEL, serial_shell: bool = False) -> None:
         """tcg_thread: "single" by default. With QEMU 7.2's multi-threaded TCG, dom0's processes
         saw memory corruption here (xl crashing after fork, ssh streams arriving altered, a
-        migration stream rejected); one TCG thread runs the vCPUs in turn and showed none."""
+        migration stream rejected); one TCG thread runs the vCPUs in turn and showed none.
+        (Those runs still had XSAVE, which corrupts dom0 even with one thread: see CPU_MODEL;
+        "multi" has not been tried again without it.)
+        serial_shell: a root shell on dom0's console, fed by serial_input() (for debugging a
+        dom0 whose agent stopped answering; its output lands in the serial log)."""
         self.name = name
         self.tcg_thread = tcg_thread
+        self.cpu_model = cpu_model
+        self.serial_shell = serial_shell
         self.cpus = cpus
         self.net = net
         self.mem_mib, self.dom0_mem_mib = mem_mib, dom0_mem_mib
@@ -94,7 +112,8 @@ class XenHost:
         argv = ["nice", "-n", "10", *self.qemu_argv()]
         self._t0 = time.monotonic()
         # QEMU's stdout is Xen's com1 (Xen, dom0 kernel and dom0 init messages)
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stdin = subprocess.PIPE if self.serial_shell else subprocess.DEVNULL
+        self._proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._serial_reader, daemon=True).start()
         self._chan = Channel(self.run_dir / "agent.sock", alive=self.alive, describe=self._describe)
@@ -119,6 +138,8 @@ class XenHost:
                "XENRIG_PY": str(ROOT / ".venv" / "bin" / "python"), "XENRIG_ROOT": str(ROOT)}
         if self.net:
             env["XENRIG_IP"] = self.net.ip
+        if self.serial_shell:
+            env["XENRIG_SHELL"] = "1"
         for k, v in env.items():
             # QEMU splits -initrd at commas; the kernel command line splits at spaces
             if "," in v or " " in v:
@@ -133,9 +154,8 @@ class XenHost:
         ])
         argv = [
             "qemu-system-x86_64", "-machine", "q35", "-accel", f"tcg,thread={self.tcg_thread}",
-            # /dev/kvm here is PVM-only: TCG. -smap: dom0 (PV) dies with #PF under TCG + SMAP;
-            # -rdtscp: a PVH guest hangs on RDTSCP under emulated SVM
-            "-cpu", "max,-smap,-rdtscp", "-smp", str(self.cpus), "-m", str(self.mem_mib),
+            # /dev/kvm here is PVM-only: TCG. CPU_MODEL: why each flag is off
+            "-cpu", self.cpu_model, "-smp", str(self.cpus), "-m", str(self.mem_mib),
             "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
             "-chardev", "stdio,id=com1,signal=off", "-serial", "chardev:com1",
             "-device", "virtio-serial-pci,id=vser",
@@ -203,6 +223,15 @@ class XenHost:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def serial_input(self, text: str) -> None:
+        """Type into the serial line: dom0's console (the serial_shell) or, after three
+        Ctrl-A, Xen's debug keys ('h' lists them; 'q', 'r', 'e', '0' dump domains, run queues,
+        event channels, dom0's registers)."""
+        if self._proc is None or self._proc.stdin is None:
+            raise RigError("serial input needs XenHost(serial_shell=True)")
+        self._proc.stdin.write(text.encode())
+        self._proc.stdin.flush()
 
     def rss_mib(self) -> tuple[float, float]:
         """(current, peak) resident memory of the QEMU process, MiB."""
