@@ -31,6 +31,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A Xen test's failure, printed the moment it happens: a run takes many minutes, and
+    one interrupted later prints nothing of the failures it had."""
+    if report.failed and "xen" in report.keywords:
+        import sys
+        print(f"\n---- {report.nodeid} ({report.when}) failed ----\n{report.longreprtext}\n", file=sys.stderr,
+              flush=True)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _REPORT:
         return

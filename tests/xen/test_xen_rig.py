@@ -71,41 +71,36 @@ def test_guest_writes_through_blkback_and_dom0_reads_it_back(xen_host: XenHost, 
         h.run(["rm", "-f", img], check=False)
 
 
-def test_plain_xl_migrate_moves_a_writing_guest(xen_pair: XenPair, xen_report: dict[str, Any]) -> None:
+def test_plain_xl_migrate_moves_a_running_guest(xen_pair: XenPair, xen_report: dict[str, Any]) -> None:
+    """The baseline for dmmig migrate's downtime: the same ticking guest (tests/xen/
+    test_dmmig_migrate.py says why it does not write under emulation), on a disk that needs no
+    copy (each host has its own zeroed file, through the stock block script)."""
     assert xen_pair.a is not None and xen_pair.b is not None
     a, b, name, seed = xen_pair.a, xen_pair.b, "xrmig", 99
     img = f"/dev/shm/{name}.img"
-    # no shared storage: each host has its own disk of the same size, zero like the guest's was
     for h in (a, b):
         h.run(["truncate", "-s", "64M", img])
     vm = DomU(a, name, disk=f"format=raw,vdev=xvda,access=rw,target={img}",
-              job=["workload", str(seed), "/dev/xvda", "0", "256", "10"])
+              job=["workload", str(seed), "-", "0", "0", "200"])
     try:
         residual = xen_pair.sync_clocks()
         assert abs(residual["offset_ns"]) < 20_000_000, residual
         vm.create()
-        vm.wait_console(r"XENRIG-ACK 200 ", timeout=180)
+        vm.wait_console(r"XENRIG-ACK 30 ", timeout=180)
         t = time.monotonic()
         # -e: see DomU.create (xl's monitoring daemon); ssh to b uses the run's keys
-        a.run(["xl", "migrate", "-e", name, B_IP], timeout=400)
+        a.run(["xl", "migrate", "-e", name, B_IP], timeout=600)
         migrate_s = time.monotonic() - t
         assert vm.domid(a) is None and vm.domid(b) is not None
         last_on_a = max(x.seq for x in pattern.acks(vm.console(a)))
         # alive on b: it goes on counting from where it stopped
-        vm.wait_console(rf"XENRIG-ACK {last_on_a + 200} ", host=b, timeout=180)
+        vm.wait_console(rf"XENRIG-ACK {last_on_a + 30} ", host=b, timeout=180)
         on_a, on_b = pattern.acks(vm.console(a)), pattern.acks(vm.console(b))
         assert min(x.seq for x in on_b) <= last_on_a + 1
         gap = pattern.largest_gap(pattern.merge(on_a, on_b))
         assert last_on_a - 5 <= gap.after_seq <= last_on_a + 5, (gap, last_on_a)
         vm.destroy(b)
-        # every acknowledged write is on the disk of the host where the guest ran then
-        last_b = pattern.last_acked(on_b)
-        last_a = {blk: seq for blk, seq in pattern.last_acked(on_a).items() if blk not in last_b}
-        for h, last in ((a, last_a), (b, last_b)):
-            r = h.run([PY, "-m", "tests.xenrig.pattern", "acks", img, str(seed)], cwd=str(ROOT), check=False,
-                      input="".join(f"XENRIG-ACK {s} {blk} 0 0\n" for blk, s in last.items()).encode())
-            assert r.rc == 0, r
-        xen_report["plain xl migrate (64 MiB disk not copied, 128 MiB guest): total s"] = round(migrate_s, 1)
+        xen_report["plain xl migrate (disk not copied, 128 MiB guest): total s"] = round(migrate_s, 1)
         xen_report["plain xl migrate: guest-visible downtime ms (wall, monotonic)"] = (
             round(gap.real_ms), round(gap.mono_ms))
         xen_report["dom0 clock offset after sync (ns, rtt ns)"] = (residual["offset_ns"], residual["rtt_ns"])

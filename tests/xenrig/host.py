@@ -46,7 +46,7 @@ _MARKS = [
 # powered off) or stopped answering, xl crashed after fork, and the guest itself panicked (its
 # GS base lost: "stack guard page was hit"). Without XSAVE (Xen and both kernels use FXSAVE)
 # none of it was seen. -pku alone does not help.
-CPU_MODEL = "max,-smap,-rdtscp,-xsave"
+CPU_MODEL = "max,-smap,-rdtscp,-xsave,-fsgsbase"
 
 
 @dataclass
