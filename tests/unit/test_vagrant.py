@@ -195,3 +195,28 @@ def test_keys_init_makes_each_hosts_keys_once(tmp_path: Path) -> None:
     # every key its own
     pubs = [(keys / f).read_text().split()[1] for f in files if f.endswith(".pub")]
     assert len(set(pubs)) == len(pubs)
+
+
+def test_the_scenario_calls_dmmig_migrate_as_the_cli_defines_it() -> None:
+    """scenario.sh cannot run here; at least every `dmmig migrate` it runs must parse with
+    dmmig's own argument parser (a renamed option would otherwise surface only on hardware)."""
+    import re
+    import shlex
+
+    from dmmig.cli import build_parser
+    text = (VAGRANT_DIR / "scenario.sh").read_text()
+    m = re.search(r"^mig_opts=\((.*?)\)$", text, re.M | re.S)
+    assert m, "scenario.sh defines mig_opts"
+    subst = {"$TRANSPORT": "ssh", "$SSH_DIR": "/root/.ssh", "$GUEST": "dmguest", "$peer_addr": "192.168.56.12",
+             "$self_addr": "192.168.56.11"}
+
+    def words(s: str) -> list[str]:
+        for k, v in subst.items():
+            s = s.replace(k, v)
+        return shlex.split(s)
+    mig_opts = words(m.group(1).replace("\n", " "))
+    calls = re.findall(r'dmmig migrate ("\$GUEST" "\$\w+"(?: --[\w-]+)*) "\$\{mig_opts\[@\]\}"', text)
+    assert len(calls) == 3, calls  # the plan, there, and back
+    for c in calls:
+        a = build_parser().parse_args(["migrate", *words(c), *mig_opts])
+        assert (a.domain, a.transport, a.known_hosts) == ("dmguest", "ssh", "/root/.ssh/known_hosts")

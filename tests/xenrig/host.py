@@ -45,7 +45,10 @@ _MARKS = [
 # SHA-256 sums within seconds, the rig's agent died ("free(): corrupted unsorted chunks": dom0
 # powered off) or stopped answering, xl crashed after fork, and the guest itself panicked (its
 # GS base lost: "stack guard page was hit"). Without XSAVE (Xen and both kernels use FXSAVE)
-# none of it was seen. -pku alone does not help.
+# none of it was seen. -pku alone does not help. -fsgsbase: a guest writing to its disk panicked
+# with its GS base lost ("stack guard page was hit") and failed to acknowledge xl's suspend;
+# without FSGSBASE the panic was not seen again, the suspend failure was (tests/xen/
+# test_dmmig_migrate.py, XL_SUSPEND_UNDER_TCG).
 CPU_MODEL = "max,-smap,-rdtscp,-xsave,-fsgsbase"
 
 
