@@ -139,7 +139,8 @@ def ticker(host: XenHost, name: str, target: str, seed: int) -> DomU:
 # Not strict: the migration itself is what fails under emulation. Seen twice (a writing guest,
 # then a ticking one after dmmig's copy under the oracle writer): xl's suspend request is not
 # acknowledged ("domain did not respond to suspend request"); plain `xl migrate` of the same
-# ticking guest on an idle dom0 passes. Both times dmmig took the failure path: the guest
+# ticking guest on an idle dom0 passed on the stock script's loop disk and failed the same way
+# on a block-dmmig disk with no dmmig migration (one run each). Both times dmmig took the failure path: the guest
 # resumed on a and dmmig aborted both hosts (exit 8). Everything before xl migrate passed:
 # plan, --dry-run, copy and cutover under 22,602 oracle writes with no write error.
 XL_SUSPEND_UNDER_TCG = pytest.mark.xfail(
