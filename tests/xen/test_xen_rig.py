@@ -71,16 +71,29 @@ def test_guest_writes_through_blkback_and_dom0_reads_it_back(xen_host: XenHost, 
         h.run(["rm", "-f", img], check=False)
 
 
-def test_plain_xl_migrate_moves_a_running_guest(xen_pair: XenPair, xen_report: dict[str, Any]) -> None:
+@pytest.mark.parametrize("script", [
+    "stock",
+    # seen once: "guest didn't acknowledge suspend", as in tests/xen/test_dmmig_migrate.py
+    pytest.param("block-dmmig", marks=pytest.mark.xfail(strict=False, reason="under QEMU TCG the guest did "
+                                                        "not acknowledge xl's suspend on a block-dmmig disk")),
+])
+def test_plain_xl_migrate_moves_a_running_guest(xen_pair: XenPair, xen_report: dict[str, Any], script: str) -> None:
     """The baseline for dmmig migrate's downtime: the same ticking guest (tests/xen/
     test_dmmig_migrate.py says why it does not write under emulation), on a disk that needs no
-    copy (each host has its own zeroed file, through the stock block script)."""
+    copy (each host has its own zeroed file), through the stock block script or through
+    block-dmmig without any dmmig migration (is the disk being a dm device what breaks xl's
+    suspend under emulation?)."""
     assert xen_pair.a is not None and xen_pair.b is not None
     a, b, name, seed = xen_pair.a, xen_pair.b, "xrmig", 99
     img = f"/dev/shm/{name}.img"
     for h in (a, b):
         h.run(["truncate", "-s", "64M", img])
-    vm = DomU(a, name, disk=f"format=raw,vdev=xvda,access=rw,target={img}",
+        if script == "block-dmmig":
+            h.run(["install", "-D", "-m", "0755", str(ROOT / "hotplug" / "block-dmmig"),
+                   "/etc/xen/scripts/block-dmmig"])
+            h.run(["mkdir", "-p", "/var/log/xen"])
+    spec = "format=raw," if script == "stock" else "script=block-dmmig,"
+    vm = DomU(a, name, disk=f"{spec}vdev=xvda,access=rw,target={img}",
               job=["workload", str(seed), "-", "0", "0", "200"])
     try:
         residual = xen_pair.sync_clocks()
@@ -100,8 +113,8 @@ def test_plain_xl_migrate_moves_a_running_guest(xen_pair: XenPair, xen_report: d
         gap = pattern.largest_gap(pattern.merge(on_a, on_b))
         assert last_on_a - 5 <= gap.after_seq <= last_on_a + 5, (gap, last_on_a)
         vm.destroy(b)
-        xen_report["plain xl migrate (disk not copied, 128 MiB guest): total s"] = round(migrate_s, 1)
-        xen_report["plain xl migrate: guest-visible downtime ms (wall, monotonic)"] = (
+        xen_report[f"plain xl migrate ({script} disk not copied, 128 MiB guest): total s"] = round(migrate_s, 1)
+        xen_report[f"plain xl migrate ({script}): guest-visible downtime ms (wall, monotonic)"] = (
             round(gap.real_ms), round(gap.mono_ms))
         xen_report["dom0 clock offset after sync (ns, rtt ns)"] = (residual["offset_ns"], residual["rtt_ns"])
     finally:
