@@ -282,7 +282,7 @@ class Hotplug:
         top = top_name(name)
         entry = self.stack.journal.load(name)
         if entry is not None and entry.handed_over:
-            self._finish_source(name, entry)
+            self._finish_source(name, entry, params)
             return
         if entry is not None and entry.phase != J.WRAPPED:
             # the stack belongs to the migration (a domain destroyed mid-migration, or a gate
@@ -313,7 +313,7 @@ class Hotplug:
         if node:
             self._detach(node, params)
 
-    def _finish_source(self, name: str, entry: J.Entry) -> None:
+    def _finish_source(self, name: str, entry: J.Entry, params: str) -> None:
         """After a completed migration (libxl destroys the source domain once the destination
         runs it): the destination's add got our yes, so this host's stack is history. Tear it
         down here and keep the data; `dmmig migrate` tells the destination's agent."""
@@ -329,7 +329,7 @@ class Hotplug:
         # yes is the proof that the destination has every write
         done, _ = migrate.finish(self.stack, name, force=True, remove=True, remote=False)
         if node:
-            self._detach(node, self._read("params"))
+            self._detach(node, params)
         self.log(f"{name} was handed over to the destination: finished here in {self._took()} ({len(done)} steps)")
 
     def _wait_closed(self, top: str) -> DmInfo | None:

@@ -100,16 +100,21 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             remote.close()
 
 
+def destination(host: str, ep_opts: dict[str, Any], opts: CopyOptions, disk: str) -> dict[str, Any]:
+    """The destination record Remote connects with (journaled as entry.dest)."""
+    ep = Endpoint.parse(host, **ep_opts)
+    return {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
+            "identity": ep.identity, "disk": disk, "transport": opts.transport,
+            "nbd_address": opts.nbd_address, "remote_dmmig": opts.remote_dmmig,
+            "remote_state_dir": opts.remote_state_dir}
+
+
 def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions) -> dict[str, Any]:
     if host is None:
         if not entry.dest:
             raise BadInput(f"no destination known for {entry.name}: give [USER@]HOST")
         return dict(entry.dest)
-    ep = Endpoint.parse(host, **ep_opts)
-    dest = {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
-            "identity": ep.identity, "disk": opts.dest_disk or entry.origin, "transport": opts.transport,
-            "nbd_address": opts.nbd_address, "remote_dmmig": opts.remote_dmmig,
-            "remote_state_dir": opts.remote_state_dir}
+    dest = destination(host, ep_opts, opts, opts.dest_disk or entry.origin)
     old = entry.dest
     if old and (old["host"], old["disk"]) != (dest["host"], dest["disk"]):
         raise StateError(f"{entry.name} is already being copied to {old['host']}:{old['disk']}",

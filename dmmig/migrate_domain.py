@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -144,11 +145,7 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str) -> Disk:
 def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
                        connect: Callable[[dict[str, Any]], Any]) -> None:
     c = opts.copy
-    ep = Endpoint.parse(host, **ep_opts)
-    dest = {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
-            "identity": ep.identity, "transport": c.transport, "remote_dmmig": c.remote_dmmig,
-            "remote_state_dir": c.remote_state_dir}
-    remote = connect(dest)  # unknown host key, bad credentials, no dmmig there: refused here
+    remote = connect(M.destination(host, ep_opts, c, ""))  # unknown host key, bad credentials, no dmmig there: refused here
     try:
         probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script)
     finally:
@@ -230,12 +227,7 @@ def _to_mirror(stack: Stack, d: Disk, host: str, ep_opts: dict[str, Any], opts: 
     entry = stack.journal.load(d.name)
     if entry is not None and entry.phase == J.WRAPPED:
         stack.prepare(d.name)
-    c = opts.copy
-    copts = M.CopyOptions(dest_disk=d.dest_disk, create=c.create, transport=c.transport,
-                          nbd_address=c.nbd_address, remote_dmmig=c.remote_dmmig,
-                          remote_state_dir=c.remote_state_dir, converge=c.converge,
-                          max_rounds=c.max_rounds, bwlimit=c.bwlimit)
-    copied = M.copy(stack, d.name, host, ep_opts, copts, progress)
+    copied = M.copy(stack, d.name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=d.dest_disk), progress)
     cut = M.cutover(stack, d.name, opts.cutover, progress)
     return {"copy": copied, "cutover": cut}
 

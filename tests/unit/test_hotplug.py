@@ -331,7 +331,7 @@ def test_remove_finishes_a_disk_handed_over_to_the_destination(tmp_path: Path, d
     rc, log = run("remove", xs, st)
     assert rc == 0 and xs.writes == []
     if delivered:
-        assert ["dmsetup", "remove", "dmmig-vg0-vm1"] in [a[:2] + a[-1:] for a in r.argvs]
+        assert ["dmsetup", "remove", "--retry", "dmmig-vg0-vm1"] in r.argvs
         assert st.journal.load("vg0-vm1") is None
         assert any("handed over to the destination: finished here" in ln for ln in log)
     else:

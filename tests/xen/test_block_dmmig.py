@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.rig.uml import ROOT
-from tests.xenrig.domu import DomU
+from tests.xenrig.domu import DomU, backend, check_disk
 from tests.xenrig.host import XenHost
 
 pytestmark = pytest.mark.xen
@@ -52,23 +52,10 @@ def journal_names(h: XenHost) -> list[str]:
     return sorted(f for f in r.out.split() if f.endswith(".json"))
 
 
-def backend(h: XenHost, domid: int) -> dict[str, str]:
-    out = h.run(["xenstore-ls", "-f", f"/local/domain/0/backend/vbd/{domid}/51712"]).out
-    keys = {}
-    for line in out.splitlines():
-        k, _, v = line.partition(" = ")
-        keys[k.rsplit("/", 1)[-1]] = v.strip().strip('"')
-    return keys
-
 
 def hotplug_log(h: XenHost) -> str:
     return h.sh(f"cat {HOTPLUG_LOG} 2>/dev/null", check=False).out
 
-
-def check_disk(h: XenHost, *args: str) -> dict[str, Any]:
-    r = h.run([PY, "-m", "tests.xenrig.pattern", *args], cwd=str(ROOT), check=False, timeout=300)
-    assert r.rc in (0, 1), r
-    return dict(json.loads(r.out))
 
 
 def devno_hex(h: XenHost, path: str) -> str:

@@ -3,7 +3,6 @@ script, and plain `xl migrate` moves a running guest between two Xen hosts over 
 tests (block-dmmig, dmmig migrate, the handover gate) build on these fixtures and helpers."""
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -11,29 +10,13 @@ import pytest
 
 from tests.rig.uml import ROOT
 from tests.xenrig import pattern
-from tests.xenrig.domu import DomU
+from tests.xenrig.domu import DomU, backend, check_disk
 from tests.xenrig.host import XenHost
 from tests.xenrig.pair import B_IP, XenPair
 
 pytestmark = pytest.mark.xen
-PY = str(ROOT / ".venv" / "bin" / "python")
 
 
-def check_disk(host: XenHost, *args: str) -> dict[str, Any]:
-    """Run tests.xenrig.pattern in dom0 against a disk there."""
-    r = host.run([PY, "-m", "tests.xenrig.pattern", *args], cwd=str(ROOT), check=False, timeout=300)
-    assert r.rc in (0, 1), r
-    return dict(json.loads(r.out))
-
-
-def backend(host: XenHost, domid: int) -> dict[str, str]:
-    """The vbd backend keys libxl and the block script wrote for the guest's xvda."""
-    out = host.run(["xenstore-ls", "-f", f"/local/domain/0/backend/vbd/{domid}/51712"]).out
-    keys = {}
-    for line in out.splitlines():
-        k, _, v = line.partition(" = ")
-        keys[k.rsplit("/", 1)[-1]] = v.strip().strip('"')
-    return keys
 
 
 def test_guest_writes_through_blkback_and_dom0_reads_it_back(xen_host: XenHost, xen_report: dict[str, Any]) -> None:

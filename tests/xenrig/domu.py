@@ -7,10 +7,12 @@ job named in its config and reports on its console, which xenconsoled logs in do
 """
 from __future__ import annotations
 
+import json
 import re
 import time
+from typing import Any
 
-from tests.rig.uml import RigError
+from tests.rig.uml import ROOT, RigError
 from tests.xenrig.host import XenHost
 
 CONSOLE_DIR = "/var/log/xen/console"
@@ -84,3 +86,21 @@ class DomU:
                 raise RigError(f"domU {self.name}: no {pattern!r} on its console in {timeout}s\n"
                                f"--- console tail ---\n{text[-3000:]}")
             time.sleep(poll)
+
+
+def backend(host: XenHost, domid: int) -> dict[str, str]:
+    """The vbd backend keys libxl and the block script wrote for the guest's xvda."""
+    out = host.run(["xenstore-ls", "-f", f"/local/domain/0/backend/vbd/{domid}/51712"]).out
+    keys = {}
+    for line in out.splitlines():
+        k, _, v = line.partition(" = ")
+        keys[k.rsplit("/", 1)[-1]] = v.strip().strip('"')
+    return keys
+
+
+def check_disk(host: XenHost, *args: str) -> dict[str, Any]:
+    """Run tests.xenrig.pattern in dom0 against a disk there."""
+    r = host.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tests.xenrig.pattern", *args], cwd=str(ROOT),
+                 check=False, timeout=300)
+    assert r.rc in (0, 1), r
+    return dict(json.loads(r.out))
