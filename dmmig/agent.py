@@ -29,6 +29,24 @@ from dmmig.validate import disk_name
 PROTOCOL = 1
 
 
+def incoming(state: str) -> dict[str, dict[str, Any]]:
+    """Every disk a source's dmmig is (or was) migrating into this host: NAME -> the agent's
+    record (path, size, created, export, handed_over)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        files = os.listdir(state)
+    except FileNotFoundError:
+        return out
+    for f in sorted(files):
+        if f.endswith(".dest.json"):
+            try:
+                with open(os.path.join(state, f)) as fh:
+                    out[f[:-len(".dest.json")]] = dict(json.load(fh))
+            except (OSError, ValueError) as e:
+                out[f[:-len(".dest.json")]] = {"unreadable": str(e)}
+    return out
+
+
 class AgentServer:
     def __init__(self, runner: Runner, state: str) -> None:
         self.r = runner

@@ -60,9 +60,9 @@ def cmd_dirty(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from dmmig.status import disk_status, render
+    from dmmig.status import disk_status, names as known, render
     stack = make_stack(a)
-    names = [a.name] if a.name else stack.journal.names()
+    names = [a.name] if a.name else known(stack)
     if not names:
         print("no disks managed by dmmig" if not a.json else "[]")
         return 0

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dmmig.errors import Busy, StateError
+from dmmig.validate import RESERVED_SUFFIXES
 
 DEFAULT_STATE_DIR = "/var/lib/dmmig"
 
@@ -90,8 +91,11 @@ class Journal:
         return Entry(**{k: v for k, v in data.items() if k in _FIELDS})
 
     def names(self) -> list[str]:
+        """The disks with a journal entry (not the agent's NAME.dest.json or the watcher's
+        NAME.health.json next to them)."""
         try:
-            return sorted(f[:-5] for f in os.listdir(self.dir) if f.endswith(".json"))
+            return sorted(f[:-5] for f in os.listdir(self.dir)
+                          if f.endswith(".json") and not f[:-5].endswith(RESERVED_SUFFIXES))
         except FileNotFoundError:
             return []
 

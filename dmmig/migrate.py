@@ -7,6 +7,7 @@ cleans up (`abort`) from what the journal and the kernel say.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import paramiko
 from dmmig import journal as J
 from dmmig import mirrorlog
 from dmmig import nbd as N
-from dmmig.agent import AgentClient, digest_ranges
+from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
 from dmmig.blockdev import block_device
 from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
@@ -491,6 +492,10 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
     """Abort locally (always possible), then stop the destination's export and remove a
     disk dmmig created there. Returns (done, left behind on the destination)."""
     entry = stack.journal.load(name)
+    if entry is None and stack.dm.info(top_name(name)) is None and stack.dm.info(era_name(name)) is None:
+        rec = incoming(stack.journal.dir).get(name)
+        if rec is not None:
+            return _abort_incoming(stack, name, rec), []
     dest = dict(entry.dest) if entry and entry.dest else None
     done = stack.abort(name)
     left = _stop_remote(name, dest, remove_created=True, done=done)
@@ -500,6 +505,18 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
         e2.copy = {}
         stack.journal.save(e2)
     return done, left
+
+
+def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
+    """On the destination, whose source is gone: what the source's abort would have told this
+    host's agent to do. A disk that was handed over is the guest's now: it stays."""
+    keep = bool(rec.get("handed_over"))
+    with stack.journal.lock(name):
+        if "unreadable" in rec:
+            os.unlink(os.path.join(stack.journal.dir, f"{name}.dest.json"))
+            return [f"removed the unreadable record of incoming {name}"]
+        done: list[str] = AgentServer(stack.runner, stack.journal.dir).op_stop(name, remove_created=not keep)["done"]
+    return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]
 
 
 def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:

@@ -6,16 +6,26 @@ import time
 from typing import Any
 
 from dmmig import journal as J
+from dmmig import nbd as N
 from dmmig import proc
+from dmmig.agent import incoming
 from dmmig.dm.targets import Era, Linear, Mirror, ParseError
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.watch import read_health
 
 
+def names(stack: Stack) -> list[str]:
+    """Every disk dmmig knows here: journaled, or incoming from a source's dmmig."""
+    return sorted(set(stack.journal.names()) | set(incoming(stack.journal.dir)))
+
+
 def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     entry = stack.journal.load(name)
-    out: dict[str, Any] = {"name": name, "journal": None, "devices": {}, "problems": []}
+    out: dict[str, Any] = {"name": name, "journal": None, "incoming": None, "devices": {}, "problems": []}
     problems: list[str] = out["problems"]
+    rec = incoming(stack.journal.dir).get(name)
+    if rec is not None:
+        out["incoming"] = _incoming(name, rec, problems, journaled=entry is not None)
     if entry is not None:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
@@ -97,6 +107,26 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     return out
 
 
+def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled: bool) -> dict[str, Any]:
+    """The destination's side of a migration: the agent's record of the disk."""
+    if "unreadable" in rec:
+        problems.append(f"the record of incoming {name} is unreadable ({rec['unreadable']}); "
+                        f"`dmmig abort {name}` here removes it")
+        return rec
+    exp = rec.get("export")
+    alive = bool(exp and N.Export(**exp).alive())
+    st = {"path": rec.get("path"), "size": rec.get("size"), "created": bool(rec.get("created")),
+          "handed_over": bool(rec.get("handed_over")), "export": exp, "export_alive": alive}
+    if exp and not alive:
+        problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.get('pid')}) is gone")
+    if not journaled and not st["handed_over"]:
+        gone = f" and removes {st['path']} (dmmig created it)" if st["created"] else ""
+        problems.append(f"{name} is being migrated into this host by the source's dmmig, which stops it "
+                        f"(`dmmig abort {name}` there). If that host or its dmmig is gone: `dmmig abort {name}` "
+                        f"here stops the export{gone}")
+    return st
+
+
 def render(st: dict[str, Any]) -> str:
     lines = [f"{st['name']}:"]
     j = st["journal"]
@@ -107,8 +137,15 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"  era:     block {j['block_bytes']} bytes, metadata {j['metadata']}")
         if j["dest"]:
             lines.append(f"  dest:    {j['dest'].get('host')} {j['dest'].get('disk', '')}")
-    else:
+    elif not st.get("incoming"):
         lines.append("  phase:   (no journal entry)")
+    inc = st.get("incoming")
+    if inc and "unreadable" not in inc:
+        exp = inc["export"]
+        lines.append(f"  incoming: onto {inc['path']}" + (" (created by dmmig)" if inc["created"] else "")
+                     + (", handed over" if inc["handed_over"] else ", not handed over")
+                     + (f"; NBD export {exp['addr']}:{exp['port']} qemu-nbd pid {exp['pid']}"
+                        f" ({'running' if inc['export_alive'] else 'gone'})" if exp else "; no NBD export"))
     for dev, d in st["devices"].items():
         flags = (" SUSPENDED" if d["suspended"] else "") + (" +inactive-table" if d["inactive_table"] else "")
         lines.append(f"  {dev} ({d['devno']}, open {d['open']}{flags})")

@@ -7,6 +7,9 @@ import shutil
 from dmmig.errors import BadInput, MissingDependency
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}")
+# the state dir holds NAME.json (journal) next to NAME.dest.json (an incoming disk, the agent's)
+# and NAME.health.json (the mirror watcher's): a disk named X.dest would be read as X's record
+RESERVED_SUFFIXES = (".dest", ".health")
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -17,6 +20,9 @@ def disk_name(name: str) -> str:
             f"invalid disk name {name!r}: use letters, digits and _ . + - "
             "(no '/', spaces, '..' or shell characters; at most 96 characters; "
             "first character a letter or digit)")
+    if name.endswith(RESERVED_SUFFIXES):
+        raise BadInput(f"invalid disk name {name!r}: names ending in {' or '.join(RESERVED_SUFFIXES)} are "
+                       "reserved for dmmig's own records")
     return name
 
 

@@ -1,0 +1,97 @@
+"""The destination's side of a migration after its source is gone: `dmmig status` shows the
+incoming disk (the agent's record and its qemu-nbd export), `dmmig abort NAME` there stops the
+export and removes a disk dmmig created, but never a disk that was handed over. The agent is
+the real one and so is its qemu-nbd (a TCP export on 127.0.0.1); no root, no kernel."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dmmig import journal as J
+from dmmig import migrate as M
+from dmmig import nbd as N
+from dmmig.agent import AgentServer
+from dmmig.dm.dmsetup import DmSetup
+from dmmig.errors import BadInput
+from dmmig.runner import SubprocessRunner
+from dmmig.stack import Stack
+from dmmig.status import disk_status, names, render
+from dmmig.validate import disk_name
+from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.test_hotplug import NOT_THERE
+
+MIB = 1 << 20
+
+
+def dest_host(tmp_path: Path) -> tuple[Stack, AgentServer, str]:
+    """A destination host: no dm devices of dmmig, one state dir shared by CLI and agent."""
+    state = str(tmp_path / "state")
+    runner = FakeRunner([(["dmsetup", "info"], NOT_THERE)])
+    return Stack(runner, DmSetup(runner), J.Journal(state)), AgentServer(SubprocessRunner(), state), state
+
+
+@pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="needs qemu-nbd (qemu-utils)")
+def test_status_shows_an_incoming_disk_and_abort_there_stops_and_removes_it(tmp_path: Path) -> None:
+    stack, agent, state = dest_host(tmp_path)
+    path = str(tmp_path / "vm1.img")
+    agent.op_prepare_disk("d1", path, 4 * MIB, create=True)
+    exp = N.Export(**agent.op_export("d1")["export"])
+    try:
+        assert exp.alive()
+        assert names(stack) == ["d1"]
+        st = disk_status(stack, "d1")
+        assert st["journal"] is None and st["incoming"]["export_alive"] and st["incoming"]["created"]
+        assert any("`dmmig abort d1` here stops the export and removes" in p for p in st["problems"]), st
+        text = render(st)
+        assert f"incoming: onto {path} (created by dmmig), not handed over" in text, text
+        assert f"qemu-nbd pid {exp.pid} (running)" in text, text
+
+        done, left = M.abort(stack, "d1")
+        assert left == []
+        assert f"stopped qemu-nbd {exp.pid} exporting {path}" in done
+        assert f"removed {path} (created by dmmig)" in done
+        assert not exp.alive() and not os.path.exists(path)
+        assert names(stack) == [] and [f for f in os.listdir(state) if not f.endswith(".lock")] == []
+    finally:
+        N.stop_export(exp)
+
+
+def test_abort_keeps_a_disk_that_was_handed_over(tmp_path: Path) -> None:
+    stack, agent, state = dest_host(tmp_path)
+    path = str(tmp_path / "vm1.img")
+    agent.op_prepare_disk("d1", path, 4 * MIB, create=True)
+    rec_path = os.path.join(state, "d1.dest.json")
+    rec = json.load(open(rec_path))
+    json.dump(dict(rec, handed_over=True), open(rec_path, "w"))
+    assert not any("dmmig abort" in p for p in disk_status(stack, "d1")["problems"])
+    done, _ = M.abort(stack, "d1")
+    assert os.path.exists(path)
+    assert done == [f"forgot incoming d1 ({path} was handed over and stays)"]
+    assert names(stack) == []
+
+
+def test_an_unreadable_record_is_shown_and_abort_removes_it(tmp_path: Path) -> None:
+    stack, _, state = dest_host(tmp_path)
+    os.makedirs(state)
+    Path(state, "d1.dest.json").write_text("{not json")
+    st = disk_status(stack, "d1")
+    assert any("unreadable" in p for p in st["problems"]), st
+    assert M.abort(stack, "d1")[0] == ["removed the unreadable record of incoming d1"]
+    assert names(stack) == []
+
+
+def test_records_next_to_the_journal_are_not_disks(tmp_path: Path) -> None:
+    """d1.dest.json (agent) and d1.health.json (watcher) are d1's, not disks d1.dest and d1.health."""
+    j = J.Journal(str(tmp_path))
+    j.save(J.Entry("d1", "/dev/loop1", "7:1"), J.WRAPPED)
+    for f in ("d1.dest.json", "d1.health.json"):
+        (tmp_path / f).write_text("{}")
+    assert j.names() == ["d1"]
+    for bad in ("d1.dest", "d1.health"):
+        with pytest.raises(BadInput, match="reserved"):
+            disk_name(bad)
+    assert disk_name("d1.destination") == "d1.destination"
