@@ -37,7 +37,7 @@ from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, Undo
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack, top_name
-from dmmig.validate import disk_name
+from dmmig.validate import RESERVED_SUFFIXES, disk_name
 from dmmig.xenstore import PyxsXenStore, XenStore
 
 PREFIX = "block-dmmig"
@@ -90,9 +90,9 @@ def disk_name_for(params: str) -> str:
     The path is normalised, '/dev/' (else just '/') dropped, and its components joined by '-'.
     Inside a component '-' is doubled (as lvm2 names /dev/mapper entries), a '-' that starts
     or ends a component, a second '.' in a row and every character outside [A-Za-z0-9_.]
-    become '+' and two hex digits per UTF-8 byte. So a single '-' always separates
-    components and different paths under /dev (or different paths outside it) get different
-    names. The one overlap, /dev/X vs /X, is refused by wrap: a NAME already wrapping
+    become '+' and two hex digits per UTF-8 byte (so does the '.' of a name that would end in
+    a reserved suffix, '.dest' or '.health'). So a single '-' always separates components and
+    different paths under /dev (or different paths outside it) get different names. The one overlap, /dev/X vs /X, is refused by wrap: a NAME already wrapping
     another origin is never shared."""
     if not params.startswith("/"):
         raise HotplugError(f"target {params!r} is not an absolute path: block-dmmig needs a block device "
@@ -102,6 +102,9 @@ def disk_name_for(params: str) -> str:
     if not rel:
         raise HotplugError(f"target {params!r} names no disk")
     name = "-".join(_component(c) for c in rel.split("/"))
+    for suffix in RESERVED_SUFFIXES:  # vm.dest -> vm+2edest: the '.' encoded, the name stays unique
+        if name.endswith(suffix):
+            name = name[:-len(suffix)] + "+2e" + suffix[1:]
     try:
         return disk_name(name)
     except BadInput as e:
