@@ -8,6 +8,7 @@ job named in its config and reports on its console, which xenconsoled logs in do
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from typing import Any
@@ -37,7 +38,9 @@ class DomU:
             'type = "pvh"',
             f'kernel = "{art.domu_kernel}"',
             f'ramdisk = "{art.domu_initrd}"',
-            f'cmdline = "console=hvc0 loglevel=4 XENRIG_JOB={":".join(self.job)}"',
+            # XENRIG_GUEST_LOGLEVEL=7: the guest kernel's suspend/resume messages on its console
+            f'cmdline = "console=hvc0 loglevel={os.environ.get("XENRIG_GUEST_LOGLEVEL", "4")} '
+            f'XENRIG_JOB={":".join(self.job)}"',
             f"memory = {self.memory_mib}",
             f"vcpus = {self.vcpus}",
             # with -cpu ...,-rdtscp: a PVH guest otherwise hangs on RDTSCP under emulated SVM
@@ -51,6 +54,9 @@ class DomU:
     def create(self, timeout: float = 180) -> float:
         """xl create; returns the seconds it took."""
         self.host.run(["mkdir", "-p", "/run/xenrig"])
+        # xenconsoled appends to a log named after the domain: an earlier guest of this name
+        # (an earlier test) must not lend it its lines
+        self.host.sh(f"rm -f {CONSOLE_DIR}/guest-{self.name}.log {CONSOLE_DIR}/guest-{self.name}--*.log")
         self.host.write_file(self.cfg_path, self.config())
         t = time.monotonic()
         # -e: no monitoring daemon. Here xl's daemonizing child intermittently dies of heap
@@ -72,6 +78,19 @@ class DomU:
         r = (host or self.host).sh(f"cat {CONSOLE_DIR}/guest-{self.name}.log {CONSOLE_DIR}/guest-{self.name}--*.log"
                                    " 2>/dev/null", check=False)
         return r.out
+
+    def diagnose(self, host: XenHost | None = None) -> str:
+        """What to look at when xl fails on this guest: the domains, Xen's own log, the guest's
+        control nodes in XenStore (control/shutdown is how libxl asks a PVH guest to suspend)
+        and the guest's console."""
+        h = host or self.host
+        domid = self.domid(h)
+        parts = [("xl list", "xl list"), ("xl dmesg (tail)", "xl dmesg | tail -40")]
+        if domid is not None:
+            parts.append(("guest's control nodes", f"xenstore-ls -f /local/domain/{domid}/control"))
+        out = [f"--- {title} ---\n{h.sh(cmd, check=False, timeout=60).out}" for title, cmd in parts]
+        out.append(f"--- guest console (tail) ---\n{self.console(h)[-3000:]}")
+        return "\n".join(out)
 
     def wait_console(self, pattern: str, *, host: XenHost | None = None, timeout: float = 120,
                      poll: float = 1.0) -> re.Match[str]:

@@ -65,13 +65,20 @@ class XenHost:
     _ids = itertools.count(1)
 
     def __init__(self, name: str, *, net: NetSpec | None = None, mem_mib: int = 2048, dom0_mem_mib: int = 1024,
-                 log_dir: str | None = None, artifacts: Artifacts | None = None, tcg_thread: str = "single", cpus: int = 2,
+                 log_dir: str | None = None, artifacts: Artifacts | None = None, tcg_thread: str = "single", cpus: int = 1,
                  cpu_model: str = CPU_MODEL, serial_shell: bool = False) -> None:
         """tcg_thread: "single" by default. With QEMU 7.2's multi-threaded TCG, dom0's processes
         saw memory corruption here (xl crashing after fork, ssh streams arriving altered, a
         migration stream rejected); one TCG thread runs the vCPUs in turn and showed none.
         (Those runs still had XSAVE, which corrupts dom0 even with one thread: see CPU_MODEL;
         "multi" has not been tried again without it.)
+        cpus: one by default. With two (Xen's two pCPUs, dom0's two vCPUs), the PVH guest died at
+        random times, booting or running, idle or under live migration's log-dirty mode: an
+        interrupt arrived on the first instruction of the interrupt handler (IF=0, its GS still
+        the user's: "Fatal exception in interrupt"), or it stopped without a word and so never
+        acknowledged xl's suspend ("guest didn't acknowledge suspend"). Cross-host xl migrate
+        passed 3 of 5 (2 CPUs) against 8 of 8 (1 CPU) here, same rig otherwise. One TCG thread
+        runs the vCPUs in turn anyway, so the second CPU bought no speed.
         serial_shell: a root shell on dom0's console, fed by serial_input() (for debugging a
         dom0 whose agent stopped answering; its output lands in the serial log)."""
         self.name = name
