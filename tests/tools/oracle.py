@@ -8,7 +8,7 @@ compares every block with what the record says it must hold.
     oracle.py fill   DEV --seed S                  # every block gets seq 0
     oracle.py write  DEV --seed S --record R [--count N] [--blocks A:B] [--rate R]
                      (runs until SIGTERM or N writes; exits 1 if any write failed)
-    oracle.py check  DEV --seed S --record R [--record R2 ...]   # exits 1 on any mismatch
+    oracle.py check  DEV --seed S --record R [--record R2 ...] [--blocks A:B]   # exits 1 on any mismatch
     oracle.py digest DEV                                          # sha256 of the whole device
 """
 from __future__ import annotations
@@ -112,10 +112,11 @@ def cmd_check(a: argparse.Namespace) -> int:
         for k, v in json.load(open(r))["last"].items():
             last[int(k)] = max(last.get(int(k), 0), v)
     fd = os.open(a.dev, os.O_RDONLY | os.O_DIRECT)
-    n = dev_blocks(fd)
+    # --blocks: only that range is the oracle's (the rest of the device belongs to another writer)
+    lo, n = (int(x) for x in a.blocks.split(":")) if a.blocks else (0, dev_blocks(fd))
     buf = mmap.mmap(-1, BS * 256)
     bad: list[str] = []
-    b = 0
+    b = lo
     while b < n:
         k = min(256, n - b)
         got = os.preadv(fd, [buf], b * BS)
@@ -130,7 +131,7 @@ def cmd_check(a: argparse.Namespace) -> int:
                 bad.append(f"block {blk}: want seq {last.get(blk, 0)}, found {what}")
         b += k
     os.close(fd)
-    print(json.dumps({"blocks": n, "written_blocks": len(last), "mismatches": len(bad), "first": bad[:10]}))
+    print(json.dumps({"blocks": n - lo, "written_blocks": len(last), "mismatches": len(bad), "first": bad[:10]}))
     return 1 if bad else 0
 
 
@@ -159,6 +160,7 @@ def main() -> int:
             sp.add_argument("--resume", action="store_true")
         if name == "check":
             sp.add_argument("--record", action="append")
+            sp.add_argument("--blocks")
     a = p.parse_args()
     return {"fill": cmd_fill, "write": cmd_write, "check": cmd_check, "digest": cmd_digest}[a.cmd](a)
 

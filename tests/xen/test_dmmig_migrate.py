@@ -1,12 +1,14 @@
 """`dmmig migrate` on real Xen: two Xen hosts (QEMU, socket network), a running PVH guest on a
 block-dmmig disk that exists only on host a.
 
-The writes come from the project's independent oracle (tests/tools/oracle.py) in dom0, on the
-very device blkback serves (/dev/mapper/dmmig-NAME), so they take the guest's path through era
-and the mirror; it records every write the kernel acknowledged and checks a disk against that
-record block by block. Under QEMU's emulation a guest that itself writes to its disk does not
-acknowledge xl's suspend request ("guest didn't acknowledge suspend", the same with plain
-`xl migrate`), so the guest only ticks on its console: its ticks measure the downtime."""
+Two independent writers share the disk, in separate block ranges. The guest itself writes
+through blkfront (tests/xenrig/guest_tool.c: each block names its seq; each completed write is
+an ACK line on its console) all the way through the copy, the cutover, xl's suspend and its
+resume on b. In dom0 the project's oracle (tests/tools/oracle.py) writes on the very device
+blkback serves (/dev/mapper/dmmig-NAME), so at a far higher rate it takes the guest's path
+through era and the mirror; it records every write the kernel acknowledged. Afterwards b's disk
+is checked block by block against both records, and against a's disk as the guest left it at
+its suspend. The ACKs' timestamps measure the downtime the guest saw."""
 from __future__ import annotations
 
 import json
@@ -72,8 +74,8 @@ def oracle(h: XenHost, cmd: str, path: str, seed: int, *args: str) -> dict[str, 
     return dict(json.loads(r.out)) if cmd == "check" else None
 
 
-def oracle_check(h: XenHost, dev: str, seed: int, record: str) -> dict[str, Any]:
-    res = oracle(h, "check", dev, seed, "--record", record)
+def oracle_check(h: XenHost, dev: str, seed: int, record: str, blocks: str | None = None) -> dict[str, Any]:
+    res = oracle(h, "check", dev, seed, "--record", record, *(["--blocks", blocks] if blocks else []))
     assert res is not None
     return res
 
@@ -122,6 +124,26 @@ def clean_up(a: XenHost, b: XenHost, guest: str, disk: str, img: str, dm: str | 
         h.run(["rm", "-f", img, f"{STATE}/{disk}.dest.json"], check=False)
 
 
+def wait_migrate(job: Any, a: XenHost, b: XenHost, guest: str, timeout: float) -> Any:
+    """The dmmig migrate job's Result. If it overruns: what both hosts are doing, then the
+    job is interrupted for its own output, and the test fails with all of it."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            seen = [f"--- {h.name}: {title} ---\n{h.sh(cmd, check=False, timeout=60).out}"
+                    for h in (a, b) for title, cmd in (
+                        ("processes", "ps -eo pid,ppid,stat,etime,wchan:24,args --sort=pid | grep -v ' \\[' | tail -40"),
+                        ("xl list", "xl list"), ("dm", "dmsetup status"),
+                        ("hotplug log", "tail -20 /var/log/xen/xen-hotplug.log"),
+                        ("xl log", f"tail -20 /var/log/xen/xl-{guest}.log"))]
+            job.signal(signal.SIGINT)
+            r = job.wait(120)
+            pytest.fail(f"dmmig migrate still running after {timeout:.0f}s\n" + "\n".join(seen) +
+                        f"\n--- dmmig migrate (interrupted) ---\nrc {r.rc}\n{r.out[-3000:]}\n{r.err[-5000:]}")
+        time.sleep(2)
+    return job.wait(60)
+
+
 def events(out: str) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
 
@@ -130,36 +152,40 @@ def migrate_argv(name: str, *extra: str) -> list[str]:
     return [DMMIG, "migrate", name, B_IP, "--create", "--remote-dmmig", DMMIG, *SSH_OPTS, *extra]
 
 
-def ticker(host: XenHost, name: str, target: str, seed: int) -> DomU:
-    """The guest: its disk is TARGET through block-dmmig; it ticks every 200 ms on its console."""
+def writing_guest(host: XenHost, name: str, target: str, seed: int, start: int, count: int) -> DomU:
+    """The guest: its disk is TARGET through block-dmmig; every 200 ms it writes the next of
+    blocks START..START+COUNT (4 KiB, O_DIRECT|O_DSYNC) and prints the ACK."""
     return DomU(host, name, disk=f"vdev=xvda,access=rw,script=block-dmmig,target={target}",
-                job=["workload", str(seed), "-", "0", "0", "200"])
+                job=["workload", str(seed), "/dev/xvda", str(start), str(count), "200"])
 
 
-# Not strict: the migration itself is what fails under emulation. Seen twice (a writing guest,
-# then a ticking one after dmmig's copy under the oracle writer): xl's suspend request is not
-# acknowledged ("domain did not respond to suspend request"); plain `xl migrate` of the same
-# ticking guest on an idle dom0 passed on the stock script's loop disk and failed the same way
-# on a block-dmmig disk with no dmmig migration (one run each). Both times dmmig took the failure path: the guest
-# resumed on a and dmmig aborted both hosts (exit 8). Everything before xl migrate passed:
-# plan, --dry-run, copy and cutover under 22,602 oracle writes with no write error.
-XL_SUSPEND_UNDER_TCG = pytest.mark.xfail(
-    strict=False, reason="under QEMU TCG the guest does not acknowledge xl's suspend request after "
-                         "dmmig's copy (see the comment above; the failure path is taken instead)")
+def guest_acks_on_disk(h: XenHost, dev: str, seed: int, console: str) -> dict[str, Any]:
+    """tests.xenrig.pattern in dom0: every write the guest's console acknowledged is on DEV."""
+    r = h.run([PY, "-m", "tests.xenrig.pattern", "acks", dev, str(seed)], cwd=str(ROOT), check=False,
+              input=console.encode(), timeout=300)
+    assert r.rc in (0, 1), r
+    return dict(json.loads(r.out))
 
 
-@XL_SUSPEND_UNDER_TCG
+def guest_seqs(h: XenHost, dev: str, seed: int, start: int, count: int) -> list[int | None]:
+    r = h.run([PY, "-m", "tests.xenrig.pattern", "seqs", dev, str(seed), str(start), str(count)], cwd=str(ROOT),
+              timeout=300)
+    return list(json.loads(r.out)["seqs"])
+
+
 def test_dmmig_migrate_moves_a_running_guest_and_its_local_disk(pair: tuple[XenHost, XenHost], xen_pair: XenPair,
                                                                 xen_report: dict[str, Any]) -> None:
     a, b = pair
-    name, seed = "xrdm", 31
+    name, seed, gseed = "xrdm", 31, 32
     img, rec = f"/dev/shm/{name}.img", f"/run/{name}.rec"
     disk = f"shm-{name}.img"
     top = f"/dev/mapper/dmmig-{disk}"
+    # 64 MiB = 16384 blocks of 4 KiB: the oracle writes 0..8191, the guest 12288..12543
+    gstart, gcount = 12288, 256
     a.run(["truncate", "-s", "64M", img])
     step("fill")
     oracle(a, "fill", img, seed)  # every block: the oracle's seq 0
-    vm = ticker(a, name, img, seed)
+    vm = writing_guest(a, name, img, gseed, gstart, gcount)
     try:
         residual = xen_pair.sync_clocks()
         assert abs(residual["offset_ns"]) < 20_000_000, residual
@@ -177,17 +203,18 @@ def test_dmmig_migrate_moves_a_running_guest_and_its_local_disk(pair: tuple[XenH
         assert [ln.split()[0] for ln in a.run(["dmsetup", "ls"]).out.splitlines()] == [f"dmmig-{disk}"]
 
         step("writer")
-        writer = start_writer(a, top, seed, rec, "0:16384")
+        writer = start_writer(a, top, seed, rec, "0:8192")
         step("migrate")
         t = time.monotonic()
         job = a.spawn(migrate_argv(name, "--json", "--", "-e"), timeout=1200)
-        # writes go on through the copy rounds, the cutover and 5 s of mirroring; the writer
-        # lets go of the top device long before xl suspends the guest (memory takes ~60 s)
+        # the oracle writes through the copy rounds, the cutover and 5 s of mirroring, then lets
+        # go of the top device long before xl suspends the guest (memory takes ~50 s); the
+        # guest writes throughout
         wait_table(a, f"dmmig-{disk}", "mirror", 600, job)
         time.sleep(5)
         wrote = stop_writer(writer)
         step(f"writer stopped: {wrote}")
-        r = job.wait(1200)
+        r = wait_migrate(job, a, b, name, 420)
         step(f"migrate done: {r.rc}")
         total_s = time.monotonic() - t
         assert r.rc == 0, r
@@ -197,33 +224,52 @@ def test_dmmig_migrate_moves_a_running_guest_and_its_local_disk(pair: tuple[XenH
         # on b: block-dmmig wrapped the disk as an ordinary, not migrating disk
         entry = json.loads(b.run(["cat", f"{STATE}/{disk}.json"]).out)
         assert entry["phase"] == "wrapped", entry
-        last_on_a = max(x.seq for x in pattern.acks(vm.console(a)))
-        vm.wait_console(rf"XENRIG-ACK {last_on_a + 30} ", host=b, timeout=180)  # alive on b
-        gap = pattern.largest_gap(pattern.merge(pattern.acks(vm.console(a)), pattern.acks(vm.console(b))))
+        on_a = pattern.acks(vm.console(a))
+        last_on_a = max(x.seq for x in on_a)
+        vm.wait_console(rf"XENRIG-ACK {last_on_a + 30} ", host=b, timeout=180)  # alive on b, writing
+        b.run(["xl", "pause", name])
+        console = vm.console(a) + vm.console(b)
+        gap = pattern.largest_gap(pattern.merge(on_a, pattern.acks(vm.console(b))))
         assert last_on_a - 5 <= gap.after_seq <= last_on_a + 5, (gap, last_on_a)
-        vm.destroy(b)
 
-        # b's disk, block by block: the fill, and every write the kernel acknowledged on a
+        # b's disk, block by block. The guest's range: every write it acknowledged, on a or on b
+        got = guest_acks_on_disk(b, top, gseed, console)
+        assert got["ok"], got
+        # ... and what a's disk held when the guest stopped there, or a later write of b's
+        at_suspend = guest_seqs(a, img, gseed, gstart, gcount)
+        now_b = guest_seqs(b, top, gseed, gstart, gcount)
+        behind = [(gstart + i, x, y) for i, (x, y) in enumerate(zip(at_suspend, now_b))
+                  if x is not None and (y is None or y < x)]
+        assert not behind, behind[:10]
+        assert sum(x is not None for x in at_suspend) >= min(gcount, last_on_a), at_suspend
+        # the oracle's range: the fill and every write the kernel acknowledged on a; the rest of
+        # the disk: the fill
         b.write_file(rec, a.run(["cat", rec]).out)
-        ok = oracle_check(b, img, seed, rec)
+        ok = oracle_check(b, top, seed, rec, "0:12288")
         assert ok["mismatches"] == 0 and ok["written_blocks"] > 100, ok
-        assert oracle_check(a, img, seed, rec)["mismatches"] == 0
-        # the check is not blind: a's disk, checked against the fill alone, differs where written
-        a.write_file(rec + ".none", json.dumps({"last": {}}))
-        assert oracle_check(a, img, seed, rec + ".none")["mismatches"] > 0
+        for h in (a, b):
+            h.write_file(rec + ".none", json.dumps({"last": {}}))
+        assert oracle_check(b, top, seed, rec + ".none", f"{gstart + gcount}:16384")["mismatches"] == 0
+        on_b = pattern.acks(vm.console(b))
+        vm.destroy(b)
+        assert oracle_check(a, img, seed, rec, "0:12288")["mismatches"] == 0
+        # the checks are not blind: a's disk against the fill alone differs where the oracle
+        # wrote; the guest's blocks on b are not a's at its suspend where b wrote them again
+        assert oracle_check(a, img, seed, rec + ".none", "0:8192")["mismatches"] > 0
+        assert any(x != y for x, y in zip(at_suspend, now_b))
         # the source let go of everything: no top device, no loop device over the file
         assert a.run(["losetup", "-j", img]).out.strip() == ""
 
         d = summary["disks"][disk]
-        xen_report["dmmig migrate (64 MiB disk, 128 MiB guest): total s / to mirror s / xl migrate s"] = (
-            round(total_s, 1), summary["to_mirror_seconds"], summary["xl"]["seconds"])
+        xen_report["dmmig migrate (64 MiB disk, 128 MiB guest): total s / to mirror s / xl migrate s / finish s"] = (
+            round(total_s, 1), summary["to_mirror_seconds"], summary["xl"]["seconds"], d["finish"]["seconds"])
         xen_report["dmmig migrate: guest-visible downtime ms (wall, monotonic)"] = (
             round(gap.real_ms), round(gap.mono_ms))
         xen_report["dmmig migrate: cutover suspend ms / gate suspend ms / gate caught up bytes"] = (
             round(d["cutover"]["suspended_seconds"] * 1000), round(d["handover"]["seconds"] * 1000),
             d["handover"]["caught_up_bytes"])
-        xen_report["dmmig migrate: oracle writes during copy+cutover, slowest ms"] = (
-            wrote["writes"], wrote["max_latency_ms"])
+        xen_report["dmmig migrate: oracle writes during copy+cutover, slowest ms / guest writes acked"] = (
+            wrote["writes"], wrote["max_latency_ms"], len(pattern.merge(on_a, on_b)))
     finally:
         clean_up(a, b, name, disk, img)
         for h in (a, b):
@@ -239,15 +285,16 @@ def _wait_incoming(b: XenHost, name: str, timeout: float, job: Any) -> None:
         time.sleep(0.5)
 
 
-@XL_SUSPEND_UNDER_TCG
 def test_gate_refuses_a_disk_whose_leg_broke_and_the_guest_stays(pair: tuple[XenHost, XenHost],
                                                                   xen_report: dict[str, Any]) -> None:
     """The destination's disk starts failing writes while xl migrate copies memory: the next
     write fails the mirror's leg, the gate's catch-up cannot write either, the source answers
     no, b's block-dmmig add fails, xl migrate fails and the guest resumes on a, whose disk has
-    every acknowledged write; dmmig aborts on both hosts."""
+    every write acknowledged to the guest or to the oracle; dmmig aborts on both hosts."""
     a, b = pair
-    name, seed = "xrgate", 47
+    name, seed, gseed = "xrgate", 47, 48
+    # 32 MiB = 8192 blocks of 4 KiB: the oracle writes 0..4095, the guest 6144..6399
+    gstart, gcount = 6144, 256
     img, rec = f"/dev/shm/{name}.img", f"/run/{name}.rec"
     dev = f"/dev/mapper/{name}"         # the same path on both hosts: a dm device of the test's
     disk = f"mapper-{name}"
@@ -257,11 +304,11 @@ def test_gate_refuses_a_disk_whose_leg_broke_and_the_guest_stays(pair: tuple[Xen
         loop = h.run(["losetup", "--find", "--show", img]).out.strip()
         h.run(["dmsetup", "create", name, "--table", f"0 {sectors} linear {loop} 0"])
     oracle(a, "fill", dev, seed)
-    vm = ticker(a, name, dev, seed)
+    vm = writing_guest(a, name, dev, gseed, gstart, gcount)
     try:
         vm.create()
         vm.wait_console(r"XENRIG-ACK 30 ", timeout=180)
-        writer = start_writer(a, f"/dev/mapper/dmmig-{disk}", seed, rec, "0:8192")
+        writer = start_writer(a, f"/dev/mapper/dmmig-{disk}", seed, rec, "0:4096")
         job = a.spawn(migrate_argv(name, "--", "-e"), timeout=1200)
         _wait_incoming(b, name, 900, job)
         # b's disk fails every write from now on; the writer's next write fails the leg
@@ -269,7 +316,7 @@ def test_gate_refuses_a_disk_whose_leg_broke_and_the_guest_stays(pair: tuple[Xen
         b.run(["dmsetup", "suspend", name])
         b.run(["dmsetup", "resume", name])
         t = time.monotonic()
-        r = job.wait(1200)
+        r = wait_migrate(job, a, b, name, 420)
         assert r.rc == 8, r  # the destination refused: exit code REMOTE
         assert "the handover gate refused" in r.err and "resumed on this host" in r.err, r
         assert vm.domid(b) is None and vm.domid(a) is not None
@@ -281,8 +328,12 @@ def test_gate_refuses_a_disk_whose_leg_broke_and_the_guest_stays(pair: tuple[Xen
         entry = json.loads(a.run(["cat", f"{STATE}/{disk}.json"]).out)
         assert entry["phase"] == "wrapped", entry
         wrote = stop_writer(writer)
+        console = vm.console(a)
         vm.destroy()
-        ok = oracle_check(a, dev, seed, rec)
+        # every write acknowledged to the guest and to the oracle is on a's disk
+        got = guest_acks_on_disk(a, dev, gseed, console)
+        assert got["ok"], got
+        ok = oracle_check(a, dev, seed, rec, "0:6144")
         assert ok["mismatches"] == 0 and ok["written_blocks"] > 100, ok
         xen_report["gate refusal: dmmig migrate exit after the break s / oracle writes"] = (
             round(time.monotonic() - t, 1), wrote["writes"])

@@ -110,14 +110,31 @@ def check_acks(dev: str, seed: int, last: dict[int, int]) -> list[str]:
     return problems
 
 
+def seqs(dev: str, seed: int, start: int, count: int) -> list[int | None]:
+    """The seq each block of start.. holds (None: not this run's well-formed block)."""
+    out: list[int | None] = []
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        for b in range(start, start + count):
+            got = parse(_read(dev, b, fd))
+            out.append(got[1] if got and got[0] == seed and got[2] == b else None)
+    finally:
+        os.close(fd)
+    return out
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 5 and argv[0] == "seqs":
+        print(json.dumps({"seqs": seqs(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))}))
+        return 0
     if len(argv) == 5 and argv[0] == "check":
         problems = check_pattern(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
     elif len(argv) == 3 and argv[0] == "acks":
         # the guest's console log on stdin
         problems = check_acks(argv[1], int(argv[2]), last_acked(acks(sys.stdin.read())))
     else:
-        print("usage: pattern check DEV SEED START COUNT | pattern acks DEV SEED < console.log", file=sys.stderr)
+        print("usage: pattern check DEV SEED START COUNT | pattern acks DEV SEED < console.log"
+              " | pattern seqs DEV SEED START COUNT", file=sys.stderr)
         return 2
     print(json.dumps({"ok": not problems, "problems": problems[:50], "count": len(problems)}))
     return 0 if not problems else 1
