@@ -305,9 +305,13 @@ class AgentClient:
         self.hello = hello
 
     def call(self, op: str, **kw: Any) -> dict[str, Any]:
-        self.wfile.write(json.dumps({"op": op, **kw}) + "\n")
-        self.wfile.flush()
-        line = self.rfile.readline()
+        try:
+            self.wfile.write(json.dumps({"op": op, **kw}) + "\n")
+            self.wfile.flush()
+            line = self.rfile.readline()
+        except (OSError, EOFError) as e:  # paramiko raises EOFError writing to a dead transport
+            raise RemoteError(f"the SSH connection to the destination broke during {op}: "
+                              f"{type(e).__name__} {e}".rstrip()) from None
         if not line:
             raise RemoteError(f"the destination agent went away during {op}")
         rep = dict(json.loads(line))

@@ -84,6 +84,9 @@ def forward_socket(client: paramiko.SSHClient, host: str, port: int) -> socket.s
         chan = t.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT)
     except paramiko.ChannelException as e:
         raise RemoteError(f"the destination refused a tunnel to {host}:{port}: {e}") from None
+    except (paramiko.SSHException, EOFError, OSError) as e:  # the transport died (EOFError is paramiko's)
+        raise RemoteError(f"the SSH connection to the destination broke opening a tunnel to {host}:{port}: "
+                          f"{type(e).__name__} {e}".rstrip()) from None
     ours, theirs = socket.socketpair()
     threading.Thread(target=_pump, args=(theirs, chan), daemon=True).start()
     threading.Thread(target=_pump_back, args=(chan, theirs), daemon=True).start()
@@ -94,7 +97,7 @@ def _pump(sock: socket.socket, chan: paramiko.Channel) -> None:
     try:
         while data := sock.recv(1 << 20):
             chan.sendall(data)
-    except OSError:
+    except (OSError, EOFError):  # EOFError: paramiko's transport died (the NBD client sees the close)
         pass
     finally:
         chan.close()
