@@ -92,8 +92,9 @@ def disk_name_for(params: str) -> str:
     or ends a component, a second '.' in a row and every character outside [A-Za-z0-9_.]
     become '+' and two hex digits per UTF-8 byte (so does the '.' of a name that would end in
     a reserved suffix, '.dest' or '.health'). So a single '-' always separates components and
-    different paths under /dev (or different paths outside it) get different names. The one overlap, /dev/X vs /X, is refused by wrap: a NAME already wrapping
-    another origin is never shared."""
+    different paths under /dev (or different paths outside it) get different names. The one
+    overlap, /dev/X vs /X, is refused by wrap: a NAME already wrapping another origin is never
+    shared."""
     if not params.startswith("/"):
         raise HotplugError(f"target {params!r} is not an absolute path: block-dmmig needs a block device "
                            "(e.g. target=/dev/vg0/vm1) or a disk image file")

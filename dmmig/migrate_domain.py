@@ -145,7 +145,8 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str) -> Disk:
 def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
                        connect: Callable[[dict[str, Any]], Any]) -> None:
     c = opts.copy
-    remote = connect(M.destination(host, ep_opts, c, ""))  # unknown host key, bad credentials, no dmmig there: refused here
+    # unknown host key, bad credentials, no dmmig there: refused here
+    remote = connect(M.destination(host, ep_opts, c, ""))
     try:
         probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script)
     finally:

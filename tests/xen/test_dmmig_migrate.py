@@ -22,7 +22,7 @@ import pytest
 
 from tests.rig.uml import ROOT
 from tests.xenrig import pattern
-from tests.xenrig.domu import DomU
+from tests.xenrig.domu import DomU, check_disk
 from tests.xenrig.host import XenHost
 from tests.xenrig.pair import B_IP, SSH_OPTS, XenPair
 
@@ -160,17 +160,13 @@ def writing_guest(host: XenHost, name: str, target: str, seed: int, start: int, 
 
 
 def guest_acks_on_disk(h: XenHost, dev: str, seed: int, console: str) -> dict[str, Any]:
-    """tests.xenrig.pattern in dom0: every write the guest's console acknowledged is on DEV."""
-    r = h.run([PY, "-m", "tests.xenrig.pattern", "acks", dev, str(seed)], cwd=str(ROOT), check=False,
-              input=console.encode(), timeout=300)
-    assert r.rc in (0, 1), r
-    return dict(json.loads(r.out))
+    """Every write the guest's console acknowledged is on DEV."""
+    return check_disk(h, "acks", dev, str(seed), stdin=console)
 
 
 def guest_seqs(h: XenHost, dev: str, seed: int, start: int, count: int) -> list[int | None]:
-    r = h.run([PY, "-m", "tests.xenrig.pattern", "seqs", dev, str(seed), str(start), str(count)], cwd=str(ROOT),
-              timeout=300)
-    return list(json.loads(r.out)["seqs"])
+    """The seq each of the guest's blocks START.. holds on DEV."""
+    return list(check_disk(h, "seqs", dev, str(seed), str(start), str(count))["seqs"])
 
 
 def test_dmmig_migrate_moves_a_running_guest_and_its_local_disk(pair: tuple[XenHost, XenHost], xen_pair: XenPair,

@@ -117,9 +117,9 @@ def backend(host: XenHost, domid: int) -> dict[str, str]:
     return keys
 
 
-def check_disk(host: XenHost, *args: str) -> dict[str, Any]:
-    """Run tests.xenrig.pattern in dom0 against a disk there."""
+def check_disk(host: XenHost, *args: str, stdin: str | None = None) -> dict[str, Any]:
+    """Run tests.xenrig.pattern in dom0 against a disk there (`acks` reads a console on STDIN)."""
     r = host.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tests.xenrig.pattern", *args], cwd=str(ROOT),
-                 check=False, timeout=300)
+                 check=False, timeout=300, input=None if stdin is None else stdin.encode())
     assert r.rc in (0, 1), r
     return dict(json.loads(r.out))
