@@ -322,4 +322,7 @@ class AgentClient:
         return rep
 
     def close(self) -> None:
-        self.chan.close()
+        try:
+            self.chan.close()
+        except (OSError, EOFError):  # already dead: closing sends a message paramiko cannot write
+            pass

@@ -25,7 +25,7 @@ from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError, Steps
 from dmmig.progress import Progress
-from dmmig.ssh import Endpoint, connect, forward_socket
+from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, close_quietly, connect, forward_socket
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.validate import require_tools
 
@@ -52,7 +52,14 @@ class Remote:
         self.dest = dest
         self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
         self.ssh: paramiko.SSHClient = connect(self.ep)
-        self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
+        try:
+            self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
+        except BaseException as e:
+            close_quietly(self.ssh)
+            if isinstance(e, TRANSPORT_ERRORS):
+                raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
+                                  f"{type(e).__name__} {e}".rstrip()) from None
+            raise
 
     def nbd(self, export: dict[str, Any], name: str) -> Any:
         if self.dest["transport"] == "ssh":
@@ -60,10 +67,9 @@ class Remote:
         return N.open_client(None, addr=export["addr"], port=export["port"], export=name)
 
     def close(self) -> None:
-        try:
-            self.agent.close()
-        finally:
-            self.ssh.close()
+        # runs in `finally` after a failure too: a dead connection must not hide that failure
+        close_quietly(self.agent.chan)
+        close_quietly(self.ssh)
 
 
 def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,

@@ -14,6 +14,9 @@ import paramiko
 from dmmig.errors import BadInput, RemoteError
 
 CONNECT_TIMEOUT = 15.0
+# what paramiko raises when the connection died under a call: EOFError from its packetizer's
+# write, OSError from the socket, SSHException from a transport that closed mid-request
+TRANSPORT_ERRORS = (OSError, EOFError, paramiko.SSHException)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def forward_socket(client: paramiko.SSHClient, host: str, port: int) -> socket.s
         chan = t.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT)
     except paramiko.ChannelException as e:
         raise RemoteError(f"the destination refused a tunnel to {host}:{port}: {e}") from None
-    except (paramiko.SSHException, EOFError, OSError) as e:  # the transport died (EOFError is paramiko's)
+    except TRANSPORT_ERRORS as e:
         raise RemoteError(f"the SSH connection to the destination broke opening a tunnel to {host}:{port}: "
                           f"{type(e).__name__} {e}".rstrip()) from None
     ours, theirs = socket.socketpair()
@@ -93,21 +96,31 @@ def forward_socket(client: paramiko.SSHClient, host: str, port: int) -> socket.s
     return ours
 
 
+def close_quietly(c: paramiko.Channel | paramiko.SSHClient) -> None:
+    """Close, ignoring a connection that already died: closing a channel sends a message, and
+    paramiko raises EOFError writing to a dead transport. Whatever failed first is the error
+    that matters; this must not replace it."""
+    try:
+        c.close()
+    except TRANSPORT_ERRORS:
+        pass
+
+
 def _pump(sock: socket.socket, chan: paramiko.Channel) -> None:
     try:
         while data := sock.recv(1 << 20):
             chan.sendall(data)
-    except (OSError, EOFError):  # EOFError: paramiko's transport died (the NBD client sees the close)
+    except TRANSPORT_ERRORS:  # the transport died: the NBD client sees the close
         pass
     finally:
-        chan.close()
+        close_quietly(chan)
 
 
 def _pump_back(chan: paramiko.Channel, sock: socket.socket) -> None:
     try:
         while data := chan.recv(1 << 20):
             sock.sendall(data)
-    except OSError:
+    except TRANSPORT_ERRORS:
         pass
     finally:
         try:

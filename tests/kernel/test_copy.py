@@ -61,8 +61,10 @@ def test_resume_after_sigkill_and_after_ssh_cut_sends_only_what_is_missing(pair,
     a.dmmig("wrap", name, origin)
     a.dmmig("prepare", name)
     src_digest = digest(a, origin)
-    # 1) dmmig SIGKILLed mid-base-copy
-    job = a.spawn([DMMIG, *copy_args(name, dest, "--bwlimit", "16M")])
+    # 1) dmmig SIGKILLed mid-base-copy. 2 MB/s: the copy journals its offset every 2 s, so
+    # every 4 MiB, and the base copy of 96 MiB lasts ~50 s, far longer than the rig takes to
+    # see a checkpoint and cut (at 16 MB/s the cut once came after the base copy had ended)
+    job = a.spawn([DMMIG, *copy_args(name, dest, "--bwlimit", "2M")])
     wait_base_beyond(a, name, 0)
     job.signal(9)
     job.wait()
@@ -71,11 +73,12 @@ def test_resume_after_sigkill_and_after_ssh_cut_sends_only_what_is_missing(pair,
     done1 = st["journal"]["copy"]["base_offset"]
     assert 0 < done1 < size * MiB, done1
     # 2) the SSH connection cut mid-copy: kill sshd's session process on the destination
-    job = a.spawn([DMMIG, *copy_args(name, dest, "--bwlimit", "16M")])
+    job = a.spawn([DMMIG, *copy_args(name, dest, "--bwlimit", "2M")])
     wait_base_beyond(a, name, done1)
-    b.run(["pkill", "-9", "-f", "^sshd: root@"], check=False)
+    assert b.run(["pkill", "-9", "-f", "^sshd: root@"], check=False).rc == 0, "no SSH session to cut"
     r = job.wait()
     assert r.rc == 8, (r.rc, r.err)   # a remote failure, reported as such
+    assert "Exception in thread" not in r.err and "internal error" not in r.err, r.err
     st = json.loads(a.dmmig("status", name, "--json").out)
     done2 = st["journal"]["copy"]["base_offset"]
     assert done1 <= done2 < size * MiB
@@ -94,6 +97,7 @@ def wait_base_beyond(a: UmlHost, name: str, offset: int) -> None:
     for _ in range(120):
         st = json.loads(a.dmmig("status", name, "--json").out)["journal"]
         if st["phase"] == "copying" and st["copy"].get("base_offset", 0) > offset:
+            assert not st["copy"].get("base_done"), "the base copy ended before the test interrupted it"
             return
         time.sleep(0.25)
     raise AssertionError("the base copy made no progress")
