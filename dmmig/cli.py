@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -168,8 +169,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared)
     stack = make_stack(a)
     xl = Xl(stack.runner)
+    t = time.monotonic()
     with PyxsXenStore() as xs:
         plan = MD.plan(stack, xs, xl, a.domain, a.host, _ep_opts(a), opts)
+    plan_s = round(time.monotonic() - t, 3)
     if a.dry_run:
         print(json.dumps({"event": "plan", **_plan_dict(plan)}) if a.json else plan.render())
         return 0
@@ -180,6 +183,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         print(plan.render(), flush=True)
     s = MD.migrate(stack, xl, plan, _ep_opts(a), opts, lambda d, i: Progress(a.json, label=d.name, position=i),
                    say)
+    s["plan_seconds"] = plan_s
     if a.json:
         print(json.dumps({"event": "summary", **s}))
     else:

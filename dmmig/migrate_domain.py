@@ -191,6 +191,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     # 3. xl migrate, answering the gate
     say(f"xl migrate {p.domain.name} {p.host}")
     dests = {d.name: dict(M._mirroring(stack, d.name).dest) for d in p.disks}
+    t_xl = time.monotonic()
     try:
         xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
     except BaseException:  # the gate could not be set up: xl never ran, the guest is here
@@ -198,12 +199,16 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
         raise
     for name, g in gates.items():
         summary["disks"][name]["handover"] = g
-    summary["xl"] = {"returncode": xl_res.returncode, "seconds": xl_res.seconds}
+    # wall_seconds adds what the gate costs around xl: its own SSH session and agent, the join
+    summary["xl"] = {"returncode": xl_res.returncode, "seconds": xl_res.seconds,
+                     "wall_seconds": round(time.monotonic() - t_xl, 3)}
 
     # 4. finish or abort
     if xl_res.returncode == 0:
+        t_fin = time.monotonic()
         for d in p.disks:
             summary["disks"][d.name]["finish"] = _finish_source(stack, d, dests[d.name])
+        summary["finish_seconds"] = round(time.monotonic() - t_fin, 3)
         summary["seconds"] = round(time.monotonic() - t0, 3)
         return summary
     here = xl.find(p.domain.name)
