@@ -71,8 +71,15 @@ def test_gate_refuses_when_no_source_vouches(pair, pdisks, name: str) -> None:
     assert rc == 3 and "refusing a disk that may have missed writes" in rep["refused"], rep
     assert time.monotonic() - t < 30
     # a source that waits, but for another disk, leaves this one's `add` to time out
-    job = a.spawn([DMMIG, "handover", name, "--timeout", "20"])
-    time.sleep(3)
+    job = a.spawn([DMMIG, "handover", name, "--timeout", "30"])
+    # the source's agent on b listens once SSH and the agent are up: seconds in a loaded rig
+    # (a fixed 3 s once asked before it listened, and got 'no dmmig source is waiting')
+    for _ in range(100):
+        if b.run(["test", "-S", "/run/dmmig/gate.sock"], check=False).rc == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the source's gate never listened on b: {job.wait(60)}")
     rc, rep = ask(b, "not-" + name, 5)
     assert rc == 3 and "did not confirm" in rep["refused"], rep
     res = job.wait(60)
