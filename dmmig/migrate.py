@@ -54,11 +54,12 @@ class Remote:
         self.ssh: paramiko.SSHClient = connect(self.ep)
         try:
             self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
-        except BaseException as e:
+        except TRANSPORT_ERRORS as e:
             close_quietly(self.ssh)
-            if isinstance(e, TRANSPORT_ERRORS):
-                raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
-                                  f"{type(e).__name__} {e}".rstrip()) from None
+            raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
+                              f"{type(e).__name__} {e}".rstrip()) from None
+        except BaseException:
+            close_quietly(self.ssh)
             raise
 
     def nbd(self, export: dict[str, Any], name: str) -> Any:
@@ -68,7 +69,7 @@ class Remote:
 
     def close(self) -> None:
         # runs in `finally` after a failure too: a dead connection must not hide that failure
-        close_quietly(self.agent.chan)
+        close_quietly(self.agent)
         close_quietly(self.ssh)
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import paramiko
 
@@ -96,7 +97,11 @@ def forward_socket(client: paramiko.SSHClient, host: str, port: int) -> socket.s
     return ours
 
 
-def close_quietly(c: paramiko.Channel | paramiko.SSHClient) -> None:
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def close_quietly(c: _Closable) -> None:
     """Close, ignoring a connection that already died: closing a channel sends a message, and
     paramiko raises EOFError writing to a dead transport. Whatever failed first is the error
     that matters; this must not replace it."""

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from dmmig import gate
+
 from tests.kernel.test_copy import DMMIG, digest, summary
 from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, wait_leg_failed
 from tests.kernel.test_stack import start_writer, stop_writer
@@ -75,7 +77,7 @@ def test_gate_refuses_when_no_source_vouches(pair, pdisks, name: str) -> None:
     # the source's agent on b listens once SSH and the agent are up: seconds in a loaded rig
     # (a fixed 3 s once asked before it listened, and got 'no dmmig source is waiting')
     for _ in range(100):
-        if b.run(["test", "-S", "/run/dmmig/gate.sock"], check=False).rc == 0:
+        if b.run(["test", "-S", gate.socket_path("/run/dmmig")], check=False).rc == 0:
             break
         time.sleep(0.2)
     else:

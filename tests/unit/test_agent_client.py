@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
-
-import pytest
-
 import socket
 import threading
+from typing import Any
 
 import paramiko
+import pytest
 
 from dmmig import migrate
 from dmmig.agent import PROTOCOL, AgentClient
