@@ -7,6 +7,10 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 for d in /run /tmp /dev/shm; do mkdir -p $d 2>/dev/null; mount -t tmpfs -o mode=1777 tmpfs $d; done
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# root's home: an empty tmpfs, as on a freshly installed host. This machine's /root carries its
+# users' shell start-up (e.g. `pyenv init` in .bashrc), which bash runs for every SSH command:
+# ~10 s per SSH session in the rig, and writes there would land on the host
+mount -t tmpfs -o mode=700 tmpfs /root
 ln -sf /proc/self/fd /dev/fd; ln -sf fd/0 /dev/stdin; ln -sf fd/1 /dev/stdout; ln -sf fd/2 /dev/stderr
 dmesg -n 1
 hostname "$RIG_NAME"

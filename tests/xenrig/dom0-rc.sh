@@ -9,6 +9,9 @@ fatal() { echo "XENRIG-FATAL $*"; }
 for d in /run /tmp /var/tmp /dev/shm; do mkdir -p $d; mount -t tmpfs -o mode=1777 tmpfs $d; done
 chmod 755 /run
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# root's home: an empty tmpfs, as on a freshly installed host. This machine's /root carries its
+# users' shell start-up (e.g. `pyenv init` in .bashrc), which bash runs for every SSH command
+mount -t tmpfs -o mode=700 tmpfs /root
 # Xen's locking.sh runs `stat /dev/stdin`: without these links the stock block script hangs
 # until libxl's 40 s timeout
 ln -sf /proc/self/fd /dev/fd; ln -sf fd/0 /dev/stdin; ln -sf fd/1 /dev/stdout; ln -sf fd/2 /dev/stderr
