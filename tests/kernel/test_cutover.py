@@ -103,38 +103,46 @@ print(" ".join(hashlib.sha256(os.pread(fd, 4096, int(o))).hexdigest()[:16] for o
 def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisks, name: str) -> None:
     a, b = pair
     da, db = pdisks
-    origin, dest = da(32, fill_seed=3), db(32)
-    a.dmmig("wrap", name, origin)
-    a.dmmig("prepare", name)
-    before = summary(a.dmmig(*copy_args(name, dest)).out)
-    # after the last round: 4 KiB writes into regions 3, 10 and 11 (two in 11, one at its end)
-    offs = [3 * BLOCK + 4096, 10 * BLOCK, 11 * BLOCK, 12 * BLOCK - 4096]
-    a.py(WRITE_BLOCKS, f"/dev/mapper/dmmig-{name}", *map(str, offs))
-    src = a.py(DIGEST_AT, origin, *map(str, offs)).out.split()
-    assert b.py(DIGEST_AT, dest, *map(str, offs)).out.split() != src  # not on b yet
-    throttle = "/sys/module/dm_mirror/parameters/raid1_resync_throttle"
-    a.sh(f"echo 1 > {throttle}")  # slow, so dmmig sees the kernel's count before it drops
+    origin, under = da(32, fill_seed=3), db(32)
+    # the destination disk is a dm device of the test's own on b, so its writes can be slowed
+    # down after the copy: then the kernel's resync is surely still running at dmmig's first look
+    slow = f"dl-{name}"
+    b.run(["dmsetup", "create", slow, "--table", f"0 {32 * 2048} linear {under} 0"])
+    dest = f"/dev/mapper/{slow}"
     try:
+        a.dmmig("wrap", name, origin)
+        a.dmmig("prepare", name)
+        before = summary(a.dmmig(*copy_args(name, dest)).out)
+        # after the last round: 4 KiB writes into regions 3, 10 and 11 (two in 11, one at its end)
+        offs = [3 * BLOCK + 4096, 10 * BLOCK, 11 * BLOCK, 12 * BLOCK - 4096]
+        a.py(WRITE_BLOCKS, f"/dev/mapper/dmmig-{name}", *map(str, offs))
+        src = a.py(DIGEST_AT, origin, *map(str, offs)).out.split()
+        assert b.py(DIGEST_AT, dest, *map(str, offs)).out.split() != src  # not on b yet
+        # every write to b's disk now waits 3 s (reads do not): far longer than from the
+        # mirror's resume to dmmig's first status (0.1-0.5 s in the rig), far shorter than the
+        # leg's NBD timeout
+        b.run(["dmsetup", "load", slow, "--table", f"0 {32 * 2048} delay {under} 0 0 {under} 0 3000"])
+        b.run(["dmsetup", "resume", slow])
         cut = summary(a.dmmig("cutover", name, "--json").out)
+        assert cut["resync_regions"] == 3 and cut["resync_bytes"] == 3 * BLOCK, cut
+        # the kernel's own view of the log we wrote, at dmmig's first look after the resume:
+        # those 3 regions out of sync, never more
+        assert cut["kernel_out_of_sync_first_seen"] == 3, cut
+        # and the log it rewrote since parses with our reader: every region in sync now
+        log = status(a, name)["journal"]["mirror"]["log_dev"]
+        nr, dirty = json.loads(a.py(f"import json\nfrom dmmig import mirrorlog as L\n"
+                                    f"print(json.dumps(L.parse(L.read({log!r}, 4096))))").out)
+        assert (nr, dirty) == (32 * MiB // BLOCK, []), (nr, dirty)
+        st = status(a, name)
+        assert st["journal"]["mirror"]["resync_ranges"] == [[3, 4], [10, 12]], st["journal"]["mirror"]
+        # nothing but the kernel's resync moved them: no copy ran after `before`
+        assert st["journal"]["copy"]["rounds"][-1]["read"] == before["rounds"][-1]["read"]
+        assert b.py(DIGEST_AT, dest, *map(str, offs)).out.split() == src
+        assert digest(a, origin) == digest(b, dest)
+        a.dmmig("finish", name)
+        cleanup(a, b, name)
     finally:
-        a.sh(f"echo 100 > {throttle}")
-    assert cut["resync_regions"] == 3 and cut["resync_bytes"] == 3 * BLOCK, cut
-    # the kernel's own view of the log we wrote, at dmmig's first look after the resume: never
-    # more than those 3 regions out of sync (the first may already be done), and not 0
-    assert 1 <= cut["kernel_out_of_sync_first_seen"] <= 3, cut
-    # and the log it rewrote since parses with our reader: every region in sync now
-    log = status(a, name)["journal"]["mirror"]["log_dev"]
-    nr, dirty = json.loads(a.py(f"import json\nfrom dmmig import mirrorlog as L\n"
-                                f"print(json.dumps(L.parse(L.read({log!r}, 4096))))").out)
-    assert (nr, dirty) == (32 * MiB // BLOCK, []), (nr, dirty)
-    st = status(a, name)
-    assert st["journal"]["mirror"]["resync_ranges"] == [[3, 4], [10, 12]], st["journal"]["mirror"]
-    # nothing but the kernel's resync moved them: no copy ran after `before`
-    assert status(a, name)["journal"]["copy"]["rounds"][-1]["read"] == before["rounds"][-1]["read"]
-    assert b.py(DIGEST_AT, dest, *map(str, offs)).out.split() == src
-    assert digest(a, origin) == digest(b, dest)
-    a.dmmig("finish", name)
-    cleanup(a, b, name)
+        b.run(["dmsetup", "remove", slow], check=False)
 
 
 def inject(b: UmlHost, how: str, flakey: str | None) -> None:
