@@ -16,6 +16,7 @@ import tty
 FRAME = "\x1eRIG "
 _lock = threading.Lock()
 _procs: dict[int, subprocess.Popen] = {}
+_seen: set[int] = set()
 
 
 def send(msg: dict) -> None:
@@ -79,7 +80,11 @@ def main() -> None:
                 continue
             op = req.get("op")
             if op == "run":
-                threading.Thread(target=run, args=(req,), daemon=True).start()
+                # the host resends a request it saw no ack for: run each id once, ack every copy
+                send({"id": req["id"], "ack": True})
+                if req["id"] not in _seen:
+                    _seen.add(req["id"])
+                    threading.Thread(target=run, args=(req,), daemon=True).start()
             elif op == "signal":
                 p = _procs.get(req["target"])
                 if p is not None:

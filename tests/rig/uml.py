@@ -90,7 +90,10 @@ class UmlHost:
         self.log_path = Path(log_dir or tempfile.gettempdir()) / f"{self.umid}.console"
         self._proc: subprocess.Popen[bytes] | None = None
         self._cv = threading.Condition()
+        self._send_lock = threading.Lock()
         self._replies: dict[int, dict] = {}
+        # requests the guest has not acknowledged yet, and when they were last sent
+        self._unacked: dict[int, tuple[dict, float]] = {}
         self._next = itertools.count(1)
         self.boot_seconds = 0.0
         # a directory on this machine's file system that the guest sees too (hostfs): large
@@ -190,6 +193,8 @@ class UmlHost:
             f = self.shared / f"stdin-{rid}"
             f.write_bytes(input)
             msg["stdin_file"] = str(f)
+        with self._cv:
+            self._unacked[rid] = (msg, time.monotonic())
         self._send(msg)
         return Job(self, rid, argv)
 
@@ -206,16 +211,32 @@ class UmlHost:
 
     def _send(self, msg: dict) -> None:
         assert self._proc is not None and self._proc.stdin is not None
-        self._proc.stdin.write(base64.b64encode(json.dumps(msg).encode()) + b"\n")
-        self._proc.stdin.flush()
+        with self._send_lock:  # one whole line at a time, from any thread
+            self._proc.stdin.write(base64.b64encode(json.dumps(msg).encode()) + b"\n")
+            self._proc.stdin.flush()
+
+    ACK_TIMEOUT = 15.0
 
     def _wait(self, rid: int, argv: list[str], timeout: float) -> Result:
+        deadline = time.monotonic() + timeout
         with self._cv:
-            ok = self._cv.wait_for(lambda: rid in self._replies or not self.alive(), timeout)
+            while rid not in self._replies and self.alive() and time.monotonic() < deadline:
+                self._cv.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                # a request the guest never acknowledged was lost on the way in: send it again
+                # (the guest runs each id once) and say so in the console log
+                pending = self._unacked.get(rid)
+                if pending and rid not in self._replies and time.monotonic() - pending[1] > self.ACK_TIMEOUT:
+                    self._log.write(f"[rig: no ack for request {rid} {argv[:3]} in {self.ACK_TIMEOUT:.0f}s, "
+                                    f"resending]\n".encode())
+                    self._log.flush()
+                    self._unacked[rid] = (pending[0], time.monotonic())
+                    self._send(pending[0])
             if rid not in self._replies:
-                why = "rig kernel died" if not self.alive() else f"no answer in {timeout}s"
+                why = "rig kernel died" if not self.alive() else (
+                    f"no answer in {timeout}s (the guest {'never acknowledged it' if rid in self._unacked else 'received it'})")
                 raise RigError(f"{argv}: {why}\n--- console tail ---\n{self.console()[-3000:]}")
             rep = self._replies.pop(rid)
+            self._unacked.pop(rid, None)
         if rid == 0:
             return Result(argv, 0, "", "")
         return Result(argv, rep["rc"], base64.b64decode(rep["out"]).decode(errors="replace"),
@@ -235,7 +256,14 @@ class UmlHost:
                 self._log.write(b"[rig: garbled frame] " + raw)
                 continue
             with self._cv:
-                self._replies[msg.get("id", -1)] = msg
+                if msg.get("ack"):
+                    self._unacked.pop(msg["id"], None)
+                else:
+                    if msg.get("id", -1) == -1:  # a request line the guest could not decode
+                        self._log.write(b"[rig: guest reports " + str(msg.get("error")).encode() + b"]\n")
+                        self._log.flush()
+                    self._replies[msg.get("id", -1)] = msg
+                    self._unacked.pop(msg.get("id", -1), None)
                 self._cv.notify_all()
         with self._cv:
             self._cv.notify_all()

@@ -130,6 +130,8 @@ class Channel:
                     msg = json.loads(base64.b64decode(line[i + len(FRAME):].strip()))
                 except ValueError:
                     continue
+                if msg.get("ack"):  # the agent's receipt (the UML rig resends on none); a stream needs none
+                    continue
                 with self._cv:
                     self._replies[msg.get("id", -1)] = msg
                     self._cv.notify_all()
