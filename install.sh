@@ -52,7 +52,9 @@ ln -sf "$here/.venv/bin/dmmig" /usr/local/bin/dmmig
 
 case "${1:-}" in
   demo) shift; exec .venv/bin/python -m tests.rig.demo "$@" ;;
-  test) shift; exec .venv/bin/python -m pytest -ra "$@" ;;
+  # two workers, each with its own rig kernels: a rig waits on its kernel more than it computes
+  # (one worker kept 0.8 of this machine's two cores busy). -n 0 runs in this process (-s, Xen).
+  test) shift; exec .venv/bin/python -m pytest -ra -n "${DMMIG_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
   "") echo "install.sh: installed; dmmig is $(command -v dmmig)" ;;
   *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
 esac
