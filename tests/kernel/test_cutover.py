@@ -121,8 +121,7 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
         # every write to b's disk now waits 3 s (reads do not): far longer than from the
         # mirror's resume to dmmig's first status (0.1-0.5 s in the rig), far shorter than the
         # leg's NBD timeout
-        b.run(["dmsetup", "load", slow, "--table", f"0 {32 * 2048} delay {under} 0 0 {under} 0 3000"])
-        b.run(["dmsetup", "resume", slow])
+        retarget(b, slow, "delay {under} 0 0 {under} 0 3000")
         cut = summary(a.dmmig("cutover", name, "--json").out)
         assert cut["resync_regions"] == 3 and cut["resync_bytes"] == 3 * BLOCK, cut
         # the kernel's own view of the log we wrote, at dmmig's first look after the resume:
@@ -145,6 +144,15 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
         b.run(["dmsetup", "remove", slow], check=False)
 
 
+def retarget(h: UmlHost, name: str, target: str) -> None:
+    """Swap, live, the table of a dm device of the test's own for TARGET (the table line after
+    its start and length) over the same device underneath, named {under} in TARGET."""
+    n = h.run(["blockdev", "--getsz", f"/dev/mapper/{name}"]).out.strip()
+    under = h.run(["dmsetup", "table", name]).out.split()[3]
+    h.run(["dmsetup", "load", name, "--table", f"0 {n} " + target.format(under=under)])
+    h.run(["dmsetup", "resume", name])
+
+
 def inject(b: UmlHost, how: str, flakey: str | None) -> None:
     if how == "kill-server":
         b.run(["pkill", "-9", "qemu-nbd"])
@@ -152,10 +160,7 @@ def inject(b: UmlHost, how: str, flakey: str | None) -> None:
         b.run(["ip", "link", "set", "vec0", "down"])
     else:
         assert flakey
-        n = b.run(["blockdev", "--getsz", f"/dev/mapper/{flakey}"]).out.strip()
-        under = b.run(["dmsetup", "table", flakey]).out.split()[3]
-        b.run(["dmsetup", "load", flakey, "--table", f"0 {n} flakey {under} 0 0 5 1 error_writes"])
-        b.run(["dmsetup", "resume", flakey])
+        retarget(b, flakey, "flakey {under} 0 0 5 1 error_writes")
 
 
 def repair(b: UmlHost, how: str, flakey: str | None) -> None:
@@ -166,10 +171,7 @@ def repair(b: UmlHost, how: str, flakey: str | None) -> None:
                 break
     elif how == "flakey":
         assert flakey
-        n = b.run(["blockdev", "--getsz", f"/dev/mapper/{flakey}"]).out.strip()
-        under = b.run(["dmsetup", "table", flakey]).out.split()[3]
-        b.run(["dmsetup", "load", flakey, "--table", f"0 {n} linear {under} 0"])
-        b.run(["dmsetup", "resume", flakey])
+        retarget(b, flakey, "linear {under} 0")
     # kill-server: nothing; the next copy restarts the export
 
 

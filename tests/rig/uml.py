@@ -236,7 +236,6 @@ class UmlHost:
                     f"no answer in {timeout}s (the guest {'never acknowledged it' if rid in self._unacked else 'received it'})")
                 raise RigError(f"{argv}: {why}\n--- console tail ---\n{self.console()[-3000:]}")
             rep = self._replies.pop(rid)
-            self._unacked.pop(rid, None)
         if rid == 0:
             return Result(argv, 0, "", "")
         return Result(argv, rep["rc"], base64.b64decode(rep["out"]).decode(errors="replace"),
@@ -255,15 +254,14 @@ class UmlHost:
             except ValueError:
                 self._log.write(b"[rig: garbled frame] " + raw)
                 continue
+            rid = msg.get("id", -1)
+            if rid == -1:  # a request line the guest could not decode
+                self._log.write(b"[rig: guest reports " + str(msg.get("error")).encode() + b"]\n")
+                self._log.flush()
             with self._cv:
-                if msg.get("ack"):
-                    self._unacked.pop(msg["id"], None)
-                else:
-                    if msg.get("id", -1) == -1:  # a request line the guest could not decode
-                        self._log.write(b"[rig: guest reports " + str(msg.get("error")).encode() + b"]\n")
-                        self._log.flush()
-                    self._replies[msg.get("id", -1)] = msg
-                    self._unacked.pop(msg.get("id", -1), None)
+                self._unacked.pop(rid, None)  # an ack or a reply: either way the guest has it
+                if not msg.get("ack"):
+                    self._replies[rid] = msg
                 self._cv.notify_all()
         with self._cv:
             self._cv.notify_all()
