@@ -205,13 +205,14 @@ def test_leg_failure_loses_nothing_then_catch_up_then_abort(pair, pdisks, name: 
             w = start_writer(a, top, f"{rec}{round_}", seed=9, rate="500",
                              blocks=f"{2048 * (round_ - 1)}:{2048 * round_}")
             time.sleep(1)
-            t_fail = time.time()
+            # failed_at is stamped by a's clock: compare it with a's, never with this machine's
+            t_fail = float(a.run(["date", "+%s.%N"]).out)
             inject(b, how, flakey)
             st = wait_leg_failed(a, name)
             time.sleep(1)
             stop_writer(a, w)  # asserts the writer never saw an error
             m = st["devices"][f"dmmig-{name}"]["mirror"]
-            assert m["failed_at"] >= t_fail - 1 and "failed since" in " ".join(st["problems"]), st
+            assert m["failed_at"] >= t_fail and "failed since" in " ".join(st["problems"]), (t_fail, st)
             check(a, origin, 9, *(f"{rec}{i}" for i in range(1, round_ + 1)))  # nothing lost on the source
             repair(b, how, flakey)
             if round_ == 1:  # catch up: copy what era recorded since the cutover, then mirror again
