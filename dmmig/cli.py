@@ -16,7 +16,7 @@ from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import DmmigError, Exit
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
-from dmmig.validate import parse_size
+from dmmig.validate import era_block_size, parse_size
 
 
 def make_stack(args: argparse.Namespace) -> Stack:
@@ -166,7 +166,9 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from dmmig.xenstore import PyxsXenStore
     from dmmig.xl import Xl, check_migrate_args
     opts = MD.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
-                             xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared)
+                             xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
+                             block_bytes=parse_size(a.block_size))
+    era_block_size(opts.block_bytes)  # a bad size is refused before anything, xenstored included
     stack = make_stack(a)
     xl = Xl(stack.runner)
     t = time.monotonic()
@@ -237,6 +239,12 @@ def _copy_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--bwlimit", metavar="RATE", help="payload bytes per second, e.g. 50M")
 
 
+def _block_size_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--block-size", default="64K", metavar="SIZE",
+                    help="era block = mirror region size; power of two, multiple of 4K (default 64K). "
+                         "Larger: coarser rounds, faster resync over a long round trip")
+
+
 def _copy_opts(a: argparse.Namespace, dest_disk: str | None = None) -> Any:
     from dmmig import migrate
     return migrate.CopyOptions(dest_disk=dest_disk, create=a.create, transport=a.transport,
@@ -272,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = verb("prepare", cmd_prepare, "insert dm-era under the top device, live")
     sp.add_argument("name", metavar="NAME")
-    sp.add_argument("--block-size", default="64K", metavar="SIZE",
-                    help="era block = mirror region size; power of two, multiple of 4K (default 64K)")
+    _block_size_option(sp)
     sp.add_argument("--metadata", metavar="DEV", help="era metadata device (default: a file in the state dir)")
 
     sp = verb("checkpoint", cmd_checkpoint, "start a new era; print its number")
@@ -332,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shared", action="store_true",
                     help="the domain's writable disks that do not use block-dmmig are on shared storage")
     sp.add_argument("--xl-timeout", type=float, default=3600, metavar="SECONDS", help="give xl migrate this long")
+    _block_size_option(sp)
     sp.add_argument("--json", action="store_true")
 
     sp = verb("watch", cmd_watch, "leg watcher daemon, started by cutover (records when a leg fails)")

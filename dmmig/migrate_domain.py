@@ -31,7 +31,8 @@ from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.hotplug import format_devno
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
-from dmmig.stack import Stack, era_name, top_name
+from dmmig.stack import DEFAULT_BLOCK_BYTES, Stack, era_name, top_name
+from dmmig.validate import era_block_size
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun
 
@@ -47,6 +48,9 @@ class MigrateOptions:
     xl_timeout: float = 3600
     shared_ok: bool = False         # the domain's writable disks not on block-dmmig are shared storage
     block_script: str = "/etc/xen/scripts/block-dmmig"
+    # era block = mirror region, for disks not prepared yet: the kernel resyncs one region at a
+    # time, so larger regions resync faster over a long round trip (README, "Resync speed")
+    block_bytes: int = DEFAULT_BLOCK_BYTES
 
 
 @dataclass
@@ -113,12 +117,14 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
         raise BadInput(f"{', '.join(v.vdev for v in remote_of)}: served from a driver domain "
                        f"({remote_of[0].backend}); dmmig moves disks served by dom0's blkback only")
     ep = Endpoint.parse(host, **ep_opts)
-    disks = [_disk_here(stack, v, ep.host) for v in mine]
+    block = era_block_size(opts.block_bytes)
+    disks = [_disk_here(stack, v, ep.host, block) for v in mine]
     _check_destination(disks, host, ep_opts, opts, remote)
     return Plan(dom, host, disks, others)
 
 
-def _disk_here(stack: Stack, v: Vbd, dest_host: str) -> Disk:
+def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk:
+    """BLOCK_SECTORS: the era block (= region) prepare will use if the disk is not prepared yet."""
     name = v.name
     top = top_name(name)
     entry = stack.journal.load(name)
@@ -135,9 +141,11 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str) -> Disk:
     length = stack.dm.table(top).length
     tables = [f"now:        {top}: {stack.dm.table_text(top).strip()}"]
     if entry.phase == J.WRAPPED:
-        tables += [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> {entry.origin_devno} 128",
+        tables += [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> {entry.origin_devno} {block_sectors}",
                    f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
-    tables.append(f"cutover:    {top}: 0 {length} mirror disk 2 <log loop> 128 2 <{era_name(name)}> 0 "
+    else:  # prepared already: its era block stays
+        block_sectors = entry.block_sectors or block_sectors
+    tables.append(f"cutover:    {top}: 0 {length} mirror disk 2 <log loop> {block_sectors} 2 <{era_name(name)}> 0 "
                   "<nbd leg> 0 2 handle_errors keep_log")
     return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables)
 
@@ -232,7 +240,7 @@ def _to_mirror(stack: Stack, d: Disk, host: str, ep_opts: dict[str, Any], opts: 
                progress: Progress) -> dict[str, Any]:
     entry = stack.journal.load(d.name)
     if entry is not None and entry.phase == J.WRAPPED:
-        stack.prepare(d.name)
+        stack.prepare(d.name, block_bytes=opts.block_bytes)
     copied = M.copy(stack, d.name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=d.dest_disk), progress)
     cut = M.cutover(stack, d.name, opts.cutover, progress)
     return {"copy": copied, "cutover": cut}

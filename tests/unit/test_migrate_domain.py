@@ -127,6 +127,22 @@ def test_plan_of_one_managed_disk(world: World) -> None:
     assert not (world.tmp / "dstate").exists() or not list((world.tmp / "dstate").iterdir())
 
 
+def test_plan_shows_the_block_size_and_refuses_a_bad_one(world: World) -> None:
+    name = world.disk()
+    text = world.plan(block_bytes=1 << 20).render()
+    assert "era <metadata loop> 7:1 2048" in text and "mirror disk 2 <log loop> 2048 2" in text
+    with pytest.raises(BadInput, match="power of two"):
+        world.plan(block_bytes=96 << 10)
+    # a disk prepared already keeps its era block, whatever the option says
+    entry = world.stack.journal.load(name)
+    assert entry is not None
+    entry.block_sectors = 256
+    world.stack.journal.save(entry, J.PREPARED)
+    text = world.plan(block_bytes=1 << 20).render()
+    assert "mirror disk 2 <log loop> 256 2" in text and "era <metadata" not in text
+    assert world.mutating() == []
+
+
 def test_plan_by_domid(world: World) -> None:
     world.disk()
     assert world.plan(str(DOMID)).domain.name == "vm1"
@@ -238,3 +254,11 @@ def test_destination_block_script_must_share_the_agents_state_dir(world: World,
     monkeypatch.setenv("DMMIG_STATE_DIR", str(world.tmp / "elsewhere"))
     with pytest.raises(BadInput, match="would not ask the handover gate"):
         world.plan()
+
+
+def test_cli_refuses_a_bad_block_size_before_it_looks_for_xenstored(capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmmig import cli, xenstore
+    monkeypatch.setattr(xenstore.PyxsXenStore, "__enter__", lambda self: pytest.fail("xenstored was asked"))
+    assert cli.main(["migrate", "vm1", "root@b", "--block-size", "96K", "--", "-e"]) == 3
+    assert "not a power of two" in capsys.readouterr().err
