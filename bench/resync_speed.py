@@ -8,7 +8,7 @@ the same export; ssh: the leg
 goes through an OpenSSH tunnel, nbd: straight to the export), then every block is written once, then the cutover resyncs all of them.
 Then again with 2 ms of delay added each way on b's link (netem), as on a routed network.
 
-    .venv/bin/python -m bench.resync_speed [SIZE_MIB]
+    .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]   (default: 32 ssh nbd)
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def one(a: UmlHost, b: UmlHost, size: int, block_kib: int, transport: str) -> tu
 
 def main() -> None:
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+    transports = sys.argv[2:] or ["ssh", "nbd"]
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"))
     try:
         a, b = p.start()
@@ -66,7 +67,7 @@ def main() -> None:
                 a.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "delay", delay])
             rtt = a.sh(f"ping -c 5 -i 0.2 -q {B_IP} | tail -1").out.strip()
             print(f"link: {'+' + delay + ' each way' if delay else 'as is'} ({rtt})")
-            for transport in ("ssh", "nbd"):
+            for transport in transports:
                 for kib in SIZES_KIB:
                     copier, resync, regions = one(a, b, size, kib, transport)
                     print(f"  --transport {transport}, block/region {kib:5d} KiB: copier {copier:6.2f} MB/s (anchor), kernel resync "
