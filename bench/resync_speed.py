@@ -3,29 +3,24 @@
 dm-mirror recovers one region at a time (MAX_RECOVERY 1 in dm-raid1.c): each region is one
 read and one write across the NBD leg, so a resync is bound by the round trip, not by the
 link's bandwidth. This puts a number on it, side by side in one rig run (two UML kernels on a
-veth pair): for each block size, the disk is copied (the anchor: dmmig copy, the same link,
-the same export; ssh: the leg
-goes through an OpenSSH tunnel, nbd: straight to the export), then every block is written once, then the cutover resyncs all of them.
-Then again with 2 ms of delay added each way on b's link (netem), as on a routed network.
+veth pair): for each transport (ssh: the leg goes through dmmig's OpenSSH tunnel; nbd: straight
+to the export) and block size, the disk is copied (the anchor: dmmig copy, the same link, the
+same export), then every block is written once, then the cutover resyncs all of them. Then
+again with 2 ms of delay added each way (netem on both hosts' links), as on a routed network.
 
     .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]   (default: 32 ssh nbd)
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 
+from tests.kernel.test_copy import summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 SIZES_KIB = (64, 1024)
-
-
-def summary(out: str) -> dict:
-    return [x for x in (json.loads(ln) for ln in out.splitlines() if ln.startswith("{"))
-            if x.get("event") == "summary"][-1]
 
 
 def one(a: UmlHost, b: UmlHost, size: int, block_kib: int, transport: str) -> tuple[float, float, int]:
@@ -63,15 +58,16 @@ def main() -> None:
         print(f"disk {size} MiB, two UML kernels on a veth pair; resync = the kernel's, at cutover")
         for delay in (None, "2ms"):
             if delay:
-                b.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "delay", delay])
-                a.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "delay", delay])
+                for h in (a, b):
+                    h.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "delay", delay])
             rtt = a.sh(f"ping -c 5 -i 0.2 -q {B_IP} | tail -1").out.strip()
             print(f"link: {'+' + delay + ' each way' if delay else 'as is'} ({rtt})")
             for transport in transports:
                 for kib in SIZES_KIB:
                     copier, resync, regions = one(a, b, size, kib, transport)
-                    print(f"  --transport {transport}, block/region {kib:5d} KiB: copier {copier:6.2f} MB/s (anchor), kernel resync "
-                          f"{resync:6.2f} MB/s over {regions} regions = {resync / copier:.2f}x the copier")
+                    print(f"  --transport {transport}, block/region {kib:5d} KiB: copier {copier:6.2f} MB/s "
+                          f"(anchor), kernel resync {resync:6.2f} MB/s over {regions} regions = "
+                          f"{resync / copier:.2f}x the copier")
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
