@@ -19,7 +19,6 @@ from tests.xenrig.host import XenHost
 
 pytestmark = pytest.mark.xen
 PY = str(ROOT / ".venv" / "bin" / "python")
-SCRIPT = ROOT / "hotplug" / "block-dmmig"
 HOTPLUG_LOG = "/var/log/xen/xen-hotplug.log"
 
 
@@ -28,8 +27,7 @@ HOTPLUG_LOG = "/var/log/xen/xen-hotplug.log"
 def host(xen_host: XenHost) -> Iterator[XenHost]:
     """xen_host with block-dmmig installed (dom0's /etc is a tmpfs overlay); afterwards nothing
     of dmmig may be left: no dmmig-* device, no journal entry, no loop device over /dev/shm."""
-    xen_host.run(["install", "-D", "-m", "0755", str(SCRIPT), "/etc/xen/scripts/block-dmmig"])
-    xen_host.run(["mkdir", "-p", "/var/log/xen"])
+    xen_host.install_block_script()
     yield xen_host
     assert dmmig_devices(xen_host) == []
     assert journal_names(xen_host) == []

@@ -30,7 +30,6 @@ pytestmark = pytest.mark.xen
 PY = str(ROOT / ".venv" / "bin" / "python")
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
-SCRIPT = ROOT / "hotplug" / "block-dmmig"
 MIB = 1 << 20
 STATE = "/run/dmmig"  # the rig's agent and the pair's sshd both set DMMIG_STATE_DIR to it
 
@@ -41,8 +40,7 @@ def pair(xen_pair: XenPair) -> Iterator[tuple[XenHost, XenHost]]:
     a, b = xen_pair.a, xen_pair.b
     assert a is not None and b is not None
     for h in (a, b):
-        h.run(["install", "-D", "-m", "0755", str(SCRIPT), "/etc/xen/scripts/block-dmmig"])
-        h.run(["mkdir", "-p", "/var/log/xen"])
+        h.install_block_script()
     yield a, b
     for h in (a, b):
         assert leftovers(h) == {"dm": [], "state": [], "qemu-nbd": [], "nbd": []}, h.name

@@ -68,9 +68,7 @@ def test_plain_xl_migrate_moves_a_running_guest(xen_pair: XenPair, xen_report: d
     for h in (a, b):
         h.run(["truncate", "-s", "64M", img])
         if script == "block-dmmig":
-            h.run(["install", "-D", "-m", "0755", str(ROOT / "hotplug" / "block-dmmig"),
-                   "/etc/xen/scripts/block-dmmig"])
-            h.run(["mkdir", "-p", "/var/log/xen"])
+            h.install_block_script()
     spec = "format=raw," if script == "stock" else "script=block-dmmig,"
     vm = DomU(a, name, disk=f"{spec}vdev=xvda,access=rw,target={img}",
               job=["workload", str(seed), "-", "0", "0", "200"])

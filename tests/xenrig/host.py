@@ -285,6 +285,15 @@ class XenHost:
             msg["stdin_file"] = f"{XCHG}/{name}"
         return self._chan.spawn(msg, argv)
 
+    def install_block_script(self) -> None:
+        """block-dmmig into dom0's /etc/xen/scripts (a tmpfs overlay), running THIS checkout's
+        dmmig: the script execs /usr/local/bin/dmmig, which install.sh links to the checkout it
+        ran from (another worktree's, maybe); dom0's /usr is an overlay too, so relink it here."""
+        self.run(["install", "-D", "-m", "0755", str(ROOT / "hotplug" / "block-dmmig"),
+                  "/etc/xen/scripts/block-dmmig"])
+        self.run(["ln", "-sfn", str(ROOT / ".venv" / "bin" / "dmmig"), "/usr/local/bin/dmmig"])
+        self.run(["mkdir", "-p", "/var/log/xen"])
+
     def run(self, argv: list[str], *, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None,
             input: bytes | None = None, cwd: str | None = None) -> Result:
         res = self.spawn(argv, env=env, input=input, cwd=cwd, timeout=timeout).wait(timeout + 30)
