@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
+import shutil
 import socket
 import sys
 import time
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dmmig import __version__
+from dmmig import gate
 from dmmig import journal as J
 from dmmig import nbd as N
 from dmmig.blockdev import block_device, holder_names
@@ -52,6 +55,7 @@ class AgentServer:
         self.r = runner
         self.state = state
         self.gate = GateServer(state)
+        self._inp: Any = None
 
     def _rec_path(self, name: str) -> str:
         return os.path.join(self.state, f"{disk_name(name)}.dest.json")
@@ -143,7 +147,7 @@ class AgentServer:
         rec = self._load(name)
         done: list[str] = []
         if rec is None:
-            return {"done": done}
+            return {"done": gate.remove_stale(self.state, name)}
         exp = rec.get("export")
         if exp:
             N.stop_export(N.Export(**exp))
@@ -155,12 +159,26 @@ class AgentServer:
             os.unlink(rec["path"])
             done.append(f"removed {rec['path']} (created by dmmig)")
         os.unlink(self._rec_path(name))
+        done += gate.remove_stale(self.state, name)
         return {"done": done}
 
     def op_await_gate(self, names: list[str], timeout: float) -> dict[str, Any]:
-        """Block until a destination `add` asks about one of NAMES (see dmmig/gate.py)."""
-        self.gate.start()
-        return {"asked": self.gate.wait(names, timeout)}
+        """Listen on the gate of each of NAMES (refused if another agent here waits for one of
+        them), then block until a destination `add` asks about one, or TIMEOUT (see
+        dmmig/gate.py). Returns early, None, if the source that waits goes away."""
+        self.gate.listen([disk_name(n) for n in names])
+        return {"asked": self.gate.wait(names, timeout, gone=self._source_gone)}
+
+    def _source_gone(self) -> bool:
+        """The source's end of our stdin closed: no request follows (during await_gate the
+        source sends nothing). Checked without reading, so no request is ever consumed."""
+        try:
+            fd = self._inp.fileno()
+        except (AttributeError, OSError, ValueError):
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLIN | select.POLLRDHUP)
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in p.poll(0))
 
     def op_answer_gate(self, name: str, ok: bool, why: str = "") -> dict[str, Any]:
         rec = self._load(name)
@@ -214,6 +232,7 @@ class AgentServer:
             raise Busy(f"destination disk {path} is in use (mounted or opened exclusively): {e.strerror}") from None
 
     def serve(self, inp: Any, out: Any) -> None:
+        self._inp = inp
         out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import paramiko
 
+from dmmig import gate
 from dmmig import journal as J
 from dmmig import mirrorlog
 from dmmig import nbd as N
@@ -503,6 +504,8 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
         rec = incoming(stack.journal.dir).get(name)
         if rec is not None:
             return _abort_incoming(stack, name, rec), []
+        if gate.stale_socket(stack.journal.dir, name):  # all a killed agent left of NAME here
+            return gate.remove_stale(stack.journal.dir, name), []
     dest = dict(entry.dest) if entry and entry.dest else None
     done = stack.abort(name)
     left = _stop_remote(name, dest, remove_created=True, done=done)

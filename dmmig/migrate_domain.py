@@ -278,7 +278,9 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
             locks.enter_context(stack.journal.lock(name))
         remote = M.Remote(next(iter(entries.values())).dest)
         try:
-            remote.agent.call("await_gate", names=[], timeout=0)  # the gate socket is up before xl starts
+            # every disk's gate listens before xl starts; another agent there already waiting for
+            # one of them (a second migration of the same disk) is refused here, before xl runs
+            remote.agent.call("await_gate", names=list(entries), timeout=0)
 
             th.start()
             pending = list(entries)

@@ -5,6 +5,7 @@ import os
 import time
 from typing import Any
 
+from dmmig import gate
 from dmmig import journal as J
 from dmmig import nbd as N
 from dmmig import proc
@@ -15,8 +16,8 @@ from dmmig.watch import read_health
 
 
 def names(stack: Stack) -> list[str]:
-    """Every disk dmmig knows here: journaled, or incoming from a source's dmmig."""
-    return sorted(set(stack.journal.names()) | set(incoming(stack.journal.dir)))
+    """Every disk dmmig knows here: journaled, incoming from a source's dmmig, or with a gate."""
+    return sorted(set(stack.journal.names()) | set(incoming(stack.journal.dir)) | set(gate.names(stack.journal.dir)))
 
 
 def disk_status(stack: Stack, name: str) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     rec = incoming(stack.journal.dir).get(name)
     if rec is not None:
         out["incoming"] = _incoming(name, rec, problems, journaled=entry is not None)
+    out["gate"] = _gate(stack.journal.dir, name, problems)
     if entry is not None:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
@@ -107,6 +109,18 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     return out
 
 
+def _gate(state: str, name: str, problems: list[str]) -> dict[str, Any] | None:
+    """This host's handover gate for NAME (dmmig/gate.py): an agent waiting, or a socket a
+    killed agent left."""
+    if not os.path.exists(gate.socket_path(state, name)):
+        return None
+    pid = gate.holder(state, name)
+    if pid is None:
+        problems.append(f"{gate.socket_path(state, name)} was left by a killed agent (nobody listens); "
+                        f"`dmmig abort {name}` here removes it")
+    return {"socket": gate.socket_path(state, name), "agent_pid": pid}
+
+
 def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled: bool) -> dict[str, Any]:
     """The destination's side of a migration: the agent's record of the disk."""
     if "unreadable" in rec:
@@ -139,6 +153,10 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"  dest:    {j['dest'].get('host')} {j['dest'].get('disk', '')}")
     elif not st.get("incoming"):
         lines.append("  phase:   (no journal entry)")
+    g = st.get("gate")
+    if g:
+        lines.append(f"  gate:    {g['socket']}" + (f" (agent pid {g['agent_pid']} waits for the destination's "
+                                                     "question)" if g["agent_pid"] else " (stale)"))
     inc = st.get("incoming")
     if inc and "unreadable" not in inc:
         exp = inc["export"]

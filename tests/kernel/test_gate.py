@@ -10,6 +10,7 @@ import pytest
 
 from dmmig import gate
 
+from tests.conftest import python
 from tests.kernel.test_copy import DMMIG, digest, summary
 from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, wait_leg_failed
 from tests.kernel.test_stack import start_writer, stop_writer
@@ -77,14 +78,68 @@ def test_gate_refuses_when_no_source_vouches(pair, pdisks, name: str) -> None:
     # the source's agent on b listens once SSH and the agent are up: seconds in a loaded rig
     # (a fixed 3 s once asked before it listened, and got 'no dmmig source is waiting')
     for _ in range(100):
-        if b.run(["test", "-S", gate.socket_path("/run/dmmig")], check=False).rc == 0:
+        if b.run(["test", "-S", gate.socket_path("/run/dmmig", name)], check=False).rc == 0:
             break
         time.sleep(0.2)
     else:
         raise AssertionError(f"the source's gate never listened on b: {job.wait(60)}")
     rc, rep = ask(b, "not-" + name, 5)
-    assert rc == 3 and "did not confirm" in rep["refused"], rep
+    assert rc == 3 and "no dmmig source is waiting to hand over not-" in rep["refused"], rep
     res = job.wait(60)
     assert res.rc == 8 and "did not ask" in res.err, res.err
     a.dmmig("abort", name)
     cleanup(a, b, name)
+
+
+LISTENING_GATES = r"""
+import sys
+# /proc/net/unix: a listening socket has flags 00010000; its path stays listed after an unlink
+n = sum(1 for ln in open("/proc/net/unix").read().splitlines()[1:]
+        if len(ln.split()) >= 8 and ln.split()[3] == "00010000" and ln.split()[7].startswith(sys.argv[1])
+        and "gate" in ln.split()[7])
+print(n)
+"""
+
+
+def wait_listening(b: UmlHost, n: int, jobs: list) -> None:
+    """Until N gate sockets listen in b's state dir (whatever their names)."""
+    for _ in range(150):
+        if int(b.py(LISTENING_GATES, "/run/dmmig/").out) >= n:
+            return
+        assert not any(j.done() for j in jobs), [j.wait(5) for j in jobs if j.done()]
+        time.sleep(0.2)
+    raise AssertionError(f"{n} gates never listened on b")
+
+
+def test_two_handovers_into_one_host_each_get_their_own_question(pair, pdisks, name: str) -> None:
+    """Two disks, two `dmmig handover` on a, so two agents on b, both waiting at once: each
+    destination `add` must reach the agent waiting for its disk. Before, the second agent
+    unlinked the first one's gate.sock and took both questions: one `add` got no answer."""
+    a, b = pair
+    da, db = pdisks
+    names = [f"{name}a", f"{name}b"]
+    seeds = [31, 32]
+    origins = [da(16, fill_seed=s) for s in seeds]
+    dests = [db(16), db(16)]
+    recs = [f"{a.shared}/{n}.rec" for n in names]
+    for n, o, d in zip(names, origins, dests):
+        migrate_to_mirror(a, n, o, d)
+    writers = [start_writer(a, f"/dev/mapper/dmmig-{n}", r, seed=s, rate="300", blocks="0:4096")
+               for n, r, s in zip(names, recs, seeds)]
+    time.sleep(1)
+    for w in writers:
+        stop_writer(a, w)
+    jobs = [a.spawn([DMMIG, "handover", n, "--json", "--timeout", "60"]) for n in names]
+    wait_listening(b, 2, jobs)  # both agents wait at once before either destination asks
+    asks = [b.spawn([python(), "-c", ASK, "/run/dmmig", n, "25"]) for n in names]
+    got = [j.wait(60) for j in asks]
+    res = [j.wait(120) for j in jobs]
+    for n, g, r in zip(names, got, res):
+        assert g.rc == 0 and json.loads(g.out)["ok"], (n, g.out, g.err)
+        assert r.rc == 0, (n, r.err)
+    for n, o, d, s, r in zip(names, origins, dests, seeds, recs):
+        check(b, d, s, r)  # every acknowledged write of each disk is on its own destination
+        assert digest(a, o) == digest(b, d)
+        a.dmmig("finish", n)
+        cleanup(a, b, n, r)
+    assert b.sh("ls /run/dmmig | grep gate.sock; true").out == ""  # both gates closed
