@@ -12,7 +12,7 @@ from dmmig import gate
 
 from tests.conftest import python
 from tests.kernel.test_copy import DMMIG, digest, summary
-from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, wait_leg_failed
+from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, status, wait_leg_failed
 from tests.kernel.test_stack import start_writer, stop_writer
 from tests.rig.uml import UmlHost
 
@@ -143,3 +143,49 @@ def test_two_handovers_into_one_host_each_get_their_own_question(pair, pdisks, n
         a.dmmig("finish", n)
         cleanup(a, b, n, r)
     assert b.sh("ls /run/dmmig | grep gate.sock; true").out == ""  # both gates closed
+
+
+CAP = 12.0  # gate.SUSPEND_CAP_S: the longest the source's top device may stay suspended
+
+
+def test_a_link_that_black_holes_during_the_gate_never_freezes_the_disk_beyond_the_cap(
+        pair, pdisks, name: str) -> None:
+    """The link drops every packet from a to b (no RST, no FIN, as a black-holed route) while
+    the source answers the gate: the leg has failed, so it must catch up over the network,
+    and nothing comes back. Before, the agent calls had no deadline: the top device stayed
+    suspended until TCP gave up (~15 min). Now it resumes at the cap, the answer is no, the
+    destination refuses, and the guest's disk (a's) has every acknowledged write."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(32, fill_seed=12), db(32)
+    top, rec = f"/dev/mapper/dmmig-{name}", f"{a.shared}/{name}.rec"
+    migrate_to_mirror(a, name, origin, dest)  # NBD timeout 3 s
+    a.run(["modprobe", "--dirname=/run/mods", "sch_netem"])
+    w = start_writer(a, top, rec, seed=12, rate="200", blocks="0:2048")
+    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "90"])
+    wait_listening(b, 1, [job])
+    try:
+        a.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "loss", "100%"])
+        wait_leg_failed(a, name)  # the leg's requests timed out: the writer goes on on a's disk
+        asked = b.spawn([python(), "-c", ASK, "/run/dmmig", name, "30"])  # b's answer still reaches a
+        t = time.monotonic()
+        while not job.done() and time.monotonic() - t < CAP + 20:
+            time.sleep(0.5)
+        assert job.done(), (f"`dmmig handover` still runs {CAP + 20:.0f}s after the destination asked, "
+                            "with the top device suspended: no deadline on the agent calls")
+        res = job.wait(10)
+    finally:
+        a.run(["tc", "qdisc", "del", "dev", "vec0", "root"], check=False)
+    assert res.rc == 8 and "refused" in res.err, (res.rc, res.err)
+    got = asked.wait(60)
+    assert got.rc == 3, got.out  # the destination never had a yes: its add refuses
+    s = stop_writer(a, w)
+    h = status(a, name)["journal"]["mirror"]["handover"]
+    print(f"\n[gate] suspended {h['seconds']:.2f}s (cap {CAP:.0f}s); writer max latency {s['max_latency_ms']:.0f} ms, "
+          f"{s['writes_over_5ms']} writes over 5 ms; why: {h['why']}")
+    assert not h["ok"] and h["seconds"] <= CAP + 1, h
+    assert s["max_latency_ms"] <= (CAP + 3) * 1000, s  # the guest's view: never frozen past the cap
+    check(a, origin, 12, rec)  # nothing lost on the disk that owns the guest
+    a.dmmig("abort", name)
+    cleanup(a, b, name, rec)
+    assert gate.SUSPEND_CAP_S == CAP

@@ -2,17 +2,18 @@
 OSError) on the write; dmmig reports a remote failure (exit 8), never an internal error."""
 from __future__ import annotations
 
-import io
 import json
 import socket
 import threading
+import time
 from typing import Any
 
 import paramiko
 import pytest
 
+from dmmig import agent as agent_mod
 from dmmig import migrate
-from dmmig.agent import PROTOCOL, AgentClient
+from dmmig.agent import PROTOCOL, AgentClient, deadline_for
 from dmmig.errors import Exit, RemoteError
 from dmmig.ssh import _pump
 
@@ -22,6 +23,7 @@ class DeadAfterHello:
     def __init__(self, exc: BaseException, close_exc: BaseException | None = None) -> None:
         self.exc = exc
         self.close_exc = close_exc or exc
+        self.out = (json.dumps({"agent": "dmmig", "protocol": PROTOCOL}) + "\n").encode()
 
     def close(self) -> None:
         raise self.close_exc  # paramiko sends a close message: the same dead transport
@@ -29,18 +31,15 @@ class DeadAfterHello:
     def exec_command(self, cmd: str) -> None:
         pass
 
-    def makefile(self, mode: str) -> Any:
-        if mode == "r":
-            return io.StringIO(json.dumps({"agent": "dmmig", "protocol": PROTOCOL}) + "\n")
-        exc = self.exc
+    def settimeout(self, t: float | None) -> None:
+        pass
 
-        class W:
-            def write(self, s: str) -> None:
-                pass
+    def recv(self, n: int) -> bytes:
+        data, self.out = self.out[:n], self.out[n:]
+        return data
 
-            def flush(self) -> None:
-                raise exc
-        return W()
+    def sendall(self, data: bytes) -> None:
+        raise self.exc
 
 
 class Client:
@@ -123,3 +122,69 @@ def test_the_tunnel_pump_ends_quietly_when_the_transport_dies() -> None:
         ours.close()
         theirs.close()
     assert not t.is_alive() and seen == []
+
+
+class SocketChannel:
+    """A channel that is a real socket (paramiko's Channel has the same recv/sendall/settimeout):
+    the test holds the agent's end and decides whether, and when, it answers."""
+
+    def __init__(self) -> None:
+        self.ours, self.agent = socket.socketpair()
+        self.agent.sendall((json.dumps({"agent": "dmmig", "protocol": PROTOCOL}) + "\n").encode())
+
+    def exec_command(self, cmd: str) -> None:
+        pass
+
+    def settimeout(self, t: float | None) -> None:
+        self.ours.settimeout(t)
+
+    def recv(self, n: int) -> bytes:
+        return self.ours.recv(n)
+
+    def sendall(self, data: bytes) -> None:
+        self.ours.sendall(data)
+
+    def close(self) -> None:
+        self.ours.close()
+
+
+def test_a_black_holed_agent_is_a_remote_error_within_the_deadline() -> None:
+    """Before: the call waited for a reply as long as TCP kept the connection (~15 min)."""
+    chan = SocketChannel()
+    agent = AgentClient(Client(chan), "dmmig")  # type: ignore[arg-type]
+    t = time.monotonic()
+    with pytest.raises(RemoteError, match="no reply from the destination's agent to export within") as e:
+        agent.call("export", name="d1", deadline_s=0.5)
+    assert 0.4 < time.monotonic() - t < 2 and e.value.exit_code == Exit.REMOTE
+    # the reply that comes late can no longer be taken for the next call's: the channel is closed
+    with pytest.raises(OSError):
+        chan.agent.sendall(b'{"ok": true, "export": "late"}\n')
+    with pytest.raises(RemoteError, match="unusable"):
+        agent.call("status", name="d1")
+
+
+def test_every_call_has_a_deadline_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert deadline_for("await_gate", {"timeout": 300}) == 330
+    assert deadline_for("digest", {"length": 256 << 20}) == 60 + 256
+    assert deadline_for("answer_gate", {}) == 30 and deadline_for("something_new", {}) == 120
+    chan = SocketChannel()
+    agent = AgentClient(Client(chan), "dmmig")  # type: ignore[arg-type]
+    monkeypatch.setitem(agent_mod._DEADLINES_S, "status", 0.3)
+    with pytest.raises(RemoteError, match="to status within"):
+        agent.call("status", name="d1")
+
+
+def test_a_reply_split_across_packets_is_read_whole() -> None:
+    chan = SocketChannel()
+    agent = AgentClient(Client(chan), "dmmig")  # type: ignore[arg-type]
+
+    def answer() -> None:
+        chan.agent.recv(100)
+        chan.agent.sendall(b'{"ok": true, ')
+        time.sleep(0.2)
+        chan.agent.sendall(b'"known": false}\n{"ok": true, "known": true}\n')
+    th = threading.Thread(target=answer)
+    th.start()
+    assert agent.call("status", name="d1", deadline_s=5) == {"known": False}
+    th.join()
+    assert agent.call("status", name="d1", deadline_s=5) == {"known": True}
