@@ -17,7 +17,7 @@ from dmmig import journal as J
 from dmmig import mirrorlog, proc, tunnel
 from dmmig.blockdev import Loop
 from dmmig.errors import Steps
-from dmmig.nbdkernel import NbdKernel
+from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
 
@@ -36,6 +36,9 @@ class MirrorSide:
     def watcher_marker(self, name: str) -> str:
         return f"--state-dir {self.state} watch {name}"
 
+    def nbd_owner(self, name: str) -> str:
+        return owner_of(self.state, name)
+
     # ---- set up -------------------------------------------------------------------------
     def attach_leg(self, entry: J.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
         m = entry.mirror
@@ -47,14 +50,14 @@ class MirrorSide:
             m["tunnel"]["pid"] = tunnel.start(self.r, dest, sock, int(export["port"]),
                                               self._path(entry.name, "tunnel.log"))
             save()
-        dev = self.nbd.free_device()
-        m["nbd"] = dev
-        save()
-        if dest["transport"] == "ssh":
-            self.nbd.attach(dev, export["name"], timeout=timeout, unix=m["tunnel"]["sock"])
-        else:
-            self.nbd.attach(dev, export["name"], timeout=timeout, host=export["addr"], port=int(export["port"]))
-        return dev
+
+        def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
+            m["nbd"] = dev
+            save()
+        where: dict[str, Any] = ({"unix": m["tunnel"]["sock"]} if dest["transport"] == "ssh"
+                                 else {"host": export["addr"], "port": int(export["port"])})
+        return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
+                                    on_claim=claimed, **where)
 
     def make_log(self, entry: J.Entry, nr_regions: int, save: Callable[[], None]) -> str:
         path = self._path(entry.name, "mirror-log")
@@ -80,7 +83,7 @@ class MirrorSide:
     def leftovers(self, name: str) -> bool:
         """Anything of a mirror that a killed dmmig did not journal."""
         return bool(proc.find(self.watcher_marker(name)) or proc.find(self._path(name, "nbd.sock"))
-                    or os.path.exists(self._path(name, "mirror-log")))
+                    or os.path.exists(self._path(name, "mirror-log")) or self.nbd.owned(self.nbd_owner(name)))
 
     # ---- tear down ----------------------------------------------------------------------
     def teardown(self, name: str, entry: J.Entry | None, step: Steps) -> None:
@@ -91,9 +94,11 @@ class MirrorSide:
         for pid in set(proc.find(marker)) | ({m["watcher"]} if m.get("watcher") else set()):
             if proc.alive(pid, marker):
                 step(f"stop the leg watcher (pid {pid})", partial(proc.stop, pid, marker))
-        dev = m.get("nbd")
-        if dev:
-            step(f"detach {dev} (nbd-client -d)", lambda: self.nbd.detach(dev))
+        # only a device whose marker still names this disk: one the journal names but that another
+        # cutover took since (this one was killed before it attached) is that cutover's leg now
+        owner = self.nbd_owner(name)
+        for dev in sorted(set(self.nbd.owned(owner)) | ({m["nbd"]} if m.get("nbd") else set())):
+            step(f"detach {dev} if still {name}'s (nbd-client -d)", partial(self.nbd.release, dev, owner))
         sock = self._path(name, "nbd.sock")
         tpid = (m.get("tunnel") or {}).get("pid")
         for pid in set(proc.find(sock)) | ({tpid} if tpid else set()):

@@ -5,18 +5,41 @@ Always with a request timeout: without one a dead peer hangs I/O forever (the ke
 logs "Possible stuck request"); with one, requests fail with EIO and the mirror marks the leg
 failed while the guest's writes complete on leg 0. Block size 512 so the top device's logical
 block size does not change under blkback when the mirror is swapped in.
+
+Choosing a free /dev/nbdX is a host-wide decision: two cutovers at once (two disks of one
+domain, two migrations) must never pick the same device, or the loser's rollback detaches the
+winner's leg. Every choice, attach and detach runs under one flock (LOCK, held across them),
+and each device dmmig uses carries a marker naming its owner (OWNER = state dir + disk name):
+a device is chosen only if it is detached, empty and unmarked (a marker on a detached device
+is one a killed dmmig left: under the lock nobody else can be between mark and attach), and a
+device is only ever detached by the owner its marker names. nbd-client 3.24 could let the
+kernel allocate a device (netlink, no device given), but then the udev marker below could not
+exist before the device connects.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from dmmig.errors import DmmigError, RemoteError
+from dmmig.errors import Busy, DmmigError, RemoteError
 from dmmig.runner import Runner
 
 
 # udev-rules/57-dmmig.rules keeps blkid and LVM off nbd devices marked here: the leg holds
-# the guest's data, and the marker must exist before the device connects
+# the guest's data, and the marker must exist before the device connects. The marker's text
+# is its owner.
 UDEV_MARKS = "/run/dmmig-nbd"
+LOCK = os.path.join(UDEV_MARKS, "lock")  # not an nbd name: the udev rule never matches it
+LOCK_WAIT_S = 180.0  # other cutovers attach (up to 60 s each) or detach under the lock
+
+
+def owner_of(state: str, name: str) -> str:
+    """The text of the markers of NAME's legs (one disk name per state dir)."""
+    return f"{os.path.realpath(state)}/{name}"
 
 
 class NbdKernel:
@@ -26,39 +49,110 @@ class NbdKernel:
     def attached(self, dev: str) -> bool:
         return os.path.exists(f"/sys/block/{os.path.basename(dev)}/pid")
 
-    def free_device(self) -> str:
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        os.makedirs(UDEV_MARKS, mode=0o700, exist_ok=True)
+        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                if time.monotonic() > deadline:
+                    raise Busy(f"{LOCK} stayed locked for {LOCK_WAIT_S:.0f}s (another dmmig attaching or "
+                               "detaching an nbd device)", hint=f"find it with `fuser {LOCK}`")
+                time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the flock; a killed dmmig releases it too
+
+    def attach_free(self, owner: str, export: str, *, timeout: int, on_claim: Callable[[str], None],
+                    unix: str | None = None, host: str | None = None, port: int | None = None) -> str:
+        """Choose a free device, mark it OWNER's, tell ON_CLAIM (which journals it), attach the
+        export: all under the host-wide lock. On failure nothing of it stays attached or
+        marked. Returns the device."""
+        with self._locked():
+            dev = self._choose()
+            _mark(dev, owner)
+            try:
+                on_claim(dev)
+                self._attach(dev, export, timeout=timeout, unix=unix, host=host, port=port)
+            except BaseException:
+                # under the lock, nobody but this call can have attached DEV
+                if self.attached(dev):
+                    self.r.run(["nbd-client", "-d", dev], check=False, timeout=60)
+                _unmark(dev)
+                raise
+        return dev
+
+    def release(self, dev: str, owner: str) -> bool:
+        """Detach DEV and drop its marker, if its marker names OWNER (a device dmmig marked
+        before markers named owners counts as OWNER's too). False if DEV is someone else's
+        now: a device this owner's journal still names, that was since reused."""
+        with self._locked():
+            mark = _read_mark(dev)
+            if mark is None or mark not in (owner, ""):
+                return False
+            if self.attached(dev):
+                self.r.run(["nbd-client", "-d", dev], timeout=60)
+            _unmark(dev)
+        return True
+
+    def owned(self, owner: str) -> list[str]:
+        """The devices whose marker names OWNER (found even when the journal never got them)."""
+        try:
+            marks = os.listdir(UDEV_MARKS)
+        except FileNotFoundError:
+            return []
+        return sorted(f"/dev/{d}" for d in marks if d.startswith("nbd") and _read_mark(f"/dev/{d}") == owner)
+
+    def _choose(self) -> str:
         if not os.path.exists("/sys/block/nbd0"):
             self.r.run(["modprobe", "nbd"], check=False)
-        devs = sorted((d for d in os.listdir("/sys/block") if d.startswith("nbd")), key=lambda d: int(d[3:]))
+        devs = sorted((d for d in os.listdir("/sys/block") if d.startswith("nbd") and d[3:].isdigit()),
+                      key=lambda d: int(d[3:]))
         if not devs:
             raise DmmigError("no /dev/nbdX devices: the nbd module is missing",
                              hint="modprobe nbd (or use a kernel with CONFIG_BLK_DEV_NBD)")
         for d in devs:
+            # a marker on a detached device was left by a killed dmmig (nobody else can hold a
+            # device between mark and attach: that is done under the lock)
             if not self.attached(d) and _size(d) == 0:
                 return f"/dev/{d}"
         raise DmmigError(f"all {len(devs)} nbd devices are in use", hint="modprobe nbd nbds_max=N")
 
-    def attach(self, dev: str, export: str, *, timeout: int, unix: str | None = None,
-               host: str | None = None, port: int | None = None) -> None:
+    def _attach(self, dev: str, export: str, *, timeout: int, unix: str | None = None,
+                host: str | None = None, port: int | None = None) -> None:
         if unix is not None:
             where = ["-u", unix]
         else:
             assert host is not None and port is not None
             where = [host, str(port)]
-        os.makedirs(UDEV_MARKS, mode=0o700, exist_ok=True)
-        with open(os.path.join(UDEV_MARKS, os.path.basename(dev)), "w"):
-            pass
         res = self.r.run(["nbd-client", "-N", export, *where, dev, "-b", "512", "-t", str(timeout)],
                          check=False, timeout=60)
         if res.returncode != 0 or not self.attached(dev):
-            _unmark(dev)
             raise RemoteError(f"nbd-client could not attach the destination's export to {dev}: "
                               f"{(res.stderr or res.stdout).strip()}")
 
-    def detach(self, dev: str) -> None:
-        if self.attached(dev):
-            self.r.run(["nbd-client", "-d", dev], timeout=60)
-        _unmark(dev)
+
+def _mark(dev: str, owner: str) -> None:
+    path = os.path.join(UDEV_MARKS, os.path.basename(dev))
+    tmp = f"{path}.tmp"  # not an nbd name either: the rule only sees the complete marker
+    with open(tmp, "w") as f:
+        f.write(owner)
+    os.replace(tmp, path)
+
+
+def _read_mark(dev: str) -> str | None:
+    try:
+        with open(os.path.join(UDEV_MARKS, os.path.basename(dev))) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _unmark(dev: str) -> None:

@@ -310,3 +310,41 @@ def test_verify_names_a_corrupted_block(pair, pdisks, name: str) -> None:
     assert "MISMATCH bytes 5242880-5308416" in a.dmmig("verify", name, "--chunk", "64K", check=False).out
     a.dmmig("abort", name)
     cleanup(a, b, name)
+
+
+def test_parallel_cutovers_each_get_their_own_nbd_device(pair, pdisks, name: str) -> None:
+    """Four cutovers at once, three times over (a rerun of cutover drops the leg and attaches a
+    new one): each must get its own /dev/nbdX and every leg must stay healthy. Before,
+    free_device() checked but did not reserve: two cutovers could pick the same device, and the
+    loser's rollback detached the winner's leg."""
+    a, b = pair
+    da, db = pdisks
+    names = [f"{name}{i}" for i in range(4)]
+    origins = [da(8, fill_seed=40 + i) for i in range(4)]
+    dests = [db(8) for _ in range(4)]
+    for n, o, d in zip(names, origins, dests):
+        a.dmmig("wrap", n, o)
+        a.dmmig("prepare", n)
+        a.dmmig(*copy_args(n, d))
+    try:
+        for rnd in range(3):
+            jobs = [a.spawn([DMMIG, "cutover", n, "--json", "--nbd-timeout", "3"]) for n in names]
+            res = [j.wait(300) for j in jobs]
+            failed = {n: r.err.strip()[-400:] for n, r in zip(names, res) if r.rc != 0}
+            assert not failed, f"round {rnd + 1}: cutovers failed: {failed}"
+            devs = [summary(r.out)["nbd"] for r in res]
+            assert len(set(devs)) == len(devs), f"round {rnd + 1}: one nbd device for two legs: {devs}"
+            for n, dev in zip(names, devs):
+                # a leg detached under the mirror fails only at its next write: write, then look
+                assert a.run(["test", "-e", f"/sys/block/{dev[5:]}/pid"], check=False).rc == 0, \
+                    f"round {rnd + 1}: {n}'s leg {dev} was detached"
+                a.py(WRITE_BLOCKS, f"/dev/mapper/dmmig-{n}", str(4096 * (rnd + 1)))
+                m = status(a, n)["devices"][f"dmmig-{n}"]["mirror"]
+                assert m["healthy"] and m["in_sync"] == m["regions"], (rnd + 1, n, m)
+        for o, d in zip(origins, dests):
+            assert digest(a, o) == digest(b, d)
+    finally:
+        for n in names:
+            a.dmmig("abort", n, check=False)
+            a.dmmig("unwrap", n, check=False)
+    assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0

@@ -55,9 +55,7 @@ import sys
 from dmmig.nbdkernel import NbdKernel
 from dmmig.runner import SubprocessRunner
 k = NbdKernel(SubprocessRunner())
-dev = k.free_device()
-k.attach(dev, "x", timeout=5, host="127.0.0.1", port=int(sys.argv[1]))
-print(dev)
+print(k.attach_free("udev-test", "x", timeout=5, on_claim=lambda dev: None, host="127.0.0.1", port=int(sys.argv[1])))
 """
 
 
@@ -73,7 +71,7 @@ def test_the_nbd_leg_is_not_scanned(rig: UmlHost, disks) -> None:
             assert p.get("DMMIG_INNER") == "1" and "ID_FS_TYPE" not in p, p
         finally:
             rig.py(f"from dmmig.nbdkernel import NbdKernel\nfrom dmmig.runner import SubprocessRunner\n"
-                   f"NbdKernel(SubprocessRunner()).detach({dev!r})")
+                   f"assert NbdKernel(SubprocessRunner()).release({dev!r}, 'udev-test')")
         # the control: the same export attached by hand is probed
         rig.run(["nbd-client", "-N", "x", "127.0.0.1", "10899", dev, "-t", "5"])
         try:
