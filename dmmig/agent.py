@@ -30,6 +30,7 @@ from dmmig.runner import Runner, SubprocessRunner
 from dmmig.validate import disk_name
 
 PROTOCOL = 1
+DEST_TOOLS = ("qemu-nbd",)  # what the destination runs for a migration (op_probe reports them)
 
 
 def incoming(state: str) -> dict[str, dict[str, Any]]:
@@ -120,6 +121,7 @@ class AgentServer:
         # the block script here finds an incoming migration in ITS state dir (the default, or
         # $DMMIG_STATE_DIR of xl's environment): if that is not ours, the gate is never asked
         return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script,
+                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS},
                 "state_dir": self.state, "hotplug_state_dir": J.state_dir(None)}
 
     def op_export(self, name: str, addr: str = "127.0.0.1") -> dict[str, Any]:

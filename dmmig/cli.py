@@ -16,7 +16,7 @@ from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import DmmigError, Exit
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
-from dmmig.validate import era_block_size, parse_size
+from dmmig.validate import era_block_size, nbd_timeout, parse_size
 
 
 def make_stack(args: argparse.Namespace) -> Stack:
@@ -164,11 +164,14 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from dmmig import migrate_domain as MD
     from dmmig.progress import Progress
     from dmmig.xenstore import PyxsXenStore
-    from dmmig.xl import Xl, check_migrate_args
+    from dmmig.xl import Xl, check_migrate_args, check_xl_timeout
     opts = MD.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
                              block_bytes=parse_size(a.block_size))
-    era_block_size(opts.block_bytes)  # a bad size is refused before anything, xenstored included
+    # bad values are refused before anything, xenstored included
+    era_block_size(opts.block_bytes)
+    nbd_timeout(opts.cutover.nbd_timeout)
+    check_xl_timeout(opts.xl_timeout)
     stack = make_stack(a)
     xl = Xl(stack.runner)
     t = time.monotonic()
@@ -306,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
               "the kernel resyncs what changed since the last copy round")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
-                    help="a request to a dead destination fails the leg after this (default 10)")
+                    help="a request to a dead destination fails the leg after this (1..600, default 10)")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("handover", cmd_handover, "the source's side of the handover gate: wait for the destination's "
@@ -335,10 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the plan (disks, sizes, destination paths, dm tables) and change nothing")
     _copy_options(sp)
     sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
-                    help="a request to a dead destination fails the mirror leg after this (default 10)")
+                    help="a request to a dead destination fails the mirror leg after this (1..600, default 10)")
     sp.add_argument("--shared", action="store_true",
                     help="the domain's writable disks that do not use block-dmmig are on shared storage")
-    sp.add_argument("--xl-timeout", type=float, default=3600, metavar="SECONDS", help="give xl migrate this long")
+    sp.add_argument("--xl-timeout", type=float, default=3600, metavar="SECONDS",
+                    help="wait this long for xl migrate (60..604800, default 3600). xl is never killed (a killed "
+                         "xl leaves the guest suspended): past it dmmig stops waiting and says what to do")
     _block_size_option(sp)
     sp.add_argument("--json", action="store_true")
 

@@ -86,7 +86,16 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                        "migration network)")
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
+        # what the cutover will need, here and there, before the copy: not after it
+        check_source(stack, str(dest["transport"]))
+        assert entry.block_sectors
+        block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
         remote = Remote(dest)  # unknown host key, bad credentials, unreachable: refused here
+        try:
+            check_destination(remote.agent.call("probe", paths=[dest["disk"]]), dest["host"])
+        except BaseException:
+            remote.close()
+            raise
         # catching up after a failed leg (or a cutover that did not finish): back to linear
         # over era first; era holds every write since the cutover, and the rounds resend them
         _drop_mirror(stack, entry)
@@ -109,6 +118,20 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             return summary
         finally:
             remote.close()
+
+
+def check_source(stack: Stack, transport: str) -> None:
+    """Every tool and dm target this host needs from prepare to cutover (the tunnel's ssh for
+    --transport ssh); checked before anything changes, never found missing after the copy."""
+    require_tools("dmsetup", "losetup", "era_invalidate", "nbd-client", *(["ssh"] if transport == "ssh" else []))
+    stack.dm.require_targets("era", "mirror")
+
+
+def check_destination(probe: dict[str, Any], host: str) -> None:
+    """What the agent's probe says the destination lacks (qemu-nbd, ...)."""
+    missing = sorted(t for t, ok in (probe.get("tools") or {}).items() if not ok)
+    if missing:
+        raise missing_tools(missing, f"on {host}")
 
 
 def destination(host: str, ep_opts: dict[str, Any], opts: CopyOptions, disk: str) -> dict[str, Any]:
@@ -211,8 +234,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
     if entry.phase not in (J.COPIED, J.CUTTING_OVER, J.MIRRORING) or not entry.copy.get("base_done"):
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
-    if not 1 <= opts.nbd_timeout <= 600:
-        raise BadInput(f"--nbd-timeout must be 1..600 seconds, got {opts.nbd_timeout}")
+    nbd_timeout(opts.nbd_timeout)
     require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
     stack.dm.require_targets("mirror")
     top, era = top_name(name), era_name(name)

@@ -32,9 +32,9 @@ from dmmig.hotplug import format_devno
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
 from dmmig.stack import DEFAULT_BLOCK_BYTES, Stack, era_name, top_name
-from dmmig.validate import era_block_size
+from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore
-from dmmig.xl import Domain, Xl, XlRun
+from dmmig.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
 
 log = logging.getLogger("dmmig.migrate")
 CLOSE_WAIT_S = 20.0  # blkback lets go of the source's top device from deferred work
@@ -95,6 +95,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
          opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = M.Remote) -> Plan:
     """Everything `dmmig migrate` will do, checked on both hosts; changes nothing. REMOTE
     connects to the destination's agent (injected by the unit tests)."""
+    nbd_timeout(opts.cutover.nbd_timeout)
+    check_xl_timeout(opts.xl_timeout)
     dom = xl.find(domain)  # no xl here: refused as a missing tool
     if dom is None:
         raise BadInput(f"no domain {domain!r} runs on this host", hint="`xl list` shows the running domains")
@@ -116,11 +118,44 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     if remote_of:
         raise BadInput(f"{', '.join(v.vdev for v in remote_of)}: served from a driver domain "
                        f"({remote_of[0].backend}); dmmig moves disks served by dom0's blkback only")
+    config = config_option(opts.xl_args)
+    if config is not None:
+        _check_config(xl, config, dom, all_vbds)
     ep = Endpoint.parse(host, **ep_opts)
     block = era_block_size(opts.block_bytes)
     disks = [_disk_here(stack, v, ep.host, block) for v in mine]
+    M.check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
     _check_destination(disks, host, ep_opts, opts, remote)
     return Plan(dom, host, disks, others)
+
+
+def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
+    """`-- -C CONFIG` makes xl migrate start the guest on the destination with CONFIG's disks:
+    they must be the running domain's (same vdevs, targets, scripts, modes), or the guest
+    would boot there on disks dmmig did not move (or block-dmmig's gate would not be asked)."""
+    got = {d.vdev: d for d in xl.config_disks(config)}
+    have = {v.vdev: v for v in running}
+    diffs = []
+    for vdev in sorted(set(got) | set(have)):
+        d, v = got.get(vdev), have.get(vdev)
+        if v is None:
+            assert d is not None
+            diffs.append(f"{vdev} ({d.target}) is in {config} but not in the running domain")
+        elif d is None:
+            diffs.append(f"{vdev} ({v.params}) is in the running domain but not in {config}")
+        else:
+            if os.path.basename(d.script) != os.path.basename(v.script):
+                diffs.append(f"{vdev}: script {d.script or '(none)'} in {config}, {v.script or '(none)'} running")
+            # qdisk's params carry the format: "raw:/srv/x.img" for target /srv/x.img
+            if d.target != v.params and not v.params.endswith(":" + d.target):
+                diffs.append(f"{vdev}: target {d.target} in {config}, {v.params} running")
+            if d.writable != v.writable:
+                diffs.append(f"{vdev}: {'writable' if d.writable else 'read-only'} in {config}, "
+                             f"{'writable' if v.writable else 'read-only'} running")
+    if diffs:
+        raise BadInput(f"-C {config} does not describe {dom.name}'s disks: " + "; ".join(diffs),
+                       hint="xl migrate would start the guest on the destination with those disks: pass the "
+                            "domain's own config, or leave -C out (xl then sends the running config)")
 
 
 def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk:
@@ -139,6 +174,8 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk
         raise StateError(f"{name} is already being migrated to {entry.dest.get('host')}",
                          hint=f"`dmmig abort {name}` first")
     length = stack.dm.table(top).length
+    block_fits(block_sectors if entry.phase == J.WRAPPED else entry.block_sectors or block_sectors, length,
+               f"{v.vdev} ({v.params})")
     tables = [f"now:        {top}: {stack.dm.table_text(top).strip()}"]
     if entry.phase == J.WRAPPED:
         tables += [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> {entry.origin_devno} {block_sectors}",
@@ -162,6 +199,7 @@ def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], op
     if not probe["block_script"]:
         raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
                        hint="run the README's install command there")
+    M.check_destination(probe, host)
     if os.path.realpath(probe["state_dir"]) != os.path.realpath(probe["hotplug_state_dir"]):
         raise BadInput(f"on {host}, dmmig's state dir would be {probe['state_dir']} but block-dmmig's is "
                        f"{probe['hotplug_state_dir']}: its add would not ask the handover gate",
@@ -207,6 +245,8 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
         raise
     for name, g in gates.items():
         summary["disks"][name]["handover"] = g
+    if xl_res.overran:
+        raise _overran(p, xl_res, opts.xl_timeout)
     # wall_seconds adds what the gate costs around xl: its own SSH session and agent, the join
     summary["xl"] = {"returncode": xl_res.returncode, "seconds": xl_res.seconds,
                      "wall_seconds": round(time.monotonic() - t_xl, 3)}
@@ -270,8 +310,10 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
     entries = {d.name: M._mirroring(stack, d.name) for d in p.disks}
     gates: dict[str, Any] = {}
     box: list[XlRun] = []
+    xl_log = os.path.join(stack.journal.dir, f"xl-migrate-{p.domain.domid}.log")
+
     def run_xl() -> None:
-        box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout))
+        box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
     th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
     with contextlib.ExitStack() as locks:
         for name in entries:
@@ -305,6 +347,19 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
     if not box:  # xl.migrate itself raised (xl missing): the guest never left
         return XlRun(-1, "xl migrate did not run (see above)", 0.0), gates
     return box[0], gates
+
+
+def _overran(p: Plan, run: XlRun, timeout: float) -> StateError:
+    names = " ".join(d.name for d in p.disks)
+    return StateError(
+        f"xl migrate of {p.domain.name} (pid {run.pid}) still runs after {timeout:.0f}s (--xl-timeout). dmmig did "
+        "not stop it: a killed xl leaves a suspended guest that nothing resumes. dmmig no longer answers the "
+        "handover gate, so a disk whose `add` has not had its yes is refused and xl resumes the guest here. "
+        f"xl's output goes to {run.log}",
+        hint=f"wait until xl ends (`ps -p {run.pid}`; its last words are in {run.log}), then look where "
+             f"{p.domain.name} runs (`xl list` here and on {p.host}). On {p.host}: here, for each of {names}: "
+             "`dmmig finish --force --remove NAME` (block-dmmig's remove may have done it: `dmmig status`). "
+             f"Here: `dmmig abort NAME` for each of {names}. Then `rm {run.log}`")
 
 
 def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any]:

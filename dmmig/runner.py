@@ -22,11 +22,20 @@ class Result:
     stderr: str
 
 
+class Process(Protocol):
+    """A started child: poll() is its exit status once it ended, else None."""
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+
 class Runner(Protocol):
     def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
             input: str | None = None) -> Result: ...
 
     def spawn(self, argv: list[str], *, logfile: str) -> int: ...
+
+    def start(self, argv: list[str], *, logfile: str) -> Process: ...
 
 
 class SubprocessRunner:
@@ -63,6 +72,11 @@ class SubprocessRunner:
     def spawn(self, argv: list[str], *, logfile: str) -> int:
         """Start a daemon that outlives dmmig (SSH tunnel, leg watcher): its own session, so a
         terminal's ^C does not reach it; stdout and stderr appended to LOGFILE. Returns its pid."""
+        return self.start(argv, logfile=logfile).pid
+
+    def start(self, argv: list[str], *, logfile: str) -> Process:
+        """As spawn, but the caller keeps the child to learn its exit status (poll): a pid
+        alone is no proof, subprocess reaps a child whose Popen object was dropped."""
         log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             env = dict(os.environ)
@@ -75,4 +89,4 @@ class SubprocessRunner:
                                     hint="install it (see README: the install command)") from e
         finally:
             os.close(log_fd)
-        return p.pid
+        return p

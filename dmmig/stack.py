@@ -22,7 +22,7 @@ from dmmig.era import BlockRange, EraTools
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.mirror import MirrorSide
 from dmmig.runner import Runner
-from dmmig.validate import disk_name, era_block_size, require_tools
+from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = 64 << 10
@@ -148,6 +148,7 @@ class Stack:
         require_tools("dmsetup", "era_invalidate", "losetup")
         self.dm.require_targets("era")
         length = cur.length
+        block_fits(bs, length, name)  # else the mirror refuses the region at cutover, after the copy
         meta_dev: BlockDev | None = None
         if metadata is not None:
             meta_dev = block_device(metadata)

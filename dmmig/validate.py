@@ -49,7 +49,39 @@ def era_block_size(nbytes: int) -> int:
 def require_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        pkgs = {"era_invalidate": "thin-provisioning-tools", "dmsetup": "dmsetup",
-                "losetup": "mount", "nbd-client": "nbd-client", "nbdkit": "nbdkit"}
-        named = ", ".join(f"{t} (Debian package {pkgs.get(t, t)})" for t in missing)
-        raise MissingDependency(f"missing tool(s): {named}", hint="run the README's install command")
+        raise missing_tools(missing)
+
+
+def missing_tools(missing: list[str], where: str = "") -> MissingDependency:
+    """The error naming MISSING tools (and their Debian packages), on this host or WHERE."""
+    pkgs = {"era_invalidate": "thin-provisioning-tools", "dmsetup": "dmsetup",
+            "losetup": "mount", "nbd-client": "nbd-client", "nbdkit": "nbdkit", "ssh": "openssh-client",
+            "qemu-nbd": "qemu-utils"}
+    named = ", ".join(f"{t} (Debian package {pkgs.get(t, t)})" for t in missing)
+    return MissingDependency(f"{where + ': ' if where else ''}missing tool(s): {named}",
+                             hint="run the README's install command" + (" there" if where else ""))
+
+
+NBD_TIMEOUT_RANGE = (1, 600)
+ERA_MAX_BLOCKS = (1 << 31) - 1  # dm-era's valid_nr_blocks: fewer than 2^31 blocks
+
+
+def nbd_timeout(seconds: int) -> int:
+    """The mirror leg's NBD request timeout: 0 would let a dead destination hang the guest's
+    writes forever (the kernel only logs "Possible stuck request")."""
+    lo, hi = NBD_TIMEOUT_RANGE
+    if not lo <= seconds <= hi:
+        raise BadInput(f"--nbd-timeout must be {lo}..{hi} seconds, got {seconds}")
+    return seconds
+
+
+def block_fits(block_sectors: int, length_sectors: int, what: str) -> None:
+    """An era block (= mirror region) the disk can use: dm-mirror refuses a region larger than
+    the device (found only at cutover, after the whole copy), dm-era 2^31 blocks or more."""
+    if block_sectors > length_sectors:
+        raise BadInput(f"{what}: block size {block_sectors * 512} bytes is larger than the disk "
+                       f"({length_sectors * 512} bytes): dm-mirror cannot use a region larger than the device",
+                       hint="use a smaller --block-size (default 64K)")
+    if -(-length_sectors // block_sectors) > ERA_MAX_BLOCKS:
+        raise BadInput(f"{what}: block size {block_sectors * 512} bytes makes more than 2^31 era blocks of "
+                       f"{length_sectors * 512} bytes", hint="use a larger --block-size")

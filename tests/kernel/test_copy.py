@@ -206,3 +206,48 @@ def test_abort_with_the_destination_unreachable_says_exactly_what_is_left(pair, 
     b.sh(r.err.split("There, run: ", 1)[1].strip())  # the printed instructions are exact
     assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0
     a.dmmig("unwrap", name)
+
+
+def test_copy_refuses_what_the_cutover_would_miss(pair, pdisks, name: str) -> None:
+    """Tools and targets the cutover needs, on both hosts, are checked before the base copy.
+    Before, a missing nbd-client, dm-mirror or ssh on the source was found by the cutover,
+    after the whole copy; a missing qemu-nbd on the destination after prepare_disk (which may
+    already have created the disk there)."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(16), db(16)
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+
+    def refused(args: list[str], *needles: str, env: dict[str, str] | None = None) -> None:
+        before = world(a, b)
+        r = a.dmmig(*args, check=False, timeout=120, env=env)
+        assert r.rc == 4, (r.rc, r.err)  # a missing dependency
+        for n in needles:
+            assert n in r.err, (n, r.err)
+        assert world(a, b) == before, "a refused copy changed something"
+
+    # a PATH with everything the copy and the cutover run, but one
+    tools = ["dmsetup", "losetup", "era_invalidate", "nbd-client", "ssh", "modprobe", "blockdev", "udevadm"]
+    try:
+        for missing in ("nbd-client", "ssh", "era_invalidate"):
+            a.sh(f"rm -rf /run/fakebin && mkdir -p /run/fakebin && for t in {' '.join(t for t in tools if t != missing)};"
+                 " do ln -sf $(command -v $t) /run/fakebin/$t; done")
+            refused(copy_args(name, dest), f"missing tool(s): {missing} (Debian package", env={"PATH": "/run/fakebin"})
+    finally:
+        a.run(["rm", "-rf", "/run/fakebin"])
+    a.run(["rmmod", "dm-mirror"])
+    try:
+        refused(copy_args(name, dest), "target(s) missing from the kernel: mirror")
+    finally:
+        a.run(["modprobe", "--dirname=/run/mods", "dm-mirror"])
+    # the destination without qemu-nbd: a file that is not executable over it, in b's kernel only
+    b.sh("touch /run/no-qemu-nbd && mount --bind /run/no-qemu-nbd /usr/bin/qemu-nbd")
+    try:
+        refused(copy_args(name, "/dev/shm/created-by-copy.img", "--create"),
+                f"on {B_IP}: missing tool(s): qemu-nbd (Debian package qemu-utils)")
+        assert b.run(["test", "-e", "/dev/shm/created-by-copy.img"], check=False).rc != 0
+    finally:
+        b.sh("umount /usr/bin/qemu-nbd; rm -f /run/no-qemu-nbd")
+    a.dmmig("abort", name)
+    a.dmmig("unwrap", name)

@@ -61,7 +61,9 @@ def test_prepare_twice_and_unknown_names(rig: UmlHost, disks, name: str) -> None
 
 
 @pytest.mark.parametrize("size,why", [("6K", "not a multiple of 4 KiB"), ("1000", "not a multiple of 4 KiB"),
-                                      ("12K", "not a power of two"), ("junk", "invalid size")])
+                                      ("12K", "not a power of two"), ("junk", "invalid size"),
+                                      # before: prepared and copied, then refused by dm-mirror at cutover
+                                      ("32M", "block size 33554432 bytes is larger than the disk")])
 def test_bad_block_size(rig: UmlHost, disks, name: str, size: str, why: str) -> None:
     origin = disks(16)
     rig.dmmig("wrap", name, origin)

@@ -4,7 +4,9 @@ answer through the fake runner, and the destination is the real agent's probe, i
 over files in tmp_path (the whole flow runs on real Xen in tests/xen)."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,11 @@ from dmmig import migrate_domain as MD
 from dmmig.agent import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import vbds
-from dmmig.errors import BadInput, StateError
+from dmmig.errors import BadInput, MissingDependency, StateError
 from dmmig.hotplug import disk_name_for
 from dmmig.stack import Stack
-from dmmig.xl import Xl, check_migrate_args
+from dmmig.runner import SubprocessRunner
+from dmmig.xl import Xl, XlRun, check_migrate_args
 from tests.unit.test_dmsetup_argv import FakeRunner
 from tests.unit.test_hotplug import INFO, NOT_THERE, MemXenStore
 
@@ -76,6 +79,7 @@ class World:
             (["xl", "domname", str(DOMID)], (0, "vm1\n", "")),
             (["xl", "domname"], (1, "", "")),
             (["dmsetup", "info"], NOT_THERE),
+            (["dmsetup", "targets"], (0, TARGETS, "")),
         ])
         self.stack = Stack(self.runner, DmSetup(self.runner), J.Journal(str(tmp_path / "state")))
         self.agent = FakeAgent(AgentServer(FakeRunner([(["losetup", "-j"], (0, "", ""))]), str(tmp_path / "dstate")))
@@ -102,14 +106,35 @@ class World:
                        remote=lambda dest: FakeRemote(self.agent))
 
     def mutating(self) -> list[list[str]]:
-        return [a for a in self.runner.argvs if a[:2] not in (["dmsetup", "info"], ["dmsetup", "table"])
+        return [a for a in self.runner.argvs
+                if a[:2] not in (["dmsetup", "info"], ["dmsetup", "table"], ["dmsetup", "targets"])
                 and a[0] != "xl"]
+
+
+TARGETS = "era              v1.0.0\nmirror           v1.14.0\nlinear           v1.4.0\n"
+TOOLS = ("dmsetup", "losetup", "era_invalidate", "nbd-client", "ssh", "qemu-nbd")
+
+
+def tools_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...] = ()) -> None:
+    """A PATH with exactly the tools a migration runs on both hosts, but MISSING (the agent's
+    probe, in-process, looks at the same PATH)."""
+    bin_ = tmp_path / "bin"
+    if bin_.exists():
+        for f in bin_.iterdir():
+            f.unlink()
+    bin_.mkdir(exist_ok=True)
+    for t in TOOLS:
+        if t not in missing:
+            (bin_ / t).write_text("#!/bin/sh\nexit 0\n")
+            (bin_ / t).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
 
 
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     # what block-dmmig would use on the destination: the agent's own state dir
     monkeypatch.setenv("DMMIG_STATE_DIR", str(tmp_path / "dstate"))
+    tools_on_path(tmp_path, monkeypatch)
     return World(tmp_path)
 
 
@@ -240,11 +265,56 @@ def test_xl_migrate_args_refused(args: list[str], msg: str) -> None:
         check_migrate_args(args)
 
 
-def test_xl_migrate_argv_and_result() -> None:
-    r = FakeRunner([(["xl", "migrate"], (1, "", "migration sender: Target reported an error\n"))])
-    res = Xl(r).migrate(7, "root@b", ["-s", "ssh -p 2"], 100)
-    assert r.argvs == [["xl", "migrate", "-s", "ssh -p 2", "7", "root@b"]]
-    assert res.returncode == 1 and "Target reported" in res.output and res.seconds >= 0
+def fake_xl(tmp_path: Path, body: str) -> str:
+    """An `xl` of the test's own: a real process, as xl migrate is one (dmmig waits for it)."""
+    xl = tmp_path / "xl"
+    xl.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/argv\n{body}\n")
+    xl.chmod(0o755)
+    return str(xl)
+
+
+def test_xl_migrate_argv_and_result(tmp_path: Path) -> None:
+    xl = fake_xl(tmp_path, "echo 'migration sender: Target reported an error' >&2; exit 1")
+    log = str(tmp_path / "xl.log")
+    res = Xl(SubprocessRunner(), xl).migrate(7, "root@b", ["-s", "ssh -p 2"], 100, log)
+    assert (tmp_path / "argv").read_text() == "migrate -s ssh -p 2 7 root@b\n"
+    assert res.returncode == 1 and "Target reported" in res.output and res.seconds >= 0 and not res.overran
+    assert not os.path.exists(log)  # read, then removed
+
+
+def test_xl_migrate_is_never_killed(tmp_path: Path) -> None:
+    """Before: at --xl-timeout the runner SIGKILLed xl, possibly mid-suspend, and nothing resumed
+    the guest. Now dmmig stops waiting, xl runs on in its own session and ends on its own."""
+    xl = fake_xl(tmp_path, f"echo $$ > {tmp_path}/pid; sleep 2; echo done; exit 0")
+    log = str(tmp_path / "xl.log")
+    t = time.monotonic()
+    res = Xl(SubprocessRunner(), xl).migrate(7, "root@b", [], 0.5, log)
+    assert res.overran and res.returncode is None and 0.5 <= time.monotonic() - t < 1.5
+    pid = int((tmp_path / "pid").read_text())
+    assert res.pid == pid and res.log == log
+    assert os.getsid(pid) == pid  # its own session: a ^C at dmmig does not reach it either
+    os.kill(pid, 0)  # still running, not killed
+    deadline = time.monotonic() + 10
+    while "done" not in (tmp_path / "xl.log").read_text():
+        assert time.monotonic() < deadline, "xl did not finish on its own"
+        time.sleep(0.1)
+
+
+def test_xl_timeout_is_bounded(world: World) -> None:
+    world.disk()
+    for bad in (0, 59, 8 * 86400):
+        with pytest.raises(BadInput, match="--xl-timeout must be 60..604800"):
+            world.plan(xl_timeout=bad)
+    world.plan(xl_timeout=60)
+
+
+def test_an_overrun_says_where_xl_writes_and_what_to_do(world: World) -> None:
+    name = world.disk()
+    p = world.plan()
+    err = MD._overran(p, XlRun(None, "", 3601.0, 4242, "/var/lib/dmmig/xl-migrate-7.log"), 3600)
+    assert "pid 4242" in err.message and "did not stop it" in err.message and "xl-migrate-7.log" in err.message
+    assert err.hint and "ps -p 4242" in err.hint and f"dmmig abort NAME` for each of {name}" in err.hint
+    assert "dmmig finish --force --remove NAME" in err.hint and err.exit_code == 6
 
 
 def test_destination_block_script_must_share_the_agents_state_dir(world: World,
@@ -262,3 +332,164 @@ def test_cli_refuses_a_bad_block_size_before_it_looks_for_xenstored(capsys: pyte
     monkeypatch.setattr(xenstore.PyxsXenStore, "__enter__", lambda self: pytest.fail("xenstored was asked"))
     assert cli.main(["migrate", "vm1", "root@b", "--block-size", "96K", "--", "-e"]) == 3
     assert "not a power of two" in capsys.readouterr().err
+
+
+def test_nbd_timeout_is_checked_in_the_plan(world: World) -> None:
+    """Before: refused by the cutover, after the whole copy."""
+    world.disk()
+    for bad in (0, 601):
+        world.opts.cutover.nbd_timeout = bad
+        with pytest.raises(BadInput, match="--nbd-timeout must be 1..600"):
+            world.plan()
+    world.opts.cutover.nbd_timeout = 10
+    world.plan()
+
+
+def test_a_block_larger_than_the_disk_is_refused_in_the_plan(world: World) -> None:
+    """Before: prepare and the whole copy ran, then dm-mirror refused the region at cutover."""
+    name = world.disk(size=8 * MIB)
+    with pytest.raises(BadInput, match=r"xvda \(.*\): block size 16777216 bytes is larger than the disk"):
+        world.plan(block_bytes=16 * MIB)
+    entry = world.stack.journal.load(name)
+    assert entry is not None
+    entry.block_sectors = 32 * 2048  # prepared by an older dmmig with a 32 MiB block
+    world.stack.journal.save(entry, J.PREPARED)
+    with pytest.raises(BadInput, match="larger than the disk"):
+        world.plan(block_bytes=64 << 10)
+    assert world.mutating() == []
+
+
+@pytest.mark.parametrize("tool,transport", [("nbd-client", "ssh"), ("ssh", "ssh"), ("era_invalidate", "nbd"),
+                                            ("dmsetup", "ssh")])
+def test_a_tool_the_source_needs_later_is_refused_in_the_plan(world: World, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, tool: str,
+                                                               transport: str) -> None:
+    world.disk()
+    world.opts.copy.transport = transport
+    tools_on_path(tmp_path, monkeypatch, missing=(tool,))
+    with pytest.raises(MissingDependency, match=f"^missing tool\\(s\\): {tool} \\(Debian package"):
+        world.plan()
+    assert world.agent.calls == []  # refused before the destination was even asked
+
+
+def test_ssh_is_not_needed_with_the_nbd_transport(world: World, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    world.disk()
+    world.opts.copy.transport = "nbd"
+    tools_on_path(tmp_path, monkeypatch, missing=("ssh",))
+    world.plan()
+
+
+def test_a_missing_mirror_target_is_refused_in_the_plan(world: World) -> None:
+    world.disk()
+    world.runner.rules.insert(0, (["dmsetup", "targets"], (0, "era v1.0.0\nlinear v1.4.0\n", "")))
+    with pytest.raises(MissingDependency, match="target\\(s\\) missing from the kernel: mirror"):
+        world.plan()
+
+
+def test_qemu_nbd_missing_on_the_destination_is_refused_in_the_plan(world: World, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    world.disk()
+    orig = world.agent.server.op_probe
+
+    def probe(**kw: Any) -> dict[str, Any]:  # the destination: this PATH without qemu-nbd
+        tools_on_path(tmp_path, monkeypatch, missing=("qemu-nbd",))
+        try:
+            return orig(**kw)
+        finally:
+            tools_on_path(tmp_path, monkeypatch)
+    world.agent.server.op_probe = probe  # type: ignore[method-assign]
+    with pytest.raises(MissingDependency, match=r"on root@b: missing tool\(s\): qemu-nbd \(Debian package qemu-utils"):
+        world.plan()
+
+
+# `xl -N create CONFIG` prints libxl_domain_config_to_json (tools/xl/xl_vmcontrol.c; fields at
+# their default are left out, tools/libs/light/gentypes.py), shaped as xl 4.17 prints it for the
+# Xen rig's guest config with a block-dmmig disk and a read-only cdrom
+XL_N_CREATE = """{
+    "c_info": {
+        "type": "pvh",
+        "name": "vm1",
+        "uuid": "00000000-0000-0000-0000-000000000000",
+        "run_hotplug_scripts": "True"
+    },
+    "b_info": {
+        "max_vcpus": 1,
+        "avail_vcpus": [
+            0
+        ],
+        "max_memkb": 131072,
+        "target_memkb": 131072,
+        "tsc_mode": "native",
+        "kernel": "/run/xenrig/vmlinuz",
+        "cmdline": "console=hvc0 loglevel=4 XENRIG_JOB=idle",
+        "ramdisk": "/run/xenrig/initrd",
+        "type.pvh": {
+        },
+        "arch_arm": {
+        },
+        "arch_x86": {
+        }
+    },
+    "disks": [
+%s
+    ],
+    "on_reboot": "restart",
+    "on_crash": "preserve",
+    "on_soft_reset": "soft_reset"
+}
+"""
+
+
+def xl_disk(target: str, vdev: str, script: str = "block-dmmig", rw: bool = True) -> str:
+    d = {"pdev_path": target, "vdev": vdev, "format": "raw", **({"script": script} if script else {}),
+         **({"readwrite": 1} if rw else {})}
+    return json.dumps(d, indent=4)
+
+
+def test_a_config_whose_disks_differ_from_the_running_domain_is_refused(world: World) -> None:
+    """Before: xl migrate -C sent the destination a config with other disks, unchecked."""
+    world.disk()
+    params = str(world.dest_dir / "d1")
+    cfg = "/etc/xen/vm1.cfg"
+
+    def plan_with(*disks: str) -> MD.Plan:
+        world.runner.rules.insert(0, (["xl", "-N", "create", cfg], (0, XL_N_CREATE % ",\n".join(disks), "")))
+        return world.plan(xl_args=["-C", cfg])
+
+    plan_with(xl_disk(params, "xvda"))  # the domain's own disks: fine
+    cases = [
+        ((xl_disk("/dev/vg0/other", "xvda"),), f"xvda: target /dev/vg0/other in {cfg}, {params} running"),
+        ((xl_disk(params, "xvda", script="block"),), "xvda: script block in /etc/xen/vm1.cfg, "
+                                                      "/etc/xen/scripts/block-dmmig running"),
+        ((xl_disk(params, "xvda", rw=False),), "xvda: read-only in /etc/xen/vm1.cfg, writable running"),
+        ((xl_disk(params, "xvdb"),), "xvda .* is in the running domain but not in /etc/xen/vm1.cfg"),
+        ((xl_disk(params, "xvda"), xl_disk("/dev/vg0/x", "xvdb")), "xvdb \\(/dev/vg0/x\\) is in /etc/xen/vm1.cfg"),
+    ]
+    for disks, msg in cases:
+        with pytest.raises(BadInput, match=msg):
+            plan_with(*disks)
+    assert world.agent.calls == ["probe"] and world.mutating() == []
+    world.runner.rules.insert(0, (["xl", "-N", "create", cfg], (1, "", "Failed to parse config: Invalid argument\n")))
+    with pytest.raises(BadInput, match="xl cannot parse the config /etc/xen/vm1.cfg: Failed to parse"):
+        world.plan(xl_args=["-C", cfg])
+
+
+def test_a_qdisk_target_matches_its_format_prefixed_params(world: World) -> None:
+    world.disk()
+    params = str(world.dest_dir / "d1")
+    world.xs.data.update(vbd_keys(51728, "xvdb", "raw:/srv/data.img", script="", mode="r"))
+    world.runner.rules.insert(0, (["xl", "-N", "create", "c"], (0, XL_N_CREATE % ",\n".join(
+        [xl_disk(params, "xvda"), xl_disk("/srv/data.img", "xvdb", script="", rw=False)]), "")))
+    world.plan(xl_args=["-C", "c"])
+
+
+@pytest.mark.parametrize("args,msg", [(["--nbd-timeout", "0"], "--nbd-timeout must be 1..600"),
+                                      (["--xl-timeout", "10"], "--xl-timeout must be 60..604800")])
+def test_cli_refuses_bad_timeouts_before_it_looks_for_xenstored(capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 args: list[str], msg: str) -> None:
+    from dmmig import cli, xenstore
+    monkeypatch.setattr(xenstore.PyxsXenStore, "__enter__", lambda self: pytest.fail("xenstored was asked"))
+    assert cli.main(["migrate", "vm1", "root@b", *args]) == 3
+    assert msg in capsys.readouterr().err

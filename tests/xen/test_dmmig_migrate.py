@@ -344,3 +344,37 @@ def test_gate_refuses_a_disk_whose_leg_broke_and_the_guest_stays(pair: tuple[Xen
         clean_up(a, b, name, disk, img, dm=name)
         for h in (a, b):
             h.run(["rm", "-f", rec, rec + ".started"], check=False)
+
+
+def test_a_config_with_other_disks_is_refused_before_anything_changes(pair: tuple[XenHost, XenHost],
+                                                                       xen_report: dict[str, Any]) -> None:
+    """`-- -C CONFIG` makes xl migrate start the guest on b with CONFIG's disks: dmmig compares
+    them (parsed by libxl itself, `xl -N create`) with the running domain's, and refuses other
+    disks before anything changes. Before, such a config was passed to xl unchecked, after the
+    whole copy and cutover of disks the guest would then not use."""
+    a, b = pair
+    name = "xrcfg"
+    img, other = f"/dev/shm/{name}.img", f"/dev/shm/{name}-other.img"
+    disk = f"shm-{name}.img"
+    a.run(["truncate", "-s", "16M", img])
+    vm = DomU(a, name, disk=f"vdev=xvda,access=rw,script=block-dmmig,target={img}", job=["idle"])
+    wrong = f"/run/xenrig/{name}-other.cfg"
+    try:
+        vm.create()
+        a.write_file(wrong, vm.config().replace(f"target={img}", f"target={other}"))
+        # libxl's own view of the config, as dmmig reads it (tests/unit's sample has this shape)
+        xen_report["xl -N create (a config with a block-dmmig disk)"] = a.run(["xl", "-N", "create", wrong]).out
+        before = (a.run(["dmsetup", "table"]).out, a.sh(f"ls {STATE}", check=False).out,
+                  b.sh(f"ls {STATE}; ls /dev/shm", check=False).out)
+        r = a.run(migrate_argv(name, "--", "-C", wrong), check=False, timeout=300)
+        assert r.rc == 3, r
+        assert f"-C {wrong} does not describe {name}'s disks: xvda: target {other} in {wrong}, {img} running" \
+            in r.err, r.err
+        assert (a.run(["dmsetup", "table"]).out, a.sh(f"ls {STATE}", check=False).out,
+                b.sh(f"ls {STATE}; ls /dev/shm", check=False).out) == before
+        # the domain's own config passes the same check
+        r = a.run(migrate_argv(name, "--dry-run", "--", "-C", vm.cfg_path), check=False, timeout=300)
+        assert r.rc == 0 and f"xvda: {img} as dmmig disk {disk}" in r.out, r
+    finally:
+        clean_up(a, b, name, disk, img)
+        a.run(["rm", "-f", wrong], check=False)
