@@ -97,6 +97,10 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         if entry.mirror.get("watcher") and not proc.alive(entry.mirror["watcher"],
                                                           stack.mirror.watcher_marker(name)):
             problems.append("the leg watcher is not running: a leg failure would not be timed")
+    stray = sorted(set(stack.mirror.nbd.owned(stack.mirror.nbd_owner(name))) - {entry.mirror.get("nbd")})
+    if stray:  # marked for this disk (udev keeps off them) but no mirror of it uses them
+        problems.append(f"{', '.join(stray)} marked as {name}'s mirror leg but not in its journal (left by an "
+                        f"interrupted cutover); `dmmig abort {name}` detaches and unmarks them")
     if entry.metadata_file and entry.phase != J.WRAPPED and not os.path.exists(entry.metadata_file):
         problems.append(f"era metadata file {entry.metadata_file} is missing")
     if top is not None and entry.phase == J.WRAPPED:

@@ -183,3 +183,10 @@ def test_the_agent_sees_its_source_go_without_reading_a_request(tmp_path: Path) 
         assert srv._inp.readline() == '{"op": "hello"}\n'  # nothing was consumed
     finally:
         srv._inp.close()
+
+
+def test_the_no_reaches_the_add_before_it_gives_up() -> None:
+    """The source's window (work, resume) and its no must end inside the destination add's
+    own wait, with time for the question to travel and for the source to pick it up."""
+    from dmmig import hotplug
+    assert gate.SUSPEND_CAP_S + gate.NO_DELIVERY_S + 2 < hotplug.GATE_TIMEOUT_S
