@@ -404,13 +404,13 @@ def test_qemu_nbd_missing_on_the_destination_is_refused_in_the_plan(world: World
 
 
 # `xl -N create CONFIG` prints libxl_domain_config_to_json (tools/xl/xl_vmcontrol.c; fields at
-# their default are left out, tools/libs/light/gentypes.py), shaped as xl 4.17 prints it for the
-# Xen rig's guest config with a block-dmmig disk and a read-only cdrom
+# their default are left out, tools/libs/light/gentypes.py). Captured from the Xen rig (xl 4.17,
+# tests/xen/test_dmmig_migrate.py's -C test) for its guest; the disks are the test's own
 XL_N_CREATE = """{
     "c_info": {
         "type": "pvh",
-        "name": "vm1",
-        "uuid": "00000000-0000-0000-0000-000000000000",
+        "name": "xrcfg",
+        "uuid": "7550028f-9c02-4a36-9786-5048e2396f1a",
         "run_hotplug_scripts": "True"
     },
     "b_info": {
@@ -418,17 +418,24 @@ XL_N_CREATE = """{
         "avail_vcpus": [
             0
         ],
+        "tsc_mode": "native",
         "max_memkb": 131072,
         "target_memkb": 131072,
-        "tsc_mode": "native",
-        "kernel": "/run/xenrig/vmlinuz",
+        "sched_params": {
+
+        },
+        "claim_mode": "True",
+        "kernel": "/var/cache/dmmig-xenrig/1be7ec0cacad2462/domu-vmlinux.gz",
         "cmdline": "console=hvc0 loglevel=4 XENRIG_JOB=idle",
-        "ramdisk": "/run/xenrig/initrd",
+        "ramdisk": "/var/cache/dmmig-xenrig/1be7ec0cacad2462/domu.cpio.gz",
         "type.pvh": {
+
         },
         "arch_arm": {
+
         },
         "arch_x86": {
+
         }
     },
     "disks": [
