@@ -20,9 +20,13 @@ from dmmig.validate import era_block_size, parse_size
 
 
 def make_stack(args: argparse.Namespace) -> Stack:
+    from dmmig.dm.guard import SuspendGuard
     from dmmig.udev import wait_dm_node
     runner = SubprocessRunner()
-    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node), J.Journal(J.state_dir(args.state_dir)))
+    journal = J.Journal(J.state_dir(args.state_dir))
+    # a dmmig killed while the top device is suspended must not leave the guest's disk frozen
+    guard = SuspendGuard(runner, journal.dir)
+    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node, guard=guard), journal)
 
 
 def cmd_wrap(a: argparse.Namespace) -> int:

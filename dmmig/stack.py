@@ -19,6 +19,7 @@ from typing import Any
 from dmmig import journal as J
 from dmmig.blockdev import BlockDev, Loop, block_device, dm_name_of, holder_names
 from dmmig.dm.dmsetup import DmInfo, DmSetup
+from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import Era, Linear, Table
 from dmmig.era import BlockRange, EraTools
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
@@ -296,6 +297,9 @@ class Stack:
         era = era_name(name)
         if self.dm.info(era) is not None:
             step(f"remove {era}", lambda: self.dm.remove(era))
+        glog = guard_log(self.journal.dir, top)  # a dmmig killed while suspended: history now
+        if os.path.exists(glog):
+            step(f"remove {glog}", lambda: os.unlink(glog))
         mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
         for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
             step(f"detach {dev}", partial(self.loop.detach, dev))

@@ -9,6 +9,7 @@ from dmmig import journal as J
 from dmmig import nbd as N
 from dmmig import proc
 from dmmig.agent import incoming
+from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import Era, Linear, Mirror, ParseError
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.watch import read_health
@@ -72,6 +73,10 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                             f"`dmmig abort {name}` resumes it")
         out["devices"][dev] = d
 
+    glog = guard_log(stack.journal.dir, top_name(name))
+    if os.path.exists(glog):
+        with open(glog) as f:
+            problems += [f"{ln.strip()} (`dmmig abort {name}` clears this note)" for ln in f if ln.strip()]
     top = out["devices"].get(top_name(name))
     era = out["devices"].get(era_name(name))
     if entry is None:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ORACLE, python
 from tests.kernel.test_copy import DMMIG, copy_args, digest, summary
-from tests.kernel.test_cutover import check, cleanup
+from tests.kernel.test_cutover import KILL_WHEN_SUSPENDED, check, cleanup, wait_resumed
 from tests.kernel.test_stack import start_writer, stop_writer
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
@@ -154,6 +154,33 @@ def test_a_resync_cut_short_then_rerun_or_catch_up_loses_nothing(pair, pdisks, n
         a.dmmig("copy", name, "--json")           # catch-up: back to linear over era, resend
     a.dmmig("cutover", name)
     check(b, dest, 4, rec)
+    assert digest(a, origin) == digest(b, dest)
+    a.dmmig("finish", name)
+    cleanup(a, b, name, rec)
+
+
+def test_dmmig_killed_inside_a_rounds_suspended_window_leaves_the_disk_running(pair, pdisks, name: str) -> None:
+    """Each round suspends the top device for its snapshot: a dmmig SIGKILLed right then must
+    not leave the guest's disk frozen (its guard resumes it), and a rerun completes the copy."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(32, fill_seed=7), db(32)
+    top = f"/dev/mapper/dmmig-{name}"
+    rec = f"{a.shared}/{name}.rec"
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    dm = a.run(["readlink", "-f", top]).out.strip().rsplit("/", 1)[1]
+    w = start_writer(a, top, rec, seed=7, rate="300", blocks="0:2048")
+    r = a.py(KILL_WHEN_SUSPENDED, dm, DMMIG, *copy_args(name, dest))
+    assert "killed while suspended" in r.out, r.out
+    wait_resumed(a, dm)
+    st = json.loads(a.dmmig("status", name, "--json").out)
+    assert any("the guard resumed it" in p for p in st["problems"]), st["problems"]
+    a.dmmig(*copy_args(name, dest))
+    a.dmmig("cutover", name)
+    slow = stop_writer(a, w)
+    assert slow["max_latency_ms"] < 15000, slow
+    check(b, dest, 7, rec)
     assert digest(a, origin) == digest(b, dest)
     a.dmmig("finish", name)
     cleanup(a, b, name, rec)
