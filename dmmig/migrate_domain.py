@@ -183,7 +183,9 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     t0 = time.monotonic()
     summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
     # 2. every disk to a synchronous mirror
-    mirrored = _parallel(p.disks, lambda d, i: _to_mirror(stack, d, p.host, ep_opts, opts, progress(d, i)))
+    results = mirror_disks(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
+                           lambda i: progress(p.disks[i], i))
+    mirrored = list(zip(p.disks, results))
     failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
     if failed:
         _abort_all(stack, p.disks, say)
@@ -236,31 +238,30 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
                           f"`dmmig finish --force --remove NAME` here for each disk; if here: `dmmig abort NAME`")
 
 
-def _to_mirror(stack: Stack, d: Disk, host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
-               progress: Progress) -> dict[str, Any]:
-    entry = stack.journal.load(d.name)
-    if entry is not None and entry.phase == J.WRAPPED:
-        stack.prepare(d.name, block_bytes=opts.block_bytes)
-    copied = M.copy(stack, d.name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=d.dest_disk), progress)
-    cut = M.cutover(stack, d.name, opts.cutover, progress)
-    return {"copy": copied, "cutover": cut}
-
-
-def _parallel(disks: list[Disk], fn: Callable[[Disk, int], Any]) -> list[tuple[Disk, Any]]:
-    """FN for every disk in its own thread; each result, or the exception it raised."""
+def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts: dict[str, Any],
+                 opts: MigrateOptions, progress: Callable[[int], Progress]) -> list[Any]:
+    """Every (NAME, destination path) to a synchronous mirror, each in its own thread: prepare
+    (if not prepared yet), copy, cutover. Returns, for each disk, its summary or the exception
+    it raised; the caller decides (migrate aborts them all if any failed)."""
     results: list[Any] = [None] * len(disks)
 
     def run(i: int) -> None:
+        name, dest_disk = disks[i]
         try:
-            results[i] = fn(disks[i], i)
+            pg = progress(i)
+            entry = stack.journal.load(name)
+            if entry is not None and entry.phase == J.WRAPPED:
+                stack.prepare(name, block_bytes=opts.block_bytes)
+            copied = M.copy(stack, name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
+            results[i] = {"copy": copied, "cutover": M.cutover(stack, name, opts.cutover, pg)}
         except BaseException as e:  # noqa: BLE001 - handed back to the caller
             results[i] = e
-    threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{d.name}") for i, d in enumerate(disks)]
+    threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{n}") for i, (n, _) in enumerate(disks)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return list(zip(disks, results))
+    return results
 
 
 def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -> tuple[XlRun, dict[str, Any]]:
