@@ -121,7 +121,7 @@ class AgentServer:
             self._check_block_size(path, 512 if kind == "file" else B.logical_block_size(self.r, path), block_size)
             self._check_not_in_use(name, path, keep or None)
         elif not create:
-            confine.clean_path(path)
+            self.policy.lexical(path)
             raise BadInput(f"destination disk {path} does not exist", hint="pass --create to make it")
         else:
             how, where, lv = self.policy.creatable(path, size, self.r)
@@ -154,8 +154,8 @@ class AgentServer:
             d: dict[str, Any] = {"exists": False, "incoming": bool(rec and not rec.get("handed_over"))}
             disks[path] = d
             try:
+                self.policy.lexical(path)
                 if not os.path.lexists(path):
-                    confine.clean_path(path)
                     if create and sizes and path in sizes:
                         how, where, _ = self.policy.creatable(path, confine.size_ok(sizes[path]), self.r)
                         d["block_size"] = 512 if how == "file" else self._vg_block_size(where)

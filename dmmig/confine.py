@@ -70,9 +70,21 @@ class Policy:
         object.__setattr__(self, "_real_roots", tuple(os.path.realpath(r) for r in self.file_roots))
 
     # ---- paths ----------------------------------------------------------------------------
+    def lexical(self, path: str) -> str:
+        """PATH could be one the agent serves (a device pattern or a file root names it):
+        checked before PATH is looked at, so a refusal tells nothing of what exists there."""
+        clean_path(path)
+        if not (_under(path, self.file_roots) or any(fnmatch.fnmatchcase(path, g) for g in self.devices)):
+            raise Refused(f"{path} is not under this agent's file roots (file_roots = "
+                          f"{' '.join(self.file_roots) or 'none'}) and matches none of its device patterns "
+                          f"(devices = {' '.join(self.devices) or 'none'}; {self.origin})",
+                          hint="put disk images under a file root, or allow the path in the destination's "
+                               "/etc/dmmig/agent.conf")
+        return path
+
     def existing(self, path: str) -> str:
         """PATH as the agent may use it: 'block' or 'file'. Refuses anything else."""
-        clean_path(path)
+        self.lexical(path)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -91,7 +103,7 @@ class Policy:
         """('file', parent dir, '') or ('lv', VG, LV) for a new disk of SIZE bytes at PATH,
         whose last component does not exist. Refuses what the agent may not create, or what
         does not fit."""
-        clean_path(path)
+        self.lexical(path)
         if not self.create:
             raise Refused(f"cannot create {path}: this agent creates no disks (create = no, {self.origin})",
                           hint="create the disk on the destination first")

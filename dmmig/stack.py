@@ -156,7 +156,7 @@ class Stack:
             if meta_dev.size_bytes() < need:
                 raise BadInput(f"metadata device {metadata} is too small: {meta_dev.size_bytes()} bytes, "
                                f"need at least {need} for {length * 512} bytes at {bs * 512}-byte blocks")
-            self._check_metadata_device(name, entry, info, meta_dev)
+            self.check_metadata_device(name, entry, info, meta_dev)
 
         with self.journal.lock(name):
             entry.block_sectors = bs
@@ -199,7 +199,7 @@ class Stack:
             self.journal.save(entry, J.PREPARED)
         return new
 
-    def _check_metadata_device(self, name: str, entry: J.Entry, top: DmInfo, dev: BlockDev) -> None:
+    def check_metadata_device(self, name: str, entry: J.Entry, top: DmInfo, dev: BlockDev) -> None:
         """prepare zeroes the first 4 KiB of the metadata device: never of one of the disk's own
         devices or another dmmig device, one in use, or one that holds anything blkid knows (a
         file system, an LVM PV, a partition table, swap, RAID, LUKS...)."""

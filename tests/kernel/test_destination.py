@@ -209,6 +209,29 @@ def test_a_stale_handed_over_record_does_not_disable_the_next_gate(pair, pdisks,
     cleanup(a, b, name, rec)
 
 
+def test_a_new_migration_after_finish_copies_everything_again(pair, pdisks, name: str) -> None:
+    """`finish` (without --remove) leaves the disk wrapped, its journal naming the last copy.
+    A new `prepare` makes a new era device: the copy state of the last migration (base done,
+    era numbers) means nothing for it, and a copy must start with the base again."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(16, fill_seed=20), db(16)
+    top, rec = f"/dev/mapper/dmmig-{name}", f"{a.shared}/{name}.rec"
+    try:
+        migrate_to_mirror(a, name, origin, dest)
+        a.dmmig("finish", name)
+        # the disk lives on here (a copy, not a move); the guest writes, then it is copied again
+        a.run([python(), ORACLE, "write", top, "--seed", "20", "--record", rec, "--count", "500"])
+        a.dmmig("prepare", name)
+        s = summary(a.dmmig(*copy_args(name, dest)).out)
+        assert s["read"] >= 16 * MiB, s  # the base, in full
+        check(b, dest, 20, rec)
+        assert digest(a, origin) == digest(b, dest)
+    finally:
+        a.dmmig("abort", name, check=False)
+    cleanup(a, b, name, rec)
+
+
 # ---- item 5: a destination someone else uses -------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["device", "file"])
