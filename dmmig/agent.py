@@ -115,7 +115,7 @@ class AgentServer:
                        f"onto {old.get('path')}",
                        hint=f"`dmmig abort {name}` on its source, or here if that source is gone")
         keep = old if same and old is not None else {}
-        created_as = keep.get("created_as") or ("file" if keep.get("created") else None)
+        created_as = _created_as(keep)
         if os.path.lexists(path):  # a dangling symlink counts: the agent never creates through one
             kind = self.policy.existing(path)
             self._check_block_size(path, 512 if kind == "file" else B.logical_block_size(self.r, path), block_size)
@@ -273,7 +273,7 @@ class AgentServer:
 
     def _remove_created(self, rec: dict[str, Any]) -> list[str]:
         path = str(rec["path"])
-        how = rec.get("created_as") or "file"  # records of earlier versions: files only
+        how = _created_as(rec)
         if how == "lv":
             try:
                 if not stat.S_ISBLK(os.stat(path).st_mode):
@@ -418,6 +418,19 @@ def _same_migration(old: dict[str, Any] | None, path: str, migration: str | None
     if "migration" not in old:
         return True
     return migration is not None and old.get("migration") == migration
+
+
+def _created_as(rec: dict[str, Any]) -> str | None:
+    """'file' or 'lv' if dmmig created the disk. A record of an earlier version says only
+    `created`: that version made an LV (lvcreate) for a block device, else a sparse file."""
+    if not rec.get("created"):
+        return None
+    if rec.get("created_as"):
+        return str(rec["created_as"])
+    try:
+        return "lv" if stat.S_ISBLK(os.stat(str(rec.get("path"))).st_mode) else "file"
+    except OSError:
+        return "file"
 
 
 def _devno(text: str | None) -> int | None:

@@ -32,7 +32,7 @@ import re
 import stat
 from dataclasses import dataclass, field, replace
 
-from dmmig.errors import BadInput
+from dmmig.errors import BadInput, MissingDependency
 from dmmig.runner import Runner
 from dmmig.validate import parse_size
 
@@ -185,7 +185,10 @@ def _under(path: str, roots: tuple[str, ...]) -> bool:
 def _is_vg(runner: Runner, vg: str) -> bool:
     if not _LVM_NAME.fullmatch(vg):
         return False
-    return runner.run(["vgs", "--noheadings", "-o", "vg_name", vg], check=False, timeout=60).returncode == 0
+    try:
+        return runner.run(["vgs", "--noheadings", "-o", "vg_name", vg], check=False, timeout=60).returncode == 0
+    except MissingDependency:  # no LVM on this host: /dev/X/Y is no LV
+        return False
 
 
 def _vg_free(runner: Runner, vg: str) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.xen.test_dmmig_migrate import DMMIG, STATE, clean_up, leftovers, migrate_argv
+from tests.xen.test_dmmig_migrate import STATE, clean_up, leftovers, migrate_argv
 from tests.xenrig.domu import DomU, backend
 from tests.xenrig.host import XenHost
 from tests.xenrig.pair import XenPair
@@ -74,4 +74,3 @@ def test_migrate_refuses_a_destination_a_local_domain_uses(pair: tuple[XenHost, 
     finally:
         b.run(["xl", "destroy", f"{name}-b"], check=False)
         clean_up(a, b, name, disk, img, dm=name)
-        a.run([DMMIG, "abort", disk], check=False)
