@@ -412,12 +412,11 @@ def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
 def _same_migration(old: dict[str, Any] | None, path: str, migration: str | None) -> bool:
     """OLD is the record of this very migration (a resumed copy): same path, not handed over,
     and the same migration id; a record written before ids existed is taken for the same
-    one, as that version did (a migration in flight across an upgrade)."""
+    one, as that version did (a migration in flight across an upgrade), and so is a request
+    without an id (a source of that version) for a record without one."""
     if old is None or old.get("path") != path or old.get("handed_over"):
         return False
-    if "migration" not in old:
-        return True
-    return migration is not None and old.get("migration") == migration
+    return "migration" not in old or old.get("migration") == migration
 
 
 def _created_as(rec: dict[str, Any]) -> str | None:
