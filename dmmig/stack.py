@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,6 +243,49 @@ class Stack:
             entry.checkpoints.append(era)
             self.journal.save(entry)
         return era
+
+    def drained_checkpoint(self, name: str) -> int:
+        """A new era, started with the top device suspended (see drained_dirty); every write
+        tagged with an era below the one returned has completed on the origin."""
+        self._prepared(name)
+        with self._drained(name):
+            self.dm.message(era_name(name), "checkpoint")
+        return self.dm.era_status(era_name(name)).current_era
+
+    def drained_dirty(self, name: str, since: int) -> tuple[list[BlockRange], int]:
+        """The blocks written in eras >= SINCE, and the era N that is current now, such that
+        every write tagged with an era below N has completed on the origin: a read of the
+        origin from now on sees it, and a later query from N on covers every other write.
+
+        Era tags a write when it reaches the era target, before the origin has it, and a
+        checkpoint does not wait for writes in flight; a write held in flight (slow storage)
+        across two rounds was missed by every query after them. So the snapshot is taken
+        with the top device suspended: the suspend waits for every write in flight through
+        it and holds new ones, which arrive after the snapshot's rollover and carry era N or
+        later. The era device itself stays live (it answers messages through its worker)."""
+        entry = self._prepared(name)
+        era = era_name(name)
+        assert entry.metadata
+        if self.dm.era_status(era).snapshot_block is not None:
+            self.dm.message(era, "drop_metadata_snap")  # left by a killed dmmig
+        with self._drained(name):
+            self.dm.message(era, "take_metadata_snap")
+        try:
+            now = self.dm.era_status(era).current_era
+            return self.era.written_since(entry.metadata, since), now
+        finally:
+            self.dm.message(era, "drop_metadata_snap")
+
+    @contextmanager
+    def _drained(self, name: str) -> Iterator[None]:
+        """The top device suspended (every write through it completed, new ones held) for the
+        body, and resumed whatever happens: the guest must find its disk."""
+        top = top_name(name)
+        self.dm.suspend(top)
+        try:
+            yield
+        finally:
+            self.dm.resume(top)
 
     def dirty(self, name: str, since: int = 1) -> tuple[list[BlockRange], int, int]:
         """(dirty block ranges, block size in bytes, era current when read)."""

@@ -30,10 +30,15 @@ MIB = 1 << 20
 
 def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scripts/block-dmmig",
              mode: str = "w", pdev: str = "fd:4", backend_dom: int = 0, node: str = "",
-             sector_size: str = "512", domid: int = DOMID) -> dict[str, str]:
-    be = f"/local/domain/{backend_dom}/backend/vbd/{domid}/{devid}"
-    keys = {f"/local/domain/{domid}/device/vbd/{devid}/backend": be, f"{be}/dev": vdev, f"{be}/params": params,
-            f"{be}/mode": mode, f"{be}/physical-device": pdev, f"{be}/sector-size": sector_size}
+             sector_size: str = "512") -> dict[str, str]:
+    """What libxl and the block script write: libxl's record of the device (dom0-only), the
+    backend directory, and the guest's frontend node naming the backend (which dmmig ignores).
+    blkback's sector-size: the logical block size blkfront got."""
+    be = f"/local/domain/{backend_dom}/backend/vbd/{DOMID}/{devid}"
+    keys = {f"/libxl/{DOMID}/device/vbd/{devid}/backend": be,
+            f"/local/domain/{DOMID}/device/vbd/{devid}/backend": be, f"{be}/frontend-id": str(DOMID),
+            f"{be}/dev": vdev, f"{be}/params": params, f"{be}/mode": mode, f"{be}/physical-device": pdev,
+            f"{be}/sector-size": sector_size}
     if script:
         keys[f"{be}/script"] = script
     if node:
@@ -278,6 +283,44 @@ def test_vbds_reads_backend_keys() -> None:
     assert [(v.devid, v.vdev, v.managed, v.writable, v.node) for v in got] == [
         ("768", "hda", False, False, ""), ("51712", "xvda", True, True, "/dev/loop3")]
     assert got[1].name == "srv-a.img" and got[1].local_backend
+
+
+@pytest.mark.parametrize("what", ["elsewhere", "deleted", "another-domain-disk"])
+def test_the_guests_frontend_nodes_change_nothing_in_the_plan(world: World, what: str) -> None:
+    """The guest owns /local/domain/DOMID/device/vbd/*: pointing its 'backend' node at another
+    domain's disk, or deleting it to hide an unmanaged writable disk, must not change which
+    disks are moved or checked."""
+    name = world.disk()
+    world.xs.data.update(vbd_keys(51728, "xvdb", "/dev/vg0/data", script="/etc/xen/scripts/block"))
+    # another domain (domid 9) with a block-dmmig disk of its own
+    other = "/local/domain/0/backend/vbd/9/51712"
+    world.xs.data.update({f"{other}/params": "/dev/vg0/victim", f"{other}/script": "/etc/xen/scripts/block-dmmig",
+                          f"{other}/mode": "w", f"{other}/frontend-id": "9", f"{other}/dev": "xvda"})
+    before = world.plan(shared_ok=True)
+    fe = f"/local/domain/{DOMID}/device/vbd"
+    if what == "deleted":
+        for k in [k for k in world.xs.data if k.startswith(fe)]:
+            del world.xs.data[k]
+    else:
+        target = other if what == "another-domain-disk" else "/local/domain/0/backend/vbd/9/99"
+        world.xs.data[f"{fe}/51712/backend"] = target
+        world.xs.data[f"{fe}/51728/backend"] = target
+    after = world.plan(shared_ok=True)
+    assert [d.name for d in after.disks] == [d.name for d in before.disks] == [name]
+    assert [(v.vdev, v.backend) for v in after.others] == [(v.vdev, v.backend) for v in before.others]
+    with pytest.raises(BadInput, match="xvdb"):  # the unmanaged writable disk is still seen
+        world.plan(shared_ok=False)
+
+
+def test_a_libxl_record_naming_another_domains_backend_is_refused(world: World) -> None:
+    world.disk()
+    world.xs.data[f"/libxl/{DOMID}/device/vbd/51712/backend"] = "/local/domain/0/backend/vbd/9/51712"
+    with pytest.raises(StateError, match="not a backend of this domain's disk"):
+        world.plan()
+    world.xs.data[f"/libxl/{DOMID}/device/vbd/51712/backend"] = f"/local/domain/0/backend/vbd/{DOMID}/51712"
+    world.xs.data[f"/local/domain/0/backend/vbd/{DOMID}/51712/frontend-id"] = "9"
+    with pytest.raises(StateError, match="serves domain 9"):
+        world.plan()
 
 
 @pytest.mark.parametrize("args,out", [
