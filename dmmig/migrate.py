@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from dmmig import journal as J
 from dmmig import mirrorlog
 from dmmig import nbd as N
 from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
-from dmmig.blockdev import block_device
+from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
 from dmmig.era import BlockRange, merge
@@ -89,8 +90,13 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         _drop_mirror(stack, entry)
         try:
             size = stack.dm.table(f"dmmig-{name}").length * 512
+            if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
+                entry.copy["migration"] = uuid.uuid4().hex
+                stack.journal.save(entry)
+            # the top's logical block size is what blkfront got (blkback passes it on)
             disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                     create=opts.create)
+                                     create=opts.create, migration=entry.copy["migration"],
+                                     block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
             addr = "127.0.0.1" if opts.transport == "ssh" else str(opts.nbd_address)
             export = remote.agent.call("export", name=name, addr=addr)["export"]
             dest["export"] = export
@@ -477,7 +483,7 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
             mine: list[str] = []
             th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))
             th.start()
-            theirs = remote.agent.call("digest", path=dst, offset=off, length=n, chunk=chunk)["digests"]
+            theirs = remote.agent.call("digest", name=name, path=dst, offset=off, length=n, chunk=chunk)["digests"]
             th.join()
             bad += [off // chunk + i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
             if progress:
@@ -490,7 +496,8 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
             for i in bad:
                 n = min(chunk, size - i * chunk)
                 a = digest_ranges(src, i * chunk, n, chunk)
-                b = remote.agent.call("digest", path=dst, offset=i * chunk, length=n, chunk=chunk)["digests"]
+                b = remote.agent.call("digest", name=name, path=dst, offset=i * chunk, length=n,
+                                      chunk=chunk)["digests"]
                 if a != b:
                     still.append(i)
             bad = still

@@ -26,6 +26,7 @@ from typing import Any
 
 from dmmig import journal as J
 from dmmig import migrate as M
+from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.hotplug import format_devno
@@ -63,6 +64,7 @@ class Disk:
     dest_disk: str         # params: block-dmmig on the destination wraps the same path
     dest_exists: bool
     tables: list[str]
+    block_size: int | None = None   # logical block size blkfront got; the destination must match it
 
     @property
     def top(self) -> str:
@@ -119,6 +121,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     ep = Endpoint.parse(host, **ep_opts)
     block = era_block_size(opts.block_bytes)
     disks = [_disk_here(stack, v, ep.host, block) for v in mine]
+    for d in disks:
+        d.block_size = _sector_size(xs, stack, d)
     _check_destination(disks, host, ep_opts, opts, remote)
     return Plan(dom, host, disks, others)
 
@@ -150,13 +154,27 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk
     return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables)
 
 
+def _sector_size(xs: XenStore, stack: Stack, d: Disk) -> int | None:
+    """The logical block size blkfront got: blkback's sector-size in the backend (it passes on
+    the top device's), else the top device's own."""
+    v = xs.read(f"{d.vbd.backend}/sector-size")
+    if v and v.strip().isdigit():
+        return int(v)
+    try:
+        return logical_block_size(stack.runner, f"/dev/mapper/{d.top}")
+    except DmmigError:
+        return None
+
+
 def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
                        connect: Callable[[dict[str, Any]], Any]) -> None:
     c = opts.copy
     # unknown host key, bad credentials, no dmmig there: refused here
     remote = connect(M.destination(host, ep_opts, c, ""))
     try:
-        probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script)
+        probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script,
+                                  names={d.dest_disk: d.name for d in disks},
+                                  sizes={d.dest_disk: d.size for d in disks}, create=c.create)
     finally:
         remote.close()
     if not probe["block_script"]:
@@ -169,12 +187,23 @@ def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], op
     for d in disks:
         p = probe["disks"][d.dest_disk]
         d.dest_exists = bool(p["exists"])
+        if p.get("refused"):  # the agent there may not touch it (its confinement), or cannot create it
+            raise BadInput(f"{host}:{d.dest_disk}: {p['refused']}")
         if not p["exists"] and not c.create:
             raise BadInput(f"{host}:{d.dest_disk} does not exist", hint="create it, or pass --create")
         if p["exists"] and p["size"] < d.size:
             raise BadInput(f"{host}:{d.dest_disk} is smaller than {d.vbd.params}: {p['size']} < {d.size} bytes")
-        if p["exists"] and p.get("in_use") and not p.get("incoming"):
+        # in use by anything but this migration's own export (a resumed one's): a local domain,
+        # a process, another disk of dmmig's
+        if p["exists"] and p.get("in_use"):
             raise BadInput(f"{host}:{d.dest_disk}: {p['in_use']}")
+        have = p.get("block_size")
+        if have and d.block_size and have != d.block_size:
+            raise BadInput(f"{host}:{d.dest_disk} has a logical block size of {have} bytes, {d.vbd.params} "
+                           f"{d.block_size}: blkfront keeps the sector size it started with, so {d.vbd.vdev} "
+                           "would be unusable after the move",
+                           hint="use a destination disk with the same logical block size (a file becomes a "
+                                "loop device of 512-byte sectors)")
 
 
 # ---- 2.-4. the migration -----------------------------------------------------------------

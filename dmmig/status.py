@@ -121,6 +121,7 @@ def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled:
     exp = rec.get("export")
     alive = bool(exp and N.Export(**exp).alive())
     st = {"path": rec.get("path"), "size": rec.get("size"), "created": bool(rec.get("created")),
+          "created_as": rec.get("created_as"), "migration": rec.get("migration"),
           "handed_over": bool(rec.get("handed_over")), "export": exp, "export_alive": alive}
     if exp and not alive:
         problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.get('pid')}) is gone")
@@ -147,7 +148,9 @@ def render(st: dict[str, Any]) -> str:
     inc = st.get("incoming")
     if inc and "unreadable" not in inc:
         exp = inc["export"]
-        lines.append(f"  incoming: onto {inc['path']}" + (" (created by dmmig)" if inc["created"] else "")
+        lines.append(f"  incoming: onto {inc['path']}"
+                     + ((" (created by dmmig as an LV)" if inc.get("created_as") == "lv" else " (created by dmmig)")
+                        if inc["created"] else "")
                      + (", handed over" if inc["handed_over"] else ", not handed over")
                      + (f"; NBD export {exp['addr']}:{exp['port']} qemu-nbd pid {exp['pid']}"
                         f" ({'running' if inc['export_alive'] else 'gone'})" if exp else "; no NBD export"))
