@@ -353,10 +353,10 @@ def test_dmmig_migrate_moves_a_guest_with_two_disks(pair: tuple[XenHost, XenHost
     every acknowledged write."""
     a, b = pair
     name, gseed = "xr2d", 52
-    imgs = [f"/dev/shm/{name}-{i}.img" for i in (0, 1)]
-    disks = [f"shm-{name}-{i}.img" for i in (0, 1)]
+    imgs = [f"/dev/shm/{name}{i}.img" for i in (0, 1)]
+    disks = [f"shm-{name}{i}.img" for i in (0, 1)]  # block-dmmig's names for them
     tops = [f"/dev/mapper/dmmig-{d}" for d in disks]
-    recs = [f"/run/{name}-{i}.rec" for i in (0, 1)]
+    recs = [f"/run/{name}{i}.rec" for i in (0, 1)]
     seeds = [53, 54]
     # 32 MiB = 8192 blocks: the oracles write 0..1023 of each disk, the guest xvda's 6144..6399
     gstart, gcount = 6144, 256
