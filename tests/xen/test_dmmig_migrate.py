@@ -99,7 +99,10 @@ def wait_table(h: XenHost, dev: str, target: str, timeout: float, job: Any) -> N
     """Until DEV's table is TARGET; fails at once if JOB (dmmig migrate) ended first."""
     deadline = time.monotonic() + timeout
     while f" {target} " not in h.run(["dmsetup", "table", dev], check=False).out:
-        assert not job.done(), job.wait(10)
+        if job.done():
+            r = job.wait(10)
+            pytest.fail(f"dmmig migrate ended (rc {r.rc}) before {dev} was a {target}:\n{r.err[-6000:]}\n"
+                        f"{r.out[-3000:]}")
         assert time.monotonic() < deadline, f"{dev} is not a {target} after {timeout}s"
         time.sleep(0.5)
 
