@@ -49,7 +49,7 @@ def pair(xen_pair: XenPair) -> Iterator[tuple[XenHost, XenHost]]:
 def leftovers(h: XenHost) -> dict[str, list[str]]:
     dm = [ln.split()[0] for ln in h.run(["dmsetup", "ls"]).out.splitlines() if ln.startswith("dmmig-")]
     state = h.sh(f"ls {STATE} 2>/dev/null", check=False).out.split()
-    return {"dm": dm, "state": [f for f in state if not f.endswith(".lock") and f != "gate.sock"],
+    return {"dm": dm, "state": [f for f in state if not f.endswith(".lock")],
             "qemu-nbd": h.sh("pgrep -a qemu-nbd", check=False).out.split("\n")[:-1],
             "nbd": h.sh("grep -l . /sys/block/nbd*/pid 2>/dev/null", check=False).out.split()}
 
