@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmmig.errors import RemoteError
+from dmmig.errors import LocalIOError, RemoteError
 
 SUB = 64 << 10  # zero detection granularity
 ZERO = bytes(SUB)
@@ -95,10 +95,16 @@ class Copier:
                 while pos < end:
                     n = min(self.chunk, end - pos)
                     buf = self._slots.get(self.chunk)  # page-aligned, as O_DIRECT needs
-                    with memoryview(buf) as view:
-                        got = os.preadv(fd, [view[:n]], pos)
+                    try:
+                        with memoryview(buf) as view:
+                            got = os.preadv(fd, [view[:n]], pos)
+                    except OSError as e:
+                        raise LocalIOError(f"reading the source {self.src} failed at byte {pos}: {e.strerror}",
+                                           hint="the guest's own disk returns errors: check it (dmesg); once it "
+                                                "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from None
                     if got != n:
-                        raise OSError(f"short read at {pos}: {got} of {n} bytes")
+                        raise LocalIOError(f"reading the source {self.src} came up short at byte {pos}: {got} of "
+                                           f"{n} bytes", hint="has the source shrunk? `dmmig abort` the migration")
                     c.read += n
                     self._send(nbd, buf, pos, n, c)
                     pos += n

@@ -19,6 +19,7 @@ class Exit(enum.IntEnum):
     BUSY = 7             # another dmmig holds the disk's lock, or a device is open
     REMOTE = 8           # the destination (SSH, agent, NBD) failed or refused
     MISMATCH = 9         # verify: the two disks differ
+    IO = 10              # a disk on this host failed a read or a write (I/O error)
     INTERRUPTED = 130
 
 
@@ -49,6 +50,10 @@ class Busy(DmmigError):
 
 class RemoteError(DmmigError):
     exit_code = Exit.REMOTE
+
+
+class LocalIOError(DmmigError):
+    exit_code = Exit.IO
 
 
 class CommandError(DmmigError):

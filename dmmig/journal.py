@@ -123,6 +123,22 @@ class Journal:
         except FileNotFoundError:
             pass
 
+    def busy(self, name: str) -> bool:
+        """A dmmig holds NAME's lock right now (a step is running, not interrupted)."""
+        try:
+            fd = os.open(os.path.join(self.dir, f"{name}.lock"), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)  # closing drops the probe's own lock, if it got one
+
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """One dmmig process per disk. flock dies with the process, so a killed dmmig

@@ -91,9 +91,16 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         problems.append(f"journal says wrapped but {era_name(name)} exists (interrupted prepare?)")
     if entry.phase not in (J.WRAPPED, J.PREPARING, J.ABORTING) and era is None:
         problems.append(f"journal says {entry.phase} but {era_name(name)} does not exist")
-    if entry.phase in (J.PREPARING, J.ABORTING, J.CUTTING_OVER, J.FINISHING):
-        problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted); "
-                        f"`dmmig abort {name}` cleans up")
+    busy = stack.journal.busy(name)
+    out["busy"] = busy
+    if entry.phase in (J.PREPARING, J.COPYING, J.CUTTING_OVER, J.FINISHING, J.ABORTING):
+        if busy:
+            problems.append(f"a dmmig is working on {name} now (phase {entry.phase}); wait for it")
+        else:
+            again = {J.COPYING: f"`dmmig copy {name}` resumes it, ",
+                     J.CUTTING_OVER: f"`dmmig cutover {name}` runs it again, "}.get(entry.phase, "")
+            problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted, and no dmmig holds "
+                            f"{name} now): {again}`dmmig abort {name}` cleans up")
     if entry.phase == J.MIRRORING and top is not None and "mirror" in top:
         synced = entry.mirror.get("synced") or {}
         if synced and top["events"] != synced.get("events"):
