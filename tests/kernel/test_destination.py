@@ -124,7 +124,7 @@ def test_a_yes_the_add_never_received_leaves_the_disk_incoming(pair, pdisks, nam
         migrate_to_mirror(a, name, origin, dest)
         job = a.spawn([DMMIG, "handover", name, "--timeout", "60"])
         for _ in range(150):  # the source's agent on b waits for the question
-            if b.run(["test", "-S", gate.socket_path(STATE)], check=False).rc == 0:
+            if b.run(["test", "-S", gate.socket_path(STATE, name)], check=False).rc == 0:
                 break
             time.sleep(0.2)
         else:
