@@ -75,9 +75,17 @@ class Plan:
     host: str
     disks: list[Disk]
     others: list[Vbd]      # disks xl migrate must find on the destination as they are
+    transport: str = "ssh"
+    tunnel: str | None = None   # ssh: the mirror leg's tunnel mode, probed on the destination
+    tunnel_why: str = ""
 
     def render(self) -> str:
         lines = [f"migrate domain {self.domain.name} (domid {self.domain.domid}) to {self.host}:"]
+        if self.transport == "ssh":
+            lines.append(f"  NBD over SSH to a root-only unix socket; mirror leg tunnel: {self.tunnel}"
+                         + (f" ({self.tunnel_why})" if self.tunnel_why else ""))
+        else:
+            lines.append("  NBD over TCP (--transport nbd)")
         for d in self.disks:
             dest = "exists" if d.dest_exists else "created (--create)"
             lines.append(f"  {d.vbd.vdev}: {d.vbd.params} as dmmig disk {d.name}, {d.size} bytes "
@@ -119,8 +127,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     ep = Endpoint.parse(host, **ep_opts)
     block = era_block_size(opts.block_bytes)
     disks = [_disk_here(stack, v, ep.host, block) for v in mine]
-    _check_destination(disks, host, ep_opts, opts, remote)
-    return Plan(dom, host, disks, others)
+    tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
+    return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
 
 
 def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk:
@@ -150,13 +158,18 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk
     return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables)
 
 
-def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
-                       connect: Callable[[dict[str, Any]], Any]) -> None:
+def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
+                       connect: Callable[[dict[str, Any]], Any]) -> tuple[str | None, str]:
+    """Returns the mirror leg's tunnel mode (ssh; the probe's or --tunnel's) and why."""
     c = opts.copy
     # unknown host key, bad credentials, no dmmig there: refused here
     remote = connect(M.destination(host, ep_opts, c, ""))
+    tunnel, why = c.tunnel, "--tunnel" if c.tunnel else ""
     try:
         probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script)
+        if c.transport == "ssh" and tunnel is None:  # OpenSSH can log in and run the agent, or refused here
+            tunnel, why = remote.probe_tunnel(stack.runner, stack.journal.dir)
+            why = why or "streamlocal forwarding works"
     finally:
         remote.close()
     if not probe["block_script"]:
@@ -175,6 +188,7 @@ def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], op
             raise BadInput(f"{host}:{d.dest_disk} is smaller than {d.vbd.params}: {p['size']} < {d.size} bytes")
         if p["exists"] and p.get("in_use") and not p.get("incoming"):
             raise BadInput(f"{host}:{d.dest_disk}: {p['in_use']}")
+    return tunnel, why
 
 
 # ---- 2.-4. the migration -----------------------------------------------------------------
@@ -183,6 +197,8 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     t0 = time.monotonic()
     summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
     # 2. every disk to a synchronous mirror
+    # the tunnel's mode as the plan probed it: one probe for every disk
+    opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
     mirrored = _parallel(p.disks, lambda d, i: _to_mirror(stack, d, p.host, ep_opts, opts, progress(d, i)))
     failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
     if failed:
