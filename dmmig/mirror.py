@@ -140,6 +140,8 @@ class MirrorSide:
         hp = health_path(self.state, name)
         if os.path.exists(hp):
             step(f"remove {hp}", lambda: os.unlink(hp))
+        if os.path.isdir(self.state) and any(f.startswith("probe-") for f in os.listdir(self.state)):
+            step("remove what a killed dmmig's tunnel probe left", partial(tunnel.sweep_probes, self.state))
 
     def remove_credentials(self, name: str, step: Steps) -> None:
         """The migration is over (finish, abort): its TLS keys go."""

@@ -111,7 +111,7 @@ def probe(runner: Runner, dest: dict[str, Any], remote_dir: str, local_dir: str,
     connection; we connect through the forward. ("forward", "") if the answer came through, else ("relay",
     why). Raises RemoteError if OpenSSH cannot run the agent there at all (the tunnel could
     never come up: better now than after the whole copy)."""
-    _sweep_probes(local_dir)
+    sweep_probes(local_dir)
     token = secrets.token_hex(8)
     local = os.path.join(local_dir, f"probe-{token}.sock")
     log = os.path.join(local_dir, f"probe-{token}.log")
@@ -151,20 +151,28 @@ def probe(runner: Runner, dest: dict[str, Any], remote_dir: str, local_dir: str,
                 os.unlink(p)
 
 
-def _sweep_probes(local_dir: str) -> None:
-    """What a probe of a killed dmmig left: its files, once its ssh is gone (and long after any
-    probe running now began: another dmmig's may be just starting)."""
-    for f in os.listdir(local_dir):
+def sweep_probes(local_dir: str, min_age: float = 10) -> list[str]:
+    """What a probe of a killed dmmig left here: its files, once its ssh is gone (and older than
+    MIN_AGE seconds: another dmmig's probe may be starting its ssh just now). The probe on the
+    destination ends by itself (its timeout, or the session's hangup)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(local_dir)
+    except FileNotFoundError:
+        return removed
+    for f in names:
         if f.startswith("probe-") and f.endswith(".log"):
             log = os.path.join(local_dir, f)
             try:
-                old = time.time() - os.stat(log).st_mtime > 2 * ACCEPT_TIMEOUT
+                old = time.time() - os.stat(log).st_mtime > min_age
             except FileNotFoundError:
                 continue
             if old and not proc.find(log):
                 for p in (log, log[:-len(".log")] + ".sock"):
                     if os.path.lexists(p):
                         os.unlink(p)
+                        removed.append(p)
+    return removed
 
 
 def tail(path: str, n: int = 800) -> str:

@@ -361,3 +361,30 @@ def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> N
         left = M._stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
                               done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
+
+
+def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_files(tmp_path: Path) -> None:
+    """The source's side: a mirror journaled by the previous dmmig has tunnel {sock, pid} (an
+    `ssh -tt -L SOCK:127.0.0.1:PORT` daemon, found by its socket); teardown stops it. A probe
+    whose dmmig was killed left files; they go too."""
+    from dmmig.errors import Steps
+    from dmmig.mirror import MirrorSide
+    state = str(tmp_path)
+    sock = os.path.join(state, "d1.nbd.sock")
+    # a stand-in with the old tunnel's command line (no network): what teardown looks for
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-L", f"{sock}:127.0.0.1:10809"])
+    stale = [os.path.join(state, f"probe-{'0' * 16}.{x}") for x in ("log", "sock")]
+    for f in stale:
+        open(f, "w").close()
+        os.utime(f, (time.time() - 60, time.time() - 60))
+    entry = J.Entry("d1", "/dev/loop1", "7:1", phase=J.MIRRORING, mirror={"tunnel": {"sock": sock, "pid": old.pid}})
+    steps = Steps()
+    try:
+        side = MirrorSide(FakeRunner([]), state)
+        assert side.leftovers("d1")
+        side.teardown("d1", entry, steps)
+        assert old.wait(10) is not None
+    finally:
+        old.kill()
+    assert steps.errors == [] and any(f"stop the SSH tunnel (pid {old.pid})" in d for d in steps.done), steps.done
+    assert not any(os.path.exists(f) for f in stale)
