@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import select
@@ -286,7 +287,6 @@ class AgentServer:
 
 def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
     """sha256 of each CHUNK of [offset, offset+length) read with O_DIRECT when possible."""
-    import mmap
     flags = os.O_RDONLY | (os.O_DIRECT if N.direct_io_ok(path) else 0)
     fd = os.open(path, flags)
     buf = mmap.mmap(-1, chunk)
@@ -356,11 +356,15 @@ def relay(state: str, name: str) -> int:
 
 
 def _pump(src: int, dst: int, at_eof: Callable[[], None]) -> None:
+    """SRC to DST until EOF, through one reused buffer (a fresh 1 MiB bytes object per read, as
+    os.read makes, cost twice the CPU)."""
+    buf = mmap.mmap(-1, 1 << 20)
     try:
-        while data := os.read(src, 1 << 20):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view):]
+        with memoryview(buf) as whole:
+            while n := os.readv(src, [buf]):
+                view = whole[:n]
+                while view:
+                    view = view[os.write(dst, view):]
     except OSError:
         pass
     at_eof()
