@@ -152,9 +152,9 @@ def probe(runner: Runner, dest: dict[str, Any], remote_dir: str, local_dir: str,
 
 
 def sweep_probes(local_dir: str, min_age: float = 10) -> list[str]:
-    """What a probe of a killed dmmig left here: its files, once its ssh is gone (and older than
-    MIN_AGE seconds: another dmmig's probe may be starting its ssh just now). The probe on the
-    destination ends by itself (its timeout, or the session's hangup)."""
+    """What a probe of a killed dmmig left here: its ssh (whose parent is no dmmig any more),
+    then its files (older than MIN_AGE seconds: another dmmig's probe may be starting its ssh
+    just now). The probe on the destination ends with the session's hangup."""
     removed: list[str] = []
     try:
         names = os.listdir(local_dir)
@@ -167,6 +167,9 @@ def sweep_probes(local_dir: str, min_age: float = 10) -> list[str]:
                 old = time.time() - os.stat(log).st_mtime > min_age
             except FileNotFoundError:
                 continue
+            for pid in proc.find(log):
+                if not proc.parent_runs(pid, "dmmig"):
+                    proc.stop(pid, log)
             if old and not proc.find(log):
                 for p in (log, log[:-len(".log")] + ".sock"):
                     if os.path.lexists(p):
