@@ -1,9 +1,9 @@
-"""I/O pause of one live table swap on the top device, under an O_DIRECT writer.
-
-Boots a rig kernel, wraps+prepares a 64 MiB disk, runs the oracle writer on the top device
-and swaps the top table 20 times (dmsetup load/suspend/resume via dmmig's own DmSetup.swap);
-prints the median and max suspend->resume time and the writer's worst write latency
-against its median (the writer's view of the same pause).
+"""I/O pauses the guest sees on the top device, under an O_DIRECT writer, side by side in one
+rig kernel: 20 plain live table swaps (the anchor: load + one resume, DmSetup.swap), then 20
+copy-round snapshots (Stack.drained_dirty: suspend the top so that no write is in flight,
+take era's metadata snapshot, resume; then the era_invalidate query and the drop, outside the
+window). For each: the window as dmmig times it, and the writer's worst write and the number of
+its writes slower than 5 ms (its view of the same pauses).
 
     .venv/bin/python -m bench.swap_pause
 """
@@ -19,14 +19,22 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 GUEST = r"""
 import json, sys, time
+from dmmig import journal as J
 from dmmig.runner import SubprocessRunner
 from dmmig.dm.dmsetup import DmSetup
+from dmmig.stack import Stack
 r = SubprocessRunner(); dm = DmSetup(r)
-top = sys.argv[1]
+stack = Stack(r, dm, J.Journal(J.state_dir(None)))
+top, what = sys.argv[1], sys.argv[2]
 t = dm.table(top)
 out = []
 for i in range(20):
-    out.append(dm.swap(top, t) * 1000)
+    t0 = time.monotonic()
+    if what == "swap":
+        dm.swap(top, t)
+    else:
+        stack.drained_dirty(top[len("dmmig-"):], 1)
+    out.append((time.monotonic() - t0) * 1000)
     time.sleep(0.2)
 print(json.dumps(out))
 """
@@ -38,14 +46,14 @@ def main() -> None:
         h.sh("truncate -s 64M /dev/shm/d && losetup /dev/loop0 /dev/shm/d")
         h.dmmig("wrap", "b", "/dev/loop0")
         h.dmmig("prepare", "b")
-        w = h.spawn([PY, ORACLE, "write", "/dev/mapper/dmmig-b", "--record", "/dev/shm/rec"])
-        time.sleep(1)
-        # baseline without swaps
-        ms = json.loads(h.py(GUEST, "dmmig-b", cwd=str(ROOT)).out)
-        w.signal(15)
-        print("writer:", w.wait().out.strip())
-        print(f"swap pause over 20 swaps under the writer: median {statistics.median(ms):.1f} ms, "
-              f"min {min(ms):.1f} ms, max {max(ms):.1f} ms")
+        for what, title in (("swap", "plain table swap (anchor)"), ("round", "copy round's drained snapshot")):
+            w = h.spawn([PY, ORACLE, "write", "/dev/mapper/dmmig-b", "--record", f"/dev/shm/rec-{what}"])
+            time.sleep(1)
+            ms = json.loads(h.py(GUEST, "dmmig-b", what, cwd=str(ROOT)).out)
+            w.signal(15)
+            wr = json.loads(w.wait().out)
+            print(f"{title}: call median {statistics.median(ms):.0f} ms, max {max(ms):.0f} ms; writer: worst "
+                  f"{wr['max_latency_ms']:.0f} ms, {wr['writes_over_5ms']} of {wr['writes']} writes over 5 ms")
         h.dmmig("abort", "b")
         h.dmmig("unwrap", "b")
 

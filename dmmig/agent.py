@@ -26,18 +26,23 @@ import re
 import select
 import shlex
 import socket
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from dmmig import __version__
+from dmmig import blockdev as B
+from dmmig import confine
+from dmmig import inuse
 from dmmig import journal as J
 from dmmig import nbd as N
-from dmmig import tlscreds
-from dmmig.blockdev import block_device, holder_names
-from dmmig.errors import BadInput, Busy, DmmigError, RemoteError
+from dmmig import tlscreds, xenstore
+from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.gate import GateServer
 from dmmig.runner import Runner, SubprocessRunner
 from dmmig.ssh import agent_argv, remote_command
@@ -53,7 +58,8 @@ def export_dir(state: str) -> str:
 
 def incoming(state: str) -> dict[str, dict[str, Any]]:
     """Every disk a source's dmmig is (or was) migrating into this host: NAME -> the agent's
-    record (path, size, created, export, handed_over)."""
+    record (path, size, created, created_as, migration, block_size, export, written,
+    handed_over). Records written by earlier versions lack some keys: readers use .get()."""
     out: dict[str, dict[str, Any]] = {}
     try:
         files = os.listdir(state)
@@ -70,10 +76,17 @@ def incoming(state: str) -> dict[str, dict[str, Any]]:
 
 
 class AgentServer:
-    def __init__(self, runner: Runner, state: str) -> None:
+    """POLICY confines what the agent touches (dmmig/confine.py); XENSTORE opens this host's
+    XenStore, or gives None where no Xen runs (injected by the unit tests)."""
+
+    def __init__(self, runner: Runner, state: str, *, policy: confine.Policy | None = None,
+                 xenstore: Callable[[], AbstractContextManager[xenstore.XenStore | None]] = xenstore.local) -> None:
         self.r = runner
         self.state = state
         self.gate = GateServer(state)
+        self.policy = policy or confine.Policy()
+        self.xenstore = xenstore
+        self.loop = Loop(runner)
 
     def _rec_path(self, name: str) -> str:
         return os.path.join(self.state, f"{disk_name(name)}.dest.json")
@@ -100,41 +113,86 @@ class AgentServer:
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
                 "state_dir": self.state, "export_dir": export_dir(self.state)}
 
-    def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False) -> dict[str, Any]:
-        rec = self._load(name)
-        if rec and rec.get("path") != path:
-            raise Busy(f"{name} is already being migrated here onto {rec['path']}")
-        created = bool(rec and rec.get("created"))
-        if not os.path.exists(path):
-            if not create:
-                raise BadInput(f"destination disk {path} does not exist", hint="pass --create to make it")
-            self._create(path, size)
-            created = True
+    def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
+                        block_size: int | None = None, migration: str | None = None) -> dict[str, Any]:
+        """Check (or create) NAME's destination disk PATH for a source disk of SIZE bytes and
+        BLOCK_SIZE-byte logical blocks, and start the agent's record of it.
+
+        MIGRATION names the source's migration (one per `dmmig prepare` there). A resumed copy
+        of the same migration keeps its record: whether dmmig created the disk, whether it was
+        written, its export. Any other migration starts a fresh record: nothing of an earlier
+        one survives, above all not `handed_over`, which would keep the next `add` from asking
+        the gate. An unfinished record of another migration refuses (it may still be arriving)."""
+        disk_name(name)
+        size = confine.size_ok(size)
+        if block_size is not None and block_size not in (512, 1024, 2048, 4096):
+            raise BadInput(f"invalid logical block size {block_size!r}")
+        old = self._load(name)
+        same = _same_migration(old, path, migration)
+        if old is not None and not same and not old.get("handed_over"):
+            exp = old.get("export")
+            alive = bool(exp and N.Export(**exp).alive())
+            raise Busy(f"another migration of {name} {'is arriving' if alive else 'was arriving (unfinished)'} here "
+                       f"onto {old.get('path')}",
+                       hint=f"`dmmig abort {name}` on its source, or here if that source is gone")
+        keep = old if same and old is not None else {}
+        created_as = _created_as(keep)
+        if os.path.lexists(path):  # a dangling symlink counts: the agent never creates through one
+            kind = self.policy.existing(path)
+            self._check_block_size(path, 512 if kind == "file" else B.logical_block_size(self.r, path), block_size)
+            self._check_not_in_use(name, path, keep or None)
+        elif not create:
+            self.policy.lexical(path)
+            raise BadInput(f"destination disk {path} does not exist", hint="pass --create to make it")
         else:
-            self._check_not_in_use(name, path, rec)
+            how, where, lv = self.policy.creatable(path, size, self.r)
+            # a file becomes block-dmmig's loop device there: 512-byte sectors (losetup's default)
+            self._check_block_size(path, 512 if how == "file" else self._vg_block_size(where), block_size)
+            self._create(path, size, how, where, lv)
+            created_as = how
         have = _size_of(path)
         if have < size:
             raise BadInput(f"destination disk {path} is smaller than the source: {have} < {size} bytes")
-        rec = dict(rec or {}, name=name, path=path, size=size, created=created)
+        rec: dict[str, Any] = {k: keep[k] for k in ("export", "written") if k in keep}
+        rec.update(name=name, path=path, size=size, created=created_as is not None, created_as=created_as,
+                   migration=migration, block_size=block_size, since=keep.get("since") or time.time())
         self._save(name, rec)
-        # a disk we just created (sparse file or new LV) reads as zeroes: zero blocks can be skipped
-        return {"path": path, "size": have, "created": created, "zeroed": created and not rec.get("written")}
+        # only a sparse file dmmig just created, never written, is known to read as zeros: a new
+        # linear LV reuses freed extents and reads another volume's old data
+        return {"path": path, "size": have, "created": created_as is not None,
+                "zeroed": created_as == "file" and not rec.get("written")}
 
-    def op_probe(self, paths: list[str], script: str = "/etc/xen/scripts/block-dmmig") -> dict[str, Any]:
-        """What `dmmig migrate --dry-run` and its checks need to know here; changes nothing."""
+    def op_probe(self, paths: list[str], script: str = "/etc/xen/scripts/block-dmmig",
+                 names: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
+                 create: bool = False) -> dict[str, Any]:
+        """What `dmmig migrate --dry-run` and its checks need to know here; changes nothing.
+        NAMES: the disk name of each path (its incoming record); SIZES: the source disks'
+        sizes (what a --create would make)."""
         disks: dict[str, Any] = {}
         for path in paths:
-            name = _probe_name(path)
+            name = (names or {}).get(path)
             rec = self._load(name) if name else None
-            d: dict[str, Any] = {"exists": os.path.exists(path), "incoming": bool(rec and not rec.get("handed_over"))}
-            if d["exists"]:
-                d["size"] = _size_of(path)
-                try:
-                    self._check_not_in_use(name or "", path, rec)
-                    d["in_use"] = None
-                except DmmigError as e:
-                    d["in_use"] = e.message
+            d: dict[str, Any] = {"exists": False, "incoming": bool(rec and not rec.get("handed_over"))}
             disks[path] = d
+            try:
+                self.policy.lexical(path)
+                if not os.path.lexists(path):
+                    if create and sizes and path in sizes:
+                        how, where, _ = self.policy.creatable(path, confine.size_ok(sizes[path]), self.r)
+                        d["block_size"] = 512 if how == "file" else self._vg_block_size(where)
+                    continue
+                kind = self.policy.existing(path)
+            except BadInput as e:
+                d["refused"] = e.message
+                continue
+            d["exists"] = True
+            d["size"] = _size_of(path)
+            d["block_size"] = 512 if kind == "file" else B.logical_block_size(self.r, path)
+            try:
+                self._check_not_in_use(name or "", path, rec if d["incoming"] else None)
+                d["in_use"] = None
+            except DmmigError as e:
+                d["in_use"] = e.message
         # the block script here finds an incoming migration in ITS state dir (the default, or
         # $DMMIG_STATE_DIR of xl's environment): if that is not ours, the gate is never asked
         return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script,
@@ -182,6 +240,7 @@ class AgentServer:
 
     def op_stop(self, name: str, remove_created: bool = False) -> dict[str, Any]:
         """Stop the export and forget NAME; with remove_created, delete a disk we created."""
+        disk_name(name)
         rec = self._load(name)
         done: list[str] = []
         if rec is None:
@@ -197,9 +256,8 @@ class AgentServer:
                 os.unlink(left)
         if tlscreds.remove(os.path.join(export_dir(self.state), f"{name}.tls")):
             done.append(f"removed the TLS credentials of {name}")
-        if remove_created and rec.get("created") and os.path.isfile(rec["path"]):
-            os.unlink(rec["path"])
-            done.append(f"removed {rec['path']} (created by dmmig)")
+        if remove_created and rec.get("created"):
+            done += self._remove_created(rec)
         os.unlink(self._rec_path(name))
         return {"done": done}
 
@@ -209,55 +267,146 @@ class AgentServer:
         return {"asked": self.gate.wait(names, timeout)}
 
     def op_answer_gate(self, name: str, ok: bool, why: str = "") -> dict[str, Any]:
+        disk_name(name)
         rec = self._load(name)
-        if ok and rec:  # free the disk for blkback before the `add` goes on; this host owns it now
-            if rec.get("export"):
-                N.stop_export(N.Export(**rec["export"]))
-                rec.pop("export")
+        if ok and rec and rec.get("export"):
+            # no write through the export after the yes: stop it before the `add` goes on
+            N.stop_export(N.Export(**rec["export"]))
+            rec.pop("export")
+            self._save(name, rec)
+        delivered = self.gate.answer(name, ok, why)
+        if ok and rec and delivered:
+            # only now is the disk this host's: an `add` that gave up before the yes failed, and
+            # the next one must ask again
             rec["handed_over"] = time.time()
             self._save(name, rec)
-        return {"delivered": self.gate.answer(name, ok, why)}
+        return {"delivered": delivered}
 
-    def op_digest(self, path: str, offset: int, length: int, chunk: int) -> dict[str, Any]:
-        return {"digests": digest_ranges(path, offset, length, chunk)}
+    def op_digest(self, offset: int, length: int, chunk: int, name: str | None = None,
+                  path: str | None = None) -> dict[str, Any]:
+        """Digests of a disk being migrated here (NAME's, or the one at PATH), within its size:
+        never of any other file or device."""
+        rec = self._record_of(name, path)
+        p = str(rec["path"])
+        self.policy.existing(p)  # still what it was: not replaced by a link out of a root
+        offset, length, chunk = confine.range_ok(p, int(rec["size"]), offset, length, chunk)
+        return {"digests": digest_ranges(p, offset, length, chunk)}
 
     # ---- helpers ------------------------------------------------------------------------
-    def _create(self, path: str, size: int) -> None:
-        parts = path.split("/")
-        if len(parts) == 4 and parts[1] == "dev" and parts[2] not in ("mapper", "shm", "disk", "block") \
-                and self._is_vg(parts[2]):
-            self.r.run(["lvcreate", "--yes", "-L", f"{size}b", "-n", parts[3], parts[2]], timeout=120)
+    def _record_of(self, name: str | None, path: str | None) -> dict[str, Any]:
+        if name is not None:
+            rec = self._load(disk_name(name))
+            if rec is not None and (path is None or rec.get("path") == path):
+                return rec
+        elif path is not None:
+            for rec in incoming(self.state).values():
+                if rec.get("path") == path:
+                    return rec
+        raise confine.Refused(f"{path or name} is not a disk being migrated into this host: the agent reads "
+                              "only those")
+
+    def _create(self, path: str, size: int, how: str, where: str, lv: str) -> None:
+        if how == "lv":
+            self.r.run(["lvcreate", "--yes", "-L", f"{size}b", "-n", lv, where], timeout=120)
             return
-        d = os.path.dirname(path) or "."
-        if not os.path.isdir(d):
-            raise BadInput(f"cannot create {path}: {d} is not a directory")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # O_NOFOLLOW|O_EXCL: a file of ours, never through a link planted meanwhile
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)  # sparse
+            os.ftruncate(fd, size)  # sparse: reads as zeros
         finally:
             os.close(fd)
 
-    def _is_vg(self, vg: str) -> bool:
-        return self.r.run(["vgs", "--noheadings", vg], check=False).returncode == 0
+    def _remove_created(self, rec: dict[str, Any]) -> list[str]:
+        path = str(rec["path"])
+        how = _created_as(rec)
+        if how == "lv":
+            try:
+                if not stat.S_ISBLK(os.stat(path).st_mode):
+                    return []
+            except FileNotFoundError:
+                return []
+            vg, lv = path.split("/")[2:4]
+            self.r.run(["lvremove", "--yes", f"{vg}/{lv}"], timeout=120)  # refuses an open LV
+            return [f"removed the logical volume {vg}/{lv} (created by dmmig)"]
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return []
+        except FileNotFoundError:
+            return []
+        os.unlink(path)
+        return [f"removed {path} (created by dmmig)"]
+
+    def _vg_block_size(self, vg: str) -> int:
+        """An LV's logical block size: the largest of its VG's physical volumes'."""
+        out = self.r.run(["pvs", "--noheadings", "-o", "pv_name", "--select", f"vg_name={vg}"], timeout=60).stdout
+        return max((B.logical_block_size(self.r, pv) for pv in out.split()), default=512)
+
+    @staticmethod
+    def _check_block_size(path: str, have: int, want: int | None) -> None:
+        if want is not None and have != want:
+            raise BadInput(f"destination disk {path} has a logical block size of {have} bytes, the source disk "
+                           f"{want}: blkfront keeps the sector size it started with, so the guest could not use "
+                           "its disk after the move",
+                           hint="use a destination disk with the same logical block size (a file becomes a loop "
+                                "device of 512-byte sectors)")
 
     def _check_not_in_use(self, name: str, path: str, rec: dict[str, Any] | None) -> None:
+        """Refuse PATH if anything here uses it: a holder, an exclusive opener (a mount, swap,
+        LVM, md), a loop device over a file, a local domain's disk backend, a process with it
+        open, another dmmig disk's record. REC: this migration's own record, whose export
+        (qemu-nbd) is no other user."""
         exp = (rec or {}).get("export")
-        if exp and N.Export(**exp).alive():
-            return  # our own export of this very disk (a resumed copy)
-        if os.path.isfile(path):
-            loops = self.r.run(["losetup", "-j", path], check=False).stdout.strip()
-            if loops:
-                raise Busy(f"destination disk {path} is in use by a loop device: {loops}")
-            return
-        dev = block_device(path)
-        holders = holder_names(dev)
-        if holders:
-            raise Busy(f"destination disk {path} is in use (held by {', '.join(holders)})")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_EXCL)
-            os.close(fd)
-        except OSError as e:
-            raise Busy(f"destination disk {path} is in use (mounted or opened exclusively): {e.strerror}") from None
+        ignore = {int(exp["pid"])} if exp and N.Export(**exp).alive() else set()
+        loops = self.loop.infos()
+        why: list[str] = []
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            dev = block_device(path)
+            own = dm_name_of(dev)
+            if own and own.startswith("dmmig-"):
+                why.append(f"it is dmmig's device {own}")
+            holders = holder_names(dev)
+            if holders:
+                why.append(f"held by {', '.join(holders)}")
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_EXCL))
+            except OSError as e:
+                why.append(f"mounted or opened exclusively ({e.strerror})")
+        else:
+            over = [lo.name for lo in loops if lo.backing == (st.st_dev, st.st_ino)]
+            if over:
+                why.append(f"a loop device is over it: {', '.join(over)}")
+        disk = inuse.footprint(path, loops)
+        with self.xenstore() as xs:
+            if xs is not None:
+                why += [f"used by {u}" for u in inuse.xen_users(xs, disk, loops)]
+        why += [f"held open by {p}" for p in inuse.process_users(disk, ignore)]
+        why += self._dmmig_users(name, disk, loops)
+        if why:
+            raise Busy(f"destination disk {path} is in use: {'; '.join(why)}",
+                       hint="choose another destination disk, or stop what uses it there")
+
+    def _dmmig_users(self, name: str, disk: inuse.Storage, loops: list[B.LoopInfo]) -> list[str]:
+        """Other disks dmmig knows here whose storage is DISK: another incoming migration's
+        destination, a journaled disk's origin or era metadata."""
+        out = []
+        for n, rec in incoming(self.state).items():
+            if n != name and rec.get("path") and inuse.exact(str(rec["path"]), None, loops).overlaps(disk):
+                out.append(f"it is the destination of dmmig's incoming migration {n}")
+        j = J.Journal(self.state)
+        for n in j.names():
+            try:
+                e = j.load(n)
+            except StateError as err:
+                out.append(f"dmmig's journal of {n} is unreadable, so it may name it ({err.message})")
+                continue
+            if e is None:
+                continue
+            if inuse.exact(e.origin, _devno(e.origin_devno), loops).overlaps(disk):
+                out.append(f"it is the origin of dmmig disk {n} here (phase {e.phase})")
+            elif e.metadata and inuse.exact(e.metadata, None, loops).overlaps(disk):
+                out.append(f"it holds the era metadata of dmmig disk {n} here")
+        return out
 
     def serve(self, inp: Any, out: Any) -> None:
         out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
@@ -304,11 +453,34 @@ def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
     return out
 
 
-def _probe_name(path: str) -> str | None:
-    from dmmig.hotplug import disk_name_for
+def _same_migration(old: dict[str, Any] | None, path: str, migration: str | None) -> bool:
+    """OLD is the record of this very migration (a resumed copy): same path, not handed over,
+    and the same migration id; a record written before ids existed is taken for the same
+    one, as that version did (a migration in flight across an upgrade), and so is a request
+    without an id (a source of that version) for a record without one."""
+    if old is None or old.get("path") != path or old.get("handed_over"):
+        return False
+    return "migration" not in old or old.get("migration") == migration
+
+
+def _created_as(rec: dict[str, Any]) -> str | None:
+    """'file' or 'lv' if dmmig created the disk. A record of an earlier version says only
+    `created`: that version made an LV (lvcreate) for a block device, else a sparse file."""
+    if not rec.get("created"):
+        return None
+    if rec.get("created_as"):
+        return str(rec["created_as"])
     try:
-        return disk_name_for(path)
-    except DmmigError:
+        return "lv" if stat.S_ISBLK(os.stat(str(rec.get("path"))).st_mode) else "file"
+    except OSError:
+        return "file"
+
+
+def _devno(text: str | None) -> int | None:
+    try:
+        ma, mi = str(text).split(":")
+        return os.makedev(int(ma), int(mi))
+    except ValueError:
         return None
 
 
@@ -459,7 +631,7 @@ def parse_forced(original: str, state: str) -> tuple[str | None, str | None]:
 
 
 def main(state_dir: str | None = None, mode: str | None = None, arg: str | None = None,
-         forced: bool = False) -> int:
+         forced: bool = False, policy: confine.Policy | None = None) -> int:
     os.umask(0o077)  # everything the agent makes (records, sockets, keys) is root's alone
     state = J.state_dir(state_dir)
     if mode is None:
@@ -472,7 +644,7 @@ def main(state_dir: str | None = None, mode: str | None = None, arg: str | None 
     elif forced:
         raise BadInput("--forced-command takes no mode: the client's SSH_ORIGINAL_COMMAND chooses it")
     if mode is None:
-        AgentServer(SubprocessRunner(), state).serve(sys.stdin, sys.stdout)
+        AgentServer(SubprocessRunner(), state, policy=policy).serve(sys.stdin, sys.stdout)
         return 0
     if mode not in MODES or arg is None:
         raise BadInput(f"unknown agent mode {mode!r}: use {', '.join(f'{m} ARG' for m in MODES)}")

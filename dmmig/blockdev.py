@@ -1,4 +1,4 @@
-"""Block devices and loop devices: stat, size, holders, losetup."""
+"""Block devices and loop devices: stat, size, holders, sysfs relations, losetup."""
 from __future__ import annotations
 
 import os
@@ -48,6 +48,75 @@ def block_device(path: str) -> BlockDev:
     return BlockDev(path, os.major(st.st_rdev), os.minor(st.st_rdev))
 
 
+def sysfs_dir(devno: int) -> str | None:
+    p = f"/sys/dev/block/{os.major(devno)}:{os.minor(devno)}"
+    return os.path.realpath(p) if os.path.exists(p) else None
+
+
+def _devno_at(d: str) -> int | None:
+    try:
+        with open(os.path.join(d, "dev")) as f:
+            ma, mi = f.read().strip().split(":")
+        return os.makedev(int(ma), int(mi))
+    except (OSError, ValueError):
+        return None
+
+
+def below(devno: int) -> set[int]:
+    """DEVNO and every device it sits on (sysfs slaves, recursively): a dm device's
+    underlying devices, an md array's members."""
+    out: set[int] = set()
+    todo = [devno]
+    while todo:
+        d = todo.pop()
+        if d in out:
+            continue
+        out.add(d)
+        sd = sysfs_dir(d)
+        try:
+            slaves = os.listdir(os.path.join(sd, "slaves")) if sd else []
+        except OSError:
+            slaves = []
+        for s in slaves:
+            n = _devno_at(os.path.realpath(os.path.join(sd or "", "slaves", s)))
+            if n is not None:
+                todo.append(n)
+    return out
+
+
+def partitions(devno: int) -> set[int]:
+    sd = sysfs_dir(devno)
+    out: set[int] = set()
+    try:
+        children = os.listdir(sd) if sd else []
+    except OSError:
+        return out
+    for c in children:
+        p = os.path.join(sd or "", c)
+        if os.path.exists(os.path.join(p, "partition")):
+            n = _devno_at(p)
+            if n is not None:
+                out.add(n)
+    return out
+
+
+def whole_disk(devno: int) -> int | None:
+    """The disk a partition is on; None for a device that is no partition."""
+    sd = sysfs_dir(devno)
+    if sd is None or not os.path.exists(os.path.join(sd, "partition")):
+        return None
+    return _devno_at(os.path.dirname(sd))
+
+
+def logical_block_size(runner: Runner, path: str) -> int:
+    """What blkback passes on to blkfront as the sector size (and dm stacks upwards)."""
+    out = runner.run(["blockdev", "--getss", path], timeout=30).stdout.strip()
+    try:
+        return int(out)
+    except ValueError:
+        raise BadInput(f"cannot read the logical block size of {path}: blockdev said {out!r}") from None
+
+
 def dm_name_of(dev: BlockDev) -> str | None:
     try:
         with open(os.path.join(dev.sysfs, "dm", "name")) as f:
@@ -68,9 +137,33 @@ def holder_names(dev: BlockDev) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class LoopInfo:
+    name: str
+    devno: int
+    backing: tuple[int, int]   # (st_dev, st_ino) of the backing file
+
+
 class Loop:
     def __init__(self, runner: Runner) -> None:
         self.r = runner
+
+    def infos(self) -> list[LoopInfo]:
+        """Every attached loop device and the inode it is over (by inode, not by name: a file
+        renamed, or reached through a symlink, is still the same file)."""
+        out = self.r.run(["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,MAJ:MIN,BACK-MAJ:MIN,BACK-INO"],
+                         check=False, timeout=30).stdout
+        infos = []
+        for ln in out.splitlines():
+            w = ln.split()
+            try:
+                name, dev, back, ino = w
+                ma, mi = dev.split(":")
+                bma, bmi = back.split(":")
+                infos.append(LoopInfo(name, os.makedev(int(ma), int(mi)), (os.makedev(int(bma), int(bmi)), int(ino))))
+            except ValueError:
+                continue
+        return infos
 
     def attach(self, file: str) -> str:
         return self.r.run(["losetup", "--find", "--show", file]).stdout.strip()

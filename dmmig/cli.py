@@ -20,9 +20,13 @@ from dmmig.validate import era_block_size, parse_size
 
 
 def make_stack(args: argparse.Namespace) -> Stack:
+    from dmmig.dm.guard import SuspendGuard
     from dmmig.udev import wait_dm_node
     runner = SubprocessRunner()
-    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node), J.Journal(J.state_dir(args.state_dir)))
+    journal = J.Journal(J.state_dir(args.state_dir))
+    # a dmmig killed while the top device is suspended must not leave the guest's disk frozen
+    guard = SuspendGuard(runner, journal.dir)
+    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node, guard=guard), journal)
 
 
 def cmd_wrap(a: argparse.Namespace) -> int:
@@ -221,8 +225,14 @@ def cmd_hotplug(a: argparse.Namespace) -> int:
 
 
 def cmd_agent(a: argparse.Namespace) -> int:
-    from dmmig import agent
-    return agent.main(a.state_dir, a.mode, a.arg, forced=a.forced_command)
+    from dmmig import agent, confine
+    # flags replace the configuration file's settings: in an authorized_keys command= they
+    # are the operator's; never take them from what the connecting source asks for
+    policy = confine.load(a.config, file_roots=tuple(a.file_root) if a.file_root else None,
+                          devices=tuple(a.device) if a.device else None,
+                          max_create=parse_size(a.max_create) if a.max_create else None,
+                          create=False if a.no_create else None)
+    return agent.main(a.state_dir, a.mode, a.arg, forced=a.forced_command, policy=policy)
 
 
 def _check_destination(a: argparse.Namespace) -> None:
@@ -369,12 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = verb("agent", cmd_agent, "destination side, run over SSH: speak the agent protocol on stdin/stdout; "
               "`relay NAME`: relay stdin/stdout to NAME's NBD export; `hold NAME`: keep a tunnel's session open; "
-              "`probe TOKEN`: answer the source's forwarding probe")
+              "`probe TOKEN`: answer the source's forwarding probe. It touches only block devices matching its "
+              "device patterns and files under its file roots (/etc/dmmig/agent.conf; these flags replace the "
+              "file's settings)")
     sp.add_argument("mode", nargs="?", choices=["relay", "hold", "probe"], help=argparse.SUPPRESS)
     sp.add_argument("arg", nargs="?", help=argparse.SUPPRESS)
     sp.add_argument("--forced-command", action="store_true",
                     help="run as an authorized_keys command=: do only what SSH_ORIGINAL_COMMAND asks if it is "
                          "one of dmmig's own agent invocations; refuse anything else")
+    sp.add_argument("--config", metavar="FILE",
+                    help="confinement settings (default $DMMIG_AGENT_CONF, else /etc/dmmig/agent.conf if it exists)")
+    sp.add_argument("--file-root", action="append", metavar="DIR",
+                    help="disk image files only under DIR (repeatable; default /var/lib/xen/images /srv/xen)")
+    sp.add_argument("--device", action="append", metavar="GLOB",
+                    help="block devices only with a path matching GLOB (repeatable; default /dev/*)")
+    sp.add_argument("--max-create", metavar="SIZE", help="create no disk larger than SIZE (default: the free space)")
+    sp.add_argument("--no-create", action="store_true", help="create no disks at all")
 
     sp = verb("hotplug", cmd_hotplug, "the Xen block script block-dmmig (run by libxl with XENBUS_PATH set): "
               "add wraps the disk's target and hands it to blkback, remove unwraps it")

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from dmmig import mirrorlog
 from dmmig import nbd as N
 from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
-from dmmig.blockdev import block_device
+from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
 from dmmig.era import BlockRange, merge
@@ -106,8 +107,13 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         try:
             plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
+            if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
+                entry.copy["migration"] = uuid.uuid4().hex
+                stack.journal.save(entry)
+            # the top's logical block size is what blkfront got (blkback passes it on)
             disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                     create=opts.create)
+                                     create=opts.create, migration=entry.copy["migration"],
+                                     block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
             export = _export(remote, dest, name)
             dest["export"] = export
             dest["remote_state"] = remote.agent.hello.get("state_dir")
@@ -202,46 +208,54 @@ def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
                  progress: Progress) -> dict[str, Any]:
     st = entry.copy
-    era = era_name(name)
     assert entry.metadata and entry.block_sectors
     bs = entry.block_sectors * 512
     total = Counters()
     st.setdefault("rounds", [])
-    copier = Copier(entry.origin, h, dest_zero=bool(st["zeroed"]), bwlimit=opts.bwlimit,
-                    on_progress=progress.advance)
+
+    def copier(dest_zero: bool) -> Copier:
+        return Copier(entry.origin, h, dest_zero=dest_zero, bwlimit=opts.bwlimit, on_progress=progress.advance)
 
     if not st.get("base_done"):
         if "base_era" not in st:
-            # writes from here on carry era >= base_era; one era back covers those in flight
-            st["base_era"] = stack.era.checkpoint(era)
+            # every write tagged below base_era has completed (drained): the base pass reads it;
+            # every later one carries base_era or more, and the rounds query from there
+            st["base_era"] = stack.drained_checkpoint(name)
             st["base_offset"] = 0
             stack.journal.save(entry)
         start = int(st["base_offset"])
+        # "known to be zero" holds only for offsets never written on the destination: the first
+        # base pass over a disk dmmig created. A resumed pass may meet writes of ours past the
+        # journaled offset (in flight when we were killed); the rounds meet the base's data.
+        dest_zero = bool(st.get("zeroed")) and start == 0 and not st.get("base_started")
+        st["base_started"] = True
+        stack.journal.save(entry)
         progress.start("base", size - start)
 
         def ck(pos: int) -> None:
             st["base_offset"] = pos
             stack.journal.save(entry)
 
-        c = copier.copy([(start, size - start)], checkpoint=ck)
+        c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
         total.add(c)
-        st.update(base_done=True, base_offset=size, next_since=st["base_era"] - 1,
+        st.update(base_done=True, base_offset=size, next_since=st["base_era"],
                   base={"from": start, **c.as_dict()})
         stack.journal.save(entry)
         progress.end(**c.as_dict())
 
+    rounds = copier(False)  # zeros the guest wrote are written as zeros
     prev: int | None = None
     rounds_now = 0
     while True:
-        ranges, now = stack.era.dirty(era, entry.metadata, int(st["next_since"]))
+        ranges, now = stack.drained_dirty(name, int(st["next_since"]))
         dirty = sum(r.count for r in ranges) * bs
         progress.start(f"round {len(st['rounds']) + 1}", dirty)
-        c = copier.copy([(r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges])
+        c = rounds.copy([(r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges])
         total.add(c)
         rounds_now += 1
         rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict()}
         st["rounds"].append(rnd)
-        st["next_since"] = now - 1   # the snapshot held eras < now; one back for writes in flight
+        st["next_since"] = now  # every write tagged below now had landed before this round read
         stack.journal.save(entry)
         progress.end(**rnd)
         if dirty <= opts.converge:
@@ -323,7 +337,6 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             _drop_mirror(stack, entry)
             stack.journal.save(entry, J.COPIED)
             raise
-        entry.copy["next_since"] = now - 1  # a catch-up resends everything since this cutover
         entry.mirror.update(era=now, pause_seconds=round(pause, 4), resync_regions=len(regions),
                             resync_bytes=min(len(regions) * rs, length) * 512, regions=nr,
                             resync_ranges=[[r.begin, min(r.end, nr)] for r in ranges if r.begin < nr])
@@ -333,6 +346,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         events, kernel_out = _wait_sync(stack, top, nr, opts.sync_timeout, progress, name)
         entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
                                   "kernel_out_of_sync_first_seen": kernel_out}
+        # in sync: every write tagged below `now` is on both legs (the top was suspended for the
+        # query, so none was in flight), and a catch-up resends what era recorded from here. Not
+        # before the sync: a resync cut short (dmmig killed, the leg failed) leaves regions of
+        # the last delta behind, so a rerun or a catch-up must query from where this one did.
+        entry.copy["next_since"] = now
         stack.journal.save(entry, J.MIRRORING)
     return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"],
             "resync_regions": len(regions), "regions": nr, "region_bytes": rs * 512,
@@ -534,7 +552,7 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
             mine: list[str] = []
             th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))
             th.start()
-            theirs = remote.agent.call("digest", path=dst, offset=off, length=n, chunk=chunk)["digests"]
+            theirs = remote.agent.call("digest", name=name, path=dst, offset=off, length=n, chunk=chunk)["digests"]
             th.join()
             bad += [off // chunk + i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
             if progress:
@@ -547,7 +565,8 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
             for i in bad:
                 n = min(chunk, size - i * chunk)
                 a = digest_ranges(src, i * chunk, n, chunk)
-                b = remote.agent.call("digest", path=dst, offset=i * chunk, length=n, chunk=chunk)["digests"]
+                b = remote.agent.call("digest", name=name, path=dst, offset=i * chunk, length=n,
+                                      chunk=chunk)["digests"]
                 if a != b:
                     still.append(i)
             bad = still

@@ -26,6 +26,7 @@ from typing import Any
 
 from dmmig import journal as J
 from dmmig import migrate as M
+from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.hotplug import format_devno
@@ -63,6 +64,7 @@ class Disk:
     dest_disk: str         # params: block-dmmig on the destination wraps the same path
     dest_exists: bool
     tables: list[str]
+    block_size: int | None = None   # logical block size blkfront got; the destination must match it
 
     @property
     def top(self) -> str:
@@ -127,6 +129,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     ep = Endpoint.parse(host, **ep_opts)
     block = era_block_size(opts.block_bytes)
     disks = [_disk_here(stack, v, ep.host, block) for v in mine]
+    for d in disks:
+        d.block_size = _sector_size(xs, stack, d)
     tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
     return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
 
@@ -158,6 +162,18 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk
     return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables)
 
 
+def _sector_size(xs: XenStore, stack: Stack, d: Disk) -> int | None:
+    """The logical block size blkfront got: blkback's sector-size in the backend (it passes on
+    the top device's), else the top device's own."""
+    v = xs.read(f"{d.vbd.backend}/sector-size")
+    if v and v.strip().isdigit():
+        return int(v)
+    try:
+        return logical_block_size(stack.runner, f"/dev/mapper/{d.top}")
+    except DmmigError:
+        return None
+
+
 def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
                        connect: Callable[[dict[str, Any]], Any]) -> tuple[str | None, str]:
     """Returns the mirror leg's tunnel mode (ssh; the probe's or --tunnel's) and why."""
@@ -166,7 +182,9 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
     remote = connect(M.destination(host, ep_opts, c, ""))
     tunnel, why = c.tunnel, "--tunnel" if c.tunnel else ""
     try:
-        probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script)
+        probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script,
+                                  names={d.dest_disk: d.name for d in disks},
+                                  sizes={d.dest_disk: d.size for d in disks}, create=c.create)
         if c.transport == "ssh" and tunnel is None:  # OpenSSH can log in and run the agent, or refused here
             tunnel, why = remote.probe_tunnel(stack.runner, stack.journal.dir)
             why = why or "streamlocal forwarding works"
@@ -182,12 +200,23 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
     for d in disks:
         p = probe["disks"][d.dest_disk]
         d.dest_exists = bool(p["exists"])
+        if p.get("refused"):  # the agent there may not touch it (its confinement), or cannot create it
+            raise BadInput(f"{host}:{d.dest_disk}: {p['refused']}")
         if not p["exists"] and not c.create:
             raise BadInput(f"{host}:{d.dest_disk} does not exist", hint="create it, or pass --create")
         if p["exists"] and p["size"] < d.size:
             raise BadInput(f"{host}:{d.dest_disk} is smaller than {d.vbd.params}: {p['size']} < {d.size} bytes")
-        if p["exists"] and p.get("in_use") and not p.get("incoming"):
+        # in use by anything but this migration's own export (a resumed one's): a local domain,
+        # a process, another disk of dmmig's
+        if p["exists"] and p.get("in_use"):
             raise BadInput(f"{host}:{d.dest_disk}: {p['in_use']}")
+        have = p.get("block_size")
+        if have and d.block_size and have != d.block_size:
+            raise BadInput(f"{host}:{d.dest_disk} has a logical block size of {have} bytes, {d.vbd.params} "
+                           f"{d.block_size}: blkfront keeps the sector size it started with, so {d.vbd.vdev} "
+                           "would be unusable after the move",
+                           hint="use a destination disk with the same logical block size (a file becomes a "
+                                "loop device of 512-byte sectors)")
     return tunnel, why
 
 
@@ -199,7 +228,9 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     # 2. every disk to a synchronous mirror
     # the tunnel's mode as the plan probed it: one probe for every disk
     opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
-    mirrored = _parallel(p.disks, lambda d, i: _to_mirror(stack, d, p.host, ep_opts, opts, progress(d, i)))
+    results = mirror_disks(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
+                           lambda i: progress(p.disks[i], i))
+    mirrored = list(zip(p.disks, results))
     failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
     if failed:
         _abort_all(stack, p.disks, say)
@@ -252,31 +283,30 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
                           f"`dmmig finish --force --remove NAME` here for each disk; if here: `dmmig abort NAME`")
 
 
-def _to_mirror(stack: Stack, d: Disk, host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
-               progress: Progress) -> dict[str, Any]:
-    entry = stack.journal.load(d.name)
-    if entry is not None and entry.phase == J.WRAPPED:
-        stack.prepare(d.name, block_bytes=opts.block_bytes)
-    copied = M.copy(stack, d.name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=d.dest_disk), progress)
-    cut = M.cutover(stack, d.name, opts.cutover, progress)
-    return {"copy": copied, "cutover": cut}
-
-
-def _parallel(disks: list[Disk], fn: Callable[[Disk, int], Any]) -> list[tuple[Disk, Any]]:
-    """FN for every disk in its own thread; each result, or the exception it raised."""
+def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts: dict[str, Any],
+                 opts: MigrateOptions, progress: Callable[[int], Progress]) -> list[Any]:
+    """Every (NAME, destination path) to a synchronous mirror, each in its own thread: prepare
+    (if not prepared yet), copy, cutover. Returns, for each disk, its summary or the exception
+    it raised; the caller decides (migrate aborts them all if any failed)."""
     results: list[Any] = [None] * len(disks)
 
     def run(i: int) -> None:
+        name, dest_disk = disks[i]
         try:
-            results[i] = fn(disks[i], i)
+            pg = progress(i)
+            entry = stack.journal.load(name)
+            if entry is not None and entry.phase == J.WRAPPED:
+                stack.prepare(name, block_bytes=opts.block_bytes)
+            copied = M.copy(stack, name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
+            results[i] = {"copy": copied, "cutover": M.cutover(stack, name, opts.cutover, pg)}
         except BaseException as e:  # noqa: BLE001 - handed back to the caller
             results[i] = e
-    threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{d.name}") for i, d in enumerate(disks)]
+    threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{n}") for i, (n, _) in enumerate(disks)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return list(zip(disks, results))
+    return results
 
 
 def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -> tuple[XlRun, dict[str, Any]]:

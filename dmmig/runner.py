@@ -28,6 +28,8 @@ class Runner(Protocol):
 
     def spawn(self, argv: list[str], *, logfile: str) -> int: ...
 
+    def spawn_piped(self, argv: list[str], *, logfile: str) -> tuple[int, int]: ...
+
 
 class SubprocessRunner:
     """Runs commands for real. Never through a shell."""
@@ -63,16 +65,30 @@ class SubprocessRunner:
     def spawn(self, argv: list[str], *, logfile: str) -> int:
         """Start a daemon that outlives dmmig (SSH tunnel, leg watcher): its own session, so a
         terminal's ^C does not reach it; stdout and stderr appended to LOGFILE. Returns its pid."""
+        return self._spawn(argv, logfile, subprocess.DEVNULL).pid
+
+    def spawn_piped(self, argv: list[str], *, logfile: str) -> tuple[int, int]:
+        """Like spawn, with its stdin a pipe from us: (pid, the pipe's write end). The pipe
+        ends when we exit, however we exit, which the daemon can wait for."""
+        r, w = os.pipe()  # not inherited by the other children we start (close-on-exec)
+        try:
+            pid = self._spawn(argv, logfile, r).pid
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        return pid, w
+
+    def _spawn(self, argv: list[str], logfile: str, stdin: int) -> subprocess.Popen[bytes]:
         log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             env = dict(os.environ)
             env.setdefault("LC_ALL", "C")
-            logging.getLogger("dmmig.cmd").debug("spawn: %s", argv)
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                 start_new_session=True, env=env)
+            log.debug("spawn: %s", argv)
+            return subprocess.Popen(argv, stdin=stdin, stdout=log_fd, stderr=log_fd, start_new_session=True, env=env)
         except FileNotFoundError as e:
             raise MissingDependency(f"command not found: {argv[0]}",
                                     hint="install it (see README: the install command)") from e
         finally:
             os.close(log_fd)
-        return p.pid

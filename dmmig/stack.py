@@ -10,13 +10,17 @@ Every change is journaled before it is made, so a killed dmmig leaves a state th
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
 from dmmig import journal as J
-from dmmig.blockdev import BlockDev, Loop, block_device, dm_name_of, holder_names
+from dmmig.blockdev import BlockDev, Loop, below, block_device, dm_name_of, holder_names
 from dmmig.dm.dmsetup import DmInfo, DmSetup
+from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import Era, Linear, Table
 from dmmig.era import BlockRange, EraTools
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
@@ -155,12 +159,16 @@ class Stack:
             if meta_dev.size_bytes() < need:
                 raise BadInput(f"metadata device {metadata} is too small: {meta_dev.size_bytes()} bytes, "
                                f"need at least {need} for {length * 512} bytes at {bs * 512}-byte blocks")
-            if meta_dev.holders():
-                raise BadInput(f"metadata device {metadata} is in use by {', '.join(holder_names(meta_dev))}")
+            self.check_metadata_device(name, entry, info, meta_dev)
 
         with self.journal.lock(name):
             entry.block_sectors = bs
             entry.checkpoints = []
+            # a new migration: the era numbers, copy progress and destination of an earlier one
+            # (left by `finish`) mean nothing for the new era device; the id tells the
+            # destination's agent a resumed copy from a new migration
+            entry.copy = {"migration": uuid.uuid4().hex}
+            entry.dest = {}
             undo = Undo()
             self.journal.save(entry, J.PREPARING)
             try:
@@ -194,6 +202,40 @@ class Stack:
             self.journal.save(entry, J.PREPARED)
         return new
 
+    def check_metadata_device(self, name: str, entry: J.Entry, top: DmInfo, dev: BlockDev) -> None:
+        """prepare zeroes the first 4 KiB of the metadata device: never of one of the disk's own
+        devices or another dmmig device, one in use, or one that holds anything blkid knows (a
+        file system, an LVM PV, a partition table, swap, RAID, LUKS...)."""
+        path = dev.path
+        if dev.devno == f"{top.major}:{top.minor}":
+            raise BadInput(f"metadata device {path} is {name}'s own top device {top_name(name)}")
+        if dev.devno == entry.origin_devno:
+            raise BadInput(f"metadata device {path} is {name}'s origin {entry.origin}")
+        dm = dm_name_of(dev)
+        if dm is not None and dm.startswith("dmmig-"):
+            raise BadInput(f"metadata device {path} is dmmig's device {dm}")
+        o_ma, o_mi = (int(x) for x in entry.origin_devno.split(":"))
+        if os.makedev(o_ma, o_mi) in below(os.makedev(dev.major, dev.minor)):
+            raise BadInput(f"metadata device {path} sits on {name}'s origin {entry.origin}")
+        holders = holder_names(dev)
+        if holders:
+            raise BadInput(f"metadata device {path} is in use by {', '.join(holders)}")
+        try:  # fails while mounted, used as swap, by LVM, md or dm, or another exclusive opener
+            os.close(os.open(path, os.O_RDWR | os.O_EXCL))
+        except OSError as e:
+            raise BadInput(f"metadata device {path} is in use (mounted, swap, or opened exclusively): "
+                           f"{e.strerror}") from None
+        res = self.runner.run(["blkid", "-p", "-o", "export", path], check=False, timeout=60)
+        if res.returncode == 0:
+            tags = dict(ln.split("=", 1) for ln in res.stdout.splitlines() if "=" in ln)
+            what = tags.get("TYPE") or (f"a {tags['PTTYPE']} partition table" if "PTTYPE" in tags else "data")
+            raise BadInput(f"metadata device {path} holds {what} (blkid -p: {' '.join(res.stdout.split())}); "
+                           "refusing to overwrite it", hint=f"if its content is not needed: wipefs -a {path}")
+        if res.returncode != 2:  # 2: nothing found; 8: several signatures at once
+            raise BadInput(f"cannot tell what metadata device {path} holds: blkid -p exited with "
+                           f"{res.returncode}: {(res.stderr or res.stdout).strip()}",
+                           hint=f"if its content is not needed: wipefs -a {path}")
+
     # ---- era queries ----------------------------------------------------------------------
     def checkpoint(self, name: str) -> int:
         entry = self._prepared(name)
@@ -202,6 +244,49 @@ class Stack:
             entry.checkpoints.append(era)
             self.journal.save(entry)
         return era
+
+    def drained_checkpoint(self, name: str) -> int:
+        """A new era, started with the top device suspended (see drained_dirty); every write
+        tagged with an era below the one returned has completed on the origin."""
+        self._prepared(name)
+        with self._drained(name):
+            self.dm.message(era_name(name), "checkpoint")
+        return self.dm.era_status(era_name(name)).current_era
+
+    def drained_dirty(self, name: str, since: int) -> tuple[list[BlockRange], int]:
+        """The blocks written in eras >= SINCE, and the era N that is current now, such that
+        every write tagged with an era below N has completed on the origin: a read of the
+        origin from now on sees it, and a later query from N on covers every other write.
+
+        Era tags a write when it reaches the era target, before the origin has it, and a
+        checkpoint does not wait for writes in flight; a write held in flight (slow storage)
+        across two rounds was missed by every query after them. So the snapshot is taken
+        with the top device suspended: the suspend waits for every write in flight through
+        it and holds new ones, which arrive after the snapshot's rollover and carry era N or
+        later. The era device itself stays live (it answers messages through its worker)."""
+        entry = self._prepared(name)
+        era = era_name(name)
+        assert entry.metadata
+        if self.dm.era_status(era).snapshot_block is not None:
+            self.dm.message(era, "drop_metadata_snap")  # left by a killed dmmig
+        with self._drained(name):
+            self.dm.message(era, "take_metadata_snap")
+        try:
+            now = self.dm.era_status(era).current_era
+            return self.era.written_since(entry.metadata, since), now
+        finally:
+            self.dm.message(era, "drop_metadata_snap")
+
+    @contextmanager
+    def _drained(self, name: str) -> Iterator[None]:
+        """The top device suspended (every write through it completed, new ones held) for the
+        body, and resumed whatever happens: the guest must find its disk."""
+        top = top_name(name)
+        self.dm.suspend(top)
+        try:
+            yield
+        finally:
+            self.dm.resume(top)
 
     def dirty(self, name: str, since: int = 1) -> tuple[list[BlockRange], int, int]:
         """(dirty block ranges, block size in bytes, era current when read)."""
@@ -252,6 +337,9 @@ class Stack:
         era = era_name(name)
         if self.dm.info(era) is not None:
             step(f"remove {era}", lambda: self.dm.remove(era))
+        glog = guard_log(self.journal.dir, top)  # a dmmig killed while suspended: history now
+        if os.path.exists(glog):
+            step(f"remove {glog}", lambda: os.unlink(glog))
         mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
         for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
             step(f"detach {dev}", partial(self.loop.detach, dev))
@@ -308,7 +396,8 @@ def _make_zeroed_file(path: str, size: int) -> None:
 
 
 def _zero_superblock(dev: str) -> None:
-    fd = os.open(dev, os.O_WRONLY | os.O_SYNC)
+    # O_EXCL: if anything claimed the device since prepare's checks, this fails instead
+    fd = os.open(dev, os.O_WRONLY | os.O_SYNC | os.O_EXCL)
     try:
         os.pwrite(fd, bytes(4096), 0)
     finally:

@@ -9,6 +9,7 @@ from dmmig import journal as J
 from dmmig import nbd as N
 from dmmig import proc
 from dmmig.agent import incoming
+from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import Era, Linear, Mirror, ParseError
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.watch import read_health
@@ -72,6 +73,10 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                             f"`dmmig abort {name}` resumes it")
         out["devices"][dev] = d
 
+    glog = guard_log(stack.journal.dir, top_name(name))
+    if os.path.exists(glog):
+        with open(glog) as f:
+            problems += [f"{ln.strip()} (`dmmig abort {name}` clears this note)" for ln in f if ln.strip()]
     top = out["devices"].get(top_name(name))
     era = out["devices"].get(era_name(name))
     if entry is None:
@@ -121,6 +126,7 @@ def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled:
     exp = rec.get("export")
     alive = bool(exp and N.Export(**exp).alive())
     st = {"path": rec.get("path"), "size": rec.get("size"), "created": bool(rec.get("created")),
+          "created_as": rec.get("created_as"), "migration": rec.get("migration"),
           "handed_over": bool(rec.get("handed_over")), "export": exp, "export_alive": alive}
     if exp and not alive:
         problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.get('pid')}) is gone")
@@ -150,7 +156,9 @@ def render(st: dict[str, Any]) -> str:
     inc = st.get("incoming")
     if inc and "unreadable" not in inc:
         exp = inc["export"]
-        lines.append(f"  incoming: onto {inc['path']}" + (" (created by dmmig)" if inc["created"] else "")
+        lines.append(f"  incoming: onto {inc['path']}"
+                     + ((" (created by dmmig as an LV)" if inc.get("created_as") == "lv" else " (created by dmmig)")
+                        if inc["created"] else "")
                      + (", handed over" if inc["handed_over"] else ", not handed over")
                      + (f"; NBD export on {N.Export(**exp).where}, qemu-nbd pid {exp['pid']}"
                         f" ({'running' if inc['export_alive'] else 'gone'})" if exp else "; no NBD export"))

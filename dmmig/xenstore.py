@@ -6,6 +6,9 @@ Paths may be relative: xenstored resolves them against the caller's domain home
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Protocol
 
@@ -87,3 +90,32 @@ def _enc(what: str, s: str) -> bytes:
     if any(c < 0x20 or c == 0x7f for c in b) or not b:
         raise XenStoreError(f"xenstore {what} {s!r} is empty or has control characters")
     return b
+
+
+def default_socket() -> str:
+    """xenstored's socket, as pyxs finds it."""
+    return os.environ.get("XENSTORED_PATH") or os.path.join(os.environ.get("XENSTORED_RUNDIR", "/var/run/xenstored"),
+                                                            "socket")
+
+
+def is_dom0() -> bool:
+    try:
+        with open("/proc/xen/capabilities") as f:
+            return "control_d" in f.read()
+    except OSError:
+        return False
+
+
+@contextmanager
+def local() -> Iterator[XenStore | None]:
+    """This host's XenStore; None on a host that runs no Xen. A dom0 whose xenstored cannot be
+    reached is an error: what its domains use cannot be told then."""
+    sock = default_socket()
+    if not os.path.exists(sock):
+        if is_dom0():
+            raise XenStoreError(f"this host is a Xen dom0, but xenstored's socket {sock} is missing: cannot tell "
+                                "which disks its domains use", hint="start xenstored")
+        yield None
+        return
+    with PyxsXenStore() as xs:
+        yield xs

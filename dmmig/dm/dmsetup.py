@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from dmmig.dm.targets import EraStatus, MirrorStatus, Table
 from dmmig.errors import CommandError, MissingDependency
@@ -40,10 +41,20 @@ class DmInfo:
         return self.attr[:1] == "L"
 
 
+class Guard(Protocol):
+    """Told of every suspend and resume; resumes what we left suspended if we die (dm/guard.py)."""
+
+    def suspending(self, name: str) -> None: ...
+
+    def resumed(self, name: str) -> None: ...
+
+
 class DmSetup:
-    def __init__(self, runner: Runner, wait_node: Callable[..., None] | None = None) -> None:
+    def __init__(self, runner: Runner, wait_node: Callable[..., None] | None = None,
+                 guard: Guard | None = None) -> None:
         self.r = runner
         self._wait_node = wait_node
+        self._guard = guard
 
     # --- queries ---------------------------------------------------------------------
     def info(self, name: str) -> DmInfo | None:
@@ -99,12 +110,16 @@ class DmSetup:
         self.r.run(["dmsetup", "clear", name])
 
     def suspend(self, name: str, *, noflush: bool = False) -> None:
+        if self._guard is not None:
+            self._guard.suspending(name)
         self.r.run(["dmsetup", "suspend"] + (["--noflush"] if noflush else []) + [name], timeout=120)
 
     def resume(self, name: str, *, noflush: bool = False) -> float:
         """Resume; returns time.monotonic() when the kernel had resumed (before udev settles)."""
         self.r.run(["dmsetup", "resume"] + (["--noflush"] if noflush else []) + [name], timeout=120)
         t = time.monotonic()
+        if self._guard is not None:
+            self._guard.resumed(name)
         self._wait(name, present=True)
         return t
 

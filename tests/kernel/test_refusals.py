@@ -120,3 +120,39 @@ def test_missing_kernel_target_is_named(rig: UmlHost, disks, name: str) -> None:
     finally:
         rig.run(["modprobe", "--dirname=/run/mods", "dm-era"])
         rig.dmmig("unwrap", name)
+
+
+HEAD_DIGEST = "import hashlib, sys; f = open(sys.argv[1], 'rb'); print(hashlib.sha256(f.read(1 << 20)).hexdigest())"
+
+
+@pytest.mark.parametrize("what", ["ext4", "mounted", "own-top"])
+def test_metadata_device_in_use_or_with_data_is_refused(rig: UmlHost, disks, name: str, what: str) -> None:
+    """`prepare --metadata DEV` zeroes DEV's first 4 KiB: never of a device holding a file
+    system (mounted or not) or one of the disk's own devices. The oracle: DEV's first MiB read
+    back unchanged; a mounted file system (which writes on its own) still ext4 and clean."""
+    origin = disks(16, fill_seed=3)
+    top = rig.dmmig("wrap", name, origin).out.strip()
+    mnt = f"/run/mnt-{name}"
+    meta = top if what == "own-top" else disks(8)
+    if what in ("ext4", "mounted"):
+        rig.run(["mkfs.ext4", "-q", meta])
+    if what == "mounted":
+        rig.run(["mkdir", "-p", mnt])
+        rig.run(["mount", "-t", "ext4", meta, mnt])
+    try:
+        before = rig.py(HEAD_DIGEST, meta).out
+        needle = {"ext4": "ext4", "mounted": "in use", "own-top": f"dmmig-{name}"}[what]
+        refused(rig, ["prepare", name, "--metadata", meta], 3, meta, needle)
+        if what != "mounted":
+            assert rig.py(HEAD_DIGEST, meta).out == before, "the refused prepare wrote to the device"
+        else:
+            assert rig.run(["blkid", "-p", "-o", "value", "-s", "TYPE", meta]).out.strip() == "ext4"
+            rig.run(["umount", mnt])
+            fsck = rig.run(["e2fsck", "-fn", meta], check=False)
+            assert fsck.rc == 0, fsck.out + fsck.err
+    finally:
+        if what == "mounted":
+            rig.run(["umount", mnt], check=False)
+            rig.run(["rmdir", mnt], check=False)
+        rig.dmmig("abort", name, check=False)
+        rig.dmmig("unwrap", name)

@@ -14,7 +14,8 @@ MiB = 1 << 20
 
 
 def start_writer(rig: UmlHost, dev: str, record: str, seed: int = 7, **kw: str) -> object:
-    extra = [x for k, v in kw.items() for x in (f"--{k}", v)]
+    # KEY="" is a flag without a value (sequential="", resume="")
+    extra = [x for k, v in kw.items() for x in ((f"--{k}",) if v == "" else (f"--{k}", v))]
     job = rig.spawn([python(), ORACLE, "write", dev, "--seed", str(seed), "--record", record, *extra])
     for _ in range(100):  # wait until it really writes
         if rig.run(["test", "-e", record + ".started"], check=False).rc == 0:

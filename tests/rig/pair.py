@@ -10,6 +10,10 @@ from contextlib import ExitStack
 from tests.rig.uml import UmlHost
 
 A_IP, B_IP = "192.168.200.1", "192.168.200.2"
+# the agent's confinement (dmmig/confine.py): the rigs' disk images live in /dev/shm. The rig's
+# /etc is this machine's, so the file is in /run and sshd points the agent at it
+AGENT_CONF = "/run/dmmig-agent.conf"
+AGENT_CONF_TEXT = "# dmmig's test rigs: disk image files live in the guest's /dev/shm\nfile_roots = /dev/shm\n"
 
 
 def sshd_config(ip: str) -> str:
@@ -24,7 +28,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 PidFile /run/sshd.pid
-SetEnv DMMIG_STATE_DIR=/run/dmmig
+SetEnv DMMIG_STATE_DIR=/run/dmmig DMMIG_AGENT_CONF={AGENT_CONF}
 """
 
 
@@ -62,6 +66,7 @@ class Pair:
         a, b = self.a, self.b
         b.sh("mkdir -p -m 700 /run/ssh /run/sshd && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/host_ed25519")
         b.run(["sh", "-c", "cat > /run/ssh/sshd_config"], input=sshd_config(B_IP).encode())
+        b.run(["sh", "-c", f"cat > {AGENT_CONF}"], input=AGENT_CONF_TEXT.encode())
         a.sh("mkdir -p -m 700 /run/ssh && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/id_ed25519")
         pub = a.run(["cat", "/run/ssh/id_ed25519.pub"]).out
         b.run(["sh", "-c", "cat > /run/ssh/authorized_keys"], input=pub.encode())

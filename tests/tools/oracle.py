@@ -1,13 +1,16 @@
 """An independent writer and checker: the oracle for "no acknowledged write is lost".
 
 It shares no code with dmmig. The writer writes 4 KiB blocks with O_DIRECT (each one
-acknowledged before the next), every block's content derived from (seed, block, seq), and
-records the last acknowledged seq of every block. The checker reads a device back and
-compares every block with what the record says it must hold.
+acknowledged before the next), every block's content derived from (seed, block, seq), or all
+zeros (--zeros P: that fraction of the writes, as a guest that discards or zeroes would), and
+records the last acknowledged seq of every block and whether it was a zero write. The checker
+reads a device back and compares every block with what the record says it must hold.
 
     oracle.py fill   DEV --seed S                  # every block gets seq 0
     oracle.py write  DEV --seed S --record R [--count N] [--blocks A:B] [--rate R]
-                     (runs until SIGTERM or N writes; exits 1 if any write failed)
+                     [--zeros P] [--sequential]
+                     (runs until SIGTERM or N writes; exits 1 if any write failed;
+                     --sequential: blocks A, A+1, ... in turn instead of at random)
     oracle.py check  DEV --seed S --record R [--record R2 ...] [--blocks A:B]   # exits 1 on any mismatch
     oracle.py digest DEV                                          # sha256 of the whole device
 """
@@ -59,8 +62,11 @@ def cmd_write(a: argparse.Namespace) -> int:
     n = dev_blocks(fd)
     lo, hi = (int(x) for x in a.blocks.split(":")) if a.blocks else (0, n)
     record: dict[int, int] = {}
+    zeroed: set[int] = set()  # blocks whose last acknowledged write was all zeros
     if a.resume and os.path.exists(a.record):
-        record = {int(k): v for k, v in json.load(open(a.record))["last"].items()}
+        old = json.load(open(a.record))
+        record = {int(k): v for k, v in old["last"].items()}
+        zeroed = set(old.get("zero", []))
     seq = max(record.values(), default=0)
     stop = False
     errors: list[str] = []
@@ -79,9 +85,10 @@ def cmd_write(a: argparse.Namespace) -> int:
     ready = a.record + ".started"
     open(ready, "w").close()
     while not stop and (a.count is None or writes < a.count):
-        blk = rnd.randrange(lo, hi)
+        blk = lo + writes % (hi - lo) if a.sequential else rnd.randrange(lo, hi)
         seq += 1
-        buf[:] = content(a.seed, blk, seq)
+        zero = a.zeros > 0 and rnd.random() < a.zeros
+        buf[:] = bytes(BS) if zero else content(a.seed, blk, seq)
         t1 = time.monotonic()
         try:
             if os.pwrite(fd, buf, blk * BS) != BS:
@@ -93,24 +100,33 @@ def cmd_write(a: argparse.Namespace) -> int:
         if lat > 0.005:
             slow.append(round(lat * 1000, 2))
         record[blk] = seq  # acknowledged: it must be there afterwards
+        if zero:
+            zeroed.add(blk)
+        else:
+            zeroed.discard(blk)
         writes += 1
         if a.rate:
             time.sleep(max(0.0, writes / a.rate - (time.monotonic() - t0)))
     os.close(fd)
     with open(a.record + ".tmp", "w") as f:
         json.dump({"seed": a.seed, "writes": writes, "errors": errors, "seconds": time.monotonic() - t0,
-                   "slow_ms": slow, "last": record}, f)
+                   "slow_ms": slow, "last": record, "zero": sorted(zeroed)}, f)
     os.replace(a.record + ".tmp", a.record)
     print(json.dumps({"writes": writes, "errors": errors, "max_latency_ms": max(slow, default=0.0),
-                      "writes_over_5ms": len(slow)}))
+                      "writes_over_5ms": len(slow), "zero_blocks": len(zeroed)}))
     return 1 if errors else 0
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     last: dict[int, int] = {}
+    zero: set[int] = set()  # blocks whose newest recorded write was all zeros
     for r in a.record or []:
-        for k, v in json.load(open(r))["last"].items():
-            last[int(k)] = max(last.get(int(k), 0), v)
+        rec = json.load(open(r))
+        rz = set(rec.get("zero", []))
+        for k, v in rec["last"].items():
+            if v >= last.get(int(k), 0):
+                last[int(k)] = v
+                (zero.add if int(k) in rz else zero.discard)(int(k))
     fd = os.open(a.dev, os.O_RDONLY | os.O_DIRECT)
     # --blocks: only that range is the oracle's (the rest of the device belongs to another writer)
     lo, n = (int(x) for x in a.blocks.split(":")) if a.blocks else (0, dev_blocks(fd))
@@ -124,11 +140,13 @@ def cmd_check(a: argparse.Namespace) -> int:
             k = got // BS
         for i in range(k):
             blk = b + i
-            want = content(a.seed, blk, last.get(blk, 0))
+            want = bytes(BS) if blk in zero else content(a.seed, blk, last.get(blk, 0))
             if buf[i * BS:(i + 1) * BS] != want:
                 have = bytes(buf[i * BS:i * BS + 32])
-                what = (f"seq {struct.unpack('<QQQ', have[8:32])[2]}" if have[:8] == MAGIC else "foreign data")
-                bad.append(f"block {blk}: want seq {last.get(blk, 0)}, found {what}")
+                what = (f"seq {struct.unpack('<QQQ', have[8:32])[2]}" if have[:8] == MAGIC
+                        else "zeros" if not any(buf[i * BS:(i + 1) * BS]) else "foreign data")
+                bad.append(f"block {blk}: want {'zeros of ' if blk in zero else ''}seq {last.get(blk, 0)}, "
+                           f"found {what}")
         b += k
     os.close(fd)
     print(json.dumps({"blocks": n - lo, "written_blocks": len(last), "mismatches": len(bad), "first": bad[:10]}))
@@ -136,10 +154,19 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_digest(a: argparse.Namespace) -> int:
+    """O_DIRECT: a block device's page cache goes stale when dm writes below it (a digest taken
+    earlier left it filled); a file on tmpfs refuses O_DIRECT and has no other copy anyway."""
     h = hashlib.sha256()
-    with open(a.dev, "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    try:
+        fd = os.open(a.dev, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        fd = os.open(a.dev, os.O_RDONLY)
+    buf = mmap.mmap(-1, 1 << 20)
+    pos = 0
+    while n := os.preadv(fd, [buf], pos):
+        h.update(buf[:n])
+        pos += n
+    os.close(fd)
     print(h.hexdigest())
     return 0
 
@@ -158,6 +185,8 @@ def main() -> int:
             sp.add_argument("--blocks")
             sp.add_argument("--rate", type=float)
             sp.add_argument("--resume", action="store_true")
+            sp.add_argument("--zeros", type=float, default=0.0, help="fraction of writes that are all zeros")
+            sp.add_argument("--sequential", action="store_true", help="write blocks A, A+1, ... in turn")
         if name == "check":
             sp.add_argument("--record", action="append")
             sp.add_argument("--blocks")

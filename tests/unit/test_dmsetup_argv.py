@@ -119,6 +119,23 @@ def test_suspend_resume(noflush: bool, flag: list[str]) -> None:
     assert w.calls == [("a", True)]  # resume makes the /dev/mapper node appear
 
 
+def test_the_guard_hears_of_a_suspend_before_it_and_of_a_resume_after_it() -> None:
+    order: list[str] = []
+
+    class Guard:
+        def suspending(self, name: str) -> None:
+            order.append(f"guard S {name}")
+
+        def resumed(self, name: str) -> None:
+            order.append(f"guard R {name}")
+
+    r = FakeRunner([(["dmsetup"], lambda argv: (order.append(" ".join(argv[:2])), (0, "", ""))[1])])
+    dm = DmSetup(r, guard=Guard())
+    dm.suspend("a")
+    dm.resume("a")
+    assert order == ["guard S a", "dmsetup suspend", "dmsetup resume", "guard R a"]
+
+
 def test_message() -> None:
     dm, r, _ = make([(["dmsetup", "message"], (0, "ok\n", ""))])
     assert dm.message("era-a", "take_metadata_snap") == "ok\n"

@@ -4,6 +4,7 @@ export and removes a disk dmmig created, but never a disk that was handed over. 
 the real one and so is its qemu-nbd (on a unix socket in the state dir); no root, no kernel."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from dmmig import journal as J
 from dmmig import migrate as M
 from dmmig import nbd as N
 from dmmig.agent import AgentServer
+from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput
 from dmmig.runner import SubprocessRunner
@@ -31,7 +33,9 @@ def dest_host(tmp_path: Path) -> tuple[Stack, AgentServer, str]:
     """A destination host: no dm devices of dmmig, one state dir shared by CLI and agent."""
     state = str(tmp_path / "state")
     runner = FakeRunner([(["dmsetup", "info"], NOT_THERE)])
-    return Stack(runner, DmSetup(runner), J.Journal(state)), AgentServer(SubprocessRunner(), state), state
+    agent = AgentServer(SubprocessRunner(), state, policy=Policy(file_roots=(str(tmp_path),)),
+                        xenstore=lambda: contextlib.nullcontext(None))
+    return Stack(runner, DmSetup(runner), J.Journal(state)), agent, state
 
 
 @pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="needs qemu-nbd (qemu-utils)")

@@ -4,6 +4,7 @@ answer through the fake runner, and the destination is the real agent's probe, i
 over files in tmp_path (the whole flow runs on real Xen in tests/xen)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from dmmig import journal as J
 from dmmig import migrate_domain as MD
 from dmmig.agent import AgentServer
+from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import vbds
 from dmmig.errors import BadInput, StateError
@@ -27,10 +29,16 @@ MIB = 1 << 20
 
 
 def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scripts/block-dmmig",
-             mode: str = "w", pdev: str = "fd:4", backend_dom: int = 0, node: str = "") -> dict[str, str]:
+             mode: str = "w", pdev: str = "fd:4", backend_dom: int = 0, node: str = "",
+             sector_size: str = "512") -> dict[str, str]:
+    """What libxl and the block script write: libxl's record of the device (dom0-only), the
+    backend directory, and the guest's frontend node naming the backend (which dmmig ignores).
+    blkback's sector-size: the logical block size blkfront got."""
     be = f"/local/domain/{backend_dom}/backend/vbd/{DOMID}/{devid}"
-    keys = {f"/local/domain/{DOMID}/device/vbd/{devid}/backend": be, f"{be}/dev": vdev, f"{be}/params": params,
-            f"{be}/mode": mode, f"{be}/physical-device": pdev}
+    keys = {f"/libxl/{DOMID}/device/vbd/{devid}/backend": be,
+            f"/local/domain/{DOMID}/device/vbd/{devid}/backend": be, f"{be}/frontend-id": str(DOMID),
+            f"{be}/dev": vdev, f"{be}/params": params, f"{be}/mode": mode, f"{be}/physical-device": pdev,
+            f"{be}/sector-size": sector_size}
     if script:
         keys[f"{be}/script"] = script
     if node:
@@ -86,7 +94,11 @@ class World:
             (["dmsetup", "info"], NOT_THERE),
         ])
         self.stack = Stack(self.runner, DmSetup(self.runner), J.Journal(str(tmp_path / "state")))
-        self.agent = FakeAgent(AgentServer(FakeRunner([(["losetup", "-j"], (0, "", ""))]), str(tmp_path / "dstate")))
+        # the destination: its agent confined to dest/, and its own XenStore
+        self.dest_xs = MemXenStore()
+        self.agent = FakeAgent(AgentServer(FakeRunner(), str(tmp_path / "dstate"),
+                                           policy=Policy(file_roots=(str(self.dest_dir),)),
+                                           xenstore=lambda: contextlib.nullcontext(self.dest_xs)))
         self.opts = MD.MigrateOptions(block_script=str(self.script))
 
     def disk(self, size: int = 8 * MIB) -> str:
@@ -229,10 +241,59 @@ def test_destination_checks(world: World) -> None:
         world.plan()
 
 
+def loop_over(path: Path, name: str = "/dev/loop9", devno: str = "7:9") -> FakeRunner:
+    st = os.stat(path)
+    line = f"{name} {devno} {os.major(st.st_dev)}:{os.minor(st.st_dev)} {st.st_ino}\n"
+    return FakeRunner([(["losetup", "--list"], (0, line, ""))])
+
+
 def test_destination_in_use_refused(world: World) -> None:
     world.disk()
-    world.agent.server.r = FakeRunner([(["losetup", "-j"], (0, "/dev/loop9: []: (/x/d1)\n", ""))])
-    with pytest.raises(BadInput, match="in use by a loop device"):
+    world.agent.server.r = world.agent.server.loop.r = loop_over(world.dest_dir / "d1")
+    with pytest.raises(BadInput, match="a loop device is over it: /dev/loop9"):
+        world.plan()
+
+
+def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
+    """blkback opens its device without O_EXCL and registers no holder: the destination's
+    XenStore names the domain. Here a file behind a loop device (the stock block script's
+    way), found by the loop device's number (physical-device) and by params."""
+    world.disk()
+    f = world.dest_dir / "d1"
+    world.agent.server.r = world.agent.server.loop.r = loop_over(f, "/dev/loop5", "7:5")
+    be = "/local/domain/0/backend/vbd/3/51712"
+    world.dest_xs.data.update({"/local/domain/3/name": "other", f"{be}/params": "/elsewhere", f"{be}/physical-device": "7:5"})
+    with pytest.raises(BadInput, match=r"used by domain other \(domid 3\) through its vbd backend 51712"):
+        world.plan()
+    world.agent.server.r = world.agent.server.loop.r = FakeRunner()  # no loop device: params names the file
+    world.dest_xs.data[f"{be}/physical-device"] = "ca:1"
+    world.dest_xs.data[f"{be}/params"] = str(f)
+    with pytest.raises(BadInput, match="domain other"):
+        world.plan()
+    # a qdisk backend (qemu): params "raw:PATH"
+    world.dest_xs.data.clear()
+    world.dest_xs.data.update({"/local/domain/4/name": "hvm1", "/local/domain/0/backend/qdisk/4/768/params": f"raw:{f}"})
+    with pytest.raises(BadInput, match="domain hvm1 \\(domid 4\\) through its qdisk backend 768"):
+        world.plan()
+    world.dest_xs.data.clear()
+    world.plan()
+
+
+def test_destination_outside_the_agents_confinement_is_refused_at_plan_time(world: World) -> None:
+    name = world.disk()
+    world.xs.data[f"/local/domain/0/backend/vbd/{DOMID}/51712/params"] = "/etc/passwd"
+    world.runner.rules.insert(0, (["dmsetup", "table", "dmmig-etc-passwd"], (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
+    world.runner.rules.insert(0, (INFO + ["dmmig-etc-passwd"], (0, "dmmig-etc-passwd;253;4;L--w;1;1;0;x\n", "")))
+    world.stack.journal.save(J.Entry("etc-passwd", "/dev/loop1", "7:1"), J.WRAPPED)
+    assert name != "etc-passwd"
+    with pytest.raises(BadInput, match="/etc/passwd is not under this agent's file roots"):
+        world.plan()
+
+
+def test_destination_with_another_logical_block_size_is_refused(world: World) -> None:
+    world.disk()
+    world.xs.data[f"/local/domain/0/backend/vbd/{DOMID}/51712/sector-size"] = "4096"
+    with pytest.raises(BadInput, match="logical block size of 512 bytes, .* 4096"):
         world.plan()
 
 
@@ -243,6 +304,44 @@ def test_vbds_reads_backend_keys() -> None:
     assert [(v.devid, v.vdev, v.managed, v.writable, v.node) for v in got] == [
         ("768", "hda", False, False, ""), ("51712", "xvda", True, True, "/dev/loop3")]
     assert got[1].name == "srv-a.img" and got[1].local_backend
+
+
+@pytest.mark.parametrize("what", ["elsewhere", "deleted", "another-domain-disk"])
+def test_the_guests_frontend_nodes_change_nothing_in_the_plan(world: World, what: str) -> None:
+    """The guest owns /local/domain/DOMID/device/vbd/*: pointing its 'backend' node at another
+    domain's disk, or deleting it to hide an unmanaged writable disk, must not change which
+    disks are moved or checked."""
+    name = world.disk()
+    world.xs.data.update(vbd_keys(51728, "xvdb", "/dev/vg0/data", script="/etc/xen/scripts/block"))
+    # another domain (domid 9) with a block-dmmig disk of its own
+    other = "/local/domain/0/backend/vbd/9/51712"
+    world.xs.data.update({f"{other}/params": "/dev/vg0/victim", f"{other}/script": "/etc/xen/scripts/block-dmmig",
+                          f"{other}/mode": "w", f"{other}/frontend-id": "9", f"{other}/dev": "xvda"})
+    before = world.plan(shared_ok=True)
+    fe = f"/local/domain/{DOMID}/device/vbd"
+    if what == "deleted":
+        for k in [k for k in world.xs.data if k.startswith(fe)]:
+            del world.xs.data[k]
+    else:
+        target = other if what == "another-domain-disk" else "/local/domain/0/backend/vbd/9/99"
+        world.xs.data[f"{fe}/51712/backend"] = target
+        world.xs.data[f"{fe}/51728/backend"] = target
+    after = world.plan(shared_ok=True)
+    assert [d.name for d in after.disks] == [d.name for d in before.disks] == [name]
+    assert [(v.vdev, v.backend) for v in after.others] == [(v.vdev, v.backend) for v in before.others]
+    with pytest.raises(BadInput, match="xvdb"):  # the unmanaged writable disk is still seen
+        world.plan(shared_ok=False)
+
+
+def test_a_libxl_record_naming_another_domains_backend_is_refused(world: World) -> None:
+    world.disk()
+    world.xs.data[f"/libxl/{DOMID}/device/vbd/51712/backend"] = "/local/domain/0/backend/vbd/9/51712"
+    with pytest.raises(StateError, match="not a backend of this domain's disk"):
+        world.plan()
+    world.xs.data[f"/libxl/{DOMID}/device/vbd/51712/backend"] = f"/local/domain/0/backend/vbd/{DOMID}/51712"
+    world.xs.data[f"/local/domain/0/backend/vbd/{DOMID}/51712/frontend-id"] = "9"
+    with pytest.raises(StateError, match="serves domain 9"):
+        world.plan()
 
 
 @pytest.mark.parametrize("args,out", [

@@ -5,6 +5,7 @@ qemu-nbd with verify-peer, clients with and without the credentials), root-only 
 and records written by the previous dmmig."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from dmmig import migrate as M
 from dmmig import nbd as N
 from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentServer, export_dir, parse_forced
+from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, Exit, StateError
 from dmmig.runner import SubprocessRunner
@@ -160,8 +162,8 @@ def test_the_forced_command_end_to_end(tmp_path: Path) -> None:
 # ---- item 9: the export on a root-only unix socket, and the relay ---------------------------------
 def agent_with_disk(tmp_path: Path, size: int = 4 * MIB) -> tuple[AgentServer, str, str]:
     state = str(tmp_path / "state")
-    agent = AgentServer(FakeRunner([(["losetup", "-j"], (0, "", ""))]), state)
-    agent.r = SubprocessRunner()   # qemu-nbd for real
+    agent = AgentServer(SubprocessRunner(), state, policy=Policy(file_roots=(str(tmp_path),)),   # qemu-nbd for real
+                        xenstore=lambda: contextlib.nullcontext(None))
     path = str(tmp_path / "disk.img")
     agent.op_prepare_disk("d1", path, size, create=True)
     return agent, state, path

@@ -99,7 +99,10 @@ def wait_table(h: XenHost, dev: str, target: str, timeout: float, job: Any) -> N
     """Until DEV's table is TARGET; fails at once if JOB (dmmig migrate) ended first."""
     deadline = time.monotonic() + timeout
     while f" {target} " not in h.run(["dmsetup", "table", dev], check=False).out:
-        assert not job.done(), job.wait(10)
+        if job.done():
+            r = job.wait(10)
+            pytest.fail(f"dmmig migrate ended (rc {r.rc}) before {dev} was a {target}:\n{r.err[-6000:]}\n"
+                        f"{r.out[-3000:]}")
         assert time.monotonic() < deadline, f"{dev} is not a {target} after {timeout}s"
         time.sleep(0.5)
 
@@ -344,3 +347,61 @@ def test_gate_refuses_a_disk_whose_leg_broke_and_the_guest_stays(pair: tuple[Xen
         clean_up(a, b, name, disk, img, dm=name)
         for h in (a, b):
             h.run(["rm", "-f", rec, rec + ".started"], check=False)
+
+
+def test_dmmig_migrate_moves_a_guest_with_two_disks(pair: tuple[XenHost, XenHost], xen_report: dict[str, Any]) -> None:
+    """Two block-dmmig disks of one running guest move together (their copies and cutovers run
+    in parallel threads of one dmmig), each written in dom0 through blkback's device by its own
+    oracle writer until it mirrors, the guest writing to xvda throughout; on b both disks hold
+    every acknowledged write."""
+    a, b = pair
+    name, gseed = "xr2d", 52
+    imgs = [f"/dev/shm/{name}{i}.img" for i in (0, 1)]
+    disks = [f"shm-{name}{i}.img" for i in (0, 1)]  # block-dmmig's names for them
+    tops = [f"/dev/mapper/dmmig-{d}" for d in disks]
+    recs = [f"/run/{name}{i}.rec" for i in (0, 1)]
+    seeds = [53, 54]
+    # 32 MiB = 8192 blocks: the oracles write 0..1023 of each disk, the guest xvda's 6144..6399
+    gstart, gcount = 6144, 256
+    for img, seed in zip(imgs, seeds):
+        a.run(["truncate", "-s", "32M", img])
+        oracle(a, "fill", img, seed)
+    vm = DomU(a, name, disk=[f"vdev=xvda,access=rw,script=block-dmmig,target={imgs[0]}",
+                             f"vdev=xvdb,access=rw,script=block-dmmig,target={imgs[1]}"],
+              job=["workload", str(gseed), "/dev/xvda", str(gstart), str(gcount), "200"])
+    try:
+        step("create")
+        vm.create()
+        vm.wait_console(r"XENRIG-ACK 30 ", timeout=180)
+        writers = [start_writer(a, top, seed, rec, "0:1024") for top, seed, rec in zip(tops, seeds, recs)]
+        step("migrate")
+        t = time.monotonic()
+        job = a.spawn(migrate_argv(name, "--json", "--", "-e"), timeout=1200)
+        for d in disks:
+            wait_table(a, f"dmmig-{d}", "mirror", 600, job)
+        time.sleep(3)
+        wrote = [stop_writer(w) for w in writers]
+        r = wait_migrate(job, a, b, name, 480)
+        step(f"migrate done: {r.rc}")
+        assert r.rc == 0, r
+        assert vm.domid(a) is None and vm.domid(b) is not None
+        on_a = pattern.acks(vm.console(a))
+        vm.wait_console(rf"XENRIG-ACK {max(x.seq for x in on_a) + 20} ", host=b, timeout=180)
+        b.run(["xl", "pause", name])
+        got = guest_acks_on_disk(b, tops[0], gseed, vm.console(a) + vm.console(b))
+        assert got["ok"], got
+        for top, seed, rec in zip(tops, seeds, recs):
+            b.write_file(rec, a.run(["cat", rec]).out)
+            ok = oracle_check(b, top, seed, rec, "0:6144")
+            assert ok["mismatches"] == 0 and ok["written_blocks"] > 50, ok
+        [summary] = [e for e in events(r.out) if e["event"] == "summary"]
+        xen_report["dmmig migrate, two disks: total s / to mirror s / oracle writes per disk"] = (
+            round(time.monotonic() - t, 1), summary["to_mirror_seconds"], [w["writes"] for w in wrote])
+        vm.destroy(b)
+    finally:
+        for h in (a, b):
+            h.run(["xl", "destroy", name], check=False)
+        for d, img in zip(disks, imgs):
+            clean_up(a, b, name, d, img)
+        for h in (a, b):
+            h.run(["rm", "-f", *recs, *(r + ".started" for r in recs)], check=False)

@@ -20,7 +20,7 @@ CONSOLE_DIR = "/var/log/xen/console"
 
 
 class DomU:
-    def __init__(self, host: XenHost, name: str, *, disk: str | None, job: list[str] | None = None,
+    def __init__(self, host: XenHost, name: str, *, disk: str | list[str] | None, job: list[str] | None = None,
                  memory_mib: int = 128, vcpus: int = 1) -> None:
         self.host, self.name = host, name
         self.disk, self.job = disk, job or ["idle"]
@@ -48,7 +48,8 @@ class DomU:
             'on_crash = "preserve"',
         ]
         if self.disk:
-            lines.append(f"disk = [ '{self.disk}' ]")
+            disks = [self.disk] if isinstance(self.disk, str) else self.disk
+            lines.append("disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]")
         return "\n".join(lines) + "\n"
 
     def create(self, timeout: float = 180) -> float:

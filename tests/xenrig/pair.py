@@ -9,7 +9,7 @@ import socket
 import time
 from contextlib import ExitStack
 
-from tests.rig.pair import sshd_config
+from tests.rig.pair import AGENT_CONF, AGENT_CONF_TEXT, sshd_config
 from tests.rig.uml import ROOT, RigError
 from tests.xenrig.build import build
 from tests.xenrig.host import NetSpec, XenHost
@@ -99,6 +99,7 @@ class XenPair:
             h.sh("mkdir -p -m 700 /run/ssh /run/sshd && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/host_ed25519"
                  " && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/id_ed25519")
             h.write_file("/run/ssh/sshd_config", sshd_config(ip))
+            h.write_file(AGENT_CONF, AGENT_CONF_TEXT)
         for h, ip, peer, peer_ip in hosts:
             peer.write_file("/run/ssh/authorized_keys", h.run(["cat", "/run/ssh/id_ed25519.pub"]).out)
             key = peer.run(["cat", "/run/ssh/host_ed25519.pub"]).out.split()
