@@ -372,8 +372,9 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
         done = max(done, st.in_sync - first.in_sync)
         if not st.healthy:
             raise RemoteError(f"the NBD leg of {name} failed during the resync (health {st.health}, "
-                              f"log {st.log_health}); the guest keeps writing to the source. "
-                              f"The SSH tunnel's log: {stack.mirror.tunnel_log(name)}",
+                              f"log {st.log_health}); the guest keeps writing to the source"
+                              + (f". The SSH tunnel's log: {stack.mirror.tunnel_log(name)}"
+                                 if stack.mirror.has_tunnel_log(name) else ""),
                               hint=f"`dmmig copy {name}` then `dmmig cutover {name}` to catch up, "
                                    f"or `dmmig abort {name}`")
         if st.synced:

@@ -97,6 +97,9 @@ class MirrorSide:
     def tunnel_log(self, name: str) -> str:
         return tunnel.tail(self._path(name, "tunnel.log"))
 
+    def has_tunnel_log(self, name: str) -> bool:
+        return os.path.exists(self._path(name, "tunnel.log"))
+
     def _tunnel_markers(self, name: str) -> tuple[str, ...]:
         # the log (-E) names a tunnel of this dmmig in either mode; the socket (-L) one that an
         # older dmmig journaled; the TLS directory nbd-client's proxy daemon
