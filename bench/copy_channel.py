@@ -5,6 +5,8 @@ UML kernels on a veth pair), as ratios:
   there could connect to that export);
 - relay: now - a paramiko exec channel running `dmmig agent relay NAME` on b, which relays to
   the export's root-only unix socket (works with a key that allows no forwarding);
+- openssh forward / openssh relay: the mirror leg's OpenSSH tunnel in either mode, libnbd on its
+  local socket (a candidate for the copier: C on both ends in forward mode);
 - dmmig copy (its copier's time) over ssh (relay), and over --transport nbd with TLS and with
   --insecure.
 
@@ -33,8 +35,18 @@ from dmmig.copy import Copier
 from dmmig.ssh import Endpoint, agent_argv, connect, relay_socket
 how, src, name, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 c = connect(Endpoint(sys.argv[6], "root", 22, "/run/ssh/known_hosts", "/run/ssh/id_ed25519"))
+dest = {"host": sys.argv[6], "user": "root", "port": 22, "known_hosts": "/run/ssh/known_hosts",
+        "identity": "/run/ssh/id_ed25519", "remote_dmmig": sys.argv[7], "remote_state_dir": None}
+pid = None
 if how == "relay":
-    sock, _ = relay_socket(c, agent_argv({"remote_dmmig": sys.argv[7], "remote_state_dir": None}, "relay", name))
+    sock, _ = relay_socket(c, agent_argv(dest, "relay", name))
+elif how.startswith("openssh"):   # dmmig's OpenSSH tunnel (the mirror leg's), libnbd on its local socket
+    from dmmig import tunnel
+    from dmmig.runner import SubprocessRunner
+    local = "/run/bench-copy.sock"
+    pid = tunnel.start(SubprocessRunner(), how.split()[1], dest, name, local, sys.argv[8], "/run/bench-copy.log")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(local)
 else:   # the pre-issue-13 path: direct-tcpip to the export's TCP port on b's loopback
     chan = c.get_transport().open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0))
     sock, theirs = socket.socketpair()
@@ -52,12 +64,14 @@ t = time.monotonic()
 cnt = Copier(src, h, dest_zero=False).copy([(0, size)])
 secs = time.monotonic() - t
 h.shutdown()
+if pid:
+    tunnel.stop(pid, "/run/bench-copy.log", local)
 print(json.dumps({"seconds": secs, "sent": cnt.sent}))
 """
 
 
-def channel_copy(a: UmlHost, how: str, name: str, port: int, size: int) -> float:
-    r = json.loads(a.run([PY, "-c", COPY, how, "/dev/loop0", name, str(port), str(size), B_IP, DMMIG]).out)
+def channel_copy(a: UmlHost, how: str, name: str, port: int, size: int, sock: str) -> float:
+    r = json.loads(a.run([PY, "-c", COPY, how, "/dev/loop0", name, str(port), str(size), B_IP, DMMIG, sock]).out)
     assert r["sent"] == size, r
     return float(r["seconds"])
 
@@ -91,11 +105,12 @@ def main() -> None:
                     "--max-rounds", "1")
             b.run(["qemu-nbd", "--fork", "--pid-file=/run/bench-nbd.pid", "--persistent", "--shared=8", "--format=raw",
                    "--cache=directsync", "--bind=127.0.0.1", "--port=10809", "--export-name=cc", "/dev/loop1"])
+            sock = json.loads(a.dmmig("status", "cc", "--json").out)["journal"]["dest"]["export"]["socket"]
             try:
                 for _ in range(2):   # alternating, twice: the rig's speed drifts
-                    for how in ("direct-tcpip", "relay"):
+                    for how in ("direct-tcpip", "relay", "openssh forward", "openssh relay"):
                         res.setdefault(how, 1e9)
-                        res[how] = min(res[how], channel_copy(a, how, "cc", 10809, size))
+                        res[how] = min(res[how], channel_copy(a, how, "cc", 10809, size, sock))
             finally:
                 b.sh("kill $(cat /run/bench-nbd.pid); true")
             a.dmmig("abort", "cc")
