@@ -1,21 +1,35 @@
-"""The destination agent: `dmmig agent`, started over SSH, speaks JSON lines on stdin/stdout.
+"""The destination agent: `dmmig agent`, the only command dmmig runs on the destination.
 
-Protocol version 1. The first line the agent writes is a hello:
-    {"agent": "dmmig", "protocol": 1, "version": "...", "host": "..."}
+`dmmig agent` speaks JSON lines on stdin/stdout. Protocol version 2. The first line the agent
+writes is a hello:
+    {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
 "error": MSG, "kind": CLASS}. The agent keeps no connection state: everything it starts
 (an export) is recorded in its state directory, so a later connection can stop it.
+
+Its other modes carry the mirror's and the copier's NBD traffic to the export's unix socket
+(which only root can reach): `dmmig agent relay NAME` relays stdin/stdout to it, `dmmig agent
+hold NAME` keeps an OpenSSH session open for a forward to it, `dmmig agent probe TOKEN` answers
+the source's plan-time check of streamlocal forwarding.
+
+As an authorized_keys forced command (`command="dmmig --state-dir DIR agent --forced-command"`)
+the agent reads what the client asked for from SSH_ORIGINAL_COMMAND and runs it only if it is
+one of the invocations above; the state directory is the forced command's, never the client's.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import re
 import select
+import shlex
 import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -28,15 +42,21 @@ from dmmig import gate
 from dmmig import inuse
 from dmmig import journal as J
 from dmmig import nbd as N
-from dmmig import xenstore
+from dmmig import tlscreds, xenstore
 from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.gate import GateServer
 from dmmig.runner import Runner, SubprocessRunner
+from dmmig.ssh import agent_argv, remote_command
 from dmmig.validate import disk_name
 
-PROTOCOL = 1
+PROTOCOL = 2
 DEST_TOOLS = ("qemu-nbd",)  # what the destination runs for a migration (op_probe reports them)
+
+
+def export_dir(state: str) -> str:
+    """Where the exports' unix sockets and TLS keys live: a directory only root can enter."""
+    return os.path.join(state, "nbd")
 
 
 def incoming(state: str) -> dict[str, dict[str, Any]]:
@@ -95,7 +115,7 @@ class AgentServer:
     def op_hello(self) -> dict[str, Any]:
         # the state dir lets the source say exactly what to remove here if we become unreachable
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
-                "state_dir": self.state}
+                "state_dir": self.state, "export_dir": export_dir(self.state)}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
                         block_size: int | None = None, migration: str | None = None) -> dict[str, Any]:
@@ -183,14 +203,34 @@ class AgentServer:
                 "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS},
                 "state_dir": self.state, "hotplug_state_dir": J.state_dir(None)}
 
-    def op_export(self, name: str, addr: str = "127.0.0.1") -> dict[str, Any]:
+    def op_export(self, name: str, addr: str | None = None, tls: dict[str, str] | None = None,
+                  insecure: bool = False) -> dict[str, Any]:
+        """Export NAME's disk: on a unix socket in the root-only export dir (ADDR None: --transport
+        ssh), or on ADDR with TLS (the server's credentials, sent by the source) or, only if the
+        source's operator said --insecure, without."""
         rec = self._load(name)
         if rec is None:
             raise BadInput(f"no destination disk prepared for {name}")
+        if addr is not None and tls is None and not insecure:
+            raise BadInput(f"an NBD export of {name} on {addr} needs TLS credentials (or --insecure on the source)")
+        d = J.private_dir(export_dir(self.state))
+        tls_dir = os.path.join(d, f"{name}.tls") if tls is not None else None
         exp = rec.get("export")
-        if exp and N.Export(**exp).alive():
-            return {"export": exp}
-        e = N.start_export(self.r, name, rec["path"], addr, os.path.join(self.state, f"{name}.qemu-nbd.pid"))
+        if exp:
+            old = N.Export(**exp)
+            same = (old.socket is not None) if addr is None else (
+                old.addr == addr and old.tls == tls_dir and (tls is None or _same_creds(old.tls, tls)))
+            if same and old.alive():
+                return {"export": exp}
+            N.stop_export(old)  # gone, or another kind (a TCP export of an older dmmig, new credentials)
+        if tls_dir is not None:
+            assert tls is not None
+            if "," in tls_dir:
+                raise BadInput(f"{tls_dir}: qemu-nbd's --object cannot take a ',' in the path")
+            tlscreds.write_server(tls_dir, tls)
+        e = N.start_export(self.r, name, rec["path"], os.path.join(self.state, f"{name}.qemu-nbd.pid"),
+                           socket_path=os.path.join(d, f"{name}.sock") if addr is None else None,
+                           addr=addr, tls=tls_dir)
         rec["export"] = e.__dict__
         rec["written"] = True  # from now on the disk is not known to be zero
         self._save(name, rec)
@@ -212,11 +252,15 @@ class AgentServer:
             return {"done": gate.remove_stale(self.state, name)}
         exp = rec.get("export")
         if exp:
-            N.stop_export(N.Export(**exp))
+            e = N.Export(**exp)
+            N.stop_export(e)
             done.append(f"stopped qemu-nbd {exp['pid']} exporting {rec['path']}")
-        pidf = os.path.join(self.state, f"{name}.qemu-nbd.pid")
-        if os.path.exists(pidf):
-            os.unlink(pidf)
+        # what a killed agent made but had not journaled yet
+        for left in (os.path.join(self.state, f"{name}.qemu-nbd.pid"), os.path.join(export_dir(self.state), f"{name}.sock")):
+            if os.path.lexists(left):
+                os.unlink(left)
+        if tlscreds.remove(os.path.join(export_dir(self.state), f"{name}.tls")):
+            done.append(f"removed the TLS credentials of {name}")
         if remove_created and rec.get("created"):
             done += self._remove_created(rec)
         os.unlink(self._rec_path(name))
@@ -412,7 +456,6 @@ class AgentServer:
 
 def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
     """sha256 of each CHUNK of [offset, offset+length) read with O_DIRECT when possible."""
-    import mmap
     flags = os.O_RDONLY | (os.O_DIRECT if N.direct_io_ok(path) else 0)
     fd = os.open(path, flags)
     buf = mmap.mmap(-1, chunk)
@@ -469,9 +512,168 @@ def _size_of(path: str) -> int:
         os.close(fd)
 
 
-def main(state_dir: str | None = None, policy: confine.Policy | None = None) -> int:
-    AgentServer(SubprocessRunner(), J.state_dir(state_dir), policy=policy).serve(sys.stdin, sys.stdout)
+def _same_creds(directory: str | None, files: dict[str, str]) -> bool:
+    try:
+        return directory is not None and tlscreds.server_files(directory) == files
+    except OSError:
+        return False
+
+
+# ---- the raw modes: relay, hold, probe --------------------------------------------------------
+_TOKEN = re.compile(r"[0-9a-f]{16}")
+
+
+def probe_token(token: str) -> str:
+    if not _TOKEN.fullmatch(token):
+        raise BadInput(f"invalid probe token {token!r}")
+    return token
+
+
+MODES: dict[str, Callable[[str], str]] = {"relay": disk_name, "hold": disk_name, "probe": probe_token}
+
+
+def relay(state: str, name: str) -> int:
+    """Relay stdin/stdout (an SSH session's) to NAME's export on its unix socket, raw, until
+    either side closes."""
+    rec = AgentServer(SubprocessRunner(), state)._load(disk_name(name))
+    exp = N.Export(**rec["export"]) if rec and rec.get("export") else None
+    if exp is None or not exp.socket or not exp.alive():
+        raise BadInput(f"no NBD export of {name} on a unix socket here", hint="`dmmig copy` starts it")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(exp.socket)
+    up = threading.Thread(target=_pump, args=(0, s.fileno(), lambda: _shutdown(s)), daemon=True)
+    up.start()
+    _pump(s.fileno(), 1, lambda: os.close(1))  # the export closed: so do we
     return 0
+
+
+def _pump(src: int, dst: int, at_eof: Callable[[], None]) -> None:
+    """SRC to DST until EOF, through one reused buffer (a fresh 1 MiB bytes object per read, as
+    os.read makes, cost twice the CPU)."""
+    buf = mmap.mmap(-1, 1 << 20)
+    try:
+        with memoryview(buf) as whole:
+            while n := os.readv(src, [buf]):
+                view = whole[:n]
+                while view:
+                    view = view[os.write(dst, view):]
+    except OSError:
+        pass
+    at_eof()
+
+
+def _shutdown(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_WR)  # the source went: qemu-nbd sees EOF and closes
+    except OSError:
+        pass
+
+
+def hold(name: str) -> int:
+    """Keep this SSH session (the source's forward to NAME's export) open until it ends."""
+    disk_name(name)
+    _until_hangup(None)
+    return 0
+
+
+def _until_hangup(timeout: float | None, also: int | None = None) -> bool:
+    """Wait until sshd closes this session (our stdout hangs up) or fd ALSO is readable (True).
+    Not stdin's EOF: the source's ssh has nothing to send and closes its side of stdin at once."""
+    p = select.poll()
+    p.register(1, 0)  # POLLERR/POLLHUP only: sshd closed its end (the tunnel went)
+    if also is not None:
+        p.register(also, select.POLLIN)
+    for fd, _ in p.poll(None if timeout is None else int(timeout * 1000)):
+        if fd == also:
+            return True
+    return False
+
+
+def probe(state: str, token: str, timeout: float = 30) -> int:
+    """Listen on STATE/probe-TOKEN.sock (root only), say so on stdout, and answer one connection
+    (the source's, through its streamlocal forward) with the token. Leaves nothing behind."""
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    path = os.path.join(state, f"probe-{probe_token(token)}.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.lexists(path):
+        os.unlink(path)
+    lsock.bind(path)  # the umask (077) makes it root's alone
+    try:
+        lsock.listen(1)
+        print(f"dmmig-probe-ready {token}", flush=True)
+        if _until_hangup(timeout, lsock.fileno()):
+            conn, _ = lsock.accept()
+            with conn:
+                conn.sendall(f"dmmig-probe {token}\n".encode())
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(5)
+                try:
+                    conn.recv(1)  # until the source has read it and closed
+                except OSError:
+                    pass
+    finally:
+        lsock.close()
+        os.unlink(path)
+    return 0
+
+
+# ---- entry point, and the forced command ------------------------------------------------------
+def parse_forced(original: str, state: str) -> tuple[str | None, str | None]:
+    """What a client asked a forced `dmmig agent` to run (SSH_ORIGINAL_COMMAND): only what
+    dmmig's source itself runs (ssh.agent_argv): `PATH/dmmig [--state-dir STATE] agent [MODE
+    ARG]`, with this host's state dir. Returns (MODE, ARG), or raises BadInput."""
+    def refuse(why: str) -> BadInput:
+        return BadInput(f"refused: this SSH key may only run dmmig's agent ({why}); asked for {original[:200]!r}",
+                        hint="authorized_keys runs `dmmig agent --forced-command` for it")
+    try:
+        words = shlex.split(original)
+    except ValueError:
+        raise refuse("unparsable command") from None
+    if not words or os.path.basename(words[0]) != "dmmig":
+        raise refuse("not dmmig")
+    rest = words[1:]
+    if rest[:1] == ["--state-dir"]:
+        if len(rest) < 2 or os.path.realpath(rest[1]) != os.path.realpath(state):
+            raise refuse(f"the state directory is {state}, set by the forced command")
+        rest = rest[2:]
+    if rest[:1] != ["agent"]:
+        raise refuse("not the agent")
+    rest = rest[1:]
+    if not rest:
+        return None, None
+    if len(rest) != 2 or rest[0] not in MODES:
+        raise refuse(f"agent takes no arguments but one of {', '.join(f'{m} ARG' for m in MODES)}")
+    try:
+        MODES[rest[0]](rest[1])
+    except BadInput as e:
+        raise refuse(e.message) from None
+    return rest[0], rest[1]
+
+
+def main(state_dir: str | None = None, mode: str | None = None, arg: str | None = None,
+         forced: bool = False, policy: confine.Policy | None = None) -> int:
+    os.umask(0o077)  # everything the agent makes (records, sockets, keys) is root's alone
+    state = J.state_dir(state_dir)
+    if mode is None:
+        original = os.environ.get("SSH_ORIGINAL_COMMAND")  # set by sshd for a forced command only
+        if forced and original is None:
+            raise BadInput("refused: this SSH key may only run dmmig's agent, and no command was given "
+                           "(an interactive login)")
+        if original is not None:
+            mode, arg = parse_forced(original, state)
+    elif forced:
+        raise BadInput("--forced-command takes no mode: the client's SSH_ORIGINAL_COMMAND chooses it")
+    if mode is None:
+        AgentServer(SubprocessRunner(), state, policy=policy).serve(sys.stdin, sys.stdout)
+        return 0
+    if mode not in MODES or arg is None:
+        raise BadInput(f"unknown agent mode {mode!r}: use {', '.join(f'{m} ARG' for m in MODES)}")
+    MODES[mode](arg)
+    if mode == "relay":
+        return relay(state, arg)
+    if mode == "hold":
+        return hold(arg)
+    return probe(state, arg)
 
 
 # Every agent call has a deadline: a link that black-holes (no RST, no FIN) would otherwise
@@ -496,13 +698,11 @@ class AgentClient:
     """The source's side of the agent protocol, over a paramiko exec channel."""
 
     def __init__(self, client: Any, remote_dmmig: str, state_dir: str | None = None) -> None:
-        argv = [remote_dmmig] + (["--state-dir", state_dir] if state_dir else []) + ["agent"]
-        import shlex
+        argv = agent_argv({"remote_dmmig": remote_dmmig, "remote_state_dir": state_dir})
         self._buf = b""
         self._broken: str | None = None
-        # exec_command takes one string that the remote shell splits: quote every word
         self.chan = client.get_transport().open_session()
-        self.chan.exec_command(" ".join(shlex.quote(a) for a in argv))
+        self.chan.exec_command(remote_command(argv))
         try:
             first = self._readline(time.monotonic() + START_DEADLINE_S, "start")
         except RemoteError as e:

@@ -95,6 +95,7 @@ def cmd_abort(a: argparse.Namespace) -> int:
 def cmd_copy(a: argparse.Namespace) -> int:
     from dmmig import migrate
     from dmmig.progress import Progress
+    _check_destination(a)
     s = migrate.copy(make_stack(a), a.name, a.host, _ep_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
     if a.json:
         print(json.dumps({"event": "summary", **s}))
@@ -169,6 +170,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from dmmig.progress import Progress
     from dmmig.xenstore import PyxsXenStore
     from dmmig.xl import Xl, check_migrate_args, check_xl_timeout
+    _check_destination(a)  # before anything: xl hands HOST to `sh -c` on its way to ssh
     opts = MD.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
                              block_bytes=parse_size(a.block_size))
@@ -205,7 +207,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 
 def _plan_dict(p: Any) -> dict[str, Any]:
-    return {"domain": p.domain.name, "domid": p.domain.domid, "host": p.host,
+    return {"domain": p.domain.name, "domid": p.domain.domid, "host": p.host, "transport": p.transport,
+            "tunnel": p.tunnel, "tunnel_why": p.tunnel_why,
             "disks": [{"vdev": d.vbd.vdev, "params": d.vbd.params, "name": d.name, "size": d.size, "phase": d.phase,
                        "destination": d.dest_disk, "destination_exists": d.dest_exists, "tables": d.tables}
                       for d in p.disks],
@@ -232,16 +235,34 @@ def cmd_agent(a: argparse.Namespace) -> int:
                           devices=tuple(a.device) if a.device else None,
                           max_create=parse_size(a.max_create) if a.max_create else None,
                           create=False if a.no_create else None)
-    return agent.main(a.state_dir, policy)
+    return agent.main(a.state_dir, a.mode, a.arg, forced=a.forced_command, policy=policy)
+
+
+def _check_destination(a: argparse.Namespace) -> None:
+    """[USER@]HOST and the options that reach OpenSSH's command line, refused before anything."""
+    from dmmig import migrate
+    from dmmig.ssh import Endpoint
+    if a.host is not None:
+        Endpoint.parse(a.host, **_ep_opts(a))
+    migrate.check_transport(_copy_opts(a))
 
 
 def _copy_options(sp: argparse.ArgumentParser) -> None:
     """Destination, transport and copy options: the same for `copy` and `migrate`."""
     sp.add_argument("--create", action="store_true", help="create the destination disk (sparse file or LV)")
     sp.add_argument("--transport", choices=["ssh", "nbd"], default="ssh",
-                    help="ssh (default): NBD through the SSH connection, export on the destination's "
-                         "loopback only; nbd: direct NBD on a trusted migration network")
+                    help="ssh (default): NBD through SSH to an export on a unix socket only root can reach "
+                         "on the destination; nbd: direct NBD over TCP to --nbd-address, encrypted and "
+                         "authenticated with TLS certificates dmmig makes for this migration (or, with "
+                         "--insecure, neither)")
     sp.add_argument("--nbd-address", metavar="ADDR", help="destination address for --transport nbd")
+    sp.add_argument("--insecure", action="store_true",
+                    help="--transport nbd WITHOUT TLS: anyone who can reach ADDR on the network can read and "
+                         "overwrite the disk while it is exported; only on a network you trust completely")
+    sp.add_argument("--tunnel", choices=["auto", "forward", "relay"], default="auto",
+                    help="--transport ssh: how the mirror's NBD leg crosses SSH. auto (default): forward a unix "
+                         "socket if the destination allows it (probed at plan time), else relay through "
+                         "`dmmig agent relay` (slower)")
     sp.add_argument("--port", type=int, default=22, help="SSH port")
     sp.add_argument("--known-hosts", metavar="FILE", help="default ~/.ssh/known_hosts; unknown keys are refused")
     sp.add_argument("--identity", metavar="FILE", help="SSH private key")
@@ -261,7 +282,8 @@ def _block_size_option(sp: argparse.ArgumentParser) -> None:
 def _copy_opts(a: argparse.Namespace, dest_disk: str | None = None) -> Any:
     from dmmig import migrate
     return migrate.CopyOptions(dest_disk=dest_disk, create=a.create, transport=a.transport,
-                               nbd_address=a.nbd_address, remote_dmmig=a.remote_dmmig,
+                               nbd_address=a.nbd_address, insecure=a.insecure,
+                               tunnel=None if a.tunnel == "auto" else a.tunnel, remote_dmmig=a.remote_dmmig,
                                remote_state_dir=a.remote_state_dir, converge=parse_size(a.converge),
                                max_rounds=a.max_rounds, bwlimit=parse_size(a.bwlimit) if a.bwlimit else None)
 
@@ -360,9 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("watch", cmd_watch, "leg watcher daemon, started by cutover (records when a leg fails)")
     sp.add_argument("name", metavar="NAME")
 
-    sp = verb("agent", cmd_agent, "destination side: speak the agent protocol on stdin/stdout (run over SSH). "
-              "It touches only block devices matching its device patterns and files under its file roots "
-              "(/etc/dmmig/agent.conf; these flags replace the file's settings)")
+    sp = verb("agent", cmd_agent, "destination side, run over SSH: speak the agent protocol on stdin/stdout; "
+              "`relay NAME`: relay stdin/stdout to NAME's NBD export; `hold NAME`: keep a tunnel's session open; "
+              "`probe TOKEN`: answer the source's forwarding probe. It touches only block devices matching its "
+              "device patterns and files under its file roots (/etc/dmmig/agent.conf; these flags replace the "
+              "file's settings)")
+    sp.add_argument("mode", nargs="?", choices=["relay", "hold", "probe"], help=argparse.SUPPRESS)
+    sp.add_argument("arg", nargs="?", help=argparse.SUPPRESS)
+    sp.add_argument("--forced-command", action="store_true",
+                    help="run as an authorized_keys command=: do only what SSH_ORIGINAL_COMMAND asks if it is "
+                         "one of dmmig's own agent invocations; refuse anything else")
     sp.add_argument("--config", metavar="FILE",
                     help="confinement settings (default $DMMIG_AGENT_CONF, else /etc/dmmig/agent.conf if it exists)")
     sp.add_argument("--file-root", action="append", metavar="DIR",

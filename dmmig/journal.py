@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,30 @@ ABORTING = "aborting"
 
 def state_dir(explicit: str | None = None) -> str:
     return explicit or os.environ.get("DMMIG_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+def private_dir(path: str) -> str:
+    """PATH as a directory only root (this process's user) can enter: for the NBD export's socket
+    and TLS keys. Made 0700, or repaired to 0700; refused if it is not a real directory of ours,
+    or if its parent lets anyone else rename it away."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    pst = os.stat(parent)
+    if pst.st_uid != os.geteuid() or pst.st_mode & 0o022:
+        raise StateError(f"{parent} is writable by others or not owned by uid {os.geteuid()}: "
+                         "refusing to keep the disk's NBD socket and keys under it",
+                         hint=f"chown root {parent} && chmod go-w {parent}, or choose another --state-dir")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise StateError(f"{path} is not a directory owned by uid {os.geteuid()}; refusing to use it",
+                         hint=f"remove {path} (it may be an attack: another user made it)")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 @dataclass

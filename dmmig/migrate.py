@@ -21,6 +21,7 @@ from dmmig import gate
 from dmmig import journal as J
 from dmmig import mirrorlog
 from dmmig import nbd as N
+from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
 from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
@@ -28,9 +29,10 @@ from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError, Steps
 from dmmig.progress import Progress
-from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, close_quietly, connect, forward_socket
+from dmmig.runner import Runner
+from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, agent_argv, channel_stderr, close_quietly, connect, relay_socket
 from dmmig.stack import Stack, era_name, top_name
-from dmmig.validate import block_fits, missing_tools, nbd_timeout, require_tools
+from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
 
 log = logging.getLogger("dmmig.migrate")
@@ -42,6 +44,8 @@ class CopyOptions:
     create: bool = False
     transport: str = "ssh"            # or "nbd"
     nbd_address: str | None = None
+    insecure: bool = False            # --transport nbd without TLS: the operator's explicit choice
+    tunnel: str | None = None         # --transport ssh: the mirror leg's mode; None: probe
     remote_dmmig: str = "dmmig"
     remote_state_dir: str | None = None
     converge: int = 64 << 20          # stop when a round's delta is below this
@@ -67,9 +71,25 @@ class Remote:
             raise
 
     def nbd(self, export: dict[str, Any], name: str) -> Any:
+        """A libnbd handle on NAME's export: through the agent's relay (an exec channel: works
+        with a key that allows no forwarding), or over TCP with this migration's TLS."""
         if self.dest["transport"] == "ssh":
-            return N.open_client(forward_socket(self.ssh, export["addr"], export["port"]), export=name)
-        return N.open_client(None, addr=export["addr"], port=export["port"], export=name)
+            sock, chan = relay_socket(self.ssh, agent_argv(self.dest, "relay", name))
+            try:
+                return N.open_client(sock, export=name)
+            except RemoteError as e:
+                for _ in range(20):  # its reason arrives with its exit
+                    if chan.exit_status_ready():
+                        break
+                    time.sleep(0.05)
+                raise RemoteError(f"{e.message}; the destination's relay said: {channel_stderr(chan) or '(nothing)'}",
+                                  hint=e.hint) from None
+        return N.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
+
+    def probe_tunnel(self, runner: Runner, local_dir: str) -> tuple[str, str]:
+        """Which mode the mirror leg's OpenSSH tunnel can use there (tunnel.probe)."""
+        os.makedirs(local_dir, mode=0o700, exist_ok=True)
+        return tunnel.probe(runner, self.dest, str(self.agent.hello["state_dir"]), local_dir)
 
     def close(self) -> None:
         # runs in `finally` after a failure too: a dead connection must not hide that failure
@@ -80,11 +100,7 @@ class Remote:
 def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,
          progress: Progress) -> dict[str, Any]:
     entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
-    if opts.transport not in ("ssh", "nbd"):
-        raise BadInput(f"unknown transport {opts.transport!r}: use ssh or nbd")
-    if opts.transport == "nbd" and not opts.nbd_address:
-        raise BadInput("--transport nbd needs --nbd-address ADDR (the destination's address on the "
-                       "migration network)")
+    check_transport(opts)
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
         # what the cutover will need, here and there, before the copy: not after it
@@ -102,6 +118,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         # over era first; era holds every write since the cutover, and the rounds resend them
         _drop_mirror(stack, entry)
         try:
+            plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
             if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
                 entry.copy["migration"] = uuid.uuid4().hex
@@ -110,8 +127,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
                                      create=opts.create, migration=entry.copy["migration"],
                                      block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
-            addr = "127.0.0.1" if opts.transport == "ssh" else str(opts.nbd_address)
-            export = remote.agent.call("export", name=name, addr=addr)["export"]
+            export = _export(remote, dest, name)
             dest["export"] = export
             dest["remote_state"] = remote.agent.hello.get("state_dir")
             if "zeroed" not in entry.copy:
@@ -139,15 +155,68 @@ def check_destination(probe: dict[str, Any], host: str) -> None:
     missing = sorted(t for t, ok in (probe.get("tools") or {}).items() if not ok)
     if missing:
         raise missing_tools(missing, f"on {host}")
+def check_transport(opts: CopyOptions) -> None:
+    """--transport and its options, refused before anything changes."""
+    if opts.transport not in ("ssh", "nbd"):
+        raise BadInput(f"unknown transport {opts.transport!r}: use ssh or nbd")
+    if opts.transport == "nbd":
+        if not opts.nbd_address:
+            raise BadInput("--transport nbd needs --nbd-address ADDR (the destination's address on the "
+                           "migration network)")
+        host_name(opts.nbd_address)
+        if opts.tunnel:
+            raise BadInput("--tunnel is for --transport ssh")
+    elif opts.insecure:
+        raise BadInput("--insecure is for --transport nbd (--transport ssh is always encrypted and "
+                       "authenticated by SSH)")
+    if opts.tunnel not in (None, *tunnel.MODES):
+        raise BadInput(f"unknown --tunnel {opts.tunnel!r}: use auto, {' or '.join(tunnel.MODES)}")
 
 
 def destination(host: str, ep_opts: dict[str, Any], opts: CopyOptions, disk: str) -> dict[str, Any]:
-    """The destination record Remote connects with (journaled as entry.dest)."""
+    """The destination record Remote connects with (journaled as entry.dest). TUNNEL (ssh):
+    the mirror leg's mode, chosen by the plan's probe; TLS (nbd): this migration's credentials
+    here; INSECURE: the operator chose an NBD leg without TLS."""
     ep = Endpoint.parse(host, **ep_opts)
-    return {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
-            "identity": ep.identity, "disk": disk, "transport": opts.transport,
-            "nbd_address": opts.nbd_address, "remote_dmmig": opts.remote_dmmig,
-            "remote_state_dir": opts.remote_state_dir}
+    check_transport(opts)
+    d = {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
+         "identity": ep.identity, "disk": disk, "transport": opts.transport,
+         "nbd_address": opts.nbd_address, "remote_dmmig": opts.remote_dmmig,
+         "remote_state_dir": opts.remote_state_dir, "insecure": opts.insecure}
+    if opts.tunnel:
+        d["tunnel"] = opts.tunnel
+    return d
+
+
+def plan_transport(stack: Stack, name: str, dest: dict[str, Any], remote: Remote) -> None:
+    """Decide, before any change there, how NBD reaches the destination; journaled in DEST.
+    ssh: the tunnel's mode, by a real probe with OpenSSH unless already decided (a plan, a
+    journaled destination, --tunnel); nbd: this migration's TLS credentials, unless --insecure."""
+    if dest["transport"] == "ssh":
+        if not dest.get("tunnel"):
+            dest["tunnel"], why = remote.probe_tunnel(stack.runner, stack.journal.dir)
+            dest["tunnel_probe"] = why or "streamlocal forwarding works"
+    elif not dest.get("insecure") and not dest.get("tls"):
+        dest["tls"] = stack.mirror.credentials(name, str(dest["nbd_address"]))
+
+
+def _export(remote: Remote, dest: dict[str, Any], name: str, deadline_s: float | None = None) -> dict[str, Any]:
+    """Start (or find) NAME's export there, as DEST's transport wants it."""
+    if dest["transport"] == "ssh":
+        return dict(remote.agent.call("export", name=name, deadline_s=deadline_s)["export"])
+    if dest.get("tls"):
+        try:
+            files = tlscreds.server_files(dest["tls"])
+        except OSError as e:
+            raise StateError(f"the TLS credentials of {name} are gone ({e})",
+                             hint=f"`dmmig copy {name}` makes new ones") from None
+        return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], tls=files,
+                                      deadline_s=deadline_s)["export"])
+    if not dest.get("insecure"):
+        raise StateError(f"{name}: no TLS credentials for --transport nbd (journaled by an older dmmig?)",
+                         hint=f"`dmmig copy {name}` makes them, or `dmmig abort {name}`")
+    return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], insecure=True,
+                                  deadline_s=deadline_s)["export"])
 
 
 def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions) -> dict[str, Any]:
@@ -260,8 +329,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         _drop_mirror(stack, entry)  # a rerun starts again from linear over era
         remote = Remote(entry.dest)
         try:
-            addr = "127.0.0.1" if entry.dest["transport"] == "ssh" else str(entry.dest["nbd_address"])
-            export = remote.agent.call("export", name=name, addr=addr)["export"]
+            plan_transport(stack, name, entry.dest, remote)  # decided by copy; probed again only for
+            export = _export(remote, entry.dest, name)       # a destination journaled by an older dmmig
         finally:
             remote.close()
         entry.dest["export"] = export
@@ -329,7 +398,9 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
         done = max(done, st.in_sync - first.in_sync)
         if not st.healthy:
             raise RemoteError(f"the NBD leg of {name} failed during the resync (health {st.health}, "
-                              f"log {st.log_health}); the guest keeps writing to the source",
+                              f"log {st.log_health}); the guest keeps writing to the source"
+                              + (f". The SSH tunnel's log: {stack.mirror.tunnel_log(name)}"
+                                 if stack.mirror.has_tunnel_log(name) else ""),
                               hint=f"`dmmig copy {name}` then `dmmig cutover {name}` to catch up, "
                                    f"or `dmmig abort {name}`")
         if st.synced:
@@ -477,8 +548,7 @@ def _vouch(stack: Stack, entry: J.Entry, remote: Remote, top: str, era: str, win
         return False, (f"{broken}, and the {delta} bytes era recorded since the cutover would take ~"
                        f"{delta / rate:.0f}s at the {rate / (1 << 20):.1f} MiB/s the copy reached: more than the "
                        f"{win.remaining():.0f}s left of the {win.cap:.0f}s the guest's disk may stay suspended"), 0
-    addr = "127.0.0.1" if entry.dest["transport"] == "ssh" else str(entry.dest["nbd_address"])
-    export = remote.agent.call("export", name=entry.name, addr=addr, deadline_s=max(win.remaining(), 0.1))["export"]
+    export = _export(remote, entry.dest, entry.name, deadline_s=max(win.remaining(), 0.1))
     win.check("while the export started")
     # a handshake over a dead link blocks in libnbd: only closing the connection under it ends it
     unhook = win.on_expiry(lambda: close_quietly(remote.ssh))
@@ -671,10 +741,12 @@ def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool
             remote.close()
     except DmmigError as e:
         exp = dest.get("export") or {}
+        st = _remote_state(dest)
+        where = exp.get("socket") or f"{exp.get('addr')}:{exp.get('port')}"
         return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
-                f"{exp.get('addr')}:{exp.get('port')}) could not be stopped: {e.message}. There, run: "
-                f"kill {exp.get('pid')}; rm -f {_remote_state(dest)}/{name}.dest.json "
-                f"{_remote_state(dest)}/{name}.qemu-nbd.pid"]
+                f"{where}) could not be stopped: {e.message}. There, run: "
+                f"kill {exp.get('pid')}; rm -rf {st}/{name}.dest.json {st}/{name}.qemu-nbd.pid "
+                f"{st}/nbd/{name}.sock {st}/nbd/{name}.tls"]
     return []
 
 

@@ -77,9 +77,17 @@ class Plan:
     host: str
     disks: list[Disk]
     others: list[Vbd]      # disks xl migrate must find on the destination as they are
+    transport: str = "ssh"
+    tunnel: str | None = None   # ssh: the mirror leg's tunnel mode, probed on the destination
+    tunnel_why: str = ""
 
     def render(self) -> str:
         lines = [f"migrate domain {self.domain.name} (domid {self.domain.domid}) to {self.host}:"]
+        if self.transport == "ssh":
+            lines.append(f"  NBD over SSH to a root-only unix socket; mirror leg tunnel: {self.tunnel}"
+                         + (f" ({self.tunnel_why})" if self.tunnel_why else ""))
+        else:
+            lines.append("  NBD over TCP (--transport nbd)")
         for d in self.disks:
             dest = "exists" if d.dest_exists else "created (--create)"
             lines.append(f"  {d.vbd.vdev}: {d.vbd.params} as dmmig disk {d.name}, {d.size} bytes "
@@ -129,8 +137,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     M.check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
-    _check_destination(disks, host, ep_opts, opts, remote)
-    return Plan(dom, host, disks, others)
+    tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
+    return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
 
 
 def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
@@ -203,15 +211,20 @@ def _sector_size(xs: XenStore, stack: Stack, d: Disk) -> int | None:
         return None
 
 
-def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
-                       connect: Callable[[dict[str, Any]], Any]) -> None:
+def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
+                       connect: Callable[[dict[str, Any]], Any]) -> tuple[str | None, str]:
+    """Returns the mirror leg's tunnel mode (ssh; the probe's or --tunnel's) and why."""
     c = opts.copy
     # unknown host key, bad credentials, no dmmig there: refused here
     remote = connect(M.destination(host, ep_opts, c, ""))
+    tunnel, why = c.tunnel, "--tunnel" if c.tunnel else ""
     try:
         probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script,
                                   names={d.dest_disk: d.name for d in disks},
                                   sizes={d.dest_disk: d.size for d in disks}, create=c.create)
+        if c.transport == "ssh" and tunnel is None:  # OpenSSH can log in and run the agent, or refused here
+            tunnel, why = remote.probe_tunnel(stack.runner, stack.journal.dir)
+            why = why or "streamlocal forwarding works"
     finally:
         remote.close()
     if not probe["block_script"]:
@@ -242,6 +255,7 @@ def _check_destination(disks: list[Disk], host: str, ep_opts: dict[str, Any], op
                            "would be unusable after the move",
                            hint="use a destination disk with the same logical block size (a file becomes a "
                                 "loop device of 512-byte sectors)")
+    return tunnel, why
 
 
 # ---- 2.-4. the migration -----------------------------------------------------------------
@@ -250,6 +264,8 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     t0 = time.monotonic()
     summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
     # 2. every disk to a synchronous mirror
+    # the tunnel's mode as the plan probed it: one probe for every disk
+    opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
     results = mirror_disks(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
                            lambda i: progress(p.disks[i], i))
     mirrored = list(zip(p.disks, results))

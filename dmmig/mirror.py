@@ -1,5 +1,6 @@
 """The source's side of mirroring: the NBD leg (tunnel + kernel client), the pre-written
-dirty log, the leg watcher; set up by cutover, torn down by finish/abort/catch-up.
+dirty log, the leg watcher; set up by cutover, torn down by finish/abort/catch-up. Also the
+migration's TLS credentials (--transport nbd), which outlive a catch-up and go at finish/abort.
 
 Each resource is journaled (entry.mirror) before or right after it exists, and teardown
 also finds what a killed dmmig did not get to journal (by file name or command line), so
@@ -14,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from dmmig import journal as J
-from dmmig import mirrorlog, proc, tunnel
+from dmmig import mirrorlog, proc, tlscreds, tunnel
 from dmmig.blockdev import Loop
-from dmmig.errors import Steps
+from dmmig.errors import RemoteError, Steps
 from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
@@ -40,24 +41,39 @@ class MirrorSide:
         return owner_of(self.state, name)
 
     # ---- set up -------------------------------------------------------------------------
+    def credentials(self, name: str, server: str) -> str:
+        """This migration's TLS credentials (made once, kept until finish/abort): a root-only
+        directory; SERVER is the destination's NBD address its certificate names."""
+        d = J.private_dir(self._path(name, "tls"))
+        if not tlscreds.exists(d):
+            tlscreds.make(d, server)
+        return d
+
     def attach_leg(self, entry: J.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
         m = entry.mirror
         dest = entry.dest
-        if dest["transport"] == "ssh":
-            sock = self._path(entry.name, "nbd.sock")
-            m["tunnel"] = {"sock": sock, "pid": None}
+        ssh = dest["transport"] == "ssh"
+        sock, log = self._path(entry.name, "nbd.sock"), self._path(entry.name, "tunnel.log")
+        if ssh:
+            mode = dest["tunnel"]
+            m["tunnel"] = {"sock": sock, "pid": None, "mode": mode, "log": log}
             save()
-            m["tunnel"]["pid"] = tunnel.start(self.r, dest, sock, int(export["port"]),
-                                              self._path(entry.name, "tunnel.log"))
+            m["tunnel"]["pid"] = tunnel.start(self.r, mode, dest, entry.name, sock, export.get("socket"), log)
             save()
 
         def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
             m["nbd"] = dev
             save()
-        where: dict[str, Any] = ({"unix": m["tunnel"]["sock"]} if dest["transport"] == "ssh"
-                                 else {"host": export["addr"], "port": int(export["port"])})
-        return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
-                                    on_claim=claimed, **where)
+        where: dict[str, Any] = ({"unix": sock} if ssh
+                                 else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls")})
+        try:
+            return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
+                                        on_claim=claimed, **where)
+        except RemoteError as e:
+            if not ssh:
+                raise
+            raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: {tunnel.tail(log)}",
+                              hint=e.hint) from None
 
     def make_log(self, entry: J.Entry, nr_regions: int, save: Callable[[], None]) -> str:
         path = self._path(entry.name, "mirror-log")
@@ -80,9 +96,20 @@ class MirrorSide:
         save()
         return pid
 
+    def tunnel_log(self, name: str) -> str:
+        return tunnel.tail(self._path(name, "tunnel.log"))
+
+    def has_tunnel_log(self, name: str) -> bool:
+        return os.path.exists(self._path(name, "tunnel.log"))
+
+    def _tunnel_markers(self, name: str) -> tuple[str, ...]:
+        # the log (-E) names a tunnel of this dmmig in either mode; the socket (-L) one that an
+        # older dmmig journaled; the TLS directory nbd-client's proxy daemon
+        return self._path(name, "tunnel.log"), self._path(name, "nbd.sock"), self._path(name, "tls") + "/"
+
     def leftovers(self, name: str) -> bool:
         """Anything of a mirror that a killed dmmig did not journal."""
-        return bool(proc.find(self.watcher_marker(name)) or proc.find(self._path(name, "nbd.sock"))
+        return bool(proc.find(self.watcher_marker(name)) or any(proc.find(m) for m in self._tunnel_markers(name))
                     or os.path.exists(self._path(name, "mirror-log")) or self.nbd.owned(self.nbd_owner(name)))
 
     # ---- tear down ----------------------------------------------------------------------
@@ -101,18 +128,30 @@ class MirrorSide:
             step(f"detach {dev} if still {name}'s (nbd-client -d)", partial(self.nbd.release, dev, owner))
         sock = self._path(name, "nbd.sock")
         tpid = (m.get("tunnel") or {}).get("pid")
-        for pid in set(proc.find(sock)) | ({tpid} if tpid else set()):
-            if proc.alive(pid, sock):
-                step(f"stop the SSH tunnel (pid {pid})", partial(tunnel.stop, pid, sock))
+        for marker in self._tunnel_markers(name):
+            for pid in set(proc.find(marker)) | ({tpid} if tpid else set()):
+                if proc.alive(pid, marker):
+                    what = "nbd-client's TLS proxy" if marker.endswith("/") else "the SSH tunnel"
+                    step(f"stop {what} (pid {pid})", partial(tunnel.stop, pid, marker, sock))
+        if os.path.lexists(sock):
+            step(f"remove {sock}", partial(os.unlink, sock))
         log_file = m.get("log_file") or self._path(name, "mirror-log")
         if os.path.exists(log_file):
             for ldev in self.loop.find(log_file):
                 step(f"detach {ldev} (mirror log)", partial(self.loop.detach, ldev))
             step(f"remove {log_file}", lambda: os.unlink(log_file))
-        for what in ("nbd.sock", "tunnel.log", "watch.log"):
+        for what in ("tunnel.log", "watch.log"):
             p = self._path(name, what)
             if os.path.exists(p):
                 step(f"remove {p}", partial(os.unlink, p))
         hp = health_path(self.state, name)
         if os.path.exists(hp):
             step(f"remove {hp}", lambda: os.unlink(hp))
+        if os.path.isdir(self.state) and any(f.startswith("probe-") for f in os.listdir(self.state)):
+            step("remove what a killed dmmig's tunnel probe left", partial(tunnel.sweep_probes, self.state))
+
+    def remove_credentials(self, name: str, step: Steps) -> None:
+        """The migration is over (finish, abort): its TLS keys go."""
+        d = self._path(name, "tls")
+        if os.path.lexists(d):
+            step(f"remove the TLS credentials {d}", partial(tlscreds.remove, d))

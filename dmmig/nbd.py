@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
 import time
@@ -21,12 +22,18 @@ from dmmig.runner import Runner
 
 @dataclass
 class Export:
+    """A qemu-nbd export. --transport ssh: on a unix socket in a root-only directory, reached
+    only through SSH; --transport nbd: on ADDR:PORT, with TLS (a directory of x509 credentials,
+    verify-peer) unless the operator chose --insecure. A record written before unix sockets
+    existed has only addr and port."""
     name: str
     path: str
-    addr: str
-    port: int
     pid: int
     cache: str
+    addr: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    tls: str | None = None
 
     def alive(self) -> bool:
         try:
@@ -35,6 +42,12 @@ class Export:
         except OSError:
             return False
         return bool(cmd) and cmd[0].endswith(b"qemu-nbd") and self.path.encode() in cmd
+
+    @property
+    def where(self) -> str:
+        if self.socket:
+            return f"unix socket {self.socket}"
+        return f"{self.addr}:{self.port}" + (" (TLS)" if self.tls else " (no TLS)")
 
 
 def free_port(addr: str) -> int:
@@ -54,38 +67,61 @@ def direct_io_ok(path: str) -> bool:
     return True
 
 
-def start_export(runner: Runner, name: str, path: str, addr: str, pidfile: str) -> Export:
+def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_path: str | None = None,
+                 addr: str | None = None, tls: str | None = None) -> Export:
+    """On SOCKET_PATH (a unix socket; its directory must be root-only), or on ADDR (a free TCP
+    port) with the x509 server credentials in directory TLS, if given."""
     # directsync = O_DIRECT|O_DSYNC; on a file system without O_DIRECT (tmpfs), writethrough
     # (O_DSYNC through the page cache) still acknowledges only what is stable.
     cache = "directsync" if direct_io_ok(path) else "writethrough"
+    base = ["qemu-nbd", "--fork", f"--pid-file={pidfile}", "--persistent", "--shared=8", "--format=raw",
+            f"--cache={cache}", "--discard=unmap", f"--export-name={name}"]
+    if tls:  # only a client with a certificate of this migration's CA gets in
+        base += ["--object", f"tls-creds-x509,id=dmmig-tls,dir={tls},endpoint=server,verify-peer=on",
+                 "--tls-creds=dmmig-tls"]
+    if socket_path is not None:
+        if os.path.lexists(socket_path):
+            os.unlink(socket_path)
+        res = runner.run([*base, f"--socket={socket_path}", path], check=False, timeout=30)
+        if res.returncode != 0:
+            raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
+        return Export(name, path, _pid(pidfile), cache, socket=socket_path)
+    assert addr is not None
     for _ in range(5):
         port = free_port(addr)
-        res = runner.run(["qemu-nbd", "--fork", f"--pid-file={pidfile}", "--persistent", "--shared=8",
-                          "--format=raw", f"--cache={cache}", "--discard=unmap", f"--bind={addr}",
-                          f"--port={port}", f"--export-name={name}", path], check=False, timeout=30)
+        res = runner.run([*base, f"--bind={addr}", f"--port={port}", path], check=False, timeout=30)
         if res.returncode == 0:
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-            return Export(name, path, addr, port, pid, cache)
+            return Export(name, path, _pid(pidfile), cache, addr=addr, port=port, tls=tls)
         if "Address already in use" not in res.stderr:
             raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
     raise DmmigError(f"qemu-nbd found no free port on {addr}")
 
 
+def _pid(pidfile: str) -> int:
+    with open(pidfile) as f:
+        return int(f.read().strip())
+
+
 def stop_export(exp: Export, timeout: float = 10) -> None:
-    if not exp.alive():
-        return
-    os.kill(exp.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while exp.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """Stop qemu-nbd; remove its socket and its TLS credentials."""
     if exp.alive():
-        os.kill(exp.pid, signal.SIGKILL)
+        os.kill(exp.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while exp.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if exp.alive():
+            os.kill(exp.pid, signal.SIGKILL)
+    if exp.socket and os.path.lexists(exp.socket):
+        os.unlink(exp.socket)
+    if exp.tls:
+        shutil.rmtree(exp.tls, ignore_errors=True)
 
 
 def open_client(sock: socket.socket | None, *, addr: str | None = None, port: int | None = None,
-                export: str) -> Any:
-    """A libnbd handle on the export, over an existing socket (SSH tunnel) or TCP."""
+                export: str, tls: str | None = None) -> Any:
+    """A libnbd handle on the export, over an existing socket (the SSH relay) or TCP; with TLS
+    DIR (ca-cert.pem, client-cert.pem, client-key.pem) the server must prove it holds this
+    migration's server certificate, for ADDR, and the client presents its own."""
     try:
         import nbd
     except ImportError as e:
@@ -94,6 +130,10 @@ def open_client(sock: socket.socket | None, *, addr: str | None = None, port: in
     h = nbd.NBD()
     h.set_export_name(export)
     try:
+        if tls:
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(tls)
+            h.set_tls_verify_peer(True)
         if sock is not None:
             h.connect_socket(sock.detach())
         else:

@@ -56,6 +56,17 @@ def _reap(pid: int) -> None:
         pass
 
 
+def parent_runs(pid: int, marker: str) -> bool:
+    """PID's parent's command line contains MARKER (a daemon whose dmmig still runs); False
+    once that dmmig died and the daemon was handed to init or a subreaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return alive(ppid, marker)
+
+
 def find(marker: str) -> list[int]:
     """Pids whose command line contains MARKER (a daemon whose pid was never journaled)."""
     out = []

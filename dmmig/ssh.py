@@ -1,18 +1,23 @@
-"""SSH adapter (paramiko): strict host-key checking, the agent channel, port forwards.
+"""SSH adapter (paramiko): strict host-key checking, the agent channel, the copier's NBD channel.
 
-Never auto-adds a host key: an unknown or changed key is refused with the fingerprint.
+Never auto-adds a host key: an unknown or changed key is refused with the fingerprint. Every
+channel is an exec of `dmmig agent` on the destination (the agent protocol, or its raw relay to
+the export's unix socket), never a port forward: an authorized_keys entry with `restrict` and
+`command="dmmig agent ..."` allows exactly that.
 """
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import paramiko
 
 from dmmig.errors import BadInput, RemoteError
+from dmmig.validate import destination, host_name, ssh_path, user_name
 
 CONNECT_TIMEOUT = 15.0
 # what paramiko raises when the connection died under a call: EOFError from its packetizer's
@@ -28,16 +33,43 @@ class Endpoint:
     known_hosts: str = "~/.ssh/known_hosts"
     identity: str | None = None
 
+    def __post_init__(self) -> None:
+        # also for a destination read back from the journal: nothing reaches a command line
+        # (OpenSSH's, xl's) unchecked
+        host_name(self.host)
+        user_name(self.user)
+        if not 1 <= self.port <= 65535:
+            raise BadInput(f"invalid SSH port {self.port}")
+        ssh_path("--known-hosts", self.known_hosts)
+        if self.identity is not None:
+            ssh_path("--identity", self.identity)
+
     @classmethod
     def parse(cls, spec: str, *, port: int = 22, known_hosts: str | None = None,
               identity: str | None = None) -> "Endpoint":
-        user, _, host = spec.rpartition("@")
-        if not host or any(c in host for c in " /;|&$`'\"\\"):
-            raise BadInput(f"invalid destination {spec!r}: expected [USER@]HOST")
+        user, host = destination(spec)
         return cls(host, user or "root", port, known_hosts or "~/.ssh/known_hosts", identity)
+
+    @property
+    def spec(self) -> str:
+        """USER@HOST as OpenSSH and `xl migrate` take it (an IPv6 address without brackets)."""
+        return f"{self.user}@{self.host}"
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
+
+
+def agent_argv(dest: dict[str, Any], *mode: str) -> list[str]:
+    """The one command dmmig runs on the destination, in every mode (`dmmig agent`, `... relay
+    NAME`, `... hold NAME`, `... probe TOKEN`): a forced command parses exactly this."""
+    state = dest.get("remote_state_dir")
+    return [str(dest["remote_dmmig"]), *(["--state-dir", str(state)] if state else []), "agent", *mode]
+
+
+def remote_command(argv: list[str]) -> str:
+    """SSH carries one string, which the destination's shell splits (or a forced command's
+    SSH_ORIGINAL_COMMAND holds): every word quoted."""
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def connect(ep: Endpoint) -> paramiko.SSHClient:
@@ -79,22 +111,35 @@ def connect(ep: Endpoint) -> paramiko.SSHClient:
     return c
 
 
-def forward_socket(client: paramiko.SSHClient, host: str, port: int) -> socket.socket:
-    """A local socket connected, through the SSH connection, to HOST:PORT as seen from the
-    destination. Gives libnbd a real file descriptor (connect_socket)."""
+def relay_socket(client: paramiko.SSHClient, argv: list[str]) -> tuple[socket.socket, paramiko.Channel]:
+    """A local socket connected, through an exec channel running ARGV (the agent's relay mode),
+    to the export's unix socket on the destination. Gives libnbd a real file descriptor
+    (connect_socket). Returns the channel too: its stderr says why a relay refused."""
     t = client.get_transport()
     assert t is not None
     try:
-        chan = t.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT)
+        chan = t.open_session(timeout=CONNECT_TIMEOUT)
+        chan.exec_command(remote_command(argv))
     except paramiko.ChannelException as e:
-        raise RemoteError(f"the destination refused a tunnel to {host}:{port}: {e}") from None
+        raise RemoteError(f"the destination refused a channel for the NBD relay: {e}") from None
     except TRANSPORT_ERRORS as e:
-        raise RemoteError(f"the SSH connection to the destination broke opening a tunnel to {host}:{port}: "
+        raise RemoteError(f"the SSH connection to the destination broke starting the NBD relay: "
                           f"{type(e).__name__} {e}".rstrip()) from None
     ours, theirs = socket.socketpair()
     threading.Thread(target=_pump, args=(theirs, chan), daemon=True).start()
     threading.Thread(target=_pump_back, args=(chan, theirs), daemon=True).start()
-    return ours
+    return ours, chan
+
+
+def channel_stderr(chan: paramiko.Channel, limit: int = 2000) -> str:
+    """What the remote command wrote to stderr so far (without waiting)."""
+    out = b""
+    try:
+        while chan.recv_stderr_ready() and len(out) < limit:
+            out += chan.recv_stderr(limit)
+    except TRANSPORT_ERRORS:
+        pass
+    return out.decode(errors="replace").strip()
 
 
 class _Closable(Protocol):

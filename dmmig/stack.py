@@ -334,6 +334,7 @@ class Stack:
                     step(f"resume {top}", lambda: self.dm.resume(top))
         # the mirror's pieces (watcher, nbd leg, tunnel, log) once nothing uses them
         self.mirror.teardown(name, entry, step)
+        self.mirror.remove_credentials(name, step)
         era = era_name(name)
         if self.dm.info(era) is not None:
             step(f"remove {era}", lambda: self.dm.remove(era))

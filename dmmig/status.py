@@ -109,6 +109,11 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         if entry.mirror.get("watcher") and not proc.alive(entry.mirror["watcher"],
                                                           stack.mirror.watcher_marker(name)):
             problems.append("the leg watcher is not running: a leg failure would not be timed")
+        tun = entry.mirror.get("tunnel") or {}
+        # an older dmmig's tunnel has no log: its socket names it
+        if tun.get("pid") and not proc.alive(tun["pid"], tun.get("log") or tun.get("sock") or "ssh"):
+            problems.append(f"the SSH tunnel of the NBD leg (pid {tun['pid']}, {tun.get('mode', 'forward')}) is gone; "
+                            f"its log: {stack.mirror.tunnel_log(name)}")
     stray = sorted(set(stack.mirror.nbd.owned(stack.mirror.nbd_owner(name))) - {entry.mirror.get("nbd")})
     if stray:  # marked for this disk (udev keeps off them) but no mirror of it uses them
         problems.append(f"{', '.join(stray)} marked as {name}'s mirror leg but not in its journal (left by an "
@@ -167,7 +172,10 @@ def render(st: dict[str, Any]) -> str:
         if j["block_bytes"]:
             lines.append(f"  era:     block {j['block_bytes']} bytes, metadata {j['metadata']}")
         if j["dest"]:
-            lines.append(f"  dest:    {j['dest'].get('host')} {j['dest'].get('disk', '')}")
+            d = j["dest"]
+            how = (f"ssh, tunnel {d.get('tunnel') or 'not chosen yet'}" if d.get("transport", "ssh") == "ssh"
+                   else f"nbd to {d.get('nbd_address')}, " + ("TLS" if d.get("tls") else "NO TLS (--insecure)"))
+            lines.append(f"  dest:    {d.get('host')} {d.get('disk', '')} ({how})")
     elif not st.get("incoming"):
         lines.append("  phase:   (no journal entry)")
     g = st.get("gate")
@@ -181,7 +189,7 @@ def render(st: dict[str, Any]) -> str:
                      + ((" (created by dmmig as an LV)" if inc.get("created_as") == "lv" else " (created by dmmig)")
                         if inc["created"] else "")
                      + (", handed over" if inc["handed_over"] else ", not handed over")
-                     + (f"; NBD export {exp['addr']}:{exp['port']} qemu-nbd pid {exp['pid']}"
+                     + (f"; NBD export on {N.Export(**exp).where}, qemu-nbd pid {exp['pid']}"
                         f" ({'running' if inc['export_alive'] else 'gone'})" if exp else "; no NBD export"))
     for dev, d in st["devices"].items():
         flags = (" SUSPENDED" if d["suspended"] else "") + (" +inactive-table" if d["inactive_table"] else "")

@@ -85,3 +85,69 @@ def block_fits(block_sectors: int, length_sectors: int, what: str) -> None:
     if -(-length_sectors // block_sectors) > ERA_MAX_BLOCKS:
         raise BadInput(f"{what}: block size {block_sectors * 512} bytes makes more than 2^31 era blocks of "
                        f"{length_sectors * 512} bytes", hint="use a larger --block-size")
+
+
+# ---- [USER@]HOST -----------------------------------------------------------------------------
+# The destination reaches paramiko, OpenSSH's command line (after `--`) and `xl migrate`, which
+# hands it to `sh -c "exec ssh HOST xl migrate-receive"` (tools/xl/xl_migrate.c): no word may
+# start with '-', and nothing a shell would read as more than a word may pass.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")        # RFC 1123
+# Debian's useradd takes more with --badname, but these are the names it makes by default
+# plus upper case and '.'; no '$' (a shell expansion in xl's `sh -c`)
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def host_name(host: str) -> str:
+    """An RFC 1123 host name, an IPv4 address or an IPv6 literal (bare or in brackets, with an
+    optional %scope); returns it without brackets."""
+    import ipaddress
+    bad = BadInput(f"invalid destination host {host!r}: expected a host name (RFC 1123), "
+                   "an IPv4 address or an IPv6 address")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise bad
+    if ":" in host:
+        addr, _, scope = host.partition("%")
+        if "%" in host and not _SCOPE.fullmatch(scope):
+            raise bad
+        try:
+            ipaddress.IPv6Address(addr)
+        except ValueError:
+            raise bad from None
+        return host
+    if not _HOSTNAME.fullmatch(host) or len(host.rstrip(".")) > 253:
+        raise bad
+    if all(p.isdigit() for p in host.rstrip(".").split(".")):  # looks like IPv4: must be one
+        try:
+            ipaddress.IPv4Address(host.rstrip("."))
+        except ValueError:
+            raise bad from None
+    return host
+
+
+def user_name(user: str) -> str:
+    if not _USER.fullmatch(user):
+        raise BadInput(f"invalid destination user {user!r}: use letters, digits and _ . - "
+                       "(first a letter or _, at most 32 characters)")
+    return user
+
+
+def destination(spec: str) -> tuple[str | None, str]:
+    """`[USER@]HOST` -> (USER or None, HOST), both validated."""
+    user, at, host = spec.rpartition("@")
+    try:
+        return (user_name(user) if at else None), host_name(host)
+    except BadInput as e:
+        raise BadInput(f"invalid destination {spec!r}: {e.message.removeprefix('invalid destination ')}",
+                       hint="give the destination as [USER@]HOST (host name, IPv4 or IPv6 address)") from None
+
+
+def ssh_path(what: str, path: str) -> str:
+    """A file OpenSSH reads from an -o option: it splits those at whitespace and expands
+    %-tokens, so neither may be in the path."""
+    if not path or any(c.isspace() for c in path) or "%" in path:
+        raise BadInput(f"{what} {path!r}: the path must not contain whitespace or '%' (OpenSSH reads it)")
+    return path

@@ -32,7 +32,16 @@ for p in os.listdir("/proc"):
     except OSError:
         pass
     procs.append([int(p), cmd])
-state = sorted(f for f in os.listdir("/run/dmmig") if not f.endswith(".lock")) if os.path.isdir("/run/dmmig") else []
+# every file below the state dir (the exports' sockets and TLS keys are one level down, in
+# nbd/, which itself stays: it is the root-only home of all exports), but the disks' locks
+state = []
+for d, dirs, files in os.walk("/run/dmmig"):
+    rel = os.path.relpath(d, "/run/dmmig")
+    for f in files + [x for x in dirs if rel != "." or x != "nbd"]:
+        p = os.path.normpath(os.path.join(rel, f))
+        if not p.endswith(".lock"):
+            state.append(p)
+state.sort()
 print(json.dumps({"dm": dm, "loops": loops, "nbd": nbds, "procs": procs, "state": state}))
 """
 
@@ -75,4 +84,4 @@ def clean(host: UmlHost, before: Snapshot, after: Snapshot) -> None:
     for n in after.loops - before.loops:
         host.run(["losetup", "-d", n], check=False)
     for n in after.state - before.state:
-        host.run(["rm", "-f", f"/run/dmmig/{n}"], check=False)
+        host.run(["rm", "-rf", f"/run/dmmig/{n}"], check=False)

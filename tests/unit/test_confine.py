@@ -149,7 +149,8 @@ def test_the_cli_passes_the_flags_and_a_bad_file_stops_the_agent(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from dmmig import agent, cli
     seen: list[Policy | None] = []
-    monkeypatch.setattr(agent, "main", lambda state, policy=None: seen.append(policy) or 0)
+    monkeypatch.setattr(agent, "main", lambda state, mode=None, arg=None, forced=False, policy=None:
+                        seen.append(policy) or 0)
     conf = tmp_path / "agent.conf"
     conf.write_text("file_roots = /srv/xen\n")
     assert cli.main(["agent", "--config", str(conf), "--device", "/dev/vg0/*", "--max-create", "1G"]) == 0

@@ -1,7 +1,7 @@
 """The destination's side of a migration after its source is gone: `dmmig status` shows the
 incoming disk (the agent's record and its qemu-nbd export), `dmmig abort NAME` there stops the
 export and removes a disk dmmig created, but never a disk that was handed over. The agent is
-the real one and so is its qemu-nbd (a TCP export on 127.0.0.1); no root, no kernel."""
+the real one and so is its qemu-nbd (on a unix socket in the state dir); no root, no kernel."""
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +59,9 @@ def test_status_shows_an_incoming_disk_and_abort_there_stops_and_removes_it(tmp_
         assert f"stopped qemu-nbd {exp.pid} exporting {path}" in done
         assert f"removed {path} (created by dmmig)" in done
         assert not exp.alive() and not os.path.exists(path)
-        assert names(stack) == [] and [f for f in os.listdir(state) if not f.endswith(".lock")] == []
+        # nothing left but the (empty, root-only) directory of the exports' sockets and keys
+        assert names(stack) == [] and [f for f in os.listdir(state) if not f.endswith(".lock")] == ["nbd"]
+        assert os.listdir(os.path.join(state, "nbd")) == []
     finally:
         N.stop_export(exp)
 

@@ -62,9 +62,17 @@ class FakeAgent:
 
 
 class FakeRemote:
-    def __init__(self, agent: FakeAgent) -> None:
+    """The SSH connection. Its tunnel probe (OpenSSH against the destination's agent; run for
+    real in tests/kernel/test_transport.py) answers TUNNEL."""
+
+    def __init__(self, agent: FakeAgent, tunnel: tuple[str, str] = ("relay", "streamlocal forwarding refused")) -> None:
         self.agent = agent
+        self.tunnel = tunnel
         self.closed = False
+
+    def probe_tunnel(self, runner: Any, local_dir: str) -> tuple[str, str]:
+        self.agent.calls.append("probe_tunnel")
+        return self.tunnel
 
     def close(self) -> None:
         self.closed = True
@@ -160,8 +168,21 @@ def test_plan_of_one_managed_disk(world: World) -> None:
     assert "linear 7:1 0" in text and "era <metadata loop> 7:1 128" in text
     assert "mirror disk 2 <log loop> 128 2" in text and "handle_errors keep_log" in text
     assert world.mutating() == []  # the plan changed nothing here...
-    assert world.agent.calls == ["probe"]  # ...nor there
+    assert world.agent.calls == ["probe", "probe_tunnel"]  # ...nor there
     assert not (world.tmp / "dstate").exists() or not list((world.tmp / "dstate").iterdir())
+    # the mirror leg's tunnel as probed: --dry-run shows it, the migration uses it
+    assert (p.transport, p.tunnel) == ("ssh", "relay")
+    assert "mirror leg tunnel: relay (streamlocal forwarding refused)" in text, text
+
+
+def test_plan_takes_the_tunnel_the_operator_chose_without_probing(world: World) -> None:
+    world.disk()
+    from dmmig import migrate as M
+    p = world.plan(copy=M.CopyOptions(tunnel="forward"))
+    assert p.tunnel == "forward" and world.agent.calls == ["probe"]
+    world.agent.calls.clear()
+    p = world.plan(copy=M.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
+    assert p.tunnel is None and world.agent.calls == ["probe"] and "NBD over TCP" in p.render()
 
 
 def test_plan_shows_the_block_size_and_refuses_a_bad_one(world: World) -> None:

@@ -1,0 +1,138 @@
+"""The guest's write latency through the mirror's NBD leg, by tunnel, side by side in one rig
+run (two UML kernels on a veth pair): serial O_DIRECT pwrites of 4 KiB and 64 KiB, p50/p99.
+
+Rows, all to the same kind of export (dmmig's: qemu-nbd directsync on a unix socket on b):
+- local:   the source's own disk (a loop device over /dev/shm) - the anchor;
+- -tt:     the tunnel dmmig used before issue 13 (`ssh -tt -L ... 'exec sleep infinity'`), here
+           forwarding to the export's unix socket, to /dev/nbdX;
+- forward: dmmig's tunnel now (`ssh -T -L ... -- HOST dmmig agent hold NAME`), to /dev/nbdX;
+- relay:   dmmig's tunnel where forwarding is refused (a unix socket whose connection becomes
+           ssh's stdin/stdout; `dmmig agent relay NAME` on b), to /dev/nbdX;
+- mirror forward / relay / nbd TLS / nbd plain: the top device while mirroring (dmmig cutover
+           after `copy --tunnel ...` or `--transport nbd [--insecure]`), what the guest sees: both
+           legs, each write acknowledged by both hosts (nbd TLS: through nbd-client's GnuTLS proxy).
+Ratios are against the local disk and against -tt, measured in the same run.
+
+    .venv/bin/python -m bench.leg_latency [WRITES]      (default 400 per row and size)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+
+from tests.rig.pair import B_IP, SSH_OPTS, Pair
+from tests.rig.uml import ROOT, UmlHost
+
+PY = str(ROOT / ".venv" / "bin" / "python")
+DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
+SIZE_MIB = 64
+
+WRITER = r"""
+import json, mmap, os, random, statistics, sys, time
+dev, n = sys.argv[1], int(sys.argv[2])
+fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+size = os.lseek(fd, 0, os.SEEK_END)
+out = {}
+for bs in (4096, 65536):
+    buf = mmap.mmap(-1, bs)
+    buf[:] = os.urandom(bs)
+    rnd = random.Random(bs)
+    lat = []
+    for i in range(n + 20):
+        off = rnd.randrange(size // bs) * bs
+        t = time.perf_counter()
+        os.pwrite(fd, buf, off)
+        if i >= 20:   # warm-up
+            lat.append((time.perf_counter() - t) * 1000)
+    lat.sort()
+    out[bs] = {"p50": statistics.median(lat), "p99": lat[int(len(lat) * 0.99) - 1]}
+os.close(fd)
+print(json.dumps(out))
+"""
+
+# a tunnel of the given mode to disk NAME's export on b, through dmmig's own code (or the old argv)
+TUNNEL = r"""
+import json, sys
+from dmmig import tunnel
+from dmmig.runner import SubprocessRunner
+mode, name, local, remote, log, dest = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
+r = SubprocessRunner()
+if mode == "tt":   # before issue 13: a pty, and a command that ends with the pty's hangup
+    argv = ["ssh", "-F", "none", "-tt", "-p", str(dest["port"]), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={dest['known_hosts']}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+            "-o", "StreamLocalBindMask=0177", "-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote}",
+            "-o", "IdentitiesOnly=yes", "-i", dest["identity"], "-E", log, f"{dest['user']}@{dest['host']}", "exec sleep infinity"]
+    pid = r.spawn(argv, logfile=log)
+    import os, time
+    while not os.path.exists(local):
+        time.sleep(0.05)
+else:
+    pid = tunnel.start(r, mode, dest, name, local, remote, log)
+print(pid)
+"""
+
+
+def write_latency(a: UmlHost, dev: str, n: int) -> dict:
+    return {int(k): v for k, v in json.loads(a.run([PY, "-c", WRITER, dev, str(n)]).out).items()}
+
+
+def leg(a: UmlHost, mode: str, name: str, remote_sock: str, n: int) -> dict:
+    dest = {"host": B_IP, "user": "root", "port": 22, "known_hosts": "/run/ssh/known_hosts",
+            "identity": "/run/ssh/id_ed25519", "remote_dmmig": DMMIG, "remote_state_dir": None}
+    local, log = f"/run/bench-{mode}.sock", f"/run/bench-{mode}.log"
+    pid = a.run([PY, "-c", TUNNEL, mode, name, local, remote_sock, log, json.dumps(dest)]).out.strip()
+    try:
+        a.run(["nbd-client", "-N", name, "-u", local, "/dev/nbd0", "-b", "512", "-t", "30"])
+        try:
+            return write_latency(a, "/dev/nbd0", n)
+        finally:
+            a.run(["nbd-client", "-d", "/dev/nbd0"])
+    finally:
+        a.sh(f"kill {pid}; rm -f {local} {log}; true")
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 400
+    p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"))
+    rows: dict[str, dict] = {}
+    try:
+        a, b = p.start()
+        a.sh(f"truncate -s {SIZE_MIB}M /dev/shm/src && losetup /dev/loop0 /dev/shm/src")
+        b.sh(f"truncate -s {SIZE_MIB}M /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
+        try:
+            rows["local"] = write_latency(a, "/dev/loop0", n)
+            a.dmmig("wrap", "lat", "/dev/loop0")
+            a.dmmig("prepare", "lat")
+            a.dmmig("copy", "lat", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG, *SSH_OPTS)
+            sock = json.loads(a.dmmig("status", "lat", "--json").out)["journal"]["dest"]["export"]["socket"]
+            for mode in ("tt", "forward", "relay"):
+                rows[{"tt": "-tt"}.get(mode, mode)] = leg(a, mode, "lat", sock, n)
+            for row, extra in (("mirror forward", ["--tunnel", "forward"]), ("mirror relay", ["--tunnel", "relay"]),
+                               ("mirror nbd TLS", ["--transport", "nbd", "--nbd-address", B_IP]),
+                               ("mirror nbd plain", ["--transport", "nbd", "--nbd-address", B_IP, "--insecure"])):
+                if "nbd" in row:   # another transport: another destination record
+                    a.dmmig("abort", "lat")
+                    a.dmmig("prepare", "lat")
+                a.dmmig("copy", "lat", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG,
+                        *SSH_OPTS, *extra)
+                a.dmmig("cutover", "lat")
+                rows[row] = write_latency(a, "/dev/mapper/dmmig-lat", n)
+            a.dmmig("finish", "lat")
+            a.dmmig("unwrap", "lat")
+        finally:
+            a.sh(f"{DMMIG} abort lat; {DMMIG} unwrap lat; losetup -d /dev/loop0; rm -f /dev/shm/src; true")
+            b.sh("losetup -d /dev/loop0; rm -f /dev/shm/dst; true")
+    finally:
+        p.stop()
+    print(f"serial O_DIRECT pwrite latency, ms ({n} writes per cell), two UML kernels on a veth pair")
+    print(f"{'':16} {'4K p50':>8} {'4K p99':>8} {'64K p50':>8} {'64K p99':>8}   64K p50 vs local, vs -tt")
+    for k, r in rows.items():
+        print(f"{k:16} {r[4096]['p50']:8.2f} {r[4096]['p99']:8.2f} {r[65536]['p50']:8.2f} {r[65536]['p99']:8.2f}"
+              f"   {r[65536]['p50'] / rows['local'][65536]['p50']:6.1f}x"
+              + (f" {r[65536]['p50'] / rows['-tt'][65536]['p50']:5.2f}x" if "-tt" in rows else ""))
+
+
+if __name__ == "__main__":
+    main()
