@@ -32,7 +32,8 @@ COPY = r"""
 import json, socket, sys, threading, time
 from dmmig import nbd as N
 from dmmig.copy import Copier
-from dmmig.ssh import Endpoint, agent_argv, connect, relay_socket
+from dmmig.agentcmd import agent_argv
+from dmmig.ssh import Endpoint, connect, relay_socket
 how, src, name, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 c = connect(Endpoint(sys.argv[6], "root", 22, "/run/ssh/known_hosts", "/run/ssh/id_ed25519"))
 dest = {"host": sys.argv[6], "user": "root", "port": 22, "known_hosts": "/run/ssh/known_hosts",

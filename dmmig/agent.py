@@ -47,7 +47,7 @@ from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.gate import GateServer
 from dmmig.runner import Runner, SubprocessRunner
-from dmmig.ssh import agent_argv, remote_command
+from dmmig.agentcmd import agent_argv, remote_command
 from dmmig.validate import disk_name
 
 PROTOCOL = 2

@@ -30,7 +30,8 @@ from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError, Steps
 from dmmig.progress import Progress
 from dmmig.runner import Runner
-from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, agent_argv, channel_stderr, close_quietly, connect, relay_socket
+from dmmig.agentcmd import agent_argv
+from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, channel_stderr, close_quietly, connect, relay_socket
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed

@@ -8,7 +8,6 @@ the export's unix socket), never a port forward: an authorized_keys entry with `
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 
 import paramiko
 
+from dmmig.agentcmd import remote_command
 from dmmig.errors import BadInput, RemoteError
 from dmmig.validate import destination, host_name, ssh_path, user_name
 
@@ -57,19 +57,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
-
-
-def agent_argv(dest: dict[str, Any], *mode: str) -> list[str]:
-    """The one command dmmig runs on the destination, in every mode (`dmmig agent`, `... relay
-    NAME`, `... hold NAME`, `... probe TOKEN`): a forced command parses exactly this."""
-    state = dest.get("remote_state_dir")
-    return [str(dest["remote_dmmig"]), *(["--state-dir", str(state)] if state else []), "agent", *mode]
-
-
-def remote_command(argv: list[str]) -> str:
-    """SSH carries one string, which the destination's shell splits (or a forced command's
-    SSH_ORIGINAL_COMMAND holds): every word quoted."""
-    return " ".join(shlex.quote(a) for a in argv)
 
 
 def connect(ep: Endpoint) -> paramiko.SSHClient:

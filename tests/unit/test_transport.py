@@ -27,7 +27,8 @@ from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, Exit, StateError
 from dmmig.runner import SubprocessRunner
-from dmmig.ssh import Endpoint, agent_argv
+from dmmig.agentcmd import agent_argv
+from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
 from dmmig.status import disk_status, render
 from dmmig.validate import destination
@@ -124,7 +125,7 @@ def test_a_forced_agent_runs_what_dmmig_itself_asks_for(original: str, want: tup
     assert parse_forced(original, "/var/lib/dmmig") == want
     # and exactly what the source sends
     argv = agent_argv(dict(DEST, remote_state_dir="/var/lib/dmmig"), *[w for w in want if w])
-    from dmmig.ssh import remote_command
+    from dmmig.agentcmd import remote_command
     assert parse_forced(remote_command(argv), "/var/lib/dmmig") == want
 
 
