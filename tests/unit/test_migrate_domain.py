@@ -496,6 +496,7 @@ def test_ssh_is_not_needed_with_the_nbd_transport(world: World, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     world.disk()
     world.opts.copy.transport = "nbd"
+    world.opts.copy.nbd_address = "192.0.2.2"
     tools_on_path(tmp_path, monkeypatch, missing=("ssh",))
     world.plan()
 
@@ -596,7 +597,7 @@ def test_a_config_whose_disks_differ_from_the_running_domain_is_refused(world: W
     for disks, msg in cases:
         with pytest.raises(BadInput, match=msg):
             plan_with(*disks)
-    assert world.agent.calls == ["probe"] and world.mutating() == []
+    assert world.agent.calls == ["probe", "probe_tunnel"] and world.mutating() == []  # the first plan's
     world.runner.rules.insert(0, (["xl", "-N", "create", cfg], (1, "", "Failed to parse config: Invalid argument\n")))
     with pytest.raises(BadInput, match="xl cannot parse the config /etc/xen/vm1.cfg: Failed to parse"):
         world.plan(xl_args=["-C", cfg])
