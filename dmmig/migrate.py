@@ -27,7 +27,7 @@ from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
 from dmmig.era import BlockRange, merge
-from dmmig.errors import BadInput, DmmigError, RemoteError, StateError, Steps
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
 from dmmig.progress import Progress
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
@@ -123,11 +123,20 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             size = stack.dm.table(f"dmmig-{name}").length * 512
             if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
                 entry.copy["migration"] = uuid.uuid4().hex
+            # journaled before anything changes there: a dmmig killed after prepare_disk or the
+            # export leaves a destination that abort knows to clean up
+            before = entry.dest
+            entry.dest = dict(dest)
+            stack.journal.save(entry)
+            try:
+                # the top's logical block size is what blkfront got (blkback passes it on)
+                disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
+                                         create=opts.create, migration=entry.copy["migration"],
+                                         block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
+            except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
+                entry.dest = before
                 stack.journal.save(entry)
-            # the top's logical block size is what blkfront got (blkback passes it on)
-            disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                     create=opts.create, migration=entry.copy["migration"],
-                                     block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
+                raise
             export = _export(remote, dest, name)
             dest["export"] = export
             dest["remote_state"] = remote.agent.hello.get("state_dir")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.errors import DmmigError, RemoteError
+from dmmig.errors import BadInput, DmmigError, RemoteError
 from dmmig.runner import Runner
 
 
@@ -52,7 +52,11 @@ class Export:
 
 def free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
-        s.bind((addr, 0))
+        try:
+            s.bind((addr, 0))
+        except OSError as e:
+            raise BadInput(f"cannot listen on {addr} here: {e.strerror}",
+                           hint="--nbd-address must be an address of the destination host") from None
         return int(s.getsockname()[1])
 
 

@@ -435,3 +435,21 @@ def test_sigkill_anywhere_in_copy_or_cutover_then_abort_leaves_nothing(pair, pdi
         assert left == [], (verb, delay, left)
     assert killed >= 4, "the kills came too late to test anything"
     a.dmmig("unwrap", name)
+
+
+def test_a_copy_that_fails_after_the_destination_changed_is_aborted_there_too(pair, pdisks, name: str) -> None:
+    """The destination was journaled only once its export was up: a copy that failed (or was
+    killed) between the agent's prepare_disk and that point left b's record and TLS keys, and
+    abort on a, not knowing the destination, left them too. Here the export cannot bind (an
+    --nbd-address that is not b's), right after prepare_disk."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(8, fill_seed=15), db(8)
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    r = a.dmmig(*copy_args(name, dest, "--transport", "nbd", "--nbd-address", "192.0.2.1"), check=False)
+    assert r.rc == 3 and "cannot listen on 192.0.2.1" in r.err, (r.rc, r.err)
+    assert b.run(["test", "-e", f"/run/dmmig/{name}.dest.json"], check=False).rc == 0, "prepare_disk never ran"
+    assert a.dmmig("abort", name, check=False).rc == 0
+    assert leftovers(a, b, name) == []
+    a.dmmig("unwrap", name)
