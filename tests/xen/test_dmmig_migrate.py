@@ -48,8 +48,10 @@ def pair(xen_pair: XenPair) -> Iterator[tuple[XenHost, XenHost]]:
 
 def leftovers(h: XenHost) -> dict[str, list[str]]:
     dm = [ln.split()[0] for ln in h.run(["dmsetup", "ls"]).out.splitlines() if ln.startswith("dmmig-")]
-    state = h.sh(f"ls {STATE} 2>/dev/null", check=False).out.split()
-    return {"dm": dm, "state": [f for f in state if not f.endswith(".lock")],
+    # every file below the state dir (exports' sockets and TLS keys are in its root-only nbd/,
+    # which stays, empty, once made)
+    state = h.sh(f"cd {STATE} 2>/dev/null && find . -mindepth 1 ! -type d", check=False).out.split()
+    return {"dm": dm, "state": [f.removeprefix("./") for f in state if not f.endswith(".lock")],
             "qemu-nbd": h.sh("pgrep -a qemu-nbd", check=False).out.split("\n")[:-1],
             "nbd": h.sh("grep -l . /sys/block/nbd*/pid 2>/dev/null", check=False).out.split()}
 
