@@ -567,14 +567,14 @@ def _pump(src: int, dst: int, at_eof: Callable[[], None]) -> None:
 def _widen(s: socket.socket) -> None:
     """Room for several of the copier's 1 MiB requests at each hop (a unix socket's default
     ~200 KiB send buffer and a 64 KiB pipe make every request several process switches)."""
-    for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), getattr(socket, "SO_RCVBUFFORCE", 33)):
+    for opt in (32, 33):  # SO_SNDBUFFORCE, SO_RCVBUFFORCE (Linux; root may exceed wmem_max), not in socket
         try:
             s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         except OSError:
             pass
     for fd in (0, 1):
         try:
-            fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ; only for pipes (sshd's, without a pty)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # only pipes take it (sshd's, without a pty)
         except OSError:
             pass
 
