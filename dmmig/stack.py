@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmmig import journal as J
+from dmmig import sizing
 from dmmig.blockdev import BlockDev, Loop, below, block_device, dm_name_of, holder_names
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.dm.guard import log_path as guard_log
@@ -29,7 +30,7 @@ from dmmig.runner import Runner
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
 
 UUID_PREFIX = "DMMIG"
-DEFAULT_BLOCK_BYTES = 64 << 10
+DEFAULT_BLOCK_BYTES = sizing.DEFAULT_BLOCK_BYTES
 
 
 def top_name(name: str) -> str:
@@ -45,12 +46,9 @@ def uuid_for(role: str, name: str) -> str:
 
 
 def metadata_bytes(origin_bytes: int, block_sectors: int) -> int:
-    """Era metadata size: 4 bytes per block for the era array, a bitset per archived
-    writeset (a few live at once), btree and space-map overhead; doubled for headroom,
-    since dm-era cannot grow its metadata later."""
-    nr_blocks = -(-origin_bytes // (block_sectors * 512))
-    need = 4 * nr_blocks + 8 * (nr_blocks // 8 + 1) + (4 << 20)
-    return _round_up(2 * need, 1 << 20)
+    """The era metadata device dmmig makes (sizing.metadata_file_bytes: from dm-era's on-disk
+    layout, with room for a second copy of the era array; dm-era cannot grow it later)."""
+    return sizing.metadata_file_bytes(sizing.nr_blocks(origin_bytes, block_sectors * 512))
 
 
 def min_metadata_bytes(origin_bytes: int, block_sectors: int) -> int:
@@ -134,10 +132,13 @@ class Stack:
             self.journal.delete(name)
 
     # ---- prepare ------------------------------------------------------------------------
-    def prepare(self, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+    def prepare(self, name: str, *, block_bytes: int | None = None,
                 metadata: str | None = None) -> Table:
+        """BLOCK_BYTES None: the era block is chosen from the disk size (sizing.choose_block,
+        a pure function: the CLI describes the choice with it)."""
         disk_name(name)
-        bs = era_block_size(block_bytes)
+        if block_bytes is not None:
+            era_block_size(block_bytes)
         entry = self._entry(name)
         top = top_name(name)
         info = self.dm.info(top)
@@ -152,6 +153,7 @@ class Stack:
         require_tools("dmsetup", "era_invalidate", "losetup")
         self.dm.require_targets("era")
         length = cur.length
+        bs = era_block_size(sizing.choose_block(length * 512, block_bytes).block_bytes)
         block_fits(bs, length, name)  # else the mirror refuses the region at cutover, after the copy
         meta_dev: BlockDev | None = None
         if metadata is not None:
