@@ -13,7 +13,7 @@ from typing import Any
 from dmmig import __version__
 from dmmig import journal as J
 from dmmig.dm.dmsetup import DmSetup
-from dmmig.errors import DmmigError, Exit
+from dmmig.errors import BadInput, DmmigError, Exit
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.validate import era_block_size, nbd_timeout, parse_size
@@ -40,8 +40,14 @@ def cmd_unwrap(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    table = make_stack(a).prepare(a.name, block_bytes=parse_size(a.block_size), metadata=a.metadata)
+    from dmmig.sizing import choose_block
+    block = parse_size(a.block_size) if a.block_size else None
+    table = make_stack(a).prepare(a.name, block_bytes=block, metadata=a.metadata)
     print(f"dmmig-{a.name}: {table.render()}")
+    choice = choose_block(table.length * 512, block)  # what prepare chose: the same pure function
+    print(f"  {choice.describe()}")
+    if choice.warning:
+        print(f"dmmig prepare: warning: {choice.warning}", file=sys.stderr)
     return 0
 
 
@@ -96,6 +102,11 @@ def cmd_copy(a: argparse.Namespace) -> int:
     from dmmig import migrate
     from dmmig.progress import Progress
     _check_destination(a)
+    if a.dry_run:
+        e = migrate.estimate(make_stack(a), a.name, rate=_rate(a))
+        print(json.dumps({"event": "plan", **e}) if a.json else "\n".join([f"copy {a.name}:"]
+                                                                          + migrate.render_estimate(e, "  ")))
+        return 0
     s = migrate.copy(make_stack(a), a.name, a.host, _ep_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
     if a.json:
         print(json.dumps({"event": "summary", **s}))
@@ -152,15 +163,17 @@ def cmd_finish(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     from dmmig import migrate
     from dmmig.progress import Progress
-    r = migrate.verify(make_stack(a), a.name, chunk=parse_size(a.chunk), progress=Progress(a.json))
+    r = migrate.verify(make_stack(a), a.name, chunk=parse_size(a.chunk), progress=Progress(a.json),
+                       offset=parse_size(a.offset), length=parse_size(a.length) if a.length else None)
     if a.json:
         print(json.dumps({"event": "summary", **r}))
     else:
         for m in r["mismatches"]:
             print(f"MISMATCH bytes {m['offset']}-{m['offset'] + m['length']} ({m['length']} bytes)")
         verdict = "identical" if not r["mismatches"] else f"{len(r['mismatches'])} mismatched range(s)"
+        where = f" from byte {r['offset']}" if r["offset"] else ""
         print(f"{a.name}: {r['source']} vs {r['destination']}: {verdict} "
-              f"({r['bytes']} bytes in {r['chunk']}-byte chunks, {r['seconds']:.1f}s)")
+              f"({r['bytes']} bytes{where} in {r['chunk']}-byte chunks, {r['seconds']:.1f}s)")
     return int(Exit.MISMATCH) if r["mismatches"] else 0
 
 
@@ -173,9 +186,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     _check_destination(a)  # before anything: xl hands HOST to `sh -c` on its way to ssh
     opts = MD.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
-                             block_bytes=parse_size(a.block_size))
+                             block_bytes=parse_size(a.block_size) if a.block_size else None, rate=_rate(a))
     # bad values are refused before anything, xenstored included
-    era_block_size(opts.block_bytes)
+    if opts.block_bytes is not None:
+        era_block_size(opts.block_bytes)
     nbd_timeout(opts.cutover.nbd_timeout)
     check_xl_timeout(opts.xl_timeout)
     stack = make_stack(a)
@@ -210,7 +224,8 @@ def _plan_dict(p: Any) -> dict[str, Any]:
     return {"domain": p.domain.name, "domid": p.domain.domid, "host": p.host, "transport": p.transport,
             "tunnel": p.tunnel, "tunnel_why": p.tunnel_why,
             "disks": [{"vdev": d.vbd.vdev, "params": d.vbd.params, "name": d.name, "size": d.size, "phase": d.phase,
-                       "destination": d.dest_disk, "destination_exists": d.dest_exists, "tables": d.tables}
+                       "destination": d.dest_disk, "destination_exists": d.dest_exists, "tables": d.tables,
+                       "estimate": d.estimate}
                       for d in p.disks],
             "not_moved": [{"vdev": v.vdev, "params": v.params, "script": v.script, "mode": v.mode} for v in p.others]}
 
@@ -274,9 +289,26 @@ def _copy_options(sp: argparse.ArgumentParser) -> None:
 
 
 def _block_size_option(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--block-size", default="64K", metavar="SIZE",
-                    help="era block = mirror region size; power of two, multiple of 4K (default 64K). "
-                         "Larger: coarser rounds, faster resync over a long round trip")
+    sp.add_argument("--block-size", metavar="SIZE",
+                    help="era block = mirror region size; power of two, multiple of 4K. Default: chosen from "
+                         "the disk size, 64K up to 256 GiB and larger beyond (at most 4 Mi era blocks: 512K at "
+                         "2 TiB), which bounds the era metadata and each round's query. Larger: coarser rounds, "
+                         "faster resync over a long round trip")
+
+
+def _rate_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--rate", metavar="RATE",
+                    help="--dry-run: the copy rate to estimate the time with, bytes/s, e.g. 50M (default: the "
+                         "rate this migration's copy reached, else 100M, about a 1 Gbit/s link)")
+
+
+def _rate(a: argparse.Namespace) -> float | None:
+    if not a.rate:
+        return None
+    rate = parse_size(a.rate)
+    if rate <= 0:
+        raise BadInput(f"--rate must be positive, got {a.rate!r}")
+    return float(rate)
 
 
 def _copy_opts(a: argparse.Namespace, dest_disk: str | None = None) -> Any:
@@ -335,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("host", nargs="?", metavar="[USER@]HOST", help="destination (remembered in the journal)")
     sp.add_argument("--dest-disk", metavar="PATH", help="destination disk (default: the origin's path)")
     _copy_options(sp)
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the era block and metadata size, the bytes the base copy sends and the time it "
+                         "takes at --rate; change nothing, contact nobody")
+    _rate_option(sp)
     sp.add_argument("--json", action="store_true", help="JSON lines: progress events and a summary")
 
     sp = verb("cutover", cmd_cutover, "switch to a synchronous mirror: every write reaches both hosts; "
@@ -358,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("verify", cmd_verify, "compare source and destination by digests computed on each side")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--chunk", default="1M", metavar="SIZE", help="digest granularity (default 1M)")
+    sp.add_argument("--offset", default="0", metavar="SIZE",
+                    help="start there (a multiple of --chunk; default 0)")
+    sp.add_argument("--length", metavar="SIZE",
+                    help="compare only this many bytes (default: to the end). A whole multi-TiB disk takes hours "
+                         "on both hosts; check the ranges that matter")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("migrate", cmd_migrate, "live-migrate a running domain and its block-dmmig disks: copy, mirror, "
@@ -367,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("host", metavar="[USER@]HOST", help="destination, as for xl migrate (same SSH login)")
     sp.set_defaults(xl_args=[])  # what follows `--`: options for xl migrate (see main)
     sp.add_argument("--dry-run", action="store_true",
-                    help="print the plan (disks, sizes, destination paths, dm tables) and change nothing")
+                    help="print the plan (disks, sizes, destination paths, dm tables, era block and metadata "
+                         "size, bytes to send and the time at --rate) and change nothing")
+    _rate_option(sp)
     _copy_options(sp)
     sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
                     help="a request to a dead destination fails the mirror leg after this (1..600, default 10)")

@@ -18,6 +18,7 @@ from dmmig.errors import LocalIOError, RemoteError
 
 SUB = 64 << 10  # zero detection granularity
 ZERO = bytes(SUB)
+HOLE_PIECE = 1 << 30  # one NBD write-zeroes request over a hole (the protocol's length is 32-bit)
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Copier:
     queue: int = 16               # requests in flight
     bwlimit: float | None = None  # bytes/s of payload
     on_progress: Callable[[int], None] | None = None
+    # (start, end) -> (offset, length, is_data) pieces: where the source is known to hold no
+    # data (sparse.FileLayout.pieces); None: every byte is read
+    layout: Callable[[int, int], Iterable[tuple[int, int, bool]]] | None = None
     _inflight: deque[tuple[int, mmap.mmap | None]] = field(default_factory=deque)
     _slots: _Slots = field(default_factory=_Slots)
 
@@ -88,33 +92,21 @@ class Copier:
         t0 = time.monotonic()
         fd = os.open(self.src, os.O_RDONLY | os.O_DIRECT)
         last_ck = time.monotonic()
+
+        def tick(pos: int) -> None:
+            nonlocal last_ck
+            if checkpoint and time.monotonic() - last_ck > 2:
+                self._drain(0)
+                checkpoint(pos)
+                last_ck = time.monotonic()
         try:
             for off, length in extents:
-                end = off + length
-                pos = off
-                while pos < end:
-                    n = min(self.chunk, end - pos)
-                    buf = self._slots.get(self.chunk)  # page-aligned, as O_DIRECT needs
-                    try:
-                        with memoryview(buf) as view:
-                            got = os.preadv(fd, [view[:n]], pos)
-                    except OSError as e:
-                        raise LocalIOError(f"reading the source {self.src} failed at byte {pos}: {e.strerror}",
-                                           hint="the guest's own disk returns errors: check it (dmesg); once it "
-                                                "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from None
-                    if got != n:
-                        raise LocalIOError(f"reading the source {self.src} came up short at byte {pos}: {got} of "
-                                           f"{n} bytes", hint="has the source shrunk? `dmmig abort` the migration")
-                    c.read += n
-                    self._send(nbd, buf, pos, n, c)
-                    pos += n
-                    if self.on_progress:
-                        self.on_progress(n)
-                    self._throttle(c, t0)
-                    if checkpoint and time.monotonic() - last_ck > 2:
-                        self._drain(0)
-                        checkpoint(pos)
-                        last_ck = time.monotonic()
+                for pos, n, data in (self.layout(off, off + length) if self.layout else [(off, length, True)]):
+                    if not data:
+                        self._hole(pos, n, c)
+                        tick(pos + n)
+                    else:
+                        self._data(fd, nbd, pos, pos + n, c, t0, tick)
             self._drain(0)
             self.handle.flush()
         except nbd.Error as e:
@@ -124,6 +116,42 @@ class Copier:
             os.close(fd)
         c.seconds = time.monotonic() - t0
         return c
+
+    def _data(self, fd: int, nbd: Any, pos: int, end: int, c: Counters, t0: float,
+              tick: Callable[[int], None]) -> None:
+        while pos < end:
+            n = min(self.chunk, end - pos)
+            buf = self._slots.get(self.chunk)  # page-aligned, as O_DIRECT needs
+            try:
+                with memoryview(buf) as view:
+                    got = os.preadv(fd, [view[:n]], pos)
+            except OSError as e:
+                raise LocalIOError(f"reading the source {self.src} failed at byte {pos}: {e.strerror}",
+                                   hint="the guest's own disk returns errors: check it (dmesg); once it "
+                                        "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from None
+            if got != n:
+                raise LocalIOError(f"reading the source {self.src} came up short at byte {pos}: {got} of "
+                                   f"{n} bytes", hint="has the source shrunk? `dmmig abort` the migration")
+            c.read += n
+            self._send(nbd, buf, pos, n, c)
+            pos += n
+            if self.on_progress:
+                self.on_progress(n)
+            self._throttle(c, t0)
+            tick(pos)
+
+    def _hole(self, pos: int, n: int, c: Counters) -> None:
+        """A range the source's layout says reads as zeros: not read at all; skipped on a
+        destination known to be zero, else zeroed without payload (NBD lengths are 32-bit)."""
+        if self.dest_zero:
+            c.skipped += n
+        else:
+            for off in range(pos, pos + n, HOLE_PIECE):
+                k = min(HOLE_PIECE, pos + n - off)
+                self._submit(self.handle.aio_zero(k, off), None)
+                c.zeroed += k
+        if self.on_progress:
+            self.on_progress(n)
 
     def _send(self, nbd: Any, buf: mmap.mmap, pos: int, n: int, c: Counters) -> None:
         zero = [buf[i:min(i + SUB, n)] == ZERO[:min(SUB, n - i)] for i in range(0, n, SUB)]

@@ -21,6 +21,8 @@ from dmmig import gate
 from dmmig import journal as J
 from dmmig import mirrorlog
 from dmmig import nbd as N
+from dmmig import sizing
+from dmmig import sparse
 from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
 from dmmig.blockdev import block_device, logical_block_size
@@ -153,6 +155,59 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             remote.close()
 
 
+def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: float | None = None) -> dict[str, Any]:
+    """What copying NAME would cost, for `--dry-run`; changes nothing, contacts nobody: the era
+    block (NAME's own once prepared, else what prepare would choose, or BLOCK_BYTES) and its
+    metadata, the bytes the base copy still sends, and the time at RATE bytes/s (default: the
+    best rate this migration's copy reached, else sizing.DEFAULT_RATE, an assumption)."""
+    entry = stack._entry(name)
+    size = stack.dm.table(top_name(name)).length * 512
+    prepared = entry.block_sectors is not None and entry.phase not in (J.WRAPPED, J.PREPARING)
+    choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
+    st = entry.copy if prepared else {}
+    start = size if st.get("base_done") else int(st.get("base_offset") or 0)
+    layout = sparse.layout_of(stack.loop, entry.origin)
+    if st.get("base_done"):
+        send, basis = 0, "the base copy is done; the rounds send what era records (`dmmig dirty` shows it)"
+    elif layout is not None:
+        try:
+            send = layout.data_bytes(start, size)
+        finally:
+            layout.close()
+        basis = (f"the data of {entry.origin}'s backing file {layout.path} (its holes are known zeros, not read); "
+                 "zero blocks within the data are found while copying and not sent")
+    else:
+        send = size - start
+        basis = (f"the whole disk: where {entry.origin} holds zeros cannot be told without reading it (not a loop "
+                 "device over a file); zero blocks are found while copying and not sent")
+    measured = _copy_rate(entry) if prepared else None
+    if rate is not None:
+        how = "--rate"
+    elif measured:
+        rate, how = measured, "the best rate this migration's copy reached"
+    else:
+        rate, how = float(sizing.DEFAULT_RATE), (f"assumed {sizing.human(sizing.DEFAULT_RATE)}/s (about a 1 Gbit/s "
+                                                 "link); give --rate for yours")
+    return {"name": name, "disk_bytes": size, "block_bytes": choice.block_bytes,
+            "block": "prepared" if prepared else ("chosen from the disk size" if choice.chosen else "--block-size"),
+            "era_blocks": choice.nr_blocks, "metadata_bytes": choice.metadata_bytes,
+            "metadata_file_bytes": choice.metadata_file, "warning": choice.warning,
+            "send_bytes": send, "send_basis": basis, "rate_bytes_per_s": int(rate), "rate_basis": how,
+            "seconds": round(send / rate, 1)}
+
+
+def render_estimate(e: dict[str, Any], indent: str = "") -> list[str]:
+    h = sizing.human
+    lines = [f"{indent}era block {h(e['block_bytes'])} ({e['block']}): {e['era_blocks']} blocks; era metadata "
+             f"{h(e['metadata_bytes'])} at prepare on a {h(e['metadata_file_bytes'])} sparse device",
+             f"{indent}base copy sends {h(e['send_bytes'])} of {h(e['disk_bytes'])}: {e['send_basis']}",
+             f"{indent}time at {h(e['rate_bytes_per_s'])}/s ({e['rate_basis']}): {sizing.duration(e['seconds'])}, "
+             "plus the rounds"]
+    if e.get("warning"):
+        lines.append(f"{indent}warning: {e['warning']}")
+    return lines
+
+
 def check_source(stack: Stack, transport: str) -> None:
     """Every tool and dm target this host needs from prepare to cutover (the tunnel's ssh for
     --transport ssh); checked before anything changes, never found missing after the copy."""
@@ -244,14 +299,27 @@ def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts
 
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
                  progress: Progress) -> dict[str, Any]:
+    entry.copy.setdefault("rounds", [])
+    assert entry.metadata
+    # a loop device over a sparse file: its holes are not read (dmmig/sparse.py)
+    layout = sparse.layout_of(stack.loop, entry.origin)
+    try:
+        return _copy_passes(stack, name, entry, h, size, opts, progress, layout)
+    finally:
+        if layout is not None:
+            layout.close()
+
+
+def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
+                 progress: Progress, layout: sparse.FileLayout | None) -> dict[str, Any]:
     st = entry.copy
-    assert entry.metadata and entry.block_sectors
+    assert entry.block_sectors
     bs = entry.block_sectors * 512
     total = Counters()
-    st.setdefault("rounds", [])
 
     def copier(dest_zero: bool) -> Copier:
-        return Copier(entry.origin, h, dest_zero=dest_zero, bwlimit=opts.bwlimit, on_progress=progress.advance)
+        return Copier(entry.origin, h, dest_zero=dest_zero, bwlimit=opts.bwlimit, on_progress=progress.advance,
+                      layout=layout.pieces if layout else None)
 
     if not st.get("base_done"):
         if "base_era" not in st:
@@ -287,7 +355,7 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
         ranges, now = stack.drained_dirty(name, int(st["next_since"]))
         dirty = sum(r.count for r in ranges) * bs
         progress.start(f"round {len(st['rounds']) + 1}", dirty)
-        c = rounds.copy([(r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges])
+        c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
         total.add(c)
         rounds_now += 1
         rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict()}
@@ -652,8 +720,10 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
 
 # ---- verify -------------------------------------------------------------------------------
 def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 << 20, rechecks: int = 2,
-           progress: Progress | None = None) -> dict[str, Any]:
-    """Compare source and destination chunk by chunk by digests computed on each side.
+           progress: Progress | None = None, offset: int = 0, length: int | None = None) -> dict[str, Any]:
+    """Compare source and destination chunk by chunk by digests computed on each side, over
+    [OFFSET, OFFSET+LENGTH) (default: the whole disk; a multi-TiB disk is read whole on both
+    hosts, hours, so a range lets the operator check what matters, e.g. what the guest wrote).
     While mirroring, a chunk written during the pass can differ once; it is read again
     (RECHECKS times) before it counts as a mismatch."""
     entry = stack._entry(name)
@@ -661,15 +731,20 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
         raise StateError(f"no destination known for {name}", hint=f"`dmmig copy {name} HOST` first")
     if chunk <= 0 or chunk % 4096:
         raise BadInput(f"--chunk must be a positive multiple of 4096, got {chunk}")
-    size = stack.dm.table(top_name(name)).length * 512
+    disk = stack.dm.table(top_name(name)).length * 512
+    if offset < 0 or offset % chunk or offset >= disk:
+        raise BadInput(f"--offset {offset} must be a multiple of --chunk {chunk} below the disk's {disk} bytes")
+    if length is not None and length <= 0:
+        raise BadInput(f"--length must be positive, got {length}")
+    size = disk if length is None else min(disk, offset + length)  # the end of the range
     src, dst = entry.origin, entry.dest["disk"]
     t0 = time.monotonic()
     remote = Remote(entry.dest)
     bad: list[int] = []
     try:
         if progress:
-            progress.start("verify", size)
-        for off in range(0, size, batch):
+            progress.start("verify", size - offset)
+        for off in range(offset, size, batch):
             n = min(batch, size - off)
             mine: list[str] = []
             th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))
@@ -695,7 +770,8 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
     finally:
         remote.close()
     ranges = merge([BlockRange(i, i + 1) for i in bad])
-    res = {"name": name, "source": src, "destination": f"{entry.dest['host']}:{dst}", "bytes": size,
+    res = {"name": name, "source": src, "destination": f"{entry.dest['host']}:{dst}", "bytes": size - offset,
+           "offset": offset,
            "chunk": chunk, "seconds": round(time.monotonic() - t0, 3),
            "mismatches": [{"offset": r.begin * chunk, "length": min(r.end * chunk, size) - r.begin * chunk}
                           for r in ranges]}

@@ -32,7 +32,7 @@ from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.hotplug import format_devno
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
-from dmmig.stack import DEFAULT_BLOCK_BYTES, Stack, era_name, top_name
+from dmmig.stack import Stack, era_name, top_name
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
@@ -50,8 +50,10 @@ class MigrateOptions:
     shared_ok: bool = False         # the domain's writable disks not on block-dmmig are shared storage
     block_script: str = "/etc/xen/scripts/block-dmmig"
     # era block = mirror region, for disks not prepared yet: the kernel resyncs one region at a
-    # time, so larger regions resync faster over a long round trip (README, "Resync speed")
-    block_bytes: int = DEFAULT_BLOCK_BYTES
+    # time, so larger regions resync faster over a long round trip (README, "Resync speed").
+    # None: each disk's is chosen from its size (sizing.choose_block)
+    block_bytes: int | None = None
+    rate: float | None = None       # --dry-run's estimate: the copy rate (bytes/s)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Disk:
     dest_exists: bool
     tables: list[str]
     block_size: int | None = None   # logical block size blkfront got; the destination must match it
+    estimate: dict[str, Any] = field(default_factory=dict)  # era block, metadata, bytes and time (M.estimate)
 
     @property
     def top(self) -> str:
@@ -94,6 +97,8 @@ class Plan:
                          f"({d.size / (1 << 20):.1f} MiB), phase {d.phase}; destination {self.host}:{d.dest_disk} "
                          f"({dest})")
             lines += [f"    {t}" for t in d.tables]
+            if d.estimate:
+                lines += M.render_estimate(d.estimate, "    ")
         for v in self.others:
             lines.append(f"  {v.vdev}: {v.params or '(no params)'} (script {v.script or 'none'}, mode {v.mode}): "
                          "not moved by dmmig; xl migrate expects it on the destination as it is")
@@ -132,8 +137,9 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     if config is not None:
         _check_config(xl, config, dom, all_vbds)
     ep = Endpoint.parse(host, **ep_opts)
-    block = era_block_size(opts.block_bytes)
-    disks = [_disk_here(stack, v, ep.host, block) for v in mine]
+    if opts.block_bytes is not None:
+        era_block_size(opts.block_bytes)
+    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate) for v in mine]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     M.check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
@@ -170,8 +176,9 @@ def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
                             "domain's own config, or leave -C out (xl then sends the running config)")
 
 
-def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk:
-    """BLOCK_SECTORS: the era block (= region) prepare will use if the disk is not prepared yet."""
+def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, rate: float | None) -> Disk:
+    """BLOCK_BYTES: the era block (= region) prepare will use if the disk is not prepared yet
+    (None: chosen from its size); RATE: the copy rate for the time estimate."""
     name = v.name
     top = top_name(name)
     entry = stack.journal.load(name)
@@ -186,6 +193,8 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk
         raise StateError(f"{name} is already being migrated to {entry.dest.get('host')}",
                          hint=f"`dmmig abort {name}` first")
     length = stack.dm.table(top).length
+    est = M.estimate(stack, name, block_bytes=block_bytes, rate=rate)  # refuses a block dm-era cannot take
+    block_sectors = int(est["block_bytes"]) // 512
     block_fits(block_sectors if entry.phase == J.WRAPPED else entry.block_sectors or block_sectors, length,
                f"{v.vdev} ({v.params})")
     tables = [f"now:        {top}: {stack.dm.table_text(top).strip()}"]
@@ -196,7 +205,7 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_sectors: int) -> Disk
         block_sectors = entry.block_sectors or block_sectors
     tables.append(f"cutover:    {top}: 0 {length} mirror disk 2 <log loop> {block_sectors} 2 <{era_name(name)}> 0 "
                   "<nbd leg> 0 2 handle_errors keep_log")
-    return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables)
+    return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables, estimate=est)
 
 
 def _sector_size(xs: XenStore, stack: Stack, d: Disk) -> int | None:
