@@ -1,6 +1,7 @@
 """Block devices and loop devices: stat, size, holders, sysfs relations, losetup."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -150,18 +151,23 @@ class Loop:
 
     def infos(self) -> list[LoopInfo]:
         """Every attached loop device and the inode it is over (by inode, not by name: a file
-        renamed, or reached through a symlink, is still the same file)."""
-        out = self.r.run(["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,MAJ:MIN,BACK-MAJ:MIN,BACK-INO"],
+        renamed, or reached through a symlink, is still the same file). JSON, and every field
+        stripped: util-linux 2.38 pads MAJ:MIN columns with spaces even there, and --raw
+        escapes that padding as \\x20, which a split() never took apart."""
+        out = self.r.run(["losetup", "--list", "--json", "--output", "NAME,MAJ:MIN,BACK-MAJ:MIN,BACK-INO"],
                          check=False, timeout=30).stdout
+        try:
+            devs = json.loads(out).get("loopdevices", []) if out.strip() else []
+        except (ValueError, AttributeError):
+            return []
         infos = []
-        for ln in out.splitlines():
-            w = ln.split()
+        for d in devs:
             try:
-                name, dev, back, ino = w
-                ma, mi = dev.split(":")
-                bma, bmi = back.split(":")
-                infos.append(LoopInfo(name, os.makedev(int(ma), int(mi)), (os.makedev(int(bma), int(bmi)), int(ino))))
-            except ValueError:
+                ma, mi = str(d["maj:min"]).strip().split(":")
+                bma, bmi = str(d["back-maj:min"]).strip().split(":")
+                infos.append(LoopInfo(str(d["name"]).strip(), os.makedev(int(ma), int(mi)),
+                                      (os.makedev(int(bma), int(bmi)), int(d["back-ino"]))))
+            except (KeyError, TypeError, ValueError):
                 continue
         return infos
 

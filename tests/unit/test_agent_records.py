@@ -165,8 +165,12 @@ def test_a_local_domains_backend_or_another_dmmig_record_refuses_it(dest: Dest) 
 def test_a_loop_device_over_the_file_refuses_it(dest: Dest) -> None:
     p = dest.path("vm1.img", 4 * MIB)
     st = os.stat(p)
-    dest.runner.rules.append((["losetup", "--list"], (0, f"/dev/loop3 7:3 {os.major(st.st_dev)}:{os.minor(st.st_dev)} "
-                                                         f"{st.st_ino}\n/dev/loop4 7:4 0:1 99\n", "")))
+    # what losetup 2.38.1 (Debian 12) prints, padding included (recorded in the rig)
+    listing = {"loopdevices": [
+        {"name": "/dev/loop3", "maj:min": "  7:3  ", "back-maj:min": f"       {os.major(st.st_dev)}:{os.minor(st.st_dev)} ",
+         "back-ino": st.st_ino, "offset": 0},
+        {"name": "/dev/loop4", "maj:min": "  7:4  ", "back-maj:min": "       0:1 ", "back-ino": 99, "offset": 0}]}
+    dest.runner.rules.append((["losetup", "--list"], (0, json.dumps(listing, indent=3), "")))
     with pytest.raises(Busy, match="a loop device is over it: /dev/loop3$"):
         dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m1")
 
