@@ -267,9 +267,12 @@ def test_destination_checks(world: World) -> None:
 
 
 def loop_over(path: Path, name: str = "/dev/loop9", devno: str = "7:9") -> FakeRunner:
+    """losetup --list --json as util-linux 2.38.1 prints it: MAJ:MIN fields padded with spaces."""
     st = os.stat(path)
-    line = f"{name} {devno} {os.major(st.st_dev)}:{os.minor(st.st_dev)} {st.st_ino}\n"
-    return FakeRunner([(["losetup", "--list"], (0, line, ""))])
+    listing = {"loopdevices": [{"name": name, "maj:min": f"  {devno}  ",
+                                "back-maj:min": f"       {os.major(st.st_dev)}:{os.minor(st.st_dev)} ",
+                                "back-ino": st.st_ino, "offset": 0}]}
+    return FakeRunner([(["losetup", "--list"], (0, json.dumps(listing, indent=3), ""))])
 
 
 def test_destination_in_use_refused(world: World) -> None:

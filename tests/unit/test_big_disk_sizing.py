@@ -1,0 +1,163 @@
+"""Issue 14 part 3 without a kernel: the era block chosen from the disk size, the era metadata
+model against what real era devices used in the rig, the sparse layout of a real file, the
+copier over holes (real qemu-nbd), and the dry-run estimates of `copy` and `migrate`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dmmig import migrate as M
+from dmmig import sizing
+from dmmig import sparse
+from dmmig.errors import BadInput
+from tests.unit.test_migrate_domain import INFO, World, world  # noqa: F401 - the fixture
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+@pytest.mark.parametrize("disk,block", [(128 * MiB, 64 * KiB), (256 * GiB, 64 * KiB), (257 * GiB, 128 * KiB),
+                                        (1 * TiB, 256 * KiB), (2 * TiB, 512 * KiB), (8 * TiB, 2 * MiB),
+                                        (64 * TiB, 16 * MiB)])
+def test_the_default_era_block_grows_with_the_disk(disk: int, block: int) -> None:
+    c = sizing.choose_block(disk)
+    assert (c.block_bytes, c.chosen, c.warning) == (block, True, None)
+    assert c.nr_blocks <= sizing.AUTO_MAX_BLOCKS
+    assert c.metadata_bytes <= 17 * MiB and c.metadata_file <= 40 * MiB
+    assert "chosen for a" in c.describe()
+
+
+def test_an_explicit_block_is_honoured_warned_about_or_refused() -> None:
+    c = sizing.choose_block(2 * TiB, 64 * KiB)  # the old default: 32 Mi blocks
+    assert (c.block_bytes, c.nr_blocks, c.chosen) == (64 * KiB, 32 * 2**20, False)
+    assert c.warning and "without --block-size dmmig would use 512 KiB" in c.warning
+    assert "(--block-size)" in c.describe()
+    assert sizing.choose_block(2 * TiB, 256 * KiB).warning is None
+    with pytest.raises(BadInput, match="fewer than 2.31"):
+        sizing.choose_block(8 * TiB, 4 * KiB)
+    with pytest.raises(BadInput, match="space map holds at most 15.9 GiB"):
+        sizing.choose_block(8 * TiB - 4 * KiB, 4 * KiB)
+
+
+# `dmsetup status` of real era devices in the rig, right after prepare: (disk, block, used
+# metadata blocks); the 2 TiB / 512 KiB one again in tests/kernel/test_big_disk.py
+MEASURED = [(128 * MiB, 64 * KiB, 11), (2 * TiB, 64 * KiB, 34143), (2 * TiB, 128 * KiB, 17076),
+            (2 * TiB, 256 * KiB, 8543), (2 * TiB, 512 * KiB, 4274), (2 * TiB, 1 * MiB, 2142),
+            (8 * TiB, 1 * MiB, 8543)]
+
+
+@pytest.mark.parametrize("disk,block,used", MEASURED)
+def test_the_metadata_model_matches_real_era_devices(disk: int, block: int, used: int) -> None:
+    model = sizing.era_metadata_blocks(sizing.nr_blocks(disk, block))
+    assert abs(model - used) <= max(2, used // 1000), (model, used)
+    # the device dmmig makes holds that twice over (a snapshot pins the old array blocks)
+    assert sizing.metadata_file_bytes(sizing.nr_blocks(disk, block)) >= 2 * used * 4096
+
+
+def sparse_file(path: Path, size: int, data: list[tuple[int, int]]) -> bytes:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, n in data:
+            f.seek(off)
+            f.write(os.urandom(n))
+    return b""
+
+
+def test_layout_of_a_real_sparse_file(tmp_path: Path) -> None:
+    p = tmp_path / "d.img"
+    sparse_file(p, 64 * GiB, [(0, 4096), (5 * MiB + 100, 10), (32 * GiB, 3 * MiB), (64 * GiB - 4096, 4096)])
+    fd = os.open(p, os.O_RDONLY)
+    lay = sparse.FileLayout(str(p), fd, 0, 64 * GiB)
+    try:
+        pieces = list(lay.pieces(0, 64 * GiB))
+        # in order, no gap, no overlap, covering the range
+        pos = 0
+        for off, n, _ in pieces:
+            assert off == pos and n > 0
+            pos += n
+        assert pos == 64 * GiB
+        data = [(off, n) for off, n, d in pieces if d]
+        # every written byte is inside a data run; runs are widened to 64 KiB, not more
+        for off, n in [(0, 4096), (5 * MiB + 100, 10), (32 * GiB, 3 * MiB), (64 * GiB - 4096, 4096)]:
+            assert any(b <= off and off + n <= b + m for b, m in data), (off, data)
+        assert lay.data_bytes(0, 64 * GiB) <= 4 * 64 * KiB + 3 * MiB + 2 * 64 * KiB
+        # a sub-range: the same answer, clipped
+        assert list(lay.pieces(32 * GiB, 32 * GiB + MiB)) == [(32 * GiB, MiB, True)]
+        assert list(lay.pieces(40 * GiB, 41 * GiB)) == [(40 * GiB, GiB, False)]
+        # with a loop offset: device byte B is file byte OFFSET + B
+        lay.offset, lay.size = 32 * GiB, 32 * GiB
+        assert list(lay.pieces(0, MiB)) == [(0, MiB, True)]
+    finally:
+        lay.close()
+
+
+def test_the_copier_reads_no_hole_and_zeroes_them_on_a_destination_not_known_zero(tmp_path: Path) -> None:
+    nbd = pytest.importorskip("nbd")  # noqa: F841
+    from dmmig.copy import Copier
+    from tests.unit.test_copy_engine import start
+    size = 3 * GiB + 5 * MiB
+    src = tmp_path / "src.img"
+    sparse_file(src, size, [(MiB, 2 * MiB), (3 * GiB + MiB, MiB)])
+    dest, sock = tmp_path / "dest.img", tmp_path / "nbd.sock"
+    proc, h = start(dest, sock, size)
+    for off in (0, 2 * GiB, size - 4096):  # garbage where the source has holes
+        h.pwrite(os.urandom(4096), off)  # type: ignore[attr-defined]
+    fd = os.open(src, os.O_RDONLY)
+    lay = sparse.FileLayout(str(src), fd, 0, size)
+    try:
+        c = Copier(str(src), h, dest_zero=False, layout=lay.pieces).copy([(0, size)])
+    finally:
+        lay.close()
+        h.shutdown()  # type: ignore[attr-defined]
+        proc.wait(10)
+    assert c.read <= 3 * MiB + 4 * 64 * KiB  # the data runs, not 3 GiB
+    assert c.read + c.zeroed == size and c.skipped == 0
+    with open(src, "rb") as a, open(dest, "rb") as b:
+        for off in (0, MiB, 2 * GiB, 3 * GiB + MiB, size - 4096):
+            a.seek(off)
+            b.seek(off)
+            assert a.read(MiB) == b.read(MiB), off
+
+
+def two_tib(world: World) -> str:
+    name = world.disk()
+    os.truncate(world.dest_dir / "d1", 2 * TiB)  # the destination disk, sparse
+    world.runner.rules.insert(0, (["dmsetup", "table", f"dmmig-{name}"], (0, f"0 {2 * TiB // 512} linear 7:1 0\n", "")))
+    return name
+
+
+def test_migrate_dry_run_says_block_metadata_bytes_and_time(world: World) -> None:  # noqa: F811
+    two_tib(world)
+    text = world.plan().render()
+    assert "era block 512 KiB (chosen from the disk size): 4194304 blocks; era metadata 16.7 MiB at prepare on a " \
+           "39 MiB sparse device" in text, text
+    assert "era <metadata loop> 7:1 1024" in text  # the table prepare will load uses it
+    # the origin (/dev/loop1 here) is no loop device over a file this host can see: the whole disk
+    assert "base copy sends 2 TiB of 2 TiB: the whole disk" in text, text
+    assert "time at 100 MiB/s (assumed 100 MiB/s (about a 1 Gbit/s link); give --rate for yours): 5.8 h" in text, text
+    text = world.plan(rate=float(GiB)).render()
+    assert "time at 1 GiB/s (--rate): 34 min" in text, text
+    text = world.plan(block_bytes=64 * KiB).render()
+    assert "era block 64 KiB (--block-size): 33554432 blocks" in text and "warning: 33554432 era blocks" in text
+    assert world.mutating() == []
+
+
+def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(world: World) -> None:  # noqa: F811
+    from dmmig import journal as J
+    name = two_tib(world)
+    entry = world.stack.journal.load(name)
+    assert entry is not None
+    entry.block_sectors = 128  # 64 KiB, prepared by an older dmmig
+    entry.copy = {"base_offset": TiB, "base": {"read": 512 * MiB, "seconds": 2.0}}
+    world.stack.journal.save(entry, J.COPYING)
+    e = M.estimate(world.stack, name)
+    assert (e["block_bytes"], e["block"], e["send_bytes"]) == (64 * KiB, "prepared", TiB)  # the rest of the base
+    assert e["rate_bytes_per_s"] == 256 * MiB and "reached" in e["rate_basis"]
+    assert e["seconds"] == TiB / (256 * MiB)
+    lines = M.render_estimate(e)
+    assert lines[0].startswith("era block 64 KiB (prepared): 33554432 blocks") and "warning" in lines[-1]
+    entry.copy["base_done"] = True
+    world.stack.journal.save(entry)
+    assert M.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
+    assert world.mutating() == []
