@@ -352,10 +352,13 @@ def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
     prev: int | None = None
     rounds_now = 0
     while True:
-        ranges, now = stack.drained_dirty(name, int(st["next_since"]))
-        dirty = sum(r.count for r in ranges) * bs
-        progress.start(f"round {len(st['rounds']) + 1}", dirty)
-        c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
+        ranges, now = stack.drained_dirty_ranges(name, int(st["next_since"]))  # streamed from a file
+        try:
+            dirty = ranges.blocks * bs
+            progress.start(f"round {len(st['rounds']) + 1}", dirty)
+            c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
+        finally:
+            ranges.close()
         total.add(c)
         rounds_now += 1
         rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict()}

@@ -23,7 +23,7 @@ from dmmig.blockdev import BlockDev, Loop, below, block_device, dm_name_of, hold
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import Era, Linear, Table
-from dmmig.era import BlockRange, EraTools
+from dmmig.era import BlockRange, DirtyRanges, EraTools
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.mirror import MirrorSide
 from dmmig.runner import Runner
@@ -39,6 +39,12 @@ def top_name(name: str) -> str:
 
 def era_name(name: str) -> str:
     return f"dmmig-{name}-era"
+
+
+def dirty_file(state_dir: str, name: str) -> str:
+    """Where a copy round keeps era_invalidate's answer while it copies (a dmmig killed
+    meanwhile leaves it: abort removes it)."""
+    return os.path.join(state_dir, f"{name}.dirty.xml")
 
 
 def uuid_for(role: str, name: str) -> str:
@@ -267,6 +273,15 @@ class Stack:
         with the top device suspended: the suspend waits for every write in flight through
         it and holds new ones, which arrive after the snapshot's rollover and carry era N or
         later. The era device itself stays live (it answers messages through its worker)."""
+        d, now = self.drained_dirty_ranges(name, since)
+        try:
+            return list(d), now
+        finally:
+            d.close()
+
+    def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int]:
+        """As drained_dirty, the ranges in a file in the state dir, streamed: a scattered delta
+        of millions of blocks stays out of memory. The caller closes it (removes the file)."""
         entry = self._prepared(name)
         era = era_name(name)
         assert entry.metadata
@@ -276,7 +291,7 @@ class Stack:
             self.dm.message(era, "take_metadata_snap")
         try:
             now = self.dm.era_status(era).current_era
-            return self.era.written_since(entry.metadata, since), now
+            return self.era.written_since_file(entry.metadata, since, dirty_file(self.journal.dir, name)), now
         finally:
             self.dm.message(era, "drop_metadata_snap")
 
@@ -343,6 +358,9 @@ class Stack:
         glog = guard_log(self.journal.dir, top)  # a dmmig killed while suspended: history now
         if os.path.exists(glog):
             step(f"remove {glog}", lambda: os.unlink(glog))
+        dirty = dirty_file(self.journal.dir, name)
+        if os.path.exists(dirty):
+            step(f"remove {dirty}", lambda: os.unlink(dirty))
         mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
         for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
             step(f"detach {dev}", partial(self.loop.detach, dev))

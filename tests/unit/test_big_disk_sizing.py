@@ -161,3 +161,47 @@ def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(wo
     world.stack.journal.save(entry)
     assert M.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
     assert world.mutating() == []
+
+
+def test_a_scattered_delta_is_streamed_not_held(tmp_path: Path) -> None:
+    """1 Mi dirty blocks, every other one (a guest's scattered writes between two rounds of a
+    2 TiB disk at 512 KiB blocks): the round counts and iterates them from the file with a
+    bounded peak RSS. Before, ElementTree plus the list took 1.5 GiB for 2 Mi of them."""
+    import json
+    import subprocess
+    import sys
+    xml = tmp_path / "dirty.xml"
+    n = 1 << 20
+    with open(xml, "w") as f:
+        f.write("<blocks>\n")
+        for i in range(0, 2 * n, 2048):
+            f.write("".join(f'  <block block="{b}"/>\n' for b in range(i, i + 2048, 2)))
+        f.write('  <range begin="%d" end = "%d"/>\n</blocks>\n' % (2 * n, 2 * n + 10))
+    code = f"""
+import json, resource
+from dmmig.era import DirtyRanges
+d = DirtyRanges.load({str(xml)!r})
+blocks = ranges = 0
+for r in d:
+    blocks += r.count
+    ranges += 1
+print(json.dumps([d.blocks, d.ranges, blocks, ranges, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    blocks, ranges, b2, r2, rss_kib = json.loads(out)
+    assert (blocks, ranges) == (b2, r2) == (n + 10, n + 1)
+    assert rss_kib < 80 * 1024, rss_kib
+
+
+def test_dirty_ranges_out_of_order_are_sorted_and_bad_output_refused(tmp_path: Path) -> None:
+    from dmmig.era import BlockRange, DirtyRanges
+    from dmmig.errors import DmmigError
+    p = tmp_path / "d.xml"
+    p.write_text('<blocks><block block="16"/><range begin="0" end="16"/><block block="30"/></blocks>')
+    d = DirtyRanges.load(str(p))
+    assert list(d) == [BlockRange(0, 17), BlockRange(30, 31)] and (d.blocks, d.ranges) == (18, 2)
+    d.close()
+    assert not p.exists()
+    p.write_text("<blocks><range begin='0' end='1'/>")
+    with pytest.raises(DmmigError, match="cannot parse era_invalidate output"):
+        DirtyRanges.load(str(p))
