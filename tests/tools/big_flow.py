@@ -35,6 +35,7 @@ class Flow:
     name: str
     size: int                                  # bytes
     copy_timeout: float = 600
+    block_size: str | None = None              # prepare --block-size (None: dmmig chooses)
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)   # bounds broken, in order
@@ -126,7 +127,7 @@ class Flow:
         self.stop(self.write(count=AREA, sequential=True), signal_them=False)  # every block of each area
         self.dmmig("wrap", "wrap", name, self.loop)
         self.wrapped = True
-        out = self.dmmig("prepare", "prepare", name)
+        out = self.dmmig("prepare", "prepare", name, *(["--block-size", self.block_size] if self.block_size else []))
         self.facts["prepare_says"] = out.strip().splitlines()[-1].strip()
         st = a.run(["dmsetup", "status", f"dmmig-{name}-era"]).out.split()
         used, total = (int(x) for x in st[4].split("/"))
