@@ -35,8 +35,7 @@ MIN_AUTO_BLOCK = 64 << 10
 # at prepare, an era_invalidate of ~2.4 s in the rig), so 64 KiB up to 256 GiB, 512 KiB at 2 TiB
 AUTO_MAX_BLOCKS = 1 << 22
 # an explicit --block-size with more blocks than this is warned about (~65 MiB of metadata,
-# a query of ~6 s in the rig per round and, until the cutover's query leaves its suspended
-# window, that long a frozen disk at the cutover)
+# a query of ~6 s in the rig, paid by every copy round and twice by the cutover)
 WARN_BLOCKS = 1 << 24
 ERA_MAX_BLOCKS = (1 << 31) - 1                # dm-era's valid_nr_blocks
 DEFAULT_RATE = 100 << 20                      # --rate's default: ~1 Gbit/s of payload
@@ -119,10 +118,9 @@ def choose_block(disk_bytes: int, block_bytes: int | None = None) -> BlockChoice
                        hint="use a larger --block-size, or leave it out (dmmig then chooses one)")
     warning = None
     if nr > WARN_BLOCKS:
-        warning = (f"{nr} era blocks ({human(block_bytes)} on a {human(disk_bytes)} disk): each copy round reads "
-                   f"{human(era_metadata_blocks(nr) * META_BLOCK)} of era metadata, and the cutover queries it "
-                   f"with the disk suspended; without --block-size dmmig would use "
-                   f"{human(choose_block(disk_bytes).block_bytes)}")
+        warning = (f"{nr} era blocks ({human(block_bytes)} on a {human(disk_bytes)} disk): every era query (each "
+                   f"copy round, twice at the cutover) reads {human(era_metadata_blocks(nr) * META_BLOCK)} of era "
+                   f"metadata; without --block-size dmmig would use {human(choose_block(disk_bytes).block_bytes)}")
     return BlockChoice(disk_bytes, block_bytes, nr, era_metadata_blocks(nr) * META_BLOCK, file, chosen, warning)
 
 
