@@ -88,6 +88,8 @@ def one(a: UmlHost, b: UmlHost, size: str) -> None:
         print(f"  cutover:             writer worst {cw['max_latency_ms']:.0f} ms, {cw['writes_over_5ms']} of "
               f"{cw['writes']} writes over 5 ms = {cw['max_latency_ms'] / max(sw['max_latency_ms'], 1):.2f}x the swap's"
               + ("; ORACLE: " + " | ".join(bad) if bad else "; oracle: every write on both disks"), flush=True)
+        if "seconds" in cut:
+            print("  cutover by phase: " + ", ".join(f"{k} {v:.2f} s" for k, v in cut["seconds"].items()))
         a.dmmig("finish", "cp")
     finally:
         a.sh(f"{DMMIG} abort cp; {DMMIG} unwrap cp; true", check=False)
