@@ -6,7 +6,8 @@ Two UML kernels on a veth pair; the source disk is a sparse file on the guest's 
 the first 64 MiB hold data), the destination the same; --transport ssh. For each size: wrap,
 prepare, copy; the oracle writer (tests/tools/oracle.py, 4 KiB O_DIRECT writes to random
 blocks of the first 64 MiB) runs across 10 plain swaps (DmSetup.swap: load + suspend +
-resume of the same table), then across the cutover; then the oracle checks both disks.
+resume of the same table), then another across the cutover (other blocks); then the oracle
+checks both disks against both writers' records.
 
     .venv/bin/python -m bench.cutover_pause [SIZE ...]     (default: 128M; e.g. 128M 2T)
 """
@@ -39,8 +40,8 @@ print(json.dumps(out))
 """
 
 
-def writer(a: UmlHost, rec: str) -> object:
-    job = a.spawn([PY, ORACLE, "write", "/dev/mapper/dmmig-cp", "--seed", "5", "--record", rec, "--blocks", "0:16384"])
+def writer(a: UmlHost, rec: str, blocks: str) -> object:
+    job = a.spawn([PY, ORACLE, "write", "/dev/mapper/dmmig-cp", "--seed", "5", "--record", rec, "--blocks", blocks])
     for _ in range(100):
         if a.run(["test", "-e", rec + ".started"], check=False).rc == 0:
             break
@@ -66,10 +67,10 @@ def one(a: UmlHost, b: UmlHost, size: str) -> None:
         a.dmmig("copy", "cp", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG, *SSH_OPTS,
                 timeout=7200)
         copy_s = time.monotonic() - t0
-        w = writer(a, rec1)
+        w = writer(a, rec1, "0:8192")  # the two writers' records cover disjoint blocks
         swaps = json.loads(a.py(SWAPS, "dmmig-cp", cwd=str(ROOT)).out)
         sw = stop(w)
-        w = writer(a, rec2)
+        w = writer(a, rec2, "8192:16384")
         t0 = time.monotonic()
         out = a.dmmig("cutover", "cp", "--json").out
         cut_s = time.monotonic() - t0
@@ -88,6 +89,8 @@ def one(a: UmlHost, b: UmlHost, size: str) -> None:
         print(f"  cutover:             writer worst {cw['max_latency_ms']:.0f} ms, {cw['writes_over_5ms']} of "
               f"{cw['writes']} writes over 5 ms = {cw['max_latency_ms'] / max(sw['max_latency_ms'], 1):.2f}x the swap's"
               + ("; ORACLE: " + " | ".join(bad) if bad else "; oracle: every write on both disks"), flush=True)
+        if "seconds" in cut:
+            print("  cutover by phase: " + ", ".join(f"{k} {v:.2f} s" for k, v in cut["seconds"].items()))
         a.dmmig("finish", "cp")
     finally:
         a.sh(f"{DMMIG} abort cp; {DMMIG} unwrap cp; true", check=False)

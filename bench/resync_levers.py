@@ -8,7 +8,8 @@ targets side by side, nbd-client connections) the whole top table is built over 
 source disk and leg 1 = the export, with a disk log per target marking the delta's regions
 out of sync, and the time until every target is in sync is taken.
 
-    .venv/bin/python -m bench.resync_levers [SIZE_MIB]     (default 96)
+    [CONFIGS=KIB:PARTS:CONNS,...] .venv/bin/python -m bench.resync_levers [SIZE_MIB [DELAYS [PATTERNS [HOWS]]]]
+    (default 96 0,2ms half,all ssh,tls,tcp; a delay of 0 is the link as is)
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ DELAYS: list[str | None] = []
 PATTERNS: list[str] = []
 HOWS: list[str] = []
 # (region KiB, mirror targets, nbd connections)
-CONFIGS = [(64, 16, 1)] if os.environ.get("LEVER_DEBUG") else [(64, 1, 1), (64, 4, 1), (64, 16, 1), (64, 16, 4), (64, 32, 1), (1024, 4, 1), (1024, 16, 1), (4096, 4, 1)]
+CONFIGS = ([tuple(int(x) for x in c.split(":")) for c in os.environ["CONFIGS"].split(",")] if os.environ.get("CONFIGS")
+           else [(64, 1, 1), (64, 4, 1), (64, 16, 1), (64, 16, 4), (64, 32, 1), (1024, 4, 1), (1024, 16, 1),
+                 (4096, 4, 1)])
 
 BUILD = r"""
 import os, sys, time, subprocess
@@ -145,11 +148,7 @@ def main() -> None:
                         b.run(["dd", "if=/dev/zero", "of=/dev/loop0", "bs=1M", f"count={size}", "oflag=direct"])
                         attach(a, how, conns)
                         try:
-                            res = a.py(BUILD, str(size), str(kib), str(k), pattern, cwd=str(ROOT),
-                                       env={"LEVER_DEBUG": os.environ.get("LEVER_DEBUG", "")})
-                            out = res.out.split()
-                            if os.environ.get("LEVER_DEBUG"):
-                                print(res.err)
+                            out = a.py(BUILD, str(size), str(kib), str(k), pattern, cwd=str(ROOT)).out.split()
                         finally:
                             a.run(["nbd-client", "-d", "/dev/nbd0"], check=False)
                         dt, want = float(out[-2]), out[-1]

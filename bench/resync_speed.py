@@ -9,11 +9,13 @@ before issue 14), every other 64 KiB era block is written (a scattered delta of 
 a `dmmig copy` round moves it (the anchor: its bytes over its data phase), the same blocks are
 written again and `dmmig cutover` hands them to the kernel (its bytes over its resync time).
 
-    .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]   (default: 128 ssh nbd)
+    [PARTS=1,4,16] [DELAYS=0,2ms] .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]
+    (default: 128 ssh nbd)
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 
@@ -22,7 +24,7 @@ from tests.rig.uml import ROOT, UmlHost
 
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 PY = str(ROOT / ".venv" / "bin" / "python")
-PARTS = (1, 4, 16)
+PARTS = tuple(int(x) for x in os.environ.get("PARTS", "1,4,16").split(","))
 BLOCK = 64 << 10
 # every other block, random data (the copier skips zeros, the kernel does not)
 SCATTER = r"""
@@ -77,7 +79,7 @@ def main() -> None:
         for h in (a, b):
             h.run(["modprobe", "--dirname=/run/mods", "sch_netem"])
         print(f"disk {size} MiB, delta every other 64 KiB block ({size // 2} MiB); two UML kernels on a veth pair")
-        for delay in (None, "2ms"):
+        for delay in [None if d == "0" else d for d in os.environ.get("DELAYS", "0,2ms").split(",")]:
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "delay", delay])

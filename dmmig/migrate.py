@@ -31,7 +31,7 @@ from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
-from dmmig.progress import Progress
+from dmmig.progress import Progress, Stopwatch
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, channel_stderr, close_quietly, connect, relay_socket
@@ -411,13 +411,16 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         def save() -> None:
             stack.journal.save(entry)
 
-        _drop_mirror(stack, entry)  # a rerun starts again from linear over era
-        remote = Remote(entry.dest)
-        try:
-            plan_transport(stack, name, entry.dest, remote)  # decided by copy; probed again only for
-            export = _export(remote, entry.dest, name)       # a destination journaled by an older dmmig
-        finally:
-            remote.close()
+        sw = Stopwatch()
+        with sw("drop a previous mirror"):
+            _drop_mirror(stack, entry)  # a rerun starts again from linear over era
+        with sw("connect, export"):
+            remote = Remote(entry.dest)
+            try:
+                plan_transport(stack, name, entry.dest, remote)  # decided by copy; probed again only for
+                export = _export(remote, entry.dest, name)       # a destination journaled by an older dmmig
+            finally:
+                remote.close()
         entry.dest["export"] = export
         stack.journal.save(entry, J.CUTTING_OVER)
         assert entry.metadata and entry.block_sectors
@@ -426,29 +429,35 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         layout = mirrorlog.Layout.choose(length, bs, max_parts=opts.resync_parts)
         since = int(entry.copy["next_since"])
         try:
-            leg = stack.mirror.attach_leg(entry, export, opts.nbd_timeout, save)
+            with sw("nbd leg"):
+                leg = stack.mirror.attach_leg(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
             leg_dev = block_device(leg).devno
             # 1. outside any window: what era recorded since the last round, into the logs. A
             # write in flight now is tagged below `first` and done once the swap's suspend is
-            first_ranges, first = stack.era.dirty(era, entry.metadata, since)
-            images = layout.blank()
-            layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
-            logs = stack.mirror.make_logs(entry, layout, 0, save)
-            for dev, img in zip(logs, images):
-                mirrorlog.write(dev, img.bytes())
-            stack.dm.load(top, mirror_table(layout, logs, era_dev, leg_dev))  # constructors run now, I/O flows
-            t0 = time.monotonic()
-            stack.dm.suspend(top)  # every write so far is done on leg 0 (the era device)
-            pause = stack.dm.resume(top) - t0  # the kernel reads the logs at this resume
+            with sw("era query"):
+                first_ranges, first = stack.era.dirty(era, entry.metadata, since)
+            with sw("logs"):
+                images = layout.blank()
+                layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
+                logs = stack.mirror.make_logs(entry, layout, 0, save)
+                for dev, img in zip(logs, images):
+                    mirrorlog.write(dev, img.bytes())
+            with sw("swap"):
+                stack.dm.load(top, mirror_table(layout, logs, era_dev, leg_dev))  # constructors run now, I/O flows
+                t0 = time.monotonic()
+                stack.dm.suspend(top)  # every write so far is done on leg 0 (the era device)
+                pause = stack.dm.resume(top) - t0  # the kernel reads the logs at this resume
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it).
-            second_ranges, now = stack.era.dirty(era, entry.metadata, first)
+            with sw("era query"):
+                second_ranges, now = stack.era.dirty(era, entry.metadata, first)
             pauses = [round(pause, 4)]
             if second_ranges:
-                pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev, leg_dev,
-                                                 save), 4))
+                with sw("second swap"):
+                    pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev, leg_dev,
+                                                     save), 4))
         except BaseException:
             _drop_mirror(stack, entry)
             stack.journal.save(entry, J.COPIED)
@@ -464,9 +473,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                             resync_ranges=[[r.begin, r.end] for r in ranges[:256]],
                             resync_ranges_cut=len(ranges) > 256)
         save()
-        stack.mirror.start_watcher(entry, save)
+        with sw("watcher"):
+            stack.mirror.start_watcher(entry, save)
         t1 = time.monotonic()
-        events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
+        with sw("resync"):
+            events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
                                   "kernel_out_of_sync_first_seen": kernel_out}
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
@@ -476,7 +487,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         entry.copy["next_since"] = now
         stack.journal.save(entry, J.MIRRORING)
     return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
-            "resync_regions": resync_regions, "regions": layout.regions,
+            "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
             "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}

@@ -24,6 +24,9 @@ from dmmig.watch import health_path
 
 
 
+TLS_CONNECTIONS = 4
+
+
 class MirrorSide:
     def __init__(self, runner: Runner, state: str) -> None:
         self.r = runner
@@ -64,8 +67,12 @@ class MirrorSide:
         def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
             m["nbd"] = dev
             save()
+        # --transport nbd with TLS: nbd-client's proxy is one select() loop with 64 KiB buffers
+        # per connection, which capped the resync at a long round trip (bench/resync_levers.py);
+        # four connections, four proxies. The relay tunnel takes one connection only.
         where: dict[str, Any] = ({"unix": sock} if ssh
-                                 else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls")})
+                                 else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls"),
+                                       "connections": TLS_CONNECTIONS if dest.get("tls") else 1})
         try:
             return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
                                         on_claim=claimed, **where)

@@ -72,7 +72,7 @@ class NbdKernel:
 
     def attach_free(self, owner: str, export: str, *, timeout: int, on_claim: Callable[[str], None],
                     unix: str | None = None, host: str | None = None, port: int | None = None,
-                    tls: str | None = None) -> str:
+                    tls: str | None = None, connections: int = 1) -> str:
         """Choose a free device, mark it OWNER's, tell ON_CLAIM (which journals it), attach the
         export: all under the host-wide lock. On failure nothing of it stays attached or
         marked. Returns the device."""
@@ -81,7 +81,8 @@ class NbdKernel:
             _mark(dev, owner)
             try:
                 on_claim(dev)
-                self._attach(dev, export, timeout=timeout, unix=unix, host=host, port=port, tls=tls)
+                self._attach(dev, export, timeout=timeout, unix=unix, host=host, port=port, tls=tls,
+                             connections=connections)
             except BaseException:
                 # under the lock, nobody but this call can have attached DEV
                 if self.attached(dev):
@@ -127,10 +128,12 @@ class NbdKernel:
         raise DmmigError(f"all {len(devs)} nbd devices are in use", hint="modprobe nbd nbds_max=N")
 
     def _attach(self, dev: str, export: str, *, timeout: int, unix: str | None = None,
-                host: str | None = None, port: int | None = None, tls: str | None = None) -> None:
+                host: str | None = None, port: int | None = None, tls: str | None = None,
+                connections: int = 1) -> None:
         """TLS: a directory with ca-cert.pem, client-cert.pem, client-key.pem; nbd-client then
         checks the server's certificate against the CA and HOST, and leaves a daemon of its own
-        (command line naming TLS) proxying between the kernel's socket and the TLS connection."""
+        (command line naming TLS) proxying between the kernel's socket and the TLS connection,
+        one per connection (CONNECTIONS, nbd-client -C: the kernel spreads requests over them)."""
         if unix is not None:
             where = ["-u", unix]
         else:
@@ -141,7 +144,8 @@ class NbdKernel:
             where += ["--enable-tls", "--cacertfile", os.path.join(tls, "ca-cert.pem"),
                       "--certfile", os.path.join(tls, "client-cert.pem"),
                       "--keyfile", os.path.join(tls, "client-key.pem"), "--tlshostname", host]
-        res = self.r.run(["nbd-client", "-N", export, *where, dev, "-b", "512", "-t", str(timeout)],
+        many = ["-C", str(connections)] if connections > 1 else []
+        res = self.r.run(["nbd-client", "-N", export, *where, dev, "-b", "512", "-t", str(timeout), *many],
                          check=False, timeout=60)
         if res.returncode != 0 or not self.attached(dev):
             raise RemoteError(f"nbd-client could not attach the destination's export to {dev}: "
