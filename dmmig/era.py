@@ -180,6 +180,11 @@ class EraTools:
                 e.hint = "is a metadata snapshot held? (dmmig takes one around this call)"
             raise
 
+    def dirty_ranges(self, era_dev: str, metadata_dev: str, since_era: int, path: str) -> tuple[DirtyRanges, int]:
+        """As dirty, the answer in PATH, streamed; the caller closes it."""
+        with self.snapshot(era_dev) as now:
+            return self.written_since_file(metadata_dev, since_era, path), now
+
     def dirty(self, era_dev: str, metadata_dev: str, since_era: int) -> tuple[list[BlockRange], int]:
         """Dirty blocks since since_era and the era that was current when they were read."""
         with self.snapshot(era_dev) as now:

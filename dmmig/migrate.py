@@ -12,7 +12,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from dmmig.progress import Progress, Stopwatch
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, channel_stderr, close_quietly, connect, relay_socket
-from dmmig.stack import Stack, era_name, top_name
+from dmmig.stack import Stack, dirty_file, era_name, top_name
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
 
@@ -391,7 +392,7 @@ def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
 class CutoverOptions:
     nbd_timeout: int = 10       # seconds before a request to a dead peer fails the leg
     sync_timeout: float = 3600
-    resync_parts: int = mirrorlog.MAX_PARTS  # mirror targets side by side: regions recovered at once
+    resync_parts: int | None = None  # mirror targets side by side (regions recovered at once); None: by transport
 
 
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
@@ -402,8 +403,9 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
-    if not 1 <= opts.resync_parts <= 64:
-        raise BadInput(f"--resync-parts {opts.resync_parts}: 1..64")
+    parts = opts.resync_parts or mirrorlog.default_parts(entry.dest["transport"])
+    if not 1 <= parts <= 64:
+        raise BadInput(f"--resync-parts {parts}: 1..64")
     require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
     stack.dm.require_targets("mirror")
     top, era = top_name(name), era_name(name)
@@ -426,7 +428,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         assert entry.metadata and entry.block_sectors
         length = stack.dm.table(top).length
         bs = entry.block_sectors
-        layout = mirrorlog.Layout.choose(length, bs, max_parts=opts.resync_parts)
+        layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
         since = int(entry.copy["next_since"])
         try:
             with sw("nbd leg"):
@@ -435,16 +437,24 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             leg_dev = block_device(leg).devno
             # 1. outside any window: what era recorded since the last round, into the logs. A
             # write in flight now is tagged below `first` and done once the swap's suspend is
+            marked = layout.blank()  # for the summary: what both steps mark
             with sw("era query"):
-                first_ranges, first = stack.era.dirty(era, entry.metadata, since)
+                first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
+                                                             dirty_file(stack.journal.dir, name))
             with sw("logs"):
                 images = layout.blank()
-                layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
+                try:  # streamed: a scattered delta of millions of blocks is never a list here
+                    layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
+                    layout.mark(marked, ((r.begin, r.end) for r in first_ranges), bs)
+                    shown = list(itertools.islice(first_ranges, SHOWN_RANGES + 1))
+                finally:
+                    first_ranges.close()
                 logs = stack.mirror.make_logs(entry, layout, 0, save)
                 for dev, img in zip(logs, images):
                     mirrorlog.write(dev, img.bytes())
             with sw("swap"):
-                stack.dm.load(top, mirror_table(layout, logs, era_dev, leg_dev))  # constructors run now, I/O flows
+                stack.dm.load(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev, leg_dev))
+                # the constructors ran, I/O flows
                 t0 = time.monotonic()
                 stack.dm.suspend(top)  # every write so far is done on leg 0 (the era device)
                 pause = stack.dm.resume(top) - t0  # the kernel reads the logs at this resume
@@ -452,26 +462,28 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it).
             with sw("era query"):
-                second_ranges, now = stack.era.dirty(era, entry.metadata, first)
+                second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
+                                                            dirty_file(stack.journal.dir, name))
             pauses = [round(pause, 4)]
-            if second_ranges:
-                with sw("second swap"):
-                    pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev, leg_dev,
-                                                     save), 4))
+            try:
+                if second_ranges.blocks:
+                    with sw("second swap"):
+                        pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev,
+                                                         leg_dev, save), 4))
+                    layout.mark(marked, ((r.begin, r.end) for r in second_ranges), bs)
+                    shown = merge(shown + list(itertools.islice(second_ranges, SHOWN_RANGES + 1)))
+            finally:
+                second_ranges.close()
         except BaseException:
             _drop_mirror(stack, entry)
             stack.journal.save(entry, J.COPIED)
             raise
-        ranges = merge(first_ranges + second_ranges)
-        resync_blocks = sum(r.count for r in ranges)
-        marked = layout.blank()
-        layout.mark(marked, ((r.begin, r.end) for r in ranges), bs)
         resync_regions = sum(i.out_of_sync() for i in marked)
         entry.mirror.update(era=now, pause_seconds=max(pauses), pauses=pauses, resync_regions=resync_regions,
                             resync_bytes=min(resync_regions * layout.region, length) * 512, regions=layout.regions,
                             region_bytes=layout.region * 512, parts=layout.parts,
-                            resync_ranges=[[r.begin, r.end] for r in ranges[:256]],
-                            resync_ranges_cut=len(ranges) > 256)
+                            resync_ranges=[[r.begin, r.end] for r in shown[:SHOWN_RANGES]],
+                            resync_ranges_cut=len(shown) > SHOWN_RANGES)
         save()
         with sw("watcher"):
             stack.mirror.start_watcher(entry, save)
@@ -493,7 +505,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
 
 
+SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for status
+
+
 def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:
+    """LOGS, ERA_DEV, LEG_DEV: what the kernel accepts (major:minor, or a path)."""
     """The top while mirroring: one dm-mirror per part of LAYOUT, leg 0 the era device (the
     source of every resync), leg 1 the destination over NBD. handle_errors + keep_log: a
     failed leg raises a dm event but holds no write; the guest keeps writing to leg 0 and era
@@ -501,13 +517,13 @@ def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_de
     parts = []
     for i, log in enumerate(logs):
         start, length, _ = layout.part(i)
-        parts.append(Mirror(length, DiskLog(block_device(log).devno, layout.region), (era_dev, leg_dev),
+        parts.append(Mirror(length, DiskLog(log, layout.region), (era_dev, leg_dev),
                             handle_errors=True, keep_log=True, offset=start))
     return Table(parts[0] if len(parts) == 1 else MirrorSet(tuple(parts)))
 
 
 def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: list[str],
-                 ranges: list[BlockRange], era_dev: str, leg_dev: str, save: Callable[[], None]) -> float:
+                 ranges: Iterable[BlockRange], era_dev: str, leg_dev: str, save: Callable[[], None]) -> float:
     """Mark RANGES out of sync in the running mirror: a swap to the same mirror over fresh log
     devices, holding what the running one's logs say once it is suspended, plus RANGES. Not
     the same devices: the running table's kernel log may still flush its in-core bits after
@@ -516,7 +532,7 @@ def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: l
     the suspend can only see more out of sync than is true, never less. Returns the pause."""
     fresh = stack.mirror.make_logs(entry, layout, layout.parts, save)
     top = top_name(entry.name)
-    stack.dm.load(top, mirror_table(layout, fresh, era_dev, leg_dev))
+    stack.dm.load(top, mirror_table(layout, [block_device(d).devno for d in fresh], era_dev, leg_dev))
     t0 = time.monotonic()
     stack.dm.suspend(top)
     try:

@@ -33,6 +33,7 @@ from dmmig.hotplug import format_devno
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack, era_name, top_name
+from dmmig import mirrorlog
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
@@ -139,7 +140,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     ep = Endpoint.parse(host, **ep_opts)
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
-    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate) for v in mine]
+    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate,
+                        opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)) for v in mine]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     M.check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
@@ -176,7 +178,8 @@ def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
                             "domain's own config, or leave -C out (xl then sends the running config)")
 
 
-def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, rate: float | None) -> Disk:
+def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, rate: float | None,
+               resync_parts: int) -> Disk:
     """BLOCK_BYTES: the era block (= region) prepare will use if the disk is not prepared yet
     (None: chosen from its size); RATE: the copy rate for the time estimate."""
     name = v.name
@@ -203,8 +206,12 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, ra
                    f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
     else:  # prepared already: its era block stays
         block_sectors = entry.block_sectors or block_sectors
-    tables.append(f"cutover:    {top}: 0 {length} mirror disk 2 <log loop> {block_sectors} 2 <{era_name(name)}> 0 "
-                  "<nbd leg> 0 2 handle_errors keep_log")
+    layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
+    lines = M.mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
+                           "<nbd leg>").render().splitlines()
+    tables.append(f"cutover:    {top}: {layout.parts} dm-mirror targets side by side, regions of "
+                  f"{layout.region // 2} KiB, each recovering one at a time:")
+    tables += [f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]])]
     return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables, estimate=est)
 
 

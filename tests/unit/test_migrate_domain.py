@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import time
 from pathlib import Path
@@ -166,7 +167,10 @@ def test_plan_of_one_managed_disk(world: World) -> None:
     assert (d.name, d.vbd.vdev, d.size, d.phase, d.dest_disk) == (name, "xvda", 8 * MIB, J.WRAPPED, d.vbd.params)
     text = p.render()
     assert "linear 7:1 0" in text and "era <metadata loop> 7:1 128" in text
-    assert "mirror disk 2 <log loop> 128 2" in text and "handle_errors keep_log" in text
+    # the plan shows the mirror set cutover loads: 8 MiB in 64 KiB regions, 16 parts of 8 regions
+    assert re.search(r"0 1024 mirror disk 2 <log 0> 128 2 <dmmig-\S+-era> 0 <nbd leg> 0 2 handle_errors keep_log", text)
+    assert re.search(r"15360 1024 mirror disk 2 <log 15> 128 2 <dmmig-\S+-era> 15360 <nbd leg> 15360 2", text)
+    assert "16 dm-mirror targets side by side" in text
     assert world.mutating() == []  # the plan changed nothing here...
     assert world.agent.calls == ["probe", "probe_tunnel"]  # ...nor there
     assert not (world.tmp / "dstate").exists() or not list((world.tmp / "dstate").iterdir())
@@ -188,7 +192,7 @@ def test_plan_takes_the_tunnel_the_operator_chose_without_probing(world: World) 
 def test_plan_shows_the_block_size_and_refuses_a_bad_one(world: World) -> None:
     name = world.disk()
     text = world.plan(block_bytes=1 << 20).render()
-    assert "era <metadata loop> 7:1 2048" in text and "mirror disk 2 <log loop> 2048 2" in text
+    assert "era <metadata loop> 7:1 2048" in text and "mirror disk 2 <log 0> 2048 2" in text
     with pytest.raises(BadInput, match="power of two"):
         world.plan(block_bytes=96 << 10)
     # a disk prepared already keeps its era block, whatever the option says
@@ -197,7 +201,7 @@ def test_plan_shows_the_block_size_and_refuses_a_bad_one(world: World) -> None:
     entry.block_sectors = 256
     world.stack.journal.save(entry, J.PREPARED)
     text = world.plan(block_bytes=1 << 20).render()
-    assert "mirror disk 2 <log loop> 256 2" in text and "era <metadata" not in text
+    assert "mirror disk 2 <log 0> 256 2" in text and "era <metadata" not in text
     assert world.mutating() == []
 
 

@@ -126,7 +126,7 @@ def test_parse_mirror_variants() -> None:
     ("0 10 linear 7:0 0\n10 10 linear 7:1 0\n", "not a mirror set"),
     ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n16 8 mirror core 1 8 2 7:0 16 7:1 16\n", "does not follow"),
     ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n8 8 mirror core 1 8 2 7:0 0 7:1 0\n", "maps its legs from 0"),
-    ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n8 8 mirror core 1 8 2 7:0 8 7:1 9\n", "offsets \[8, 9\] differ"),
+    ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n8 8 mirror core 1 8 2 7:0 8 7:1 9\n", r"offsets \[8, 9\] differ"),
     ("0 10", "bad table line"),
     ("8 10 linear 7:0 0", "does not start at sector 0"),
     ("0 10 linear 7:0", "linear table needs 2 args"),
