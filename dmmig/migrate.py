@@ -453,11 +453,10 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 for dev, img in zip(logs, images):
                     mirrorlog.write(dev, img.bytes())
             with sw("swap"):
-                stack.dm.load(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev, leg_dev))
-                # the constructors ran, I/O flows
-                t0 = time.monotonic()
-                stack.dm.suspend(top)  # every write so far is done on leg 0 (the era device)
-                pause = stack.dm.resume(top) - t0  # the kernel reads the logs at this resume
+                # one resume: the kernel suspends (drains: every write so far is done on leg 0),
+                # swaps and resumes in that ioctl, and reads the logs at the resume
+                pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
+                                                        leg_dev))
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it).
@@ -525,27 +524,20 @@ def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_de
 def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: list[str],
                  ranges: Iterable[BlockRange], era_dev: str, leg_dev: str, save: Callable[[], None]) -> float:
     """Mark RANGES out of sync in the running mirror: a swap to the same mirror over fresh log
-    devices, holding what the running one's logs say once it is suspended, plus RANGES. Not
-    the same devices: the running table's kernel log may still flush its in-core bits after
-    its suspend returns (a write completing late wakes its worker), which would overwrite
-    ours; what it flushes then only marks recovered regions in sync, so reading its logs after
-    the suspend can only see more out of sync than is true, never less. Returns the pause."""
+    devices holding what the running one's logs say plus RANGES. Its logs are read while it
+    runs: a region the kernel has marked in sync on disk stays in sync (a write to it goes to
+    both legs; only a failed leg, which the health checks see, undoes that), and one it
+    recovers after the read is only recovered twice. Not the same devices: a mirror's log can
+    still be flushed by its worker after a suspend returned (a write completing late wakes
+    it), over what dmmig wrote. Returns the pause."""
     fresh = stack.mirror.make_logs(entry, layout, layout.parts, save)
-    top = top_name(entry.name)
-    stack.dm.load(top, mirror_table(layout, [block_device(d).devno for d in fresh], era_dev, leg_dev))
-    t0 = time.monotonic()
-    stack.dm.suspend(top)
-    try:
-        images = [mirrorlog.LogImage(layout.part(i)[2], mirrorlog.read(dev, layout.slot)) for i, dev in enumerate(logs)]
-        assert entry.block_sectors
-        layout.mark(images, ((r.begin, r.end) for r in ranges), entry.block_sectors)
-        for dev, img in zip(fresh, images):
-            mirrorlog.write(dev, img.bytes())
-    except BaseException:
-        stack.dm.clear_inactive(top)
-        stack.dm.resume(top)
-        raise
-    pause = stack.dm.resume(top) - t0
+    images = [mirrorlog.LogImage(layout.part(i)[2], mirrorlog.read(dev, layout.slot)) for i, dev in enumerate(logs)]
+    assert entry.block_sectors
+    layout.mark(images, ((r.begin, r.end) for r in ranges), entry.block_sectors)
+    for dev, img in zip(fresh, images):
+        mirrorlog.write(dev, img.bytes())
+    pause = stack.dm.swap(top_name(entry.name), mirror_table(layout, [block_device(d).devno for d in fresh],
+                                                             era_dev, leg_dev))
     stack.mirror.detach_logs(entry, logs, save)
     return pause
 
