@@ -9,11 +9,12 @@ blocks of the first 64 MiB) runs across 10 plain swaps (DmSetup.swap: load + sus
 resume of the same table), then another across the cutover (other blocks); then the oracle
 checks both disks against both writers' records.
 
-    .venv/bin/python -m bench.cutover_pause [SIZE ...]     (default: 128M; e.g. 128M 2T)
+    [CUT_ARGS="--resync-parts 4"] .venv/bin/python -m bench.cutover_pause [SIZE ...]   (default: 128M; e.g. 128M 2T)
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from tests.rig.uml import ROOT, UmlHost
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 PY = str(ROOT / ".venv" / "bin" / "python")
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
+CUT_ARGS = os.environ.get("CUT_ARGS", "").split()  # e.g. "--resync-parts 4"
 SWAPS = r"""
 import json, sys, time
 from dmmig.runner import SubprocessRunner
@@ -74,7 +76,7 @@ def one(a: UmlHost, b: UmlHost, size: str) -> None:
         sw = stop(w)
         w = writer(a, rec2, "8192:16384")
         t0 = time.monotonic()
-        out = a.dmmig("cutover", "cp", "--json").out
+        out = a.dmmig("cutover", "cp", "--json", *CUT_ARGS).out
         cut_s = time.monotonic() - t0
         time.sleep(1)
         cw = stop(w)
