@@ -24,6 +24,7 @@ from tests.rig.uml import ROOT, UmlHost
 
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 PY = str(ROOT / ".venv" / "bin" / "python")
+# 0: dmmig's default for the transport (no --resync-parts)
 PARTS = tuple(int(x) for x in os.environ.get("PARTS", "1,4,16").split(","))
 BLOCK = 64 << 10
 # every other block, random data (the copier skips zeros, the kernel does not)
@@ -60,8 +61,8 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> list[tuple[int, fl
             c = summary(a.dmmig(*copy).out)   # from mirroring, the copy drops the mirror first
             copier = c["throughput_bytes_per_s"] / 1e6
             a.py(SCATTER, top, str(size << 20))
-            cut = summary(a.dmmig("cutover", "rs", "--json", "--resync-parts", str(parts)).out)
-            out.append((parts, copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"], cut["resync_regions"]))
+            cut = summary(a.dmmig("cutover", "rs", "--json", *(["--resync-parts", str(parts)] if parts else [])).out)
+            out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"], cut["resync_regions"]))
         a.dmmig("finish", "rs")
         return out
     finally:
