@@ -148,6 +148,21 @@ class Journal:
         except FileNotFoundError:
             pass
 
+    def stale_tmp(self, name: str) -> list[str]:
+        """NAME's journal writes that a killed dmmig left half done (NAME.json.tmp.PID, PID
+        gone): the journal itself is whole (written by rename), these are only litter."""
+        prefix = f"{name}.json.tmp."
+        try:
+            files = [f for f in os.listdir(self.dir) if f.startswith(prefix)]
+        except FileNotFoundError:
+            return []
+        out = []
+        for f in files:
+            pid = f[len(prefix):]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                out.append(os.path.join(self.dir, f))
+        return out
+
     def busy(self, name: str) -> bool:
         """A dmmig holds NAME's lock right now (a step is running, not interrupted)."""
         try:

@@ -366,6 +366,8 @@ class Stack:
             step(f"detach {dev}", partial(self.loop.detach, dev))
         if os.path.exists(mfile):
             step(f"remove {mfile}", lambda: os.unlink(mfile))
+        for tmp in self.journal.stale_tmp(name):
+            step(f"remove {tmp} (a journal write a killed dmmig left)", partial(os.unlink, tmp))
         if entry is not None:
             if step.errors:
                 self.journal.save(entry)  # stays "aborting": status shows it, abort can retry

@@ -190,7 +190,9 @@ print(json.dumps([d.blocks, d.ranges, blocks, ranges, resource.getrusage(resourc
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     blocks, ranges, b2, r2, rss_kib = json.loads(out)
     assert (blocks, ranges) == (b2, r2) == (n + 10, n + 1)
-    assert rss_kib < 80 * 1024, rss_kib
+    # alone ~30 MiB; 142 MiB once in the full suite under load (allocator, not the list): the
+    # bound still catches holding them (780 MiB for 1 Mi blocks before)
+    assert rss_kib < 200 * 1024, rss_kib
 
 
 def test_dirty_ranges_out_of_order_are_sorted_and_bad_output_refused(tmp_path: Path) -> None:
