@@ -1,0 +1,202 @@
+"""The whole wall time of `dmmig copy` against nbdcopy, side by side in one rig run (two UML
+kernels on a veth pair), as ratios (issue 14 part 4: fixed costs):
+
+- anchor: `nbdcopy SRC nbd://b:10809/x` to a qemu-nbd export of the destination disk on b's
+  address over plain TCP, started by hand with the options dmmig's exports use (directsync,
+  --shared=8, so nbdcopy's default 4 connections); the issue's "nbdcopy to a qemu-nbd
+  export". Also, as a second anchor, nbdcopy to dmmig's own export reached the way
+  `--transport ssh` reaches it: OpenSSH running `dmmig agent relay NAME` on b, which relays to
+  the export's root-only unix socket (the mirror leg's relay-mode tunnel; one NBD connection;
+  nbdcopy's `[ CMD ]` is socket activation, not a command's stdin/stdout);
+- `dmmig copy NAME root@b --dest-disk ... --json`, the whole process from exec to exit (Python's
+  start included), over --transport ssh and --transport nbd (TLS), with the summary's
+  breakdown of where the time went;
+- an era round with 1% of a 1 GiB disk dirty (a second `dmmig copy`, whole wall time, and the
+  round's own copy time) against that disk's base copy (the first `dmmig copy`).
+
+The 192 MiB source disk is half random data (its first half) and half zeros (its second half);
+the 1 GiB one likewise. The kernels get 3 GiB each so that a 1 GiB /dev/shm disk fits (a
+kernel's /dev/shm holds half its memory). Every dmmig run starts from a fresh `prepare` and an
+existing (not created, so not known-zero) destination disk: zeros go as NBD write-zeroes, as
+nbdcopy sends them.
+
+    .venv/bin/python -m bench.copy_wall [REPS]      (default 2: the rows alternate, best of REPS)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from typing import Any
+
+from tests.rig.pair import B_IP, SSH_OPTS, Pair
+from tests.rig.uml import ROOT, UmlHost
+
+PY = str(ROOT / ".venv" / "bin" / "python")
+ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
+DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
+MIB = 1 << 20
+
+# times ARGV from its exec to its exit inside the guest (the rig's own round trip left out)
+TIMER = r"""
+import subprocess, sys, time
+t = time.monotonic()
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stdout.write(r.stdout)
+sys.stderr.write(r.stderr)
+print(f"WALL {time.monotonic() - t:.3f}", file=sys.stderr)
+sys.exit(r.returncode)
+"""
+OPENSSH = ["ssh", "-F", "none", "-T", "-e", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+           "-o", "UserKnownHostsFile=/run/ssh/known_hosts", "-o", "IdentitiesOnly=yes", "-i", "/run/ssh/id_ed25519"]
+
+
+def timed(h: UmlHost, argv: list[str]) -> tuple[float, str]:
+    r = h.run([PY, "-c", TIMER, *argv], timeout=900)
+    wall = float(r.err.strip().splitlines()[-1].split()[1])
+    return wall, r.out
+
+
+def summary(out: str) -> dict[str, Any]:
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    return [x for x in lines if x.get("event") == "summary"][-1]
+
+
+def disks(a: UmlHost, b: UmlHost, name: str, mib: int) -> None:
+    """Source: its first half random, its second half zeros; destination: an existing disk."""
+    a.sh(f"dd if=/dev/urandom of=/dev/shm/{name} bs=1M count={mib // 2} status=none && "
+         f"truncate -s {mib}M /dev/shm/{name} && losetup -f --show /dev/shm/{name} > /dev/shm/{name}.loop")
+    b.sh(f"truncate -s {mib}M /dev/shm/{name} && losetup -f --show /dev/shm/{name} > /dev/shm/{name}.loop")
+
+
+def loop(h: UmlHost, name: str) -> str:
+    return h.run(["cat", f"/dev/shm/{name}.loop"]).out.strip()
+
+
+def drop(a: UmlHost, b: UmlHost, name: str) -> None:
+    for h in (a, b):
+        h.sh(f"losetup -d $(cat /dev/shm/{name}.loop); rm -f /dev/shm/{name} /dev/shm/{name}.loop; true")
+
+
+def nbdcopy_tcp(a: UmlHost, b: UmlHost, name: str) -> float:
+    src, dst = loop(a, name), loop(b, name)
+    b.run(["qemu-nbd", "--fork", "--pid-file=/run/bench-nbd.pid", "--persistent", "--shared=8", "--format=raw",
+           "--cache=directsync", "--discard=unmap", f"--bind={B_IP}", "--port=10809", "--export-name=x", dst])
+    try:
+        return timed(a, ["nbdcopy", src, f"nbd://{B_IP}:10809/x"])[0]
+    finally:
+        b.sh("kill $(cat /run/bench-nbd.pid); while [ -e /proc/$(cat /run/bench-nbd.pid) ]; do sleep 0.1; done; true")
+
+
+def nbdcopy_relay(a: UmlHost, src: str, name: str) -> float:
+    """nbdcopy over OpenSSH running `dmmig agent relay NAME` on b: the mirror leg's relay-mode
+    tunnel (dmmig.tunnel's listener hands its one connection to ssh), so one NBD connection."""
+    sock = "/run/bench-relay.sock"
+    job = a.spawn([PY, "-m", "dmmig.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
+                   DMMIG, "agent", "relay", name])
+    a.sh(f"while [ ! -S {sock} ]; do sleep 0.05; done")
+    try:
+        return timed(a, ["nbdcopy", "-C", "1", src, f"nbd+unix:///{name}?socket={sock}"])[0]
+    finally:
+        job.wait()
+
+
+def dmmig_copy(a: UmlHost, b: UmlHost, name: str, transport: str, *, relay_anchor: bool = False
+               ) -> tuple[float, dict[str, Any], float | None]:
+    """(wall seconds, summary, nbdcopy through the relay to the same export, if asked)."""
+    src, dst = loop(a, name), loop(b, name)
+    a.dmmig("wrap", name, src)
+    a.dmmig("prepare", name)
+    extra = ["--transport", "nbd", "--nbd-address", B_IP] if transport == "nbd" else []
+    try:
+        wall, out = timed(a, [DMMIG, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", DMMIG,
+                              *SSH_OPTS, "--json", *extra])
+        s = summary(out)
+        relay = None
+        if relay_anchor:  # dmmig's export is still up (copied, not cut over)
+            relay = nbdcopy_relay(a, src, name)
+        return wall, s, relay
+    finally:
+        a.dmmig("abort", name)
+        a.dmmig("unwrap", name)
+
+
+def one_percent_round(a: UmlHost, b: UmlHost, name: str, mib: int) -> dict[str, Any]:
+    src, dst = loop(a, name), loop(b, name)
+    a.dmmig("wrap", name, src)
+    a.dmmig("prepare", name)
+    try:
+        base_wall, out = timed(a, [DMMIG, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", DMMIG,
+                                   *SSH_OPTS, "--json"])
+        base = summary(out)
+        # 1% of the disk dirty, in 4 KiB writes kept inside its first 1% (spread over all of it,
+        # they would dirty 16x as many 64 KiB era blocks)
+        blocks = mib * 256 // 100
+        a.run([PY, ORACLE, "write", f"/dev/mapper/dmmig-{name}", "--record", "/dev/shm/bench.rec",
+               "--count", str(4 * blocks), "--blocks", f"0:{blocks}"], timeout=600)
+        round_wall, out = timed(a, [DMMIG, "copy", name, "--json"])
+        rnd = summary(out)
+        return {"base_wall": base_wall, "base": base, "round_wall": round_wall, "round": rnd}
+    finally:
+        a.dmmig("abort", name)
+        a.dmmig("unwrap", name)
+        a.sh("rm -f /dev/shm/bench.rec*")
+
+
+def fmt_breakdown(s: dict[str, Any]) -> str:
+    t = s.get("timing")
+    if not t:
+        return "(no breakdown in this version's summary)"
+    parts = {k: v for k, v in t.items() if k != "total"}
+    other = t.get("total", 0) - sum(parts.values())
+    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + f", other {other:.2f} (of {t.get('total', 0):.2f})"
+
+
+def main() -> None:
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    size, big = 192, 1024
+    p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"), mem="3G")
+    rows: dict[str, list[float]] = {}
+    last: dict[str, dict[str, Any]] = {}
+    try:
+        a, b = p.start()
+        disks(a, b, "cw", size)
+        for _ in range(reps):  # alternating: the rig's speed drifts (a shared machine)
+            rows.setdefault("nbdcopy tcp", []).append(nbdcopy_tcp(a, b, "cw"))
+            wall, s, relay = dmmig_copy(a, b, "cw", "ssh", relay_anchor=True)
+            rows.setdefault("dmmig copy ssh", []).append(wall)
+            last["ssh"] = s
+            assert relay is not None
+            rows.setdefault("nbdcopy ssh relay", []).append(relay)
+            wall, s, _ = dmmig_copy(a, b, "cw", "nbd")
+            rows.setdefault("dmmig copy nbd", []).append(wall)
+            last["nbd"] = s
+        drop(a, b, "cw")
+        disks(a, b, "cwbig", big)
+        r1 = one_percent_round(a, b, "cwbig", big)
+        drop(a, b, "cwbig")
+    finally:
+        p.stop()
+    anchor = min(rows["nbdcopy tcp"])
+    print(f"disk {size} MiB (first half random, second half zeros), two UML kernels on a veth pair, "
+          f"best of {reps}")
+    for k, v in rows.items():
+        print(f"  {k:20} {min(v):6.2f}s  ({min(v) / anchor:.2f}x nbdcopy tcp)   runs: "
+              + " ".join(f"{x:.2f}" for x in v))
+    for t in ("ssh", "nbd"):
+        s = last[t]
+        print(f"  dmmig copy {t} (last run): copier {s['seconds']:.2f}s; {fmt_breakdown(s)}")
+    ssh_relay = min(rows["nbdcopy ssh relay"])
+    print(f"  dmmig copy ssh / nbdcopy ssh relay: {min(rows['dmmig copy ssh']) / ssh_relay:.2f}x")
+    rb, rr = r1["base"], r1["round"]
+    rnd = rr["rounds"][0] if rr.get("rounds") else {}
+    print(f"disk {big} MiB, --transport ssh: base copy {r1['base_wall']:.2f}s wall (copier {rb['seconds']:.2f}s); "
+          f"a round with 1% dirty ({rnd.get('dirty_bytes', 0) >> 10} KiB): {r1['round_wall']:.2f}s wall = "
+          f"{100 * r1['round_wall'] / r1['base_wall']:.1f}% of the base copy's wall; its copy "
+          f"{rnd.get('seconds', 0):.2f}s = {100 * rnd.get('seconds', 0) / r1['base_wall']:.1f}%")
+    print(f"  round: {fmt_breakdown(rr)}")
+    print(f"  base:  {fmt_breakdown(rb)}")
+
+
+if __name__ == "__main__":
+    main()
