@@ -33,6 +33,7 @@ from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, channel_stderr, close_quietly, connect, relay_socket
 from dmmig.stack import Stack, era_name, top_name
+from dmmig.timing import Phases, since_exec
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
 
@@ -57,12 +58,15 @@ class CopyOptions:
 class Remote:
     """One SSH connection to the destination: the agent, and NBD through it or direct."""
 
-    def __init__(self, dest: dict[str, Any]) -> None:
+    def __init__(self, dest: dict[str, Any], phases: Phases | None = None) -> None:
         self.dest = dest
         self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
-        self.ssh: paramiko.SSHClient = connect(self.ep)
+        t = phases or Phases()
+        with t("ssh_connect"):
+            self.ssh: paramiko.SSHClient = connect(self.ep)
         try:
-            self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
+            with t("agent_start"):
+                self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
         except TRANSPORT_ERRORS as e:
             close_quietly(self.ssh)
             raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
@@ -100,6 +104,9 @@ class Remote:
 
 def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,
          progress: Progress) -> dict[str, Any]:
+    t = Phases()
+    t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
+    t0 = time.monotonic()
     entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
     check_transport(opts)
     with stack.journal.lock(name):
@@ -108,18 +115,22 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         check_source(stack, str(dest["transport"]))
         assert entry.block_sectors
         block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
-        remote = Remote(dest)  # unknown host key, bad credentials, unreachable: refused here
+        t.add("local_checks", time.monotonic() - t0)
+        remote = Remote(dest, t)  # unknown host key, bad credentials, unreachable: refused here
         try:
-            check_destination(remote.agent.call("probe", paths=[dest["disk"]], names={dest["disk"]: name}),
-                              dest["host"])
+            with t("agent_probe"):
+                check_destination(remote.agent.call("probe", paths=[dest["disk"]], names={dest["disk"]: name}),
+                                  dest["host"])
         except BaseException:
             remote.close()
             raise
         # catching up after a failed leg (or a cutover that did not finish): back to linear
         # over era first; era holds every write since the cutover, and the rounds resend them
-        _drop_mirror(stack, entry)
+        with t("drop_mirror"):
+            _drop_mirror(stack, entry)
         try:
-            plan_transport(stack, name, dest, remote)
+            with t("plan_transport"):
+                plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
             if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
                 entry.copy["migration"] = uuid.uuid4().hex
@@ -130,27 +141,35 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             stack.journal.save(entry)
             try:
                 # the top's logical block size is what blkfront got (blkback passes it on)
-                disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                         create=opts.create, migration=entry.copy["migration"],
-                                         block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
+                with t("prepare_disk"):
+                    disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
+                                             create=opts.create, migration=entry.copy["migration"],
+                                             block_size=logical_block_size(stack.runner,
+                                                                           f"/dev/mapper/{top_name(name)}"))
             except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
                 entry.dest = before
                 stack.journal.save(entry)
                 raise
-            export = _export(remote, dest, name)
+            with t("export"):
+                export = _export(remote, dest, name)
             dest["export"] = export
             dest["remote_state"] = remote.agent.hello.get("state_dir")
             if "zeroed" not in entry.copy:
                 entry.copy["zeroed"] = bool(disk["zeroed"])
             entry.dest = dest
             stack.journal.save(entry, J.COPYING)
-            h = remote.nbd(export, name)
-            summary = _copy_rounds(stack, name, entry, h, size, opts, progress)
-            h.shutdown()
-            stack.journal.save(entry, J.COPIED)
-            return summary
+            with t("nbd_connect"):
+                h = remote.nbd(export, name)
+            summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t)
+            with t("teardown"):
+                h.shutdown()
+                stack.journal.save(entry, J.COPIED)
         finally:
-            remote.close()
+            with t("teardown"):
+                remote.close()
+    t.add("total", since_exec() or 0.0)
+    summary["timing"] = t.as_dict()
+    return summary
 
 
 def check_source(stack: Stack, transport: str) -> None:
@@ -243,7 +262,7 @@ def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts
 
 
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress) -> dict[str, Any]:
+                 progress: Progress, t: Phases) -> dict[str, Any]:
     st = entry.copy
     assert entry.metadata and entry.block_sectors
     bs = entry.block_sectors * 512
@@ -257,7 +276,8 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
         if "base_era" not in st:
             # every write tagged below base_era has completed (drained): the base pass reads it;
             # every later one carries base_era or more, and the rounds query from there
-            st["base_era"] = stack.drained_checkpoint(name)
+            with t("era_base_checkpoint"):
+                st["base_era"] = stack.drained_checkpoint(name)
             st["base_offset"] = 0
             stack.journal.save(entry)
         start = int(st["base_offset"])
@@ -274,6 +294,7 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
             stack.journal.save(entry)
 
         c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
+        t.add("base_copy", c.seconds)
         total.add(c)
         st.update(base_done=True, base_offset=size, next_since=st["base_era"],
                   base={"from": start, **c.as_dict()})
@@ -284,13 +305,17 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
     prev: int | None = None
     rounds_now = 0
     while True:
+        t_era = time.monotonic()
         ranges, now = stack.drained_dirty(name, int(st["next_since"]))
+        era_secs = time.monotonic() - t_era
+        t.add("rounds_era_snapshot", era_secs)
         dirty = sum(r.count for r in ranges) * bs
         progress.start(f"round {len(st['rounds']) + 1}", dirty)
         c = rounds.copy([(r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges])
         total.add(c)
+        t.add("rounds_copy", c.seconds)
         rounds_now += 1
-        rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict()}
+        rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict(), "era_seconds": round(era_secs, 3)}
         st["rounds"].append(rnd)
         st["next_since"] = now  # every write tagged below now had landed before this round read
         stack.journal.save(entry)
