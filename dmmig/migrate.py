@@ -31,7 +31,8 @@ from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, St
 from dmmig.progress import Progress
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
-from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, channel_stderr, close_quietly, connect, relay_socket
+from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, channel_socket, channel_stderr, close_quietly, connect,
+                       relay_socket)
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.timing import Phases, since_exec
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
@@ -90,6 +91,14 @@ class Remote:
                 raise RemoteError(f"{e.message}; the destination's relay said: {channel_stderr(chan) or '(nothing)'}",
                                   hint=e.hint) from None
         return N.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
+
+    def agent_nbd(self, name: str) -> Any:
+        """A libnbd handle on NAME's export (--transport ssh) through the agent's own session,
+        which becomes the relay (op_relay): no second agent starts there. The agent takes no
+        call after it."""
+        self.agent.call("relay", name=name)
+        chan, rest = self.agent.detach()
+        return N.open_client(channel_socket(chan, rest), export=name)
 
     def probe_tunnel(self, runner: Runner, local_dir: str) -> tuple[str, str]:
         """Which mode the mirror leg's OpenSSH tunnel can use there (tunnel.probe)."""
@@ -158,8 +167,8 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 entry.copy["zeroed"] = bool(disk["zeroed"])
             entry.dest = dest
             stack.journal.save(entry, J.COPYING)
-            with t("nbd_connect"):
-                h = remote.nbd(export, name)
+            with t("nbd_connect"):  # the agent's last call: its session carries NBD from here
+                h = remote.agent_nbd(name) if dest["transport"] == "ssh" else remote.nbd(export, name)
             summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t)
             with t("teardown"):
                 h.shutdown()

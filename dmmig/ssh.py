@@ -112,10 +112,18 @@ def relay_socket(client: paramiko.SSHClient, argv: list[str]) -> tuple[socket.so
     except TRANSPORT_ERRORS as e:
         raise RemoteError(f"the SSH connection to the destination broke starting the NBD relay: "
                           f"{type(e).__name__} {e}".rstrip()) from None
+    return channel_socket(chan), chan
+
+
+def channel_socket(chan: paramiko.Channel, first: bytes = b"") -> socket.socket:
+    """A local socket whose peer is CHAN (both ways, until either closes); FIRST: bytes already
+    received from CHAN, which the socket gives first."""
     ours, theirs = socket.socketpair()
+    if first:
+        theirs.sendall(first)  # a few bytes (NBD's greeting): the socket buffer holds them
     threading.Thread(target=_pump, args=(theirs, chan), daemon=True).start()
     threading.Thread(target=_pump_back, args=(chan, theirs), daemon=True).start()
-    return ours, chan
+    return ours
 
 
 def channel_stderr(chan: paramiko.Channel, limit: int = 2000) -> str:
