@@ -2,7 +2,8 @@
 
 `dmmig agent` speaks JSON lines on stdin/stdout. Protocol version 2. The first line the agent
 writes is a hello:
-    {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...}
+    {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...,
+     "tools": {"qemu-nbd": true}}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
 "error": MSG, "kind": CLASS}. The agent keeps no connection state: everything it starts
 (an export) is recorded in its state directory, so a later connection can stop it.
@@ -116,8 +117,10 @@ class AgentServer:
     # ---- operations ---------------------------------------------------------------------
     def op_hello(self) -> dict[str, Any]:
         # the state dir lets the source say exactly what to remove here if we become unreachable
+        # and which tools it lacks, which the source checks before anything changes
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
-                "state_dir": self.state, "export_dir": export_dir(self.state)}
+                "state_dir": self.state, "export_dir": export_dir(self.state),
+                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
                         block_size: int | None = None, migration: str | None = None) -> dict[str, Any]:

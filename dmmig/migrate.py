@@ -13,7 +13,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import paramiko
 
@@ -113,32 +114,50 @@ class Remote:
 
 def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,
          progress: Progress) -> dict[str, Any]:
-    t = Phases()
+    # TIMING: where the wall time goes, for the summary. The main thread's phases add up to
+    # the whole; "overlapped" ones ran in a thread meanwhile (the main thread's wait for them
+    # is its own phase)
+    t, par = Phases(), Phases()
     t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
     t0 = time.monotonic()
     entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
     check_transport(opts)
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
-        # what the cutover will need, here and there, before the copy: not after it
-        check_source(stack, str(dest["transport"]))
-        assert entry.block_sectors
-        block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
+        # the connection and the agent's start there take a second or so that this host only
+        # waits for: the local checks and the suspend guard's start run meanwhile
+        connecting = Started(lambda: Remote(dest, par))
+        try:
+            # what the cutover will need, here and there, before the copy: not after it
+            check_source(stack, str(dest["transport"]))
+            assert entry.block_sectors
+            block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
+            stack.dm.arm_guard()
+        except BaseException:
+            connecting.abandon(lambda r: r.close())
+            raise
         t.add("local_checks", time.monotonic() - t0)
-        remote = Remote(dest, t)  # unknown host key, bad credentials, unreachable: refused here
+        with t("remote_wait"):
+            remote = connecting.result()  # unknown host key, bad credentials, unreachable: refused here
+        probing = _probe_tunnel(stack, dest, remote, par)
         try:
             with t("agent_probe"):
-                check_destination(remote.agent.call("probe", paths=[dest["disk"]], names={dest["disk"]: name}),
-                                  dest["host"])
+                hello = remote.agent.hello  # an agent of this version says what it lacks in its hello
+                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest["host"])
+            # catching up after a failed leg (or a cutover that did not finish): back to linear
+            # over era first; era holds every write since the cutover, and the rounds resend them
+            with t("drop_mirror"):
+                _drop_mirror(stack, entry)
         except BaseException:
+            if probing is not None:
+                probing.wait()  # it stops its ssh
             remote.close()
             raise
-        # catching up after a failed leg (or a cutover that did not finish): back to linear
-        # over era first; era holds every write since the cutover, and the rounds resend them
-        with t("drop_mirror"):
-            _drop_mirror(stack, entry)
         try:
             with t("plan_transport"):
+                if probing is not None:
+                    dest["tunnel"], why = probing.result()
+                    dest["tunnel_probe"] = why or "streamlocal forwarding works"
                 plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
             if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
@@ -177,8 +196,66 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             with t("teardown"):
                 remote.close()
     t.add("total", since_exec() or 0.0)
-    summary["timing"] = t.as_dict()
+    summary["timing"] = {**t.as_dict(), "overlapped": par.as_dict()}
     return summary
+
+
+def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
+                  par: Phases) -> "Started[tuple[str, str]] | None":
+    """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
+    destination (OpenSSH's login, an agent's start there), while the checks go on here."""
+    if dest["transport"] != "ssh" or dest.get("tunnel"):
+        return None
+
+    def probe() -> tuple[str, str]:
+        with par("tunnel_probe"):
+            return remote.probe_tunnel(stack.runner, stack.journal.dir)
+    return Started(probe)
+
+
+T = TypeVar("T")
+
+
+class Started(Generic[T]):
+    """FN running in a thread from now on. result() waits for it and returns what it returned
+    or raises what it raised; abandon(CLEANUP): nobody will take the result, CLEANUP gets it
+    once it comes (exactly once, whichever comes first)."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._lock = threading.Lock()
+        self._value: list[T] = []  # the result, once there
+        self._error: BaseException | None = None
+        self._cleanup: Callable[[T], None] | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], T]) -> None:
+        try:
+            value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever takes the result
+            self._error = e
+            return
+        with self._lock:
+            self._value.append(value)
+            cleanup = self._cleanup
+        if cleanup is not None:
+            cleanup(value)
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value[0]
+
+    def abandon(self, cleanup: Callable[[T], None]) -> None:
+        with self._lock:
+            self._cleanup = cleanup
+            value = list(self._value)
+        for v in value:
+            cleanup(v)
 
 
 def check_source(stack: Stack, transport: str) -> None:
@@ -267,7 +344,21 @@ def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts
     if old and (old["host"], old["disk"]) != (dest["host"], dest["disk"]):
         raise StateError(f"{entry.name} is already being copied to {old['host']}:{old['disk']}",
                          hint=f"`dmmig abort {entry.name}` to start over with another destination")
+    keep_probe(old, dest)
     return dest
+
+
+def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
+    """DEST (from the command line) takes the tunnel mode the plan's probe found for OLD (the
+    journaled destination) if OpenSSH would log in and run the agent there the same way: the
+    probe is asked again only when that changed. An earlier --tunnel is no probe result."""
+    if (old and "tunnel" not in dest and old.get("tunnel") and old.get("tunnel_probe")
+            and all(old.get(k) == dest.get(k) for k in PROBED_WITH)):
+        dest["tunnel"], dest["tunnel_probe"] = old["tunnel"], old["tunnel_probe"]
+
+
+# what the tunnel probe's answer depends on (OpenSSH's login there, the agent it runs)
+PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
