@@ -20,12 +20,18 @@ kernel's /dev/shm holds half its memory). Every dmmig run starts from a fresh `p
 existing (not created, so not known-zero) destination disk: zeros go as NBD write-zeroes, as
 nbdcopy sends them.
 
-    .venv/bin/python -m bench.copy_wall [REPS]      (default 2: the rows alternate, best of REPS)
+With --base DIR (a tree holding an older dmmig/ package, e.g. `git archive COMMIT dmmig | tar -x
+-C DIR`, under /var/tmp so that the kernels see it), the same rows also run that dmmig (on both
+hosts, through DIR/bin/dmmig, which this bench writes) in the same run: before and after, side
+by side on a machine whose speed drifts.
+
+    .venv/bin/python -m bench.copy_wall [--reps N] [--base DIR]   (default 2 reps: rows alternate, best of N)
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import os
 import tempfile
 from typing import Any
 
@@ -88,12 +94,12 @@ def nbdcopy_tcp(a: UmlHost, b: UmlHost, name: str) -> float:
         b.sh("kill $(cat /run/bench-nbd.pid); while [ -e /proc/$(cat /run/bench-nbd.pid) ]; do sleep 0.1; done; true")
 
 
-def nbdcopy_relay(a: UmlHost, src: str, name: str) -> float:
+def nbdcopy_relay(a: UmlHost, src: str, name: str, dmmig: str) -> float:
     """nbdcopy over OpenSSH running `dmmig agent relay NAME` on b: the mirror leg's relay-mode
     tunnel (dmmig.tunnel's listener hands its one connection to ssh), so one NBD connection."""
     sock = "/run/bench-relay.sock"
     job = a.spawn([PY, "-m", "dmmig.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
-                   DMMIG, "agent", "relay", name])
+                   dmmig, "agent", "relay", name])
     a.sh(f"while [ ! -S {sock} ]; do sleep 0.05; done")
     try:
         return timed(a, ["nbdcopy", "-C", "1", src, f"nbd+unix:///{name}?socket={sock}"])[0]
@@ -101,32 +107,32 @@ def nbdcopy_relay(a: UmlHost, src: str, name: str) -> float:
         job.wait()
 
 
-def dmmig_copy(a: UmlHost, b: UmlHost, name: str, transport: str, *, relay_anchor: bool = False
+def dmmig_copy(a: UmlHost, b: UmlHost, name: str, transport: str, dmmig: str, *, relay_anchor: bool = False
                ) -> tuple[float, dict[str, Any], float | None]:
     """(wall seconds, summary, nbdcopy through the relay to the same export, if asked)."""
     src, dst = loop(a, name), loop(b, name)
-    a.dmmig("wrap", name, src)
-    a.dmmig("prepare", name)
+    a.run([dmmig, "wrap", name, src])
+    a.run([dmmig, "prepare", name])
     extra = ["--transport", "nbd", "--nbd-address", B_IP] if transport == "nbd" else []
     try:
-        wall, out = timed(a, [DMMIG, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", DMMIG,
+        wall, out = timed(a, [dmmig, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", dmmig,
                               *SSH_OPTS, "--json", *extra])
         s = summary(out)
         relay = None
         if relay_anchor:  # dmmig's export is still up (copied, not cut over)
-            relay = nbdcopy_relay(a, src, name)
+            relay = nbdcopy_relay(a, src, name, dmmig)
         return wall, s, relay
     finally:
-        a.dmmig("abort", name)
-        a.dmmig("unwrap", name)
+        a.run([dmmig, "abort", name])
+        a.run([dmmig, "unwrap", name])
 
 
-def one_percent_round(a: UmlHost, b: UmlHost, name: str, mib: int) -> dict[str, Any]:
+def one_percent_round(a: UmlHost, b: UmlHost, name: str, mib: int, dmmig: str) -> dict[str, Any]:
     src, dst = loop(a, name), loop(b, name)
-    a.dmmig("wrap", name, src)
-    a.dmmig("prepare", name)
+    a.run([dmmig, "wrap", name, src])
+    a.run([dmmig, "prepare", name])
     try:
-        base_wall, out = timed(a, [DMMIG, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", DMMIG,
+        base_wall, out = timed(a, [dmmig, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", dmmig,
                                    *SSH_OPTS, "--json"])
         base = summary(out)
         # 1% of the disk dirty, in 4 KiB writes kept inside its first 1% (spread over all of it,
@@ -134,68 +140,90 @@ def one_percent_round(a: UmlHost, b: UmlHost, name: str, mib: int) -> dict[str, 
         blocks = mib * 256 // 100
         a.run([PY, ORACLE, "write", f"/dev/mapper/dmmig-{name}", "--record", "/dev/shm/bench.rec",
                "--count", str(4 * blocks), "--blocks", f"0:{blocks}"], timeout=600)
-        round_wall, out = timed(a, [DMMIG, "copy", name, "--json"])
+        round_wall, out = timed(a, [dmmig, "copy", name, "--json"])
         rnd = summary(out)
         return {"base_wall": base_wall, "base": base, "round_wall": round_wall, "round": rnd}
     finally:
-        a.dmmig("abort", name)
-        a.dmmig("unwrap", name)
+        a.run([dmmig, "abort", name])
+        a.run([dmmig, "unwrap", name])
         a.sh("rm -f /dev/shm/bench.rec*")
 
 
 def fmt_breakdown(s: dict[str, Any]) -> str:
-    t = s.get("timing")
+    t = dict(s.get("timing") or {})
     if not t:
         return "(no breakdown in this version's summary)"
-    parts = {k: v for k, v in t.items() if k != "total"}
-    other = t.get("total", 0) - sum(parts.values())
-    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + f", other {other:.2f} (of {t.get('total', 0):.2f})"
+    over = t.pop("overlapped", None) or {}
+    total = t.pop("total", 0)
+    other = total - sum(t.values())
+    return (", ".join(f"{k} {v:.2f}" for k, v in t.items()) + f", other {other:.2f} (of {total:.2f})"
+            + (f"; overlapped: {', '.join(f'{k} {v:.2f}' for k, v in over.items())}" if over else ""))
+
+
+def wrapper(base: str) -> str:
+    """DIR/bin/dmmig: the dmmig/ package in DIR, with this venv's Python (-P: not the one in the
+    working directory)."""
+    path = os.path.join(base, "bin", "dmmig")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nPYTHONPATH={base} exec {PY} -P -m dmmig \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path
 
 
 def main() -> None:
-    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--base", help="a directory holding an older dmmig/ package, run side by side")
+    ap.add_argument("--no-big", action="store_true", help="skip the 1 GiB round")
+    args = ap.parse_args()
     size, big = 192, 1024
+    versions = {"": DMMIG, **({" (base)": wrapper(os.path.abspath(args.base))} if args.base else {})}
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"), mem="3G")
     rows: dict[str, list[float]] = {}
     last: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, dict[str, Any]] = {}
     try:
         a, b = p.start()
         disks(a, b, "cw", size)
-        for _ in range(reps):  # alternating: the rig's speed drifts (a shared machine)
+        for _ in range(args.reps):  # alternating: the rig's speed drifts (a shared machine)
             rows.setdefault("nbdcopy tcp", []).append(nbdcopy_tcp(a, b, "cw"))
-            wall, s, relay = dmmig_copy(a, b, "cw", "ssh", relay_anchor=True)
-            rows.setdefault("dmmig copy ssh", []).append(wall)
-            last["ssh"] = s
-            assert relay is not None
-            rows.setdefault("nbdcopy ssh relay", []).append(relay)
-            wall, s, _ = dmmig_copy(a, b, "cw", "nbd")
-            rows.setdefault("dmmig copy nbd", []).append(wall)
-            last["nbd"] = s
+            for v, dmmig in versions.items():
+                for t in ("ssh", "nbd"):
+                    wall, s, relay = dmmig_copy(a, b, "cw", t, dmmig, relay_anchor=(t == "ssh" and not v))
+                    rows.setdefault(f"dmmig copy {t}{v}", []).append(wall)
+                    last[f"{t}{v}"] = s
+                    if relay is not None:
+                        rows.setdefault("nbdcopy ssh relay", []).append(relay)
         drop(a, b, "cw")
-        disks(a, b, "cwbig", big)
-        r1 = one_percent_round(a, b, "cwbig", big)
-        drop(a, b, "cwbig")
+        if not args.no_big:
+            disks(a, b, "cwbig", big)
+            for v, dmmig in versions.items():
+                rounds[v] = one_percent_round(a, b, "cwbig", big, dmmig)
+            drop(a, b, "cwbig")
     finally:
         p.stop()
+    print(json.dumps({"rows": rows, "last": last, "rounds": rounds}))
     anchor = min(rows["nbdcopy tcp"])
     print(f"disk {size} MiB (first half random, second half zeros), two UML kernels on a veth pair, "
-          f"best of {reps}")
+          f"best of {args.reps}")
     for k, v in rows.items():
-        print(f"  {k:20} {min(v):6.2f}s  ({min(v) / anchor:.2f}x nbdcopy tcp)   runs: "
+        print(f"  {k:26} {min(v):6.2f}s  ({min(v) / anchor:.2f}x nbdcopy tcp)   runs: "
               + " ".join(f"{x:.2f}" for x in v))
-    for t in ("ssh", "nbd"):
-        s = last[t]
-        print(f"  dmmig copy {t} (last run): copier {s['seconds']:.2f}s; {fmt_breakdown(s)}")
-    ssh_relay = min(rows["nbdcopy ssh relay"])
-    print(f"  dmmig copy ssh / nbdcopy ssh relay: {min(rows['dmmig copy ssh']) / ssh_relay:.2f}x")
-    rb, rr = r1["base"], r1["round"]
-    rnd = rr["rounds"][0] if rr.get("rounds") else {}
-    print(f"disk {big} MiB, --transport ssh: base copy {r1['base_wall']:.2f}s wall (copier {rb['seconds']:.2f}s); "
-          f"a round with 1% dirty ({rnd.get('dirty_bytes', 0) >> 10} KiB): {r1['round_wall']:.2f}s wall = "
-          f"{100 * r1['round_wall'] / r1['base_wall']:.1f}% of the base copy's wall; its copy "
-          f"{rnd.get('seconds', 0):.2f}s = {100 * rnd.get('seconds', 0) / r1['base_wall']:.1f}%")
-    print(f"  round: {fmt_breakdown(rr)}")
-    print(f"  base:  {fmt_breakdown(rb)}")
+    relay = min(rows["nbdcopy ssh relay"])
+    print(f"  dmmig copy ssh / nbdcopy ssh relay: {min(rows['dmmig copy ssh']) / relay:.2f}x")
+    for k, s in last.items():
+        print(f"  dmmig copy {k} (last run): copier {s['seconds']:.2f}s; {fmt_breakdown(s)}")
+    for v, r1 in rounds.items():
+        rb, rr = r1["base"], r1["round"]
+        rnd = rr["rounds"][0] if rr.get("rounds") else {}
+        print(f"disk {big} MiB, --transport ssh{v}: base copy {r1['base_wall']:.2f}s wall (copier {rb['seconds']:.2f}s); "
+              f"a round with 1% dirty ({rnd.get('dirty_bytes', 0) >> 10} KiB): {r1['round_wall']:.2f}s wall = "
+              f"{100 * r1['round_wall'] / r1['base_wall']:.1f}% of the base copy's wall; the round itself (era "
+              f"snapshot + copy) {rnd.get('era_seconds', 0) + rnd.get('seconds', 0):.2f}s = "
+              f"{100 * (rnd.get('era_seconds', 0) + rnd.get('seconds', 0)) / r1['base_wall']:.1f}%")
+        print(f"  round: {fmt_breakdown(rr)}")
+        print(f"  base:  {fmt_breakdown(rb)}")
 
 
 if __name__ == "__main__":
