@@ -23,7 +23,8 @@ nbdcopy sends them.
 With --base DIR (a tree holding an older dmmig/ package, e.g. `git archive COMMIT dmmig | tar -x
 -C DIR`, under /var/tmp so that the kernels see it), the same rows also run that dmmig (on both
 hosts, through DIR/bin/dmmig, which this bench writes) in the same run: before and after, side
-by side on a machine whose speed drifts.
+by side on a machine whose speed drifts. --dmmig DIR likewise runs the version under test from
+such a copy (the kernels run this checkout's files as they are at each command's start).
 
     .venv/bin/python -m bench.copy_wall [--reps N] [--base DIR]   (default 2 reps: rows alternate, best of N)
 """
@@ -98,8 +99,9 @@ def nbdcopy_relay(a: UmlHost, src: str, name: str, dmmig: str) -> float:
     """nbdcopy over OpenSSH running `dmmig agent relay NAME` on b: the mirror leg's relay-mode
     tunnel (dmmig.tunnel's listener hands its one connection to ssh), so one NBD connection."""
     sock = "/run/bench-relay.sock"
-    job = a.spawn([PY, "-m", "dmmig.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
-                   dmmig, "agent", "relay", name])
+    tree = os.path.dirname(os.path.dirname(dmmig)) if dmmig != DMMIG else str(ROOT)
+    job = a.spawn([PY, "-P", "-m", "dmmig.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
+                   dmmig, "agent", "relay", name], env={"PYTHONPATH": tree})
     a.sh(f"while [ ! -S {sock} ]; do sleep 0.05; done")
     try:
         return timed(a, ["nbdcopy", "-C", "1", src, f"nbd+unix:///{name}?socket={sock}"])[0]
@@ -175,10 +177,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--base", help="a directory holding an older dmmig/ package, run side by side")
+    ap.add_argument("--dmmig", help="a directory holding the dmmig/ package under test (default: this "
+                                    "checkout; a copy keeps edits made during the run out of it)")
     ap.add_argument("--no-big", action="store_true", help="skip the 1 GiB round")
     args = ap.parse_args()
     size, big = 192, 1024
-    versions = {"": DMMIG, **({" (base)": wrapper(os.path.abspath(args.base))} if args.base else {})}
+    versions = {"": wrapper(os.path.abspath(args.dmmig)) if args.dmmig else DMMIG,
+                **({" (base)": wrapper(os.path.abspath(args.base))} if args.base else {})}
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"), mem="3G")
     rows: dict[str, list[float]] = {}
     last: dict[str, dict[str, Any]] = {}
