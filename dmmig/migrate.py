@@ -160,35 +160,41 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                     dest["tunnel_probe"] = why or "streamlocal forwarding works"
                 plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
+            # the top's logical block size is what blkfront got (blkback passes it on)
+            block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
             if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
                 entry.copy["migration"] = uuid.uuid4().hex
+            base_era = _base_era(stack, name, entry, par)  # while the destination prepares
             # journaled before anything changes there: a dmmig killed after prepare_disk or the
             # export leaves a destination that abort knows to clean up
             before = entry.dest
             entry.dest = dict(dest)
             stack.journal.save(entry)
             try:
-                # the top's logical block size is what blkfront got (blkback passes it on)
-                with t("prepare_disk"):
-                    disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                             create=opts.create, migration=entry.copy["migration"],
-                                             block_size=logical_block_size(stack.runner,
-                                                                           f"/dev/mapper/{top_name(name)}"))
-            except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
-                entry.dest = before
-                stack.journal.save(entry)
+                try:
+                    with t("prepare_disk"):
+                        disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
+                                                 create=opts.create, migration=entry.copy["migration"],
+                                                 block_size=block_size)
+                except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
+                    entry.dest = before
+                    stack.journal.save(entry)
+                    raise
+                with t("export"):
+                    export = _export(remote, dest, name)
+                dest["export"] = export
+                dest["remote_state"] = remote.agent.hello.get("state_dir")
+                if "zeroed" not in entry.copy:
+                    entry.copy["zeroed"] = bool(disk["zeroed"])
+                entry.dest = dest
+                stack.journal.save(entry, J.COPYING)
+                with t("nbd_connect"):  # the agent's last call: its session carries NBD from here
+                    h = remote.agent_nbd(name) if dest["transport"] == "ssh" else remote.nbd(export, name)
+            except BaseException:
+                if base_era is not None:
+                    base_era.wait()  # the top is resumed whatever happens; never left behind us
                 raise
-            with t("export"):
-                export = _export(remote, dest, name)
-            dest["export"] = export
-            dest["remote_state"] = remote.agent.hello.get("state_dir")
-            if "zeroed" not in entry.copy:
-                entry.copy["zeroed"] = bool(disk["zeroed"])
-            entry.dest = dest
-            stack.journal.save(entry, J.COPYING)
-            with t("nbd_connect"):  # the agent's last call: its session carries NBD from here
-                h = remote.agent_nbd(name) if dest["transport"] == "ssh" else remote.nbd(export, name)
-            summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t)
+            summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t, base_era)
             with t("teardown"):
                 h.shutdown()
                 stack.journal.save(entry, J.COPIED)
@@ -361,8 +367,20 @@ def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
+def _base_era(stack: Stack, name: str, entry: J.Entry, par: Phases) -> "Started[int] | None":
+    """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
+    suspend and resume of the top here, while the destination prepares its disk and export."""
+    if entry.copy.get("base_done") or "base_era" in entry.copy:
+        return None
+
+    def take() -> int:
+        with par("era_base_checkpoint"):
+            return stack.drained_checkpoint(name)
+    return Started(take)
+
+
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress, t: Phases) -> dict[str, Any]:
+                 progress: Progress, t: Phases, base_era: "Started[int] | None" = None) -> dict[str, Any]:
     st = entry.copy
     assert entry.metadata and entry.block_sectors
     bs = entry.block_sectors * 512
@@ -377,7 +395,7 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
             # every write tagged below base_era has completed (drained): the base pass reads it;
             # every later one carries base_era or more, and the rounds query from there
             with t("era_base_checkpoint"):
-                st["base_era"] = stack.drained_checkpoint(name)
+                st["base_era"] = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
             st["base_offset"] = 0
             stack.journal.save(entry)
         start = int(st["base_offset"])

@@ -126,3 +126,37 @@ def test_phases_add_up_and_since_exec_is_this_process_age() -> None:
     assert list(t.as_dict()) == ["a", "b"] and 1.01 <= t.as_dict()["a"] < 1.5
     age = since_exec()
     assert age is not None and 0 <= age < 3600
+
+
+def prepared_stack(tmp_path: Any) -> Any:
+    from dmmig import journal as J
+    from dmmig.stack import Stack
+    j = J.Journal(str(tmp_path))
+    j.save(J.Entry(name="d1", origin="/dev/loop0", origin_devno="7:0", phase=J.PREPARED, block_sectors=128,
+                   metadata="/dev/loop1"))
+    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d1-era;253;1;L--w;1;1;0;\n", ""))])
+    return Stack(r, DmSetup(r), j)  # type: ignore[arg-type]
+
+
+def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once_and_the_connection_closed(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmmig.errors import MissingDependency
+    from dmmig.progress import Progress
+    closed = threading.Event()
+
+    class SlowRemote:  # the destination's agent takes its time to start
+        def __init__(self, dest: dict[str, Any], phases: Phases | None = None) -> None:
+            time.sleep(0.5)
+
+        def close(self) -> None:
+            closed.set()
+
+    def refuse(stack: Any, transport: str) -> None:
+        raise MissingDependency("command not found: era_invalidate")
+    monkeypatch.setattr(M, "Remote", SlowRemote)
+    monkeypatch.setattr(M, "check_source", refuse)
+    t0 = time.monotonic()
+    with pytest.raises(MissingDependency, match="era_invalidate"):
+        M.copy(prepared_stack(tmp_path), "d1", "root@b", EP, M.CopyOptions(dest_disk="/dev/loop0"), Progress())
+    assert time.monotonic() - t0 < 0.4  # not after the connection came
+    assert closed.wait(5)  # and when it came, it was closed
