@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-import paramiko
-
 from dmmig import gate
 from dmmig import journal as J
 from dmmig import mirrorlog
@@ -32,8 +30,8 @@ from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, St
 from dmmig.progress import Progress
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
-from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, channel_socket, channel_stderr, close_quietly, connect,
-                       relay_socket)
+from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
+                       connect, relay_socket)
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.timing import Phases, since_exec
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
@@ -65,7 +63,7 @@ class Remote:
         self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
         t = phases or Phases()
         with t("ssh_connect"):
-            self.ssh: paramiko.SSHClient = connect(self.ep)
+            self.ssh: SSHClient = connect(self.ep)
         try:
             with t("agent_start"):
                 self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))

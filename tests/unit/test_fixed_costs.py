@@ -160,3 +160,24 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
         M.copy(prepared_stack(tmp_path), "d1", "root@b", EP, M.CopyOptions(dest_disk="/dev/loop0"), Progress())
     assert time.monotonic() - t0 < 0.4  # not after the connection came
     assert closed.wait(5)  # and when it came, it was closed
+
+
+def imported_by(code: str) -> set[str]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", f"{code}; import sys; print(' '.join(k for k, v in sys.modules.items() if v is not None))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_agent_imports_no_disk_stack() -> None:
+    """Every agent start on the destination (its session, a probe, the tunnel's hold or relay)
+    paid for the disk stack's imports through the CLI: 0.15 s of Python in the rig, each."""
+    mods = imported_by("import dmmig.cli, dmmig.agent, dmmig.confine")
+    assert not {"dmmig.stack", "dmmig.era", "dmmig.mirror", "dmmig.tunnel", "dmmig.dm.dmsetup", "paramiko"} & mods
+
+
+def test_paramiko_runs_without_invoke() -> None:
+    """dmmig never has paramiko read an ssh_config (`Match exec` is what it imports invoke for)."""
+    mods = imported_by("import dmmig.migrate; import paramiko; paramiko.SSHClient()")
+    assert "paramiko" in mods and "invoke" not in mods
