@@ -8,9 +8,11 @@ kernels on a veth pair), as ratios (issue 14 part 4: fixed costs):
   `--transport ssh` reaches it: OpenSSH running `dmmig agent relay NAME` on b, which relays to
   the export's root-only unix socket (the mirror leg's relay-mode tunnel; one NBD connection;
   nbdcopy's `[ CMD ]` is socket activation, not a command's stdin/stdout);
+- a third anchor: nbdcopy to dmmig's own TLS export of --transport nbd, with that migration's
+  client credentials (nbds://);
 - `dmmig copy NAME root@b --dest-disk ... --json`, the whole process from exec to exit (Python's
-  start included), over --transport ssh and --transport nbd (TLS), with the summary's
-  breakdown of where the time went;
+  start included), over --transport ssh, --transport nbd (TLS) and --transport nbd --insecure,
+  with the summary's breakdown of where the time went;
 - an era round with 1% of a 1 GiB disk dirty (a second `dmmig copy`, whole wall time, and the
   round's own copy time) against that disk's base copy (the first `dmmig copy`).
 
@@ -109,21 +111,33 @@ def nbdcopy_relay(a: UmlHost, src: str, name: str, dmmig: str) -> float:
         job.wait()
 
 
-def dmmig_copy(a: UmlHost, b: UmlHost, name: str, transport: str, dmmig: str, *, relay_anchor: bool = False
+def nbdcopy_tls(a: UmlHost, src: str, name: str, dmmig: str) -> float:
+    """nbdcopy to dmmig's own TLS export (--transport nbd), with this migration's client
+    credentials: the same export, TLS and connection set-up as dmmig's copier."""
+    dest = json.loads(a.run([dmmig, "status", name, "--json"]).out)["journal"]["dest"]
+    exp = dest["export"]
+    return timed(a, ["nbdcopy", src, f"nbds://{exp['addr']}:{exp['port']}/{name}?tls-certificates={dest['tls']}"])[0]
+
+
+def dmmig_copy(a: UmlHost, b: UmlHost, name: str, transport: str, dmmig: str, *, anchor: bool = False
                ) -> tuple[float, dict[str, Any], float | None]:
-    """(wall seconds, summary, nbdcopy through the relay to the same export, if asked)."""
+    """(wall seconds, summary, nbdcopy to the same export the way dmmig reached it, if asked).
+    TRANSPORT: ssh, nbd (TLS) or nbd-insecure."""
     src, dst = loop(a, name), loop(b, name)
     a.run([dmmig, "wrap", name, src])
     a.run([dmmig, "prepare", name])
-    extra = ["--transport", "nbd", "--nbd-address", B_IP] if transport == "nbd" else []
+    extra = ({"ssh": [], "nbd": ["--transport", "nbd", "--nbd-address", B_IP]}.get(transport)
+             or ["--transport", "nbd", "--nbd-address", B_IP, "--insecure"])
     try:
         wall, out = timed(a, [dmmig, "copy", name, f"root@{B_IP}", "--dest-disk", dst, "--remote-dmmig", dmmig,
                               *SSH_OPTS, "--json", *extra])
         s = summary(out)
-        relay = None
-        if relay_anchor:  # dmmig's export is still up (copied, not cut over)
-            relay = nbdcopy_relay(a, src, name, dmmig)
-        return wall, s, relay
+        same = None
+        if anchor and transport == "ssh":  # dmmig's export is still up (copied, not cut over)
+            same = nbdcopy_relay(a, src, name, dmmig)
+        elif anchor and transport == "nbd":
+            same = nbdcopy_tls(a, src, name, dmmig)
+        return wall, s, same
     finally:
         a.run([dmmig, "abort", name])
         a.run([dmmig, "unwrap", name])
@@ -194,12 +208,12 @@ def main() -> None:
         for _ in range(args.reps):  # alternating: the rig's speed drifts (a shared machine)
             rows.setdefault("nbdcopy tcp", []).append(nbdcopy_tcp(a, b, "cw"))
             for v, dmmig in versions.items():
-                for t in ("ssh", "nbd"):
-                    wall, s, relay = dmmig_copy(a, b, "cw", t, dmmig, relay_anchor=(t == "ssh" and not v))
+                for t in ("ssh", "nbd", "nbd-insecure"):
+                    wall, s, same = dmmig_copy(a, b, "cw", t, dmmig, anchor=not v)
                     rows.setdefault(f"dmmig copy {t}{v}", []).append(wall)
                     last[f"{t}{v}"] = s
-                    if relay is not None:
-                        rows.setdefault("nbdcopy ssh relay", []).append(relay)
+                    if same is not None:
+                        rows.setdefault({"ssh": "nbdcopy ssh relay", "nbd": "nbdcopy nbd TLS"}[t], []).append(same)
         drop(a, b, "cw")
         if not args.no_big:
             disks(a, b, "cwbig", big)
@@ -215,8 +229,9 @@ def main() -> None:
     for k, v in rows.items():
         print(f"  {k:26} {min(v):6.2f}s  ({min(v) / anchor:.2f}x nbdcopy tcp)   runs: "
               + " ".join(f"{x:.2f}" for x in v))
-    relay = min(rows["nbdcopy ssh relay"])
-    print(f"  dmmig copy ssh / nbdcopy ssh relay: {min(rows['dmmig copy ssh']) / relay:.2f}x")
+    for mine, theirs in (("dmmig copy ssh", "nbdcopy ssh relay"), ("dmmig copy nbd", "nbdcopy nbd TLS"),
+                         ("dmmig copy nbd-insecure", "nbdcopy tcp")):
+        print(f"  {mine} / {theirs} (the same way to an export): {min(rows[mine]) / min(rows[theirs]):.2f}x")
     for k, s in last.items():
         print(f"  dmmig copy {k} (last run): copier {s['seconds']:.2f}s; {fmt_breakdown(s)}")
     for v, r1 in rounds.items():
