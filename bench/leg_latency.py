@@ -10,7 +10,9 @@ Rows, all to the same kind of export (dmmig's: qemu-nbd directsync on a unix soc
            ssh's stdin/stdout; `dmmig agent relay NAME` on b), to /dev/nbdX;
 - mirror forward / relay / nbd TLS / nbd plain: the top device while mirroring (dmmig cutover
            after `copy --tunnel ...` or `--transport nbd [--insecure]`), what the guest sees: both
-           legs, each write acknowledged by both hosts (nbd TLS: through nbd-client's GnuTLS proxy).
+           legs, each write acknowledged by both hosts (nbd TLS: through nbd-client's GnuTLS proxy);
+           x1: the mirror as one dm-mirror target (before issue 14), x16: dmmig's default set of 16
+           side by side (`cutover --resync-parts`).
 Ratios are against the local disk and against -tt, measured in the same run.
 
     .venv/bin/python -m bench.leg_latency [WRITES]      (default 400 per row and size)
@@ -27,6 +29,8 @@ from tests.rig.uml import ROOT, UmlHost
 PY = str(ROOT / ".venv" / "bin" / "python")
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 SIZE_MIB = 64
+# the top's mirror as one dm-mirror target (as before issue 14) and as dmmig's default set
+PARTS = (1, 16)
 
 WRITER = r"""
 import json, mmap, os, random, statistics, sys, time
@@ -117,8 +121,9 @@ def main() -> None:
                     a.dmmig("prepare", "lat")
                 a.dmmig("copy", "lat", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG,
                         *SSH_OPTS, *extra)
-                a.dmmig("cutover", "lat")
-                rows[row] = write_latency(a, "/dev/mapper/dmmig-lat", n)
+                for parts in PARTS:  # a rerun of cutover starts again from linear over era
+                    a.dmmig("cutover", "lat", "--resync-parts", str(parts))
+                    rows[f"{row} x{parts}"] = write_latency(a, "/dev/mapper/dmmig-lat", n)
             a.dmmig("finish", "lat")
             a.dmmig("unwrap", "lat")
         finally:
@@ -127,9 +132,9 @@ def main() -> None:
     finally:
         p.stop()
     print(f"serial O_DIRECT pwrite latency, ms ({n} writes per cell), two UML kernels on a veth pair")
-    print(f"{'':16} {'4K p50':>8} {'4K p99':>8} {'64K p50':>8} {'64K p99':>8}   64K p50 vs local, vs -tt")
+    print(f"{'':20} {'4K p50':>8} {'4K p99':>8} {'64K p50':>8} {'64K p99':>8}   64K p50 vs local, vs -tt")
     for k, r in rows.items():
-        print(f"{k:16} {r[4096]['p50']:8.2f} {r[4096]['p99']:8.2f} {r[65536]['p50']:8.2f} {r[65536]['p99']:8.2f}"
+        print(f"{k:20} {r[4096]['p50']:8.2f} {r[4096]['p99']:8.2f} {r[65536]['p50']:8.2f} {r[65536]['p99']:8.2f}"
               f"   {r[65536]['p50'] / rows['local'][65536]['p50']:6.1f}x"
               + (f" {r[65536]['p50'] / rows['-tt'][65536]['p50']:5.2f}x" if "-tt" in rows else ""))
 

@@ -1,46 +1,69 @@
-"""The kernel's resync at cutover vs dmmig's own copier, by era block (= mirror region) size.
+"""The cutover's tail: the kernel's final resync against dmmig's own copier, on the same link,
+the same export, the same scattered delta, side by side in one rig run.
 
-dm-mirror recovers one region at a time (MAX_RECOVERY 1 in dm-raid1.c): each region is one
-read and one write across the NBD leg, so a resync is bound by the round trip, not by the
-link's bandwidth. This puts a number on it, side by side in one rig run (two UML kernels on a
-veth pair): for each transport (ssh: the leg goes through dmmig's OpenSSH tunnel; nbd: straight
-to the export) and block size, the disk is copied (the anchor: dmmig copy, the same link, the
-same export), then every block is written once, then the cutover resyncs all of them. Then
-again with 2 ms of delay added each way (netem on both hosts' links), as on a routed network.
+Two UML kernels on a veth pair. For each transport (ssh: the leg through dmmig's OpenSSH
+tunnel, the copier through the agent's relay; nbd: TLS straight to the export) and each link
+(as is, then 2 ms more each way by netem): a SIZE MiB disk of random data is copied; then,
+for each number of mirror parts (`cutover --resync-parts`; 1 is the one dm-mirror target of
+before issue 14), every other 64 KiB era block is written (a scattered delta of SIZE/2 MiB),
+a `dmmig copy` round moves it (the anchor: its bytes over its data phase), the same blocks are
+written again and `dmmig cutover` hands them to the kernel (its bytes over its resync time).
 
-    .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]   (default: 32 ssh nbd)
+    [PARTS=1,4,16] [DELAYS=0,2ms] .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]
+    (default: 128 ssh nbd)
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import tempfile
 
-from tests.kernel.test_copy import summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
 DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
-SIZES_KIB = (64, 1024)
+PY = str(ROOT / ".venv" / "bin" / "python")
+PARTS = tuple(int(x) for x in os.environ.get("PARTS", "1,4,16").split(","))
+BLOCK = 64 << 10
+# every other block, random data (the copier skips zeros, the kernel does not)
+SCATTER = r"""
+import mmap, os, sys
+dev, size = sys.argv[1], int(sys.argv[2])
+buf = mmap.mmap(-1, 65536)
+fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+for off in range(0, size, 2 * 65536):
+    buf[:] = os.urandom(65536)
+    os.pwrite(fd, buf, off)
+os.close(fd)
+"""
 
 
-def one(a: UmlHost, b: UmlHost, size: int, block_kib: int, transport: str) -> tuple[float, float, int]:
-    """(copier MB/s, resync MB/s, regions resynced) for one block size."""
-    # random data: the copier skips blocks of zeros, the kernel does not
+def summary(out: str) -> dict:
+    return next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
+
+
+def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> list[tuple[int, float, float, int]]:
+    """[(parts, copier MB/s, kernel MB/s, regions)] for one transport on the current link."""
     a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size} status=none && losetup /dev/loop0 /dev/shm/src")
     b.sh(f"truncate -s {size}M /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
+    top = "/dev/mapper/dmmig-rs"
+    copy = ["copy", "rs", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG, *SSH_OPTS, "--json",
+            "--max-rounds", "1", "--transport", transport, *(["--nbd-address", B_IP] if transport == "nbd" else [])]
+    out = []
     try:
         a.dmmig("wrap", "rs", "/dev/loop0")
-        a.dmmig("prepare", "rs", "--block-size", f"{block_kib}K")
-        c = summary(a.dmmig("copy", "rs", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG,
-                         *SSH_OPTS, "--json", "--max-rounds", "1", "--transport", transport,
-                         *(["--nbd-address", B_IP] if transport == "nbd" else [])).out)
-        assert c["sent"] >= size << 20, c
-        # every block dirty: the whole disk is out of sync at the cutover
-        a.run(["dd", "if=/dev/urandom", "of=/dev/mapper/dmmig-rs", "bs=1M", f"count={size}", "oflag=direct"])
-        cut = summary(a.dmmig("cutover", "rs", "--json").out)
+        a.dmmig("prepare", "rs", "--block-size", "64K")
+        a.dmmig(*copy)
+        for parts in PARTS:
+            a.py(SCATTER, top, str(size << 20))
+            c = summary(a.dmmig(*copy).out)   # from mirroring, the copy drops the mirror first
+            copier = c["throughput_bytes_per_s"] / 1e6
+            a.py(SCATTER, top, str(size << 20))
+            cut = summary(a.dmmig("cutover", "rs", "--json", "--resync-parts", str(parts)).out)
+            out.append((parts, copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"], cut["resync_regions"]))
         a.dmmig("finish", "rs")
-        return c["throughput_bytes_per_s"] / 1e6, cut["resync_bytes"] / 1e6 / cut["resync_seconds"], \
-            cut["resync_regions"]
+        return out
     finally:
         a.sh(f"{DMMIG} abort rs; {DMMIG} unwrap rs; true", check=False)
         a.sh("losetup -d /dev/loop0; rm -f /dev/shm/src", check=False)
@@ -48,26 +71,25 @@ def one(a: UmlHost, b: UmlHost, size: int, block_kib: int, transport: str) -> tu
 
 
 def main() -> None:
-    size = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     transports = sys.argv[2:] or ["ssh", "nbd"]
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"))
     try:
         a, b = p.start()
         for h in (a, b):
             h.run(["modprobe", "--dirname=/run/mods", "sch_netem"])
-        print(f"disk {size} MiB, two UML kernels on a veth pair; resync = the kernel's, at cutover")
-        for delay in (None, "2ms"):
+        print(f"disk {size} MiB, delta every other 64 KiB block ({size // 2} MiB); two UML kernels on a veth pair")
+        for delay in [None if d == "0" else d for d in os.environ.get("DELAYS", "0,2ms").split(",")]:
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "add", "dev", "vec0", "root", "netem", "delay", delay])
             rtt = a.sh(f"ping -c 5 -i 0.2 -q {B_IP} | tail -1").out.strip()
             print(f"link: {'+' + delay + ' each way' if delay else 'as is'} ({rtt})")
             for transport in transports:
-                for kib in SIZES_KIB:
-                    copier, resync, regions = one(a, b, size, kib, transport)
-                    print(f"  --transport {transport}, block/region {kib:5d} KiB: copier {copier:6.2f} MB/s "
-                          f"(anchor), kernel resync {resync:6.2f} MB/s over {regions} regions = "
-                          f"{resync / copier:.2f}x the copier")
+                for parts, copier, kernel, regions in run(a, b, size, transport):
+                    print(f"  --transport {transport:3s} --resync-parts {parts:2d}: copier {copier:6.2f} MB/s "
+                          f"(anchor), kernel resync {kernel:6.2f} MB/s over {regions} regions = "
+                          f"{kernel / copier:.2f}x the copier", flush=True)
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "del", "dev", "vec0", "root"])

@@ -165,8 +165,10 @@ class Loop:
                 continue
         return infos
 
-    def attach(self, file: str) -> str:
-        return self.r.run(["losetup", "--find", "--show", file]).stdout.strip()
+    def attach(self, file: str, *, offset: int = 0, size: int | None = None) -> str:
+        """A loop device over FILE, or over SIZE bytes of it from OFFSET."""
+        where = (["--offset", str(offset)] if offset else []) + (["--sizelimit", str(size)] if size else [])
+        return self.r.run(["losetup", "--find", "--show", *where, file]).stdout.strip()
 
     def find(self, file: str) -> list[str]:
         out = self.r.run(["losetup", "--noheadings", "--output", "NAME", "-j", file], check=False).stdout

@@ -120,15 +120,16 @@ def cmd_copy(a: argparse.Namespace) -> int:
 def cmd_cutover(a: argparse.Namespace) -> int:
     from dmmig import migrate
     from dmmig.progress import Progress
-    s = migrate.cutover(make_stack(a), a.name, migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
+    s = migrate.cutover(make_stack(a), a.name, migrate.CutoverOptions(nbd_timeout=a.nbd_timeout,
+                                                                             resync_parts=a.resync_parts),
                         Progress(a.json))
     if a.json:
         print(json.dumps({"event": "summary", **s}))
         return 0
     print(f"{a.name}: mirroring to the destination over {s['nbd']}; every write now reaches both hosts")
-    print(f"  top device suspended for {s['suspended_seconds'] * 1000:.0f} ms; the kernel resynced "
-          f"{s['resync_regions']} of {s['regions']} regions ({s['resync_bytes'] / (1 << 20):.2f} MiB) "
-          f"in {s['resync_seconds']:.2f}s")
+    print(f"  top device suspended for {' + '.join(f'{p * 1000:.0f}' for p in s['pauses'])} ms; the kernel "
+          f"resynced {s['resync_regions']} of {s['regions']} regions of {s['region_bytes'] >> 10} KiB "
+          f"({s['resync_bytes'] / (1 << 20):.2f} MiB) in {s['resync_seconds']:.2f}s, {s['parts']} at a time")
     return 0
 
 
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
                     help="a request to a dead destination fails the leg after this (1..600, default 10)")
+    sp.add_argument("--resync-parts", type=int, default=16, metavar="N",
+                    help="mirror targets side by side, each recovering one region at a time: fewer is "
+                         "gentler on the link, more is faster on a long round trip (1..64, default 16)")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("handover", cmd_handover, "the source's side of the handover gate: wait for the destination's "

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -24,10 +25,10 @@ from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
 from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
-from dmmig.dm.targets import DiskLog, Linear, Mirror, Table
+from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
-from dmmig.progress import Progress
+from dmmig.progress import Progress, Stopwatch
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
@@ -460,6 +461,7 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
 class CutoverOptions:
     nbd_timeout: int = 10       # seconds before a request to a dead peer fails the leg
     sync_timeout: float = 3600
+    resync_parts: int = mirrorlog.MAX_PARTS  # mirror targets side by side: regions recovered at once
 
 
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
@@ -470,6 +472,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
+    if not 1 <= opts.resync_parts <= 64:
+        raise BadInput(f"--resync-parts {opts.resync_parts}: 1..64")
     require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
     stack.dm.require_targets("mirror")
     top, era = top_name(name), era_name(name)
@@ -477,62 +481,127 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         def save() -> None:
             stack.journal.save(entry)
 
-        _drop_mirror(stack, entry)  # a rerun starts again from linear over era
-        remote = Remote(entry.dest)
-        try:
-            plan_transport(stack, name, entry.dest, remote)  # decided by copy; probed again only for
-            export = _export(remote, entry.dest, name)       # a destination journaled by an older dmmig
-        finally:
-            remote.close()
+        sw = Stopwatch()
+        with sw("drop a previous mirror"):
+            _drop_mirror(stack, entry)  # a rerun starts again from linear over era
+        with sw("connect, export"):
+            remote = Remote(entry.dest)
+            try:
+                plan_transport(stack, name, entry.dest, remote)  # decided by copy; probed again only for
+                export = _export(remote, entry.dest, name)       # a destination journaled by an older dmmig
+            finally:
+                remote.close()
         entry.dest["export"] = export
         stack.journal.save(entry, J.CUTTING_OVER)
         assert entry.metadata and entry.block_sectors
         length = stack.dm.table(top).length
-        rs = entry.block_sectors  # one mirror region is one era block
-        nr = mirrorlog.region_count(length, rs)
+        bs = entry.block_sectors
+        layout = mirrorlog.Layout.choose(length, bs, max_parts=opts.resync_parts)
+        since = int(entry.copy["next_since"])
         try:
-            leg = stack.mirror.attach_leg(entry, export, opts.nbd_timeout, save)
-            logdev = stack.mirror.make_log(entry, nr, save)
-            # handle_errors + keep_log: a failed leg raises a dm event but holds no write; the
-            # guest keeps writing to leg 0 and era keeps recording (README: "Leg failures")
-            table = Table(Mirror(length, DiskLog(block_device(logdev).devno, rs),
-                                 (block_device(f"/dev/mapper/{era}").devno, block_device(leg).devno),
-                                 handle_errors=True, keep_log=True))
-            stack.dm.load(top, table)  # the constructor runs now, while I/O still flows
-            t0 = time.monotonic()
-            stack.dm.suspend(top)  # flushes: every write so far is in era, none in flight
-            try:
-                ranges, now = stack.era.dirty(era, entry.metadata, int(entry.copy["next_since"]))
-                regions = [i for r in ranges for i in range(r.begin, min(r.end, nr))]
-                mirrorlog.write(logdev, mirrorlog.render(nr, regions))  # read by the resume below
-            except BaseException:
-                stack.dm.clear_inactive(top)
-                stack.dm.resume(top)
-                raise
-            pause = stack.dm.resume(top) - t0
+            with sw("nbd leg"):
+                leg = stack.mirror.attach_leg(entry, export, opts.nbd_timeout, save)
+            era_dev = block_device(f"/dev/mapper/{era}").devno
+            leg_dev = block_device(leg).devno
+            # 1. outside any window: what era recorded since the last round, into the logs. A
+            # write in flight now is tagged below `first` and done once the swap's suspend is
+            with sw("era query"):
+                first_ranges, first = stack.era.dirty(era, entry.metadata, since)
+            with sw("logs"):
+                images = layout.blank()
+                layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
+                logs = stack.mirror.make_logs(entry, layout, 0, save)
+                for dev, img in zip(logs, images):
+                    mirrorlog.write(dev, img.bytes())
+            with sw("swap"):
+                stack.dm.load(top, mirror_table(layout, logs, era_dev, leg_dev))  # constructors run now, I/O flows
+                t0 = time.monotonic()
+                stack.dm.suspend(top)  # every write so far is done on leg 0 (the era device)
+                pause = stack.dm.resume(top) - t0  # the kernel reads the logs at this resume
+            # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
+            # region out of sync, on leg 0 and is resynced. Left: what was written between the
+            # query and the swap; era has it in eras >= first, done (the swap drained it).
+            with sw("era query"):
+                second_ranges, now = stack.era.dirty(era, entry.metadata, first)
+            pauses = [round(pause, 4)]
+            if second_ranges:
+                with sw("second swap"):
+                    pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev, leg_dev,
+                                                     save), 4))
         except BaseException:
             _drop_mirror(stack, entry)
             stack.journal.save(entry, J.COPIED)
             raise
-        entry.mirror.update(era=now, pause_seconds=round(pause, 4), resync_regions=len(regions),
-                            resync_bytes=min(len(regions) * rs, length) * 512, regions=nr,
-                            resync_ranges=[[r.begin, min(r.end, nr)] for r in ranges if r.begin < nr])
+        ranges = merge(first_ranges + second_ranges)
+        resync_blocks = sum(r.count for r in ranges)
+        marked = layout.blank()
+        layout.mark(marked, ((r.begin, r.end) for r in ranges), bs)
+        resync_regions = sum(i.out_of_sync() for i in marked)
+        entry.mirror.update(era=now, pause_seconds=max(pauses), pauses=pauses, resync_regions=resync_regions,
+                            resync_bytes=min(resync_regions * layout.region, length) * 512, regions=layout.regions,
+                            region_bytes=layout.region * 512, parts=layout.parts,
+                            resync_ranges=[[r.begin, r.end] for r in ranges[:256]],
+                            resync_ranges_cut=len(ranges) > 256)
         save()
-        stack.mirror.start_watcher(entry, save)
+        with sw("watcher"):
+            stack.mirror.start_watcher(entry, save)
         t1 = time.monotonic()
-        events, kernel_out = _wait_sync(stack, top, nr, opts.sync_timeout, progress, name)
+        with sw("resync"):
+            events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
                                   "kernel_out_of_sync_first_seen": kernel_out}
-        # in sync: every write tagged below `now` is on both legs (the top was suspended for the
-        # query, so none was in flight), and a catch-up resends what era recorded from here. Not
-        # before the sync: a resync cut short (dmmig killed, the leg failed) leaves regions of
-        # the last delta behind, so a rerun or a catch-up must query from where this one did.
+        # in sync: every write tagged below `now` is on both legs (see 2. above), and a
+        # catch-up resends what era recorded from here. Not before the sync: a resync cut short
+        # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
+        # a catch-up must query from where this one did.
         entry.copy["next_since"] = now
         stack.journal.save(entry, J.MIRRORING)
-    return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"],
-            "resync_regions": len(regions), "regions": nr, "region_bytes": rs * 512,
+    return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
+            "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
+            "region_bytes": layout.region * 512, "parts": layout.parts,
             "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
+
+
+def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:
+    """The top while mirroring: one dm-mirror per part of LAYOUT, leg 0 the era device (the
+    source of every resync), leg 1 the destination over NBD. handle_errors + keep_log: a
+    failed leg raises a dm event but holds no write; the guest keeps writing to leg 0 and era
+    keeps recording (README: "Leg failures")."""
+    parts = []
+    for i, log in enumerate(logs):
+        start, length, _ = layout.part(i)
+        parts.append(Mirror(length, DiskLog(block_device(log).devno, layout.region), (era_dev, leg_dev),
+                            handle_errors=True, keep_log=True, offset=start))
+    return Table(parts[0] if len(parts) == 1 else MirrorSet(tuple(parts)))
+
+
+def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: list[str],
+                 ranges: list[BlockRange], era_dev: str, leg_dev: str, save: Callable[[], None]) -> float:
+    """Mark RANGES out of sync in the running mirror: a swap to the same mirror over fresh log
+    devices, holding what the running one's logs say once it is suspended, plus RANGES. Not
+    the same devices: the running table's kernel log may still flush its in-core bits after
+    its suspend returns (a write completing late wakes its worker), which would overwrite
+    ours; what it flushes then only marks recovered regions in sync, so reading its logs after
+    the suspend can only see more out of sync than is true, never less. Returns the pause."""
+    fresh = stack.mirror.make_logs(entry, layout, layout.parts, save)
+    top = top_name(entry.name)
+    stack.dm.load(top, mirror_table(layout, fresh, era_dev, leg_dev))
+    t0 = time.monotonic()
+    stack.dm.suspend(top)
+    try:
+        images = [mirrorlog.LogImage(layout.part(i)[2], mirrorlog.read(dev, layout.slot)) for i, dev in enumerate(logs)]
+        assert entry.block_sectors
+        layout.mark(images, ((r.begin, r.end) for r in ranges), entry.block_sectors)
+        for dev, img in zip(fresh, images):
+            mirrorlog.write(dev, img.bytes())
+    except BaseException:
+        stack.dm.clear_inactive(top)
+        stack.dm.resume(top)
+        raise
+    pause = stack.dm.resume(top) - t0
+    stack.mirror.detach_logs(entry, logs, save)
+    return pause
 
 
 def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:
@@ -580,10 +649,10 @@ def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
     top = top_name(entry.name)
     info = stack.dm.info(top)
     steps = Steps()
-    if info is not None and (info.has_inactive or info.suspended or isinstance(stack.dm.table(top).target, Mirror)):
+    if info is not None and (info.has_inactive or info.suspended or isinstance(stack.dm.table(top).target, MIRRORS)):
         era_dev = block_device(f"/dev/mapper/{era_name(entry.name)}").devno
         back = Table(Linear(stack.dm.table(top).length, era_dev))
-        if isinstance(stack.dm.table(top).target, Mirror) or info.has_inactive:
+        if isinstance(stack.dm.table(top).target, MIRRORS) or info.has_inactive:
             steps(f"swap {top} back to linear over the era device", lambda: stack.dm.swap(top, back, noflush=True))
         else:
             steps(f"resume {top}", lambda: stack.dm.resume(top))

@@ -75,19 +75,35 @@ class MirrorSide:
             raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: {tunnel.tail(log)}",
                               hint=e.hint) from None
 
-    def make_log(self, entry: J.Entry, nr_regions: int, save: Callable[[], None]) -> str:
+    def make_logs(self, entry: J.Entry, layout: mirrorlog.Layout, first_slot: int,
+                  save: Callable[[], None]) -> list[str]:
+        """A disk log device per part of LAYOUT: loop devices over slots FIRST_SLOT.. of one
+        file in the state directory (memory-backed: it lives only as long as the source's
+        mirror does). Journaled before they exist: teardown finds every loop over the file."""
         path = self._path(entry.name, "mirror-log")
         entry.mirror["log_file"] = path
         save()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.ftruncate(fd, mirrorlog.log_bytes(nr_regions))
+            end = (first_slot + layout.parts) * layout.slot
+            if os.fstat(fd).st_size < end:
+                os.ftruncate(fd, end)
         finally:
             os.close(fd)
-        dev = self.loop.attach(path)
-        entry.mirror["log_dev"] = dev
-        save()
-        return dev
+        devs = []
+        for i in range(layout.parts):
+            devs.append(self.loop.attach(path, offset=(first_slot + i) * layout.slot, size=layout.slot))
+            entry.mirror.setdefault("log_devs", []).append(devs[-1])
+            save()
+        return devs
+
+    def detach_logs(self, entry: J.Entry, devs: list[str], save: Callable[[], None]) -> None:
+        """The log devices of a mirror table that is gone (the cutover's first, after the second
+        replaced it)."""
+        for dev in devs:
+            self.loop.detach(dev)
+            entry.mirror["log_devs"].remove(dev)
+            save()
 
     def start_watcher(self, entry: J.Entry, save: Callable[[], None]) -> int:
         argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name]

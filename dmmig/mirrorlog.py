@@ -1,4 +1,4 @@
-"""dm-mirror's "disk" dirty log, written by us before the mirror first resumes.
+"""dm-mirror's "disk" dirty logs, written by us before the mirror resumes.
 
 This is how the cutover hands the last delta to the kernel: the log's clean bitmap marks
 every region in sync except those era says were written since the last copy round, so on
@@ -9,6 +9,9 @@ resume the kernel copies exactly those regions from leg 0 to the NBD leg (LOG.c)
                  bit set = region in sync
 The kernel reads it at every resume (disk_resume), not at table load, and ignores it when
 the table says sync/nosync or the magic is wrong; so the table must say neither.
+
+The top's mirror is several dm-mirror targets side by side (Layout), each over its own slice
+of the disk with its own log: dm-mirror recovers one region at a time per target.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 MAGIC = 0x4D695272
 VERSION = 2
@@ -50,9 +54,7 @@ def render(nr_regions: int, out_of_sync: Iterable[int]) -> bytes:
 
 def parse(img: bytes) -> tuple[int, list[int]]:
     """(nr_regions, regions not in sync) of a log image; the kernel's own writes included."""
-    magic, version, nr = _HEADER.unpack_from(img)
-    if magic != MAGIC or version not in (1, 2):
-        raise ValueError(f"not a dm-mirror disk log: magic {magic:#x} version {version}")
+    nr, _ = _header(img)
     bits = img[BITS_OFFSET:BITS_OFFSET + -(-nr // 64) * 8]
     return nr, [r for r in range(nr) if not bits[r // 8] >> (r % 8) & 1]
 
@@ -82,3 +84,114 @@ def read(dev: str, nbytes: int) -> bytes:
     finally:
         os.close(fd)
         buf.close()
+
+
+# ---- several logs: the top's mirror set --------------------------------------------------
+MAX_PARTS = 16            # mirror targets side by side: regions recovered at once
+MAX_PART_REGIONS = 1 << 17  # 16 KiB of bitset per part: the kernel rewrites it at every log flush
+
+
+def clear_bits(bits: bytearray, begin: int, end: int) -> None:
+    """Clear bits [BEGIN, END) (little-endian bit order): whole bytes by slice."""
+    while begin < end and begin % 8:
+        bits[begin // 8] &= ~(1 << (begin % 8)) & 0xFF
+        begin += 1
+    whole = end - end % 8
+    if begin < whole:
+        bits[begin // 8:whole // 8] = bytes((whole - begin) // 8)
+        begin = whole
+    while begin < end:
+        bits[begin // 8] &= ~(1 << (begin % 8)) & 0xFF
+        begin += 1
+
+
+class LogImage:
+    """One disk log: header + clean bitset; built in place, range by range."""
+
+    def __init__(self, nr_regions: int, img: bytes | None = None) -> None:
+        self.nr = nr_regions
+        if img is None:
+            self.img = bytearray(render(nr_regions, ()))
+        else:
+            nr, _ = _header(img)
+            if nr != nr_regions:
+                raise ValueError(f"log holds {nr} regions, not {nr_regions}")
+            self.img = bytearray(img[:log_bytes(nr_regions)])
+
+    def mark(self, begin: int, end: int) -> None:
+        """Regions [BEGIN, END) out of sync."""
+        if not 0 <= begin <= end <= self.nr:
+            raise ValueError(f"regions {begin}..{end} outside 0..{self.nr}")
+        bits = memoryview(self.img)[BITS_OFFSET:]
+        clear_bits(bits, begin, end)  # type: ignore[arg-type]
+
+    def out_of_sync(self) -> int:
+        bits = self.img[BITS_OFFSET:BITS_OFFSET + -(-self.nr // 64) * 8]
+        return self.nr - sum(bin(b).count("1") for b in bits)
+
+    def bytes(self) -> bytes:
+        return bytes(self.img)
+
+
+def _header(img: bytes) -> tuple[int, int]:
+    magic, version, nr = _HEADER.unpack_from(img)
+    if magic != MAGIC or version not in (1, 2):
+        raise ValueError(f"not a dm-mirror disk log: magic {magic:#x} version {version}")
+    return nr, version
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The top's mirror set: LENGTH sectors in regions of REGION sectors, PER_PART regions to
+    a part (the last may have fewer); each part's log has a SLOT of the log file."""
+    length: int
+    region: int
+    per_part: int
+
+    @classmethod
+    def choose(cls, length: int, block_sectors: int, *, max_parts: int = MAX_PARTS,
+               max_part_regions: int = MAX_PART_REGIONS) -> "Layout":
+        """Regions as small as an era block (a scattered delta resyncs no more than era
+        recorded), doubled only while a part would hold more than MAX_PART_REGIONS: with a disk
+        log, every region the kernel recovers rewrites its part's whole bitset."""
+        region = block_sectors
+        while -(-region_count(length, region) // max_parts) > max_part_regions:
+            region *= 2
+        nr = region_count(length, region)
+        return cls(length, region, max(1, -(-nr // max_parts)))
+
+    @property
+    def regions(self) -> int:
+        return region_count(self.length, self.region)
+
+    @property
+    def parts(self) -> int:
+        return -(-self.regions // self.per_part)
+
+    @property
+    def slot(self) -> int:
+        return log_bytes(self.per_part)
+
+    def part(self, i: int) -> tuple[int, int, int]:
+        """(first sector, sectors, regions) of part I."""
+        start = i * self.per_part * self.region
+        length = min(self.per_part * self.region, self.length - start)
+        return start, length, region_count(length, self.region)
+
+    def blank(self) -> list[LogImage]:
+        return [LogImage(self.part(i)[2]) for i in range(self.parts)]
+
+    def mark(self, images: list[LogImage], block_ranges: Iterable[tuple[int, int]], block_sectors: int) -> int:
+        """Every region holding a block of BLOCK_RANGES ([begin, end) in era blocks) out of
+        sync, range by range (a list of regions is never built); returns the blocks seen."""
+        blocks = 0
+        for b0, b1 in block_ranges:
+            blocks += b1 - b0
+            r0 = b0 * block_sectors // self.region
+            r1 = min(-(-b1 * block_sectors // self.region), self.regions)
+            while r0 < r1:
+                i = r0 // self.per_part
+                end = min(r1, (i + 1) * self.per_part)
+                images[i].mark(r0 - i * self.per_part, end - i * self.per_part)
+                r0 = end
+        return blocks

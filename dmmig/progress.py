@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -48,3 +50,22 @@ class Progress:
             self._bar.close()
             self._bar = None
         self.event("end", phase=self._what, **kw)
+
+
+class Stopwatch:
+    """Wall time by phase, for --json summaries: `with sw("leg"): ...`; a phase entered
+    twice adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - t0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}

@@ -11,7 +11,7 @@ from dmmig import nbd as N
 from dmmig import proc
 from dmmig.agent import incoming
 from dmmig.dm.guard import log_path as guard_log
-from dmmig.dm.targets import Era, Linear, Mirror, ParseError
+from dmmig.dm.targets import MIRRORS, Era, Linear, ParseError
 from dmmig.stack import Stack, era_name, top_name
 from dmmig.watch import read_health
 
@@ -55,7 +55,7 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                     if st.snapshot_block is not None:
                         problems.append(f"{dev} holds a metadata snapshot (left by an interrupted dmmig; harmless, "
                                         "the next query drops it)")
-                elif isinstance(t, Mirror):
+                elif isinstance(t, MIRRORS):
                     ms = stack.dm.mirror_status(dev)
                     d["mirror"] = {"in_sync": ms.in_sync, "regions": ms.regions, "health": ms.health,
                                    "log_health": ms.log_health, "healthy": ms.healthy}

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from dmmig.dm.dmsetup import DmSetup
-from dmmig.dm.targets import Mirror
+from dmmig.dm.targets import MIRRORS
 from dmmig.errors import CommandError
 
 
@@ -43,7 +43,7 @@ def record(state: str, name: str, rec: dict[str, Any]) -> None:
 def watch(dm: DmSetup, state: str, name: str, top: str) -> int:
     while True:
         info = dm.info(top)
-        if info is None or not isinstance(dm.table(top).target, Mirror):
+        if info is None or not isinstance(dm.table(top).target, MIRRORS):
             return 0  # the mirror is gone: finish/abort/catch-up took over
         st = dm.mirror_status(top)
         if not st.healthy and read_health(state, name) is None:

@@ -99,7 +99,7 @@ class DmSetup:
         return EraStatus.parse(self.status_line(name))
 
     def mirror_status(self, name: str) -> MirrorStatus:
-        return MirrorStatus.parse(self.status_line(name))
+        return MirrorStatus.parse_lines(self.status_line(name))
 
     def targets(self) -> dict[str, str]:
         out = self.r.run(["dmsetup", "targets"]).stdout

@@ -84,6 +84,7 @@ class Mirror:
     legs: tuple[str, ...]  # leg 0 is the default leg: the source of every resync
     handle_errors: bool = False
     keep_log: bool = False
+    offset: int = 0  # on every leg: a part of a MirrorSet maps its slice of each leg
     name: ClassVar[str] = "mirror"
 
     def __post_init__(self) -> None:
@@ -102,7 +103,7 @@ class Mirror:
     def args(self) -> list[str]:
         a = self.log.args() + [str(len(self.legs))]
         for leg in self.legs:
-            a += [leg, "0"]
+            a += [leg, str(self.offset)]
         feats = (["handle_errors"] if self.handle_errors else []) + (["keep_log"] if self.keep_log else [])
         if feats:
             a += [str(len(feats))] + feats
@@ -123,16 +124,52 @@ class Mirror:
                 raise ParseError(f"unknown mirror log type {kind!r}")
             nlegs = int(rest[0])
             legs = tuple(rest[1 + 2 * i] for i in range(nlegs))
-            offsets = [rest[2 + 2 * i] for i in range(nlegs)]
-            if any(int(o) != 0 for o in offsets):
-                # Mirror models offset-0 legs only: dropping an offset would make a foreign
+            offsets = {int(rest[2 + 2 * i]) for i in range(nlegs)}
+            if len(offsets) != 1:
+                # Mirror models one offset for every leg: dropping one would make a foreign
                 # table compare equal to one dmmig rendered
-                raise ParseError(f"mirror leg offsets {offsets} are not all 0")
+                raise ParseError(f"mirror leg offsets {sorted(offsets)} differ")
             feats = rest[1 + 2 * nlegs:]
             feat_words = feats[1:1 + int(feats[0])] if feats else []
         except (IndexError, ValueError) as e:
             raise ParseError(f"bad mirror table {args}: {e}") from e
-        return cls(length, log, legs, "handle_errors" in feat_words, "keep_log" in feat_words)
+        return cls(length, log, legs, "handle_errors" in feat_words, "keep_log" in feat_words, offsets.pop())
+
+
+@dataclass(frozen=True)
+class MirrorSet:
+    """Several dm-mirror targets side by side in one table, part i over its own slice of the
+    disk (the same sectors of every leg) with its own log. dm-mirror recovers one region at a
+    time per target (MAX_RECOVERY 1 in dm-raid1.c), so K parts recover K regions at once; a
+    write to a region being recovered still waits for it, within its part."""
+
+    parts: tuple[Mirror, ...]
+    name: ClassVar[str] = "mirror"
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("a mirror set needs at least one part")
+        at = 0
+        for m in self.parts:
+            if m.offset != at:
+                raise ValueError(f"mirror part at {m.offset} does not follow the one ending at {at}")
+            if m.legs and len(m.legs) != len(self.parts[0].legs):
+                raise ValueError("every part of a mirror set has the same legs")
+            at += m.length
+
+    @property
+    def length(self) -> int:
+        return sum(m.length for m in self.parts)
+
+    @property
+    def legs(self) -> tuple[str, ...]:
+        return self.parts[0].legs
+
+    def lines(self) -> list[str]:
+        return [" ".join([str(m.offset), str(m.length), m.name] + m.args()) for m in self.parts]
+
+    def args(self) -> list[str]:
+        raise TypeError("a mirror set is several table lines: use lines()")
 
 
 def _sync_flag(words: list[str]) -> str | None:
@@ -155,7 +192,8 @@ class Other:
         return list(self.raw_args)
 
 
-Target = Linear | Era | Mirror | Other
+Target = Linear | Era | Mirror | MirrorSet | Other
+MIRRORS = (Mirror, MirrorSet)  # what the top holds while mirroring (one part, or several)
 _KINDS: dict[str, type[Linear] | type[Era] | type[Mirror]] = {"linear": Linear, "era": Era, "mirror": Mirror}
 
 
@@ -168,6 +206,8 @@ class Table:
 
     def render(self) -> str:
         t = self.target
+        if isinstance(t, MirrorSet):
+            return "\n".join(t.lines())
         return " ".join(["0", str(t.length), t.name] + t.args())
 
     @property
@@ -177,6 +217,8 @@ class Table:
     @classmethod
     def parse(cls, text: str) -> "Table":
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        if len(lines) > 1:
+            return cls(_parse_mirror_set(lines))
         if len(lines) != 1:
             raise ParseError(f"expected a one-target table, got {len(lines)} lines: {text!r}")
         words = lines[0].split()
@@ -188,6 +230,23 @@ class Table:
         if kind not in _KINDS:
             return cls(Other(length, kind, tuple(words[3:])))
         return cls(_KINDS[kind].parse_table(length, words[3:]))
+
+
+def _parse_mirror_set(lines: list[str]) -> MirrorSet:
+    """The only several-line table dmmig loads: mirrors side by side, each over its own slice."""
+    parts = []
+    for ln in lines:
+        words = ln.split()
+        if len(words) < 3 or words[2] != "mirror":
+            raise ParseError(f"a several-line table that is not a mirror set: {ln!r}")
+        m = Mirror.parse_table(int(words[1]), words[3:])
+        if m.offset != int(words[0]):
+            raise ParseError(f"mirror part at sector {words[0]} maps its legs from {m.offset}: {ln!r}")
+        parts.append(m)
+    try:
+        return MirrorSet(tuple(parts))
+    except ValueError as e:
+        raise ParseError(f"bad mirror set: {e}") from e
 
 
 # ---- status lines -----------------------------------------------------------------------
@@ -263,3 +322,22 @@ class MirrorStatus:
             return cls(legs, in_sync, regions, health, logw[0])
         except (IndexError, ValueError) as e:
             raise ParseError(f"bad mirror status {line!r}: {e}") from e
+
+    @classmethod
+    def parse_lines(cls, text: str) -> "MirrorStatus":
+        """The status of a whole mirror table, one line per part (MirrorSet): regions and
+        in-sync counts add up; a leg or log is as healthy as its worst part."""
+        parts = [cls.parse(ln) for ln in text.strip().splitlines() if ln.strip()]
+        if not parts:
+            raise ParseError("empty mirror status")
+        if len(parts) == 1:
+            return parts[0]
+        if any(p.legs != parts[0].legs for p in parts):
+            raise ParseError(f"mirror parts with different legs: {text!r}")
+
+        def worst(chars: list[str]) -> str:
+            return next((c for c in chars if c != "A"), "A")
+        health = "".join(worst([p.health[i] for p in parts]) for i in range(len(parts[0].legs)))
+        logs = [p.log_health for p in parts if p.log_health is not None]
+        return cls(parts[0].legs, sum(p.in_sync for p in parts), sum(p.regions for p in parts), health,
+                   parts[0].log_kind, None, worst(logs) if logs else None)

@@ -36,3 +36,44 @@ def test_render_refuses_regions_outside_the_device() -> None:
 def test_parse_refuses_a_foreign_image() -> None:
     with pytest.raises(ValueError, match="not a dm-mirror disk log"):
         L.parse(bytes(4096))
+
+
+def test_the_layout_keeps_era_blocks_as_regions_until_a_part_would_hold_too_many() -> None:
+    small = L.Layout.choose(96 * 2048, 128)           # 96 MiB, 64 KiB blocks
+    assert (small.region, small.parts, small.per_part, small.regions) == (128, 16, 96, 1536)
+    big = L.Layout.choose(2 << 31, 128)               # 2 TiB
+    assert big.region == 2048 and big.parts == 16 and big.per_part == L.MAX_PART_REGIONS
+    assert L.log_bytes(big.per_part) <= 20 << 10      # what the kernel rewrites per recovered region
+    odd = L.Layout.choose(1000, 128)                  # a short last region, fewer regions than parts
+    assert (odd.regions, odd.parts, odd.part(7)) == (8, 8, (896, 104, 1))
+
+
+def test_marking_block_ranges_marks_exactly_their_regions_in_each_part() -> None:
+    lay = L.Layout.choose(96 * 2048, 128)
+    ims = lay.blank()
+    assert lay.mark(ims, [(0, 1), (5, 300), (1535, 1536)], 128) == 297
+    assert [i.out_of_sync() for i in ims] == [92, 96, 96, 12] + [0] * 11 + [1]
+    assert L.parse(ims[0].bytes())[1] == [0] + list(range(5, 96))
+    assert L.parse(ims[3].bytes())[1] == list(range(12))
+    # a region size of 4 era blocks: a block marks its whole region, and nothing past the disk
+    lay4 = L.Layout(96 * 2048, 512, 24)
+    ims4 = lay4.blank()
+    lay4.mark(ims4, [(1, 2), (382, 386)], 128)
+    assert [L.parse(i.bytes())[1] for i in ims4] == [[0], [], [], [23], [0]] + [[]] * 11
+
+
+def test_a_log_read_back_keeps_what_the_kernel_marked_and_takes_more() -> None:
+    img = L.LogImage(100, L.render(100, [3, 64]))
+    img.mark(10, 12)
+    assert L.parse(img.bytes()) == (100, [3, 10, 11, 64])
+    with pytest.raises(ValueError, match="holds 100 regions, not 99"):
+        L.LogImage(99, img.bytes())
+    with pytest.raises(ValueError):
+        img.mark(99, 101)
+
+
+@pytest.mark.parametrize("begin, end", [(0, 0), (0, 64), (3, 5), (5, 70), (8, 16), (1, 127), (63, 65)])
+def test_clear_bits_matches_bit_by_bit(begin: int, end: int) -> None:
+    bits = bytearray(b"\xff" * 16)
+    L.clear_bits(bits, begin, end)
+    assert [i for i in range(128) if not bits[i // 8] >> (i % 8) & 1] == list(range(begin, end))

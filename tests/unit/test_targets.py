@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dmmig.dm.targets import (CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other,
+from dmmig.dm.targets import (MirrorSet, CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other,
                               ParseError, Table)
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())
@@ -123,7 +123,10 @@ def test_parse_mirror_variants() -> None:
 
 @pytest.mark.parametrize("text, why", [
     ("", "0 lines"),
-    ("0 10 linear 7:0 0\n10 10 linear 7:1 0\n", "2 lines"),
+    ("0 10 linear 7:0 0\n10 10 linear 7:1 0\n", "not a mirror set"),
+    ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n16 8 mirror core 1 8 2 7:0 16 7:1 16\n", "does not follow"),
+    ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n8 8 mirror core 1 8 2 7:0 0 7:1 0\n", "maps its legs from 0"),
+    ("0 8 mirror core 1 8 2 7:0 0 7:1 0\n8 8 mirror core 1 8 2 7:0 8 7:1 9\n", "offsets \[8, 9\] differ"),
     ("0 10", "bad table line"),
     ("8 10 linear 7:0 0", "does not start at sector 0"),
     ("0 10 linear 7:0", "linear table needs 2 args"),
@@ -272,3 +275,24 @@ def test_kernel_mirror_failed_leg(kind: str) -> None:
         assert st.in_sync < st.regions  # the failed write's region went out of sync
     bad = Table.parse(c["bad_table"]).target
     assert isinstance(bad, Other) and bad.kind == kind
+
+
+def test_a_mirror_set_renders_one_line_per_part_and_parses_back() -> None:
+    parts = tuple(Mirror(8, DiskLog(f"7:{2 + i}", 8), ("254:1", "43:0"), handle_errors=True, keep_log=True,
+                         offset=8 * i) for i in range(3))
+    t = Table(MirrorSet(parts))
+    assert t.render().splitlines() == [
+        f"{8 * i} 8 mirror disk 2 7:{2 + i} 8 2 254:1 {8 * i} 43:0 {8 * i} 2 handle_errors keep_log" for i in range(3)]
+    assert Table.parse(t.render()) == t and t.length == 24 and t.target.legs == ("254:1", "43:0")
+
+
+def test_the_status_of_a_mirror_set_adds_up_and_is_as_sick_as_its_worst_part() -> None:
+    text = ("0 8 mirror 2 254:1 43:0 3/4 1 AA 3 disk 7:2 A\n"
+            "8 8 mirror 2 254:1 43:0 4/4 1 AD 3 disk 7:3 A\n"
+            "16 8 mirror 2 254:1 43:0 1/4 1 AA 3 disk 7:4 F\n")
+    st = MirrorStatus.parse_lines(text)
+    assert (st.in_sync, st.regions, st.health, st.log_health) == (8, 12, "AD", "F")
+    assert not st.healthy and not st.synced and st.failed_legs == [1]
+    ok = MirrorStatus.parse_lines(text.replace("AD", "AA").replace("7:4 F", "7:4 A").replace("3/4", "4/4")
+                                  .replace("1/4", "4/4"))
+    assert ok.healthy and ok.synced

@@ -1,0 +1,112 @@
+"""What the guest feels of the cutover: an O_DIRECT writer's worst write across `dmmig cutover`
+against its worst write across plain live table swaps of the same top device (the anchor),
+side by side in one rig run, for each disk size given.
+
+Two UML kernels on a veth pair; the source disk is a sparse file on the guest's tmpfs (only
+the first 64 MiB hold data), the destination the same; --transport ssh. For each size: wrap,
+prepare, copy; the oracle writer (tests/tools/oracle.py, 4 KiB O_DIRECT writes to random
+blocks of the first 64 MiB) runs across 10 plain swaps (DmSetup.swap: load + suspend +
+resume of the same table), then across the cutover; then the oracle checks both disks.
+
+    .venv/bin/python -m bench.cutover_pause [SIZE ...]     (default: 128M; e.g. 128M 2T)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+from tests.rig.pair import B_IP, SSH_OPTS, Pair
+from tests.rig.uml import ROOT, UmlHost
+
+DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
+PY = str(ROOT / ".venv" / "bin" / "python")
+ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
+SWAPS = r"""
+import json, sys, time
+from dmmig.runner import SubprocessRunner
+from dmmig.dm.dmsetup import DmSetup
+dm = DmSetup(SubprocessRunner())
+t = dm.table(sys.argv[1])
+out = []
+for i in range(10):
+    t0 = time.monotonic()
+    dm.swap(sys.argv[1], t)
+    out.append((time.monotonic() - t0) * 1000)
+    time.sleep(0.3)
+print(json.dumps(out))
+"""
+
+
+def writer(a: UmlHost, rec: str) -> object:
+    job = a.spawn([PY, ORACLE, "write", "/dev/mapper/dmmig-cp", "--seed", "5", "--record", rec, "--blocks", "0:16384"])
+    for _ in range(100):
+        if a.run(["test", "-e", rec + ".started"], check=False).rc == 0:
+            break
+        time.sleep(0.1)
+    time.sleep(1)
+    return job
+
+
+def stop(job: object) -> dict:
+    job.signal(15)  # type: ignore[attr-defined]
+    return json.loads(job.wait().out)  # type: ignore[attr-defined]
+
+
+def one(a: UmlHost, b: UmlHost, size: str) -> None:
+    a.sh(f"truncate -s {size} /dev/shm/src && dd if=/dev/urandom of=/dev/shm/src bs=1M count=64 conv=notrunc "
+         "status=none && losetup /dev/loop0 /dev/shm/src")
+    b.sh(f"truncate -s {size} /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
+    rec1, rec2 = f"{a.shared}/cp-swap.rec", f"{a.shared}/cp-cut.rec"
+    try:
+        a.dmmig("wrap", "cp", "/dev/loop0")
+        a.dmmig("prepare", "cp")
+        t0 = time.monotonic()
+        a.dmmig("copy", "cp", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG, *SSH_OPTS,
+                timeout=7200)
+        copy_s = time.monotonic() - t0
+        w = writer(a, rec1)
+        swaps = json.loads(a.py(SWAPS, "dmmig-cp", cwd=str(ROOT)).out)
+        sw = stop(w)
+        w = writer(a, rec2)
+        t0 = time.monotonic()
+        out = a.dmmig("cutover", "cp", "--json").out
+        cut_s = time.monotonic() - t0
+        time.sleep(1)
+        cw = stop(w)
+        cut = next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
+        bad = []
+        for dev, h in (("/dev/loop0", a), ("/dev/loop0", b)):
+            r = h.run([PY, ORACLE, "check", dev, "--record", rec1, "--record", rec2], check=False)
+            if r.rc != 0:
+                bad.append(f"{h.name}: {r.out[-300:]}")
+        print(f"{size}: copy {copy_s:.1f} s; cutover {cut_s:.1f} s, its windows "
+              f"{'+'.join(f'{p * 1000:.0f}' for p in cut.get('pauses', [cut['suspended_seconds']]))} ms")
+        print(f"  plain swap (anchor): call max {max(swaps):.0f} ms; writer worst {sw['max_latency_ms']:.0f} ms, "
+              f"{sw['writes_over_5ms']} of {sw['writes']} writes over 5 ms")
+        print(f"  cutover:             writer worst {cw['max_latency_ms']:.0f} ms, {cw['writes_over_5ms']} of "
+              f"{cw['writes']} writes over 5 ms = {cw['max_latency_ms'] / max(sw['max_latency_ms'], 1):.2f}x the swap's"
+              + ("; ORACLE: " + " | ".join(bad) if bad else "; oracle: every write on both disks"), flush=True)
+        if "seconds" in cut:
+            print("  cutover by phase: " + ", ".join(f"{k} {v:.2f} s" for k, v in cut["seconds"].items()))
+        a.dmmig("finish", "cp")
+    finally:
+        a.sh(f"{DMMIG} abort cp; {DMMIG} unwrap cp; true", check=False)
+        a.sh(f"losetup -d /dev/loop0; rm -f /dev/shm/src {rec1}* {rec2}*", check=False)
+        b.sh("losetup -d /dev/loop0; rm -f /dev/shm/dst", check=False)
+
+
+def main() -> None:
+    sizes = sys.argv[1:] or ["128M"]
+    p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"))
+    try:
+        a, b = p.start()
+        for size in sizes:
+            one(a, b, size)
+    finally:
+        p.stop()
+
+
+if __name__ == "__main__":
+    main()
