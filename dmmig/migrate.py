@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from dmmig import gate
@@ -28,13 +27,12 @@ from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
-from dmmig.progress import Progress, Stopwatch
+from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
                        connect, relay_socket)
 from dmmig.stack import Stack, era_name, top_name
-from dmmig.timing import Phases, since_exec
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
 
@@ -59,10 +57,10 @@ class CopyOptions:
 class Remote:
     """One SSH connection to the destination: the agent, and NBD through it or direct."""
 
-    def __init__(self, dest: dict[str, Any], phases: Phases | None = None) -> None:
+    def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
         self.dest = dest
         self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
-        t = phases or Phases()
+        t = phases or Stopwatch()
         with t("ssh_connect"):
             self.ssh: SSHClient = connect(self.ep)
         try:
@@ -116,7 +114,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
     # TIMING: where the wall time goes, for the summary. The main thread's phases add up to
     # the whole; "overlapped" ones ran in a thread meanwhile (the main thread's wait for them
     # is its own phase)
-    t, par = Phases(), Phases()
+    t, par = Stopwatch(), Stopwatch()
     t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
     t0 = time.monotonic()
     entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
@@ -201,12 +199,12 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             with t("teardown"):
                 remote.close()
     t.add("total", since_exec() or 0.0)
-    summary["timing"] = {**t.as_dict(), "overlapped": par.as_dict()}
+    summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
     return summary
 
 
 def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
-                  par: Phases) -> "Started[tuple[str, str]] | None":
+                  par: Stopwatch) -> "Started[tuple[str, str]] | None":
     """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
     destination (OpenSSH's login, an agent's start there), while the checks go on here."""
     if dest["transport"] != "ssh" or dest.get("tunnel"):
@@ -366,7 +364,7 @@ def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
-def _base_era(stack: Stack, name: str, entry: J.Entry, par: Phases) -> "Started[int] | None":
+def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> "Started[int] | None":
     """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
     suspend and resume of the top here, while the destination prepares its disk and export."""
     if entry.copy.get("base_done") or "base_era" in entry.copy:
@@ -379,7 +377,7 @@ def _base_era(stack: Stack, name: str, entry: J.Entry, par: Phases) -> "Started[
 
 
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress, t: Phases, base_era: "Started[int] | None" = None) -> dict[str, Any]:
+                 progress: Progress, t: Stopwatch, base_era: "Started[int] | None" = None) -> dict[str, Any]:
     st = entry.copy
     assert entry.metadata and entry.block_sectors
     bs = entry.block_sectors * 512

@@ -16,7 +16,7 @@ from dmmig.agent import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
 from dmmig.runner import SubprocessRunner
-from dmmig.timing import Phases, since_exec
+from dmmig.progress import Stopwatch, since_exec
 from tests.unit.test_dmsetup_argv import FakeRunner
 
 EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
@@ -118,12 +118,12 @@ def test_an_abandoned_start_is_cleaned_up_exactly_once(late: bool) -> None:
 
 
 def test_phases_add_up_and_since_exec_is_this_process_age() -> None:
-    t = Phases()
+    t = Stopwatch()
     with t("a"):
         time.sleep(0.01)
     t.add("a", 1.0)
     t.add("b", 0.5)
-    assert list(t.as_dict()) == ["a", "b"] and 1.01 <= t.as_dict()["a"] < 1.5
+    assert list(t.rounded()) == ["a", "b"] and 1.01 <= t.rounded()["a"] < 1.5
     age = since_exec()
     assert age is not None and 0 <= age < 3600
 
@@ -145,7 +145,7 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
     closed = threading.Event()
 
     class SlowRemote:  # the destination's agent takes its time to start
-        def __init__(self, dest: dict[str, Any], phases: Phases | None = None) -> None:
+        def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
             time.sleep(0.5)
 
         def close(self) -> None:
