@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Any
 
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
@@ -98,25 +99,24 @@ def nbdcopy_tcp(a: UmlHost, b: UmlHost, name: str) -> float:
         b.sh("kill $(cat /run/bench-nbd.pid); while [ -e /proc/$(cat /run/bench-nbd.pid) ]; do sleep 0.1; done; true")
 
 
-def nbdcopy_relay(a: UmlHost, src: str, name: str, dmmig: str) -> float:
+def nbdcopy_relay(a: UmlHost, src: str, name: str, dmmig: str) -> float | None:
     """nbdcopy over OpenSSH running `dmmig agent relay NAME` on b: the mirror leg's relay-mode
     tunnel (dmmig.tunnel's listener hands its one connection to ssh), so one NBD connection."""
     sock = "/run/bench-relay.sock"
     tree = os.path.dirname(os.path.dirname(dmmig)) if dmmig != DMMIG else str(ROOT)
-    for attempt in (1, 2):  # once seen on a loaded machine: the relay gone before the handshake
+    for attempt in (1, 2):  # seen on a loaded machine: the relay found no export (not understood yet)
         job = a.spawn([PY, "-P", "-m", "dmmig.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
                        dmmig, "agent", "relay", name], env={"PYTHONPATH": tree})
         a.sh(f"while [ ! -S {sock} ]; do sleep 0.05; done")
         try:
             return timed(a, ["nbdcopy", "-C", "1", src, f"nbd+unix:///{name}?socket={sock}"])[0]
         except RigError as e:
-            print(f"nbdcopy through the relay failed (attempt {attempt}): {e}; the relay said: "
+            print(f"nbdcopy through the relay failed (attempt {attempt}): {str(e)[-300:]}; the relay said: "
                   f"{job.wait().err[-1000:]}", file=sys.stderr)
-            if attempt == 2:
-                raise
-        finally:
+            time.sleep(1)
+        else:
             job.wait()
-    raise AssertionError("unreachable")
+    return None
 
 
 def nbdcopy_tls(a: UmlHost, src: str, name: str, dmmig: str) -> float:
@@ -220,8 +220,8 @@ def main() -> None:
                     wall, s, same = dmmig_copy(a, b, "cw", t, dmmig, anchor=not v)
                     rows.setdefault(f"dmmig copy {t}{v}", []).append(wall)
                     last[f"{t}{v}"] = s
-                    if same is not None:
-                        rows.setdefault({"ssh": "nbdcopy ssh relay", "nbd": "nbdcopy nbd TLS"}[t], []).append(same)
+                    if same is not None or (not v and t in ("ssh", "nbd")):
+                        rows.setdefault({"ssh": "nbdcopy ssh relay", "nbd": "nbdcopy nbd TLS"}[t], []).append(same if same is not None else float("nan"))
         drop(a, b, "cw")
         if not args.no_big:
             disks(a, b, "cwbig", big)
@@ -234,12 +234,14 @@ def main() -> None:
     anchor = min(rows["nbdcopy tcp"])
     print(f"disk {size} MiB (first half random, second half zeros), two UML kernels on a veth pair, "
           f"best of {args.reps}")
+    def best(k: str) -> float:
+        return min((x for x in rows[k] if x == x), default=float("nan"))  # NaN: that run failed
     for k, v in rows.items():
-        print(f"  {k:26} {min(v):6.2f}s  ({min(v) / anchor:.2f}x nbdcopy tcp)   runs: "
+        print(f"  {k:26} {best(k):6.2f}s  ({best(k) / anchor:.2f}x nbdcopy tcp)   runs: "
               + " ".join(f"{x:.2f}" for x in v))
     for mine, theirs in (("dmmig copy ssh", "nbdcopy ssh relay"), ("dmmig copy nbd", "nbdcopy nbd TLS"),
                          ("dmmig copy nbd-insecure", "nbdcopy tcp")):
-        print(f"  {mine} / {theirs} (the same way to an export): {min(rows[mine]) / min(rows[theirs]):.2f}x")
+        print(f"  {mine} / {theirs} (the same way to an export): {best(mine) / best(theirs):.2f}x")
     for k, s in last.items():
         print(f"  dmmig copy {k} (last run): copier {s['seconds']:.2f}s; {fmt_breakdown(s)}")
     for v, r1 in rounds.items():
