@@ -678,8 +678,7 @@ def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: l
         mirrorlog.write(dev, img.bytes())
     pause = stack.dm.swap(top_name(entry.name), mirror_table(layout, [block_device(d).devno for d in fresh],
                                                              era_dev, leg_dev))
-    stack.mirror.detach_logs(entry, logs, save)
-    return pause
+    return pause  # the old log devices go at teardown with the rest: no losetup here
 
 
 def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:
