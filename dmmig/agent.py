@@ -2,7 +2,8 @@
 
 `dmmig agent` speaks JSON lines on stdin/stdout. Protocol version 2. The first line the agent
 writes is a hello:
-    {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...}
+    {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...,
+     "tools": {"qemu-nbd": true}}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
 "error": MSG, "kind": CLASS}. The agent keeps no connection state: everything it starts
 (an export) is recorded in its state directory, so a later connection can stop it.
@@ -92,6 +93,7 @@ class AgentServer:
         self.xenstore = xenstore
         self.loop = Loop(runner)
         self._inp: Any = None
+        self._after: Callable[[bytes], None] | None = None  # what the session becomes after a reply
 
     def _rec_path(self, name: str) -> str:
         return os.path.join(self.state, f"{disk_name(name)}.dest.json")
@@ -115,8 +117,10 @@ class AgentServer:
     # ---- operations ---------------------------------------------------------------------
     def op_hello(self) -> dict[str, Any]:
         # the state dir lets the source say exactly what to remove here if we become unreachable
+        # and which tools it lacks, which the source checks before anything changes
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
-                "state_dir": self.state, "export_dir": export_dir(self.state)}
+                "state_dir": self.state, "export_dir": export_dir(self.state),
+                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
                         block_size: int | None = None, migration: str | None = None) -> dict[str, Any]:
@@ -302,6 +306,14 @@ class AgentServer:
             self._save(name, rec)
         return {"delivered": delivered}
 
+    def op_relay(self, name: str) -> dict[str, Any]:
+        """From the reply on, this session carries NAME's NBD traffic (as `dmmig agent relay
+        NAME` would, without a second agent's start): the source's copier sends no request
+        after this one. Refused, and the session stays an agent, if there is no export."""
+        sock = _export_socket(self.state, name)
+        self._after = lambda rest: _relay_session(sock, rest)
+        return {}
+
     def op_digest(self, offset: int, length: int, chunk: int, name: str | None = None,
                   path: str | None = None) -> dict[str, Any]:
         """Digests of a disk being migrated here (NAME's, or the one at PATH), within its size:
@@ -428,21 +440,23 @@ class AgentServer:
                 out.append(f"it holds the era metadata of dmmig disk {n} here")
         return out
 
-    def serve(self, inp: Any, out: Any) -> None:
+    def serve(self, inp: "Lines", out: Any) -> None:
+        """Requests from INP (this session's stdin), replies to OUT (its stdout)."""
         self._inp = inp
         out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {
             "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
-            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest,
+            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest, "relay": self.op_relay,
             "await_gate": self.op_await_gate, "answer_gate": self.op_answer_gate}
         try:
             self._serve(inp, out, ops)
         finally:
             self.gate.close()
 
-    def _serve(self, inp: Any, out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    def _serve(self, inp: "Lines", out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
         for line in inp:
+            self._after = None
             try:
                 req = json.loads(line)
                 op = ops[req.pop("op")]
@@ -453,6 +467,37 @@ class AgentServer:
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
             out.write(json.dumps(reply) + "\n")
             out.flush()
+            if reply["ok"] and self._after is not None:
+                self._after(inp.rest())  # what was read past the request is the session's next bytes
+                return
+
+
+class Lines:
+    """Request lines from file descriptor FD, read in chunks. Unlike a text stream it gives
+    back what it read past the last line (rest()): after a relay request those bytes are NBD."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __iter__(self) -> "Lines":
+        return self
+
+    def __next__(self) -> str:
+        while b"\n" not in self._buf:
+            data = os.read(self.fd, 1 << 16)
+            if not data:
+                raise StopIteration  # the source closed (a partial line is no request)
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def rest(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest
 
 
 def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
@@ -536,17 +581,34 @@ MODES: dict[str, Callable[[str], str]] = {"relay": disk_name, "hold": disk_name,
 def relay(state: str, name: str) -> int:
     """Relay stdin/stdout (an SSH session's) to NAME's export on its unix socket, raw, until
     either side closes."""
+    _relay_session(_export_socket(state, name), b"")
+    return 0
+
+
+def _export_socket(state: str, name: str) -> socket.socket:
+    """A connection to NAME's export on its root-only unix socket."""
     rec = AgentServer(SubprocessRunner(), state)._load(disk_name(name))
     exp = N.Export(**rec["export"]) if rec and rec.get("export") else None
     if exp is None or not exp.socket or not exp.alive():
         raise BadInput(f"no NBD export of {name} on a unix socket here", hint="`dmmig copy` starts it")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     _widen(s)
-    s.connect(exp.socket)
+    try:
+        s.connect(exp.socket)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def _relay_session(s: socket.socket, first: bytes) -> None:
+    """This session's stdin to S (FIRST before it: read already), S to its stdout, until either
+    side closes."""
+    if first:
+        s.sendall(first)
     up = threading.Thread(target=_pump, args=(0, s.fileno(), lambda: _shutdown(s)), daemon=True)
     up.start()
     _pump(s.fileno(), 1, lambda: os.close(1))  # the export closed: so do we
-    return 0
 
 
 def _pump(src: int, dst: int, at_eof: Callable[[], None]) -> None:
@@ -681,7 +743,7 @@ def main(state_dir: str | None = None, mode: str | None = None, arg: str | None 
     elif forced:
         raise BadInput("--forced-command takes no mode: the client's SSH_ORIGINAL_COMMAND chooses it")
     if mode is None:
-        AgentServer(SubprocessRunner(), state, policy=policy).serve(sys.stdin, sys.stdout)
+        AgentServer(SubprocessRunner(), state, policy=policy).serve(Lines(sys.stdin.fileno()), sys.stdout)
         return 0
     if mode not in MODES or arg is None:
         raise BadInput(f"unknown agent mode {mode!r}: use {', '.join(f'{m} ARG' for m in MODES)}")
@@ -698,7 +760,7 @@ def main(state_dir: str | None = None, mode: str | None = None, arg: str | None 
 # idle NAT state alive; the deadline is what turns a dead peer into a RemoteError.
 START_DEADLINE_S = 30.0
 DEFAULT_DEADLINE_S = 120.0
-_DEADLINES_S = {"hello": 30.0, "probe": 60.0, "status": 30.0, "export": 60.0, "stop": 60.0,
+_DEADLINES_S = {"hello": 30.0, "probe": 60.0, "status": 30.0, "export": 60.0, "stop": 60.0, "relay": 30.0,
                 "answer_gate": 30.0, "prepare_disk": 600.0}  # lvcreate alone may take 120 s
 
 
@@ -786,6 +848,14 @@ class AgentClient:
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode(errors="replace")
+
+    def detach(self) -> tuple[Any, bytes]:
+        """The channel, for what the session became after the last call (op_relay: NBD), and
+        the bytes already read past that call's reply. The client can make no call after it."""
+        self._broken = "the agent's session carries NBD now"
+        rest, self._buf = self._buf, b""
+        self.chan.settimeout(None)  # an idle NBD connection is no dead agent
+        return self.chan, rest
 
     def _fail(self, why: str) -> None:
         self._broken = why

@@ -8,19 +8,23 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmmig import __version__
 from dmmig import journal as J
-from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, DmmigError, Exit
 from dmmig.runner import SubprocessRunner
-from dmmig.stack import Stack
 from dmmig.validate import era_block_size, nbd_timeout, parse_size
+
+if TYPE_CHECKING:
+    from dmmig.stack import Stack
 
 
 def make_stack(args: argparse.Namespace) -> Stack:
+    # imported here: `dmmig agent` (each start of it on the destination) needs no disk stack
+    from dmmig.dm.dmsetup import DmSetup
     from dmmig.dm.guard import SuspendGuard
+    from dmmig.stack import Stack
     from dmmig.udev import wait_dm_node
     runner = SubprocessRunner()
     journal = J.Journal(J.state_dir(args.state_dir))

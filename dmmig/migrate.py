@@ -15,9 +15,7 @@ import uuid
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import paramiko
+from typing import Any, Generic, TypeVar
 
 from dmmig import gate
 from dmmig import journal as J
@@ -32,10 +30,11 @@ from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
-from dmmig.progress import Progress, Stopwatch
+from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
-from dmmig.ssh import TRANSPORT_ERRORS, Endpoint, channel_stderr, close_quietly, connect, relay_socket
+from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
+                       connect, relay_socket)
 from dmmig.stack import Stack, dirty_file, era_name, top_name
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
@@ -61,12 +60,15 @@ class CopyOptions:
 class Remote:
     """One SSH connection to the destination: the agent, and NBD through it or direct."""
 
-    def __init__(self, dest: dict[str, Any]) -> None:
+    def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
         self.dest = dest
         self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
-        self.ssh: paramiko.SSHClient = connect(self.ep)
+        t = phases or Stopwatch()
+        with t("ssh_connect"):
+            self.ssh: SSHClient = connect(self.ep)
         try:
-            self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
+            with t("agent_start"):
+                self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
         except TRANSPORT_ERRORS as e:
             close_quietly(self.ssh)
             raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
@@ -91,6 +93,14 @@ class Remote:
                                   hint=e.hint) from None
         return N.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
 
+    def agent_nbd(self, name: str) -> Any:
+        """A libnbd handle on NAME's export (--transport ssh) through the agent's own session,
+        which becomes the relay (op_relay): no second agent starts there. The agent takes no
+        call after it."""
+        self.agent.call("relay", name=name)
+        chan, rest = self.agent.detach()
+        return N.open_client(channel_socket(chan, rest), export=name)
+
     def probe_tunnel(self, runner: Runner, local_dir: str) -> tuple[str, str]:
         """Which mode the mirror leg's OpenSSH tunnel can use there (tunnel.probe)."""
         os.makedirs(local_dir, mode=0o700, exist_ok=True)
@@ -104,57 +114,154 @@ class Remote:
 
 def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,
          progress: Progress) -> dict[str, Any]:
+    # TIMING: where the wall time goes, for the summary. The main thread's phases add up to
+    # the whole; "overlapped" ones ran in a thread meanwhile (the main thread's wait for them
+    # is its own phase)
+    t, par = Stopwatch(), Stopwatch()
+    t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
+    t0 = time.monotonic()
     entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
     check_transport(opts)
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
-        # what the cutover will need, here and there, before the copy: not after it
-        check_source(stack, str(dest["transport"]))
-        assert entry.block_sectors
-        block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
-        remote = Remote(dest)  # unknown host key, bad credentials, unreachable: refused here
+        # the connection and the agent's start there take a second or so that this host only
+        # waits for: the local checks and the suspend guard's start run meanwhile
+        connecting = Started(lambda: Remote(dest, par))
         try:
-            check_destination(remote.agent.call("probe", paths=[dest["disk"]], names={dest["disk"]: name}),
-                              dest["host"])
+            # what the cutover will need, here and there, before the copy: not after it
+            check_source(stack, str(dest["transport"]))
+            assert entry.block_sectors
+            block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
+            stack.dm.arm_guard()
         except BaseException:
+            connecting.abandon(lambda r: r.close())
+            raise
+        t.add("local_checks", time.monotonic() - t0)
+        with t("remote_wait"):
+            remote = connecting.result()  # unknown host key, bad credentials, unreachable: refused here
+        probing = _probe_tunnel(stack, dest, remote, par)
+        try:
+            with t("agent_probe"):
+                hello = remote.agent.hello  # an agent of this version says what it lacks in its hello
+                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest["host"])
+            # catching up after a failed leg (or a cutover that did not finish): back to linear
+            # over era first; era holds every write since the cutover, and the rounds resend them
+            with t("drop_mirror"):
+                _drop_mirror(stack, entry)
+        except BaseException:
+            if probing is not None:
+                probing.wait()  # it stops its ssh
             remote.close()
             raise
-        # catching up after a failed leg (or a cutover that did not finish): back to linear
-        # over era first; era holds every write since the cutover, and the rounds resend them
-        _drop_mirror(stack, entry)
         try:
-            plan_transport(stack, name, dest, remote)
+            with t("plan_transport"):
+                if probing is not None:
+                    dest["tunnel"], why = probing.result()
+                    dest["tunnel_probe"] = why or "streamlocal forwarding works"
+                plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
+            # the top's logical block size is what blkfront got (blkback passes it on)
+            block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
             if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
                 entry.copy["migration"] = uuid.uuid4().hex
+            base_era = _base_era(stack, name, entry, par)  # while the destination prepares
             # journaled before anything changes there: a dmmig killed after prepare_disk or the
             # export leaves a destination that abort knows to clean up
             before = entry.dest
             entry.dest = dict(dest)
             stack.journal.save(entry)
             try:
-                # the top's logical block size is what blkfront got (blkback passes it on)
-                disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                         create=opts.create, migration=entry.copy["migration"],
-                                         block_size=logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}"))
-            except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
-                entry.dest = before
-                stack.journal.save(entry)
+                try:
+                    with t("prepare_disk"):
+                        disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
+                                                 create=opts.create, migration=entry.copy["migration"],
+                                                 block_size=block_size)
+                except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
+                    entry.dest = before
+                    stack.journal.save(entry)
+                    raise
+                with t("export"):
+                    export = _export(remote, dest, name)
+                dest["export"] = export
+                dest["remote_state"] = remote.agent.hello.get("state_dir")
+                if "zeroed" not in entry.copy:
+                    entry.copy["zeroed"] = bool(disk["zeroed"])
+                entry.dest = dest
+                stack.journal.save(entry, J.COPYING)
+                with t("nbd_connect"):  # the agent's last call: its session carries NBD from here
+                    h = remote.agent_nbd(name) if dest["transport"] == "ssh" else remote.nbd(export, name)
+            except BaseException:
+                if base_era is not None:
+                    base_era.wait()  # the top is resumed whatever happens; never left behind us
                 raise
-            export = _export(remote, dest, name)
-            dest["export"] = export
-            dest["remote_state"] = remote.agent.hello.get("state_dir")
-            if "zeroed" not in entry.copy:
-                entry.copy["zeroed"] = bool(disk["zeroed"])
-            entry.dest = dest
-            stack.journal.save(entry, J.COPYING)
-            h = remote.nbd(export, name)
-            summary = _copy_rounds(stack, name, entry, h, size, opts, progress)
-            h.shutdown()
-            stack.journal.save(entry, J.COPIED)
-            return summary
+            summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t, base_era)
+            with t("teardown"):
+                h.shutdown()
+                stack.journal.save(entry, J.COPIED)
         finally:
-            remote.close()
+            with t("teardown"):
+                remote.close()
+    t.add("total", since_exec() or 0.0)
+    summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
+    return summary
+
+
+def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
+                  par: Stopwatch) -> "Started[tuple[str, str]] | None":
+    """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
+    destination (OpenSSH's login, an agent's start there), while the checks go on here."""
+    if dest["transport"] != "ssh" or dest.get("tunnel"):
+        return None
+
+    def probe() -> tuple[str, str]:
+        with par("tunnel_probe"):
+            return remote.probe_tunnel(stack.runner, stack.journal.dir)
+    return Started(probe)
+
+
+T = TypeVar("T")
+
+
+class Started(Generic[T]):
+    """FN running in a thread from now on. result() waits for it and returns what it returned
+    or raises what it raised; abandon(CLEANUP): nobody will take the result, CLEANUP gets it
+    once it comes (exactly once, whichever comes first)."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._lock = threading.Lock()
+        self._value: list[T] = []  # the result, once there
+        self._error: BaseException | None = None
+        self._cleanup: Callable[[T], None] | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], T]) -> None:
+        try:
+            value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever takes the result
+            self._error = e
+            return
+        with self._lock:
+            self._value.append(value)
+            cleanup = self._cleanup
+        if cleanup is not None:
+            cleanup(value)
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value[0]
+
+    def abandon(self, cleanup: Callable[[T], None]) -> None:
+        with self._lock:
+            self._cleanup = cleanup
+            value = list(self._value)
+        for v in value:
+            cleanup(v)
 
 
 def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: float | None = None) -> dict[str, Any]:
@@ -296,24 +403,51 @@ def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts
     if old and (old["host"], old["disk"]) != (dest["host"], dest["disk"]):
         raise StateError(f"{entry.name} is already being copied to {old['host']}:{old['disk']}",
                          hint=f"`dmmig abort {entry.name}` to start over with another destination")
+    keep_probe(old, dest)
     return dest
 
 
+def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
+    """DEST (from the command line) takes the tunnel mode the plan's probe found for OLD (the
+    journaled destination) if OpenSSH would log in and run the agent there the same way: the
+    probe is asked again only when that changed. An earlier --tunnel is no probe result."""
+    if (old and "tunnel" not in dest and old.get("tunnel") and old.get("tunnel_probe")
+            and all(old.get(k) == dest.get(k) for k in PROBED_WITH)):
+        dest["tunnel"], dest["tunnel_probe"] = old["tunnel"], old["tunnel_probe"]
+
+
+# what the tunnel probe's answer depends on (OpenSSH's login there, the agent it runs)
+PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
+
+
+def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> "Started[int] | None":
+    """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
+    suspend and resume of the top here, while the destination prepares its disk and export."""
+    if entry.copy.get("base_done") or "base_era" in entry.copy:
+        return None
+
+    def take() -> int:
+        with par("era_base_checkpoint"):
+            return stack.drained_checkpoint(name)
+    return Started(take)
+
+
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress) -> dict[str, Any]:
+                 progress: Progress, t: Stopwatch, base_era: "Started[int] | None" = None) -> dict[str, Any]:
     entry.copy.setdefault("rounds", [])
     assert entry.metadata
     # a loop device over a sparse file: its holes are not read (dmmig/sparse.py)
     layout = sparse.layout_of(stack.loop, entry.origin)
     try:
-        return _copy_passes(stack, name, entry, h, size, opts, progress, layout)
+        return _copy_passes(stack, name, entry, h, size, opts, progress, layout, t, base_era)
     finally:
         if layout is not None:
             layout.close()
 
 
 def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress, layout: sparse.FileLayout | None) -> dict[str, Any]:
+                 progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
+                 base_era: "Started[int] | None") -> dict[str, Any]:
     st = entry.copy
     assert entry.block_sectors
     bs = entry.block_sectors * 512
@@ -327,7 +461,8 @@ def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
         if "base_era" not in st:
             # every write tagged below base_era has completed (drained): the base pass reads it;
             # every later one carries base_era or more, and the rounds query from there
-            st["base_era"] = stack.drained_checkpoint(name)
+            with t("era_base_checkpoint"):
+                st["base_era"] = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
             st["base_offset"] = 0
             stack.journal.save(entry)
         start = int(st["base_offset"])
@@ -344,6 +479,7 @@ def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
             stack.journal.save(entry)
 
         c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
+        t.add("base_copy", c.seconds)
         total.add(c)
         st.update(base_done=True, base_offset=size, next_since=st["base_era"],
                   base={"from": start, **c.as_dict()})
@@ -354,7 +490,10 @@ def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
     prev: int | None = None
     rounds_now = 0
     while True:
+        t_era = time.monotonic()
         ranges, now = stack.drained_dirty_ranges(name, int(st["next_since"]))  # streamed from a file
+        era_secs = time.monotonic() - t_era
+        t.add("rounds_era_snapshot", era_secs)
         try:
             dirty = ranges.blocks * bs
             progress.start(f"round {len(st['rounds']) + 1}", dirty)
@@ -362,8 +501,9 @@ def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
         finally:
             ranges.close()
         total.add(c)
+        t.add("rounds_copy", c.seconds)
         rounds_now += 1
-        rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict()}
+        rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict(), "era_seconds": round(era_secs, 3)}
         st["rounds"].append(rnd)
         st["next_since"] = now  # every write tagged below now had landed before this round read
         stack.journal.save(entry)
@@ -538,8 +678,7 @@ def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: l
         mirrorlog.write(dev, img.bytes())
     pause = stack.dm.swap(top_name(entry.name), mirror_table(layout, [block_device(d).devno for d in fresh],
                                                              era_dev, leg_dev))
-    stack.mirror.detach_logs(entry, logs, save)
-    return pause
+    return pause  # the old log devices go at teardown with the rest: no losetup here
 
 
 def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -67,5 +68,22 @@ class Stopwatch:
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - t0
 
+    def add(self, phase: str, secs: float) -> None:
+        """SECS of PHASE measured otherwise (by a copier, or before the watch existed)."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + secs
+
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def since_exec() -> float | None:
+    """Seconds since this process was exec'd (the kernel's start time of it, 10 ms ticks):
+    what Python's start and the imports cost before any of dmmig's code ran."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, up - start_ticks / os.sysconf("SC_CLK_TCK"))

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import paramiko
+# paramiko's ssh_config parser imports invoke, only to run the commands of a `Match exec`: dmmig
+# never has paramiko read an ssh_config. Marked missing, the import fails at once and paramiko
+# goes on without it (it raises only if a config asks for `Match exec`): 0.25 s of every
+# dmmig start in the rig, 75 ms here.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
+import paramiko  # noqa: E402
 
 from dmmig.agentcmd import remote_command
 from dmmig.errors import BadInput, RemoteError
 from dmmig.validate import destination, host_name, ssh_path, user_name
+
+SSHClient = paramiko.SSHClient  # for type hints elsewhere: only this module imports paramiko
 
 CONNECT_TIMEOUT = 15.0
 # what paramiko raises when the connection died under a call: EOFError from its packetizer's
@@ -112,10 +120,18 @@ def relay_socket(client: paramiko.SSHClient, argv: list[str]) -> tuple[socket.so
     except TRANSPORT_ERRORS as e:
         raise RemoteError(f"the SSH connection to the destination broke starting the NBD relay: "
                           f"{type(e).__name__} {e}".rstrip()) from None
+    return channel_socket(chan), chan
+
+
+def channel_socket(chan: paramiko.Channel, first: bytes = b"") -> socket.socket:
+    """A local socket whose peer is CHAN (both ways, until either closes); FIRST: bytes already
+    received from CHAN, which the socket gives first."""
     ours, theirs = socket.socketpair()
+    if first:
+        theirs.sendall(first)  # a few bytes (NBD's greeting): the socket buffer holds them
     threading.Thread(target=_pump, args=(theirs, chan), daemon=True).start()
     threading.Thread(target=_pump_back, args=(chan, theirs), daemon=True).start()
-    return ours, chan
+    return ours
 
 
 def channel_stderr(chan: paramiko.Channel, limit: int = 2000) -> str:

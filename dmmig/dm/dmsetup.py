@@ -44,6 +44,8 @@ class DmInfo:
 class Guard(Protocol):
     """Told of every suspend and resume; resumes what we left suspended if we die (dm/guard.py)."""
 
+    def start(self) -> None: ...
+
     def suspending(self, name: str) -> None: ...
 
     def resumed(self, name: str) -> None: ...
@@ -55,6 +57,12 @@ class DmSetup:
         self.r = runner
         self._wait_node = wait_node
         self._guard = guard
+
+    def arm_guard(self) -> None:
+        """Start the suspend guard now rather than at the first suspend: its start (a Python
+        process) then overlaps work that waits, such as the destination's agent starting."""
+        if self._guard is not None:
+            self._guard.start()
 
     # --- queries ---------------------------------------------------------------------
     def info(self, name: str) -> DmInfo | None:

@@ -30,6 +30,11 @@ class SuspendGuard:
         self._pid: int | None = None
         self._lock = threading.Lock()
 
+    def start(self) -> None:
+        """The companion process, if not running yet (the first suspend starts it otherwise)."""
+        with self._lock:
+            self._start()
+
     def suspending(self, name: str) -> None:
         """Before the suspend: from now on, this process dying means resume NAME."""
         self._send(f"S {name}\n")
@@ -37,12 +42,15 @@ class SuspendGuard:
     def resumed(self, name: str) -> None:
         self._send(f"R {name}\n")
 
+    def _start(self) -> int:
+        if self._fd is None:
+            self._pid, self._fd = self.r.spawn_piped([sys.executable, "-m", "dmmig.dm.guard", self.state],
+                                                     logfile=os.devnull)
+        return self._fd
+
     def _send(self, line: str) -> None:
         with self._lock:
-            if self._fd is None:
-                self._pid, self._fd = self.r.spawn_piped([sys.executable, "-m", "dmmig.dm.guard", self.state],
-                                                         logfile=os.devnull)
-            os.write(self._fd, line.encode())
+            os.write(self._start(), line.encode())
 
 
 def main(state: str) -> int:

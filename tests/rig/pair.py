@@ -37,7 +37,9 @@ def sh(*argv: str) -> None:
 
 
 class Pair:
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, *, mem: str = "1G") -> None:
+        """MEM: each kernel's memory; its /dev/shm (scratch disks) holds up to half of it."""
+        self.mem = mem
         tag = f"{os.getpid() % 100000}"
         self.ns = f"dmmig-rig-{tag}"
         self.va, self.vb = f"dmA{tag}", f"dmB{tag}"
@@ -53,8 +55,10 @@ class Pair:
             # with offloads on, bulk TCP between two UML kernels stalls (GSO frames)
             sh("ip", "netns", "exec", self.ns, "ethtool", "-K", v, "tso", "off", "gso", "off", "gro", "off",
                "tx", "off", "rx", "off")
-        self.a = UmlHost("a", ifname=self.va, ip=f"{A_IP}/24", netns=self.ns, log_dir=self.log_dir)
-        self.b = UmlHost("b", ifname=self.vb, ip=f"{B_IP}/24", netns=self.ns, log_dir=self.log_dir)
+        self.a = UmlHost("a", ifname=self.va, ip=f"{A_IP}/24", netns=self.ns, log_dir=self.log_dir,
+                         mem=self.mem)
+        self.b = UmlHost("b", ifname=self.vb, ip=f"{B_IP}/24", netns=self.ns, log_dir=self.log_dir,
+                         mem=self.mem)
         self._stack.callback(self.a.stop)
         self._stack.callback(self.b.stop)
         self.a.start()

@@ -123,6 +123,9 @@ def test_the_guard_hears_of_a_suspend_before_it_and_of_a_resume_after_it() -> No
     order: list[str] = []
 
     class Guard:
+        def start(self) -> None:
+            order.append("guard started")
+
         def suspending(self, name: str) -> None:
             order.append(f"guard S {name}")
 

@@ -201,6 +201,93 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
     assert not os.path.exists(exp.socket)
 
 
+class ProcChannel:
+    """What AgentClient and the copier's pumps use of a paramiko channel, over a local process's
+    stdin and stdout (the agent, as sshd would run it)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.timeout: float | None = None
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def exec_command(self, cmd: str) -> None:
+        self.p = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def settimeout(self, t: float | None) -> None:
+        self.timeout = t
+
+    def recv(self, n: int) -> bytes:
+        assert self.p and self.p.stdout
+        import select
+        if not select.select([self.p.stdout], [], [], self.timeout)[0]:
+            raise socket.timeout()
+        return os.read(self.p.stdout.fileno(), n)
+
+    def sendall(self, data: bytes) -> None:
+        assert self.p and self.p.stdin
+        self.p.stdin.write(data)
+        self.p.stdin.flush()
+
+    def close(self) -> None:
+        if self.p and self.p.stdin and not self.p.stdin.closed:
+            self.p.stdin.close()
+
+
+class ProcClient:
+    def __init__(self, argv: list[str]) -> None:
+        self.chan = ProcChannel(argv)
+
+    def get_transport(self) -> "ProcClient":
+        return self
+
+    def open_session(self) -> ProcChannel:
+        return self.chan
+
+
+@needs_qemu_nbd
+def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> None:
+    """The copy's NBD goes through the agent session that prepared the export (op relay): no
+    second agent starts there. What the agent's reply and the export's first bytes (NBD's
+    greeting) share of one read must reach libnbd; a refused relay leaves the session an agent."""
+    from dmmig.agent import AgentClient
+    from dmmig.ssh import channel_socket
+    agent, state, path = agent_with_disk(tmp_path)
+    exp = N.Export(**agent.op_export("d1")["export"])
+    try:
+        with open(path, "r+b") as f:
+            f.write(b"hello through the agent".ljust(4096, b"\0"))
+        client = ProcClient([DMMIG, "--state-dir", state, "agent"])
+        c = AgentClient(client, "dmmig")
+        with pytest.raises(BadInput, match="no NBD export of d2"):
+            c.call("relay", name="d2")
+        assert c.call("status", name="d1")["export_alive"]   # still an agent
+        c.call("relay", name="d1")
+        chan, rest = c.detach()
+        h = N.open_client(channel_socket(chan, rest), export="d1")
+        assert h.pread(23, 0) == b"hello through the agent"
+        h.pwrite(b"y" * 4096, 8192)
+        h.flush()
+        h.shutdown()
+        with open(path, "rb") as f:
+            assert f.read(3 * 4096)[8192:] == b"y" * 4096
+        with pytest.raises(Exception, match="unusable"):
+            c.call("status", name="d1")
+        assert client.chan.p is not None and client.chan.p.wait(timeout=30) == 0   # the relay ended with NBD
+    finally:
+        N.stop_export(exp)
+
+
+def test_the_agents_line_reader_gives_back_what_it_read_past_a_request() -> None:
+    from dmmig.agent import Lines
+    r, w = os.pipe()
+    os.write(w, b'{"op": "relay", "name": "d1"}\nNBD bytes')
+    os.close(w)
+    lines = Lines(r)
+    assert next(lines) == '{"op": "relay", "name": "d1"}' and lines.rest() == b"NBD bytes"
+    assert list(lines) == []
+    os.close(r)
+
+
 def psutil_tcp_listeners() -> list[int]:
     """Pids owning a listening TCP socket (from /proc, as the kernel tests do)."""
     inodes = set()

@@ -1,0 +1,183 @@
+"""Issue 14 part 4 without a kernel: what `dmmig copy` no longer does twice (the tunnel probe of a
+journaled destination, the agent's probe call), what it starts early (the suspend guard, the
+SSH connection while the local checks run), and the --json summary's time breakdown."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from dmmig import migrate as M
+from dmmig.agent import AgentServer
+from dmmig.dm.dmsetup import DmSetup
+from dmmig.dm.guard import SuspendGuard
+from dmmig.runner import SubprocessRunner
+from dmmig.progress import Stopwatch, since_exec
+from tests.unit.test_dmsetup_argv import FakeRunner
+
+EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
+
+
+def new_dest(tunnel: str | None = None) -> dict[str, Any]:
+    """What `dmmig copy NAME root@b ...` builds from its command line."""
+    return M.destination("root@b", EP, M.CopyOptions(remote_dmmig="/usr/bin/dmmig", tunnel=tunnel), "/dev/loop0")
+
+
+def journaled(**over: Any) -> dict[str, Any]:
+    d = new_dest()
+    d.update(tunnel="relay", tunnel_probe="streamlocal forwarding refused: ...", **over)
+    return d
+
+
+def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> None:
+    """`dmmig copy NAME HOST` again (a resumed copy, a catch-up) asked OpenSSH again each time:
+    1.2-1.7 s in the rig. The journaled answer stands while nothing it depends on changed."""
+    d = new_dest()
+    M.keep_probe(journaled(), d)
+    assert d["tunnel"] == "relay" and d["tunnel_probe"].startswith("streamlocal forwarding refused")
+
+
+@pytest.mark.parametrize("change", [
+    {"identity": "/run/ssh/other"}, {"known_hosts": "/etc/ssh/kh"}, {"port": 2222}, {"user": "admin"},
+    {"remote_dmmig": "/opt/dmmig"}, {"remote_state_dir": "/srv/dmmig"},
+])
+def test_the_tunnel_is_probed_again_when_what_openssh_logs_in_or_runs_with_changed(change: dict[str, Any]) -> None:
+    d = new_dest()
+    M.keep_probe(journaled(**change), d)
+    assert "tunnel" not in d, (change, d)
+
+
+def test_an_earlier_explicit_tunnel_is_no_probe_result() -> None:
+    old = journaled()
+    del old["tunnel_probe"]  # --tunnel relay, not probed
+    d = new_dest()
+    M.keep_probe(old, d)
+    assert "tunnel" not in d
+    d = new_dest(tunnel="forward")  # and --tunnel now wins over the journal
+    M.keep_probe(journaled(), d)
+    assert d["tunnel"] == "forward"
+
+
+def test_the_agents_hello_says_which_tools_it_lacks(tmp_path: Any) -> None:
+    """copy's check of the destination's tools needs no probe call (and no scan of its disk)."""
+    agent = AgentServer(SubprocessRunner(), str(tmp_path), xenstore=lambda: contextlib.nullcontext(None))
+    assert set(agent.op_hello()["tools"]) == {"qemu-nbd"}
+
+
+def test_the_suspend_guard_starts_before_the_first_suspend_and_only_once() -> None:
+    r = FakeRunner()
+    spawned: list[list[str]] = []
+
+    def spawn_piped(argv: list[str], *, logfile: str) -> tuple[int, int]:
+        spawned.append(argv)
+        return 4242, os.open(os.devnull, os.O_WRONLY)  # the guard's pipe: what it hears is not checked here
+    r.spawn_piped = spawn_piped  # type: ignore[attr-defined]
+    guard = SuspendGuard(r, "/run/dmmig")  # type: ignore[arg-type]
+    dm = DmSetup(r, guard=guard)  # type: ignore[arg-type]
+    dm.arm_guard()
+    assert len(spawned) == 1 and spawned[0][-2:] == ["dmmig.dm.guard", "/run/dmmig"]
+    r.rules.append((["dmsetup"], (0, "", "")))
+    dm.suspend("dmmig-d1")
+    dm.resume("dmmig-d1")
+    assert len(spawned) == 1  # the same companion hears of the suspend
+
+
+def test_started_returns_or_raises_what_its_thread_did() -> None:
+    assert M.Started(lambda: 7).result() == 7
+
+    def boom() -> int:
+        raise M.RemoteError("unreachable")
+    with pytest.raises(M.RemoteError, match="unreachable"):
+        M.Started(boom).result()
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_an_abandoned_start_is_cleaned_up_exactly_once(late: bool) -> None:
+    """A local check failed while the SSH connection was coming up: whenever the connection
+    comes, it is closed (once), and nothing waits for it."""
+    go = threading.Event()
+    closed: list[int] = []
+
+    def connect() -> int:
+        go.wait(5)
+        return 1
+    s = M.Started(connect)
+    if not late:
+        go.set()
+        s.wait()
+    t0 = time.monotonic()
+    s.abandon(closed.append)
+    assert time.monotonic() - t0 < 1
+    go.set()
+    s.wait()
+    assert closed == [1]
+
+
+def test_phases_add_up_and_since_exec_is_this_process_age() -> None:
+    t = Stopwatch()
+    with t("a"):
+        time.sleep(0.01)
+    t.add("a", 1.0)
+    t.add("b", 0.5)
+    assert list(t.rounded()) == ["a", "b"] and 1.01 <= t.rounded()["a"] < 1.5
+    age = since_exec()
+    assert age is not None and 0 <= age < 3600
+
+
+def prepared_stack(tmp_path: Any) -> Any:
+    from dmmig import journal as J
+    from dmmig.stack import Stack
+    j = J.Journal(str(tmp_path))
+    j.save(J.Entry(name="d1", origin="/dev/loop0", origin_devno="7:0", phase=J.PREPARED, block_sectors=128,
+                   metadata="/dev/loop1"))
+    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d1-era;253;1;L--w;1;1;0;\n", ""))])
+    return Stack(r, DmSetup(r), j)  # type: ignore[arg-type]
+
+
+def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once_and_the_connection_closed(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmmig.errors import MissingDependency
+    from dmmig.progress import Progress
+    closed = threading.Event()
+
+    class SlowRemote:  # the destination's agent takes its time to start
+        def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
+            time.sleep(0.5)
+
+        def close(self) -> None:
+            closed.set()
+
+    def refuse(stack: Any, transport: str) -> None:
+        raise MissingDependency("command not found: era_invalidate")
+    monkeypatch.setattr(M, "Remote", SlowRemote)
+    monkeypatch.setattr(M, "check_source", refuse)
+    t0 = time.monotonic()
+    with pytest.raises(MissingDependency, match="era_invalidate"):
+        M.copy(prepared_stack(tmp_path), "d1", "root@b", EP, M.CopyOptions(dest_disk="/dev/loop0"), Progress())
+    assert time.monotonic() - t0 < 0.4  # not after the connection came
+    assert closed.wait(5)  # and when it came, it was closed
+
+
+def imported_by(code: str) -> set[str]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", f"{code}; import sys; print(' '.join(k for k, v in sys.modules.items() if v is not None))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_agent_imports_no_disk_stack() -> None:
+    """Every agent start on the destination (its session, a probe, the tunnel's hold or relay)
+    paid for the disk stack's imports through the CLI: 0.15 s of Python in the rig, each."""
+    mods = imported_by("import dmmig.cli, dmmig.agent, dmmig.confine")
+    assert not {"dmmig.stack", "dmmig.era", "dmmig.mirror", "dmmig.tunnel", "dmmig.dm.dmsetup", "paramiko"} & mods
+
+
+def test_paramiko_runs_without_invoke() -> None:
+    """dmmig never has paramiko read an ssh_config (`Match exec` is what it imports invoke for)."""
+    mods = imported_by("import dmmig.migrate; import paramiko; paramiko.SSHClient()")
+    assert "paramiko" in mods and "invoke" not in mods
