@@ -37,7 +37,8 @@ from tests.unit.test_hotplug import NOT_THERE
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
-DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
+# this interpreter's dmmig: the venv's under ./install.sh test, Debian's python3 in a package build
+DMMIG = [sys.executable, "-m", "dmmig"]
 needs_qemu_nbd = pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="needs qemu-nbd (qemu-utils)")
 
 
@@ -141,7 +142,7 @@ def test_a_forced_agent_refuses_anything_else(original: str) -> None:
 
 
 def run_agent(env: dict[str, str], *args: str, inp: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([DMMIG, *args], input=inp, capture_output=True, text=True, timeout=60,
+    return subprocess.run([*DMMIG, *args], input=inp, capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
 
 
@@ -151,7 +152,7 @@ def test_the_forced_command_end_to_end(tmp_path: Path) -> None:
         r = run_agent({"SSH_ORIGINAL_COMMAND": original}, "--state-dir", state, "agent", "--forced-command")
         assert r.returncode == 3 and "refused" in r.stderr and r.stdout == "", r
     env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
-    r = subprocess.run([DMMIG, "--state-dir", state, "agent", "--forced-command"], capture_output=True, text=True,
+    r = subprocess.run([*DMMIG, "--state-dir", state, "agent", "--forced-command"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 3 and "interactive login" in r.stderr, r  # no command: a shell request
     r = run_agent({"SSH_ORIGINAL_COMMAND": f"dmmig --state-dir {state} agent"}, "--state-dir", state, "agent",
@@ -185,7 +186,7 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
             f.write(b"hello through the relay".ljust(4096, b"\0"))
         h = nbd.NBD()
         h.set_export_name("d1")
-        h.connect_command([DMMIG, "--state-dir", state, "agent", "relay", "d1"])  # its stdin/stdout
+        h.connect_command([*DMMIG, "--state-dir", state, "agent", "relay", "d1"])  # its stdin/stdout
         assert h.pread(23, 0) == b"hello through the relay"
         h.pwrite(b"x" * 4096, 4096)
         h.flush()
@@ -193,7 +194,7 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
         with open(path, "rb") as f:
             assert f.read(8192)[4096:] == b"x" * 4096
         # a relay for a disk without an export says why, and exits non-zero
-        r = subprocess.run([DMMIG, "--state-dir", state, "agent", "relay", "d2"], capture_output=True, text=True,
+        r = subprocess.run([*DMMIG, "--state-dir", state, "agent", "relay", "d2"], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=60)
         assert r.returncode == 3 and "no NBD export of d2" in r.stderr, r
     finally:
@@ -256,7 +257,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
     try:
         with open(path, "r+b") as f:
             f.write(b"hello through the agent".ljust(4096, b"\0"))
-        client = ProcClient([DMMIG, "--state-dir", state, "agent"])
+        client = ProcClient([*DMMIG, "--state-dir", state, "agent"])
         c = AgentClient(client, "dmmig")
         with pytest.raises(BadInput, match="no NBD export of d2"):
             c.call("relay", name="d2")
