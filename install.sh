@@ -62,6 +62,8 @@ PKGS=(
   # the Vagrant rig's checks (vagrant validate with its libvirt provider, shellcheck, LVM in
   # the rig, the guest initramfs also uses busybox-static and cpio from the line above)
   vagrant vagrant-libvirt shellcheck lvm2 xenstore-utils
+  # the Debian package's man page test (tools/cli_docs.py) and its lintian check in .ci/run
+  python3-argparse-manpage lintian
 )
 
 missing=()

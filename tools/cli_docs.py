@@ -78,7 +78,7 @@ def manpage(parser: argparse.ArgumentParser, date: str) -> str:
     try:
         from build_manpages.manpage import Manpage  # Debian 12's python3-argparse-manpage (1.2)
     except ImportError:
-        from argparse_manpage.manpage import Manpage  # type: ignore[no-redef]  # its later releases
+        from argparse_manpage.manpage import Manpage  # its later releases
     parser.man_short_description = SHORT  # type: ignore[attr-defined]  # read by Manpage for NAME
     # argparse wraps help text at the terminal's width ($COLUMNS) and argparse-manpage turns each
     # wrap into a hard .br: a width no text reaches leaves the filling to man, whatever the terminal
