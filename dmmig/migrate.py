@@ -687,7 +687,7 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     many regions the kernel itself first reported out of sync (its view of our log)."""
     deadline = time.monotonic() + timeout
     first = stack.dm.mirror_status(top)
-    progress.start("resync (regions)", first.regions - first.in_sync)
+    progress.start("resync", first.regions - first.in_sync, unit="regions")
     done = 0
     while True:
         st = stack.dm.mirror_status(top)
