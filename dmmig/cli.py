@@ -236,7 +236,7 @@ def _plan_dict(p: Any) -> dict[str, Any]:
 
 
 def cmd_watch(a: argparse.Namespace) -> int:
-    from dmmig.stack import top_name
+    from dmmig.names import top_name
     from dmmig.watch import watch
     stack = make_stack(a)
     return watch(stack.dm, stack.journal.dir, a.name, top_name(a.name))

@@ -35,7 +35,8 @@ from dmmig.runner import Runner
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
                        connect, relay_socket)
-from dmmig.stack import Stack, dirty_file, era_name, top_name
+from dmmig.names import Files, era_name, top_name
+from dmmig.stack import Stack
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
 
@@ -580,7 +581,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             marked = layout.blank()  # for the summary: what both steps mark
             with sw("era query"):
                 first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
-                                                             dirty_file(stack.journal.dir, name))
+                                                             Files(stack.journal.dir, name).dirty)
             with sw("logs"):
                 images = layout.blank()
                 try:  # streamed: a scattered delta of millions of blocks is never a list here
@@ -602,7 +603,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # query and the swap; era has it in eras >= first, done (the swap drained it).
             with sw("era query"):
                 second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
-                                                            dirty_file(stack.journal.dir, name))
+                                                            Files(stack.journal.dir, name).dirty)
             pauses = [round(pause, 4)]
             try:
                 if second_ranges.blocks:

@@ -29,10 +29,10 @@ from dmmig import migrate as M
 from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
-from dmmig.hotplug import format_devno
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
-from dmmig.stack import Stack, era_name, top_name
+from dmmig.names import era_name, format_devno, top_name
+from dmmig.stack import Stack
 from dmmig import mirrorlog
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore

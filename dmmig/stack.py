@@ -28,23 +28,10 @@ from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.mirror import MirrorSide
 from dmmig.runner import Runner
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
+from dmmig.names import Files, era_name, top_name
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = sizing.DEFAULT_BLOCK_BYTES
-
-
-def top_name(name: str) -> str:
-    return f"dmmig-{name}"
-
-
-def era_name(name: str) -> str:
-    return f"dmmig-{name}-era"
-
-
-def dirty_file(state_dir: str, name: str) -> str:
-    """Where a copy round keeps era_invalidate's answer while it copies (a dmmig killed
-    meanwhile leaves it: abort removes it)."""
-    return os.path.join(state_dir, f"{name}.dirty.xml")
 
 
 def uuid_for(role: str, name: str) -> str:
@@ -182,7 +169,7 @@ class Stack:
             self.journal.save(entry, J.PREPARING)
             try:
                 if meta_dev is None:
-                    mfile = os.path.join(self.journal.dir, f"{name}.era-meta")
+                    mfile = Files(self.journal.dir, name).era_metadata
                     entry.metadata_file = mfile
                     self.journal.save(entry)
                     _make_zeroed_file(mfile, metadata_bytes(length * 512, bs))
@@ -291,7 +278,7 @@ class Stack:
             self.dm.message(era, "take_metadata_snap")
         try:
             now = self.dm.era_status(era).current_era
-            return self.era.written_since_file(entry.metadata, since, dirty_file(self.journal.dir, name)), now
+            return self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now
         finally:
             self.dm.message(era, "drop_metadata_snap")
 
@@ -358,10 +345,10 @@ class Stack:
         glog = guard_log(self.journal.dir, top)  # a dmmig killed while suspended: history now
         if os.path.exists(glog):
             step(f"remove {glog}", lambda: os.unlink(glog))
-        dirty = dirty_file(self.journal.dir, name)
+        dirty = Files(self.journal.dir, name).dirty
         if os.path.exists(dirty):
             step(f"remove {dirty}", lambda: os.unlink(dirty))
-        mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
+        mfile = (entry.metadata_file if entry else None) or Files(self.journal.dir, name).era_metadata
         for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
             step(f"detach {dev}", partial(self.loop.detach, dev))
         if os.path.exists(mfile):

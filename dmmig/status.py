@@ -12,7 +12,8 @@ from dmmig import proc, sizing
 from dmmig.agent import incoming
 from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import MIRRORS, Era, Linear, ParseError
-from dmmig.stack import Stack, era_name, top_name
+from dmmig.names import era_name, top_name
+from dmmig.stack import Stack
 from dmmig.watch import read_health
 
 

@@ -21,7 +21,7 @@ from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import vbds
 from dmmig.errors import BadInput, MissingDependency, StateError
-from dmmig.hotplug import disk_name_for
+from dmmig.names import disk_name_for
 from dmmig.stack import Stack
 from dmmig.runner import SubprocessRunner
 from dmmig.xl import Xl, XlRun, check_migrate_args
