@@ -24,7 +24,9 @@ from dmmig import nbd as N
 from dmmig import sizing
 from dmmig import sparse
 from dmmig import tlscreds, tunnel
-from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
+from dmmig.agentclient import AgentClient
+from dmmig.copy import digest_ranges
+from dmmig.destination import AgentServer, incoming
 from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table

@@ -9,7 +9,7 @@ from dmmig import gate
 from dmmig import journal as J
 from dmmig import nbd as N
 from dmmig import proc, sizing
-from dmmig.agent import incoming
+from dmmig.destination import incoming
 from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import MIRRORS, Era, Linear, ParseError
 from dmmig.names import era_name, top_name

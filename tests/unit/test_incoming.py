@@ -15,7 +15,7 @@ import pytest
 from dmmig import journal as J
 from dmmig import migrate as M
 from dmmig import nbd as N
-from dmmig.agent import AgentServer
+from dmmig.destination import AgentServer
 from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput

@@ -16,7 +16,7 @@ import pytest
 
 from dmmig import journal as J
 from dmmig import migrate_domain as MD
-from dmmig.agent import AgentServer
+from dmmig.destination import AgentServer
 from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import vbds
