@@ -123,7 +123,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
     t, par = Stopwatch(), Stopwatch()
     t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
     t0 = time.monotonic()
-    entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
+    entry = stack.prepared(name)  # refuses an unknown or unprepared NAME before anything else
     check_transport(opts)
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
@@ -272,7 +272,7 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
     block (NAME's own once prepared, else what prepare would choose, or BLOCK_BYTES) and its
     metadata, the bytes the base copy still sends, and the time at RATE bytes/s (default: the
     best rate this migration's copy reached, else sizing.DEFAULT_RATE, an assumption)."""
-    entry = stack._entry(name)
+    entry = stack.entry_of(name)
     size = stack.dm.table(top_name(name)).length * 512
     prepared = entry.block_sectors is not None and entry.phase not in (J.WRAPPED, J.PREPARING)
     choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
@@ -541,7 +541,7 @@ class CutoverOptions:
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round."""
-    entry = stack._prepared(name)
+    entry = stack.prepared(name)
     if entry.phase not in (J.COPIED, J.CUTTING_OVER, J.MIRRORING) or not entry.copy.get("base_done"):
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
@@ -747,7 +747,7 @@ def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
 # ---- handover gate (the source's side; see dmmig/gate.py) --------------------------------
 def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate.SUSPEND_CAP_S) -> dict[str, Any]:
     """Wait for the destination's `add` to ask about NAME, then answer it (answer_gate)."""
-    entry = _mirroring(stack, name)
+    entry = mirroring_entry(stack, name)
     with stack.journal.lock(name):
         remote = Remote(entry.dest)
         try:
@@ -774,8 +774,8 @@ def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate
 MIN_YES_S = 1.0  # a yes needs this much of the window left to reach the destination
 
 
-def _mirroring(stack: Stack, name: str) -> J.Entry:
-    entry = stack._entry(name)
+def mirroring_entry(stack: Stack, name: str) -> J.Entry:
+    entry = stack.entry_of(name)
     if entry.phase != J.MIRRORING or not entry.mirror.get("synced"):
         raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
                          hint=f"`dmmig cutover {name}` first")
@@ -910,7 +910,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
            remote: bool = True) -> tuple[list[str], list[str]]:
     """The new owner has the disk: tear down both sides (this side only without REMOTE),
     keep the data on both. Returns (done, left behind on the destination)."""
-    entry = stack._entry(name)
+    entry = stack.entry_of(name)
     top = top_name(name)
     if not force:
         if entry.phase != J.MIRRORING:
@@ -930,13 +930,13 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                              hint="stop the domain on this host first, or finish without --remove")
     dest = dict(entry.dest) if entry.dest else None
     with stack.journal.lock(name):
-        done = stack._abort_locked(name, phase=J.FINISHING)
+        done = stack.abort_held(name, phase=J.FINISHING)
         if remove and stack.dm.info(top) is not None:
             stack.dm.remove(top)
             done.append(f"remove {top}")
         if remove:
             stack.journal.delete(name)
-    left = _stop_remote(name, dest, remove_created=False, done=done) if remote else []
+    left = stop_remote(name, dest, remove_created=False, done=done) if remote else []
     return done, left
 
 
@@ -948,7 +948,7 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
     hosts, hours, so a range lets the operator check what matters, e.g. what the guest wrote).
     While mirroring, a chunk written during the pass can differ once; it is read again
     (RECHECKS times) before it counts as a mismatch."""
-    entry = stack._entry(name)
+    entry = stack.entry_of(name)
     if not entry.dest:
         raise StateError(f"no destination known for {name}", hint=f"`dmmig copy {name} HOST` first")
     if chunk <= 0 or chunk % 4096:
@@ -1015,7 +1015,7 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return gate.remove_stale(stack.journal.dir, name), []
     dest = dict(entry.dest) if entry and entry.dest else None
     done = stack.abort(name)
-    left = _stop_remote(name, dest, remove_created=True, done=done)
+    left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
     if e2 is not None and (e2.dest or e2.copy):
         e2.dest = {}
@@ -1036,7 +1036,7 @@ def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
     return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]
 
 
-def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
+def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
     """Stop the destination's export; what could not be stopped is returned, exactly."""
     if not dest:
         return []

@@ -299,7 +299,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
 
     # 3. xl migrate, answering the gate
     say(f"xl migrate {p.domain.name} {p.host}")
-    dests = {d.name: dict(M._mirroring(stack, d.name).dest) for d in p.disks}
+    dests = {d.name: dict(M.mirroring_entry(stack, d.name).dest) for d in p.disks}
     t_xl = time.monotonic()
     try:
         xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
@@ -369,7 +369,7 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
     """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
     about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
     are held until the last answer, so no other dmmig touches them meanwhile."""
-    entries = {d.name: M._mirroring(stack, d.name) for d in p.disks}
+    entries = {d.name: M.mirroring_entry(stack, d.name) for d in p.disks}
     gates: dict[str, Any] = {}
     box: list[XlRun] = []
     xl_log = os.path.join(stack.journal.dir, f"xl-migrate-{p.domain.domid}.log")
@@ -444,7 +444,7 @@ def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any
     if d.vbd.node and d.vbd.node in stack.loop.find(os.path.realpath(d.vbd.params)):
         stack.loop.detach(d.vbd.node)
         done.append(f"detach {d.vbd.node}")
-    left = M._stop_remote(d.name, dest, remove_created=False, done=done)
+    left = M.stop_remote(d.name, dest, remove_created=False, done=done)
     if left:
         raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
     return {"done": done, "seconds": round(time.monotonic() - t, 3)}

@@ -119,7 +119,7 @@ class Stack:
                        "from under them", hint="stop the domain first, or --force")
         with self.journal.lock(name):
             if entry is not None and entry.phase != J.WRAPPED or self.dm.info(era_name(name)):
-                self._abort_locked(name)
+                self.abort_held(name)
             if info is not None:
                 self.dm.remove(top)
             self.journal.delete(name)
@@ -132,7 +132,7 @@ class Stack:
         disk_name(name)
         if block_bytes is not None:
             era_block_size(block_bytes)
-        entry = self._entry(name)
+        entry = self.entry_of(name)
         top = top_name(name)
         info = self.dm.info(top)
         if info is None:
@@ -234,7 +234,7 @@ class Stack:
 
     # ---- era queries ----------------------------------------------------------------------
     def checkpoint(self, name: str) -> int:
-        entry = self._prepared(name)
+        entry = self.prepared(name)
         with self.journal.lock(name):
             era = self.era.checkpoint(era_name(name))
             entry.checkpoints.append(era)
@@ -244,7 +244,7 @@ class Stack:
     def drained_checkpoint(self, name: str) -> int:
         """A new era, started with the top device suspended (see drained_dirty); every write
         tagged with an era below the one returned has completed on the origin."""
-        self._prepared(name)
+        self.prepared(name)
         with self._drained(name):
             self.dm.message(era_name(name), "checkpoint")
         return self.dm.era_status(era_name(name)).current_era
@@ -269,7 +269,7 @@ class Stack:
     def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int]:
         """As drained_dirty, the ranges in a file in the state dir, streamed: a scattered delta
         of millions of blocks stays out of memory. The caller closes it (removes the file)."""
-        entry = self._prepared(name)
+        entry = self.prepared(name)
         era = era_name(name)
         assert entry.metadata
         if self.dm.era_status(era).snapshot_block is not None:
@@ -295,7 +295,7 @@ class Stack:
 
     def dirty(self, name: str, since: int = 1) -> tuple[list[BlockRange], int, int]:
         """(dirty block ranges, block size in bytes, era current when read)."""
-        entry = self._prepared(name)
+        entry = self.prepared(name)
         if since < 0:
             raise BadInput(f"--since must be >= 0, got {since}")
         assert entry.metadata and entry.block_sectors
@@ -312,10 +312,11 @@ class Stack:
         if entry is None and self.dm.info(top_name(name)) is None and self.dm.info(era_name(name)) is None:
             raise BadInput(f"unknown disk {name!r}: nothing of dmmig exists for it")
         with self.journal.lock(name):
-            return self._abort_locked(name)
+            return self.abort_held(name)
 
-    def _abort_locked(self, name: str, phase: str = J.ABORTING) -> list[str]:
-        """Also finish's local teardown (PHASE finishing): the steps are the same."""
+    def abort_held(self, name: str, phase: str = J.ABORTING) -> list[str]:
+        """abort's teardown with NAME's lock already held by the caller; also finish's local
+        teardown (PHASE finishing): the steps are the same."""
         entry = self.journal.load(name)
         top = top_name(name)
         if entry is not None:
@@ -371,16 +372,18 @@ class Stack:
         return step.done
 
     # ---- helpers --------------------------------------------------------------------------
-    def _entry(self, name: str) -> J.Entry:
+    def entry_of(self, name: str) -> J.Entry:
+        """NAME's journal entry; BadInput if dmmig does not know NAME."""
         e = self.journal.load(name)
         if e is None:
             raise BadInput(f"unknown disk {name!r}: not wrapped by dmmig",
                            hint=f"`dmmig wrap {name} ORIGIN` first")
         return e
 
-    def _prepared(self, name: str) -> J.Entry:
+    def prepared(self, name: str) -> J.Entry:
+        """NAME's entry, if NAME has its era device (prepared or later); else StateError."""
         disk_name(name)
-        e = self._entry(name)
+        e = self.entry_of(name)
         if e.phase in (J.WRAPPED, J.PREPARING) or self.dm.info(era_name(name)) is None:
             raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
         return e

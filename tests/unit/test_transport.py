@@ -450,7 +450,7 @@ def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> N
     old = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "addr": "127.0.0.1", "port": 10809})
     new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/nbd/d1.sock"})
     for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/nbd/d1.sock")):
-        left = M._stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
+        left = M.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
                               done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
 
