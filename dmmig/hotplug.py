@@ -38,7 +38,6 @@ from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, Undo
 from dmmig.runner import SubprocessRunner
 from dmmig.names import SCRIPT, disk_name_for, format_devno, top_name
 from dmmig.stack import Stack
-from dmmig.validate import disk_name
 from dmmig.xenstore import PyxsXenStore, XenStore
 
 LOG_FILE = "/var/log/xen/xen-hotplug.log"  # where Xen's own scripts log (xen-hotplug-common.sh)
@@ -276,19 +275,15 @@ class Hotplug:
         """After a completed migration (libxl destroys the source domain once the destination
         runs it): the destination's add got our yes, so this host's stack is history. Tear it
         down here and keep the data; `dmmig migrate` tells the destination's agent."""
-        top = top_name(name)
-        info = self._wait_closed(top)
-        if info is not None and info.open_count > 0:
-            self.log(f"{name} was handed over, but {top} is still open after {self.close_wait_s:.0f}s: left "
-                     f"for `dmmig finish --remove {name}`")
-            return
         from dmmig import migrate  # here only: paramiko costs every other run of the script 0.2 s
-        node = self.xs.read(self.be.key("node"))
-        # force: the mirror's leg is gone (the destination stopped its export at the yes); the
-        # yes is the proof that the destination has every write
-        done, _ = migrate.finish(self.stack, name, force=True, remove=True, remote=False)
-        if node:
-            self._detach(node, params)
+        try:
+            done = migrate.finish_handed_over(self.stack, name, node=self.xs.read(self.be.key("node")),
+                                              params=params, close_wait_s=self.close_wait_s)
+        except StateError as e:  # still open: `dmmig migrate` (or the operator) finishes it
+            self.log(f"{e.message}: left for {e.hint}")
+            return
+        for step in done:
+            self.log(step)
         self.log(f"{name} was handed over to the destination: finished here in {self._took()} ({len(done)} steps)")
 
     def _wait_closed(self, top: str) -> DmInfo | None:

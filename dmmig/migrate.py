@@ -940,6 +940,39 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
     return done, left
 
 
+def finish_handed_over(stack: Stack, name: str | None, *, node: str | None, params: str,
+                       close_wait_s: float) -> list[str]:
+    """The end of a migration on the source, once the destination runs the guest on NAME's
+    disk (the gate said yes): this host's stack is history. Waits up to CLOSE_WAIT_S for
+    blkback to let go of the top device (it does so from deferred work), tears the stack down
+    keeping the data, and detaches NODE, the loop device block-dmmig's add attached over the
+    file PARAMS (only if it still is one). Both the block script's remove (libxl runs it as it
+    destroys the guest here, within its budget) and `dmmig migrate` (for whatever remove left)
+    end a migration with this. NAME None: nothing journaled is left, only the loop device."""
+    done: list[str] = []
+    if name is not None and stack.journal.load(name) is not None:
+        top = top_name(name)
+        deadline = time.monotonic() + close_wait_s
+        while True:
+            info = stack.dm.info(top)
+            if info is None or info.open_count == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if info is not None and info.open_count > 0:
+            raise StateError(f"{name} was handed over, but {top} is still open ({info.open_count} opener(s)) "
+                             f"after {close_wait_s:.0f}s", hint=f"`dmmig finish --remove {name}` once it is closed")
+        # force: the mirror's leg is gone (the destination stopped its export at the yes), and
+        # the yes is the proof that the destination has every write
+        done, _ = finish(stack, name, force=True, remove=True, remote=False)
+    file = os.path.realpath(params)
+    if node and os.path.isfile(file) and node in stack.loop.find(file):
+        stack.loop.detach(node)
+        done.append(f"detach {node} ({file})")
+    elif node:
+        done.append(f"left {node} alone: no longer a loop device over {file}")
+    return done
+
+
 # ---- verify -------------------------------------------------------------------------------
 def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 << 20, rechecks: int = 2,
            progress: Progress | None = None, offset: int = 0, length: int | None = None) -> dict[str, Any]:

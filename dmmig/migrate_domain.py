@@ -430,20 +430,11 @@ def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any
     (blkback slow to let go, an error) is finished here. Then the destination's agent forgets
     the disk."""
     t = time.monotonic()
-    done: list[str] = []
-    if stack.journal.load(d.name) is not None:
-        deadline = time.monotonic() + CLOSE_WAIT_S
-        while True:
-            info = stack.dm.info(d.top)
-            if info is None or info.open_count == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        done, _ = M.finish(stack, d.name, remove=True, remote=False)
-    else:
-        done.append("finished here by block-dmmig remove")
-    if d.vbd.node and d.vbd.node in stack.loop.find(os.path.realpath(d.vbd.params)):
-        stack.loop.detach(d.vbd.node)
-        done.append(f"detach {d.vbd.node}")
+    journaled = stack.journal.load(d.name) is not None
+    done = M.finish_handed_over(stack, d.name if journaled else None, node=d.vbd.node, params=d.vbd.params,
+                                close_wait_s=CLOSE_WAIT_S)
+    if not journaled:
+        done.insert(0, "finished here by block-dmmig remove")
     left = M.stop_remote(d.name, dest, remove_created=False, done=done)
     if left:
         raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
