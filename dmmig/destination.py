@@ -28,6 +28,7 @@ from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
 from dmmig.copy import digest_ranges
 from dmmig.errors import BadInput, Busy, DmmigError, StateError
 from dmmig.gate import GateServer
+from dmmig.lvm import Lvm
 from dmmig.names import Files, export_dir
 from dmmig.runner import Runner, SubprocessRunner
 from dmmig.validate import disk_name
@@ -135,7 +136,7 @@ class AgentServer:
         else:
             how, where, lv = self.policy.creatable(path, size, self.r)
             # a file becomes block-dmmig's loop device there: 512-byte sectors (losetup's default)
-            self._check_block_size(path, 512 if how == "file" else self._vg_block_size(where), block_size)
+            self._check_block_size(path, 512 if how == "file" else Lvm(self.r).block_size(where), block_size)
             self._create(path, size, how, where, lv)
             created_as = how
         have = _size_of(path)
@@ -167,7 +168,7 @@ class AgentServer:
                 if not os.path.lexists(path):
                     if create and sizes and path in sizes:
                         how, where, _ = self.policy.creatable(path, confine.size_ok(sizes[path]), self.r)
-                        d["block_size"] = 512 if how == "file" else self._vg_block_size(where)
+                        d["block_size"] = 512 if how == "file" else Lvm(self.r).block_size(where)
                     continue
                 kind = self.policy.existing(path)
             except BadInput as e:
@@ -319,7 +320,7 @@ class AgentServer:
 
     def _create(self, path: str, size: int, how: str, where: str, lv: str) -> None:
         if how == "lv":
-            self.r.run(["lvcreate", "--yes", "-L", f"{size}b", "-n", lv, where], timeout=120)
+            Lvm(self.r).create(where, lv, size)
             return
         # O_NOFOLLOW|O_EXCL: a file of ours, never through a link planted meanwhile
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -338,7 +339,7 @@ class AgentServer:
             except FileNotFoundError:
                 return []
             vg, lv = path.split("/")[2:4]
-            self.r.run(["lvremove", "--yes", f"{vg}/{lv}"], timeout=120)  # refuses an open LV
+            Lvm(self.r).remove(vg, lv)  # refuses an open LV
             return [f"removed the logical volume {vg}/{lv} (created by dmmig)"]
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
@@ -347,11 +348,6 @@ class AgentServer:
             return []
         os.unlink(path)
         return [f"removed {path} (created by dmmig)"]
-
-    def _vg_block_size(self, vg: str) -> int:
-        """An LV's logical block size: the largest of its VG's physical volumes'."""
-        out = self.r.run(["pvs", "--noheadings", "-o", "pv_name", "--select", f"vg_name={vg}"], timeout=60).stdout
-        return max((B.logical_block_size(self.r, pv) for pv in out.split()), default=512)
 
     @staticmethod
     def _check_block_size(path: str, have: int, want: int | None) -> None:
