@@ -29,7 +29,7 @@ from dmmig.copy import digest_ranges
 from dmmig.errors import BadInput, Busy, DmmigError, StateError
 from dmmig.gate import GateServer
 from dmmig.lvm import Lvm
-from dmmig.names import Files, export_dir
+from dmmig.names import INCOMING_SUFFIX, Files, export_dir, incoming_names
 from dmmig.runner import Runner, SubprocessRunner
 from dmmig.validate import disk_name
 
@@ -45,13 +45,12 @@ def incoming(state: str) -> dict[str, dict[str, Any]]:
         files = os.listdir(state)
     except FileNotFoundError:
         return out
-    for f in sorted(files):
-        if f.endswith(".dest.json"):
-            try:
-                with open(os.path.join(state, f)) as fh:
-                    out[f[:-len(".dest.json")]] = dict(json.load(fh))
-            except (OSError, ValueError) as e:
-                out[f[:-len(".dest.json")]] = {"unreadable": str(e)}
+    for name in incoming_names(files):
+        try:
+            with open(os.path.join(state, name + INCOMING_SUFFIX)) as fh:
+                out[name] = dict(json.load(fh))
+        except (OSError, ValueError) as e:
+            out[name] = {"unreadable": str(e)}
     return out
 
 
@@ -198,8 +197,9 @@ class AgentServer:
             raise BadInput(f"no destination disk prepared for {name}")
         if addr is not None and tls is None and not insecure:
             raise BadInput(f"an NBD export of {name} on {addr} needs TLS credentials (or --insecure on the source)")
-        d = J.private_dir(export_dir(self.state))
-        tls_dir = os.path.join(d, f"{name}.tls") if tls is not None else None
+        J.private_dir(export_dir(self.state))  # made or repaired to 0700 before a key or socket goes in
+        files = Files(self.state, name)
+        tls_dir = files.export_tls if tls is not None else None
         exp = rec.get("export")
         if exp:
             old = N.Export(**exp)
@@ -213,8 +213,8 @@ class AgentServer:
             if "," in tls_dir:
                 raise BadInput(f"{tls_dir}: qemu-nbd's --object cannot take a ',' in the path")
             tlscreds.write_server(tls_dir, tls)
-        e = N.start_export(self.r, name, rec["path"], os.path.join(self.state, f"{name}.qemu-nbd.pid"),
-                           socket_path=os.path.join(d, f"{name}.sock") if addr is None else None,
+        e = N.start_export(self.r, name, rec["path"], files.qemu_nbd_pid,
+                           socket_path=files.export_socket if addr is None else None,
                            addr=addr, tls=tls_dir)
         rec["export"] = e.__dict__
         rec["written"] = True  # from now on the disk is not known to be zero
@@ -241,10 +241,11 @@ class AgentServer:
             N.stop_export(e)
             done.append(f"stopped qemu-nbd {exp['pid']} exporting {rec['path']}")
         # what a killed agent made but had not journaled yet
-        for left in (os.path.join(self.state, f"{name}.qemu-nbd.pid"), os.path.join(export_dir(self.state), f"{name}.sock")):
+        files = Files(self.state, name)
+        for left in (files.qemu_nbd_pid, files.export_socket):
             if os.path.lexists(left):
                 os.unlink(left)
-        if tlscreds.remove(os.path.join(export_dir(self.state), f"{name}.tls")):
+        if tlscreds.remove(files.export_tls):
             done.append(f"removed the TLS credentials of {name}")
         if remove_created and rec.get("created"):
             done += self._remove_created(rec)

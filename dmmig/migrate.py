@@ -1063,7 +1063,7 @@ def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
     keep = bool(rec.get("handed_over"))
     with stack.journal.lock(name):
         if "unreadable" in rec:
-            os.unlink(os.path.join(stack.journal.dir, f"{name}.dest.json"))
+            os.unlink(Files(stack.journal.dir, name).incoming)
             return [f"removed the unreadable record of incoming {name}"]
         done: list[str] = AgentServer(stack.runner, stack.journal.dir).op_stop(name, remove_created=not keep)["done"]
     return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]
@@ -1082,12 +1082,12 @@ def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool,
             remote.close()
     except DmmigError as e:
         exp = dest.get("export") or {}
-        st = _remote_state(dest)
+        there = Files(_remote_state(dest), name)  # the destination's files: same names, its state dir
         where = exp.get("socket") or f"{exp.get('addr')}:{exp.get('port')}"
         return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
                 f"{where}) could not be stopped: {e.message}. There, run: "
-                f"kill {exp.get('pid')}; rm -rf {st}/{name}.dest.json {st}/{name}.qemu-nbd.pid "
-                f"{st}/nbd/{name}.sock {st}/nbd/{name}.tls"]
+                f"kill {exp.get('pid')}; rm -rf {there.incoming} {there.qemu_nbd_pid} "
+                f"{there.export_socket} {there.export_tls}"]
     return []
 
 
