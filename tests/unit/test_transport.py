@@ -484,3 +484,31 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
         old.kill()
     assert steps.errors == [] and any(f"stop the SSH tunnel (pid {old.pid})" in d for d in steps.done), steps.done
     assert not any(os.path.exists(f) for f in stale)
+
+
+def test_the_relay_listener_path_appears_only_once_it_listens(tmp_path: Path) -> None:
+    """tunnel.start returns when the socket's path exists and nbd-client connects next: a
+    listener that is bound but not yet listening refuses it (seen as ECONNREFUSED in this suite
+    and in a package build under load). Here listen() is slowed down to make that window wide."""
+    sock = str(tmp_path / "r.sock")
+    code = ("import socket, sys, time\n"
+            "class Slow(socket.socket):\n"
+            "    def listen(self, *a):\n"
+            "        time.sleep(1)\n"
+            "        super().listen(*a)\n"
+            "socket.socket = Slow\n"
+            "from dmmig import tunnel\n"
+            "sys.exit(tunnel.accept_exec(sys.argv[1], ['cat'], timeout=30))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, sock])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(sock)  # the moment the path exists
+            s.sendall(b"nbd request")
+            assert s.recv(100) == b"nbd request"
+        assert os.listdir(tmp_path) == [], "the listener left a file behind"
+    finally:
+        p.kill()
+        p.wait()
