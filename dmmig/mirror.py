@@ -22,6 +22,7 @@ from dmmig.errors import RemoteError, Steps
 from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
+from dmmig.names import Files
 
 
 
@@ -36,7 +37,7 @@ class MirrorSide:
         self.loop = Loop(runner)
 
     def _path(self, name: str, what: str) -> str:
-        return os.path.join(self.state, f"{name}.{what}")
+        return Files(self.state, name).mirror(what)
 
     def watcher_marker(self, name: str) -> str:
         return f"--state-dir {self.state} watch {name}"

@@ -16,10 +16,11 @@ import sys
 import threading
 
 from dmmig.runner import Runner
+from dmmig.names import Files
 
 
 def log_path(state: str, name: str) -> str:
-    return os.path.join(state, f"{name}.guard.log")
+    return Files(state, name).guard_log
 
 
 class SuspendGuard:

@@ -17,7 +17,7 @@ import pytest
 
 from dmmig import gate
 from dmmig import journal as J
-from dmmig.agent import AgentServer
+from dmmig.destination import AgentServer
 from dmmig.confine import Policy, Refused
 from dmmig.errors import BadInput, Busy
 from tests.unit.test_dmsetup_argv import FakeRunner

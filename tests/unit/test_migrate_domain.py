@@ -16,12 +16,12 @@ import pytest
 
 from dmmig import journal as J
 from dmmig import migrate_domain as MD
-from dmmig.agent import AgentServer
+from dmmig.destination import AgentServer
 from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import vbds
 from dmmig.errors import BadInput, MissingDependency, StateError
-from dmmig.hotplug import disk_name_for
+from dmmig.names import disk_name_for
 from dmmig.stack import Stack
 from dmmig.runner import SubprocessRunner
 from dmmig.xl import Xl, XlRun, check_migrate_args
