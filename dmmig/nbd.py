@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -91,14 +92,15 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
             raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
         return Export(name, path, _pid(pidfile), cache, socket=socket_path)
     assert addr is not None
-    for _ in range(5):
-        port = free_port(addr)
-        res = runner.run([*base, f"--bind={addr}", f"--port={port}", path], check=False, timeout=30)
-        if res.returncode == 0:
-            return Export(name, path, _pid(pidfile), cache, addr=addr, port=port, tls=tls)
-        if "Address already in use" not in res.stderr:
-            raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
-    raise DmmigError(f"qemu-nbd found no free port on {addr}")
+    # TCP: qemu-nbd socket-activated on a listener dmmig.listen makes (a free port, Nagle off;
+    # qemu-nbd 7.2 leaves Nagle on, and a second reply in flight then waits for the client's
+    # 40 ms delayed ACK: see dmmig/listen.py); it prints the port before it execs qemu-nbd
+    free_port(addr)  # an address not of this host is the operator's input to fix (BadInput)
+    res = runner.run([sys.executable, "-m", "dmmig.listen", addr, *base, path], check=False, timeout=30)
+    port = res.stdout.split()[0] if res.stdout.split() else ""
+    if res.returncode != 0 or not port.isdigit():
+        raise DmmigError(f"qemu-nbd could not export {path} on {addr}: {res.stderr.strip()}")
+    return Export(name, path, _pid(pidfile), cache, addr=addr, port=int(port), tls=tls)
 
 
 def _pid(pidfile: str) -> int:
