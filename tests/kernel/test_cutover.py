@@ -65,12 +65,18 @@ def test_full_migration_under_writer(pair, pdisks, name: str) -> None:
     row = next(ln for ln in a.dmmig("status").out.splitlines() if ln.startswith(name + " "))
     assert row.split()[1] == "mirroring" and "mirrored, in sync (16 parts)" in row and row.endswith(" ok"), row
     assert "more line(s), one per mirror part" in a.dmmig("status", name).out
+    # the export acknowledges only stable writes (O_DSYNC): no flush is sent to the leg, neither by
+    # the resync's log flushes nor while the writer writes through the mirror
+    leg = os.path.basename(st["journal"]["mirror"]["nbd"])
+    cache = a.run(["cat", f"/sys/block/{leg}/queue/write_cache"]).out.strip()
     # a second writer only in mirror mode, on blocks nobody wrote before: they can reach the
     # destination through the mirror and nothing else (no copy runs after the cutover)
     w2 = start_writer(a, top, rec2, seed=21, rate="1000", blocks="8192:10240")
     time.sleep(2)
     stop_writer(a, w2)
     stop_writer(a, w1)
+    flushes = int(a.run(["cat", f"/sys/block/{leg}/stat"]).out.split()[15])
+    assert (flushes, cache) == (0, "write through"), "flushes reached the NBD leg"
     v = a.dmmig("verify", name, "--json", check=False)
     assert v.rc == 0 and summary(v.out)["mismatches"] == [], v.out
     check(b, dest, 21, rec1, rec2)
