@@ -20,8 +20,7 @@ from dmmig import journal as J
 from dmmig.agent import AgentServer
 from dmmig.confine import Policy, Refused
 from dmmig.errors import BadInput, Busy
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import MemXenStore
+from tests.unit.fakes import FakeRunner, MemXenStore
 
 MIB = 1 << 20
 

@@ -14,43 +14,11 @@ from dmmig.dm.targets import CoreLog, Era, Linear, Mirror, Table
 from dmmig.era import BlockRange, EraTools
 from dmmig.errors import CommandError, DmmigError, MissingDependency
 from dmmig.runner import Result
+from tests.unit.fakes import INFO, FakeRunner
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())
-INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o",
-        "name,major,minor,attr,open,segments,events,uuid"]
 
 Reply = tuple[int, str, str]  # returncode, stdout, stderr
-
-
-class FakeRunner:
-    """Records every call. Answers with the first matching rule (an argv prefix -> a reply or a
-    list of replies used in turn), else rc 0 and no output. Honours check= like the real one."""
-
-    def __init__(self, rules: list[tuple[list[str], Any]] | None = None) -> None:
-        self.rules = rules or []
-        self.calls: list[dict[str, Any]] = []
-
-    def run(self, argv: list[str], check: bool = True, timeout: float | None = None,
-            input: str | None = None) -> Result:
-        self.calls.append({"argv": list(argv), "check": check, "timeout": timeout, "input": input})
-        rc, out, err = 0, "", ""
-        for prefix, reply in self.rules:
-            if argv[:len(prefix)] == prefix:
-                if isinstance(reply, list):
-                    rc, out, err = reply.pop(0) if len(reply) > 1 else reply[0]
-                elif callable(reply):
-                    rc, out, err = reply(argv)
-                else:
-                    rc, out, err = reply
-                break
-        res = Result(list(argv), rc, out, err)
-        if check and rc != 0:
-            raise CommandError(list(argv), rc, out, err)
-        return res
-
-    @property
-    def argvs(self) -> list[list[str]]:
-        return [c["argv"] for c in self.calls]
 
 
 class NodeWaits:

@@ -17,7 +17,7 @@ from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
 from dmmig.runner import SubprocessRunner
 from dmmig.progress import Stopwatch, since_exec
-from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.fakes import FakeRunner
 
 EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
 

@@ -23,40 +23,15 @@ from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.validate import disk_name
 from dmmig.xenstore import XenStoreError
-from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.fakes import INFO, NOT_THERE, FakeRunner, MemXenStore
 
 BE = "backend/vbd/7/51712"
-NOT_THERE = (1, "", "Device does not exist.\nCommand failed.\n")
-INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o",
-        "name,major,minor,attr,open,segments,events,uuid"]
 
 
 def top_info(name: str, open_count: int) -> list[tuple[list[str], Any]]:
     """Runner rules: dmsetup info shows dmmig-NAME with OPEN_COUNT openers, no other device."""
     line = f"dmmig-{name};253;4;L--w;{open_count};1;0;DMMIG-top-{name}\n"
     return [(INFO + [f"dmmig-{name}"], (0, line, "")), (["dmsetup", "info"], NOT_THERE)]
-
-
-class MemXenStore:
-    """The XenStore adapter's interface over a dict; records writes; can refuse some keys."""
-
-    def __init__(self, data: dict[str, str] | None = None, refuse: tuple[str, ...] = ()) -> None:
-        self.data = dict(data or {})
-        self.refuse = refuse
-        self.writes: list[tuple[str, str]] = []
-
-    def read(self, path: str) -> str | None:
-        return self.data.get(path)
-
-    def list(self, path: str) -> list[str]:
-        pre = path.rstrip("/") + "/"
-        return sorted({k[len(pre):].split("/")[0] for k in self.data if k.startswith(pre)})
-
-    def write(self, path: str, value: str) -> None:
-        if path.rsplit("/", 1)[-1] in self.refuse:
-            raise XenStoreError(f"xenstore write {path}: (13, 'Permission denied')")
-        self.writes.append((path, value))
-        self.data[path] = value
 
 
 def backend_keys(**kv: str) -> dict[str, str]:

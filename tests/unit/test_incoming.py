@@ -23,8 +23,7 @@ from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.status import disk_status, names, render
 from dmmig.validate import disk_name
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import NOT_THERE
+from tests.unit.fakes import FakeRunner, NOT_THERE
 
 MIB = 1 << 20
 

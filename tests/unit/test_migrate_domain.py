@@ -25,8 +25,7 @@ from dmmig.hotplug import disk_name_for
 from dmmig.stack import Stack
 from dmmig.runner import SubprocessRunner
 from dmmig.xl import Xl, XlRun, check_migrate_args
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import INFO, NOT_THERE, MemXenStore
+from tests.unit.fakes import INFO, NOT_THERE, FakeAgent, FakeRemote, FakeRunner, MemXenStore
 
 DOMID = 7
 MIB = 1 << 20
@@ -48,35 +47,6 @@ def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scri
     if node:
         keys[f"{be}/node"] = node
     return keys
-
-
-class FakeAgent:
-    """The destination: the real agent's operations, in this process."""
-
-    def __init__(self, server: AgentServer) -> None:
-        self.server = server
-        self.calls: list[str] = []
-
-    def call(self, op: str, **kw: Any) -> dict[str, Any]:
-        self.calls.append(op)
-        return dict(getattr(self.server, f"op_{op}")(**kw))
-
-
-class FakeRemote:
-    """The SSH connection. Its tunnel probe (OpenSSH against the destination's agent; run for
-    real in tests/kernel/test_transport.py) answers TUNNEL."""
-
-    def __init__(self, agent: FakeAgent, tunnel: tuple[str, str] = ("relay", "streamlocal forwarding refused")) -> None:
-        self.agent = agent
-        self.tunnel = tunnel
-        self.closed = False
-
-    def probe_tunnel(self, runner: Any, local_dir: str) -> tuple[str, str]:
-        self.agent.calls.append("probe_tunnel")
-        return self.tunnel
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class World:

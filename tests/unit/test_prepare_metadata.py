@@ -12,7 +12,7 @@ from dmmig.blockdev import BlockDev
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.errors import BadInput
 from dmmig.stack import Stack
-from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.fakes import FakeRunner
 
 TOP = DmInfo("dmmig-d1", 253, 4, "L--w", 0, 1, 0, "DMMIG-top-d1")
 

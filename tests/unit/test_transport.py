@@ -32,8 +32,7 @@ from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
 from dmmig.status import disk_status, render
 from dmmig.validate import destination
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import NOT_THERE
+from tests.unit.fakes import FakeRunner, NOT_THERE
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
