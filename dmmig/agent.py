@@ -5,7 +5,8 @@ writes is a hello:
     {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...,
      "tools": {"qemu-nbd": true}}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
-"error": MSG, "kind": CLASS}. The agent keeps no connection state: everything it starts
+"error": MSG, "hint": HINT, "kind": CLASS, "exit_code": N, "fields": {...}} (errors.DmmigError.to_reply:
+the source re-raises the same kind, so it exits with the code the failure has here). The agent keeps no connection state: everything it starts
 (an export) is recorded in its state directory, so a later connection can stop it.
 
 Its other modes carry the mirror's and the copier's NBD traffic to the export's unix socket
@@ -33,6 +34,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -461,10 +463,12 @@ class AgentServer:
                 req = json.loads(line)
                 op = ops[req.pop("op")]
                 reply = {"ok": True, **op(**req)}
-            except DmmigError as e:
-                reply = {"ok": False, "error": e.message, "hint": e.hint, "kind": type(e).__name__}
+            except DmmigError as e:  # its kind goes back unchanged: the source exits with its code
+                reply = {"ok": False, **e.to_reply()}
             except Exception as e:  # noqa: BLE001 - report to the source, keep serving
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
+                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}", "kind": "internal",
+                         "hint": "a bug in dmmig on the destination: report it with the traceback (--debug)",
+                         "trace": traceback.format_exc(limit=20)}
             out.write(json.dumps(reply) + "\n")
             out.flush()
             if reply["ok"] and self._after is not None:
@@ -725,7 +729,7 @@ def parse_forced(original: str, state: str) -> tuple[str | None, str | None]:
     try:
         MODES[rest[0]](rest[1])
     except BadInput as e:
-        raise refuse(e.message) from None
+        raise refuse(e.message) from e
     return rest[0], rest[1]
 
 
@@ -786,7 +790,7 @@ class AgentClient:
             first = self._readline(time.monotonic() + START_DEADLINE_S, "start")
         except RemoteError as e:
             raise RemoteError(f"cannot start `{' '.join(argv)}` on the destination: {self._stderr() or e.message}",
-                              hint="install dmmig there, or pass --remote-dmmig PATH") from None
+                              hint="install dmmig there, or pass --remote-dmmig PATH") from e
         try:
             hello = json.loads(first)
         except ValueError:
@@ -815,13 +819,11 @@ class AgentClient:
         except (OSError, EOFError) as e:  # paramiko raises EOFError writing to a dead transport
             self._fail(f"{op}: {type(e).__name__}")
             raise RemoteError(f"the SSH connection to the destination broke during {op}: "
-                              f"{type(e).__name__} {e}".rstrip()) from None
+                              f"{type(e).__name__} {e}".rstrip()) from e
         line = self._readline(end, op)
         rep = dict(json.loads(line))
         if not rep.pop("ok"):
-            kind = rep.get("kind")
-            cls = {"BadInput": BadInput, "Busy": Busy}.get(str(kind), RemoteError)
-            raise cls(f"destination: {rep['error']}", hint=rep.get("hint"))
+            raise DmmigError.from_reply(rep, "destination: ")
         return rep
 
     def _readline(self, end: float, op: str) -> str:
@@ -841,7 +843,7 @@ class AgentClient:
             except (OSError, EOFError) as e:
                 self._fail(f"{op}: {type(e).__name__}")
                 raise RemoteError(f"the SSH connection to the destination broke during {op}: "
-                                  f"{type(e).__name__} {e}".rstrip()) from None
+                                  f"{type(e).__name__} {e}".rstrip()) from e
             if not data:  # the agent's end closed: what it said on stderr is still readable
                 self._broken = f"the agent went away during {op}"
                 raise RemoteError(f"the destination agent went away during {op}")

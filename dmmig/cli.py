@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -480,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fn(args)
     except DmmigError as e:
         if args.debug:
-            logging.exception("failed")
+            _print_trace(e)
         print(f"dmmig {args.verb}: error: {e.message}", file=sys.stderr)
         if e.hint:
             print(f"  what to do: {e.hint}", file=sys.stderr)
@@ -494,3 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dmmig {args.verb}: internal error: {type(e).__name__}: {e}\n"
               "  what to do: rerun with --debug and report the traceback", file=sys.stderr)
         return int(Exit.FAILED)
+
+
+def _print_trace(e: DmmigError) -> None:
+    """--debug: the error's traceback with its causes (`raise ... from`), each teardown step's,
+    and a bug's on the destination as the agent sent it."""
+    traceback.print_exception(e, file=sys.stderr)
+    for i, sub in enumerate(getattr(e, "errors", None) or [], 1):
+        print(f"--- step {i} of the teardown:", file=sys.stderr)
+        traceback.print_exception(sub, file=sys.stderr)
+    if e.remote_trace:
+        print(f"--- on the destination:\n{e.remote_trace.rstrip()}", file=sys.stderr)

@@ -111,7 +111,7 @@ class Copier:
             self.handle.flush()
         except nbd.Error as e:
             raise RemoteError(f"NBD write to the destination failed: {e}",
-                              hint="rerun `dmmig copy`: it resumes from what era recorded") from None
+                              hint="rerun `dmmig copy`: it resumes from what era recorded") from e
         finally:
             os.close(fd)
         c.seconds = time.monotonic() - t0
@@ -128,7 +128,7 @@ class Copier:
             except OSError as e:
                 raise LocalIOError(f"reading the source {self.src} failed at byte {pos}: {e.strerror}",
                                    hint="the guest's own disk returns errors: check it (dmesg); once it "
-                                        "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from None
+                                        "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from e
             if got != n:
                 raise LocalIOError(f"reading the source {self.src} came up short at byte {pos}: {got} of "
                                    f"{n} bytes", hint="has the source shrunk? `dmmig abort` the migration")

@@ -29,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.errors import Busy, DmmigError, RemoteError
+from dmmig.errors import Busy, RemoteError
 from dmmig.validate import disk_name
 
 
-class GateRefused(DmmigError):
-    exit_code = RemoteError.exit_code
+class GateRefused(RemoteError):
+    """The handover gate said no, or its answer could not be had."""
 
 
 # The source's top device stays suspended at most this long per answer (migrate.answer_gate):
@@ -81,7 +81,7 @@ def ask(state: str, name: str, timeout: float) -> dict[str, Any]:
             s.close()
             if time.monotonic() >= deadline:
                 raise GateRefused(f"no dmmig source is waiting to hand over {name} ({path}: {e.strerror}); "
-                                  "refusing a disk that may have missed writes") from None
+                                  "refusing a disk that may have missed writes") from e
             time.sleep(0.2)
     s.settimeout(max(0.1, deadline - time.monotonic()))
     try:

@@ -34,7 +34,7 @@ from typing import TextIO
 from dmmig import gate
 from dmmig import journal as J
 from dmmig.dm.dmsetup import DmInfo, DmSetup
-from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, Undo
+from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, TimedOut, Undo
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack, top_name
 from dmmig.validate import RESERVED_SUFFIXES, disk_name
@@ -55,12 +55,12 @@ CLOSE_WAIT_S = 10.0
 _BACKEND = re.compile(r"(?:/local/domain/\d+/)?backend/vbd/\d+/\d+")
 
 
-class HotplugError(DmmigError):
-    exit_code = Exit.BAD_INPUT
+class HotplugError(BadInput):
+    """What libxl handed the block script is not something it can take."""
 
 
-class HotplugTimeout(DmmigError):
-    exit_code = Exit.COMMAND
+class HotplugTimeout(TimedOut):
+    """blkback, udev or the handover gate did not answer in time."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def disk_name_for(params: str) -> str:
         return disk_name(name)
     except BadInput as e:
         raise HotplugError(f"target {params!r} gives the disk name {name!r}, which dmmig cannot use: "
-                           f"{e.message}; rename or symlink the disk") from None
+                           f"{e.message}; rename or symlink the disk") from e
 
 
 def _component(c: str) -> str:
@@ -361,7 +361,7 @@ def _kind(params: str) -> str:
     except FileNotFoundError:
         raise HotplugError(f"target {params} does not exist") from None
     except OSError as e:
-        raise HotplugError(f"target {params}: {e.strerror}") from None
+        raise HotplugError(f"target {params}: {e.strerror}") from e
     if stat.S_ISBLK(st.st_mode):
         return "block"
     if stat.S_ISREG(st.st_mode):

@@ -191,7 +191,7 @@ class Journal:
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise Busy(f"another dmmig is working on {name!r}",
-                               hint="wait for it, or find it with `fuser` on the lock file") from None
+                               hint="wait for it, or find it with `fuser` on the lock file") from e
                 raise
             yield
         finally:

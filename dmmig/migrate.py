@@ -72,7 +72,7 @@ class Remote:
         except TRANSPORT_ERRORS as e:
             close_quietly(self.ssh)
             raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
-                              f"{type(e).__name__} {e}".rstrip()) from None
+                              f"{type(e).__name__} {e}".rstrip()) from e
         except BaseException:
             close_quietly(self.ssh)
             raise
@@ -90,7 +90,7 @@ class Remote:
                         break
                     time.sleep(0.05)
                 raise RemoteError(f"{e.message}; the destination's relay said: {channel_stderr(chan) or '(nothing)'}",
-                                  hint=e.hint) from None
+                                  hint=e.hint) from e
         return N.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
 
     def agent_nbd(self, name: str) -> Any:
@@ -383,7 +383,7 @@ def _export(remote: Remote, dest: dict[str, Any], name: str, deadline_s: float |
             files = tlscreds.server_files(dest["tls"])
         except OSError as e:
             raise StateError(f"the TLS credentials of {name} are gone ({e})",
-                             hint=f"`dmmig copy {name}` makes new ones") from None
+                             hint=f"`dmmig copy {name}` makes new ones") from e
         return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], tls=files,
                                       deadline_s=deadline_s)["export"])
     if not dest.get("insecure"):

@@ -276,21 +276,27 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
 
 # ---- 2.-4. the migration -----------------------------------------------------------------
 def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: MigrateOptions,
-            progress: Callable[[Disk, int], Progress], say: Callable[[str], None]) -> dict[str, Any]:
+            progress: Callable[[Disk, int], Progress], say: Callable[[str], None],
+            ops: Ops | None = None) -> dict[str, Any]:
+    """Steps 2-4 of P. XL runs xl migrate; OPS are the destination's agent and the per-disk
+    steps (the real ones unless a test injects its own). Every failure raises its own kind."""
+    ops = ops or Ops()
     t0 = time.monotonic()
     summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
     # 2. every disk to a synchronous mirror
     # the tunnel's mode as the plan probed it: one probe for every disk
     opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
-    results = mirror_disks(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
-                           lambda i: progress(p.disks[i], i))
+    results = ops.to_mirror(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
+                            lambda i: progress(p.disks[i], i))
     mirrored = list(zip(p.disks, results))
     failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
     if failed:
-        _abort_all(stack, p.disks, say)
+        _abort_all(stack, p.disks, say, ops)
         first = next(iter(failed.values()))
-        raise _with_context(first, f"{', '.join(failed)}: could not reach a synchronous mirror, so every "
-                            f"disk was aborted and {p.domain.name} did not move")
+        if not isinstance(first, DmmigError):
+            raise first  # a bug: the CLI shows it as one
+        raise first.with_context(f"{', '.join(failed)}: could not reach a synchronous mirror, so every "
+                                 f"disk was aborted and {p.domain.name} did not move") from first
     for d, r in mirrored:
         summary["disks"][d.name] = r
         say(f"{d.name}: mirroring; copied {r['copy']['read'] / (1 << 20):.1f} MiB, cutover suspended I/O for "
@@ -302,9 +308,9 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     dests = {d.name: dict(M._mirroring(stack, d.name).dest) for d in p.disks}
     t_xl = time.monotonic()
     try:
-        xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
-    except BaseException:  # the gate could not be set up: xl never ran, the guest is here
-        _abort_all(stack, p.disks, say)
+        xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts, ops)
+    except BaseException:  # the gate could not be set up, or xl could not start: the guest is here
+        _abort_all(stack, p.disks, say, ops)
         raise
     for name, g in gates.items():
         summary["disks"][name]["handover"] = g
@@ -317,8 +323,16 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     # 4. finish or abort
     if xl_res.returncode == 0:
         t_fin = time.monotonic()
-        for d in p.disks:
-            summary["disks"][d.name]["finish"] = _finish_source(stack, d, dests[d.name])
+        unfinished: dict[str, DmmigError] = {}
+        for d in p.disks:  # every disk, whatever another's finish says: the guest is there now
+            try:
+                summary["disks"][d.name]["finish"] = ops.finish(stack, d, dests[d.name])
+            except DmmigError as e:
+                unfinished[d.name] = e
+        if unfinished:
+            first = next(iter(unfinished.values()))
+            raise first.with_context(f"{p.domain.name} runs on {p.host} now, but finishing "
+                                     f"{', '.join(unfinished)} failed") from first
         summary["finish_seconds"] = round(time.monotonic() - t_fin, 3)
         summary["seconds"] = round(time.monotonic() - t0, 3)
         return summary
@@ -329,7 +343,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     if refused:
         why += "; the handover gate refused " + "; ".join(f"{n}: {w}" for n, w in refused.items())
     if here is not None and here.domid == p.domain.domid:
-        _abort_all(stack, p.disks, say)
+        _abort_all(stack, p.disks, say, ops)
         raise RemoteError(why + f"\n{p.domain.name} resumed on this host with every write on its disks; "
                           "dmmig aborted the disks' migration on both hosts",
                           hint="fix the cause, then run `dmmig migrate` again")
@@ -365,22 +379,27 @@ def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts:
     return results
 
 
-def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -> tuple[XlRun, dict[str, Any]]:
+def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
+                          ops: Ops) -> tuple[XlRun, dict[str, Any]]:
     """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
     about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
     are held until the last answer, so no other dmmig touches them meanwhile."""
     entries = {d.name: M._mirroring(stack, d.name) for d in p.disks}
     gates: dict[str, Any] = {}
     box: list[XlRun] = []
+    xl_failed: list[BaseException] = []
     xl_log = os.path.join(stack.journal.dir, f"xl-migrate-{p.domain.domid}.log")
 
     def run_xl() -> None:
-        box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
+        try:
+            box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread, as it is
+            xl_failed.append(e)
     th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
     with contextlib.ExitStack() as locks:
         for name in entries:
             locks.enter_context(stack.journal.lock(name))
-        remote = M.Remote(next(iter(entries.values())).dest)
+        remote = ops.remote(next(iter(entries.values())).dest)
         try:
             # every disk's gate listens before xl starts; another agent there already waiting for
             # one of them (a second migration of the same disk) is refused here, before xl runs
@@ -392,7 +411,7 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
                 while pending and th.is_alive():
                     asked = remote.agent.call("await_gate", names=pending, timeout=1.0)["asked"]
                     if asked is not None:
-                        gates[asked] = M.answer_gate(stack, entries[asked], remote)
+                        gates[asked] = ops.answer_gate(stack, entries[asked], remote)
                         pending.remove(asked)
             except Exception as e:  # noqa: BLE001 - xl runs on; it decides where the guest runs
                 # the gate is lost (the agent or its connection died): a destination that asks
@@ -406,8 +425,8 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
     # the locks are free again: after the last yes, libxl destroys the guest here and the
     # block script's remove finishes each handed-over disk (it takes the disk's lock)
     th.join()
-    if not box:  # xl.migrate itself raised (xl missing): the guest never left
-        return XlRun(-1, "xl migrate did not run (see above)", 0.0), gates
+    if xl_failed:  # xl did not start (missing, say): the guest never left; its own kind and traceback
+        raise xl_failed[0]
     return box[0], gates
 
 
@@ -450,10 +469,10 @@ def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any
     return {"done": done, "seconds": round(time.monotonic() - t, 3)}
 
 
-def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None]) -> None:
+def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None], ops: Ops) -> None:
     for d in disks:
         try:
-            done, left = M.abort(stack, d.name)
+            done, left = ops.abort(stack, d.name)
             say(f"{d.name}: aborted ({len(done)} steps)")
             for x in left:
                 say(f"{d.name}: left behind: {x}")
@@ -461,10 +480,13 @@ def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None]) -> N
             say(f"{d.name}: abort failed: {e.message}; `dmmig status {d.name}`, then `dmmig abort {d.name}`")
 
 
-def _with_context(e: BaseException, what: str) -> BaseException:
-    """E's message after WHAT, with E's hint and exit code."""
-    if not isinstance(e, DmmigError):
-        return e  # a bug: the CLI shows it as one
-    out = DmmigError(f"{what}: {e.message}", hint=e.hint)
-    out.exit_code = e.exit_code
-    return out
+@dataclass(frozen=True)
+class Ops:
+    """What migrate() calls below it: the destination's agent (REMOTE: a dest record -> a
+    connection with .agent and .close) and the per-disk steps. The real ones by default; the
+    unit tests inject theirs to reach every failure branch."""
+    remote: Callable[[dict[str, Any]], Any] = M.Remote
+    to_mirror: Callable[..., list[Any]] = mirror_disks  # step 2: each disk's summary or exception
+    answer_gate: Callable[[Stack, J.Entry, Any], dict[str, Any]] = M.answer_gate
+    finish: Callable[[Stack, Disk, dict[str, Any]], dict[str, Any]] = _finish_source
+    abort: Callable[[Stack, str], tuple[list[str], list[str]]] = M.abort

@@ -81,7 +81,7 @@ class MirrorSide:
             if not ssh:
                 raise
             raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: {tunnel.tail(log)}",
-                              hint=e.hint) from None
+                              hint=e.hint) from e
 
     def make_logs(self, entry: J.Entry, layout: mirrorlog.Layout, first_slot: int,
                   save: Callable[[], None]) -> list[str]:

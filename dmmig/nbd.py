@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.errors import BadInput, DmmigError, RemoteError
+from dmmig.errors import BadInput, Busy, CommandError, MissingDependency, RemoteError
 from dmmig.runner import Runner
 
 
@@ -56,7 +56,7 @@ def free_port(addr: str) -> int:
             s.bind((addr, 0))
         except OSError as e:
             raise BadInput(f"cannot listen on {addr} here: {e.strerror}",
-                           hint="--nbd-address must be an address of the destination host") from None
+                           hint="--nbd-address must be an address of the destination host") from e
         return int(s.getsockname()[1])
 
 
@@ -88,7 +88,8 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
             os.unlink(socket_path)
         res = runner.run([*base, f"--socket={socket_path}", path], check=False, timeout=30)
         if res.returncode != 0:
-            raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
+            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
+                               hint=f"qemu-nbd could not export {path}")
         return Export(name, path, _pid(pidfile), cache, socket=socket_path)
     assert addr is not None
     for _ in range(5):
@@ -97,8 +98,9 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
         if res.returncode == 0:
             return Export(name, path, _pid(pidfile), cache, addr=addr, port=port, tls=tls)
         if "Address already in use" not in res.stderr:
-            raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
-    raise DmmigError(f"qemu-nbd found no free port on {addr}")
+            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
+                               hint=f"qemu-nbd could not export {path}")
+    raise Busy(f"qemu-nbd found no free port on {addr}", hint="five free ports were taken before qemu-nbd bound them")
 
 
 def _pid(pidfile: str) -> int:
@@ -129,7 +131,7 @@ def open_client(sock: socket.socket | None, *, addr: str | None = None, port: in
     try:
         import nbd
     except ImportError as e:
-        raise DmmigError("python3-libnbd is missing (Debian package python3-libnbd)",
+        raise MissingDependency("python3-libnbd is missing (Debian package python3-libnbd)",
                          hint="run the README's install command (the venv must see Debian's packages)") from e
     h = nbd.NBD()
     h.set_export_name(export)
@@ -144,5 +146,5 @@ def open_client(sock: socket.socket | None, *, addr: str | None = None, port: in
             assert addr is not None and port is not None
             h.connect_tcp(addr, str(port))
     except nbd.Error as e:
-        raise RemoteError(f"cannot connect to the NBD export {export!r}: {e}") from None
+        raise RemoteError(f"cannot connect to the NBD export {export!r}: {e}") from e
     return h

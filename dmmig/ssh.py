@@ -85,21 +85,21 @@ def connect(ep: Endpoint) -> paramiko.SSHClient:
     except paramiko.BadHostKeyException as e:
         raise RemoteError(f"host key of {ep.host} has CHANGED (got {e.key.get_name()} "
                           f"{e.key.fingerprint}); refusing to connect",
-                          hint=f"if the change is legitimate, fix {kh}; otherwise this may be an attack") from None
+                          hint=f"if the change is legitimate, fix {kh}; otherwise this may be an attack") from e
     except paramiko.SSHException as e:
         if "not found in known_hosts" in str(e):
             raise RemoteError(f"host key of {ep.host} is unknown (not in {kh}); refusing to connect",
-                              hint=f"verify and add it: ssh-keyscan -p {ep.port} {ep.host} >> {kh}") from None
+                              hint=f"verify and add it: ssh-keyscan -p {ep.port} {ep.host} >> {kh}") from e
         if isinstance(e, paramiko.AuthenticationException):
             raise RemoteError(f"authentication as {ep.user} on {ep.host} failed: {e}",
-                              hint="check --identity and the destination's authorized_keys") from None
-        raise RemoteError(f"SSH to {ep} failed: {e}") from None
+                              hint="check --identity and the destination's authorized_keys") from e
+        raise RemoteError(f"SSH to {ep} failed: {e}") from e
     except (socket.timeout, TimeoutError):
         raise RemoteError(f"{ep.host}:{ep.port} did not answer within {CONNECT_TIMEOUT:.0f}s",
                           hint="is the host up and reachable? is sshd running?") from None
     except OSError as e:
         raise RemoteError(f"cannot reach {ep.host}:{ep.port}: {e.strerror or e}",
-                          hint="check the host name, the network and that sshd runs") from None
+                          hint="check the host name, the network and that sshd runs") from e
     t = c.get_transport()
     assert t is not None
     t.set_keepalive(5)
@@ -116,10 +116,10 @@ def relay_socket(client: paramiko.SSHClient, argv: list[str]) -> tuple[socket.so
         chan = t.open_session(timeout=CONNECT_TIMEOUT)
         chan.exec_command(remote_command(argv))
     except paramiko.ChannelException as e:
-        raise RemoteError(f"the destination refused a channel for the NBD relay: {e}") from None
+        raise RemoteError(f"the destination refused a channel for the NBD relay: {e}") from e
     except TRANSPORT_ERRORS as e:
         raise RemoteError(f"the SSH connection to the destination broke starting the NBD relay: "
-                          f"{type(e).__name__} {e}".rstrip()) from None
+                          f"{type(e).__name__} {e}".rstrip()) from e
     return channel_socket(chan), chan
 
 

@@ -233,7 +233,7 @@ class Stack:
             os.close(os.open(path, os.O_RDWR | os.O_EXCL))
         except OSError as e:
             raise BadInput(f"metadata device {path} is in use (mounted, swap, or opened exclusively): "
-                           f"{e.strerror}") from None
+                           f"{e.strerror}") from e
         res = self.runner.run(["blkid", "-p", "-o", "export", path], check=False, timeout=60)
         if res.returncode == 0:
             tags = dict(ln.split("=", 1) for ln in res.stdout.splitlines() if "=" in ln)

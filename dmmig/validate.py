@@ -142,7 +142,7 @@ def destination(spec: str) -> tuple[str | None, str]:
         return (user_name(user) if at else None), host_name(host)
     except BadInput as e:
         raise BadInput(f"invalid destination {spec!r}: {e.message.removeprefix('invalid destination ')}",
-                       hint="give the destination as [USER@]HOST (host name, IPv4 or IPv6 address)") from None
+                       hint="give the destination as [USER@]HOST (host name, IPv4 or IPv6 address)") from e
 
 
 def ssh_path(what: str, path: str) -> str:

@@ -14,11 +14,11 @@ from typing import Protocol
 
 import pyxs
 
-from dmmig.errors import DmmigError, Exit
+from dmmig.errors import ToolError
 
 
-class XenStoreError(DmmigError):
-    exit_code = Exit.COMMAND
+class XenStoreError(ToolError):
+    """xenstored refused or is unreachable."""
 
 
 class XenStore(Protocol):
