@@ -95,7 +95,8 @@ def main() -> None:
     res: dict[str, float] = {}
     try:
         a, b = p.start()
-        a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size_mib} status=none && losetup /dev/loop0 /dev/shm/src")
+        a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size_mib} status=none "
+             "&& losetup /dev/loop0 /dev/shm/src")
         b.sh(f"truncate -s {size_mib}M /dev/shm/dst /dev/shm/dst2 && losetup /dev/loop0 /dev/shm/dst "
              "&& losetup /dev/loop1 /dev/shm/dst2")
         try:

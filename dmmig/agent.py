@@ -5,8 +5,9 @@ writes is a hello:
     {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...,
      "tools": {"qemu-nbd": true}}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
-"error": MSG, "hint": HINT, "kind": CLASS, "exit_code": N, "fields": {...}} (errors.DmmigError.to_reply:
-the source re-raises the same kind, so it exits with the code the failure has here). The agent keeps no connection state: everything it starts
+"error": MSG, "hint": HINT, "kind": CLASS, "exit_code": N, "fields": {...}}
+(errors.DmmigError.to_reply: the source re-raises the same kind, so it exits with the code the
+failure has here). The agent keeps no connection state: everything it starts
 (an export) is recorded in its state directory, so a later connection can stop it.
 
 Its other modes carry the mirror's and the copier's NBD traffic to the export's unix socket
@@ -39,19 +40,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from dmmig import __version__
+from dmmig import __version__, confine, gate, inuse, tlscreds, xenstore
 from dmmig import blockdev as B
-from dmmig import confine
-from dmmig import gate
-from dmmig import inuse
 from dmmig import journal as J
 from dmmig import nbd as N
-from dmmig import tlscreds, xenstore
+from dmmig.agentcmd import agent_argv, remote_command
 from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.gate import GateServer
 from dmmig.runner import Runner, SubprocessRunner
-from dmmig.agentcmd import agent_argv, remote_command
 from dmmig.validate import disk_name
 
 PROTOCOL = 2
@@ -263,7 +260,8 @@ class AgentServer:
             N.stop_export(e)
             done.append(f"stopped qemu-nbd {exp['pid']} exporting {rec['path']}")
         # what a killed agent made but had not journaled yet
-        for left in (os.path.join(self.state, f"{name}.qemu-nbd.pid"), os.path.join(export_dir(self.state), f"{name}.sock")):
+        for left in (os.path.join(self.state, f"{name}.qemu-nbd.pid"),
+                     os.path.join(export_dir(self.state), f"{name}.sock")):
             if os.path.lexists(left):
                 os.unlink(left)
         if tlscreds.remove(os.path.join(export_dir(self.state), f"{name}.tls")):
@@ -442,21 +440,22 @@ class AgentServer:
                 out.append(f"it holds the era metadata of dmmig disk {n} here")
         return out
 
-    def serve(self, inp: "Lines", out: Any) -> None:
+    def serve(self, inp: Lines, out: Any) -> None:
         """Requests from INP (this session's stdin), replies to OUT (its stdout)."""
         self._inp = inp
         out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {
-            "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
-            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest, "relay": self.op_relay,
+            "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk,
+            "export": self.op_export, "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest,
+            "relay": self.op_relay,
             "await_gate": self.op_await_gate, "answer_gate": self.op_answer_gate}
         try:
             self._serve(inp, out, ops)
         finally:
             self.gate.close()
 
-    def _serve(self, inp: "Lines", out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    def _serve(self, inp: Lines, out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
         for line in inp:
             self._after = None
             try:
@@ -487,7 +486,7 @@ class Lines:
     def fileno(self) -> int:
         return self.fd
 
-    def __iter__(self) -> "Lines":
+    def __iter__(self) -> Lines:
         return self
 
     def __next__(self) -> str:
@@ -812,7 +811,7 @@ class AgentClient:
         try:
             self.chan.settimeout(max(limit, 0.001))
             self.chan.sendall((json.dumps({"op": op, **kw}) + "\n").encode())
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self._fail(f"no room to send {op} within {limit:.0f}s")
             raise RemoteError(f"the destination took no request for {limit:.0f}s ({op}): "
                               "a dead or black-holed link?") from None
@@ -836,7 +835,7 @@ class AgentClient:
                     raise TimeoutError
                 self.chan.settimeout(left)
                 data = self.chan.recv(1 << 16)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 self._fail(f"no reply to {op} in time")
                 raise RemoteError(f"no reply from the destination's agent to {op} within the deadline: "
                                   "a dead or black-holed link? (the agent channel is closed)") from None

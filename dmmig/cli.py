@@ -76,7 +76,8 @@ def cmd_dirty(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from dmmig.status import disk_status, names as known, render
+    from dmmig.status import disk_status, render
+    from dmmig.status import names as known
     stack = make_stack(a)
     names = [a.name] if a.name else known(stack)
     if not names:
@@ -218,8 +219,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"event": "summary", **s}))
     else:
-        print(f"{plan.domain.name}: migrated to {a.host} in {s['seconds']:.1f}s (xl migrate {s['xl']['seconds']:.1f}s); "
-              "every disk verified by the handover gate")
+        print(f"{plan.domain.name}: migrated to {a.host} in {s['seconds']:.1f}s "
+              f"(xl migrate {s['xl']['seconds']:.1f}s); every disk verified by the handover gate")
         for n, d in s["disks"].items():
             h = d.get("handover", {})
             print(f"  {n}: handover suspended I/O for {h.get('seconds', 0) * 1000:.0f} ms ({h.get('why')})")

@@ -29,7 +29,7 @@ class Counters:
     skipped: int = 0    # zero bytes not sent at all (destination known zero)
     seconds: float = 0.0
 
-    def add(self, o: "Counters") -> None:
+    def add(self, o: Counters) -> None:
         self.read += o.read
         self.sent += o.sent
         self.zeroed += o.zeroed

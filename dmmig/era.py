@@ -94,7 +94,7 @@ class DirtyRanges:
     _sorted: list[BlockRange] | None = None
 
     @classmethod
-    def load(cls, path: str) -> "DirtyRanges":
+    def load(cls, path: str) -> DirtyRanges:
         d = cls(path)
         prev = -1
         try:

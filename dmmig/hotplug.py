@@ -72,7 +72,7 @@ class Backend:
         return f"{self.path}/{k}"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Backend":
+    def from_env(cls, env: Mapping[str, str]) -> Backend:
         path = env.get("XENBUS_PATH", "")
         if not _BACKEND.fullmatch(path):
             raise HotplugError(f"XENBUS_PATH={path!r} is not a vbd backend path (backend/vbd/DOMID/DEVID): "

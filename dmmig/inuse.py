@@ -28,7 +28,7 @@ class Storage:
     devnos: frozenset[int]
     files: frozenset[tuple[int, int]]
 
-    def overlaps(self, other: "Storage") -> bool:
+    def overlaps(self, other: Storage) -> bool:
         return bool(self.devnos & other.devnos or self.files & other.files)
 
 
@@ -110,8 +110,8 @@ def xen_users(xs: XenStore, disk: Storage, loops: list[B.LoopInfo]) -> list[str]
                 be = f"{base}/{domid}/{devid}"
                 params = xs.read(f"{be}/params") or ""
                 path = _FORMAT_PREFIX.sub("", params)
-                used = exact(path if path.startswith("/") else None, parse_devno(xs.read(f"{be}/physical-device") or ""),
-                             loops)
+                used = exact(path if path.startswith("/") else None,
+                             parse_devno(xs.read(f"{be}/physical-device") or ""), loops)
                 if used.overlaps(disk):
                     name = xs.read(f"/local/domain/{domid}/name") or "?"
                     out.append(f"domain {name} (domid {domid}) through its {kind} backend {devid} "

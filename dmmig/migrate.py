@@ -6,25 +6,22 @@ cleans up (`abort`) from what the journal and the kernel say.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from dmmig import gate
+from dmmig import gate, mirrorlog, sizing, sparse, tlscreds, tunnel
 from dmmig import journal as J
-from dmmig import mirrorlog
 from dmmig import nbd as N
-from dmmig import sizing
-from dmmig import sparse
-from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
+from dmmig.agentcmd import agent_argv
 from dmmig.blockdev import block_device, logical_block_size
 from dmmig.copy import Copier, Counters
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
@@ -32,9 +29,16 @@ from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
 from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.runner import Runner
-from dmmig.agentcmd import agent_argv
-from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
-                       connect, relay_socket)
+from dmmig.ssh import (
+    TRANSPORT_ERRORS,
+    Endpoint,
+    SSHClient,
+    channel_socket,
+    channel_stderr,
+    close_quietly,
+    connect,
+    relay_socket,
+)
 from dmmig.stack import Stack, dirty_file, era_name, top_name
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
@@ -207,7 +211,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
 
 
 def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
-                  par: Stopwatch) -> "Started[tuple[str, str]] | None":
+                  par: Stopwatch) -> Started[tuple[str, str]] | None:
     """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
     destination (OpenSSH's login, an agent's start there), while the checks go on here."""
     if dest["transport"] != "ssh" or dest.get("tunnel"):
@@ -420,7 +424,7 @@ def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
-def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> "Started[int] | None":
+def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> Started[int] | None:
     """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
     suspend and resume of the top here, while the destination prepares its disk and export."""
     if entry.copy.get("base_done") or "base_era" in entry.copy:
@@ -433,7 +437,7 @@ def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> "Start
 
 
 def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress, t: Stopwatch, base_era: "Started[int] | None" = None) -> dict[str, Any]:
+                 progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
     entry.copy.setdefault("rounds", [])
     assert entry.metadata
     # a loop device over a sparse file: its holes are not read (dmmig/sparse.py)
@@ -447,7 +451,7 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
 
 def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
                  progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
-                 base_era: "Started[int] | None") -> dict[str, Any]:
+                 base_era: Started[int] | None) -> dict[str, Any]:
     st = entry.copy
     assert entry.block_sectors
     bs = entry.block_sectors * 512
@@ -966,7 +970,8 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
         for off in range(offset, size, batch):
             n = min(batch, size - off)
             mine: list[str] = []
-            th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))
+            # joined below in this iteration (or the loop is left): the loop variables hold
+            th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))  # noqa: B023
             th.start()
             theirs = remote.agent.call("digest", name=name, path=dst, offset=off, length=n, chunk=chunk)["digests"]
             th.join()

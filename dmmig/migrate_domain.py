@@ -26,6 +26,7 @@ from typing import Any
 
 from dmmig import journal as J
 from dmmig import migrate as M
+from dmmig import mirrorlog
 from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
@@ -33,7 +34,6 @@ from dmmig.hotplug import format_devno
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack, era_name, top_name
-from dmmig import mirrorlog
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun, check_xl_timeout, config_option

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from collections.abc import Callable
 from typing import Any
 
 from dmmig import journal as J
@@ -22,8 +22,6 @@ from dmmig.errors import RemoteError, Steps
 from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
-
-
 
 TLS_CONNECTIONS = 4
 

@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from dmmig.errors import Busy, DmmigError, MissingDependency, RemoteError
+from dmmig.errors import Busy, MissingDependency, RemoteError
 from dmmig.runner import Runner
-
 
 # udev-rules/57-dmmig.rules keeps blkid and LVM off nbd devices marked here: the leg holds
 # the guest's data, and the marker must exist before the device connects. The marker's text

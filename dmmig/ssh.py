@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 # paramiko's ssh_config parser imports invoke, only to run the commands of a `Match exec`: dmmig
 # never has paramiko read an ssh_config. Marked missing, the import fails at once and paramiko
@@ -21,9 +21,9 @@ from typing import Any, Protocol
 sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 import paramiko  # noqa: E402
 
-from dmmig.agentcmd import remote_command
-from dmmig.errors import BadInput, RemoteError
-from dmmig.validate import destination, host_name, ssh_path, user_name
+from dmmig.agentcmd import remote_command  # noqa: E402 - after paramiko, as the comment says
+from dmmig.errors import BadInput, RemoteError  # noqa: E402
+from dmmig.validate import destination, host_name, ssh_path, user_name  # noqa: E402
 
 SSHClient = paramiko.SSHClient  # for type hints elsewhere: only this module imports paramiko
 
@@ -54,7 +54,7 @@ class Endpoint:
 
     @classmethod
     def parse(cls, spec: str, *, port: int = 22, known_hosts: str | None = None,
-              identity: str | None = None) -> "Endpoint":
+              identity: str | None = None) -> Endpoint:
         user, host = destination(spec)
         return cls(host, user or "root", port, known_hosts or "~/.ssh/known_hosts", identity)
 
@@ -94,7 +94,7 @@ def connect(ep: Endpoint) -> paramiko.SSHClient:
             raise RemoteError(f"authentication as {ep.user} on {ep.host} failed: {e}",
                               hint="check --identity and the destination's authorized_keys") from e
         raise RemoteError(f"SSH to {ep} failed: {e}") from e
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise RemoteError(f"{ep.host}:{ep.port} did not answer within {CONNECT_TIMEOUT:.0f}s",
                           hint="is the host up and reachable? is sshd running?") from None
     except OSError as e:

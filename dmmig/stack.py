@@ -13,8 +13,8 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from dmmig import journal as J

@@ -5,10 +5,9 @@ import os
 import time
 from typing import Any
 
-from dmmig import gate
+from dmmig import gate, proc
 from dmmig import journal as J
 from dmmig import nbd as N
-from dmmig import proc
 from dmmig.agent import incoming
 from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import MIRRORS, Era, Linear, ParseError

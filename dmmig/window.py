@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 from dmmig.errors import TimedOut
 
-
 RESUME_MARGIN_S = 2.0  # what the resume itself may take (a loaded host spawns dmsetup slowly)
 
 

@@ -65,6 +65,7 @@ def main(state: str) -> int:
     if not suspended:
         return 0  # the usual end: everything was resumed
     import time
+
     from dmmig.dm.dmsetup import DmSetup
     from dmmig.runner import SubprocessRunner
     dm = DmSetup(SubprocessRunner(default_timeout=30))

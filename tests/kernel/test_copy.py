@@ -231,7 +231,8 @@ def test_copy_refuses_what_the_cutover_would_miss(pair, pdisks, name: str) -> No
     tools = ["dmsetup", "losetup", "era_invalidate", "nbd-client", "ssh", "modprobe", "blockdev", "udevadm"]
     try:
         for missing in ("nbd-client", "ssh", "era_invalidate"):
-            a.sh(f"rm -rf /run/fakebin && mkdir -p /run/fakebin && for t in {' '.join(t for t in tools if t != missing)};"
+            a.sh("rm -rf /run/fakebin && mkdir -p /run/fakebin && "
+                 f"for t in {' '.join(t for t in tools if t != missing)};"
                  " do ln -sf $(command -v $t) /run/fakebin/$t; done")
             refused(copy_args(name, dest), f"missing tool(s): {missing} (Debian package", env={"PATH": "/run/fakebin"})
     finally:

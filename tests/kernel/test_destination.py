@@ -17,7 +17,7 @@ import pytest
 from dmmig import gate
 from tests.conftest import ORACLE, python
 from tests.kernel.test_copy import DMMIG, copy_args, digest, summary, world
-from tests.kernel.test_cutover import check, cleanup, migrate_to_mirror, status, wait_leg_failed
+from tests.kernel.test_cutover import check, cleanup, migrate_to_mirror, wait_leg_failed
 from tests.kernel.test_gate import ask
 from tests.kernel.test_stack import start_writer, stop_writer
 from tests.rig.pair import B_IP, SSH_OPTS

@@ -166,7 +166,8 @@ def test_a_loop_device_over_the_file_refuses_it(dest: Dest) -> None:
     st = os.stat(p)
     # what losetup 2.38.1 (Debian 12) prints, padding included (recorded in the rig)
     listing = {"loopdevices": [
-        {"name": "/dev/loop3", "maj:min": "  7:3  ", "back-maj:min": f"       {os.major(st.st_dev)}:{os.minor(st.st_dev)} ",
+        {"name": "/dev/loop3", "maj:min": "  7:3  ",
+         "back-maj:min": f"       {os.major(st.st_dev)}:{os.minor(st.st_dev)} ",
          "back-ino": st.st_ino, "offset": 0},
         {"name": "/dev/loop4", "maj:min": "  7:4  ", "back-maj:min": "       0:1 ", "back-ino": 99, "offset": 0}]}
     dest.runner.rules.append((["losetup", "--list"], (0, json.dumps(listing, indent=3), "")))

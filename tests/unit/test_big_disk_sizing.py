@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from dmmig import migrate as M
-from dmmig import sizing
-from dmmig import sparse
+from dmmig import sizing, sparse
 from dmmig.errors import BadInput
-from tests.unit.test_migrate_domain import INFO, World, world  # noqa: F401 - the fixture
+from tests.unit.fakes import World
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -176,7 +175,7 @@ def test_a_scattered_delta_is_streamed_not_held(tmp_path: Path) -> None:
         f.write("<blocks>\n")
         for i in range(0, 2 * n, 2048):
             f.write("".join(f'  <block block="{b}"/>\n' for b in range(i, i + 2048, 2)))
-        f.write('  <range begin="%d" end = "%d"/>\n</blocks>\n' % (2 * n, 2 * n + 10))
+        f.write(f'  <range begin="{2 * n}" end = "{2 * n + 10}"/>\n</blocks>\n')
     code = f"""
 import json, resource
 from dmmig.era import DirtyRanges

@@ -5,7 +5,6 @@ byte for byte, and the counters must account for every byte exactly once."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path

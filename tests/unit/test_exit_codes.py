@@ -15,8 +15,21 @@ import pytest
 from dmmig import cli, errors, nbd
 from dmmig.agent import AgentClient, AgentServer, Lines
 from dmmig.confine import Policy
-from dmmig.errors import (BadInput, Busy, CommandError, DmmigError, Exit, LocalIOError, MissingDependency,
-                          RemoteError, StateError, TeardownError, TimedOut, ToolError, Undo)
+from dmmig.errors import (
+    BadInput,
+    Busy,
+    CommandError,
+    DmmigError,
+    Exit,
+    LocalIOError,
+    MissingDependency,
+    RemoteError,
+    StateError,
+    TeardownError,
+    TimedOut,
+    ToolError,
+    Undo,
+)
 from dmmig.gate import GateRefused
 from dmmig.hotplug import HotplugError, HotplugTimeout
 from dmmig.runner import SubprocessRunner

@@ -15,8 +15,8 @@ from dmmig import migrate as M
 from dmmig.agent import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
-from dmmig.runner import SubprocessRunner
 from dmmig.progress import Stopwatch, since_exec
+from dmmig.runner import SubprocessRunner
 from tests.unit.fakes import FakeRunner
 
 EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
@@ -165,8 +165,8 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
 def imported_by(code: str) -> set[str]:
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-c", f"{code}; import sys; print(' '.join(k for k, v in sys.modules.items() if v is not None))"],
-                         capture_output=True, text=True, check=True).stdout
+    show = "import sys; print(' '.join(k for k, v in sys.modules.items() if v is not None))"
+    out = subprocess.run([sys.executable, "-c", f"{code}; {show}"], capture_output=True, text=True, check=True).stdout
     return set(out.split())
 
 

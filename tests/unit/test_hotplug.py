@@ -15,14 +15,13 @@ from typing import Any
 
 import pytest
 
-from dmmig import journal as J
 from dmmig import hotplug as H
+from dmmig import journal as J
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import CommandError
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.validate import disk_name
-from dmmig.xenstore import XenStoreError
 from tests.unit.fakes import INFO, NOT_THERE, FakeRunner, MemXenStore
 
 BE = "backend/vbd/7/51712"
@@ -81,7 +80,7 @@ def test_disk_names_are_one_to_one_under_dev() -> None:
     alphabet = "ab-/._ +"
     paths = {"/dev/a/b-c", "/dev/a-b/c", "/dev/a/-b/c", "/dev/a-/b", "/dev/a--b", "/dev/a/--b", "/dev/a-/-b",
              "/dev/a/b", "/dev/a-b", "/dev/a.b", "/dev/a+2db"}
-    for n in range(4000):
+    for _ in range(4000):
         paths.add("/dev/a" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))))
     names: dict[str, str] = {}
     for p in {os.path.normpath(p) for p in paths}:

@@ -23,7 +23,7 @@ from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.status import disk_status, names, render
 from dmmig.validate import disk_name
-from tests.unit.fakes import FakeRunner, NOT_THERE
+from tests.unit.fakes import NOT_THERE, FakeRunner
 
 MIB = 1 << 20
 

@@ -4,10 +4,9 @@ answer through the fake runner, and the destination is the real agent's probe, i
 over files in tmp_path (the whole flow runs on real Xen in tests/xen)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,117 +15,20 @@ import pytest
 
 from dmmig import journal as J
 from dmmig import migrate_domain as MD
-from dmmig.agent import AgentServer
-from dmmig.confine import Policy
-from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import vbds
 from dmmig.errors import BadInput, MissingDependency, StateError
-from dmmig.hotplug import disk_name_for
-from dmmig.stack import Stack
 from dmmig.runner import SubprocessRunner
 from dmmig.xl import Xl, XlRun, check_migrate_args
-from tests.unit.fakes import INFO, NOT_THERE, FakeAgent, FakeRemote, FakeRunner, MemXenStore
-
-DOMID = 7
-MIB = 1 << 20
-
-
-def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scripts/block-dmmig",
-             mode: str = "w", pdev: str = "fd:4", backend_dom: int = 0, node: str = "",
-             sector_size: str = "512") -> dict[str, str]:
-    """What libxl and the block script write: libxl's record of the device (dom0-only), the
-    backend directory, and the guest's frontend node naming the backend (which dmmig ignores).
-    blkback's sector-size: the logical block size blkfront got."""
-    be = f"/local/domain/{backend_dom}/backend/vbd/{DOMID}/{devid}"
-    keys = {f"/libxl/{DOMID}/device/vbd/{devid}/backend": be,
-            f"/local/domain/{DOMID}/device/vbd/{devid}/backend": be, f"{be}/frontend-id": str(DOMID),
-            f"{be}/dev": vdev, f"{be}/params": params, f"{be}/mode": mode, f"{be}/physical-device": pdev,
-            f"{be}/sector-size": sector_size}
-    if script:
-        keys[f"{be}/script"] = script
-    if node:
-        keys[f"{be}/node"] = node
-    return keys
-
-
-class World:
-    """A source host with domain vm1 (domid 7) and a destination directory for its disks."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.dest_dir = tmp_path / "dest"
-        self.dest_dir.mkdir()
-        self.script = tmp_path / "block-dmmig"
-        self.script.write_text("#!/bin/sh\n")
-        self.script.chmod(0o755)
-        self.xs = MemXenStore()
-        self.runner = FakeRunner([
-            (["xl", "domid", "vm1"], (0, f"{DOMID}\n", "")),
-            (["xl", "domid"], (1, "", "Can't get domid of domain name 'x', maybe this domain does not exist.\n")),
-            (["xl", "domname", str(DOMID)], (0, "vm1\n", "")),
-            (["xl", "domname"], (1, "", "")),
-            (["dmsetup", "info"], NOT_THERE),
-            (["dmsetup", "targets"], (0, TARGETS, "")),
-        ])
-        self.stack = Stack(self.runner, DmSetup(self.runner), J.Journal(str(tmp_path / "state")))
-        # the destination: its agent confined to dest/, and its own XenStore
-        self.dest_xs = MemXenStore()
-        self.agent = FakeAgent(AgentServer(FakeRunner(), str(tmp_path / "dstate"),
-                                           policy=Policy(file_roots=(str(self.dest_dir),)),
-                                           xenstore=lambda: contextlib.nullcontext(self.dest_xs)))
-        self.opts = MD.MigrateOptions(block_script=str(self.script))
-
-    def disk(self, size: int = 8 * MIB) -> str:
-        """A managed disk d1: params is a file under dest/ (so the destination's path exists
-        with SIZE bytes); wrapped here as dmmig-d1 (fd:4) over 7:1."""
-        f = self.dest_dir / "d1"
-        f.write_bytes(b"")
-        os.truncate(f, size)
-        params = str(f)
-        name = disk_name_for(params)
-        self.runner.rules.insert(0, (["dmsetup", "table", f"dmmig-{name}"], (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
-        self.runner.rules.insert(0, (INFO + [f"dmmig-{name}"], (0, f"dmmig-{name};253;4;L--w;1;1;0;DMMIG-top-{name}\n", "")))
-        self.stack.journal.save(J.Entry(name, "/dev/loop1", "7:1"), J.WRAPPED)
-        self.xs.data.update(vbd_keys(51712, "xvda", params, node="/dev/loop1"))
-        return name
-
-    def plan(self, domain: str = "vm1", **opts: Any) -> MD.Plan:
-        for k, v in opts.items():
-            setattr(self.opts, k, v)
-        return MD.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", {}, self.opts,
-                       remote=lambda dest: FakeRemote(self.agent))
-
-    def mutating(self) -> list[list[str]]:
-        return [a for a in self.runner.argvs
-                if a[:2] not in (["dmsetup", "info"], ["dmsetup", "table"], ["dmsetup", "targets"])
-                and a[0] != "xl"]
-
-
-TARGETS = "era              v1.0.0\nmirror           v1.14.0\nlinear           v1.4.0\n"
-TOOLS = ("dmsetup", "losetup", "era_invalidate", "nbd-client", "ssh", "qemu-nbd")
-
-
-def tools_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...] = ()) -> None:
-    """A PATH with exactly the tools a migration runs on both hosts, but MISSING (the agent's
-    probe, in-process, looks at the same PATH)."""
-    bin_ = tmp_path / "bin"
-    if bin_.exists():
-        for f in bin_.iterdir():
-            f.unlink()
-    bin_.mkdir(exist_ok=True)
-    for t in TOOLS:
-        if t not in missing:
-            (bin_ / t).write_text("#!/bin/sh\nexit 0\n")
-            (bin_ / t).chmod(0o755)
-    monkeypatch.setenv("PATH", str(bin_))
-
-
-@pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
-    # what block-dmmig would use on the destination: the agent's own state dir
-    monkeypatch.setenv("DMMIG_STATE_DIR", str(tmp_path / "dstate"))
-    tools_on_path(tmp_path, monkeypatch)
-    return World(tmp_path)
+from tests.unit.fakes import (
+    DOMID,
+    INFO,
+    MIB,
+    FakeRunner,
+    MemXenStore,
+    World,
+    tools_on_path,
+    vbd_keys,
+)
 
 
 def test_plan_of_one_managed_disk(world: World) -> None:
@@ -264,7 +166,8 @@ def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
     f = world.dest_dir / "d1"
     world.agent.server.r = world.agent.server.loop.r = loop_over(f, "/dev/loop5", "7:5")
     be = "/local/domain/0/backend/vbd/3/51712"
-    world.dest_xs.data.update({"/local/domain/3/name": "other", f"{be}/params": "/elsewhere", f"{be}/physical-device": "7:5"})
+    world.dest_xs.data.update({"/local/domain/3/name": "other", f"{be}/params": "/elsewhere",
+                               f"{be}/physical-device": "7:5"})
     with pytest.raises(BadInput, match=r"used by domain other \(domid 3\) through its vbd backend 51712"):
         world.plan()
     world.agent.server.r = world.agent.server.loop.r = FakeRunner()  # no loop device: params names the file
@@ -274,7 +177,8 @@ def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
         world.plan()
     # a qdisk backend (qemu): params "raw:PATH"
     world.dest_xs.data.clear()
-    world.dest_xs.data.update({"/local/domain/4/name": "hvm1", "/local/domain/0/backend/qdisk/4/768/params": f"raw:{f}"})
+    world.dest_xs.data.update({"/local/domain/4/name": "hvm1",
+                               "/local/domain/0/backend/qdisk/4/768/params": f"raw:{f}"})
     with pytest.raises(BadInput, match="domain hvm1 \\(domid 4\\) through its qdisk backend 768"):
         world.plan()
     world.dest_xs.data.clear()
@@ -284,7 +188,8 @@ def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
 def test_destination_outside_the_agents_confinement_is_refused_at_plan_time(world: World) -> None:
     name = world.disk()
     world.xs.data[f"/local/domain/0/backend/vbd/{DOMID}/51712/params"] = "/etc/passwd"
-    world.runner.rules.insert(0, (["dmsetup", "table", "dmmig-etc-passwd"], (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
+    world.runner.rules.insert(0, (["dmsetup", "table", "dmmig-etc-passwd"],
+                                  (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
     world.runner.rules.insert(0, (INFO + ["dmmig-etc-passwd"], (0, "dmmig-etc-passwd;253;4;L--w;1;1;0;x\n", "")))
     world.stack.journal.save(J.Entry("etc-passwd", "/dev/loop1", "7:1"), J.WRAPPED)
     assert name != "etc-passwd"

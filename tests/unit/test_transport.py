@@ -23,16 +23,16 @@ from dmmig import migrate as M
 from dmmig import nbd as N
 from dmmig import tlscreds, tunnel
 from dmmig.agent import AgentServer, export_dir, parse_forced
+from dmmig.agentcmd import agent_argv
 from dmmig.confine import Policy
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, Exit, StateError
 from dmmig.runner import SubprocessRunner
-from dmmig.agentcmd import agent_argv
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
 from dmmig.status import disk_status, render
 from dmmig.validate import destination
-from tests.unit.fakes import FakeRunner, NOT_THERE
+from tests.unit.fakes import NOT_THERE, FakeRunner
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,7 +219,7 @@ class ProcChannel:
         assert self.p and self.p.stdout
         import select
         if not select.select([self.p.stdout], [], [], self.timeout)[0]:
-            raise socket.timeout()
+            raise TimeoutError()
         return os.read(self.p.stdout.fileno(), n)
 
     def sendall(self, data: bytes) -> None:
@@ -236,7 +236,7 @@ class ProcClient:
     def __init__(self, argv: list[str]) -> None:
         self.chan = ProcChannel(argv)
 
-    def get_transport(self) -> "ProcClient":
+    def get_transport(self) -> ProcClient:
         return self
 
     def open_session(self) -> ProcChannel:
