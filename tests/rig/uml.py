@@ -96,6 +96,8 @@ class UmlHost:
         self._unacked: dict[int, tuple[dict, float]] = {}
         self._next = itertools.count(1)
         self.boot_seconds = 0.0
+        # the last kernel log record the leak fixture has seen (tests/rig/kernel_log.py)
+        self.kmsg_seen = -1
         # a directory on this machine's file system that the guest sees too (hostfs): large
         # inputs and files shared between hosts go here, not through the console
         self.shared = Path(f"/var/tmp/{self.umid}")
