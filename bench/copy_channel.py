@@ -21,7 +21,7 @@ import json
 import sys
 import tempfile
 
-from tests.kernel.test_copy import summary
+from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 

@@ -240,13 +240,6 @@ class AgentServer:
         self._save(name, rec)
         return {"export": e.__dict__}
 
-    def op_status(self, name: str) -> dict[str, Any]:
-        rec = self._load(name)
-        if rec is None:
-            return {"known": False}
-        exp = rec.get("export")
-        return {"known": True, "record": rec, "export_alive": bool(exp and N.Export(**exp).alive())}
-
     def op_stop(self, name: str, remove_created: bool = False) -> dict[str, Any]:
         """Stop the export and forget NAME; with remove_created, delete a disk we created."""
         disk_name(name)
@@ -447,8 +440,7 @@ class AgentServer:
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {
             "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk,
-            "export": self.op_export, "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest,
-            "relay": self.op_relay,
+            "export": self.op_export, "stop": self.op_stop, "digest": self.op_digest, "relay": self.op_relay,
             "await_gate": self.op_await_gate, "answer_gate": self.op_answer_gate}
         try:
             self._serve(inp, out, ops)
@@ -763,7 +755,7 @@ def main(state_dir: str | None = None, mode: str | None = None, arg: str | None 
 # idle NAT state alive; the deadline is what turns a dead peer into a RemoteError.
 START_DEADLINE_S = 30.0
 DEFAULT_DEADLINE_S = 120.0
-_DEADLINES_S = {"hello": 30.0, "probe": 60.0, "status": 30.0, "export": 60.0, "stop": 60.0, "relay": 30.0,
+_DEADLINES_S = {"hello": 30.0, "probe": 60.0, "export": 60.0, "stop": 60.0, "relay": 30.0,
                 "answer_gate": 30.0, "prepare_disk": 600.0}  # lvcreate alone may take 120 s
 
 

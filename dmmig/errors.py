@@ -213,9 +213,6 @@ class Undo:
             steps(*self._steps.pop())
         steps.check(what)
 
-    def clear(self) -> None:
-        self._steps.clear()
-
 
 # the kind of each exit code, for a relayed kind this side does not know
 _BY_CODE: tuple[type[DmmigError], ...] = (BadInput, MissingDependency, CommandError, StateError, Busy,

@@ -1,7 +1,8 @@
 """The handover gate: a destination never connects a disk the source has not vouched for.
 
 `xl migrate` runs the destination's block script `add` after the last memory page arrived,
-while the source guest is suspended (facts, section D). The script asks the gate:
+while the source guest is suspended (Xen tools/libs/light/libxl_create.c: `domcreate_rebuild_done`
+-> `libxl__add_disks`). The script asks the gate:
 
     destination add --(unix socket STATE/NAME.gate.sock)--> dmmig agent --(SSH channel)-->
     source dmmig (`dmmig handover`): suspend the top device (no write can follow), check the

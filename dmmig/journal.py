@@ -77,14 +77,6 @@ class Entry:
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
 
     @property
-    def top(self) -> str:
-        return f"dmmig-{self.name}"
-
-    @property
-    def era(self) -> str:
-        return f"dmmig-{self.name}-era"
-
-    @property
     def handed_over(self) -> bool:
         """The destination's block script got this source's yes: the disk there is the guest's."""
         h = self.mirror.get("handover") or {}

@@ -405,9 +405,6 @@ class Stack:
             return target.device
         return None
 
-    def infos(self, name: str) -> dict[str, DmInfo | None]:
-        return {top_name(name): self.dm.info(top_name(name)), era_name(name): self.dm.info(era_name(name))}
-
 
 def _make_zeroed_file(path: str, size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import ORACLE, python
 from tests.kernel.test_stack import start_writer, stop_writer
+from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS
 from tests.rig.uml import ROOT, UmlHost
 
@@ -19,11 +20,6 @@ MiB = 1 << 20
 def copy_args(name: str, dest_disk: str, *extra: str) -> list[str]:
     return ["copy", name, f"root@{B_IP}", "--dest-disk", dest_disk, "--remote-dmmig", DMMIG,
             *SSH_OPTS, "--json", *extra]
-
-
-def summary(out: str) -> dict:
-    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    return [x for x in lines if x.get("event") == "summary"][-1]
 
 
 def digest(h: UmlHost, dev: str) -> str:

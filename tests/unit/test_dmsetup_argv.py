@@ -201,19 +201,13 @@ def test_info_other_failure_raises() -> None:
         dm.info("a")
 
 
-def test_list_info() -> None:
-    out = "a;254;0;L--w;1;1;0;\nb;254;1;L-sw;0;1;3;DMMIG-b\n"
-    dm, r, _ = make([(INFO, (0, out, ""))])
-    infos = dm.list_info()
-    assert r.argvs == [INFO]
-    assert [(i.name, i.devno, i.suspended, i.uuid) for i in infos] == \
+def test_info_reads_the_suspended_flag_and_uuid() -> None:
+    dm, r, _ = make([(INFO + ["a"], (0, "a;254;0;L--w;1;1;0;\n", "")),
+                     (INFO + ["b"], (0, "b;254;1;L-sw;0;1;3;DMMIG-b\n", ""))])
+    infos = [dm.info("a"), dm.info("b")]
+    assert r.argvs == [INFO + ["a"], INFO + ["b"]]
+    assert [(i.name, i.devno, i.suspended, i.uuid) for i in infos if i] == \
         [("a", "254:0", False, ""), ("b", "254:1", True, "DMMIG-b")]
-
-
-@pytest.mark.parametrize("out", ["", "No devices found\n"])
-def test_list_info_none(out: str) -> None:
-    dm, _, _ = make([(INFO, (0, out, ""))])
-    assert dm.list_info() == []
 
 
 def test_table_and_inactive_table() -> None:

@@ -215,12 +215,12 @@ def test_a_failing_qemu_nbd_on_the_destination_is_a_command_error_with_its_stder
                                            (GateRefused, Exit.REMOTE), (BadInput, Exit.BAD_INPUT)])
 def test_every_kind_survives_the_relay(cls: type[DmmigError], code: Exit, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    def status(name: str) -> dict[str, Any]:
+    def stop(name: str) -> dict[str, Any]:
         raise cls(f"{name} failed there", hint="the hint there")
-    monkeypatch.setattr(AgentServer, "op_status", lambda self, name: status(name))
+    monkeypatch.setattr(AgentServer, "op_stop", lambda self, name: stop(name))
     relay = start_relay(tmp_path)
     with pytest.raises(cls) as e:
-        next(relay).call("status", name="d1")
+        next(relay).call("stop", name="d1")
     relay.close()
     assert type(e.value) is cls and e.value.exit_code == code
     assert e.value.message == "destination: d1 failed there" and e.value.hint == "the hint there"
@@ -228,7 +228,7 @@ def test_every_kind_survives_the_relay(cls: type[DmmigError], code: Exit, tmp_pa
 
 def test_a_bug_in_the_agent_is_a_bug_here_with_the_destinations_traceback(relay: AgentClient) -> None:
     with pytest.raises(DmmigError) as e:
-        relay.call("status", name="d1", bogus=1)  # a TypeError inside the agent's dispatch
+        relay.call("stop", name="d1", bogus=1)  # a TypeError inside the agent's dispatch
     assert type(e.value) is DmmigError and e.value.exit_code == Exit.FAILED
     assert "internal error: TypeError" in e.value.message
     assert e.value.remote_trace and "Traceback" in e.value.remote_trace and "TypeError" in e.value.remote_trace

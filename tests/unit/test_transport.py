@@ -259,7 +259,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
         c = AgentClient(client, "dmmig")
         with pytest.raises(BadInput, match="no NBD export of d2"):
             c.call("relay", name="d2")
-        assert c.call("status", name="d1")["export_alive"]   # still an agent
+        assert c.call("export", name="d1")["export"]["pid"] == exp.pid   # still an agent, the same export
         c.call("relay", name="d1")
         chan, rest = c.detach()
         h = N.open_client(channel_socket(chan, rest), export="d1")
@@ -270,7 +270,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
         with open(path, "rb") as f:
             assert f.read(3 * 4096)[8192:] == b"y" * 4096
         with pytest.raises(Exception, match="unusable"):
-            c.call("status", name="d1")
+            c.call("export", name="d1")
         assert client.chan.p is not None and client.chan.p.wait(timeout=30) == 0   # the relay ended with NBD
     finally:
         N.stop_export(exp)
