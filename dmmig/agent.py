@@ -451,8 +451,11 @@ class AgentServer:
         for line in inp:
             self._after = None
             try:
-                req = json.loads(line)
-                op = ops[req.pop("op")]
+                req = _request(line)
+                op = ops.get(req.pop("op", None))
+                if op is None:
+                    raise BadInput(f"unknown agent request {line[:100]!r}",
+                                   hint="install the same dmmig version on both hosts")
                 reply = {"ok": True, **op(**req)}
             except DmmigError as e:  # its kind goes back unchanged: the source exits with its code
                 reply = {"ok": False, **e.to_reply()}
@@ -465,6 +468,17 @@ class AgentServer:
             if reply["ok"] and self._after is not None:
                 self._after(inp.rest())  # what was read past the request is the session's next bytes
                 return
+
+
+def _request(line: str) -> dict[str, Any]:
+    """A request line: a JSON object, else refused as bad input (not a bug of the agent's)."""
+    try:
+        req = json.loads(line)
+    except ValueError as e:
+        raise BadInput(f"unparsable agent request {line[:100]!r}: {e}") from e
+    if not isinstance(req, dict):
+        raise BadInput(f"unparsable agent request {line[:100]!r}: not an object")
+    return req
 
 
 class Lines:

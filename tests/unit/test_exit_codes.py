@@ -283,3 +283,17 @@ def test_with_context_keeps_kind_fields_and_cause() -> None:
     assert out.message.startswith("d1: `dmsetup load` exited with status 1") and str(out) == out.message
     assert e.message.startswith("`dmsetup")  # the original is unchanged
 
+
+
+def test_a_request_the_agent_cannot_read_is_refused_not_a_bug(tmp_path: Path) -> None:
+    """Before: an unknown op or a line that is no JSON object was an internal error there, so
+    exit 1 (a bug) here; a source of another version sends them."""
+    relay = start_relay(tmp_path)
+    client = next(relay)
+    with pytest.raises(BadInput, match="unknown agent request") as e:
+        client.call("no_such_op")
+    assert e.value.exit_code == Exit.BAD_INPUT
+    client.chan.sendall(b"[1, 2]\n")  # the next reply is this line's
+    with pytest.raises(BadInput, match="not an object"):
+        client.call("hello")
+    relay.close()
