@@ -76,7 +76,7 @@ def cmd_dirty(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from dmmig.status import disk_status, render
+    from dmmig.status import disk_status, render, render_glance
     from dmmig.status import names as known
     stack = make_stack(a)
     names = [a.name] if a.name else known(stack)
@@ -87,7 +87,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(sts if not a.name else sts[0], indent=1))
     else:
-        print("\n".join(render(s) for s in sts))
+        print(render(sts[0], tables=a.tables) if a.name else render_glance(sts))
     return 0
 
 
@@ -238,7 +238,7 @@ def _plan_dict(p: Any) -> dict[str, Any]:
 
 
 def cmd_watch(a: argparse.Namespace) -> int:
-    from dmmig.stack import top_name
+    from dmmig.names import top_name
     from dmmig.watch import watch
     stack = make_stack(a)
     return watch(stack.dm, stack.journal.dir, a.name, top_name(a.name))
@@ -365,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", type=int, default=1, metavar="ERA", help="default 1: everything since prepare")
     sp.add_argument("--json", action="store_true")
 
-    sp = verb("status", cmd_status, "show phase, device stack, era and problems")
+    sp = verb("status", cmd_status, "every disk at a glance; with NAME, its device stack, era, mirror and problems")
     sp.add_argument("name", nargs="?", metavar="NAME")
+    sp.add_argument("--tables", action="store_true", help="with NAME: every line of a mirror set's table and status")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("copy", cmd_copy, "copy the disk to the destination: base copy, then era rounds")

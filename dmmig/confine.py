@@ -32,7 +32,9 @@ import re
 import stat
 from dataclasses import dataclass, field, replace
 
-from dmmig.errors import BadInput, MissingDependency
+from dmmig.errors import BadInput
+from dmmig.lvm import NAME as LVM_NAME
+from dmmig.lvm import Lvm
 from dmmig.runner import Runner
 from dmmig.validate import parse_size
 
@@ -42,7 +44,6 @@ DEFAULT_DEVICES = ("/dev/*",)
 MAX_CHUNK = 64 << 20   # a digest chunk is one read buffer in the agent
 KEYS = ("file_roots", "devices", "max_create", "create")
 # LVM's own rule for VG and LV names (lvm(8) "VALID NAMES"), and never an option to lvcreate
-_LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 # /dev/X/Y where X is no VG: never taken for /dev/VG/LV
 _NOT_VG = ("mapper", "shm", "disk", "block", "pts", "mqueue", "hugepages", "char", "bus", "fd", "net", "xen")
 
@@ -113,12 +114,14 @@ class Policy:
         if os.path.lexists(path):
             raise Refused(f"cannot create {path}: it exists (a dangling symlink?)")
         parts = path.split("/")
-        if len(parts) == 4 and parts[1] == "dev" and parts[2] not in _NOT_VG and _is_vg(runner, parts[2]):
+        if len(parts) == 4 and parts[1] == "dev" and parts[2] not in _NOT_VG and Lvm(runner).is_vg(parts[2]):
             vg, lv = parts[2], parts[3]
-            if not _LVM_NAME.fullmatch(lv) or lv.startswith(("snapshot", "pvmove")) or lv in (".", ".."):
+            if not LVM_NAME.fullmatch(lv) or lv.startswith(("snapshot", "pvmove")) or lv in (".", ".."):
                 raise Refused(f"cannot create {path}: {lv!r} is no valid LV name")
             self._device_allowed(path)
-            free = _vg_free(runner, vg)
+            free = Lvm(runner).vg_free(vg)
+            if free is None:
+                raise Refused(f"cannot tell the free space of volume group {vg}")
             if size > free:
                 raise Refused(f"cannot create {path}: {size} bytes do not fit in the {free} bytes free in "
                               f"volume group {vg}")
@@ -180,23 +183,6 @@ def range_ok(path: str, disk_size: int, offset: object, length: object, chunk: o
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:
     return any(path.startswith(r.rstrip("/") + "/") for r in roots)
-
-
-def _is_vg(runner: Runner, vg: str) -> bool:
-    if not _LVM_NAME.fullmatch(vg):
-        return False
-    try:
-        return runner.run(["vgs", "--noheadings", "-o", "vg_name", vg], check=False, timeout=60).returncode == 0
-    except MissingDependency:  # no LVM on this host: /dev/X/Y is no LV
-        return False
-
-
-def _vg_free(runner: Runner, vg: str) -> int:
-    out = runner.run(["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg], timeout=60).stdout
-    try:
-        return int(out.strip())
-    except ValueError:
-        raise Refused(f"cannot tell the free space of volume group {vg}: vgs said {out.strip()!r}") from None
 
 
 # ---- settings -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ destination is known to be zero, else sent as NBD write-zeroes (no payload).
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmmig.errors import LocalIOError, RemoteError
+from dmmig.nbd import direct_io_ok
 
 SUB = 64 << 10  # zero detection granularity
 ZERO = bytes(SUB)
@@ -202,3 +204,22 @@ class Copier:
             ahead = c.sent / self.bwlimit - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
+
+
+def digest_ranges(path: str, offset: int, length: int, chunk: int) -> list[str]:
+    """sha256 of each CHUNK of [offset, offset+length) read with O_DIRECT when possible."""
+    flags = os.O_RDONLY | (os.O_DIRECT if direct_io_ok(path) else 0)
+    fd = os.open(path, flags)
+    buf = mmap.mmap(-1, chunk)
+    out = []
+    try:
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = os.preadv(fd, [buf], pos)
+            want = min(chunk, end - pos)
+            out.append(hashlib.sha256(buf[:min(n, want)]).hexdigest())
+            pos += want
+    finally:
+        os.close(fd)
+    return out

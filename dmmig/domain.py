@@ -18,8 +18,7 @@ import re
 from dataclasses import dataclass
 
 from dmmig.errors import StateError
-from dmmig.hotplug import PREFIX as SCRIPT_NAME
-from dmmig.hotplug import disk_name_for
+from dmmig.names import SCRIPT, disk_name_for
 from dmmig.xenstore import XenStore
 
 
@@ -36,7 +35,7 @@ class Vbd:
 
     @property
     def managed(self) -> bool:
-        return os.path.basename(self.script) == SCRIPT_NAME
+        return os.path.basename(self.script) == SCRIPT
 
     @property
     def writable(self) -> bool:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmmig.errors import Busy, RemoteError
+from dmmig.names import Files
 from dmmig.validate import disk_name
 
 
@@ -48,20 +49,20 @@ NO_DELIVERY_S = 5.0  # after the window: how long the source tries to deliver it
 def socket_path(state: str, name: str) -> str:
     """One gate per disk: the destination's `add` for NAME connects here, and only the agent
     waiting for NAME listens here."""
-    return os.path.join(state, f"{disk_name(name)}.gate.sock")
+    return Files(state, name).gate_socket
 
 
 def lock_path(state: str, name: str) -> str:
     # held (flock) by the agent listening on NAME's socket for as long as it listens: a second
     # agent is refused, and a socket without a holder is one a dead agent left
-    return os.path.join(state, f"{disk_name(name)}.gate.lock")
+    return Files(state, name).gate_lock
 
 
 def incoming(state: str, name: str) -> bool:
     """A dmmig migration of NAME into this host is under way: the agent's record exists and
     the disk was not handed over yet (after that, this host owns it)."""
     try:
-        with open(os.path.join(state, f"{name}.dest.json")) as f:
+        with open(Files(state, name).incoming) as f:
             return not json.load(f).get("handed_over")
     except FileNotFoundError:
         return False

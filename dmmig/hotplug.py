@@ -35,12 +35,11 @@ from dmmig import gate
 from dmmig import journal as J
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, TimedOut, Undo
+from dmmig.names import SCRIPT, disk_name_for, format_devno, top_name
 from dmmig.runner import SubprocessRunner
-from dmmig.stack import Stack, top_name
-from dmmig.validate import RESERVED_SUFFIXES, disk_name
+from dmmig.stack import Stack
 from dmmig.xenstore import PyxsXenStore, XenStore
 
-PREFIX = "block-dmmig"
 LOG_FILE = "/var/log/xen/xen-hotplug.log"  # where Xen's own scripts log (xen-hotplug-common.sh)
 # libxl kills the script after 40 s (LIBXL_HOTPLUG_TIMEOUT). The work gets WORK_BUDGET_S; when
 # it runs out, undoing and reporting get UNDO_BUDGET_S more, so the error reaches XenStore and
@@ -56,7 +55,7 @@ _BACKEND = re.compile(r"(?:/local/domain/\d+/)?backend/vbd/\d+/\d+")
 
 
 class HotplugError(BadInput):
-    """What libxl handed the block script is not something it can take."""
+    """What libxl gave the script cannot be used."""
 
 
 class HotplugTimeout(TimedOut):
@@ -83,47 +82,6 @@ class Backend:
         return cls(path)
 
 
-def disk_name_for(params: str) -> str:
-    """The disk NAME for a target path: '/dev/vg0/vm1' -> 'vg0-vm1', '/srv/xen/vm1.img' ->
-    'srv-xen-vm1.img', '/dev/vg0/vm-1' -> 'vg0-vm--1'.
-
-    The path is normalised, '/dev/' (else just '/') dropped, and its components joined by '-'.
-    Inside a component '-' is doubled (as lvm2 names /dev/mapper entries), a '-' that starts
-    or ends a component, a second '.' in a row and every character outside [A-Za-z0-9_.]
-    become '+' and two hex digits per UTF-8 byte (so does the '.' of a name that would end in
-    a reserved suffix, '.dest' or '.health'). So a single '-' always separates components and
-    different paths under /dev (or different paths outside it) get different names. The one
-    overlap, /dev/X vs /X, is refused by wrap: a NAME already wrapping another origin is never
-    shared."""
-    if not params.startswith("/"):
-        raise HotplugError(f"target {params!r} is not an absolute path: block-dmmig needs a block device "
-                           "(e.g. target=/dev/vg0/vm1) or a disk image file")
-    path = os.path.normpath(params)
-    rel = path[len("/dev/"):] if path.startswith("/dev/") else "" if path == "/dev" else path.lstrip("/")
-    if not rel:
-        raise HotplugError(f"target {params!r} names no disk")
-    name = "-".join(_component(c) for c in rel.split("/"))
-    for suffix in RESERVED_SUFFIXES:  # vm.dest -> vm+2edest: the '.' encoded, the name stays unique
-        if name.endswith(suffix):
-            name = name[:-len(suffix)] + "+2e" + suffix[1:]
-    try:
-        return disk_name(name)
-    except BadInput as e:
-        raise HotplugError(f"target {params!r} gives the disk name {name!r}, which dmmig cannot use: "
-                           f"{e.message}; rename or symlink the disk") from e
-
-
-def _component(c: str) -> str:
-    out: list[str] = []
-    for i, ch in enumerate(c):
-        plain = ch.isascii() and (ch.isalnum() or ch == "_" or (ch == "." and out[-1:] != ["."]))
-        if plain or (ch == "-" and 0 < i < len(c) - 1):
-            out.append(ch * 2 if ch == "-" else ch)
-        else:
-            out.append("".join(f"+{b:02x}" for b in ch.encode("utf-8", "surrogateescape")))
-    return "".join(out)
-
-
 def canonical_mode(mode: str) -> str:
     """Like Xen's canonicalise_mode (block-common.sh): 'r' without a 'w', 'w', or '!' for
     'w!' (the no-sharing-check mode)."""
@@ -138,10 +96,6 @@ def hex_devno(path: str) -> str:
     if not stat.S_ISBLK(st.st_mode):
         raise StateError(f"{path} is not a block device")
     return format_devno(st.st_rdev)
-
-
-def format_devno(rdev: int) -> str:
-    return f"{os.major(rdev):x}:{os.minor(rdev):x}"
 
 
 def handover_gate(name: str, params: str, state_dir: str) -> None:
@@ -171,7 +125,7 @@ class Log:
             else None
 
     def __call__(self, msg: str) -> None:
-        line = f"{PREFIX}: {self.context}: {msg}"
+        line = f"{SCRIPT}: {self.context}: {msg}"
         try:
             print(line, file=self.stream, flush=True)
         except OSError:
@@ -321,19 +275,15 @@ class Hotplug:
         """After a completed migration (libxl destroys the source domain once the destination
         runs it): the destination's add got our yes, so this host's stack is history. Tear it
         down here and keep the data; `dmmig migrate` tells the destination's agent."""
-        top = top_name(name)
-        info = self._wait_closed(top)
-        if info is not None and info.open_count > 0:
-            self.log(f"{name} was handed over, but {top} is still open after {self.close_wait_s:.0f}s: left "
-                     f"for `dmmig finish --remove {name}`")
-            return
         from dmmig import migrate  # here only: paramiko costs every other run of the script 0.2 s
-        node = self.xs.read(self.be.key("node"))
-        # force: the mirror's leg is gone (the destination stopped its export at the yes); the
-        # yes is the proof that the destination has every write
-        done, _ = migrate.finish(self.stack, name, force=True, remove=True, remote=False)
-        if node:
-            self._detach(node, params)
+        try:
+            done = migrate.finish_handed_over(self.stack, name, node=self.xs.read(self.be.key("node")),
+                                              params=params, close_wait_s=self.close_wait_s)
+        except StateError as e:  # still open: `dmmig migrate` (or the operator) finishes it
+            self.log(f"{e.message}: left for {e.hint}")
+            return
+        for step in done:
+            self.log(step)
         self.log(f"{name} was handed over to the destination: finished here in {self._took()} ({len(done)} steps)")
 
     def _wait_closed(self, top: str) -> DmInfo | None:
@@ -416,8 +366,8 @@ def run(action: str, xs: XenStore, stack: Stack, be: Backend, log: Callable[[str
 
 
 def report_error(xs: XenStore, be: Backend, log: Callable[[str], None], msg: str) -> None:
-    line = one_line(f"{PREFIX}: {msg}")
-    log(f"error: {line[len(PREFIX) + 2:]}")
+    line = one_line(f"{SCRIPT}: {msg}")
+    log(f"error: {line[len(SCRIPT) + 2:]}")
     try:
         # the order of the stock script's fatal: libxl reads hotplug-error once we exit
         xs.write(be.key("hotplug-error"), line)

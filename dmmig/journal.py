@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dmmig.errors import Busy, StateError
+from dmmig.names import Files
 from dmmig.validate import RESERVED_SUFFIXES
 
 DEFAULT_STATE_DIR = "/var/lib/dmmig"
@@ -91,7 +92,7 @@ class Journal:
         self.dir = directory
 
     def path(self, name: str) -> str:
-        return os.path.join(self.dir, f"{name}.json")
+        return Files(self.dir, name).journal
 
     def ensure_dir(self) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -158,7 +159,7 @@ class Journal:
     def busy(self, name: str) -> bool:
         """A dmmig holds NAME's lock right now (a step is running, not interrupted)."""
         try:
-            fd = os.open(os.path.join(self.dir, f"{name}.lock"), os.O_RDWR)
+            fd = os.open(Files(self.dir, name).lock, os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
@@ -176,7 +177,7 @@ class Journal:
         """One dmmig process per disk. flock dies with the process, so a killed dmmig
         never leaves a stale lock."""
         self.ensure_dir()
-        fd = os.open(os.path.join(self.dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(Files(self.dir, name).lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -20,13 +20,15 @@ from typing import Any, Generic, TypeVar
 from dmmig import gate, mirrorlog, sizing, sparse, tlscreds, tunnel
 from dmmig import journal as J
 from dmmig import nbd as N
-from dmmig.agent import AgentClient, AgentServer, digest_ranges, incoming
+from dmmig.agentclient import AgentClient
 from dmmig.agentcmd import agent_argv
 from dmmig.blockdev import block_device, logical_block_size
-from dmmig.copy import Copier, Counters
+from dmmig.copy import Copier, Counters, digest_ranges
+from dmmig.destination import AgentServer, incoming
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
+from dmmig.names import Files, era_name, top_name
 from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.runner import Runner
 from dmmig.ssh import (
@@ -39,7 +41,7 @@ from dmmig.ssh import (
     connect,
     relay_socket,
 )
-from dmmig.stack import Stack, dirty_file, era_name, top_name
+from dmmig.stack import Stack
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
 
@@ -124,7 +126,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
     t, par = Stopwatch(), Stopwatch()
     t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
     t0 = time.monotonic()
-    entry = stack._prepared(name)  # refuses an unknown or unprepared NAME before anything else
+    entry = stack.prepared(name)  # refuses an unknown or unprepared NAME before anything else
     check_transport(opts)
     with stack.journal.lock(name):
         dest = _destination(entry, host, ep_opts, opts)
@@ -273,7 +275,7 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
     block (NAME's own once prepared, else what prepare would choose, or BLOCK_BYTES) and its
     metadata, the bytes the base copy still sends, and the time at RATE bytes/s (default: the
     best rate this migration's copy reached, else sizing.DEFAULT_RATE, an assumption)."""
-    entry = stack._entry(name)
+    entry = stack.entry_of(name)
     size = stack.dm.table(top_name(name)).length * 512
     prepared = entry.block_sectors is not None and entry.phase not in (J.WRAPPED, J.PREPARING)
     choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
@@ -542,7 +544,7 @@ class CutoverOptions:
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round."""
-    entry = stack._prepared(name)
+    entry = stack.prepared(name)
     if entry.phase not in (J.COPIED, J.CUTTING_OVER, J.MIRRORING) or not entry.copy.get("base_done"):
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
@@ -584,7 +586,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             marked = layout.blank()  # for the summary: what both steps mark
             with sw("era query"):
                 first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
-                                                             dirty_file(stack.journal.dir, name))
+                                                             Files(stack.journal.dir, name).dirty)
             with sw("logs"):
                 images = layout.blank()
                 try:  # streamed: a scattered delta of millions of blocks is never a list here
@@ -606,7 +608,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # query and the swap; era has it in eras >= first, done (the swap drained it).
             with sw("era query"):
                 second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
-                                                            dirty_file(stack.journal.dir, name))
+                                                            Files(stack.journal.dir, name).dirty)
             pauses = [round(pause, 4)]
             try:
                 if second_ranges.blocks:
@@ -691,7 +693,7 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     many regions the kernel itself first reported out of sync (its view of our log)."""
     deadline = time.monotonic() + timeout
     first = stack.dm.mirror_status(top)
-    progress.start("resync (regions)", first.regions - first.in_sync)
+    progress.start("resync", first.regions - first.in_sync, unit="regions")
     done = 0
     while True:
         st = stack.dm.mirror_status(top)
@@ -748,7 +750,7 @@ def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
 # ---- handover gate (the source's side; see dmmig/gate.py) --------------------------------
 def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate.SUSPEND_CAP_S) -> dict[str, Any]:
     """Wait for the destination's `add` to ask about NAME, then answer it (answer_gate)."""
-    entry = _mirroring(stack, name)
+    entry = mirroring_entry(stack, name)
     with stack.journal.lock(name):
         remote = Remote(entry.dest)
         try:
@@ -775,8 +777,8 @@ def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate
 MIN_YES_S = 1.0  # a yes needs this much of the window left to reach the destination
 
 
-def _mirroring(stack: Stack, name: str) -> J.Entry:
-    entry = stack._entry(name)
+def mirroring_entry(stack: Stack, name: str) -> J.Entry:
+    entry = stack.entry_of(name)
     if entry.phase != J.MIRRORING or not entry.mirror.get("synced"):
         raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
                          hint=f"`dmmig cutover {name}` first")
@@ -911,7 +913,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
            remote: bool = True) -> tuple[list[str], list[str]]:
     """The new owner has the disk: tear down both sides (this side only without REMOTE),
     keep the data on both. Returns (done, left behind on the destination)."""
-    entry = stack._entry(name)
+    entry = stack.entry_of(name)
     top = top_name(name)
     if not force:
         if entry.phase != J.MIRRORING:
@@ -931,14 +933,47 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                              hint="stop the domain on this host first, or finish without --remove")
     dest = dict(entry.dest) if entry.dest else None
     with stack.journal.lock(name):
-        done = stack._abort_locked(name, phase=J.FINISHING)
+        done = stack.abort_held(name, phase=J.FINISHING)
         if remove and stack.dm.info(top) is not None:
             stack.dm.remove(top)
             done.append(f"remove {top}")
         if remove:
             stack.journal.delete(name)
-    left = _stop_remote(name, dest, remove_created=False, done=done) if remote else []
+    left = stop_remote(name, dest, remove_created=False, done=done) if remote else []
     return done, left
+
+
+def finish_handed_over(stack: Stack, name: str | None, *, node: str | None, params: str,
+                       close_wait_s: float) -> list[str]:
+    """The end of a migration on the source, once the destination runs the guest on NAME's
+    disk (the gate said yes): this host's stack is history. Waits up to CLOSE_WAIT_S for
+    blkback to let go of the top device (it does so from deferred work), tears the stack down
+    keeping the data, and detaches NODE, the loop device block-dmmig's add attached over the
+    file PARAMS (only if it still is one). Both the block script's remove (libxl runs it as it
+    destroys the guest here, within its budget) and `dmmig migrate` (for whatever remove left)
+    end a migration with this. NAME None: nothing journaled is left, only the loop device."""
+    done: list[str] = []
+    if name is not None and stack.journal.load(name) is not None:
+        top = top_name(name)
+        deadline = time.monotonic() + close_wait_s
+        while True:
+            info = stack.dm.info(top)
+            if info is None or info.open_count == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if info is not None and info.open_count > 0:
+            raise StateError(f"{name} was handed over, but {top} is still open ({info.open_count} opener(s)) "
+                             f"after {close_wait_s:.0f}s", hint=f"`dmmig finish --remove {name}` once it is closed")
+        # force: the mirror's leg is gone (the destination stopped its export at the yes), and
+        # the yes is the proof that the destination has every write
+        done, _ = finish(stack, name, force=True, remove=True, remote=False)
+    file = os.path.realpath(params)
+    if node and os.path.isfile(file) and node in stack.loop.find(file):
+        stack.loop.detach(node)
+        done.append(f"detach {node} ({file})")
+    elif node:
+        done.append(f"left {node} alone: no longer a loop device over {file}")
+    return done
 
 
 # ---- verify -------------------------------------------------------------------------------
@@ -949,7 +984,7 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
     hosts, hours, so a range lets the operator check what matters, e.g. what the guest wrote).
     While mirroring, a chunk written during the pass can differ once; it is read again
     (RECHECKS times) before it counts as a mismatch."""
-    entry = stack._entry(name)
+    entry = stack.entry_of(name)
     if not entry.dest:
         raise StateError(f"no destination known for {name}", hint=f"`dmmig copy {name} HOST` first")
     if chunk <= 0 or chunk % 4096:
@@ -1017,7 +1052,7 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return gate.remove_stale(stack.journal.dir, name), []
     dest = dict(entry.dest) if entry and entry.dest else None
     done = stack.abort(name)
-    left = _stop_remote(name, dest, remove_created=True, done=done)
+    left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
     if e2 is not None and (e2.dest or e2.copy):
         e2.dest = {}
@@ -1032,13 +1067,13 @@ def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
     keep = bool(rec.get("handed_over"))
     with stack.journal.lock(name):
         if "unreadable" in rec:
-            os.unlink(os.path.join(stack.journal.dir, f"{name}.dest.json"))
+            os.unlink(Files(stack.journal.dir, name).incoming)
             return [f"removed the unreadable record of incoming {name}"]
         done: list[str] = AgentServer(stack.runner, stack.journal.dir).op_stop(name, remove_created=not keep)["done"]
     return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]
 
 
-def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
+def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
     """Stop the destination's export; what could not be stopped is returned, exactly."""
     if not dest:
         return []
@@ -1051,12 +1086,12 @@ def _stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool
             remote.close()
     except DmmigError as e:
         exp = dest.get("export") or {}
-        st = _remote_state(dest)
+        there = Files(_remote_state(dest), name)  # the destination's files: same names, its state dir
         where = exp.get("socket") or f"{exp.get('addr')}:{exp.get('port')}"
         return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
                 f"{where}) could not be stopped: {e.message}. There, run: "
-                f"kill {exp.get('pid')}; rm -rf {st}/{name}.dest.json {st}/{name}.qemu-nbd.pid "
-                f"{st}/nbd/{name}.sock {st}/nbd/{name}.tls"]
+                f"kill {exp.get('pid')}; rm -rf {there.incoming} {there.qemu_nbd_pid} "
+                f"{there.export_socket} {there.export_tls}"]
     return []
 
 

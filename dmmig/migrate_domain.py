@@ -30,10 +30,10 @@ from dmmig import mirrorlog
 from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
-from dmmig.hotplug import format_devno
+from dmmig.names import era_name, format_devno, top_name
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
-from dmmig.stack import Stack, era_name, top_name
+from dmmig.stack import Stack
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
@@ -305,7 +305,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
 
     # 3. xl migrate, answering the gate
     say(f"xl migrate {p.domain.name} {p.host}")
-    dests = {d.name: dict(M._mirroring(stack, d.name).dest) for d in p.disks}
+    dests = {d.name: dict(M.mirroring_entry(stack, d.name).dest) for d in p.disks}
     t_xl = time.monotonic()
     try:
         xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts, ops)
@@ -384,7 +384,7 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
     """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
     about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
     are held until the last answer, so no other dmmig touches them meanwhile."""
-    entries = {d.name: M._mirroring(stack, d.name) for d in p.disks}
+    entries = {d.name: M.mirroring_entry(stack, d.name) for d in p.disks}
     gates: dict[str, Any] = {}
     box: list[XlRun] = []
     xl_failed: list[BaseException] = []
@@ -449,21 +449,12 @@ def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any
     (blkback slow to let go, an error) is finished here. Then the destination's agent forgets
     the disk."""
     t = time.monotonic()
-    done: list[str] = []
-    if stack.journal.load(d.name) is not None:
-        deadline = time.monotonic() + CLOSE_WAIT_S
-        while True:
-            info = stack.dm.info(d.top)
-            if info is None or info.open_count == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        done, _ = M.finish(stack, d.name, remove=True, remote=False)
-    else:
-        done.append("finished here by block-dmmig remove")
-    if d.vbd.node and d.vbd.node in stack.loop.find(os.path.realpath(d.vbd.params)):
-        stack.loop.detach(d.vbd.node)
-        done.append(f"detach {d.vbd.node}")
-    left = M._stop_remote(d.name, dest, remove_created=False, done=done)
+    journaled = stack.journal.load(d.name) is not None
+    done = M.finish_handed_over(stack, d.name if journaled else None, node=d.vbd.node, params=d.vbd.params,
+                                close_wait_s=CLOSE_WAIT_S)
+    if not journaled:
+        done.insert(0, "finished here by block-dmmig remove")
+    left = M.stop_remote(d.name, dest, remove_created=False, done=done)
     if left:
         raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
     return {"done": done, "seconds": round(time.monotonic() - t, 3)}

@@ -19,6 +19,7 @@ from dmmig import journal as J
 from dmmig import mirrorlog, proc, tlscreds, tunnel
 from dmmig.blockdev import Loop
 from dmmig.errors import RemoteError, Steps
+from dmmig.names import Files
 from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
@@ -34,7 +35,7 @@ class MirrorSide:
         self.loop = Loop(runner)
 
     def _path(self, name: str, what: str) -> str:
-        return os.path.join(self.state, f"{name}.{what}")
+        return Files(self.state, name).mirror(what)
 
     def watcher_marker(self, name: str) -> str:
         return f"--state-dir {self.state} watch {name}"

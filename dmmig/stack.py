@@ -26,25 +26,12 @@ from dmmig.dm.targets import Era, Linear, Table
 from dmmig.era import BlockRange, DirtyRanges, EraTools
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.mirror import MirrorSide
+from dmmig.names import Files, era_name, top_name
 from dmmig.runner import Runner
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = sizing.DEFAULT_BLOCK_BYTES
-
-
-def top_name(name: str) -> str:
-    return f"dmmig-{name}"
-
-
-def era_name(name: str) -> str:
-    return f"dmmig-{name}-era"
-
-
-def dirty_file(state_dir: str, name: str) -> str:
-    """Where a copy round keeps era_invalidate's answer while it copies (a dmmig killed
-    meanwhile leaves it: abort removes it)."""
-    return os.path.join(state_dir, f"{name}.dirty.xml")
 
 
 def uuid_for(role: str, name: str) -> str:
@@ -132,7 +119,7 @@ class Stack:
                        "from under them", hint="stop the domain first, or --force")
         with self.journal.lock(name):
             if entry is not None and entry.phase != J.WRAPPED or self.dm.info(era_name(name)):
-                self._abort_locked(name)
+                self.abort_held(name)
             if info is not None:
                 self.dm.remove(top)
             self.journal.delete(name)
@@ -145,7 +132,7 @@ class Stack:
         disk_name(name)
         if block_bytes is not None:
             era_block_size(block_bytes)
-        entry = self._entry(name)
+        entry = self.entry_of(name)
         top = top_name(name)
         info = self.dm.info(top)
         if info is None:
@@ -182,7 +169,7 @@ class Stack:
             self.journal.save(entry, J.PREPARING)
             try:
                 if meta_dev is None:
-                    mfile = os.path.join(self.journal.dir, f"{name}.era-meta")
+                    mfile = Files(self.journal.dir, name).era_metadata
                     entry.metadata_file = mfile
                     self.journal.save(entry)
                     _make_zeroed_file(mfile, metadata_bytes(length * 512, bs))
@@ -247,7 +234,7 @@ class Stack:
 
     # ---- era queries ----------------------------------------------------------------------
     def checkpoint(self, name: str) -> int:
-        entry = self._prepared(name)
+        entry = self.prepared(name)
         with self.journal.lock(name):
             era = self.era.checkpoint(era_name(name))
             entry.checkpoints.append(era)
@@ -257,7 +244,7 @@ class Stack:
     def drained_checkpoint(self, name: str) -> int:
         """A new era, started with the top device suspended (see drained_dirty); every write
         tagged with an era below the one returned has completed on the origin."""
-        self._prepared(name)
+        self.prepared(name)
         with self._drained(name):
             self.dm.message(era_name(name), "checkpoint")
         return self.dm.era_status(era_name(name)).current_era
@@ -282,7 +269,7 @@ class Stack:
     def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int]:
         """As drained_dirty, the ranges in a file in the state dir, streamed: a scattered delta
         of millions of blocks stays out of memory. The caller closes it (removes the file)."""
-        entry = self._prepared(name)
+        entry = self.prepared(name)
         era = era_name(name)
         assert entry.metadata
         if self.dm.era_status(era).snapshot_block is not None:
@@ -291,7 +278,7 @@ class Stack:
             self.dm.message(era, "take_metadata_snap")
         try:
             now = self.dm.era_status(era).current_era
-            return self.era.written_since_file(entry.metadata, since, dirty_file(self.journal.dir, name)), now
+            return self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now
         finally:
             self.dm.message(era, "drop_metadata_snap")
 
@@ -308,7 +295,7 @@ class Stack:
 
     def dirty(self, name: str, since: int = 1) -> tuple[list[BlockRange], int, int]:
         """(dirty block ranges, block size in bytes, era current when read)."""
-        entry = self._prepared(name)
+        entry = self.prepared(name)
         if since < 0:
             raise BadInput(f"--since must be >= 0, got {since}")
         assert entry.metadata and entry.block_sectors
@@ -325,10 +312,11 @@ class Stack:
         if entry is None and self.dm.info(top_name(name)) is None and self.dm.info(era_name(name)) is None:
             raise BadInput(f"unknown disk {name!r}: nothing of dmmig exists for it")
         with self.journal.lock(name):
-            return self._abort_locked(name)
+            return self.abort_held(name)
 
-    def _abort_locked(self, name: str, phase: str = J.ABORTING) -> list[str]:
-        """Also finish's local teardown (PHASE finishing): the steps are the same."""
+    def abort_held(self, name: str, phase: str = J.ABORTING) -> list[str]:
+        """abort's teardown with NAME's lock already held by the caller; also finish's local
+        teardown (PHASE finishing): the steps are the same."""
         entry = self.journal.load(name)
         top = top_name(name)
         if entry is not None:
@@ -358,10 +346,10 @@ class Stack:
         glog = guard_log(self.journal.dir, top)  # a dmmig killed while suspended: history now
         if os.path.exists(glog):
             step(f"remove {glog}", lambda: os.unlink(glog))
-        dirty = dirty_file(self.journal.dir, name)
+        dirty = Files(self.journal.dir, name).dirty
         if os.path.exists(dirty):
             step(f"remove {dirty}", lambda: os.unlink(dirty))
-        mfile = (entry.metadata_file if entry else None) or os.path.join(self.journal.dir, f"{name}.era-meta")
+        mfile = (entry.metadata_file if entry else None) or Files(self.journal.dir, name).era_metadata
         for dev in self.loop.find(mfile) if os.path.exists(mfile) else []:
             step(f"detach {dev}", partial(self.loop.detach, dev))
         if os.path.exists(mfile):
@@ -384,16 +372,18 @@ class Stack:
         return step.done
 
     # ---- helpers --------------------------------------------------------------------------
-    def _entry(self, name: str) -> J.Entry:
+    def entry_of(self, name: str) -> J.Entry:
+        """NAME's journal entry; BadInput if dmmig does not know NAME."""
         e = self.journal.load(name)
         if e is None:
             raise BadInput(f"unknown disk {name!r}: not wrapped by dmmig",
                            hint=f"`dmmig wrap {name} ORIGIN` first")
         return e
 
-    def _prepared(self, name: str) -> J.Entry:
+    def prepared(self, name: str) -> J.Entry:
+        """NAME's entry, if NAME has its era device (prepared or later); else StateError."""
         disk_name(name)
-        e = self._entry(name)
+        e = self.entry_of(name)
         if e.phase in (J.WRAPPED, J.PREPARING) or self.dm.info(era_name(name)) is None:
             raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
         return e

@@ -5,13 +5,14 @@ import os
 import time
 from typing import Any
 
-from dmmig import gate, proc
+from dmmig import gate, proc, sizing
 from dmmig import journal as J
 from dmmig import nbd as N
-from dmmig.agent import incoming
+from dmmig.destination import incoming
 from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import MIRRORS, Era, Linear, ParseError
-from dmmig.stack import Stack, era_name, top_name
+from dmmig.names import era_name, top_name
+from dmmig.stack import Stack
 from dmmig.watch import read_health
 
 
@@ -162,8 +163,11 @@ def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled:
     return st
 
 
-def render(st: dict[str, Any]) -> str:
-    lines = [f"{st['name']}:"]
+def render(st: dict[str, Any], *, tables: bool = False) -> str:
+    """NAME in detail. A mirror set's table is one line per part: shown whole with TABLES, else
+    its first line and how many there are."""
+    at = glance(st)
+    lines = [f"{st['name']}: {at['phase']}, {at['progress']}, {at['state']}"]
     j = st["journal"]
     if j:
         lines.append(f"  phase:   {j['phase']}")
@@ -193,9 +197,16 @@ def render(st: dict[str, Any]) -> str:
     for dev, d in st["devices"].items():
         flags = (" SUSPENDED" if d["suspended"] else "") + (" +inactive-table" if d["inactive_table"] else "")
         lines.append(f"  {dev} ({d['devno']}, open {d['open']}{flags})")
-        lines.append(f"    table:  {d['table']}")
-        if "status" in d:
-            lines.append(f"    status: {d['status']}")
+        for what in ("table", "status"):
+            text = d.get(what)
+            if text is None:
+                continue
+            rows = text.splitlines() or [""]
+            if tables or len(rows) == 1:
+                lines += [f"    {what}:  {rows[0]}"] + [f"            {r}" for r in rows[1:]]
+            else:
+                lines.append(f"    {what}:  {rows[0]}")
+                lines.append(f"            ... {len(rows) - 1} more line(s), one per mirror part (--tables shows them)")
         if "era" in d:
             e = d["era"]
             lines.append(f"    era {e['current_era']}, metadata {e['metadata_used']}/{e['metadata_total']} blocks")
@@ -205,4 +216,70 @@ def render(st: dict[str, Any]) -> str:
                          + (f", log {m['log_health']}" if m.get("log_health") else ""))
     for p in st["problems"]:
         lines.append(f"  ! {p}")
+    return "\n".join(lines)
+
+
+def _size_bytes(st: dict[str, Any]) -> int | None:
+    """The disk's size, from its top device's table (the journal does not keep it)."""
+    d = st["devices"].get(top_name(st["name"]))
+    if d and d.get("table"):
+        try:
+            return max(int(f[0]) + int(f[1]) for f in (ln.split() for ln in d["table"].splitlines()) if f) * 512
+        except (ValueError, IndexError):
+            return None
+    return None
+
+
+def glance(st: dict[str, Any]) -> dict[str, str]:
+    """One line's worth of NAME's status: phase, destination, progress, state."""
+    j, inc = st["journal"], st.get("incoming")
+    row = {"disk": st["name"], "phase": "-", "destination": "-", "progress": "-", "state": "ok"}
+    if j:
+        row["phase"] = j["phase"]
+        d = j["dest"] or {}
+        if d:
+            how = "ssh" if d.get("transport", "ssh") == "ssh" else ("nbd+tls" if d.get("tls") else "nbd, NO TLS")
+            row["destination"] = f"{d.get('host')}:{d.get('disk', '?')} ({how})"
+        c, m = j["copy"] or {}, j["mirror"] or {}
+        size = _size_bytes(st)
+        if j["phase"] == J.MIRRORING or j["phase"] == J.CUTTING_OVER:
+            mir = next((d["mirror"] for d in st["devices"].values() if "mirror" in d), None)
+            if mir is None:
+                row["progress"] = "no mirror table"
+            elif mir["in_sync"] >= mir["regions"]:
+                row["progress"] = f"mirrored, in sync ({m.get('parts', 1)} parts)"
+            else:
+                row["progress"] = f"resync {100 * mir['in_sync'] // max(1, mir['regions'])}% " \
+                                  f"({mir['regions'] - mir['in_sync']} regions left)"
+        elif c.get("base_done"):
+            rounds = c.get("rounds") or []
+            last = f", last delta {sizing.human(rounds[-1]['dirty_bytes'])}" if rounds else ""
+            row["progress"] = f"base copied, {len(rounds)} round(s){last}"
+        elif c.get("base_started") and size:
+            row["progress"] = f"base {100 * int(c.get('base_offset', 0)) // size}% of {sizing.human(size)}"
+    elif inc and "unreadable" not in inc:
+        row["phase"] = "incoming"
+        row["destination"] = f"{inc.get('path')} (this host)"
+        row["progress"] = "handed over" if inc.get("handed_over") else \
+            ("export running" if inc.get("export_alive") else "no export")
+    failed = any("mirror" in d and not d["mirror"]["healthy"] for d in st["devices"].values())
+    n = len(st["problems"])
+    if failed:
+        row["state"] = "LEG FAILED"
+    elif n:
+        row["state"] = f"{n} problem{'s' if n > 1 else ''}"
+    return row
+
+
+def render_glance(sts: list[dict[str, Any]]) -> str:
+    """Every disk on one line each, then their problems: `dmmig status` with no NAME."""
+    rows = [glance(s) for s in sts]
+    cols = ["disk", "phase", "destination", "progress", "state"]
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(width[c]) for c in cols).rstrip()]
+    lines += ["  ".join(r[c].ljust(width[c]) for c in cols).rstrip() for r in rows]
+    for s in sts:
+        lines += [f"! {s['name']}: {p}" for p in s["problems"]]
+    if len(sts) > 0:
+        lines.append("(`dmmig status NAME` for the device stack, era and mirror of one disk)")
     return "\n".join(lines)

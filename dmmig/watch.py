@@ -16,10 +16,11 @@ from typing import Any
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.targets import MIRRORS
 from dmmig.errors import CommandError
+from dmmig.names import Files
 
 
 def health_path(state: str, name: str) -> str:
-    return os.path.join(state, f"{name}.health.json")
+    return Files(state, name).health
 
 
 def read_health(state: str, name: str) -> dict[str, Any] | None:

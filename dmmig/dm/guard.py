@@ -15,11 +15,12 @@ import os
 import sys
 import threading
 
+from dmmig.names import Files
 from dmmig.runner import Runner
 
 
 def log_path(state: str, name: str) -> str:
-    return os.path.join(state, f"{name}.guard.log")
+    return Files(state, name).guard_log
 
 
 class SuspendGuard:

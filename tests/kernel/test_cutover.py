@@ -61,6 +61,10 @@ def test_full_migration_under_writer(pair, pdisks, name: str) -> None:
     assert st["journal"]["phase"] == "mirroring"
     m = st["devices"][f"dmmig-{name}"]["mirror"]
     assert m["healthy"] and m["in_sync"] == m["regions"] == 64 * MiB // BLOCK, m
+    # at a glance, from the kernel's own tables and status lines
+    row = next(ln for ln in a.dmmig("status").out.splitlines() if ln.startswith(name + " "))
+    assert row.split()[1] == "mirroring" and "mirrored, in sync (16 parts)" in row and row.endswith(" ok"), row
+    assert "more line(s), one per mirror part" in a.dmmig("status", name).out
     # a second writer only in mirror mode, on blocks nobody wrote before: they can reach the
     # destination through the mirror and nothing else (no copy runs after the cutover)
     w2 = start_writer(a, top, rec2, seed=21, rate="1000", blocks="8192:10240")

@@ -12,11 +12,11 @@ import pytest
 
 from dmmig import journal as J
 from dmmig import migrate_domain as MD
-from dmmig.agent import AgentServer
 from dmmig.confine import Policy
+from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import CommandError
-from dmmig.hotplug import disk_name_for
+from dmmig.names import disk_name_for
 from dmmig.runner import Result
 from dmmig.stack import Stack
 from dmmig.xenstore import XenStoreError

@@ -11,9 +11,8 @@ from typing import Any
 import paramiko
 import pytest
 
-from dmmig import agent as agent_mod
-from dmmig import migrate
-from dmmig.agent import PROTOCOL, AgentClient, deadline_for
+from dmmig import agentclient, migrate
+from dmmig.agentclient import PROTOCOL, AgentClient, deadline_for
 from dmmig.errors import Exit, RemoteError
 from dmmig.ssh import _pump
 
@@ -169,7 +168,7 @@ def test_every_call_has_a_deadline_by_default(monkeypatch: pytest.MonkeyPatch) -
     assert deadline_for("answer_gate", {}) == 30 and deadline_for("something_new", {}) == 120
     chan = SocketChannel()
     agent = AgentClient(Client(chan), "dmmig")  # type: ignore[arg-type]
-    monkeypatch.setitem(agent_mod._DEADLINES_S, "stop", 0.3)
+    monkeypatch.setitem(agentclient._DEADLINES_S, "stop", 0.3)
     with pytest.raises(RemoteError, match="to stop within"):
         agent.call("stop", name="d1")
 

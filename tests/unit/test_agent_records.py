@@ -17,8 +17,8 @@ import pytest
 
 from dmmig import gate
 from dmmig import journal as J
-from dmmig.agent import AgentServer
 from dmmig.confine import Policy, Refused
+from dmmig.destination import AgentServer
 from dmmig.errors import BadInput, Busy
 from tests.unit.fakes import FakeRunner, MemXenStore
 

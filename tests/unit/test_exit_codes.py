@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from dmmig import cli, errors, nbd
-from dmmig.agent import AgentClient, AgentServer, Lines
+from dmmig.agentclient import AgentClient
 from dmmig.confine import Policy
+from dmmig.destination import AgentServer, Lines
 from dmmig.errors import (
     BadInput,
     Busy,

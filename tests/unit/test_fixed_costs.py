@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dmmig import migrate as M
-from dmmig.agent import AgentServer
+from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
 from dmmig.progress import Stopwatch, since_exec

@@ -170,7 +170,7 @@ def test_the_wait_ends_when_the_source_is_gone(tmp_path: Path) -> None:
 
 
 def test_the_agent_sees_its_source_go_without_reading_a_request(tmp_path: Path) -> None:
-    from dmmig.agent import AgentServer
+    from dmmig.destination import AgentServer
     from dmmig.runner import SubprocessRunner
     r, w = os.pipe()
     srv = AgentServer(SubprocessRunner(), str(tmp_path))

@@ -15,8 +15,8 @@ import pytest
 from dmmig import journal as J
 from dmmig import migrate as M
 from dmmig import nbd as N
-from dmmig.agent import AgentServer
 from dmmig.confine import Policy
+from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput
 from dmmig.runner import SubprocessRunner
@@ -103,7 +103,7 @@ def test_records_next_to_the_journal_are_not_disks(tmp_path: Path) -> None:
 
 
 def test_block_script_names_avoid_the_reserved_suffixes() -> None:
-    from dmmig.hotplug import disk_name_for
+    from dmmig.names import disk_name_for
     assert disk_name_for("/srv/vm.dest") == "srv-vm+2edest"
     assert disk_name_for("/dev/vg0/vm.health") == "vg0-vm+2ehealth"
     assert disk_name_for("/srv/vm.destination") == "srv-vm.destination"

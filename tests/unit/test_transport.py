@@ -22,11 +22,13 @@ from dmmig import journal as J
 from dmmig import migrate as M
 from dmmig import nbd as N
 from dmmig import tlscreds, tunnel
-from dmmig.agent import AgentServer, export_dir, parse_forced
+from dmmig.agent import parse_forced
 from dmmig.agentcmd import agent_argv
 from dmmig.confine import Policy
+from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, Exit, StateError
+from dmmig.names import export_dir
 from dmmig.runner import SubprocessRunner
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
@@ -248,7 +250,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
     """The copy's NBD goes through the agent session that prepared the export (op relay): no
     second agent starts there. What the agent's reply and the export's first bytes (NBD's
     greeting) share of one read must reach libnbd; a refused relay leaves the session an agent."""
-    from dmmig.agent import AgentClient
+    from dmmig.agentclient import AgentClient
     from dmmig.ssh import channel_socket
     agent, state, path = agent_with_disk(tmp_path)
     exp = N.Export(**agent.op_export("d1")["export"])
@@ -277,7 +279,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
 
 
 def test_the_agents_line_reader_gives_back_what_it_read_past_a_request() -> None:
-    from dmmig.agent import Lines
+    from dmmig.destination import Lines
     r, w = os.pipe()
     os.write(w, b'{"op": "relay", "name": "d1"}\nNBD bytes')
     os.close(w)
@@ -447,7 +449,7 @@ def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> N
     old = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "addr": "127.0.0.1", "port": 10809})
     new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/nbd/d1.sock"})
     for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/nbd/d1.sock")):
-        left = M._stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
+        left = M.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
                               done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
 
