@@ -30,7 +30,7 @@ DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 
 COPY = r"""
 import json, socket, sys, threading, time
-from dmmig import nbd as N
+from dmmig import nbd
 from dmmig.copy import Copier
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import Endpoint, connect, relay_socket

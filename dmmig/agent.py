@@ -32,9 +32,7 @@ import threading
 from collections.abc import Callable
 from functools import partial
 
-from dmmig import confine
-from dmmig import journal as J
-from dmmig import nbd as N
+from dmmig import confine, journal, nbd
 from dmmig.destination import AgentServer, Lines, record
 from dmmig.errors import BadInput
 from dmmig.runner import SubprocessRunner
@@ -70,7 +68,7 @@ def relay_to(state: str, name: str) -> Callable[[bytes], None]:
 def _export_socket(state: str, name: str) -> socket.socket:
     """A connection to NAME's export on its root-only unix socket."""
     rec = record(state, name)
-    exp = N.Export(**rec["export"]) if rec and rec.get("export") else None
+    exp = nbd.Export(**rec["export"]) if rec and rec.get("export") else None
     if exp is None or not exp.socket or not exp.alive():
         raise BadInput(f"no NBD export of {name} on a unix socket here", hint="`dmmig copy` starts it")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -214,7 +212,7 @@ def parse_forced(original: str, state: str) -> tuple[str | None, str | None]:
 def main(state_dir: str | None = None, mode: str | None = None, arg: str | None = None,
          forced: bool = False, policy: confine.Policy | None = None) -> int:
     os.umask(0o077)  # everything the agent makes (records, sockets, keys) is root's alone
-    state = J.state_dir(state_dir)
+    state = journal.state_dir(state_dir)
     if mode is None:
         original = os.environ.get("SSH_ORIGINAL_COMMAND")  # set by sshd for a forced command only
         if forced and original is None:

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TextIO
 
-from dmmig import gate
-from dmmig import journal as J
+from dmmig import gate, journal
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, TimedOut, Undo
 from dmmig.names import SCRIPT, disk_name_for, format_devno, top_name
@@ -242,7 +241,7 @@ class Hotplug:
         if entry is not None and entry.handed_over:
             self._finish_source(name, entry, params)
             return
-        if entry is not None and entry.phase != J.WRAPPED:
+        if entry is not None and entry.phase != journal.WRAPPED:
             # the stack belongs to the migration (a domain destroyed mid-migration, or a gate
             # that said no): dmmig finishes or aborts it
             self.log(f"{name} is in phase {entry.phase!r} of a migration: left for dmmig "
@@ -271,7 +270,7 @@ class Hotplug:
         if node:
             self._detach(node, params)
 
-    def _finish_source(self, name: str, entry: J.Entry, params: str) -> None:
+    def _finish_source(self, name: str, entry: journal.Entry, params: str) -> None:
         """After a completed migration (libxl destroys the source domain once the destination
         runs it): the destination's add got our yes, so this host's stack is history. Tear it
         down here and keep the data; `dmmig migrate` tells the destination's agent."""
@@ -379,7 +378,7 @@ def report_error(xs: XenStore, be: Backend, log: Callable[[str], None], msg: str
 def make_stack(state_dir: str | None) -> Stack:
     from dmmig.udev import wait_dm_node
     runner = SubprocessRunner(default_timeout=COMMAND_TIMEOUT_S)
-    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node), J.Journal(J.state_dir(state_dir)))
+    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node), journal.Journal(journal.state_dir(state_dir)))
 
 
 def main(action: str, env: Mapping[str, str] | None = None, *, state_dir: str | None = None) -> int:

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from dmmig import journal as J
-from dmmig import migrate_domain as MD
+from dmmig import journal, migrate_domain
 from dmmig.confine import Policy
 from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
@@ -150,13 +149,13 @@ class World:
             (["dmsetup", "info"], NOT_THERE),
             (["dmsetup", "targets"], (0, TARGETS, "")),
         ])
-        self.stack = Stack(self.runner, DmSetup(self.runner), J.Journal(str(tmp_path / "state")))
+        self.stack = Stack(self.runner, DmSetup(self.runner), journal.Journal(str(tmp_path / "state")))
         # the destination: its agent confined to dest/, and its own XenStore
         self.dest_xs = MemXenStore()
         self.agent = FakeAgent(AgentServer(FakeRunner(), str(tmp_path / "dstate"),
                                            policy=Policy(file_roots=(str(self.dest_dir),)),
                                            xenstore=lambda: contextlib.nullcontext(self.dest_xs)))
-        self.opts = MD.MigrateOptions(block_script=str(self.script))
+        self.opts = migrate_domain.MigrateOptions(block_script=str(self.script))
 
     def disk(self, size: int = 8 * MIB) -> str:
         """A managed disk d1: params is a file under dest/ (so the destination's path exists
@@ -170,14 +169,14 @@ class World:
                                      (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
         self.runner.rules.insert(0, (INFO + [f"dmmig-{name}"],
                                      (0, f"dmmig-{name};253;4;L--w;1;1;0;DMMIG-top-{name}\n", "")))
-        self.stack.journal.save(J.Entry(name, "/dev/loop1", "7:1"), J.WRAPPED)
+        self.stack.journal.save(journal.Entry(name, "/dev/loop1", "7:1"), journal.WRAPPED)
         self.xs.data.update(vbd_keys(51712, "xvda", params, node="/dev/loop1"))
         return name
 
-    def plan(self, domain: str = "vm1", **opts: Any) -> MD.Plan:
+    def plan(self, domain: str = "vm1", **opts: Any) -> migrate_domain.Plan:
         for k, v in opts.items():
             setattr(self.opts, k, v)
-        return MD.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", {}, self.opts,
+        return migrate_domain.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", {}, self.opts,
                        remote=lambda dest: FakeRemote(self.agent))
 
     def mutating(self) -> list[list[str]]:

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from dmmig import gate
-from dmmig import journal as J
+from dmmig import gate, journal
 from dmmig.confine import Policy, Refused
 from dmmig.destination import AgentServer
 from dmmig.errors import BadInput, Busy
@@ -156,7 +155,7 @@ def test_a_local_domains_backend_or_another_dmmig_record_refuses_it(dest: Dest) 
         dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m1")
     os.unlink(os.path.join(dest.state, "d0.dest.json"))
     # a disk this host migrates away (or serves through block-dmmig) sits on it
-    J.Journal(dest.state).save(J.Entry("d7", p, "7:7"), J.WRAPPED)
+    journal.Journal(dest.state).save(journal.Entry("d7", p, "7:7"), journal.WRAPPED)
     with pytest.raises(Busy, match="the origin of dmmig disk d7 here"):
         dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m1")
 

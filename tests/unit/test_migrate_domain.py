@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from dmmig import journal as J
-from dmmig import migrate_domain as MD
+from dmmig import journal, migrate_domain
 from dmmig.domain import vbds
 from dmmig.errors import BadInput, MissingDependency, StateError
 from dmmig.runner import SubprocessRunner
@@ -36,7 +35,7 @@ def test_plan_of_one_managed_disk(world: World) -> None:
     p = world.plan()
     assert (p.domain.domid, p.domain.name) == (DOMID, "vm1")
     [d] = p.disks
-    assert (d.name, d.vbd.vdev, d.size, d.phase, d.dest_disk) == (name, "xvda", 8 * MIB, J.WRAPPED, d.vbd.params)
+    assert (d.name, d.vbd.vdev, d.size, d.phase, d.dest_disk) == (name, "xvda", 8 * MIB, journal.WRAPPED, d.vbd.params)
     text = p.render()
     assert "linear 7:1 0" in text and "era <metadata loop> 7:1 128" in text
     # the plan shows the mirror set cutover loads: 8 MiB in 64 KiB regions, 16 parts of 8 regions
@@ -53,11 +52,11 @@ def test_plan_of_one_managed_disk(world: World) -> None:
 
 def test_plan_takes_the_tunnel_the_operator_chose_without_probing(world: World) -> None:
     world.disk()
-    from dmmig import migrate as M
-    p = world.plan(copy=M.CopyOptions(tunnel="forward"))
+    from dmmig import migrate
+    p = world.plan(copy=migrate.CopyOptions(tunnel="forward"))
     assert p.tunnel == "forward" and world.agent.calls == ["probe"]
     world.agent.calls.clear()
-    p = world.plan(copy=M.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
+    p = world.plan(copy=migrate.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
     assert p.tunnel is None and world.agent.calls == ["probe"] and "NBD over TCP" in p.render()
 
 
@@ -71,7 +70,7 @@ def test_plan_shows_the_block_size_and_refuses_a_bad_one(world: World) -> None:
     entry = world.stack.journal.load(name)
     assert entry is not None
     entry.block_sectors = 256
-    world.stack.journal.save(entry, J.PREPARED)
+    world.stack.journal.save(entry, journal.PREPARED)
     text = world.plan(block_bytes=1 << 20).render()
     assert "mirror disk 2 <log 0> 256 2" in text and "era <metadata" not in text
     assert world.mutating() == []
@@ -191,7 +190,7 @@ def test_destination_outside_the_agents_confinement_is_refused_at_plan_time(worl
     world.runner.rules.insert(0, (["dmsetup", "table", "dmmig-etc-passwd"],
                                   (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
     world.runner.rules.insert(0, (INFO + ["dmmig-etc-passwd"], (0, "dmmig-etc-passwd;253;4;L--w;1;1;0;x\n", "")))
-    world.stack.journal.save(J.Entry("etc-passwd", "/dev/loop1", "7:1"), J.WRAPPED)
+    world.stack.journal.save(journal.Entry("etc-passwd", "/dev/loop1", "7:1"), journal.WRAPPED)
     assert name != "etc-passwd"
     with pytest.raises(BadInput, match="/etc/passwd is not under this agent's file roots"):
         world.plan()
@@ -313,7 +312,7 @@ def test_xl_timeout_is_bounded(world: World) -> None:
 def test_an_overrun_says_where_xl_writes_and_what_to_do(world: World) -> None:
     name = world.disk()
     p = world.plan()
-    err = MD._overran(p, XlRun(None, "", 3601.0, 4242, "/var/lib/dmmig/xl-migrate-7.log"), 3600)
+    err = migrate_domain._overran(p, XlRun(None, "", 3601.0, 4242, "/var/lib/dmmig/xl-migrate-7.log"), 3600)
     assert "pid 4242" in err.message and "did not stop it" in err.message and "xl-migrate-7.log" in err.message
     assert err.hint and "ps -p 4242" in err.hint and f"dmmig abort NAME` for each of {name}" in err.hint
     assert "dmmig finish --force --remove NAME" in err.hint and err.exit_code == 6
@@ -355,7 +354,7 @@ def test_a_block_larger_than_the_disk_is_refused_in_the_plan(world: World) -> No
     entry = world.stack.journal.load(name)
     assert entry is not None
     entry.block_sectors = 32 * 2048  # prepared by an older dmmig with a 32 MiB block
-    world.stack.journal.save(entry, J.PREPARED)
+    world.stack.journal.save(entry, journal.PREPARED)
     with pytest.raises(BadInput, match="larger than the disk"):
         world.plan(block_bytes=64 << 10)
     assert world.mutating() == []
@@ -463,7 +462,7 @@ def test_a_config_whose_disks_differ_from_the_running_domain_is_refused(world: W
     params = str(world.dest_dir / "d1")
     cfg = "/etc/xen/vm1.cfg"
 
-    def plan_with(*disks: str) -> MD.Plan:
+    def plan_with(*disks: str) -> migrate_domain.Plan:
         world.runner.rules.insert(0, (["xl", "-N", "create", cfg], (0, XL_N_CREATE % ",\n".join(disks), "")))
         return world.plan(xl_args=["-C", cfg])
 

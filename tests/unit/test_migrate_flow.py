@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from dmmig import cli
-from dmmig import journal as J
-from dmmig import migrate_domain as MD
+from dmmig import cli, journal, migrate_domain
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.domain import Vbd
 from dmmig.errors import Busy, DmmigError, Exit, MissingDependency, RemoteError, StateError
@@ -81,15 +79,16 @@ class Flow:
 
     def __init__(self, tmp_path: Path, names: tuple[str, ...] = ("d1", "d2")) -> None:
         r = FakeRunner()
-        self.stack = Stack(r, DmSetup(r), J.Journal(str(tmp_path / "state")))
+        self.stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
         self.disks = []
         for i, n in enumerate(names):
-            self.stack.journal.save(J.Entry(n, f"/dev/loop{i}", f"7:{i}", dest={"host": "b", "disk": f"/srv/{n}"},
-                                            mirror={"synced": True}), J.MIRRORING)
+            self.stack.journal.save(journal.Entry(n, f"/dev/loop{i}", f"7:{i}", dest={"host": "b", "disk": f"/srv/{n}"},
+                                            mirror={"synced": True}), journal.MIRRORING)
             v = Vbd(str(51712 + i), f"xvd{'ab'[i]}", f"/local/domain/0/backend/vbd/7/{51712 + i}",
                     "/etc/xen/scripts/block-dmmig", f"/srv/{n}", "w", "fd:4", "")
-            self.disks.append(MD.Disk(v, n, f"/dev/loop{i}", 1 << 20, J.MIRRORING, f"/srv/{n}", True, []))
-        self.plan = MD.Plan(VM, "root@b", self.disks, [])
+            self.disks.append(migrate_domain.Disk(v, n, f"/dev/loop{i}", 1 << 20, journal.MIRRORING, f"/srv/{n}",
+                                                  True, []))
+        self.plan = migrate_domain.Plan(VM, "root@b", self.disks, [])
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.said: list[str] = []
@@ -99,7 +98,7 @@ class Flow:
                                                                              "resync_regions": 0}}] * len(names)
         self.finish_errors: dict[str, DmmigError] = {}
 
-    def ops(self, **over: Any) -> MD.Ops:
+    def ops(self, **over: Any) -> migrate_domain.Ops:
         def remote(dest: dict[str, Any]) -> Remote:
             self.remotes.append(Remote(self.agent))
             return self.remotes[-1]
@@ -107,10 +106,10 @@ class Flow:
         def to_mirror(*a: Any) -> list[Any]:
             return list(self.mirror_results)
 
-        def answer_gate(stack: Stack, entry: J.Entry, remote: Any) -> dict[str, Any]:
+        def answer_gate(stack: Stack, entry: journal.Entry, remote: Any) -> dict[str, Any]:
             return {"ok": True, "why": "in sync", "delivered": True}
 
-        def finish(stack: Stack, d: MD.Disk, dest: dict[str, Any]) -> dict[str, Any]:
+        def finish(stack: Stack, d: migrate_domain.Disk, dest: dict[str, Any]) -> dict[str, Any]:
             self.finished.append(d.name)
             if d.name in self.finish_errors:
                 raise self.finish_errors[d.name]
@@ -121,10 +120,10 @@ class Flow:
             return ["abort"], []
         kw = dict(remote=remote, to_mirror=to_mirror, answer_gate=answer_gate, finish=finish, abort=abort)
         kw.update(over)
-        return MD.Ops(**kw)
+        return migrate_domain.Ops(**kw)
 
     def run(self, xl: FakeXl, **over: Any) -> dict[str, Any]:
-        return MD.migrate(self.stack, xl, self.plan, {}, MD.MigrateOptions(), lambda d, i: None,  # type: ignore
+        return migrate_domain.migrate(self.stack, xl, self.plan, {}, migrate_domain.MigrateOptions(), lambda d, i: None,  # type: ignore
                           self.said.append, self.ops(**over))
 
 
