@@ -31,7 +31,7 @@ DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 COPY = r"""
 import json, socket, sys, threading, time
 from dmmig import nbd
-from dmmig.copy import Copier
+from dmmig.copier import Copier
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import Endpoint, connect, relay_socket
 how, src, name, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])

@@ -23,7 +23,7 @@ from typing import Any
 from dmmig import __version__, blockdev, confine, gate, inuse, journal, nbd, tlscreds, xenstore
 from dmmig.agentclient import PROTOCOL
 from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
-from dmmig.copy import digest_ranges
+from dmmig.copier import digest_ranges
 from dmmig.errors import BadInput, Busy, DmmigError, StateError
 from dmmig.gate import GateServer
 from dmmig.lvm import Lvm

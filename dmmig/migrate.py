@@ -21,7 +21,7 @@ from dmmig import gate, journal, mirrorlog, nbd, sizing, sparse, tlscreds, tunne
 from dmmig.agentclient import AgentClient
 from dmmig.agentcmd import agent_argv
 from dmmig.blockdev import block_device, logical_block_size
-from dmmig.copy import Copier, Counters, digest_ranges
+from dmmig.copier import Copier, Counters, digest_ranges
 from dmmig.destination import AgentServer, incoming
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge

@@ -92,7 +92,7 @@ def test_layout_of_a_real_sparse_file(tmp_path: Path) -> None:
 
 def test_the_copier_reads_no_hole_and_zeroes_them_on_a_destination_not_known_zero(tmp_path: Path) -> None:
     nbd = pytest.importorskip("nbd")  # noqa: F841
-    from dmmig.copy import Copier
+    from dmmig.copier import Copier
     from tests.unit.test_copy_engine import start
     size = 3 * GiB + 5 * MiB
     src = tmp_path / "src.img"
