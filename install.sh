@@ -1,11 +1,51 @@
 #!/bin/bash
-# Install dmmig and everything its tests and demo need on Debian 12, as root; then
-#   ./install.sh demo   run a migration between two simulated hosts (user-mode-linux rig)
-#   ./install.sh test   run the whole test suite
+# On Debian 12, as root:
+#   ./install.sh deb    build the Debian package dist/dmmig_VERSION_all.deb from this checkout,
+#                       installing only its build dependencies (debian/control); install it on
+#                       real hosts with `apt install ./dist/dmmig_VERSION_all.deb`
+#   ./install.sh        install dmmig from this checkout for development, with everything its
+#                       tests and demo need (the rigs' tools); /usr/local/bin/dmmig -> the venv
+#   ./install.sh demo   that, then a migration between two simulated hosts (user-mode-linux rig)
+#   ./install.sh test   that, then the whole test suite
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")"
 here=$(pwd)
+
+# The package: built from a copy of the checkout (the checkout keeps no build products and its
+# .venv is left alone), with Debian's /usr/bin/python3 and a plain PATH (a pyenv or venv python
+# first on PATH would otherwise build and test it). DEB_BUILD_OPTIONS=nocheck skips the unit
+# tests the build runs.
+build_deb() {
+  if ! dpkg-checkbuilddeps 2>/dev/null; then
+    echo "install.sh: installing the package's build dependencies (debian/control)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends dpkg-dev >/dev/null
+    apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null
+  fi
+  local version
+  version=$(dpkg-parsechangelog -S Version)
+  tmp=$(mktemp -d)  # global: the EXIT trap runs after this function returned
+  trap 'rm -rf "$tmp"' EXIT
+  mkdir "$tmp/dmmig-$version"
+  tar -c --exclude-vcs --exclude=./.venv --exclude=./dist --exclude='*.egg-info' --exclude=__pycache__ \
+      --exclude=.pybuild --exclude=.mypy_cache --exclude=.pytest_cache --exclude=.ruff_cache . |
+    tar -x -C "$tmp/dmmig-$version"
+  (cd "$tmp/dmmig-$version" &&
+     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$tmp" LANG=C.UTF-8 \
+       ${DEB_BUILD_OPTIONS:+DEB_BUILD_OPTIONS="$DEB_BUILD_OPTIONS"} dpkg-buildpackage -b -us -uc) \
+    >"$tmp/build.log" 2>&1 || { tail -n 40 "$tmp/build.log" >&2; echo "install.sh: the package build failed" >&2; exit 1; }
+  mkdir -p dist
+  mv "$tmp/dmmig_${version}_all.deb" dist/
+  echo "install.sh: built dist/dmmig_${version}_all.deb; install it with: apt install ./dist/dmmig_${version}_all.deb"
+}
+
+case "${1:-}" in
+  deb) build_deb; exit 0 ;;
+  ""|demo|test) ;;
+  *) echo "usage: $0 [deb|demo|test]" >&2; exit 2 ;;
+esac
 
 PKGS=(
   # dmmig at run time
@@ -22,6 +62,8 @@ PKGS=(
   # the Vagrant rig's checks (vagrant validate with its libvirt provider, shellcheck, LVM in
   # the rig, the guest initramfs also uses busybox-static and cpio from the line above)
   vagrant vagrant-libvirt shellcheck lvm2 xenstore-utils
+  # the Debian package's man page test (tools/cli_docs.py) and its lintian check in .ci/run
+  python3-argparse-manpage lintian
 )
 
 missing=()
@@ -56,5 +98,4 @@ case "${1:-}" in
   # (one worker kept 0.8 of this machine's two cores busy). -n 0 runs in this process (-s, Xen).
   test) shift; exec .venv/bin/python -m pytest -ra -n "${DMMIG_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
   "") echo "install.sh: installed; dmmig is $(command -v dmmig)" ;;
-  *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
 esac

@@ -196,11 +196,16 @@ def accept_exec(path: str, argv: list[str], timeout: float = ACCEPT_TIMEOUT) -> 
     with it as stdin and stdout. No process of ours stays on the data path."""
     old = os.umask(0o177)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bound under a temporary name and renamed once listening: start() (and so nbd-client) takes
+    # PATH's existence for "listening", and a connect between bind and listen is refused. The
+    # name is shorter than NAME.nbd.sock, so it fits sun_path wherever PATH does.
+    tmp = os.path.join(os.path.dirname(path), f".a{os.getpid()}")
     try:
-        s.bind(path)
+        s.bind(tmp)
     finally:
         os.umask(old)
     s.listen(1)
+    os.rename(tmp, path)
     s.settimeout(timeout)
     try:
         conn, _ = s.accept()

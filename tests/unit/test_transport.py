@@ -36,7 +36,8 @@ from tests.unit.fakes import NOT_THERE, FakeRunner
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
-DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
+# this interpreter's dmmig: the venv's under ./install.sh test, Debian's python3 in a package build
+DMMIG = [sys.executable, "-m", "dmmig"]
 needs_qemu_nbd = pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="needs qemu-nbd (qemu-utils)")
 
 
@@ -140,7 +141,7 @@ def test_a_forced_agent_refuses_anything_else(original: str) -> None:
 
 
 def run_agent(env: dict[str, str], *args: str, inp: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([DMMIG, *args], input=inp, capture_output=True, text=True, timeout=60,
+    return subprocess.run([*DMMIG, *args], input=inp, capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
 
 
@@ -150,7 +151,7 @@ def test_the_forced_command_end_to_end(tmp_path: Path) -> None:
         r = run_agent({"SSH_ORIGINAL_COMMAND": original}, "--state-dir", state, "agent", "--forced-command")
         assert r.returncode == 3 and "refused" in r.stderr and r.stdout == "", r
     env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
-    r = subprocess.run([DMMIG, "--state-dir", state, "agent", "--forced-command"], capture_output=True, text=True,
+    r = subprocess.run([*DMMIG, "--state-dir", state, "agent", "--forced-command"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 3 and "interactive login" in r.stderr, r  # no command: a shell request
     r = run_agent({"SSH_ORIGINAL_COMMAND": f"dmmig --state-dir {state} agent"}, "--state-dir", state, "agent",
@@ -184,7 +185,7 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
             f.write(b"hello through the relay".ljust(4096, b"\0"))
         h = nbd.NBD()
         h.set_export_name("d1")
-        h.connect_command([DMMIG, "--state-dir", state, "agent", "relay", "d1"])  # its stdin/stdout
+        h.connect_command([*DMMIG, "--state-dir", state, "agent", "relay", "d1"])  # its stdin/stdout
         assert h.pread(23, 0) == b"hello through the relay"
         h.pwrite(b"x" * 4096, 4096)
         h.flush()
@@ -192,7 +193,7 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
         with open(path, "rb") as f:
             assert f.read(8192)[4096:] == b"x" * 4096
         # a relay for a disk without an export says why, and exits non-zero
-        r = subprocess.run([DMMIG, "--state-dir", state, "agent", "relay", "d2"], capture_output=True, text=True,
+        r = subprocess.run([*DMMIG, "--state-dir", state, "agent", "relay", "d2"], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=60)
         assert r.returncode == 3 and "no NBD export of d2" in r.stderr, r
     finally:
@@ -255,7 +256,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
     try:
         with open(path, "r+b") as f:
             f.write(b"hello through the agent".ljust(4096, b"\0"))
-        client = ProcClient([DMMIG, "--state-dir", state, "agent"])
+        client = ProcClient([*DMMIG, "--state-dir", state, "agent"])
         c = AgentClient(client, "dmmig")
         with pytest.raises(BadInput, match="no NBD export of d2"):
             c.call("relay", name="d2")
@@ -338,8 +339,11 @@ def test_the_relay_listener_hands_its_one_connection_to_the_command(tmp_path: Pa
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(sock)
-            time.sleep(0.2)
-            assert open(f"/proc/{p.pid}/cmdline").read().split("\0")[0] == "cat"  # exec'd, not relayed
+            # exec'd, not relayed: within 5 s (a fixed 0.2 s failed on a loaded machine, and in a package build)
+            deadline = time.monotonic() + 5
+            while open(f"/proc/{p.pid}/cmdline").read().split("\0")[0] != "cat" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert open(f"/proc/{p.pid}/cmdline").read().split("\0")[0] == "cat"
             s.sendall(b"nbd request")
             assert s.recv(100) == b"nbd request"
             assert not os.path.exists(sock), "a second client could connect"
@@ -478,3 +482,31 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
         old.kill()
     assert steps.errors == [] and any(f"stop the SSH tunnel (pid {old.pid})" in d for d in steps.done), steps.done
     assert not any(os.path.exists(f) for f in stale)
+
+
+def test_the_relay_listener_path_appears_only_once_it_listens(tmp_path: Path) -> None:
+    """tunnel.start returns when the socket's path exists and nbd-client connects next: a
+    listener that is bound but not yet listening refuses it (seen as ECONNREFUSED in this suite
+    and in a package build under load). Here listen() is slowed down to make that window wide."""
+    sock = str(tmp_path / "r.sock")
+    code = ("import socket, sys, time\n"
+            "class Slow(socket.socket):\n"
+            "    def listen(self, *a):\n"
+            "        time.sleep(1)\n"
+            "        super().listen(*a)\n"
+            "socket.socket = Slow\n"
+            "from dmmig import tunnel\n"
+            "sys.exit(tunnel.accept_exec(sys.argv[1], ['cat'], timeout=30))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, sock])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(sock)  # the moment the path exists
+            s.sendall(b"nbd request")
+            assert s.recv(100) == b"nbd request"
+        assert os.listdir(tmp_path) == [], "the listener left a file behind"
+    finally:
+        p.kill()
+        p.wait()
