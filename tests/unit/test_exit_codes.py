@@ -3,10 +3,12 @@ bugs), the destination's kind survives the agent's JSON relay, and --debug shows
 failure came from (its causes, each teardown step's, a bug's on the destination)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +160,12 @@ class SshClient:
 def relay(tmp_path: Path) -> Any:
     """An AgentClient talking JSON lines to a real AgentServer (confined to tmp_path/disks,
     running its commands for real) in a thread."""
-    yield from start_relay(tmp_path)
+    with start_relay(tmp_path) as client:
+        yield client
 
 
-def start_relay(tmp_path: Path) -> Any:
+@contextlib.contextmanager
+def start_relay(tmp_path: Path) -> Iterator[AgentClient]:
     (tmp_path / "disks").mkdir()
     (tmp_path / "state").mkdir(mode=0o700)
     server = AgentServer(SubprocessRunner(), str(tmp_path / "state"),
@@ -170,12 +174,14 @@ def start_relay(tmp_path: Path) -> Any:
     out = theirs.makefile("w")
     th = threading.Thread(target=server.serve, args=(Lines(theirs.fileno()), out), daemon=True)
     th.start()
-    client = AgentClient(SshClient(SocketChannel(ours)), "dmmig")
-    yield client
-    ours.close()
-    th.join(5)
-    out.close()
-    theirs.close()
+    try:
+        yield AgentClient(SshClient(SocketChannel(ours)), "dmmig")
+    finally:  # the server sees the end of its input, writes what it still has, returns; then close
+        ours.shutdown(socket.SHUT_WR)
+        th.join(5)
+        out.close()
+        theirs.close()
+        ours.close()
 
 
 def prepared(client: AgentClient, tmp_path: Path) -> None:
@@ -219,10 +225,8 @@ def test_every_kind_survives_the_relay(cls: type[DmmigError], code: Exit, tmp_pa
     def stop(name: str) -> dict[str, Any]:
         raise cls(f"{name} failed there", hint="the hint there")
     monkeypatch.setattr(AgentServer, "op_stop", lambda self, name: stop(name))
-    relay = start_relay(tmp_path)
-    with pytest.raises(cls) as e:
-        next(relay).call("stop", name="d1")
-    relay.close()
+    with start_relay(tmp_path) as client, pytest.raises(cls) as e:
+        client.call("stop", name="d1")
     assert type(e.value) is cls and e.value.exit_code == code
     assert e.value.message == "destination: d1 failed there" and e.value.hint == "the hint there"
 
@@ -285,16 +289,17 @@ def test_with_context_keeps_kind_fields_and_cause() -> None:
     assert e.message.startswith("`dmsetup")  # the original is unchanged
 
 
-
 def test_a_request_the_agent_cannot_read_is_refused_not_a_bug(tmp_path: Path) -> None:
     """Before: an unknown op or a line that is no JSON object was an internal error there, so
     exit 1 (a bug) here; a source of another version sends them."""
-    relay = start_relay(tmp_path)
-    client = next(relay)
+    with start_relay(tmp_path) as client:
+        _unreadable_requests(client)
+
+
+def _unreadable_requests(client: AgentClient) -> None:
     with pytest.raises(BadInput, match="unknown agent request") as e:
         client.call("no_such_op")
     assert e.value.exit_code == Exit.BAD_INPUT
     client.chan.sendall(b"[1, 2]\n")  # the next reply is this line's
     with pytest.raises(BadInput, match="not an object"):
         client.call("hello")
-    relay.close()
