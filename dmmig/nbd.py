@@ -12,11 +12,12 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.errors import BadInput, Busy, CommandError, MissingDependency, RemoteError
+from dmmig.errors import BadInput, CommandError, MissingDependency, RemoteError
 from dmmig.runner import Runner
 
 
@@ -92,15 +93,16 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
                                hint=f"qemu-nbd could not export {path}")
         return Export(name, path, _pid(pidfile), cache, socket=socket_path)
     assert addr is not None
-    for _ in range(5):
-        port = free_port(addr)
-        res = runner.run([*base, f"--bind={addr}", f"--port={port}", path], check=False, timeout=30)
-        if res.returncode == 0:
-            return Export(name, path, _pid(pidfile), cache, addr=addr, port=port, tls=tls)
-        if "Address already in use" not in res.stderr:
-            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
-                               hint=f"qemu-nbd could not export {path}")
-    raise Busy(f"qemu-nbd found no free port on {addr}", hint="five free ports were taken before qemu-nbd bound them")
+    # TCP: qemu-nbd socket-activated on a listener dmmig.listen makes (a free port, Nagle off;
+    # qemu-nbd 7.2 leaves Nagle on, and a second reply in flight then waits for the client's
+    # 40 ms delayed ACK: see dmmig/listen.py); it prints the port before it execs qemu-nbd
+    free_port(addr)  # an address not of this host is the operator's input to fix (BadInput)
+    res = runner.run([sys.executable, "-m", "dmmig.listen", addr, *base, path], check=False, timeout=30)
+    port = res.stdout.split()[0] if res.stdout.split() else ""
+    if res.returncode != 0 or not port.isdigit():
+        raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
+                           hint=f"qemu-nbd could not export {path} on {addr}")
+    return Export(name, path, _pid(pidfile), cache, addr=addr, port=int(port), tls=tls)
 
 
 def _pid(pidfile: str) -> int:
