@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dmmig import listen
 from dmmig.errors import BadInput, CommandError, MissingDependency, RemoteError
 from dmmig.runner import Runner
 
@@ -99,6 +100,8 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
     free_port(addr)  # an address not of this host is the operator's input to fix (BadInput)
     res = runner.run([sys.executable, "-m", "dmmig.listen", addr, *base, path], check=False, timeout=30)
     port = res.stdout.split()[0] if res.stdout.split() else ""
+    if res.returncode == listen.NOT_FOUND:
+        raise MissingDependency("command not found: qemu-nbd", hint="install it (see README: the install command)")
     if res.returncode != 0 or not port.isdigit():
         raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
                            hint=f"qemu-nbd could not export {path} on {addr}")

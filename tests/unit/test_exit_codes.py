@@ -303,3 +303,15 @@ def _unreadable_requests(client: AgentClient) -> None:
     client.chan.sendall(b"[1, 2]\n")  # the next reply is this line's
     with pytest.raises(BadInput, match="not an object"):
         client.call("hello")
+
+
+def test_qemu_nbd_missing_for_a_tcp_export_is_a_missing_dependency(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TCP export runs qemu-nbd through dmmig.listen (socket activation): its exec failing
+    was a traceback there and a CommandError (5) here, not the missing tool it is (4)."""
+    (tmp_path / "d").write_bytes(b"")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(MissingDependency, match="command not found: qemu-nbd") as e:
+        nbd.start_export(SubprocessRunner(), "d1", str(tmp_path / "d"), str(tmp_path / "pid"), addr="127.0.0.1",
+                         tls=None)
+    assert e.value.exit_code == Exit.MISSING_DEP
