@@ -21,7 +21,7 @@ import json
 import sys
 import tempfile
 
-from tests.kernel.test_copy import summary
+from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
@@ -30,8 +30,8 @@ DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 
 COPY = r"""
 import json, socket, sys, threading, time
-from dmmig import nbd as N
-from dmmig.copy import Copier
+from dmmig import nbd
+from dmmig.copier import Copier
 from dmmig.agentcmd import agent_argv
 from dmmig.ssh import Endpoint, connect, relay_socket
 how, src, name, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -95,7 +95,8 @@ def main() -> None:
     res: dict[str, float] = {}
     try:
         a, b = p.start()
-        a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size_mib} status=none && losetup /dev/loop0 /dev/shm/src")
+        a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size_mib} status=none "
+             "&& losetup /dev/loop0 /dev/shm/src")
         b.sh(f"truncate -s {size_mib}M /dev/shm/dst /dev/shm/dst2 && losetup /dev/loop0 /dev/shm/dst "
              "&& losetup /dev/loop1 /dev/shm/dst2")
         try:

@@ -96,7 +96,8 @@ def main() -> None:
             print(f"    era round with 1% dirty: {r['seconds']:.2f}s copying, {s['round_wall']:.2f}s wall "
                   f"({r['read'] >> 10} KiB read) = {100 * r['seconds'] / s['seconds']:.1f}% of the base copy time "
                   f"({100 * s['round_wall'] / secs:.1f}% wall)")
-        print(f"  peak RSS at {size * 4} MiB (nbd): {big[1] / 1024:.0f} MiB vs {res['nbd'][1] / 1024:.0f} MiB at {size} MiB")
+        print(f"  peak RSS at {size * 4} MiB (nbd): {big[1] / 1024:.0f} MiB "
+              f"vs {res['nbd'][1] / 1024:.0f} MiB at {size} MiB")
     finally:
         p.stop()
 

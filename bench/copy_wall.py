@@ -222,7 +222,8 @@ def main() -> None:
                     rows.setdefault(f"dmmig copy {t}{v}", []).append(wall)
                     last[f"{t}{v}"] = s
                     if same is not None or (not v and t in ("ssh", "nbd")):
-                        rows.setdefault({"ssh": "nbdcopy ssh relay", "nbd": "nbdcopy nbd TLS"}[t], []).append(same if same is not None else float("nan"))
+                        label = {"ssh": "nbdcopy ssh relay", "nbd": "nbdcopy nbd TLS"}[t]
+                        rows.setdefault(label, []).append(same if same is not None else float("nan"))
         drop(a, b, "cw")
         if not args.no_big:
             disks(a, b, "cwbig", big)
@@ -250,7 +251,8 @@ def main() -> None:
     for v, r1 in rounds.items():
         rb, rr = r1["base"], r1["round"]
         rnd = rr["rounds"][0] if rr.get("rounds") else {}
-        print(f"disk {big} MiB, --transport ssh{v}: base copy {r1['base_wall']:.2f}s wall (copier {rb['seconds']:.2f}s); "
+        print(f"disk {big} MiB, --transport ssh{v}: base copy {r1['base_wall']:.2f}s wall "
+              f"(copier {rb['seconds']:.2f}s); "
               f"a round with 1% dirty ({rnd.get('dirty_bytes', 0) >> 10} KiB): {r1['round_wall']:.2f}s wall = "
               f"{100 * r1['round_wall'] / r1['base_wall']:.1f}% of the base copy's wall; the round itself (era "
               f"snapshot + copy) {rnd.get('era_seconds', 0) + rnd.get('seconds', 0):.2f}s = "

@@ -72,14 +72,17 @@ TUNNEL = r"""
 import json, sys
 from dmmig import tunnel
 from dmmig.runner import SubprocessRunner
-mode, name, local, remote, log, dest = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
+mode, name, local, remote, log = sys.argv[1:6]
+dest = json.loads(sys.argv[6])
 r = SubprocessRunner()
 if mode == "tt":   # before issue 13: a pty, and a command that ends with the pty's hangup
-    argv = ["ssh", "-F", "none", "-tt", "-p", str(dest["port"]), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+    argv = ["ssh", "-F", "none", "-tt", "-p", str(dest["port"]), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={dest['known_hosts']}", "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
             "-o", "StreamLocalBindMask=0177", "-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote}",
-            "-o", "IdentitiesOnly=yes", "-i", dest["identity"], "-E", log, f"{dest['user']}@{dest['host']}", "exec sleep infinity"]
+            "-o", "IdentitiesOnly=yes", "-i", dest["identity"], "-E", log, f"{dest['user']}@{dest['host']}",
+            "exec sleep infinity"]
     pid = r.spawn(argv, logfile=log)
     import os, time
     while not os.path.exists(local):

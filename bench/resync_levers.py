@@ -93,7 +93,8 @@ TLS = ["--enable-tls", "--cacertfile", "/run/tls/ca-cert.pem", "--certfile", "/r
 
 def attach(a: UmlHost, how: str, conns: int) -> None:
     where = {"ssh": ["-u", "/run/t.sock"], "tcp": [B_IP, "10809"], "tls": [B_IP, "10810", *TLS]}[how]
-    a.run(["nbd-client", "-N", "e", *where, "/dev/nbd0", "-b", "512", "-t", "10", *(["-C", str(conns)] if conns > 1 else [])])
+    a.run(["nbd-client", "-N", "e", *where, "/dev/nbd0", "-b", "512", "-t", "10",
+           *(["-C", str(conns)] if conns > 1 else [])])
 
 
 def main() -> None:

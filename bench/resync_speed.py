@@ -62,7 +62,8 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> list[tuple[int, fl
             copier = c["throughput_bytes_per_s"] / 1e6
             a.py(SCATTER, top, str(size << 20))
             cut = summary(a.dmmig("cutover", "rs", "--json", *(["--resync-parts", str(parts)] if parts else [])).out)
-            out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"], cut["resync_regions"]))
+            out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"],
+                        cut["resync_regions"]))
         a.dmmig("finish", "rs")
         return out
     finally:

@@ -19,7 +19,7 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 GUEST = r"""
 import json, sys, time
-from dmmig import journal as J
+from dmmig import journal
 from dmmig.runner import SubprocessRunner
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.stack import Stack

@@ -5,7 +5,8 @@ writes is a hello:
     {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...,
      "tools": {"qemu-nbd": true}}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
-"error": MSG, "kind": CLASS}. The agent keeps no connection state: everything it starts
+"error": MSG, "hint": HINT, "kind": CLASS, "exit_code": N, "fields": {...}} (dmmig/agentclient.py
+re-raises the same kind). The agent keeps no connection state: everything it starts
 (an export) is recorded in its state directory, so a later connection can stop it.
 
 Its other modes carry the mirror's and the copier's NBD traffic to the export's unix socket
@@ -31,9 +32,7 @@ import threading
 from collections.abc import Callable
 from functools import partial
 
-from dmmig import confine
-from dmmig import journal as J
-from dmmig import nbd as N
+from dmmig import confine, journal, nbd
 from dmmig.destination import AgentServer, Lines, record
 from dmmig.errors import BadInput
 from dmmig.runner import SubprocessRunner
@@ -69,7 +68,7 @@ def relay_to(state: str, name: str) -> Callable[[bytes], None]:
 def _export_socket(state: str, name: str) -> socket.socket:
     """A connection to NAME's export on its root-only unix socket."""
     rec = record(state, name)
-    exp = N.Export(**rec["export"]) if rec and rec.get("export") else None
+    exp = nbd.Export(**rec["export"]) if rec and rec.get("export") else None
     if exp is None or not exp.socket or not exp.alive():
         raise BadInput(f"no NBD export of {name} on a unix socket here", hint="`dmmig copy` starts it")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -206,14 +205,14 @@ def parse_forced(original: str, state: str) -> tuple[str | None, str | None]:
     try:
         MODES[rest[0]](rest[1])
     except BadInput as e:
-        raise refuse(e.message) from None
+        raise refuse(e.message) from e
     return rest[0], rest[1]
 
 
 def main(state_dir: str | None = None, mode: str | None = None, arg: str | None = None,
          forced: bool = False, policy: confine.Policy | None = None) -> int:
     os.umask(0o077)  # everything the agent makes (records, sockets, keys) is root's alone
-    state = J.state_dir(state_dir)
+    state = journal.state_dir(state_dir)
     if mode is None:
         original = os.environ.get("SSH_ORIGINAL_COMMAND")  # set by sshd for a forced command only
         if forced and original is None:

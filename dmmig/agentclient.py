@@ -5,17 +5,18 @@ Protocol version 2. The first line the agent writes is a hello:
     {"agent": "dmmig", "protocol": 2, "version": "...", "host": "...", "state_dir": ..., "export_dir": ...,
      "tools": {"qemu-nbd": true}}
 then one reply per request:  request {"op": OP, ...}  ->  {"ok": true, ...} | {"ok": false,
-"error": MSG, "kind": CLASS}.
+"error": MSG, "hint": HINT, "kind": CLASS, "exit_code": N, "fields": {...}}: the destination's
+error (errors.DmmigError.to_reply), re-raised here as the same kind (from_reply), so the source
+exits with the code the failure has there.
 """
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Any
 
 from dmmig.agentcmd import agent_argv, remote_command
-from dmmig.errors import BadInput, Busy, RemoteError
+from dmmig.errors import DmmigError, RemoteError
 
 PROTOCOL = 2
 
@@ -28,7 +29,7 @@ START_DEADLINE_S = 30.0
 DEFAULT_DEADLINE_S = 120.0
 
 
-_DEADLINES_S = {"hello": 30.0, "probe": 60.0, "status": 30.0, "export": 60.0, "stop": 60.0, "relay": 30.0,
+_DEADLINES_S = {"hello": 30.0, "probe": 60.0, "export": 60.0, "stop": 60.0, "relay": 30.0,
                 "answer_gate": 30.0, "prepare_disk": 600.0}  # lvcreate alone may take 120 s
 
 
@@ -54,7 +55,7 @@ class AgentClient:
             first = self._readline(time.monotonic() + START_DEADLINE_S, "start")
         except RemoteError as e:
             raise RemoteError(f"cannot start `{' '.join(argv)}` on the destination: {self._stderr() or e.message}",
-                              hint="install dmmig there, or pass --remote-dmmig PATH") from None
+                              hint="install dmmig there, or pass --remote-dmmig PATH") from e
         try:
             hello = json.loads(first)
         except ValueError:
@@ -76,20 +77,18 @@ class AgentClient:
         try:
             self.chan.settimeout(max(limit, 0.001))
             self.chan.sendall((json.dumps({"op": op, **kw}) + "\n").encode())
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self._fail(f"no room to send {op} within {limit:.0f}s")
             raise RemoteError(f"the destination took no request for {limit:.0f}s ({op}): "
                               "a dead or black-holed link?") from None
         except (OSError, EOFError) as e:  # paramiko raises EOFError writing to a dead transport
             self._fail(f"{op}: {type(e).__name__}")
             raise RemoteError(f"the SSH connection to the destination broke during {op}: "
-                              f"{type(e).__name__} {e}".rstrip()) from None
+                              f"{type(e).__name__} {e}".rstrip()) from e
         line = self._readline(end, op)
         rep = dict(json.loads(line))
         if not rep.pop("ok"):
-            kind = rep.get("kind")
-            cls = {"BadInput": BadInput, "Busy": Busy}.get(str(kind), RemoteError)
-            raise cls(f"destination: {rep['error']}", hint=rep.get("hint"))
+            raise DmmigError.from_reply(rep, "destination: ")
         return rep
 
     def _readline(self, end: float, op: str) -> str:
@@ -102,14 +101,14 @@ class AgentClient:
                     raise TimeoutError
                 self.chan.settimeout(left)
                 data = self.chan.recv(1 << 16)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 self._fail(f"no reply to {op} in time")
                 raise RemoteError(f"no reply from the destination's agent to {op} within the deadline: "
                                   "a dead or black-holed link? (the agent channel is closed)") from None
             except (OSError, EOFError) as e:
                 self._fail(f"{op}: {type(e).__name__}")
                 raise RemoteError(f"the SSH connection to the destination broke during {op}: "
-                                  f"{type(e).__name__} {e}".rstrip()) from None
+                                  f"{type(e).__name__} {e}".rstrip()) from e
             if not data:  # the agent's end closed: what it said on stderr is still readable
                 self._broken = f"the agent went away during {op}"
                 raise RemoteError(f"the destination agent went away during {op}")

@@ -42,7 +42,7 @@ def block_device(path: str) -> BlockDev:
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file or device") from None
     except OSError as e:
-        raise BadInput(f"{path}: cannot stat: {e.strerror}") from None
+        raise BadInput(f"{path}: cannot stat: {e.strerror}") from e
     if not stat.S_ISBLK(st.st_mode):
         raise BadInput(f"{path}: not a block device",
                        hint="for a disk image file, attach it first: losetup --find --show FILE")

@@ -7,12 +7,13 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dmmig import __version__
-from dmmig import journal as J
 from dmmig.errors import BadInput, DmmigError, Exit
+from dmmig.journal import DEFAULT_STATE_DIR, Journal, state_dir
 from dmmig.runner import SubprocessRunner
 from dmmig.validate import era_block_size, nbd_timeout, parse_size
 
@@ -27,7 +28,7 @@ def make_stack(args: argparse.Namespace) -> Stack:
     from dmmig.stack import Stack
     from dmmig.udev import wait_dm_node
     runner = SubprocessRunner()
-    journal = J.Journal(J.state_dir(args.state_dir))
+    journal = Journal(state_dir(args.state_dir))
     # a dmmig killed while the top device is suspended must not leave the guest's disk frozen
     guard = SuspendGuard(runner, journal.dir)
     return Stack(runner, DmSetup(runner, wait_node=wait_dm_node, guard=guard), journal)
@@ -75,7 +76,8 @@ def cmd_dirty(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from dmmig.status import disk_status, names as known, render, render_glance
+    from dmmig.status import disk_status, render, render_glance
+    from dmmig.status import names as known
     stack = make_stack(a)
     names = [a.name] if a.name else known(stack)
     if not names:
@@ -183,13 +185,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from dmmig import migrate
-    from dmmig import migrate_domain as MD
+    from dmmig import migrate, migrate_domain
     from dmmig.progress import Progress
     from dmmig.xenstore import PyxsXenStore
     from dmmig.xl import Xl, check_migrate_args, check_xl_timeout
     _check_destination(a)  # before anything: xl hands HOST to `sh -c` on its way to ssh
-    opts = MD.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
+    opts = migrate_domain.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
                              block_bytes=parse_size(a.block_size) if a.block_size else None, rate=_rate(a))
     # bad values are refused before anything, xenstored included
@@ -201,7 +202,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     xl = Xl(stack.runner)
     t = time.monotonic()
     with PyxsXenStore() as xs:
-        plan = MD.plan(stack, xs, xl, a.domain, a.host, _ep_opts(a), opts)
+        plan = migrate_domain.plan(stack, xs, xl, a.domain, a.host, _ep_opts(a), opts)
     plan_s = round(time.monotonic() - t, 3)
     if a.dry_run:
         print(json.dumps({"event": "plan", **_plan_dict(plan)}) if a.json else plan.render())
@@ -211,14 +212,14 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         print(json.dumps({"event": "step", "message": line}) if a.json else line, flush=True)
     if not a.json:
         print(plan.render(), flush=True)
-    s = MD.migrate(stack, xl, plan, _ep_opts(a), opts, lambda d, i: Progress(a.json, label=d.name, position=i),
-                   say)
+    s = migrate_domain.migrate(stack, xl, plan, _ep_opts(a), opts,
+                               lambda d, i: Progress(a.json, label=d.name, position=i), say)
     s["plan_seconds"] = plan_s
     if a.json:
         print(json.dumps({"event": "summary", **s}))
     else:
-        print(f"{plan.domain.name}: migrated to {a.host} in {s['seconds']:.1f}s (xl migrate {s['xl']['seconds']:.1f}s); "
-              "every disk verified by the handover gate")
+        print(f"{plan.domain.name}: migrated to {a.host} in {s['seconds']:.1f}s "
+              f"(xl migrate {s['xl']['seconds']:.1f}s); every disk verified by the handover gate")
         for n, d in s["disks"].items():
             h = d.get("handover", {})
             print(f"  {n}: handover suspended I/O for {h.get('seconds', 0) * 1000:.0f} ms ({h.get('why')})")
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "disks with device-mapper (dm-era + dm-mirror over NBD).")
     p.add_argument("--version", action="version", version=f"dmmig {__version__}")
     p.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
-    p.add_argument("--state-dir", help=f"journal directory (default $DMMIG_STATE_DIR or {J.DEFAULT_STATE_DIR})")
+    p.add_argument("--state-dir", help=f"journal directory (default $DMMIG_STATE_DIR or {DEFAULT_STATE_DIR})")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -481,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fn(args)
     except DmmigError as e:
         if args.debug:
-            logging.exception("failed")
+            _print_trace(e)
         print(f"dmmig {args.verb}: error: {e.message}", file=sys.stderr)
         if e.hint:
             print(f"  what to do: {e.hint}", file=sys.stderr)
@@ -495,3 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dmmig {args.verb}: internal error: {type(e).__name__}: {e}\n"
               "  what to do: rerun with --debug and report the traceback", file=sys.stderr)
         return int(Exit.FAILED)
+
+
+def _print_trace(e: DmmigError) -> None:
+    """--debug: the error's traceback with its causes (`raise ... from`), each teardown step's,
+    and a bug's on the destination as the agent sent it."""
+    traceback.print_exception(e, file=sys.stderr)
+    for i, sub in enumerate(getattr(e, "errors", None) or [], 1):
+        print(f"--- step {i} of the teardown:", file=sys.stderr)
+        traceback.print_exception(sub, file=sys.stderr)
+    if e.remote_trace:
+        print(f"--- on the destination:\n{e.remote_trace.rstrip()}", file=sys.stderr)

@@ -91,7 +91,7 @@ class Policy:
         except FileNotFoundError:
             raise BadInput(f"destination disk {path} does not exist", hint="pass --create to make it") from None
         except OSError as e:
-            raise Refused(f"{path}: cannot stat: {e.strerror}") from None
+            raise Refused(f"{path}: cannot stat: {e.strerror}") from e
         if stat.S_ISBLK(st.st_mode):
             self._device_allowed(path)
             return "block"
@@ -202,7 +202,7 @@ def load(path: str | None = None, **flags: object) -> Policy:
         if explicit:
             raise BadInput(f"agent configuration {conf} does not exist") from None
     except OSError as e:
-        raise BadInput(f"cannot read the agent configuration {conf}: {e.strerror}") from None
+        raise BadInput(f"cannot read the agent configuration {conf}: {e.strerror}") from e
     p = Policy(origin=origin)
     try:
         if "file_roots" in values:
@@ -214,7 +214,7 @@ def load(path: str | None = None, **flags: object) -> Policy:
         if "create" in values:
             p = replace(p, create=_bool(values["create"], conf))
     except BadInput as e:
-        raise BadInput(f"{conf}: {e.message}") from None
+        raise BadInput(f"{conf}: {e.message}") from e
     given = {k: v for k, v in flags.items() if v is not None}
     if given:
         p = replace(p, origin=f"{p.origin} and `dmmig agent` flags", **given)  # type: ignore[arg-type]
@@ -227,7 +227,7 @@ def parse(text: str, where: str) -> dict[str, str]:
     try:
         cp.read_string(body, source=where)
     except configparser.Error as e:
-        raise BadInput(f"cannot parse the agent configuration {where}: {e}") from None
+        raise BadInput(f"cannot parse the agent configuration {where}: {e}") from e
     extra = [s for s in cp.sections() if s != "agent"]
     if extra:
         raise BadInput(f"{where}: unknown section(s) {', '.join(extra)}; settings go under [agent]")

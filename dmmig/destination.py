@@ -15,17 +15,15 @@ import shutil
 import socket
 import stat
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from dmmig import __version__, confine, gate, inuse, tlscreds, xenstore
-from dmmig import blockdev as B
-from dmmig import journal as J
-from dmmig import nbd as N
+from dmmig import __version__, blockdev, confine, gate, inuse, journal, nbd, tlscreds, xenstore
 from dmmig.agentclient import PROTOCOL
 from dmmig.blockdev import Loop, block_device, dm_name_of, holder_names
-from dmmig.copy import digest_ranges
+from dmmig.copier import digest_ranges
 from dmmig.errors import BadInput, Busy, DmmigError, StateError
 from dmmig.gate import GateServer
 from dmmig.lvm import Lvm
@@ -119,7 +117,7 @@ class AgentServer:
         same = _same_migration(old, path, migration)
         if old is not None and not same and not old.get("handed_over"):
             exp = old.get("export")
-            alive = bool(exp and N.Export(**exp).alive())
+            alive = bool(exp and nbd.Export(**exp).alive())
             raise Busy(f"another migration of {name} {'is arriving' if alive else 'was arriving (unfinished)'} here "
                        f"onto {old.get('path')}",
                        hint=f"`dmmig abort {name}` on its source, or here if that source is gone")
@@ -127,7 +125,8 @@ class AgentServer:
         created_as = _created_as(keep)
         if os.path.lexists(path):  # a dangling symlink counts: the agent never creates through one
             kind = self.policy.existing(path)
-            self._check_block_size(path, 512 if kind == "file" else B.logical_block_size(self.r, path), block_size)
+            self._check_block_size(path, 512 if kind == "file" else blockdev.logical_block_size(self.r, path),
+                                   block_size)
             self._check_not_in_use(name, path, keep or None)
         elif not create:
             self.policy.lexical(path)
@@ -175,7 +174,7 @@ class AgentServer:
                 continue
             d["exists"] = True
             d["size"] = _size_of(path)
-            d["block_size"] = 512 if kind == "file" else B.logical_block_size(self.r, path)
+            d["block_size"] = 512 if kind == "file" else blockdev.logical_block_size(self.r, path)
             try:
                 self._check_not_in_use(name or "", path, rec if d["incoming"] else None)
                 d["in_use"] = None
@@ -185,7 +184,7 @@ class AgentServer:
         # $DMMIG_STATE_DIR of xl's environment): if that is not ours, the gate is never asked
         return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script,
                 "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS},
-                "state_dir": self.state, "hotplug_state_dir": J.state_dir(None)}
+                "state_dir": self.state, "hotplug_state_dir": journal.state_dir(None)}
 
     def op_export(self, name: str, addr: str | None = None, tls: dict[str, str] | None = None,
                   insecure: bool = False) -> dict[str, Any]:
@@ -197,36 +196,29 @@ class AgentServer:
             raise BadInput(f"no destination disk prepared for {name}")
         if addr is not None and tls is None and not insecure:
             raise BadInput(f"an NBD export of {name} on {addr} needs TLS credentials (or --insecure on the source)")
-        J.private_dir(export_dir(self.state))  # made or repaired to 0700 before a key or socket goes in
+        journal.private_dir(export_dir(self.state))  # made or repaired to 0700 before a key or socket goes in
         files = Files(self.state, name)
         tls_dir = files.export_tls if tls is not None else None
         exp = rec.get("export")
         if exp:
-            old = N.Export(**exp)
+            old = nbd.Export(**exp)
             same = (old.socket is not None) if addr is None else (
                 old.addr == addr and old.tls == tls_dir and (tls is None or _same_creds(old.tls, tls)))
             if same and old.alive():
                 return {"export": exp}
-            N.stop_export(old)  # gone, or another kind (a TCP export of an older dmmig, new credentials)
+            nbd.stop_export(old)  # gone, or another kind (a TCP export of an older dmmig, new credentials)
         if tls_dir is not None:
             assert tls is not None
             if "," in tls_dir:
                 raise BadInput(f"{tls_dir}: qemu-nbd's --object cannot take a ',' in the path")
             tlscreds.write_server(tls_dir, tls)
-        e = N.start_export(self.r, name, rec["path"], files.qemu_nbd_pid,
+        e = nbd.start_export(self.r, name, rec["path"], files.qemu_nbd_pid,
                            socket_path=files.export_socket if addr is None else None,
                            addr=addr, tls=tls_dir)
         rec["export"] = e.__dict__
         rec["written"] = True  # from now on the disk is not known to be zero
         self._save(name, rec)
         return {"export": e.__dict__}
-
-    def op_status(self, name: str) -> dict[str, Any]:
-        rec = self.load(name)
-        if rec is None:
-            return {"known": False}
-        exp = rec.get("export")
-        return {"known": True, "record": rec, "export_alive": bool(exp and N.Export(**exp).alive())}
 
     def op_stop(self, name: str, remove_created: bool = False) -> dict[str, Any]:
         """Stop the export and forget NAME; with remove_created, delete a disk we created."""
@@ -237,8 +229,8 @@ class AgentServer:
             return {"done": gate.remove_stale(self.state, name)}
         exp = rec.get("export")
         if exp:
-            e = N.Export(**exp)
-            N.stop_export(e)
+            e = nbd.Export(**exp)
+            nbd.stop_export(e)
             done.append(f"stopped qemu-nbd {exp['pid']} exporting {rec['path']}")
         # what a killed agent made but had not journaled yet
         files = Files(self.state, name)
@@ -276,7 +268,7 @@ class AgentServer:
         rec = self.load(name)
         if ok and rec and rec.get("export"):
             # no write through the export after the yes: stop it before the `add` goes on
-            N.stop_export(N.Export(**rec["export"]))
+            nbd.stop_export(nbd.Export(**rec["export"]))
             rec.pop("export")
             self._save(name, rec)
         delivered = self.gate.answer(name, ok, why)
@@ -365,7 +357,7 @@ class AgentServer:
         open, another dmmig disk's record. REC: this migration's own record, whose export
         (qemu-nbd) is no other user."""
         exp = (rec or {}).get("export")
-        ignore = {int(exp["pid"])} if exp and N.Export(**exp).alive() else set()
+        ignore = {int(exp["pid"])} if exp and nbd.Export(**exp).alive() else set()
         loops = self.loop.infos()
         why: list[str] = []
         st = os.stat(path)
@@ -395,14 +387,14 @@ class AgentServer:
             raise Busy(f"destination disk {path} is in use: {'; '.join(why)}",
                        hint="choose another destination disk, or stop what uses it there")
 
-    def _dmmig_users(self, name: str, disk: inuse.Storage, loops: list[B.LoopInfo]) -> list[str]:
+    def _dmmig_users(self, name: str, disk: inuse.Storage, loops: list[blockdev.LoopInfo]) -> list[str]:
         """Other disks dmmig knows here whose storage is DISK: another incoming migration's
         destination, a journaled disk's origin or era metadata."""
         out = []
         for n, rec in incoming(self.state).items():
             if n != name and rec.get("path") and inuse.exact(str(rec["path"]), None, loops).overlaps(disk):
                 out.append(f"it is the destination of dmmig's incoming migration {n}")
-        j = J.Journal(self.state)
+        j = journal.Journal(self.state)
         for n in j.names():
             try:
                 e = j.load(n)
@@ -417,36 +409,52 @@ class AgentServer:
                 out.append(f"it holds the era metadata of dmmig disk {n} here")
         return out
 
-    def serve(self, inp: "Lines", out: Any) -> None:
+    def serve(self, inp: Lines, out: Any) -> None:
         """Requests from INP (this session's stdin), replies to OUT (its stdout)."""
         self._inp = inp
         out.write(json.dumps({"agent": "dmmig", **self.op_hello()}) + "\n")
         out.flush()
         ops: dict[str, Callable[..., dict[str, Any]]] = {
-            "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk, "export": self.op_export,
-            "status": self.op_status, "stop": self.op_stop, "digest": self.op_digest, "relay": self.op_relay,
+            "hello": self.op_hello, "probe": self.op_probe, "prepare_disk": self.op_prepare_disk,
+            "export": self.op_export, "stop": self.op_stop, "digest": self.op_digest, "relay": self.op_relay,
             "await_gate": self.op_await_gate, "answer_gate": self.op_answer_gate}
         try:
             self._serve(inp, out, ops)
         finally:
             self.gate.close()
 
-    def _serve(self, inp: "Lines", out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    def _serve(self, inp: Lines, out: Any, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
         for line in inp:
             self._after = None
             try:
-                req = json.loads(line)
-                op = ops[req.pop("op")]
+                req = _request(line)
+                op = ops.get(req.pop("op", None))
+                if op is None:
+                    raise BadInput(f"unknown agent request {line[:100]!r}",
+                                   hint="install the same dmmig version on both hosts")
                 reply = {"ok": True, **op(**req)}
-            except DmmigError as e:
-                reply = {"ok": False, "error": e.message, "hint": e.hint, "kind": type(e).__name__}
+            except DmmigError as e:  # its kind goes back unchanged: the source exits with its code
+                reply = {"ok": False, **e.to_reply()}
             except Exception as e:  # noqa: BLE001 - report to the source, keep serving
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
+                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}", "kind": "internal",
+                         "hint": "a bug in dmmig on the destination: report it with the traceback (--debug)",
+                         "trace": traceback.format_exc(limit=20)}
             out.write(json.dumps(reply) + "\n")
             out.flush()
             if reply["ok"] and self._after is not None:
                 self._after(inp.rest())  # what was read past the request is the session's next bytes
                 return
+
+
+def _request(line: str) -> dict[str, Any]:
+    """A request line: a JSON object, else refused as bad input (not a bug of the agent's)."""
+    try:
+        req = json.loads(line)
+    except ValueError as e:
+        raise BadInput(f"unparsable agent request {line[:100]!r}: {e}") from e
+    if not isinstance(req, dict):
+        raise BadInput(f"unparsable agent request {line[:100]!r}: not an object")
+    return req
 
 
 class Lines:
@@ -460,7 +468,7 @@ class Lines:
     def fileno(self) -> int:
         return self.fd
 
-    def __iter__(self) -> "Lines":
+    def __iter__(self) -> Lines:
         return self
 
     def __next__(self) -> str:

@@ -73,7 +73,7 @@ def vbds(xs: XenStore, domid: int) -> list[Vbd]:
                              "a backend of this domain's disk", hint="inspect /libxl/DOMID/device/vbd in XenStore")
 
         def key(k: str) -> str:
-            return xs.read(f"{be}/{k}") or ""
+            return xs.read(f"{be}/{k}") or ""  # noqa: B023 - called in this iteration only
         if key("frontend-id") != str(domid):
             raise StateError(f"disk {devid} of domain {domid}: backend {be} serves domain "
                              f"{key('frontend-id') or '(none)'}, not {domid}")

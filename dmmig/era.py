@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from dmmig.dm.dmsetup import DmSetup
-from dmmig.errors import CommandError, DmmigError
+from dmmig.errors import CommandError, DmmigError, ToolError
 from dmmig.runner import Runner
 
 
@@ -34,7 +34,7 @@ def parse_invalidate_xml(text: str) -> list[BlockRange]:
     try:
         return merge(list(iter_invalidate_xml(io.BytesIO(text.encode()))))
     except _Unparsable as e:
-        raise DmmigError(f"cannot parse era_invalidate output: {e}: {text[:200]!r}") from None
+        raise ToolError(f"cannot parse era_invalidate output: {e}: {text[:200]!r}") from e
 
 
 class _Unparsable(DmmigError):
@@ -51,7 +51,7 @@ def iter_invalidate_xml(source: str | IO[bytes]) -> Iterator[BlockRange]:
             if root is None:
                 root = el
                 if el.tag != "blocks":
-                    raise DmmigError(f"unexpected era_invalidate output root <{el.tag}>")
+                    raise _Unparsable(f"unexpected era_invalidate output root <{el.tag}>")
                 continue
             if ev != "end" or el is root:
                 continue
@@ -61,10 +61,10 @@ def iter_invalidate_xml(source: str | IO[bytes]) -> Iterator[BlockRange]:
                 b = int(el.attrib["block"])
                 yield BlockRange(b, b + 1)
             else:
-                raise DmmigError(f"unexpected element <{el.tag}> in era_invalidate output")
+                raise _Unparsable(f"unexpected element <{el.tag}> in era_invalidate output")
             root.clear()
     except ET.ParseError as e:
-        raise _Unparsable(str(e)) from None
+        raise _Unparsable(str(e)) from e
 
 
 def merge_sorted(ranges: Iterable[BlockRange]) -> Iterator[BlockRange]:
@@ -94,7 +94,7 @@ class DirtyRanges:
     _sorted: list[BlockRange] | None = None
 
     @classmethod
-    def load(cls, path: str) -> "DirtyRanges":
+    def load(cls, path: str) -> DirtyRanges:
         d = cls(path)
         prev = -1
         try:
@@ -109,7 +109,7 @@ class DirtyRanges:
         except _Unparsable as e:
             with open(path, "rb") as f:
                 head = f.read(200)
-            raise DmmigError(f"cannot parse era_invalidate output: {e}: {head!r}") from None
+            raise ToolError(f"cannot parse era_invalidate output: {e}: {head!r}") from e
         return d
 
     def __iter__(self) -> Iterator[BlockRange]:

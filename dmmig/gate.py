@@ -1,7 +1,8 @@
 """The handover gate: a destination never connects a disk the source has not vouched for.
 
 `xl migrate` runs the destination's block script `add` after the last memory page arrived,
-while the source guest is suspended (facts, section D). The script asks the gate:
+while the source guest is suspended (Xen tools/libs/light/libxl_create.c: `domcreate_rebuild_done`
+-> `libxl__add_disks`). The script asks the gate:
 
     destination add --(unix socket STATE/NAME.gate.sock)--> dmmig agent --(SSH channel)-->
     source dmmig (`dmmig handover`): suspend the top device (no write can follow), check the
@@ -29,13 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.errors import Busy, DmmigError, RemoteError
-from dmmig.validate import disk_name
+from dmmig.errors import Busy, RemoteError
 from dmmig.names import Files
+from dmmig.validate import disk_name
 
 
-class GateRefused(DmmigError):
-    exit_code = RemoteError.exit_code
+class GateRefused(RemoteError):
+    """The handover gate said no, or its answer could not be had."""
 
 
 # The source's top device stays suspended at most this long per answer (migrate.answer_gate):
@@ -82,14 +83,14 @@ def ask(state: str, name: str, timeout: float) -> dict[str, Any]:
             s.close()
             if time.monotonic() >= deadline:
                 raise GateRefused(f"no dmmig source is waiting to hand over {name} ({path}: {e.strerror}); "
-                                  "refusing a disk that may have missed writes") from None
+                                  "refusing a disk that may have missed writes") from e
             time.sleep(0.2)
     s.settimeout(max(0.1, deadline - time.monotonic()))
     try:
         s.sendall((json.dumps({"name": name}) + "\n").encode())
         try:
             line = s.makefile("r").readline()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise GateRefused(f"the source did not confirm {name} within {timeout:.0f}s; "
                               "refusing a disk that may have missed writes") from None
     finally:

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TextIO
 
-from dmmig import gate
-from dmmig import journal as J
+from dmmig import gate, journal
 from dmmig.dm.dmsetup import DmInfo, DmSetup
-from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, Undo
-from dmmig.runner import SubprocessRunner
+from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, TimedOut, Undo
 from dmmig.names import SCRIPT, disk_name_for, format_devno, top_name
+from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.xenstore import PyxsXenStore, XenStore
 
@@ -58,8 +57,8 @@ class HotplugError(BadInput):
     """What libxl gave the script cannot be used."""
 
 
-class HotplugTimeout(DmmigError):
-    exit_code = Exit.COMMAND
+class HotplugTimeout(TimedOut):
+    """blkback, udev or the handover gate did not answer in time."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class Backend:
         return f"{self.path}/{k}"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Backend":
+    def from_env(cls, env: Mapping[str, str]) -> Backend:
         path = env.get("XENBUS_PATH", "")
         if not _BACKEND.fullmatch(path):
             raise HotplugError(f"XENBUS_PATH={path!r} is not a vbd backend path (backend/vbd/DOMID/DEVID): "
@@ -242,7 +241,7 @@ class Hotplug:
         if entry is not None and entry.handed_over:
             self._finish_source(name, entry, params)
             return
-        if entry is not None and entry.phase != J.WRAPPED:
+        if entry is not None and entry.phase != journal.WRAPPED:
             # the stack belongs to the migration (a domain destroyed mid-migration, or a gate
             # that said no): dmmig finishes or aborts it
             self.log(f"{name} is in phase {entry.phase!r} of a migration: left for dmmig "
@@ -271,7 +270,7 @@ class Hotplug:
         if node:
             self._detach(node, params)
 
-    def _finish_source(self, name: str, entry: J.Entry, params: str) -> None:
+    def _finish_source(self, name: str, entry: journal.Entry, params: str) -> None:
         """After a completed migration (libxl destroys the source domain once the destination
         runs it): the destination's add got our yes, so this host's stack is history. Tear it
         down here and keep the data; `dmmig migrate` tells the destination's agent."""
@@ -311,7 +310,7 @@ def _kind(params: str) -> str:
     except FileNotFoundError:
         raise HotplugError(f"target {params} does not exist") from None
     except OSError as e:
-        raise HotplugError(f"target {params}: {e.strerror}") from None
+        raise HotplugError(f"target {params}: {e.strerror}") from e
     if stat.S_ISBLK(st.st_mode):
         return "block"
     if stat.S_ISREG(st.st_mode):
@@ -379,7 +378,7 @@ def report_error(xs: XenStore, be: Backend, log: Callable[[str], None], msg: str
 def make_stack(state_dir: str | None) -> Stack:
     from dmmig.udev import wait_dm_node
     runner = SubprocessRunner(default_timeout=COMMAND_TIMEOUT_S)
-    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node), J.Journal(J.state_dir(state_dir)))
+    return Stack(runner, DmSetup(runner, wait_node=wait_dm_node), journal.Journal(journal.state_dir(state_dir)))
 
 
 def main(action: str, env: Mapping[str, str] | None = None, *, state_dir: str | None = None) -> int:

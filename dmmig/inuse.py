@@ -15,7 +15,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from dmmig import blockdev as B
+from dmmig import blockdev
 from dmmig.xenstore import XenStore
 
 BACKEND_KINDS = ("vbd", "vbd3", "qdisk")   # blkback, tapdisk, qemu
@@ -28,14 +28,14 @@ class Storage:
     devnos: frozenset[int]
     files: frozenset[tuple[int, int]]
 
-    def overlaps(self, other: "Storage") -> bool:
+    def overlaps(self, other: Storage) -> bool:
         return bool(self.devnos & other.devnos or self.files & other.files)
 
 
 NOTHING = Storage(frozenset(), frozenset())
 
 
-def footprint(path: str, loops: list[B.LoopInfo]) -> Storage:
+def footprint(path: str, loops: list[blockdev.LoopInfo]) -> Storage:
     """Everything that is PATH's storage or overlaps it: the device, its partitions and whole
     disk, what it sits on (and their partitions and whole disks), the files under loop devices
     among those; for a file, the loop devices over it."""
@@ -50,20 +50,20 @@ def footprint(path: str, loops: list[B.LoopInfo]) -> Storage:
     return Storage(frozenset(devnos), frozenset(files))
 
 
-def exact(path: str | None, devno: int | None, loops: list[B.LoopInfo]) -> Storage:
+def exact(path: str | None, devno: int | None, loops: list[blockdev.LoopInfo]) -> Storage:
     """What a user of PATH (or of device DEVNO) occupies: the device and what it sits on, the
     file under a loop device among them; a file itself."""
     devnos: set[int] = set()
     files: set[tuple[int, int]] = set()
     if devno is not None:
-        devnos |= B.below(devno)
+        devnos |= blockdev.below(devno)
     if path:
         try:
             st = os.stat(path)
         except OSError:
             st = None
         if st is not None and stat.S_ISBLK(st.st_mode):
-            devnos |= B.below(st.st_rdev)
+            devnos |= blockdev.below(st.st_rdev)
         elif st is not None and stat.S_ISREG(st.st_mode):
             files.add((st.st_dev, st.st_ino))
     _add_loops(devnos, files, loops, around=False)
@@ -72,16 +72,16 @@ def exact(path: str | None, devno: int | None, loops: list[B.LoopInfo]) -> Stora
 
 def _around(devno: int) -> set[int]:
     out: set[int] = set()
-    for d in B.below(devno):
+    for d in blockdev.below(devno):
         out.add(d)
-        out |= B.partitions(d)
-        whole = B.whole_disk(d)
+        out |= blockdev.partitions(d)
+        whole = blockdev.whole_disk(d)
         if whole is not None:
             out.add(whole)
     return out
 
 
-def _add_loops(devnos: set[int], files: set[tuple[int, int]], loops: list[B.LoopInfo], *, around: bool) -> None:
+def _add_loops(devnos: set[int], files: set[tuple[int, int]], loops: list[blockdev.LoopInfo], *, around: bool) -> None:
     """A loop device's backing file is its storage; for a footprint (AROUND) so are the other
     loop devices over that file."""
     for lo in loops:
@@ -91,7 +91,7 @@ def _add_loops(devnos: set[int], files: set[tuple[int, int]], loops: list[B.Loop
         for lo in loops:
             if lo.backing in files:
                 devnos.add(lo.devno)
-                devnos |= B.partitions(lo.devno)
+                devnos |= blockdev.partitions(lo.devno)
 
 
 def parse_devno(text: str) -> int | None:
@@ -100,7 +100,7 @@ def parse_devno(text: str) -> int | None:
     return os.makedev(int(m.group(1), 16), int(m.group(2), 16)) if m else None
 
 
-def xen_users(xs: XenStore, disk: Storage, loops: list[B.LoopInfo]) -> list[str]:
+def xen_users(xs: XenStore, disk: Storage, loops: list[blockdev.LoopInfo]) -> list[str]:
     """The local domains whose disk backend (in dom0) uses DISK, named."""
     out = []
     for kind in BACKEND_KINDS:
@@ -110,8 +110,8 @@ def xen_users(xs: XenStore, disk: Storage, loops: list[B.LoopInfo]) -> list[str]
                 be = f"{base}/{domid}/{devid}"
                 params = xs.read(f"{be}/params") or ""
                 path = _FORMAT_PREFIX.sub("", params)
-                used = exact(path if path.startswith("/") else None, parse_devno(xs.read(f"{be}/physical-device") or ""),
-                             loops)
+                used = exact(path if path.startswith("/") else None,
+                             parse_devno(xs.read(f"{be}/physical-device") or ""), loops)
                 if used.overlaps(disk):
                     name = xs.read(f"/local/domain/{domid}/name") or "?"
                     out.append(f"domain {name} (domid {domid}) through its {kind} backend {devid} "

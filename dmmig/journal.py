@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dmmig.errors import Busy, StateError
-from dmmig.validate import RESERVED_SUFFIXES
 from dmmig.names import Files
+from dmmig.validate import RESERVED_SUFFIXES
 
 DEFAULT_STATE_DIR = "/var/lib/dmmig"
 
@@ -76,14 +76,6 @@ class Entry:
     copy: dict[str, Any] = field(default_factory=dict)
     mirror: dict[str, Any] = field(default_factory=dict)  # cutover: leg, log, tunnel, watcher, sync
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
-
-    @property
-    def top(self) -> str:
-        return f"dmmig-{self.name}"
-
-    @property
-    def era(self) -> str:
-        return f"dmmig-{self.name}-era"
 
     @property
     def handed_over(self) -> bool:
@@ -192,7 +184,7 @@ class Journal:
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise Busy(f"another dmmig is working on {name!r}",
-                               hint="wait for it, or find it with `fuser` on the lock file") from None
+                               hint="wait for it, or find it with `fuser` on the lock file") from e
                 raise
             yield
         finally:

@@ -29,6 +29,9 @@ def listener(addr: str) -> socket.socket:
     return s
 
 
+NOT_FOUND = 127
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         sys.exit("usage: python -m dmmig.listen ADDR CMD [ARG...]")
@@ -45,7 +48,11 @@ def main(argv: list[str]) -> None:
         os.set_inheritable(LISTEN_FD, True)
     os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
     os.environ.pop("LISTEN_FDNAMES", None)
-    os.execvp(cmd[0], cmd)
+    try:
+        os.execvp(cmd[0], cmd)
+    except FileNotFoundError:  # the caller tells a missing tool (127, as a shell does) from a failed one
+        print(f"command not found: {cmd[0]}", file=sys.stderr)
+        sys.exit(NOT_FOUND)
 
 
 if __name__ == "__main__":

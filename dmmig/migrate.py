@@ -6,38 +6,39 @@ cleans up (`abort`) from what the journal and the kernel say.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from dmmig import gate
-from dmmig import journal as J
-from dmmig import mirrorlog
-from dmmig import nbd as N
-from dmmig import sizing
-from dmmig import sparse
-from dmmig import tlscreds, tunnel
+from dmmig import gate, journal, mirrorlog, nbd, sizing, sparse, tlscreds, tunnel
 from dmmig.agentclient import AgentClient
-from dmmig.copy import digest_ranges
-from dmmig.destination import AgentServer, incoming
+from dmmig.agentcmd import agent_argv
 from dmmig.blockdev import block_device, logical_block_size
-from dmmig.copy import Copier, Counters
+from dmmig.copier import Copier, Counters, digest_ranges
+from dmmig.destination import AgentServer, incoming
 from dmmig.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.era import BlockRange, merge
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError, Steps
+from dmmig.names import Files, era_name, top_name
 from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.runner import Runner
-from dmmig.agentcmd import agent_argv
-from dmmig.ssh import (TRANSPORT_ERRORS, Endpoint, SSHClient, channel_socket, channel_stderr, close_quietly,
-                       connect, relay_socket)
-from dmmig.names import Files, era_name, top_name
+from dmmig.ssh import (
+    TRANSPORT_ERRORS,
+    Endpoint,
+    SSHClient,
+    channel_socket,
+    channel_stderr,
+    close_quietly,
+    connect,
+    relay_socket,
+)
 from dmmig.stack import Stack
 from dmmig.validate import block_fits, host_name, missing_tools, nbd_timeout, require_tools
 from dmmig.window import Window, WindowClosed
@@ -75,7 +76,7 @@ class Remote:
         except TRANSPORT_ERRORS as e:
             close_quietly(self.ssh)
             raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
-                              f"{type(e).__name__} {e}".rstrip()) from None
+                              f"{type(e).__name__} {e}".rstrip()) from e
         except BaseException:
             close_quietly(self.ssh)
             raise
@@ -86,15 +87,15 @@ class Remote:
         if self.dest["transport"] == "ssh":
             sock, chan = relay_socket(self.ssh, agent_argv(self.dest, "relay", name))
             try:
-                return N.open_client(sock, export=name)
+                return nbd.open_client(sock, export=name)
             except RemoteError as e:
                 for _ in range(20):  # its reason arrives with its exit
                     if chan.exit_status_ready():
                         break
                     time.sleep(0.05)
                 raise RemoteError(f"{e.message}; the destination's relay said: {channel_stderr(chan) or '(nothing)'}",
-                                  hint=e.hint) from None
-        return N.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
+                                  hint=e.hint) from e
+        return nbd.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
 
     def agent_nbd(self, name: str) -> Any:
         """A libnbd handle on NAME's export (--transport ssh) through the agent's own session,
@@ -102,7 +103,7 @@ class Remote:
         call after it."""
         self.agent.call("relay", name=name)
         chan, rest = self.agent.detach()
-        return N.open_client(channel_socket(chan, rest), export=name)
+        return nbd.open_client(channel_socket(chan, rest), export=name)
 
     def probe_tunnel(self, runner: Runner, local_dir: str) -> tuple[str, str]:
         """Which mode the mirror leg's OpenSSH tunnel can use there (tunnel.probe)."""
@@ -190,7 +191,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 if "zeroed" not in entry.copy:
                     entry.copy["zeroed"] = bool(disk["zeroed"])
                 entry.dest = dest
-                stack.journal.save(entry, J.COPYING)
+                stack.journal.save(entry, journal.COPYING)
                 with t("nbd_connect"):  # the agent's last call: its session carries NBD from here
                     h = remote.agent_nbd(name) if dest["transport"] == "ssh" else remote.nbd(export, name)
             except BaseException:
@@ -200,7 +201,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t, base_era)
             with t("teardown"):
                 h.shutdown()
-                stack.journal.save(entry, J.COPIED)
+                stack.journal.save(entry, journal.COPIED)
         finally:
             with t("teardown"):
                 remote.close()
@@ -210,7 +211,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
 
 
 def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
-                  par: Stopwatch) -> "Started[tuple[str, str]] | None":
+                  par: Stopwatch) -> Started[tuple[str, str]] | None:
     """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
     destination (OpenSSH's login, an agent's start there), while the checks go on here."""
     if dest["transport"] != "ssh" or dest.get("tunnel"):
@@ -274,7 +275,7 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
     best rate this migration's copy reached, else sizing.DEFAULT_RATE, an assumption)."""
     entry = stack.entry_of(name)
     size = stack.dm.table(top_name(name)).length * 512
-    prepared = entry.block_sectors is not None and entry.phase not in (J.WRAPPED, J.PREPARING)
+    prepared = entry.block_sectors is not None and entry.phase not in (journal.WRAPPED, journal.PREPARING)
     choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
     st = entry.copy if prepared else {}
     start = size if st.get("base_done") else int(st.get("base_offset") or 0)
@@ -386,7 +387,7 @@ def _export(remote: Remote, dest: dict[str, Any], name: str, deadline_s: float |
             files = tlscreds.server_files(dest["tls"])
         except OSError as e:
             raise StateError(f"the TLS credentials of {name} are gone ({e})",
-                             hint=f"`dmmig copy {name}` makes new ones") from None
+                             hint=f"`dmmig copy {name}` makes new ones") from e
         return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], tls=files,
                                       deadline_s=deadline_s)["export"])
     if not dest.get("insecure"):
@@ -396,7 +397,7 @@ def _export(remote: Remote, dest: dict[str, Any], name: str, deadline_s: float |
                                   deadline_s=deadline_s)["export"])
 
 
-def _destination(entry: J.Entry, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions) -> dict[str, Any]:
+def _destination(entry: journal.Entry, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions) -> dict[str, Any]:
     if host is None:
         if not entry.dest:
             raise BadInput(f"no destination known for {entry.name}: give [USER@]HOST")
@@ -423,7 +424,7 @@ def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
-def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> "Started[int] | None":
+def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[int] | None:
     """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
     suspend and resume of the top here, while the destination prepares its disk and export."""
     if entry.copy.get("base_done") or "base_era" in entry.copy:
@@ -435,8 +436,8 @@ def _base_era(stack: Stack, name: str, entry: J.Entry, par: Stopwatch) -> "Start
     return Started(take)
 
 
-def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
-                 progress: Progress, t: Stopwatch, base_era: "Started[int] | None" = None) -> dict[str, Any]:
+def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: Any, size: int, opts: CopyOptions,
+                 progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
     entry.copy.setdefault("rounds", [])
     assert entry.metadata
     # a loop device over a sparse file: its holes are not read (dmmig/sparse.py)
@@ -448,9 +449,9 @@ def _copy_rounds(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opt
             layout.close()
 
 
-def _copy_passes(stack: Stack, name: str, entry: J.Entry, h: Any, size: int, opts: CopyOptions,
+def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: Any, size: int, opts: CopyOptions,
                  progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
-                 base_era: "Started[int] | None") -> dict[str, Any]:
+                 base_era: Started[int] | None) -> dict[str, Any]:
     st = entry.copy
     assert entry.block_sectors
     bs = entry.block_sectors * 512
@@ -542,7 +543,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round."""
     entry = stack.prepared(name)
-    if entry.phase not in (J.COPIED, J.CUTTING_OVER, J.MIRRORING) or not entry.copy.get("base_done"):
+    if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.get("base_done"):
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
@@ -567,7 +568,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             finally:
                 remote.close()
         entry.dest["export"] = export
-        stack.journal.save(entry, J.CUTTING_OVER)
+        stack.journal.save(entry, journal.CUTTING_OVER)
         assert entry.metadata and entry.block_sectors
         length = stack.dm.table(top).length
         bs = entry.block_sectors
@@ -618,7 +619,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 second_ranges.close()
         except BaseException:
             _drop_mirror(stack, entry)
-            stack.journal.save(entry, J.COPIED)
+            stack.journal.save(entry, journal.COPIED)
             raise
         resync_regions = sum(i.out_of_sync() for i in marked)
         entry.mirror.update(era=now, pause_seconds=max(pauses), pauses=pauses, resync_regions=resync_regions,
@@ -639,7 +640,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
         entry.copy["next_since"] = now
-        stack.journal.save(entry, J.MIRRORING)
+        stack.journal.save(entry, journal.MIRRORING)
     return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
@@ -664,7 +665,7 @@ def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_de
     return Table(parts[0] if len(parts) == 1 else MirrorSet(tuple(parts)))
 
 
-def _add_regions(stack: Stack, entry: J.Entry, layout: mirrorlog.Layout, logs: list[str],
+def _add_regions(stack: Stack, entry: journal.Entry, layout: mirrorlog.Layout, logs: list[str],
                  ranges: Iterable[BlockRange], era_dev: str, leg_dev: str, save: Callable[[], None]) -> float:
     """Mark RANGES out of sync in the running mirror: a swap to the same mirror over fresh log
     devices holding what the running one's logs say plus RANGES. Its logs are read while it
@@ -723,7 +724,7 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     return ev.events, first.regions - first.in_sync
 
 
-def _drop_mirror(stack: Stack, entry: J.Entry) -> None:
+def _drop_mirror(stack: Stack, entry: journal.Entry) -> None:
     """Back to linear over era (which holds every write), then tear down the leg, log,
     tunnel and watcher. A no-op when there is no mirror."""
     top = top_name(entry.name)
@@ -774,15 +775,16 @@ def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate
 MIN_YES_S = 1.0  # a yes needs this much of the window left to reach the destination
 
 
-def mirroring_entry(stack: Stack, name: str) -> J.Entry:
+def mirroring_entry(stack: Stack, name: str) -> journal.Entry:
     entry = stack.entry_of(name)
-    if entry.phase != J.MIRRORING or not entry.mirror.get("synced"):
+    if entry.phase != journal.MIRRORING or not entry.mirror.get("synced"):
         raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
                          hint=f"`dmmig cutover {name}` first")
     return entry
 
 
-def answer_gate(stack: Stack, entry: J.Entry, remote: Remote, *, cap: float = gate.SUSPEND_CAP_S) -> dict[str, Any]:
+def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
+                cap: float = gate.SUSPEND_CAP_S) -> dict[str, Any]:
     """The destination asked about ENTRY (its lock is held): vouch for the disk. With the top
     device suspended (every write that was acknowledged is through the mirror), check that
     every region is in sync, every leg alive and no dm event came since the sync; otherwise
@@ -826,7 +828,8 @@ def answer_gate(stack: Stack, entry: J.Entry, remote: Remote, *, cap: float = ga
     return dict(entry.mirror["handover"])
 
 
-def _vouch(stack: Stack, entry: J.Entry, remote: Remote, top: str, era: str, win: Window) -> tuple[bool, str, int]:
+def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,
+           win: Window) -> tuple[bool, str, int]:
     st = stack.dm.mirror_status(top)
     info = stack.dm.info(top)
     assert info is not None
@@ -873,7 +876,7 @@ def _vouch(stack: Stack, entry: J.Entry, remote: Remote, top: str, era: str, win
     return True, f"{broken}: copied the {c.read} bytes era recorded since the cutover first", c.read
 
 
-def _copy_rate(entry: J.Entry) -> float | None:
+def _copy_rate(entry: journal.Entry) -> float | None:
     """The best rate (bytes/s) a pass of the copy reached, from passes large enough to tell."""
     passes = [entry.copy.get("base") or {}] + list(entry.copy.get("rounds") or [])
     rates = [float(p["read"]) / float(p["seconds"]) for p in passes
@@ -913,7 +916,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
     entry = stack.entry_of(name)
     top = top_name(name)
     if not force:
-        if entry.phase != J.MIRRORING:
+        if entry.phase != journal.MIRRORING:
             raise StateError(f"{name} is not mirroring (phase {entry.phase}): the destination may miss writes",
                              hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
                                   "or --force to finish anyway")
@@ -930,7 +933,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                              hint="stop the domain on this host first, or finish without --remove")
     dest = dict(entry.dest) if entry.dest else None
     with stack.journal.lock(name):
-        done = stack.abort_held(name, phase=J.FINISHING)
+        done = stack.abort_held(name, phase=journal.FINISHING)
         if remove and stack.dm.info(top) is not None:
             stack.dm.remove(top)
             done.append(f"remove {top}")
@@ -1002,7 +1005,8 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
         for off in range(offset, size, batch):
             n = min(batch, size - off)
             mine: list[str] = []
-            th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))
+            # joined below in this iteration (or the loop is left): the loop variables hold
+            th = threading.Thread(target=lambda: mine.extend(digest_ranges(src, off, n, chunk)))  # noqa: B023
             th.start()
             theirs = remote.agent.call("digest", name=name, path=dst, offset=off, length=n, chunk=chunk)["digests"]
             th.join()
@@ -1092,4 +1096,4 @@ def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool,
 
 
 def _remote_state(dest: dict[str, Any]) -> str:
-    return str(dest.get("remote_state") or dest.get("remote_state_dir") or J.DEFAULT_STATE_DIR)
+    return str(dest.get("remote_state") or dest.get("remote_state_dir") or journal.DEFAULT_STATE_DIR)

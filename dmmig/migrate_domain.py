@@ -24,16 +24,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmmig import journal as J
-from dmmig import migrate as M
+from dmmig import journal, mirrorlog
 from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.migrate import (
+    CopyOptions,
+    CutoverOptions,
+    Remote,
+    abort,
+    answer_gate,
+    check_destination,
+    check_source,
+    copy,
+    cutover,
+    destination,
+    estimate,
+    finish_handed_over,
+    mirror_table,
+    mirroring_entry,
+    render_estimate,
+    stop_remote,
+)
+from dmmig.names import era_name, format_devno, top_name
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
-from dmmig.names import era_name, format_devno, top_name
 from dmmig.stack import Stack
-from dmmig import mirrorlog
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 from dmmig.xenstore import XenStore
 from dmmig.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
@@ -44,8 +60,8 @@ CLOSE_WAIT_S = 20.0  # blkback lets go of the source's top device from deferred 
 
 @dataclass
 class MigrateOptions:
-    copy: M.CopyOptions = field(default_factory=M.CopyOptions)
-    cutover: M.CutoverOptions = field(default_factory=M.CutoverOptions)
+    copy: CopyOptions = field(default_factory=CopyOptions)
+    cutover: CutoverOptions = field(default_factory=CutoverOptions)
     xl_args: list[str] = field(default_factory=list)
     xl_timeout: float = 3600
     shared_ok: bool = False         # the domain's writable disks not on block-dmmig are shared storage
@@ -99,7 +115,7 @@ class Plan:
                          f"({dest})")
             lines += [f"    {t}" for t in d.tables]
             if d.estimate:
-                lines += M.render_estimate(d.estimate, "    ")
+                lines += render_estimate(d.estimate, "    ")
         for v in self.others:
             lines.append(f"  {v.vdev}: {v.params or '(no params)'} (script {v.script or 'none'}, mode {v.mode}): "
                          "not moved by dmmig; xl migrate expects it on the destination as it is")
@@ -108,7 +124,7 @@ class Plan:
 
 # ---- 1. plan -----------------------------------------------------------------------------
 def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: dict[str, Any],
-         opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = M.Remote) -> Plan:
+         opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = Remote) -> Plan:
     """Everything `dmmig migrate` will do, checked on both hosts; changes nothing. REMOTE
     connects to the destination's agent (injected by the unit tests)."""
     nbd_timeout(opts.cutover.nbd_timeout)
@@ -144,7 +160,7 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
                         opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)) for v in mine]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
-    M.check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
+    check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
     tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
     return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
 
@@ -196,18 +212,18 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, ra
         raise StateError(f"{name} is already being migrated to {entry.dest.get('host')}",
                          hint=f"`dmmig abort {name}` first")
     length = stack.dm.table(top).length
-    est = M.estimate(stack, name, block_bytes=block_bytes, rate=rate)  # refuses a block dm-era cannot take
+    est = estimate(stack, name, block_bytes=block_bytes, rate=rate)  # refuses a block dm-era cannot take
     block_sectors = int(est["block_bytes"]) // 512
-    block_fits(block_sectors if entry.phase == J.WRAPPED else entry.block_sectors or block_sectors, length,
+    block_fits(block_sectors if entry.phase == journal.WRAPPED else entry.block_sectors or block_sectors, length,
                f"{v.vdev} ({v.params})")
     tables = [f"now:        {top}: {stack.dm.table_text(top).strip()}"]
-    if entry.phase == J.WRAPPED:
+    if entry.phase == journal.WRAPPED:
         tables += [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> {entry.origin_devno} {block_sectors}",
                    f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
     else:  # prepared already: its era block stays
         block_sectors = entry.block_sectors or block_sectors
     layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
-    lines = M.mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
+    lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
                            "<nbd leg>").render().splitlines()
     tables.append(f"cutover:    {top}: {layout.parts} dm-mirror targets side by side, regions of "
                   f"{layout.region // 2} KiB, each recovering one at a time:")
@@ -232,7 +248,7 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
     """Returns the mirror leg's tunnel mode (ssh; the probe's or --tunnel's) and why."""
     c = opts.copy
     # unknown host key, bad credentials, no dmmig there: refused here
-    remote = connect(M.destination(host, ep_opts, c, ""))
+    remote = connect(destination(host, ep_opts, c, ""))
     tunnel, why = c.tunnel, "--tunnel" if c.tunnel else ""
     try:
         probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script,
@@ -246,7 +262,7 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
     if not probe["block_script"]:
         raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
                        hint="run the README's install command there")
-    M.check_destination(probe, host)
+    check_destination(probe, host)
     if os.path.realpath(probe["state_dir"]) != os.path.realpath(probe["hotplug_state_dir"]):
         raise BadInput(f"on {host}, dmmig's state dir would be {probe['state_dir']} but block-dmmig's is "
                        f"{probe['hotplug_state_dir']}: its add would not ask the handover gate",
@@ -276,21 +292,27 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
 
 # ---- 2.-4. the migration -----------------------------------------------------------------
 def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: MigrateOptions,
-            progress: Callable[[Disk, int], Progress], say: Callable[[str], None]) -> dict[str, Any]:
+            progress: Callable[[Disk, int], Progress], say: Callable[[str], None],
+            ops: Ops | None = None) -> dict[str, Any]:
+    """Steps 2-4 of P. XL runs xl migrate; OPS are the destination's agent and the per-disk
+    steps (the real ones unless a test injects its own). Every failure raises its own kind."""
+    ops = ops or Ops()
     t0 = time.monotonic()
     summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
     # 2. every disk to a synchronous mirror
     # the tunnel's mode as the plan probed it: one probe for every disk
     opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
-    results = mirror_disks(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
-                           lambda i: progress(p.disks[i], i))
+    results = ops.to_mirror(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
+                            lambda i: progress(p.disks[i], i))
     mirrored = list(zip(p.disks, results))
     failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
     if failed:
-        _abort_all(stack, p.disks, say)
+        _abort_all(stack, p.disks, say, ops)
         first = next(iter(failed.values()))
-        raise _with_context(first, f"{', '.join(failed)}: could not reach a synchronous mirror, so every "
-                            f"disk was aborted and {p.domain.name} did not move")
+        if not isinstance(first, DmmigError):
+            raise first  # a bug: the CLI shows it as one
+        raise first.with_context(f"{', '.join(failed)}: could not reach a synchronous mirror, so every "
+                                 f"disk was aborted and {p.domain.name} did not move") from first
     for d, r in mirrored:
         summary["disks"][d.name] = r
         say(f"{d.name}: mirroring; copied {r['copy']['read'] / (1 << 20):.1f} MiB, cutover suspended I/O for "
@@ -299,12 +321,12 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
 
     # 3. xl migrate, answering the gate
     say(f"xl migrate {p.domain.name} {p.host}")
-    dests = {d.name: dict(M.mirroring_entry(stack, d.name).dest) for d in p.disks}
+    dests = {d.name: dict(mirroring_entry(stack, d.name).dest) for d in p.disks}
     t_xl = time.monotonic()
     try:
-        xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts)
-    except BaseException:  # the gate could not be set up: xl never ran, the guest is here
-        _abort_all(stack, p.disks, say)
+        xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts, ops)
+    except BaseException:  # the gate could not be set up, or xl could not start: the guest is here
+        _abort_all(stack, p.disks, say, ops)
         raise
     for name, g in gates.items():
         summary["disks"][name]["handover"] = g
@@ -317,8 +339,16 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     # 4. finish or abort
     if xl_res.returncode == 0:
         t_fin = time.monotonic()
-        for d in p.disks:
-            summary["disks"][d.name]["finish"] = _finish_source(stack, d, dests[d.name])
+        unfinished: dict[str, DmmigError] = {}
+        for d in p.disks:  # every disk, whatever another's finish says: the guest is there now
+            try:
+                summary["disks"][d.name]["finish"] = ops.finish(stack, d, dests[d.name])
+            except DmmigError as e:
+                unfinished[d.name] = e
+        if unfinished:
+            first = next(iter(unfinished.values()))
+            raise first.with_context(f"{p.domain.name} runs on {p.host} now, but finishing "
+                                     f"{', '.join(unfinished)} failed") from first
         summary["finish_seconds"] = round(time.monotonic() - t_fin, 3)
         summary["seconds"] = round(time.monotonic() - t0, 3)
         return summary
@@ -329,7 +359,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     if refused:
         why += "; the handover gate refused " + "; ".join(f"{n}: {w}" for n, w in refused.items())
     if here is not None and here.domid == p.domain.domid:
-        _abort_all(stack, p.disks, say)
+        _abort_all(stack, p.disks, say, ops)
         raise RemoteError(why + f"\n{p.domain.name} resumed on this host with every write on its disks; "
                           "dmmig aborted the disks' migration on both hosts",
                           hint="fix the cause, then run `dmmig migrate` again")
@@ -351,10 +381,10 @@ def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts:
         try:
             pg = progress(i)
             entry = stack.journal.load(name)
-            if entry is not None and entry.phase == J.WRAPPED:
+            if entry is not None and entry.phase == journal.WRAPPED:
                 stack.prepare(name, block_bytes=opts.block_bytes)
-            copied = M.copy(stack, name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
-            results[i] = {"copy": copied, "cutover": M.cutover(stack, name, opts.cutover, pg)}
+            copied = copy(stack, name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
+            results[i] = {"copy": copied, "cutover": cutover(stack, name, opts.cutover, pg)}
         except BaseException as e:  # noqa: BLE001 - handed back to the caller
             results[i] = e
     threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{n}") for i, (n, _) in enumerate(disks)]
@@ -365,22 +395,27 @@ def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts:
     return results
 
 
-def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -> tuple[XlRun, dict[str, Any]]:
+def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
+                          ops: Ops) -> tuple[XlRun, dict[str, Any]]:
     """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
     about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
     are held until the last answer, so no other dmmig touches them meanwhile."""
-    entries = {d.name: M.mirroring_entry(stack, d.name) for d in p.disks}
+    entries = {d.name: mirroring_entry(stack, d.name) for d in p.disks}
     gates: dict[str, Any] = {}
     box: list[XlRun] = []
+    xl_failed: list[BaseException] = []
     xl_log = os.path.join(stack.journal.dir, f"xl-migrate-{p.domain.domid}.log")
 
     def run_xl() -> None:
-        box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
+        try:
+            box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread, as it is
+            xl_failed.append(e)
     th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
     with contextlib.ExitStack() as locks:
         for name in entries:
             locks.enter_context(stack.journal.lock(name))
-        remote = M.Remote(next(iter(entries.values())).dest)
+        remote = ops.remote(next(iter(entries.values())).dest)
         try:
             # every disk's gate listens before xl starts; another agent there already waiting for
             # one of them (a second migration of the same disk) is refused here, before xl runs
@@ -392,7 +427,7 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
                 while pending and th.is_alive():
                     asked = remote.agent.call("await_gate", names=pending, timeout=1.0)["asked"]
                     if asked is not None:
-                        gates[asked] = M.answer_gate(stack, entries[asked], remote)
+                        gates[asked] = ops.answer_gate(stack, entries[asked], remote)
                         pending.remove(asked)
             except Exception as e:  # noqa: BLE001 - xl runs on; it decides where the guest runs
                 # the gate is lost (the agent or its connection died): a destination that asks
@@ -406,8 +441,8 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions) -
     # the locks are free again: after the last yes, libxl destroys the guest here and the
     # block script's remove finishes each handed-over disk (it takes the disk's lock)
     th.join()
-    if not box:  # xl.migrate itself raised (xl missing): the guest never left
-        return XlRun(-1, "xl migrate did not run (see above)", 0.0), gates
+    if xl_failed:  # xl did not start (missing, say): the guest never left; its own kind and traceback
+        raise xl_failed[0]
     return box[0], gates
 
 
@@ -431,20 +466,20 @@ def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any
     the disk."""
     t = time.monotonic()
     journaled = stack.journal.load(d.name) is not None
-    done = M.finish_handed_over(stack, d.name if journaled else None, node=d.vbd.node, params=d.vbd.params,
+    done = finish_handed_over(stack, d.name if journaled else None, node=d.vbd.node, params=d.vbd.params,
                                 close_wait_s=CLOSE_WAIT_S)
     if not journaled:
         done.insert(0, "finished here by block-dmmig remove")
-    left = M.stop_remote(d.name, dest, remove_created=False, done=done)
+    left = stop_remote(d.name, dest, remove_created=False, done=done)
     if left:
         raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
     return {"done": done, "seconds": round(time.monotonic() - t, 3)}
 
 
-def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None]) -> None:
+def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None], ops: Ops) -> None:
     for d in disks:
         try:
-            done, left = M.abort(stack, d.name)
+            done, left = ops.abort(stack, d.name)
             say(f"{d.name}: aborted ({len(done)} steps)")
             for x in left:
                 say(f"{d.name}: left behind: {x}")
@@ -452,10 +487,13 @@ def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None]) -> N
             say(f"{d.name}: abort failed: {e.message}; `dmmig status {d.name}`, then `dmmig abort {d.name}`")
 
 
-def _with_context(e: BaseException, what: str) -> BaseException:
-    """E's message after WHAT, with E's hint and exit code."""
-    if not isinstance(e, DmmigError):
-        return e  # a bug: the CLI shows it as one
-    out = DmmigError(f"{what}: {e.message}", hint=e.hint)
-    out.exit_code = e.exit_code
-    return out
+@dataclass(frozen=True)
+class Ops:
+    """What migrate() calls below it: the destination's agent (REMOTE: a dest record -> a
+    connection with .agent and .close) and the per-disk steps. The real ones by default; the
+    unit tests inject theirs to reach every failure branch."""
+    remote: Callable[[dict[str, Any]], Any] = Remote
+    to_mirror: Callable[..., list[Any]] = mirror_disks  # step 2: each disk's summary or exception
+    answer_gate: Callable[[Stack, journal.Entry, Any], dict[str, Any]] = answer_gate
+    finish: Callable[[Stack, Disk, dict[str, Any]], dict[str, Any]] = _finish_source
+    abort: Callable[[Stack, str], tuple[list[str], list[str]]] = abort

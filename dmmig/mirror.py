@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from collections.abc import Callable
 from typing import Any
 
-from dmmig import journal as J
-from dmmig import mirrorlog, proc, tlscreds, tunnel
+from dmmig import journal, mirrorlog, proc, tlscreds, tunnel
 from dmmig.blockdev import Loop
 from dmmig.errors import RemoteError, Steps
+from dmmig.names import Files
 from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
-from dmmig.names import Files
-
-
 
 TLS_CONNECTIONS = 4
 
@@ -49,12 +46,12 @@ class MirrorSide:
     def credentials(self, name: str, server: str) -> str:
         """This migration's TLS credentials (made once, kept until finish/abort): a root-only
         directory; SERVER is the destination's NBD address its certificate names."""
-        d = J.private_dir(self._path(name, "tls"))
+        d = journal.private_dir(self._path(name, "tls"))
         if not tlscreds.exists(d):
             tlscreds.make(d, server)
         return d
 
-    def attach_leg(self, entry: J.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+    def attach_leg(self, entry: journal.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
         m = entry.mirror
         dest = entry.dest
         ssh = dest["transport"] == "ssh"
@@ -82,9 +79,9 @@ class MirrorSide:
             if not ssh:
                 raise
             raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: {tunnel.tail(log)}",
-                              hint=e.hint) from None
+                              hint=e.hint) from e
 
-    def make_logs(self, entry: J.Entry, layout: mirrorlog.Layout, first_slot: int,
+    def make_logs(self, entry: journal.Entry, layout: mirrorlog.Layout, first_slot: int,
                   save: Callable[[], None]) -> list[str]:
         """A disk log device per part of LAYOUT: loop devices over slots FIRST_SLOT.. of one
         file in the state directory (memory-backed: it lives only as long as the source's
@@ -117,7 +114,7 @@ class MirrorSide:
             raise failed
         return devs
 
-    def start_watcher(self, entry: J.Entry, save: Callable[[], None]) -> int:
+    def start_watcher(self, entry: journal.Entry, save: Callable[[], None]) -> int:
         argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name]
         pid = self.r.spawn(argv, logfile=self._path(entry.name, "watch.log"))
         entry.mirror["watcher"] = pid
@@ -141,7 +138,7 @@ class MirrorSide:
                     or os.path.exists(self._path(name, "mirror-log")) or self.nbd.owned(self.nbd_owner(name)))
 
     # ---- tear down ----------------------------------------------------------------------
-    def teardown(self, name: str, entry: J.Entry | None, step: Steps) -> None:
+    def teardown(self, name: str, entry: journal.Entry | None, step: Steps) -> None:
         """Everything but the top table, which the caller has already moved off the mirror.
         Every step is attempted; STEP collects the errors."""
         m = entry.mirror if entry else {}

@@ -157,7 +157,7 @@ class Layout:
 
     @classmethod
     def choose(cls, length: int, block_sectors: int, *, max_parts: int = MAX_PARTS,
-               max_part_regions: int = MAX_PART_REGIONS) -> "Layout":
+               max_part_regions: int = MAX_PART_REGIONS) -> Layout:
         """Regions as small as an era block (a scattered delta resyncs no more than era
         recorded), doubled only while a part would hold more than MAX_PART_REGIONS: with a disk
         log, every region the kernel recovers rewrites its part's whole bitset."""

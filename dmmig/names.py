@@ -56,7 +56,7 @@ def disk_name_for(params: str) -> str:
         return disk_name(name)
     except BadInput as e:
         raise BadInput(f"target {params!r} gives the disk name {name!r}, which dmmig cannot use: "
-                       f"{e.message}; rename or symlink the disk") from None
+                       f"{e.message}; rename or symlink the disk") from e
 
 
 def _component(c: str) -> str:

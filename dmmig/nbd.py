@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.errors import BadInput, DmmigError, RemoteError
+from dmmig import listen
+from dmmig.errors import BadInput, CommandError, MissingDependency, RemoteError
 from dmmig.runner import Runner
 
 
@@ -57,7 +58,7 @@ def free_port(addr: str) -> int:
             s.bind((addr, 0))
         except OSError as e:
             raise BadInput(f"cannot listen on {addr} here: {e.strerror}",
-                           hint="--nbd-address must be an address of the destination host") from None
+                           hint="--nbd-address must be an address of the destination host") from e
         return int(s.getsockname()[1])
 
 
@@ -89,7 +90,8 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
             os.unlink(socket_path)
         res = runner.run([*base, f"--socket={socket_path}", path], check=False, timeout=30)
         if res.returncode != 0:
-            raise DmmigError(f"qemu-nbd could not export {path}: {res.stderr.strip()}")
+            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
+                               hint=f"qemu-nbd could not export {path}")
         return Export(name, path, _pid(pidfile), cache, socket=socket_path)
     assert addr is not None
     # TCP: qemu-nbd socket-activated on a listener dmmig.listen makes (a free port, Nagle off;
@@ -98,8 +100,11 @@ def start_export(runner: Runner, name: str, path: str, pidfile: str, *, socket_p
     free_port(addr)  # an address not of this host is the operator's input to fix (BadInput)
     res = runner.run([sys.executable, "-m", "dmmig.listen", addr, *base, path], check=False, timeout=30)
     port = res.stdout.split()[0] if res.stdout.split() else ""
+    if res.returncode == listen.NOT_FOUND:
+        raise MissingDependency("command not found: qemu-nbd", hint="install it (see README: the install command)")
     if res.returncode != 0 or not port.isdigit():
-        raise DmmigError(f"qemu-nbd could not export {path} on {addr}: {res.stderr.strip()}")
+        raise CommandError(res.argv, res.returncode, res.stdout, res.stderr,
+                           hint=f"qemu-nbd could not export {path} on {addr}")
     return Export(name, path, _pid(pidfile), cache, addr=addr, port=int(port), tls=tls)
 
 
@@ -131,7 +136,7 @@ def open_client(sock: socket.socket | None, *, addr: str | None = None, port: in
     try:
         import nbd
     except ImportError as e:
-        raise DmmigError("python3-libnbd is missing (Debian package python3-libnbd)",
+        raise MissingDependency("python3-libnbd is missing (Debian package python3-libnbd)",
                          hint="run the README's install command (the venv must see Debian's packages)") from e
     h = nbd.NBD()
     h.set_export_name(export)
@@ -146,5 +151,5 @@ def open_client(sock: socket.socket | None, *, addr: str | None = None, port: in
             assert addr is not None and port is not None
             h.connect_tcp(addr, str(port))
     except nbd.Error as e:
-        raise RemoteError(f"cannot connect to the NBD export {export!r}: {e}") from None
+        raise RemoteError(f"cannot connect to the NBD export {export!r}: {e}") from e
     return h

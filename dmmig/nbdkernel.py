@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from dmmig.errors import Busy, DmmigError, RemoteError
+from dmmig.errors import Busy, MissingDependency, RemoteError
 from dmmig.runner import Runner
-
 
 # udev-rules/57-dmmig.rules keeps blkid and LVM off nbd devices marked here: the leg holds
 # the guest's data, and the marker must exist before the device connects. The marker's text
@@ -118,14 +117,14 @@ class NbdKernel:
         devs = sorted((d for d in os.listdir("/sys/block") if d.startswith("nbd") and d[3:].isdigit()),
                       key=lambda d: int(d[3:]))
         if not devs:
-            raise DmmigError("no /dev/nbdX devices: the nbd module is missing",
+            raise MissingDependency("no /dev/nbdX devices: the nbd module is missing",
                              hint="modprobe nbd (or use a kernel with CONFIG_BLK_DEV_NBD)")
         for d in devs:
             # a marker on a detached device was left by a killed dmmig (nobody else can hold a
             # device between mark and attach: that is done under the lock)
             if not self.attached(d) and _size(d) == 0:
                 return f"/dev/{d}"
-        raise DmmigError(f"all {len(devs)} nbd devices are in use", hint="modprobe nbd nbds_max=N")
+        raise Busy(f"all {len(devs)} nbd devices are in use", hint="modprobe nbd nbds_max=N")
 
     def _attach(self, dev: str, export: str, *, timeout: int, unix: str | None = None,
                 host: str | None = None, port: int | None = None, tls: str | None = None,

@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 # paramiko's ssh_config parser imports invoke, only to run the commands of a `Match exec`: dmmig
 # never has paramiko read an ssh_config. Marked missing, the import fails at once and paramiko
@@ -21,9 +21,9 @@ from typing import Any, Protocol
 sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 import paramiko  # noqa: E402
 
-from dmmig.agentcmd import remote_command
-from dmmig.errors import BadInput, RemoteError
-from dmmig.validate import destination, host_name, ssh_path, user_name
+from dmmig.agentcmd import remote_command  # noqa: E402 - after paramiko, as the comment says
+from dmmig.errors import BadInput, RemoteError  # noqa: E402
+from dmmig.validate import destination, host_name, ssh_path, user_name  # noqa: E402
 
 SSHClient = paramiko.SSHClient  # for type hints elsewhere: only this module imports paramiko
 
@@ -54,7 +54,7 @@ class Endpoint:
 
     @classmethod
     def parse(cls, spec: str, *, port: int = 22, known_hosts: str | None = None,
-              identity: str | None = None) -> "Endpoint":
+              identity: str | None = None) -> Endpoint:
         user, host = destination(spec)
         return cls(host, user or "root", port, known_hosts or "~/.ssh/known_hosts", identity)
 
@@ -85,21 +85,21 @@ def connect(ep: Endpoint) -> paramiko.SSHClient:
     except paramiko.BadHostKeyException as e:
         raise RemoteError(f"host key of {ep.host} has CHANGED (got {e.key.get_name()} "
                           f"{e.key.fingerprint}); refusing to connect",
-                          hint=f"if the change is legitimate, fix {kh}; otherwise this may be an attack") from None
+                          hint=f"if the change is legitimate, fix {kh}; otherwise this may be an attack") from e
     except paramiko.SSHException as e:
         if "not found in known_hosts" in str(e):
             raise RemoteError(f"host key of {ep.host} is unknown (not in {kh}); refusing to connect",
-                              hint=f"verify and add it: ssh-keyscan -p {ep.port} {ep.host} >> {kh}") from None
+                              hint=f"verify and add it: ssh-keyscan -p {ep.port} {ep.host} >> {kh}") from e
         if isinstance(e, paramiko.AuthenticationException):
             raise RemoteError(f"authentication as {ep.user} on {ep.host} failed: {e}",
-                              hint="check --identity and the destination's authorized_keys") from None
-        raise RemoteError(f"SSH to {ep} failed: {e}") from None
-    except (socket.timeout, TimeoutError):
+                              hint="check --identity and the destination's authorized_keys") from e
+        raise RemoteError(f"SSH to {ep} failed: {e}") from e
+    except TimeoutError:
         raise RemoteError(f"{ep.host}:{ep.port} did not answer within {CONNECT_TIMEOUT:.0f}s",
                           hint="is the host up and reachable? is sshd running?") from None
     except OSError as e:
         raise RemoteError(f"cannot reach {ep.host}:{ep.port}: {e.strerror or e}",
-                          hint="check the host name, the network and that sshd runs") from None
+                          hint="check the host name, the network and that sshd runs") from e
     t = c.get_transport()
     assert t is not None
     t.set_keepalive(5)
@@ -116,10 +116,10 @@ def relay_socket(client: paramiko.SSHClient, argv: list[str]) -> tuple[socket.so
         chan = t.open_session(timeout=CONNECT_TIMEOUT)
         chan.exec_command(remote_command(argv))
     except paramiko.ChannelException as e:
-        raise RemoteError(f"the destination refused a channel for the NBD relay: {e}") from None
+        raise RemoteError(f"the destination refused a channel for the NBD relay: {e}") from e
     except TRANSPORT_ERRORS as e:
         raise RemoteError(f"the SSH connection to the destination broke starting the NBD relay: "
-                          f"{type(e).__name__} {e}".rstrip()) from None
+                          f"{type(e).__name__} {e}".rstrip()) from e
     return channel_socket(chan), chan
 
 

@@ -13,11 +13,10 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from dmmig import journal as J
 from dmmig import sizing
 from dmmig.blockdev import BlockDev, Loop, below, block_device, dm_name_of, holder_names
 from dmmig.dm.dmsetup import DmInfo, DmSetup
@@ -25,10 +24,11 @@ from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import Era, Linear, Table
 from dmmig.era import BlockRange, DirtyRanges, EraTools
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
+from dmmig.journal import ABORTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
 from dmmig.mirror import MirrorSide
+from dmmig.names import Files, era_name, top_name
 from dmmig.runner import Runner
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
-from dmmig.names import Files, era_name, top_name
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = sizing.DEFAULT_BLOCK_BYTES
@@ -57,7 +57,7 @@ def _round_up(n: int, to: int) -> int:
 class Stack:
     runner: Runner
     dm: DmSetup
-    journal: J.Journal
+    journal: Journal
     loop: Loop = field(init=False)
     era: EraTools = field(init=False)
     mirror: MirrorSide = field(init=False)
@@ -79,7 +79,7 @@ class Stack:
             under = self._origin_devno(name, entry, t)
             if under == origin.devno:
                 if entry is None:  # journal lost: remember the origin again
-                    self.journal.save(J.Entry(name, origin_path, origin.devno), J.WRAPPED)
+                    self.journal.save(Entry(name, origin_path, origin.devno), WRAPPED)
                 return f"/dev/mapper/{top}"
             raise BadInput(f"{top} already exists over {under}, not over {origin_path} ({origin.devno})",
                            hint=f"use another NAME, or `dmmig unwrap {name}` first")
@@ -95,8 +95,8 @@ class Stack:
         if size == 0 or size % 512:
             raise BadInput(f"{origin_path} has size {size}: not usable")
         with self.journal.lock(name):
-            entry = J.Entry(name, origin_path, origin.devno)
-            self.journal.save(entry, J.WRAPPED)
+            entry = Entry(name, origin_path, origin.devno)
+            self.journal.save(entry, WRAPPED)
             try:
                 self.dm.create(top, Table(Linear(size // 512, origin.devno)), uuid=uuid_for("top", name))
             except BaseException:
@@ -111,14 +111,14 @@ class Stack:
         entry = self.journal.load(name)
         if info is None and entry is None:
             raise BadInput(f"unknown disk {name!r}: no {top} and no journal entry")
-        if entry is not None and entry.phase != J.WRAPPED and not force:
+        if entry is not None and entry.phase != WRAPPED and not force:
             raise StateError(f"a migration of {name} is in progress (phase {entry.phase})",
                              hint=f"`dmmig abort {name}` first, or --force to abort and unwrap")
         if info is not None and info.open_count > 0 and not force:
             raise Busy(f"{top} is open ({info.open_count} opener(s)); unwrapping would pull the disk "
                        "from under them", hint="stop the domain first, or --force")
         with self.journal.lock(name):
-            if entry is not None and entry.phase != J.WRAPPED or self.dm.info(era_name(name)):
+            if entry is not None and entry.phase != WRAPPED or self.dm.info(era_name(name)):
                 self.abort_held(name)
             if info is not None:
                 self.dm.remove(top)
@@ -137,7 +137,7 @@ class Stack:
         info = self.dm.info(top)
         if info is None:
             raise StateError(f"{top} does not exist", hint=f"`dmmig wrap {name} ORIGIN` first")
-        if entry.phase != J.WRAPPED or self.dm.info(era_name(name)) is not None:
+        if entry.phase != WRAPPED or self.dm.info(era_name(name)) is not None:
             raise StateError(f"{name} is already prepared (phase {entry.phase})",
                              hint=f"`dmmig status {name}`; `dmmig abort {name}` to start over")
         cur = self.dm.table(top).target
@@ -166,7 +166,7 @@ class Stack:
             entry.copy = {"migration": uuid.uuid4().hex}
             entry.dest = {}
             undo = Undo()
-            self.journal.save(entry, J.PREPARING)
+            self.journal.save(entry, PREPARING)
             try:
                 if meta_dev is None:
                     mfile = Files(self.journal.dir, name).era_metadata
@@ -193,12 +193,12 @@ class Stack:
                 undo.run(f"undo of a failed prepare of {name}")
                 entry.metadata = entry.metadata_file = None
                 entry.block_sectors = None
-                self.journal.save(entry, J.WRAPPED)
+                self.journal.save(entry, WRAPPED)
                 raise
-            self.journal.save(entry, J.PREPARED)
+            self.journal.save(entry, PREPARED)
         return new
 
-    def check_metadata_device(self, name: str, entry: J.Entry, top: DmInfo, dev: BlockDev) -> None:
+    def check_metadata_device(self, name: str, entry: Entry, top: DmInfo, dev: BlockDev) -> None:
         """prepare zeroes the first 4 KiB of the metadata device: never of one of the disk's own
         devices or another dmmig device, one in use, or one that holds anything blkid knows (a
         file system, an LVM PV, a partition table, swap, RAID, LUKS...)."""
@@ -220,7 +220,7 @@ class Stack:
             os.close(os.open(path, os.O_RDWR | os.O_EXCL))
         except OSError as e:
             raise BadInput(f"metadata device {path} is in use (mounted, swap, or opened exclusively): "
-                           f"{e.strerror}") from None
+                           f"{e.strerror}") from e
         res = self.runner.run(["blkid", "-p", "-o", "export", path], check=False, timeout=60)
         if res.returncode == 0:
             tags = dict(ln.split("=", 1) for ln in res.stdout.splitlines() if "=" in ln)
@@ -314,7 +314,7 @@ class Stack:
         with self.journal.lock(name):
             return self.abort_held(name)
 
-    def abort_held(self, name: str, phase: str = J.ABORTING) -> list[str]:
+    def abort_held(self, name: str, phase: str = ABORTING) -> list[str]:
         """abort's teardown with NAME's lock already held by the caller; also finish's local
         teardown (PHASE finishing): the steps are the same."""
         entry = self.journal.load(name)
@@ -365,14 +365,14 @@ class Stack:
                 entry.checkpoints = []
                 entry.mirror = {}
                 if self.dm.info(top) is not None:
-                    self.journal.save(entry, J.WRAPPED)
+                    self.journal.save(entry, WRAPPED)
                 else:
                     self.journal.delete(name)
-        step.check(f"{'finish' if phase == J.FINISHING else 'abort'} of {name}")
+        step.check(f"{'finish' if phase == FINISHING else 'abort'} of {name}")
         return step.done
 
     # ---- helpers --------------------------------------------------------------------------
-    def entry_of(self, name: str) -> J.Entry:
+    def entry_of(self, name: str) -> Entry:
         """NAME's journal entry; BadInput if dmmig does not know NAME."""
         e = self.journal.load(name)
         if e is None:
@@ -380,23 +380,20 @@ class Stack:
                            hint=f"`dmmig wrap {name} ORIGIN` first")
         return e
 
-    def prepared(self, name: str) -> J.Entry:
+    def prepared(self, name: str) -> Entry:
         """NAME's entry, if NAME has its era device (prepared or later); else StateError."""
         disk_name(name)
         e = self.entry_of(name)
-        if e.phase in (J.WRAPPED, J.PREPARING) or self.dm.info(era_name(name)) is None:
+        if e.phase in (WRAPPED, PREPARING) or self.dm.info(era_name(name)) is None:
             raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
         return e
 
-    def _origin_devno(self, name: str, entry: J.Entry | None, target: Any) -> str | None:
+    def _origin_devno(self, name: str, entry: Entry | None, target: Any) -> str | None:
         if entry is not None:
             return entry.origin_devno
         if isinstance(target, Linear):
             return target.device
         return None
-
-    def infos(self, name: str) -> dict[str, DmInfo | None]:
-        return {top_name(name): self.dm.info(top_name(name)), era_name(name): self.dm.info(era_name(name))}
 
 
 def _make_zeroed_file(path: str, size: int) -> None:

@@ -5,10 +5,7 @@ import os
 import time
 from typing import Any
 
-from dmmig import gate
-from dmmig import journal as J
-from dmmig import nbd as N
-from dmmig import proc, sizing
+from dmmig import gate, journal, nbd, proc, sizing
 from dmmig.destination import incoming
 from dmmig.dm.guard import log_path as guard_log
 from dmmig.dm.targets import MIRRORS, Era, Linear, ParseError
@@ -88,21 +85,21 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         return out
     if top is None:
         problems.append(f"journal says {entry.phase} but {top_name(name)} does not exist")
-    if entry.phase == J.WRAPPED and era is not None:
+    if entry.phase == journal.WRAPPED and era is not None:
         problems.append(f"journal says wrapped but {era_name(name)} exists (interrupted prepare?)")
-    if entry.phase not in (J.WRAPPED, J.PREPARING, J.ABORTING) and era is None:
+    if entry.phase not in (journal.WRAPPED, journal.PREPARING, journal.ABORTING) and era is None:
         problems.append(f"journal says {entry.phase} but {era_name(name)} does not exist")
     busy = stack.journal.busy(name)
     out["busy"] = busy
-    if entry.phase in (J.PREPARING, J.COPYING, J.CUTTING_OVER, J.FINISHING, J.ABORTING):
+    if entry.phase in (journal.PREPARING, journal.COPYING, journal.CUTTING_OVER, journal.FINISHING, journal.ABORTING):
         if busy:
             problems.append(f"a dmmig is working on {name} now (phase {entry.phase}); wait for it")
         else:
-            again = {J.COPYING: f"`dmmig copy {name}` resumes it, ",
-                     J.CUTTING_OVER: f"`dmmig cutover {name}` runs it again, "}.get(entry.phase, "")
+            again = {journal.COPYING: f"`dmmig copy {name}` resumes it, ",
+                     journal.CUTTING_OVER: f"`dmmig cutover {name}` runs it again, "}.get(entry.phase, "")
             problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted, and no dmmig holds "
                             f"{name} now): {again}`dmmig abort {name}` cleans up")
-    if entry.phase == J.MIRRORING and top is not None and "mirror" in top:
+    if entry.phase == journal.MIRRORING and top is not None and "mirror" in top:
         synced = entry.mirror.get("synced") or {}
         if synced and top["events"] != synced.get("events"):
             problems.append(f"{top_name(name)}: dm event counter {top['events']} differs from "
@@ -119,9 +116,9 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     if stray:  # marked for this disk (udev keeps off them) but no mirror of it uses them
         problems.append(f"{', '.join(stray)} marked as {name}'s mirror leg but not in its journal (left by an "
                         f"interrupted cutover); `dmmig abort {name}` detaches and unmarks them")
-    if entry.metadata_file and entry.phase != J.WRAPPED and not os.path.exists(entry.metadata_file):
+    if entry.metadata_file and entry.phase != journal.WRAPPED and not os.path.exists(entry.metadata_file):
         problems.append(f"era metadata file {entry.metadata_file} is missing")
-    if top is not None and entry.phase == J.WRAPPED:
+    if top is not None and entry.phase == journal.WRAPPED:
         try:
             t = stack.dm.table(top_name(name)).target
             if not (isinstance(t, Linear) and t.device == entry.origin_devno):
@@ -150,7 +147,7 @@ def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled:
                         f"`dmmig abort {name}` here removes it")
         return rec
     exp = rec.get("export")
-    alive = bool(exp and N.Export(**exp).alive())
+    alive = bool(exp and nbd.Export(**exp).alive())
     st = {"path": rec.get("path"), "size": rec.get("size"), "created": bool(rec.get("created")),
           "created_as": rec.get("created_as"), "migration": rec.get("migration"),
           "handed_over": bool(rec.get("handed_over")), "export": exp, "export_alive": alive}
@@ -193,7 +190,7 @@ def render(st: dict[str, Any], *, tables: bool = False) -> str:
                      + ((" (created by dmmig as an LV)" if inc.get("created_as") == "lv" else " (created by dmmig)")
                         if inc["created"] else "")
                      + (", handed over" if inc["handed_over"] else ", not handed over")
-                     + (f"; NBD export on {N.Export(**exp).where}, qemu-nbd pid {exp['pid']}"
+                     + (f"; NBD export on {nbd.Export(**exp).where}, qemu-nbd pid {exp['pid']}"
                         f" ({'running' if inc['export_alive'] else 'gone'})" if exp else "; no NBD export"))
     for dev, d in st["devices"].items():
         flags = (" SUSPENDED" if d["suspended"] else "") + (" +inactive-table" if d["inactive_table"] else "")
@@ -243,7 +240,7 @@ def glance(st: dict[str, Any]) -> dict[str, str]:
             row["destination"] = f"{d.get('host')}:{d.get('disk', '?')} ({how})"
         c, m = j["copy"] or {}, j["mirror"] or {}
         size = _size_bytes(st)
-        if j["phase"] == J.MIRRORING or j["phase"] == J.CUTTING_OVER:
+        if j["phase"] == journal.MIRRORING or j["phase"] == journal.CUTTING_OVER:
             mir = next((d["mirror"] for d in st["devices"].values() if "mirror" in d), None)
             if mir is None:
                 row["progress"] = "no mirror table"

@@ -31,9 +31,9 @@ import time
 from typing import Any
 
 from dmmig import proc
+from dmmig.agentcmd import agent_argv, remote_command
 from dmmig.errors import BadInput, RemoteError
 from dmmig.runner import Runner
-from dmmig.agentcmd import agent_argv, remote_command
 
 MODES = ("forward", "relay")
 ACCEPT_TIMEOUT = 120.0   # the relay's listener waits this long for nbd-client

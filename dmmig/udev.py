@@ -11,7 +11,7 @@ import time
 
 import pyudev
 
-from dmmig.errors import DmmigError
+from dmmig.errors import TimedOut
 
 
 def wait_dm_node(name: str, *, present: bool = True, timeout: float = 10.0) -> None:
@@ -29,7 +29,7 @@ def wait_dm_node(name: str, *, present: bool = True, timeout: float = 10.0) -> N
         left = deadline - time.monotonic()
         if left <= 0:
             state = "appear" if present else "go away"
-            raise DmmigError(f"{path} did not {state} within {timeout:.0f}s",
+            raise TimedOut(f"{path} did not {state} within {timeout:.0f}s",
                              hint="is systemd-udevd running with lvm2's dm rules (55-dm.rules)?")
         mon.poll(timeout=min(left, 0.5))
 

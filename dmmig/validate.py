@@ -55,7 +55,7 @@ def require_tools(*tools: str) -> None:
 def missing_tools(missing: list[str], where: str = "") -> MissingDependency:
     """The error naming MISSING tools (and their Debian packages), on this host or WHERE."""
     pkgs = {"era_invalidate": "thin-provisioning-tools", "dmsetup": "dmsetup",
-            "losetup": "mount", "nbd-client": "nbd-client", "nbdkit": "nbdkit", "ssh": "openssh-client",
+            "losetup": "mount", "nbd-client": "nbd-client", "ssh": "openssh-client",
             "qemu-nbd": "qemu-utils"}
     named = ", ".join(f"{t} (Debian package {pkgs.get(t, t)})" for t in missing)
     return MissingDependency(f"{where + ': ' if where else ''}missing tool(s): {named}",
@@ -142,7 +142,7 @@ def destination(spec: str) -> tuple[str | None, str]:
         return (user_name(user) if at else None), host_name(host)
     except BadInput as e:
         raise BadInput(f"invalid destination {spec!r}: {e.message.removeprefix('invalid destination ')}",
-                       hint="give the destination as [USER@]HOST (host name, IPv4 or IPv6 address)") from None
+                       hint="give the destination as [USER@]HOST (host name, IPv4 or IPv6 address)") from e
 
 
 def ssh_path(what: str, path: str) -> str:

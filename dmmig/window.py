@@ -13,13 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from dmmig.errors import DmmigError
-
+from dmmig.errors import TimedOut
 
 RESUME_MARGIN_S = 2.0  # what the resume itself may take (a loaded host spawns dmsetup slowly)
 
 
-class WindowClosed(DmmigError):
+class WindowClosed(TimedOut):
     """The cap passed: whatever was under way may no longer decide the answer."""
 
 

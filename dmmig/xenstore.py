@@ -14,11 +14,11 @@ from typing import Protocol
 
 import pyxs
 
-from dmmig.errors import DmmigError, Exit
+from dmmig.errors import ToolError
 
 
-class XenStoreError(DmmigError):
-    exit_code = Exit.COMMAND
+class XenStoreError(ToolError):
+    """xenstored refused or is unreachable."""
 
 
 class XenStore(Protocol):
@@ -44,7 +44,7 @@ class PyxsXenStore:
         self._client = pyxs.Client(unix_socket_path=socket_path)
         self._socket = socket_path
 
-    def __enter__(self) -> "PyxsXenStore":
+    def __enter__(self) -> PyxsXenStore:
         try:
             self._client.connect()
         except (pyxs.PyXSError, OSError) as e:

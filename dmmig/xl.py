@@ -1,7 +1,8 @@
 """xl adapter: the toolstack commands dmmig migrate needs (name <-> domid, migrate).
 
 `xl migrate` is run, never reimplemented: libxl streams the memory, runs the block scripts on
-both hosts and decides whether the guest resumes on the source (facts, section D).
+both hosts and decides whether the guest resumes on the source (Xen tools/xl/xl_migrate.c,
+tools/libs/light/libxl_create.c).
 """
 from __future__ import annotations
 

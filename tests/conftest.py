@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.rig import leaks
+from tests.rig import kernel_log, leaks
 from tests.rig.uml import ROOT, UmlHost
 
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
@@ -40,7 +40,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UmlHost, Um
 @pytest.fixture(autouse=True)
 def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fails any kernel test that leaves dm devices, loop devices, nbd attachments,
-    processes or journal files behind (and cleans them, so the next test starts clean)."""
+    processes or journal files behind (and cleans them, so the next test starts clean), and
+    any after which a rig kernel logged a BUG, a WARNING or an Oops (with the log lines)."""
     if request.node.get_closest_marker("kernel") is None:
         yield
         return
@@ -50,18 +51,29 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             v = request.getfixturevalue(fx)
             hosts += list(v) if isinstance(v, tuple) else [v]
     before = {h.name: leaks.snapshot(h) for h in hosts}
+    for h in hosts:
+        h.kmsg_seen = before[h.name].kmsg_last
     yield
     found = []
+    logged = []
     for h in hosts:
         if not h.alive():
             continue
-        after = leaks.snapshot(h)
+        after = leaks.snapshot(h, kmsg_since=h.kmsg_seen)
+        logged += kernel_log.report(h.name, after.kmsg_lines)
         lk = leaks.leaks(before[h.name], after)
         if lk:
             found.append(f"{h.name}: " + ", ".join(lk))
             leaks.clean(h, before[h.name], after)
-    if found:
-        pytest.fail("test leaked: " + "; ".join(found), pytrace=False)
+    if found or logged:
+        pytest.fail("\n".join((["test leaked: " + "; ".join(found)] if found else []) + logged), pytrace=False)
+
+
+def kernel_complaints(hosts: list[UmlHost]) -> list[str]:
+    """What `_no_leaks` fails a test with after it: each live host's BUG, WARNING or Oops
+    since the mark it took before (the same snapshot, the same report)."""
+    return [r for h in hosts if h.alive()
+            for r in kernel_log.report(h.name, leaks.snapshot(h, kmsg_since=h.kmsg_seen).kmsg_lines)]
 
 
 class Disks:

@@ -74,14 +74,6 @@ class DmSetup:
             raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
         return _parse_info(res.stdout.strip().splitlines()[0])
 
-    def list_info(self) -> list[DmInfo]:
-        res = self.r.run(["dmsetup", "info", "-c", "--noheadings", "--separator", ";",
-                          "-o", INFO_FIELDS])
-        out = res.stdout.strip()
-        if not out or out.startswith("No devices found"):
-            return []
-        return [_parse_info(ln) for ln in out.splitlines() if ";" in ln]
-
     def table(self, name: str, *, inactive: bool = False) -> Table:
         argv = ["dmsetup", "table"] + (["--inactive"] if inactive else []) + [name]
         return Table.parse(self.r.run(argv).stdout)

@@ -15,8 +15,8 @@ import os
 import sys
 import threading
 
-from dmmig.runner import Runner
 from dmmig.names import Files
+from dmmig.runner import Runner
 
 
 def log_path(state: str, name: str) -> str:
@@ -66,6 +66,7 @@ def main(state: str) -> int:
     if not suspended:
         return 0  # the usual end: everything was resumed
     import time
+
     from dmmig.dm.dmsetup import DmSetup
     from dmmig.runner import SubprocessRunner
     dm = DmSetup(SubprocessRunner(default_timeout=30))

@@ -27,7 +27,7 @@ class Linear:
         return [self.device, str(self.offset)]
 
     @classmethod
-    def parse_table(cls, length: int, args: list[str]) -> "Linear":
+    def parse_table(cls, length: int, args: list[str]) -> Linear:
         if len(args) != 2:
             raise ParseError(f"linear table needs 2 args, got {args}")
         return cls(length, args[0], int(args[1]))
@@ -50,7 +50,7 @@ class Era:
         return [self.metadata, self.origin, str(self.block_sectors)]
 
     @classmethod
-    def parse_table(cls, length: int, args: list[str]) -> "Era":
+    def parse_table(cls, length: int, args: list[str]) -> Era:
         if len(args) != 3:
             raise ParseError(f"era table needs 3 args, got {args}")
         return cls(length, args[0], args[1], int(args[2]))
@@ -110,7 +110,7 @@ class Mirror:
         return a
 
     @classmethod
-    def parse_table(cls, length: int, args: list[str]) -> "Mirror":
+    def parse_table(cls, length: int, args: list[str]) -> Mirror:
         try:
             kind, n = args[0], int(args[1])
             largs = args[2:2 + n]
@@ -215,7 +215,7 @@ class Table:
         return self.target.length
 
     @classmethod
-    def parse(cls, text: str) -> "Table":
+    def parse(cls, text: str) -> Table:
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         if len(lines) > 1:
             return cls(_parse_mirror_set(lines))
@@ -260,7 +260,7 @@ class EraStatus:
     snapshot_block: int | None  # held metadata snapshot, or None
 
     @classmethod
-    def parse(cls, line: str) -> "EraStatus":
+    def parse(cls, line: str) -> EraStatus:
         # "0 131072 era 8 20/1024 3 -"
         w = line.split()
         try:
@@ -301,7 +301,7 @@ class MirrorStatus:
         return [i for i, c in enumerate(self.health) if c != "A"]
 
     @classmethod
-    def parse(cls, line: str) -> "MirrorStatus":
+    def parse(cls, line: str) -> MirrorStatus:
         # "0 131072 mirror 2 254:1 43:0 1024/1024 1 AA 1 core"
         # "0 131072 mirror 2 254:1 43:0 12/128 1 AD 3 disk 7:2 A"
         w = line.split()
@@ -324,7 +324,7 @@ class MirrorStatus:
             raise ParseError(f"bad mirror status {line!r}: {e}") from e
 
     @classmethod
-    def parse_lines(cls, text: str) -> "MirrorStatus":
+    def parse_lines(cls, text: str) -> MirrorStatus:
         """The status of a whole mirror table, one line per part (MirrorSet): regions and
         in-sync counts add up; a leg or log is as healthy as its worst part."""
         parts = [cls.parse(ln) for ln in text.strip().splitlines() if ln.strip()]

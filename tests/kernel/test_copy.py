@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import ORACLE, python
 from tests.kernel.test_stack import start_writer, stop_writer
+from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS
 from tests.rig.uml import ROOT, UmlHost
 
@@ -19,11 +20,6 @@ MiB = 1 << 20
 def copy_args(name: str, dest_disk: str, *extra: str) -> list[str]:
     return ["copy", name, f"root@{B_IP}", "--dest-disk", dest_disk, "--remote-dmmig", DMMIG,
             *SSH_OPTS, "--json", *extra]
-
-
-def summary(out: str) -> dict:
-    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    return [x for x in lines if x.get("event") == "summary"][-1]
 
 
 def digest(h: UmlHost, dev: str) -> str:
@@ -231,7 +227,8 @@ def test_copy_refuses_what_the_cutover_would_miss(pair, pdisks, name: str) -> No
     tools = ["dmsetup", "losetup", "era_invalidate", "nbd-client", "ssh", "modprobe", "blockdev", "udevadm"]
     try:
         for missing in ("nbd-client", "ssh", "era_invalidate"):
-            a.sh(f"rm -rf /run/fakebin && mkdir -p /run/fakebin && for t in {' '.join(t for t in tools if t != missing)};"
+            a.sh("rm -rf /run/fakebin && mkdir -p /run/fakebin && "
+                 f"for t in {' '.join(t for t in tools if t != missing)};"
                  " do ln -sf $(command -v $t) /run/fakebin/$t; done")
             refused(copy_args(name, dest), f"missing tool(s): {missing} (Debian package", env={"PATH": "/run/fakebin"})
     finally:

@@ -17,7 +17,7 @@ import pytest
 from dmmig import gate
 from tests.conftest import ORACLE, python
 from tests.kernel.test_copy import DMMIG, copy_args, digest, summary, world
-from tests.kernel.test_cutover import check, cleanup, migrate_to_mirror, status, wait_leg_failed
+from tests.kernel.test_cutover import check, cleanup, migrate_to_mirror, wait_leg_failed
 from tests.kernel.test_gate import ask
 from tests.kernel.test_stack import start_writer, stop_writer
 from tests.rig.pair import B_IP, SSH_OPTS
@@ -312,7 +312,7 @@ def test_a_destination_with_another_logical_block_size_is_refused(pair, pdisks, 
 
 AGENT_CALLS = r"""
 import json, sys
-from dmmig import migrate as M
+from dmmig import migrate
 dest, calls = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 r = M.Remote(dest)
 out = []

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from dmmig import gate
-
 from tests.conftest import python
 from tests.kernel.test_copy import DMMIG, digest, summary
 from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, status, wait_leg_failed

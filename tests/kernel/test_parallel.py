@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 
 MIRROR_DISKS = r"""
 import json, sys
-from dmmig import journal as J
-from dmmig import migrate_domain as MD
+from dmmig import journal
+from dmmig import migrate_domain
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
 from dmmig.progress import Progress

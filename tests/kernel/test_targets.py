@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from dmmig.dm.dmsetup import DmSetup
-from dmmig.dm.targets import (CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other,
-                              Table)
+from dmmig.dm.targets import CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other, Table
 from dmmig.era import BlockRange, EraTools, parse_invalidate_xml
 from dmmig.errors import CommandError
 from dmmig.runner import Result

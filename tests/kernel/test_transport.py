@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from dmmig import gate
-
 from tests.kernel.test_copy import DMMIG, copy_args, digest, summary
 from tests.kernel.test_cutover import check, status
 from tests.kernel.test_gate import ask
@@ -316,8 +314,10 @@ def cert(subject, key, issuer, issuer_key, ca_):
 ck = ec.generate_private_key(ec.SECP256R1())
 if have_ca:
     open(os.path.join(other, "ca-cert.pem"), "w").write(open(ca).read())
-open(os.path.join(other, "client-cert.pem"), "wb").write(cert("intruder", ck, "intruder-ca", k, False).public_bytes(serialization.Encoding.PEM))
-open(os.path.join(other, "client-key.pem"), "wb").write(ck.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+open(os.path.join(other, "client-cert.pem"), "wb").write(
+    cert("intruder", ck, "intruder-ca", k, False).public_bytes(serialization.Encoding.PEM))
+open(os.path.join(other, "client-key.pem"), "wb").write(ck.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 got = []
 for what, tls, certs in (("plain", nbd.TLS_DISABLE, None), ("TLS with the CA only", nbd.TLS_REQUIRE, only_ca),
                          ("TLS with another CA's client cert", nbd.TLS_REQUIRE, other)):

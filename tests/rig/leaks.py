@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tests.rig.kernel_log import KMSG
 from tests.rig.uml import UmlHost
 
-SNAPSHOT = r"""
-import json, os, subprocess
+SNAPSHOT = KMSG + r"""
+import json, os, subprocess, sys
 def sh(*a):
     return subprocess.run(a, capture_output=True, text=True).stdout
 dm = [l.split()[0] for l in sh("dmsetup", "ls").splitlines() if l.strip() and "No devices" not in l]
@@ -42,7 +43,8 @@ for d, dirs, files in os.walk("/run/dmmig"):
         if not p.endswith(".lock"):
             state.append(p)
 state.sort()
-print(json.dumps({"dm": dm, "loops": loops, "nbd": nbds, "procs": procs, "state": state}))
+print(json.dumps({"dm": dm, "loops": loops, "nbd": nbds, "procs": procs, "state": state,
+                  "kmsg": kmsg(int(sys.argv[1]) if len(sys.argv) > 1 else None)}))
 """
 
 
@@ -53,11 +55,14 @@ class Snapshot:
     nbd: set[str]
     procs: dict[int, str]
     state: set[str]
+    kmsg_last: int = -1   # the kernel log's last record
+    kmsg_lines: list[str] = field(default_factory=list)  # the log's lines after KMSG_SINCE
 
 
-def snapshot(host: UmlHost) -> Snapshot:
-    d = json.loads(host.py(SNAPSHOT).out)
-    return Snapshot(set(d["dm"]), set(d["loops"]), set(d["nbd"]), {p: c for p, c in d["procs"]}, set(d["state"]))
+def snapshot(host: UmlHost, kmsg_since: int | None = None) -> Snapshot:
+    d = json.loads(host.py(SNAPSHOT, *([] if kmsg_since is None else [str(kmsg_since)])).out)
+    return Snapshot(set(d["dm"]), set(d["loops"]), set(d["nbd"]), {p: c for p, c in d["procs"]}, set(d["state"]),
+                    d["kmsg"]["last"], d["kmsg"]["lines"])
 
 
 def leaks(before: Snapshot, after: Snapshot) -> list[str]:

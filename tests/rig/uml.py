@@ -36,7 +36,7 @@ class Result:
     out: str
     err: str
 
-    def check(self) -> "Result":
+    def check(self) -> Result:
         if self.rc != 0:
             raise RigError(f"{self.argv} exited {self.rc}\nstdout: {self.out[-3000:]}\nstderr: {self.err[-3000:]}")
         return self
@@ -62,7 +62,7 @@ def venv_python() -> str:
 
 
 class Job:
-    def __init__(self, host: "UmlHost", rid: int, argv: list[str]) -> None:
+    def __init__(self, host: UmlHost, rid: int, argv: list[str]) -> None:
         self.host, self.id, self.argv = host, rid, argv
 
     def wait(self, timeout: float = 300) -> Result:
@@ -96,14 +96,17 @@ class UmlHost:
         self._unacked: dict[int, tuple[dict, float]] = {}
         self._next = itertools.count(1)
         self.boot_seconds = 0.0
+        # the last kernel log record the leak fixture has seen (tests/rig/kernel_log.py)
+        self.kmsg_seen = -1
         # a directory on this machine's file system that the guest sees too (hostfs): large
         # inputs and files shared between hosts go here, not through the console
         self.shared = Path(f"/var/tmp/{self.umid}")
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def start(self, timeout: float = 90) -> "UmlHost":
+    def start(self, timeout: float = 90) -> UmlHost:
         if not shutil.which("linux.uml"):
-            raise RigError("linux.uml not found: install Debian's user-mode-linux package (the README's install command)")
+            raise RigError("linux.uml not found: install Debian's user-mode-linux package "
+                           "(the README's install command)")
         if not os.path.exists(venv_python()):
             raise RigError(f"{venv_python()} missing: run the README's install command")
         argv = ["linux.uml", f"mem={self.mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "rw",
@@ -128,7 +131,8 @@ class UmlHost:
             self._wait(0, ["<boot>"], timeout)
         except RigError as e:
             self.kill()
-            raise RigError(f"rig kernel {self.name} did not boot: {e}\n--- console ---\n{self.console()[-4000:]}") from e
+            raise RigError(f"rig kernel {self.name} did not boot: {e}\n"
+                           f"--- console ---\n{self.console()[-4000:]}") from e
         self.boot_seconds = time.monotonic() - t0
         return self
 
@@ -163,7 +167,7 @@ class UmlHost:
         shutil.rmtree(Path.home() / ".uml" / self.umid, ignore_errors=True)
         shutil.rmtree(self.shared, ignore_errors=True)
 
-    def __enter__(self) -> "UmlHost":
+    def __enter__(self) -> UmlHost:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -233,7 +237,8 @@ class UmlHost:
                     self._send(pending[0])
             if rid not in self._replies:
                 why = "rig kernel died" if not self.alive() else (
-                    f"no answer in {timeout}s (the guest {'never acknowledged it' if rid in self._unacked else 'received it'})")
+                    f"no answer in {timeout}s "
+                    f"(the guest {'never acknowledged it' if rid in self._unacked else 'received it'})")
                 raise RigError(f"{argv}: {why}\n--- console tail ---\n{self.console()[-3000:]}")
             rep = self._replies.pop(rid)
         if rid == 0:

@@ -163,7 +163,7 @@ class Flow:
             time.sleep(2)  # writes through the mirror
         finally:
             self.stop(jobs)
-        for i, (lo, hi) in enumerate(self.areas):
+        for lo, hi in self.areas:
             out = self.dmmig("verify", "verify", name, "--json", "--offset", str(lo * 4096),
                              "--length", str((hi - lo) * 4096))
             s = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")][-1]

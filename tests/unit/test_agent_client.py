@@ -11,8 +11,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from dmmig import agentclient
-from dmmig import migrate
+from dmmig import agentclient, migrate
 from dmmig.agentclient import PROTOCOL, AgentClient, deadline_for
 from dmmig.errors import Exit, RemoteError
 from dmmig.ssh import _pump
@@ -62,8 +61,8 @@ class Client:
 @pytest.mark.parametrize("exc", [EOFError(), OSError("Socket is closed")])
 def test_a_dead_ssh_transport_is_a_remote_error(exc: BaseException) -> None:
     agent = AgentClient(Client(DeadAfterHello(exc)), "dmmig")
-    with pytest.raises(RemoteError, match="the SSH connection to the destination broke during status") as e:
-        agent.call("status", name="d1")
+    with pytest.raises(RemoteError, match="the SSH connection to the destination broke during stop") as e:
+        agent.call("stop", name="d1")
     assert e.value.exit_code == Exit.REMOTE
 
 
@@ -160,7 +159,7 @@ def test_a_black_holed_agent_is_a_remote_error_within_the_deadline() -> None:
     with pytest.raises(OSError):
         chan.agent.sendall(b'{"ok": true, "export": "late"}\n')
     with pytest.raises(RemoteError, match="unusable"):
-        agent.call("status", name="d1")
+        agent.call("stop", name="d1")
 
 
 def test_every_call_has_a_deadline_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,9 +168,9 @@ def test_every_call_has_a_deadline_by_default(monkeypatch: pytest.MonkeyPatch) -
     assert deadline_for("answer_gate", {}) == 30 and deadline_for("something_new", {}) == 120
     chan = SocketChannel()
     agent = AgentClient(Client(chan), "dmmig")  # type: ignore[arg-type]
-    monkeypatch.setitem(agentclient._DEADLINES_S, "status", 0.3)
-    with pytest.raises(RemoteError, match="to status within"):
-        agent.call("status", name="d1")
+    monkeypatch.setitem(agentclient._DEADLINES_S, "stop", 0.3)
+    with pytest.raises(RemoteError, match="to stop within"):
+        agent.call("stop", name="d1")
 
 
 def test_a_reply_split_across_packets_is_read_whole() -> None:
@@ -185,6 +184,6 @@ def test_a_reply_split_across_packets_is_read_whole() -> None:
         chan.agent.sendall(b'"known": false}\n{"ok": true, "known": true}\n')
     th = threading.Thread(target=answer)
     th.start()
-    assert agent.call("status", name="d1", deadline_s=5) == {"known": False}
+    assert agent.call("stop", name="d1", deadline_s=5) == {"known": False}
     th.join()
-    assert agent.call("status", name="d1", deadline_s=5) == {"known": True}
+    assert agent.call("stop", name="d1", deadline_s=5) == {"known": True}

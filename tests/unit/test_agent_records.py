@@ -15,13 +15,11 @@ from typing import Any
 
 import pytest
 
-from dmmig import gate
-from dmmig import journal as J
-from dmmig.destination import AgentServer
+from dmmig import gate, journal
 from dmmig.confine import Policy, Refused
+from dmmig.destination import AgentServer
 from dmmig.errors import BadInput, Busy
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import MemXenStore
+from tests.unit.fakes import FakeRunner, MemXenStore
 
 MIB = 1 << 20
 
@@ -157,7 +155,7 @@ def test_a_local_domains_backend_or_another_dmmig_record_refuses_it(dest: Dest) 
         dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m1")
     os.unlink(os.path.join(dest.state, "d0.dest.json"))
     # a disk this host migrates away (or serves through block-dmmig) sits on it
-    J.Journal(dest.state).save(J.Entry("d7", p, "7:7"), J.WRAPPED)
+    journal.Journal(dest.state).save(journal.Entry("d7", p, "7:7"), journal.WRAPPED)
     with pytest.raises(Busy, match="the origin of dmmig disk d7 here"):
         dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m1")
 
@@ -167,7 +165,8 @@ def test_a_loop_device_over_the_file_refuses_it(dest: Dest) -> None:
     st = os.stat(p)
     # what losetup 2.38.1 (Debian 12) prints, padding included (recorded in the rig)
     listing = {"loopdevices": [
-        {"name": "/dev/loop3", "maj:min": "  7:3  ", "back-maj:min": f"       {os.major(st.st_dev)}:{os.minor(st.st_dev)} ",
+        {"name": "/dev/loop3", "maj:min": "  7:3  ",
+         "back-maj:min": f"       {os.major(st.st_dev)}:{os.minor(st.st_dev)} ",
          "back-ino": st.st_ino, "offset": 0},
         {"name": "/dev/loop4", "maj:min": "  7:4  ", "back-maj:min": "       0:1 ", "back-ino": 99, "offset": 0}]}
     dest.runner.rules.append((["losetup", "--list"], (0, json.dumps(listing, indent=3), "")))

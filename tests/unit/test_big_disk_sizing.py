@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import migrate as M
-from dmmig import sizing
-from dmmig import sparse
+from dmmig import migrate, sizing, sparse
 from dmmig.errors import BadInput
-from tests.unit.test_migrate_domain import INFO, World, world  # noqa: F401 - the fixture
+from tests.unit.fakes import World
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -94,7 +92,7 @@ def test_layout_of_a_real_sparse_file(tmp_path: Path) -> None:
 
 def test_the_copier_reads_no_hole_and_zeroes_them_on_a_destination_not_known_zero(tmp_path: Path) -> None:
     nbd = pytest.importorskip("nbd")  # noqa: F841
-    from dmmig.copy import Copier
+    from dmmig.copier import Copier
     from tests.unit.test_copy_engine import start
     size = 3 * GiB + 5 * MiB
     src = tmp_path / "src.img"
@@ -144,22 +142,22 @@ def test_migrate_dry_run_says_block_metadata_bytes_and_time(world: World) -> Non
 
 
 def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(world: World) -> None:  # noqa: F811
-    from dmmig import journal as J
+    from dmmig import journal
     name = two_tib(world)
     entry = world.stack.journal.load(name)
     assert entry is not None
     entry.block_sectors = 128  # 64 KiB, prepared by an older dmmig
     entry.copy = {"base_offset": TiB, "base": {"read": 512 * MiB, "seconds": 2.0}}
-    world.stack.journal.save(entry, J.COPYING)
-    e = M.estimate(world.stack, name)
+    world.stack.journal.save(entry, journal.COPYING)
+    e = migrate.estimate(world.stack, name)
     assert (e["block_bytes"], e["block"], e["send_bytes"]) == (64 * KiB, "prepared", TiB)  # the rest of the base
     assert e["rate_bytes_per_s"] == 256 * MiB and "reached" in e["rate_basis"]
     assert e["seconds"] == TiB / (256 * MiB)
-    lines = M.render_estimate(e)
+    lines = migrate.render_estimate(e)
     assert lines[0].startswith("era block 64 KiB (prepared): 33554432 blocks") and "warning" in lines[-1]
     entry.copy["base_done"] = True
     world.stack.journal.save(entry)
-    assert M.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
+    assert migrate.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
     assert world.mutating() == []
 
 
@@ -176,7 +174,7 @@ def test_a_scattered_delta_is_streamed_not_held(tmp_path: Path) -> None:
         f.write("<blocks>\n")
         for i in range(0, 2 * n, 2048):
             f.write("".join(f'  <block block="{b}"/>\n' for b in range(i, i + 2048, 2)))
-        f.write('  <range begin="%d" end = "%d"/>\n</blocks>\n' % (2 * n, 2 * n + 10))
+        f.write(f'  <range begin="{2 * n}" end = "{2 * n + 10}"/>\n</blocks>\n')
     code = f"""
 import json, resource
 from dmmig.era import DirtyRanges

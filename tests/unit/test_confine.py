@@ -10,7 +10,7 @@ import pytest
 from dmmig import confine
 from dmmig.confine import Policy, Refused
 from dmmig.errors import BadInput
-from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.fakes import FakeRunner
 
 GIB = 1 << 30
 

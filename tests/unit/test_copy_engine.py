@@ -5,7 +5,6 @@ byte for byte, and the counters must account for every byte exactly once."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 nbd = pytest.importorskip("nbd")
 
-from dmmig.copy import SUB, Copier, _pieces  # noqa: E402
+from dmmig.copier import SUB, Copier, _pieces  # noqa: E402
 
 MiB = 1 << 20
 

@@ -14,43 +14,11 @@ from dmmig.dm.targets import CoreLog, Era, Linear, Mirror, Table
 from dmmig.era import BlockRange, EraTools
 from dmmig.errors import CommandError, DmmigError, MissingDependency
 from dmmig.runner import Result
+from tests.unit.fakes import INFO, FakeRunner
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())
-INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o",
-        "name,major,minor,attr,open,segments,events,uuid"]
 
 Reply = tuple[int, str, str]  # returncode, stdout, stderr
-
-
-class FakeRunner:
-    """Records every call. Answers with the first matching rule (an argv prefix -> a reply or a
-    list of replies used in turn), else rc 0 and no output. Honours check= like the real one."""
-
-    def __init__(self, rules: list[tuple[list[str], Any]] | None = None) -> None:
-        self.rules = rules or []
-        self.calls: list[dict[str, Any]] = []
-
-    def run(self, argv: list[str], check: bool = True, timeout: float | None = None,
-            input: str | None = None) -> Result:
-        self.calls.append({"argv": list(argv), "check": check, "timeout": timeout, "input": input})
-        rc, out, err = 0, "", ""
-        for prefix, reply in self.rules:
-            if argv[:len(prefix)] == prefix:
-                if isinstance(reply, list):
-                    rc, out, err = reply.pop(0) if len(reply) > 1 else reply[0]
-                elif callable(reply):
-                    rc, out, err = reply(argv)
-                else:
-                    rc, out, err = reply
-                break
-        res = Result(list(argv), rc, out, err)
-        if check and rc != 0:
-            raise CommandError(list(argv), rc, out, err)
-        return res
-
-    @property
-    def argvs(self) -> list[list[str]]:
-        return [c["argv"] for c in self.calls]
 
 
 class NodeWaits:
@@ -233,19 +201,13 @@ def test_info_other_failure_raises() -> None:
         dm.info("a")
 
 
-def test_list_info() -> None:
-    out = "a;254;0;L--w;1;1;0;\nb;254;1;L-sw;0;1;3;DMMIG-b\n"
-    dm, r, _ = make([(INFO, (0, out, ""))])
-    infos = dm.list_info()
-    assert r.argvs == [INFO]
-    assert [(i.name, i.devno, i.suspended, i.uuid) for i in infos] == \
+def test_info_reads_the_suspended_flag_and_uuid() -> None:
+    dm, r, _ = make([(INFO + ["a"], (0, "a;254;0;L--w;1;1;0;\n", "")),
+                     (INFO + ["b"], (0, "b;254;1;L-sw;0;1;3;DMMIG-b\n", ""))])
+    infos = [dm.info("a"), dm.info("b")]
+    assert r.argvs == [INFO + ["a"], INFO + ["b"]]
+    assert [(i.name, i.devno, i.suspended, i.uuid) for i in infos if i] == \
         [("a", "254:0", False, ""), ("b", "254:1", True, "DMMIG-b")]
-
-
-@pytest.mark.parametrize("out", ["", "No devices found\n"])
-def test_list_info_none(out: str) -> None:
-    dm, _, _ = make([(INFO, (0, out, ""))])
-    assert dm.list_info() == []
 
 
 def test_table_and_inactive_table() -> None:

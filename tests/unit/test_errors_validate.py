@@ -44,15 +44,6 @@ def test_undo_goes_on_after_failures_and_reports_each() -> None:
     assert err.exit_code == Exit.STATE and err.hint
 
 
-def test_undo_clear_drops_steps() -> None:
-    done: list[int] = []
-    u = Undo()
-    u.push("x", lambda: done.append(1))
-    u.clear()
-    u.run("nothing")
-    assert done == []
-
-
 def test_undo_does_not_swallow_keyboard_interrupt() -> None:
     u = Undo()
 

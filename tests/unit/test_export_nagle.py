@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import nbd as N
-from dmmig import tlscreds
+from dmmig import nbd, tlscreds
 from dmmig.runner import SubprocessRunner
 
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (unified syscall table)
@@ -62,7 +61,7 @@ def test_every_connection_the_tcp_export_accepts_has_nagle_off(tmp_path: Path, t
         creds = str(tmp_path / "tls")
         os.makedirs(creds, mode=0o700)
         tlscreds.make(creds, "127.0.0.1")
-    exp = N.start_export(SubprocessRunner(), "d1", str(disk), str(tmp_path / "pid"), addr="127.0.0.1", tls=creds)
+    exp = nbd.start_export(SubprocessRunner(), "d1", str(disk), str(tmp_path / "pid"), addr="127.0.0.1", tls=creds)
     try:
         assert exp.port and exp.alive()
         clients = [socket.create_connection(("127.0.0.1", exp.port)) for _ in range(2)]
@@ -72,4 +71,4 @@ def test_every_connection_the_tcp_export_accepts_has_nagle_off(tmp_path: Path, t
         for c in clients:
             c.close()
     finally:
-        N.stop_export(exp)
+        nbd.stop_export(exp)

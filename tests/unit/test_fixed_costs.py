@@ -11,20 +11,21 @@ from typing import Any
 
 import pytest
 
-from dmmig import migrate as M
+from dmmig import migrate
 from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
-from dmmig.runner import SubprocessRunner
 from dmmig.progress import Stopwatch, since_exec
-from tests.unit.test_dmsetup_argv import FakeRunner
+from dmmig.runner import SubprocessRunner
+from tests.unit.fakes import FakeRunner
 
 EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
 
 
 def new_dest(tunnel: str | None = None) -> dict[str, Any]:
     """What `dmmig copy NAME root@b ...` builds from its command line."""
-    return M.destination("root@b", EP, M.CopyOptions(remote_dmmig="/usr/bin/dmmig", tunnel=tunnel), "/dev/loop0")
+    return migrate.destination("root@b", EP, migrate.CopyOptions(remote_dmmig="/usr/bin/dmmig", tunnel=tunnel),
+                               "/dev/loop0")
 
 
 def journaled(**over: Any) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> 
     """`dmmig copy NAME HOST` again (a resumed copy, a catch-up) asked OpenSSH again each time:
     1.2-1.7 s in the rig. The journaled answer stands while nothing it depends on changed."""
     d = new_dest()
-    M.keep_probe(journaled(), d)
+    migrate.keep_probe(journaled(), d)
     assert d["tunnel"] == "relay" and d["tunnel_probe"].startswith("streamlocal forwarding refused")
 
 
@@ -47,7 +48,7 @@ def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> 
 ])
 def test_the_tunnel_is_probed_again_when_what_openssh_logs_in_or_runs_with_changed(change: dict[str, Any]) -> None:
     d = new_dest()
-    M.keep_probe(journaled(**change), d)
+    migrate.keep_probe(journaled(**change), d)
     assert "tunnel" not in d, (change, d)
 
 
@@ -55,10 +56,10 @@ def test_an_earlier_explicit_tunnel_is_no_probe_result() -> None:
     old = journaled()
     del old["tunnel_probe"]  # --tunnel relay, not probed
     d = new_dest()
-    M.keep_probe(old, d)
+    migrate.keep_probe(old, d)
     assert "tunnel" not in d
     d = new_dest(tunnel="forward")  # and --tunnel now wins over the journal
-    M.keep_probe(journaled(), d)
+    migrate.keep_probe(journaled(), d)
     assert d["tunnel"] == "forward"
 
 
@@ -87,12 +88,12 @@ def test_the_suspend_guard_starts_before_the_first_suspend_and_only_once() -> No
 
 
 def test_started_returns_or_raises_what_its_thread_did() -> None:
-    assert M.Started(lambda: 7).result() == 7
+    assert migrate.Started(lambda: 7).result() == 7
 
     def boom() -> int:
-        raise M.RemoteError("unreachable")
-    with pytest.raises(M.RemoteError, match="unreachable"):
-        M.Started(boom).result()
+        raise migrate.RemoteError("unreachable")
+    with pytest.raises(migrate.RemoteError, match="unreachable"):
+        migrate.Started(boom).result()
 
 
 @pytest.mark.parametrize("late", [False, True])
@@ -105,7 +106,7 @@ def test_an_abandoned_start_is_cleaned_up_exactly_once(late: bool) -> None:
     def connect() -> int:
         go.wait(5)
         return 1
-    s = M.Started(connect)
+    s = migrate.Started(connect)
     if not late:
         go.set()
         s.wait()
@@ -129,10 +130,10 @@ def test_phases_add_up_and_since_exec_is_this_process_age() -> None:
 
 
 def prepared_stack(tmp_path: Any) -> Any:
-    from dmmig import journal as J
+    from dmmig import journal
     from dmmig.stack import Stack
-    j = J.Journal(str(tmp_path))
-    j.save(J.Entry(name="d1", origin="/dev/loop0", origin_devno="7:0", phase=J.PREPARED, block_sectors=128,
+    j = journal.Journal(str(tmp_path))
+    j.save(journal.Entry(name="d1", origin="/dev/loop0", origin_devno="7:0", phase=journal.PREPARED, block_sectors=128,
                    metadata="/dev/loop1"))
     r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d1-era;253;1;L--w;1;1;0;\n", ""))])
     return Stack(r, DmSetup(r), j)  # type: ignore[arg-type]
@@ -153,11 +154,12 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
 
     def refuse(stack: Any, transport: str) -> None:
         raise MissingDependency("command not found: era_invalidate")
-    monkeypatch.setattr(M, "Remote", SlowRemote)
-    monkeypatch.setattr(M, "check_source", refuse)
+    monkeypatch.setattr(migrate, "Remote", SlowRemote)
+    monkeypatch.setattr(migrate, "check_source", refuse)
     t0 = time.monotonic()
     with pytest.raises(MissingDependency, match="era_invalidate"):
-        M.copy(prepared_stack(tmp_path), "d1", "root@b", EP, M.CopyOptions(dest_disk="/dev/loop0"), Progress())
+        migrate.copy(prepared_stack(tmp_path), "d1", "root@b", EP, migrate.CopyOptions(dest_disk="/dev/loop0"),
+                     Progress())
     assert time.monotonic() - t0 < 0.4  # not after the connection came
     assert closed.wait(5)  # and when it came, it was closed
 
@@ -165,8 +167,8 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
 def imported_by(code: str) -> set[str]:
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-c", f"{code}; import sys; print(' '.join(k for k, v in sys.modules.items() if v is not None))"],
-                         capture_output=True, text=True, check=True).stdout
+    show = "import sys; print(' '.join(k for k, v in sys.modules.items() if v is not None))"
+    out = subprocess.run([sys.executable, "-c", f"{code}; {show}"], capture_output=True, text=True, check=True).stdout
     return set(out.split())
 
 

@@ -15,49 +15,21 @@ from typing import Any
 
 import pytest
 
-from dmmig import journal as J
-from dmmig import hotplug as H
-from dmmig import names
+from dmmig import hotplug, journal, names
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, CommandError
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.validate import disk_name
-from dmmig.xenstore import XenStoreError
-from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.fakes import INFO, NOT_THERE, FakeRunner, MemXenStore
 
 BE = "backend/vbd/7/51712"
-NOT_THERE = (1, "", "Device does not exist.\nCommand failed.\n")
-INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o",
-        "name,major,minor,attr,open,segments,events,uuid"]
 
 
 def top_info(name: str, open_count: int) -> list[tuple[list[str], Any]]:
     """Runner rules: dmsetup info shows dmmig-NAME with OPEN_COUNT openers, no other device."""
     line = f"dmmig-{name};253;4;L--w;{open_count};1;0;DMMIG-top-{name}\n"
     return [(INFO + [f"dmmig-{name}"], (0, line, "")), (["dmsetup", "info"], NOT_THERE)]
-
-
-class MemXenStore:
-    """The XenStore adapter's interface over a dict; records writes; can refuse some keys."""
-
-    def __init__(self, data: dict[str, str] | None = None, refuse: tuple[str, ...] = ()) -> None:
-        self.data = dict(data or {})
-        self.refuse = refuse
-        self.writes: list[tuple[str, str]] = []
-
-    def read(self, path: str) -> str | None:
-        return self.data.get(path)
-
-    def list(self, path: str) -> list[str]:
-        pre = path.rstrip("/") + "/"
-        return sorted({k[len(pre):].split("/")[0] for k in self.data if k.startswith(pre)})
-
-    def write(self, path: str, value: str) -> None:
-        if path.rsplit("/", 1)[-1] in self.refuse:
-            raise XenStoreError(f"xenstore write {path}: (13, 'Permission denied')")
-        self.writes.append((path, value))
-        self.data[path] = value
 
 
 def backend_keys(**kv: str) -> dict[str, str]:
@@ -71,12 +43,12 @@ class Lines(list[str]):
 
 def stack(tmp_path: Path, rules: list[tuple[list[str], Any]] | None = None) -> tuple[Stack, FakeRunner]:
     r = FakeRunner(rules)
-    return Stack(r, DmSetup(r), J.Journal(str(tmp_path / "state"))), r
+    return Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state"))), r
 
 
 def run(action: str, xs: MemXenStore, st: Stack) -> tuple[int, Lines]:
     log = Lines()
-    rc = H.run(action, xs, st, H.Backend(BE), log, close_wait_s=0)
+    rc = hotplug.run(action, xs, st, hotplug.Backend(BE), log, close_wait_s=0)
     return rc, log
 
 
@@ -107,7 +79,7 @@ def test_disk_names_are_one_to_one_under_dev() -> None:
     alphabet = "ab-/._ +"
     paths = {"/dev/a/b-c", "/dev/a-b/c", "/dev/a/-b/c", "/dev/a-/b", "/dev/a--b", "/dev/a/--b", "/dev/a-/-b",
              "/dev/a/b", "/dev/a-b", "/dev/a.b", "/dev/a+2db"}
-    for n in range(4000):
+    for _ in range(4000):
         paths.add("/dev/a" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))))
     seen: dict[str, str] = {}
     for p in {os.path.normpath(p) for p in paths}:
@@ -133,7 +105,7 @@ def test_disk_name_refusals(params: str, why: str) -> None:
 
 @pytest.mark.parametrize("mode,want", [("w", "w"), ("r", "r"), ("rw", "w"), ("ro", "r"), ("w!", "!")])
 def test_mode_as_xen_canonicalises_it(mode: str, want: str) -> None:
-    assert H.canonical_mode(mode) == want
+    assert hotplug.canonical_mode(mode) == want
 
 
 def test_physical_device_is_hex_without_0x() -> None:
@@ -146,7 +118,7 @@ def test_physical_device_is_hex_without_0x() -> None:
 
 @pytest.mark.parametrize("path", [BE, "/local/domain/0/backend/vbd/12/768"])
 def test_backend_from_env(path: str) -> None:
-    assert H.Backend.from_env({"XENBUS_PATH": path, "XENBUS_TYPE": "vbd"}).key("params") == f"{path}/params"
+    assert hotplug.Backend.from_env({"XENBUS_PATH": path, "XENBUS_TYPE": "vbd"}).key("params") == f"{path}/params"
 
 
 @pytest.mark.parametrize("env,why", [
@@ -157,12 +129,12 @@ def test_backend_from_env(path: str) -> None:
     ({"XENBUS_PATH": BE, "XENBUS_TYPE": "vif"}, "only vbd"),
 ])
 def test_backend_env_refusals(env: dict[str, str], why: str) -> None:
-    with pytest.raises(H.HotplugError, match=why):
-        H.Backend.from_env(env)
+    with pytest.raises(hotplug.HotplugError, match=why):
+        hotplug.Backend.from_env(env)
 
 
 def test_main_without_a_backend_fails_before_touching_xenstore(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = H.main("add", {"XENBUS_TYPE": "vbd"})
+    rc = hotplug.main("add", {"XENBUS_TYPE": "vbd"})
     assert rc != 0
     assert "block-dmmig: add ?: error: XENBUS_PATH=''" in capsys.readouterr().err
 
@@ -240,7 +212,7 @@ class FailingWrapStack(Stack):
 
 def failing_stack(tmp_path: Path, wrap_result: str | None) -> tuple[FailingWrapStack, FakeRunner]:
     r = FakeRunner([(["dmsetup", "info"], NOT_THERE), (["losetup", "--find"], (0, "/dev/loop5\n", ""))])
-    st = FailingWrapStack(r, DmSetup(r), J.Journal(str(tmp_path / "state")))
+    st = FailingWrapStack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
     st.wrap_result, st.unwrapped = wrap_result, []
     return st, r
 
@@ -298,17 +270,17 @@ def test_error_write_failure_is_logged_and_still_non_zero(tmp_path: Path) -> Non
 
 
 def test_hotplug_error_is_one_ascii_line() -> None:
-    msg = H.one_line("a\n  b\tc \u00e9" + "x" * 2000)
+    msg = hotplug.one_line("a\n  b\tc \u00e9" + "x" * 2000)
     assert msg.startswith("a b c ?") and len(msg) == 900 and msg.endswith("...")
 
 
 # ---- remove ----------------------------------------------------------------------------------------
 
 def journal_entry(st: Stack, name: str, phase: str) -> None:
-    st.journal.save(J.Entry(name, "/dev/vg0/vm1", "254:1"), phase)
+    st.journal.save(journal.Entry(name, "/dev/vg0/vm1", "254:1"), phase)
 
 
-@pytest.mark.parametrize("phase", [J.MIRRORING, J.COPYING, J.CUTTING_OVER])
+@pytest.mark.parametrize("phase", [journal.MIRRORING, journal.COPYING, journal.CUTTING_OVER])
 def test_remove_leaves_a_disk_in_migration_to_dmmig(tmp_path: Path, phase: str) -> None:
     xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w"))
     st, r = stack(tmp_path)
@@ -326,9 +298,9 @@ def test_remove_finishes_a_disk_handed_over_to_the_destination(tmp_path: Path, d
     xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
     st, r = stack(tmp_path, [(["dmsetup", "table", "dmmig-vg0-vm1"], (0, "0 2048 linear 254:1 0\n", ""))]
                   + top_info("vg0-vm1", 0))
-    e = J.Entry("vg0-vm1", "/dev/vg0/vm1", "254:1")
+    e = journal.Entry("vg0-vm1", "/dev/vg0/vm1", "254:1")
     e.mirror = {"handover": {"ok": True, "delivered": delivered, "why": "in sync"}}
-    st.journal.save(e, J.MIRRORING)
+    st.journal.save(e, journal.MIRRORING)
     rc, log = run("remove", xs, st)
     assert rc == 0 and xs.writes == []
     if delivered:
@@ -344,7 +316,7 @@ def test_remove_finishes_a_disk_handed_over_to_the_destination(tmp_path: Path, d
 def test_remove_leaves_an_open_top_device(tmp_path: Path) -> None:
     xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
     st, r = stack(tmp_path, top_info("vg0-vm1", 1))
-    journal_entry(st, "vg0-vm1", J.WRAPPED)
+    journal_entry(st, "vg0-vm1", journal.WRAPPED)
     rc, log = run("remove", xs, st)
     assert rc == 0 and all(a[:2] == ["dmsetup", "info"] for a in r.argvs)
     assert any("still open (1 opener(s))" in ln for ln in log)
@@ -353,7 +325,7 @@ def test_remove_leaves_an_open_top_device(tmp_path: Path) -> None:
 def test_remove_unwraps_a_closed_top_device(tmp_path: Path) -> None:
     xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
     st, r = stack(tmp_path, top_info("vg0-vm1", 0))
-    journal_entry(st, "vg0-vm1", J.WRAPPED)
+    journal_entry(st, "vg0-vm1", journal.WRAPPED)
     rc, log = run("remove", xs, st)
     assert rc == 0, log
     assert ["dmsetup", "remove", "--retry", "dmmig-vg0-vm1"] in r.argvs
@@ -370,7 +342,7 @@ def test_remove_touches_only_what_this_backends_add_connected(tmp_path: Path, ph
         keys[f"{BE}/physical-device"] = physical_device
     xs = MemXenStore(keys)
     st, r = stack(tmp_path, top_info("vg0-vm1", 0))
-    journal_entry(st, "vg0-vm1", J.WRAPPED)
+    journal_entry(st, "vg0-vm1", journal.WRAPPED)
     rc, log = run("remove", xs, st)
     assert rc == 0 and not any(a[:2] == ["dmsetup", "remove"] for a in r.argvs)
     assert st.journal.load("vg0-vm1") is not None
@@ -381,7 +353,7 @@ def test_remove_failure_is_reported(tmp_path: Path) -> None:
     xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
     st, r = stack(tmp_path, top_info("vg0-vm1", 0) + [
         (["dmsetup", "remove"], (1, "", "device-mapper: remove ioctl failed: Device or resource busy"))])
-    journal_entry(st, "vg0-vm1", J.WRAPPED)
+    journal_entry(st, "vg0-vm1", journal.WRAPPED)
     rc, _ = run("remove", xs, st)
     # libxl ignores remove's status, but the log and XenStore say why
     assert rc != 0 and "Device or resource busy" in xs.data[f"{BE}/hotplug-error"]
@@ -396,12 +368,12 @@ def test_unknown_action(tmp_path: Path) -> None:
 
 def test_log_goes_to_stderr_and_the_hotplug_log(tmp_path: Path) -> None:
     stream = io.StringIO()
-    log = H.Log(f"add {BE}", stream=stream, file=str(tmp_path / "xen-hotplug.log"))
+    log = hotplug.Log(f"add {BE}", stream=stream, file=str(tmp_path / "xen-hotplug.log"))
     log("hello")
     assert stream.getvalue() == f"block-dmmig: add {BE}: hello\n"
     assert (tmp_path / "xen-hotplug.log").read_text().endswith(f" block-dmmig: add {BE}: hello\n")
     # no log directory (Xen not installed): stderr only
-    assert H.Log("x", stream=stream, file=str(tmp_path / "nodir" / "log")).file is None
+    assert hotplug.Log("x", stream=stream, file=str(tmp_path / "nodir" / "log")).file is None
 
 
 def test_cli_has_the_hotplug_verb() -> None:
@@ -418,8 +390,8 @@ def test_deadline_interrupts_a_xenstore_answer_that_never_comes() -> None:
     # pyxs waits for each answer on a threading.Condition without a timeout
     cond = threading.Condition()
     t = time.monotonic()
-    with pytest.raises(H.HotplugTimeout, match="gave up after"):
-        with H.deadline(0.3, 0.3):
+    with pytest.raises(hotplug.HotplugTimeout, match="gave up after"):
+        with hotplug.deadline(0.3, 0.3):
             with cond:
                 cond.wait()
     assert time.monotonic() - t < 2
@@ -428,11 +400,11 @@ def test_deadline_interrupts_a_xenstore_answer_that_never_comes() -> None:
 
 def test_deadline_interrupts_a_hung_command_and_then_a_hung_cleanup() -> None:
     t = time.monotonic()
-    with pytest.raises(H.HotplugTimeout, match="cleanup after the timeout"):
-        with H.deadline(0.3, 0.3):
+    with pytest.raises(hotplug.HotplugTimeout, match="cleanup after the timeout"):
+        with hotplug.deadline(0.3, 0.3):
             try:
                 SubprocessRunner().run(["sleep", "20"])
-            except H.HotplugTimeout:
+            except hotplug.HotplugTimeout:
                 SubprocessRunner().run(["sleep", "20"])
     assert time.monotonic() - t < 3
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -12,19 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import journal as J
-from dmmig import migrate as M
-from dmmig import nbd as N
-from dmmig.destination import AgentServer
+from dmmig import journal, migrate, nbd
 from dmmig.confine import Policy
+from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput
 from dmmig.runner import SubprocessRunner
 from dmmig.stack import Stack
 from dmmig.status import disk_status, names, render
 from dmmig.validate import disk_name
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import NOT_THERE
+from tests.unit.fakes import NOT_THERE, FakeRunner
 
 MIB = 1 << 20
 
@@ -35,7 +32,7 @@ def dest_host(tmp_path: Path) -> tuple[Stack, AgentServer, str]:
     runner = FakeRunner([(["dmsetup", "info"], NOT_THERE)])
     agent = AgentServer(SubprocessRunner(), state, policy=Policy(file_roots=(str(tmp_path),)),
                         xenstore=lambda: contextlib.nullcontext(None))
-    return Stack(runner, DmSetup(runner), J.Journal(state)), agent, state
+    return Stack(runner, DmSetup(runner), journal.Journal(state)), agent, state
 
 
 @pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="needs qemu-nbd (qemu-utils)")
@@ -43,7 +40,7 @@ def test_status_shows_an_incoming_disk_and_abort_there_stops_and_removes_it(tmp_
     stack, agent, state = dest_host(tmp_path)
     path = str(tmp_path / "vm1.img")
     agent.op_prepare_disk("d1", path, 4 * MIB, create=True)
-    exp = N.Export(**agent.op_export("d1")["export"])
+    exp = nbd.Export(**agent.op_export("d1")["export"])
     try:
         assert exp.alive()
         assert names(stack) == ["d1"]
@@ -54,7 +51,7 @@ def test_status_shows_an_incoming_disk_and_abort_there_stops_and_removes_it(tmp_
         assert f"incoming: onto {path} (created by dmmig), not handed over" in text, text
         assert f"qemu-nbd pid {exp.pid} (running)" in text, text
 
-        done, left = M.abort(stack, "d1")
+        done, left = migrate.abort(stack, "d1")
         assert left == []
         assert f"stopped qemu-nbd {exp.pid} exporting {path}" in done
         assert f"removed {path} (created by dmmig)" in done
@@ -63,7 +60,7 @@ def test_status_shows_an_incoming_disk_and_abort_there_stops_and_removes_it(tmp_
         assert names(stack) == [] and [f for f in os.listdir(state) if not f.endswith(".lock")] == ["nbd"]
         assert os.listdir(os.path.join(state, "nbd")) == []
     finally:
-        N.stop_export(exp)
+        nbd.stop_export(exp)
 
 
 def test_abort_keeps_a_disk_that_was_handed_over(tmp_path: Path) -> None:
@@ -74,7 +71,7 @@ def test_abort_keeps_a_disk_that_was_handed_over(tmp_path: Path) -> None:
     rec = json.load(open(rec_path))
     json.dump(dict(rec, handed_over=True), open(rec_path, "w"))
     assert not any("dmmig abort" in p for p in disk_status(stack, "d1")["problems"])
-    done, _ = M.abort(stack, "d1")
+    done, _ = migrate.abort(stack, "d1")
     assert os.path.exists(path)
     assert done == [f"forgot incoming d1 ({path} was handed over and stays)"]
     assert names(stack) == []
@@ -86,14 +83,14 @@ def test_an_unreadable_record_is_shown_and_abort_removes_it(tmp_path: Path) -> N
     Path(state, "d1.dest.json").write_text("{not json")
     st = disk_status(stack, "d1")
     assert any("unreadable" in p for p in st["problems"]), st
-    assert M.abort(stack, "d1")[0] == ["removed the unreadable record of incoming d1"]
+    assert migrate.abort(stack, "d1")[0] == ["removed the unreadable record of incoming d1"]
     assert names(stack) == []
 
 
 def test_records_next_to_the_journal_are_not_disks(tmp_path: Path) -> None:
     """d1.dest.json (agent) and d1.health.json (watcher) are d1's, not disks d1.dest and d1.health."""
-    j = J.Journal(str(tmp_path))
-    j.save(J.Entry("d1", "/dev/loop1", "7:1"), J.WRAPPED)
+    j = journal.Journal(str(tmp_path))
+    j.save(journal.Entry("d1", "/dev/loop1", "7:1"), journal.WRAPPED)
     for f in ("d1.dest.json", "d1.health.json"):
         (tmp_path / f).write_text("{}")
     assert j.names() == ["d1"]

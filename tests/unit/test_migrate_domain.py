@@ -4,159 +4,30 @@ answer through the fake runner, and the destination is the real agent's probe, i
 over files in tmp_path (the whole flow runs on real Xen in tests/xen)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dmmig import journal as J
-from dmmig import migrate_domain as MD
-from dmmig.destination import AgentServer
-from dmmig.confine import Policy
-from dmmig.dm.dmsetup import DmSetup
+from dmmig import journal, migrate_domain
 from dmmig.domain import vbds
 from dmmig.errors import BadInput, MissingDependency, StateError
-from dmmig.names import disk_name_for
-from dmmig.stack import Stack
 from dmmig.runner import SubprocessRunner
 from dmmig.xl import Xl, XlRun, check_migrate_args
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import INFO, NOT_THERE, MemXenStore
-
-DOMID = 7
-MIB = 1 << 20
-
-
-def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scripts/block-dmmig",
-             mode: str = "w", pdev: str = "fd:4", backend_dom: int = 0, node: str = "",
-             sector_size: str = "512") -> dict[str, str]:
-    """What libxl and the block script write: libxl's record of the device (dom0-only), the
-    backend directory, and the guest's frontend node naming the backend (which dmmig ignores).
-    blkback's sector-size: the logical block size blkfront got."""
-    be = f"/local/domain/{backend_dom}/backend/vbd/{DOMID}/{devid}"
-    keys = {f"/libxl/{DOMID}/device/vbd/{devid}/backend": be,
-            f"/local/domain/{DOMID}/device/vbd/{devid}/backend": be, f"{be}/frontend-id": str(DOMID),
-            f"{be}/dev": vdev, f"{be}/params": params, f"{be}/mode": mode, f"{be}/physical-device": pdev,
-            f"{be}/sector-size": sector_size}
-    if script:
-        keys[f"{be}/script"] = script
-    if node:
-        keys[f"{be}/node"] = node
-    return keys
-
-
-class FakeAgent:
-    """The destination: the real agent's operations, in this process."""
-
-    def __init__(self, server: AgentServer) -> None:
-        self.server = server
-        self.calls: list[str] = []
-
-    def call(self, op: str, **kw: Any) -> dict[str, Any]:
-        self.calls.append(op)
-        return dict(getattr(self.server, f"op_{op}")(**kw))
-
-
-class FakeRemote:
-    """The SSH connection. Its tunnel probe (OpenSSH against the destination's agent; run for
-    real in tests/kernel/test_transport.py) answers TUNNEL."""
-
-    def __init__(self, agent: FakeAgent, tunnel: tuple[str, str] = ("relay", "streamlocal forwarding refused")) -> None:
-        self.agent = agent
-        self.tunnel = tunnel
-        self.closed = False
-
-    def probe_tunnel(self, runner: Any, local_dir: str) -> tuple[str, str]:
-        self.agent.calls.append("probe_tunnel")
-        return self.tunnel
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class World:
-    """A source host with domain vm1 (domid 7) and a destination directory for its disks."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.dest_dir = tmp_path / "dest"
-        self.dest_dir.mkdir()
-        self.script = tmp_path / "block-dmmig"
-        self.script.write_text("#!/bin/sh\n")
-        self.script.chmod(0o755)
-        self.xs = MemXenStore()
-        self.runner = FakeRunner([
-            (["xl", "domid", "vm1"], (0, f"{DOMID}\n", "")),
-            (["xl", "domid"], (1, "", "Can't get domid of domain name 'x', maybe this domain does not exist.\n")),
-            (["xl", "domname", str(DOMID)], (0, "vm1\n", "")),
-            (["xl", "domname"], (1, "", "")),
-            (["dmsetup", "info"], NOT_THERE),
-            (["dmsetup", "targets"], (0, TARGETS, "")),
-        ])
-        self.stack = Stack(self.runner, DmSetup(self.runner), J.Journal(str(tmp_path / "state")))
-        # the destination: its agent confined to dest/, and its own XenStore
-        self.dest_xs = MemXenStore()
-        self.agent = FakeAgent(AgentServer(FakeRunner(), str(tmp_path / "dstate"),
-                                           policy=Policy(file_roots=(str(self.dest_dir),)),
-                                           xenstore=lambda: contextlib.nullcontext(self.dest_xs)))
-        self.opts = MD.MigrateOptions(block_script=str(self.script))
-
-    def disk(self, size: int = 8 * MIB) -> str:
-        """A managed disk d1: params is a file under dest/ (so the destination's path exists
-        with SIZE bytes); wrapped here as dmmig-d1 (fd:4) over 7:1."""
-        f = self.dest_dir / "d1"
-        f.write_bytes(b"")
-        os.truncate(f, size)
-        params = str(f)
-        name = disk_name_for(params)
-        self.runner.rules.insert(0, (["dmsetup", "table", f"dmmig-{name}"], (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
-        self.runner.rules.insert(0, (INFO + [f"dmmig-{name}"], (0, f"dmmig-{name};253;4;L--w;1;1;0;DMMIG-top-{name}\n", "")))
-        self.stack.journal.save(J.Entry(name, "/dev/loop1", "7:1"), J.WRAPPED)
-        self.xs.data.update(vbd_keys(51712, "xvda", params, node="/dev/loop1"))
-        return name
-
-    def plan(self, domain: str = "vm1", **opts: Any) -> MD.Plan:
-        for k, v in opts.items():
-            setattr(self.opts, k, v)
-        return MD.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", {}, self.opts,
-                       remote=lambda dest: FakeRemote(self.agent))
-
-    def mutating(self) -> list[list[str]]:
-        return [a for a in self.runner.argvs
-                if a[:2] not in (["dmsetup", "info"], ["dmsetup", "table"], ["dmsetup", "targets"])
-                and a[0] != "xl"]
-
-
-TARGETS = "era              v1.0.0\nmirror           v1.14.0\nlinear           v1.4.0\n"
-TOOLS = ("dmsetup", "losetup", "era_invalidate", "nbd-client", "ssh", "qemu-nbd")
-
-
-def tools_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...] = ()) -> None:
-    """A PATH with exactly the tools a migration runs on both hosts, but MISSING (the agent's
-    probe, in-process, looks at the same PATH)."""
-    bin_ = tmp_path / "bin"
-    if bin_.exists():
-        for f in bin_.iterdir():
-            f.unlink()
-    bin_.mkdir(exist_ok=True)
-    for t in TOOLS:
-        if t not in missing:
-            (bin_ / t).write_text("#!/bin/sh\nexit 0\n")
-            (bin_ / t).chmod(0o755)
-    monkeypatch.setenv("PATH", str(bin_))
-
-
-@pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
-    # what block-dmmig would use on the destination: the agent's own state dir
-    monkeypatch.setenv("DMMIG_STATE_DIR", str(tmp_path / "dstate"))
-    tools_on_path(tmp_path, monkeypatch)
-    return World(tmp_path)
+from tests.unit.fakes import (
+    DOMID,
+    INFO,
+    MIB,
+    FakeRunner,
+    MemXenStore,
+    World,
+    tools_on_path,
+    vbd_keys,
+)
 
 
 def test_plan_of_one_managed_disk(world: World) -> None:
@@ -164,7 +35,7 @@ def test_plan_of_one_managed_disk(world: World) -> None:
     p = world.plan()
     assert (p.domain.domid, p.domain.name) == (DOMID, "vm1")
     [d] = p.disks
-    assert (d.name, d.vbd.vdev, d.size, d.phase, d.dest_disk) == (name, "xvda", 8 * MIB, J.WRAPPED, d.vbd.params)
+    assert (d.name, d.vbd.vdev, d.size, d.phase, d.dest_disk) == (name, "xvda", 8 * MIB, journal.WRAPPED, d.vbd.params)
     text = p.render()
     assert "linear 7:1 0" in text and "era <metadata loop> 7:1 128" in text
     # the plan shows the mirror set cutover loads: 8 MiB in 64 KiB regions, 16 parts of 8 regions
@@ -181,11 +52,11 @@ def test_plan_of_one_managed_disk(world: World) -> None:
 
 def test_plan_takes_the_tunnel_the_operator_chose_without_probing(world: World) -> None:
     world.disk()
-    from dmmig import migrate as M
-    p = world.plan(copy=M.CopyOptions(tunnel="forward"))
+    from dmmig import migrate
+    p = world.plan(copy=migrate.CopyOptions(tunnel="forward"))
     assert p.tunnel == "forward" and world.agent.calls == ["probe"]
     world.agent.calls.clear()
-    p = world.plan(copy=M.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
+    p = world.plan(copy=migrate.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
     assert p.tunnel is None and world.agent.calls == ["probe"] and "NBD over TCP" in p.render()
 
 
@@ -199,7 +70,7 @@ def test_plan_shows_the_block_size_and_refuses_a_bad_one(world: World) -> None:
     entry = world.stack.journal.load(name)
     assert entry is not None
     entry.block_sectors = 256
-    world.stack.journal.save(entry, J.PREPARED)
+    world.stack.journal.save(entry, journal.PREPARED)
     text = world.plan(block_bytes=1 << 20).render()
     assert "mirror disk 2 <log 0> 256 2" in text and "era <metadata" not in text
     assert world.mutating() == []
@@ -294,7 +165,8 @@ def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
     f = world.dest_dir / "d1"
     world.agent.server.r = world.agent.server.loop.r = loop_over(f, "/dev/loop5", "7:5")
     be = "/local/domain/0/backend/vbd/3/51712"
-    world.dest_xs.data.update({"/local/domain/3/name": "other", f"{be}/params": "/elsewhere", f"{be}/physical-device": "7:5"})
+    world.dest_xs.data.update({"/local/domain/3/name": "other", f"{be}/params": "/elsewhere",
+                               f"{be}/physical-device": "7:5"})
     with pytest.raises(BadInput, match=r"used by domain other \(domid 3\) through its vbd backend 51712"):
         world.plan()
     world.agent.server.r = world.agent.server.loop.r = FakeRunner()  # no loop device: params names the file
@@ -304,7 +176,8 @@ def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
         world.plan()
     # a qdisk backend (qemu): params "raw:PATH"
     world.dest_xs.data.clear()
-    world.dest_xs.data.update({"/local/domain/4/name": "hvm1", "/local/domain/0/backend/qdisk/4/768/params": f"raw:{f}"})
+    world.dest_xs.data.update({"/local/domain/4/name": "hvm1",
+                               "/local/domain/0/backend/qdisk/4/768/params": f"raw:{f}"})
     with pytest.raises(BadInput, match="domain hvm1 \\(domid 4\\) through its qdisk backend 768"):
         world.plan()
     world.dest_xs.data.clear()
@@ -314,9 +187,10 @@ def test_destination_a_local_domain_uses_is_refused(world: World) -> None:
 def test_destination_outside_the_agents_confinement_is_refused_at_plan_time(world: World) -> None:
     name = world.disk()
     world.xs.data[f"/local/domain/0/backend/vbd/{DOMID}/51712/params"] = "/etc/passwd"
-    world.runner.rules.insert(0, (["dmsetup", "table", "dmmig-etc-passwd"], (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
+    world.runner.rules.insert(0, (["dmsetup", "table", "dmmig-etc-passwd"],
+                                  (0, f"0 {8 * MIB // 512} linear 7:1 0\n", "")))
     world.runner.rules.insert(0, (INFO + ["dmmig-etc-passwd"], (0, "dmmig-etc-passwd;253;4;L--w;1;1;0;x\n", "")))
-    world.stack.journal.save(J.Entry("etc-passwd", "/dev/loop1", "7:1"), J.WRAPPED)
+    world.stack.journal.save(journal.Entry("etc-passwd", "/dev/loop1", "7:1"), journal.WRAPPED)
     assert name != "etc-passwd"
     with pytest.raises(BadInput, match="/etc/passwd is not under this agent's file roots"):
         world.plan()
@@ -438,7 +312,7 @@ def test_xl_timeout_is_bounded(world: World) -> None:
 def test_an_overrun_says_where_xl_writes_and_what_to_do(world: World) -> None:
     name = world.disk()
     p = world.plan()
-    err = MD._overran(p, XlRun(None, "", 3601.0, 4242, "/var/lib/dmmig/xl-migrate-7.log"), 3600)
+    err = migrate_domain._overran(p, XlRun(None, "", 3601.0, 4242, "/var/lib/dmmig/xl-migrate-7.log"), 3600)
     assert "pid 4242" in err.message and "did not stop it" in err.message and "xl-migrate-7.log" in err.message
     assert err.hint and "ps -p 4242" in err.hint and f"dmmig abort NAME` for each of {name}" in err.hint
     assert "dmmig finish --force --remove NAME" in err.hint and err.exit_code == 6
@@ -480,7 +354,7 @@ def test_a_block_larger_than_the_disk_is_refused_in_the_plan(world: World) -> No
     entry = world.stack.journal.load(name)
     assert entry is not None
     entry.block_sectors = 32 * 2048  # prepared by an older dmmig with a 32 MiB block
-    world.stack.journal.save(entry, J.PREPARED)
+    world.stack.journal.save(entry, journal.PREPARED)
     with pytest.raises(BadInput, match="larger than the disk"):
         world.plan(block_bytes=64 << 10)
     assert world.mutating() == []
@@ -588,7 +462,7 @@ def test_a_config_whose_disks_differ_from_the_running_domain_is_refused(world: W
     params = str(world.dest_dir / "d1")
     cfg = "/etc/xen/vm1.cfg"
 
-    def plan_with(*disks: str) -> MD.Plan:
+    def plan_with(*disks: str) -> migrate_domain.Plan:
         world.runner.rules.insert(0, (["xl", "-N", "create", cfg], (0, XL_N_CREATE % ",\n".join(disks), "")))
         return world.plan(xl_args=["-C", cfg])
 

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import journal as J
+from dmmig import journal
 from dmmig.blockdev import BlockDev
 from dmmig.dm.dmsetup import DmInfo, DmSetup
 from dmmig.errors import BadInput
 from dmmig.stack import Stack
-from tests.unit.test_dmsetup_argv import FakeRunner
+from tests.unit.fakes import FakeRunner
 
 TOP = DmInfo("dmmig-d1", 253, 4, "L--w", 0, 1, 0, "DMMIG-top-d1")
 
 
 def check(tmp_path: Path, dev: BlockDev, blkid: tuple[int, str, str] = (2, "", "")) -> FakeRunner:
     r = FakeRunner([(["blkid"], blkid)])
-    stack = Stack(r, DmSetup(r), J.Journal(str(tmp_path / "state")))
-    entry = J.Entry("d1", "/dev/loop1", "7:1")
+    stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
+    entry = journal.Entry("d1", "/dev/loop1", "7:1")
     stack.check_metadata_device("d1", entry, TOP, dev)
     return r
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dmmig import progress as P
+from dmmig import progress
 from dmmig.status import glance, render, render_glance
 
 MIB = 1 << 20
@@ -70,9 +70,9 @@ def lines(buf: io.StringIO) -> list[dict[str, Any]]:
 
 def test_json_events_carry_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(P.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     out = io.StringIO()
-    p = P.Progress(True, label="vm1", stream=out)
+    p = progress.Progress(True, label="vm1", stream=out)
     p.start("base", 100 * MIB)
     now[0] += 2
     p.advance(20 * MIB)
@@ -87,9 +87,9 @@ def test_json_events_carry_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_without_a_terminal_a_log_still_sees_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
-    monkeypatch.setattr(P.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     err = io.StringIO()
-    p = P.Progress(False, tty=False, stream=err)
+    p = progress.Progress(False, tty=False, stream=err)
     p.event("summary", x=1)  # programs' events only with --json
     p.start("resync", 1024, unit="regions")
     for _ in range(30):
@@ -101,7 +101,7 @@ def test_without_a_terminal_a_log_still_sees_progress(monkeypatch: pytest.Monkey
     assert ev[1]["done_regions"] == 100 and ev[1]["rate_regions_per_s"] == 10
     # on a terminal: the bar, and no lines at all
     tty = io.StringIO()
-    q = P.Progress(False, tty=False, stream=tty)
+    q = progress.Progress(False, tty=False, stream=tty)
     q.tty = True
     q.event("progress")
     assert tty.getvalue() == ""

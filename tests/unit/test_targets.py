@@ -8,8 +8,19 @@ from typing import Any
 
 import pytest
 
-from dmmig.dm.targets import (MirrorSet, CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other,
-                              ParseError, Table)
+from dmmig.dm.targets import (
+    CoreLog,
+    DiskLog,
+    Era,
+    EraStatus,
+    Linear,
+    Mirror,
+    MirrorSet,
+    MirrorStatus,
+    Other,
+    ParseError,
+    Table,
+)
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())
 

@@ -18,24 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import journal as J
-from dmmig import migrate as M
-from dmmig import nbd as N
-from dmmig import tlscreds, tunnel
+from dmmig import journal, migrate, tlscreds, tunnel
 from dmmig.agent import parse_forced
-from dmmig.destination import AgentServer
-from dmmig.names import export_dir
+from dmmig.agentcmd import agent_argv
 from dmmig.confine import Policy
+from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import BadInput, Exit, StateError
+from dmmig.names import export_dir
+from dmmig.nbd import Export, free_port, open_client, stop_export
 from dmmig.runner import SubprocessRunner
-from dmmig.agentcmd import agent_argv
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
 from dmmig.status import disk_status, render
 from dmmig.validate import destination
-from tests.unit.test_dmsetup_argv import FakeRunner
-from tests.unit.test_hotplug import NOT_THERE
+from tests.unit.fakes import NOT_THERE, FakeRunner
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,7 +176,7 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
     agent, state, path = agent_with_disk(tmp_path)
     os.chmod(state, 0o755)
     os.makedirs(export_dir(state), mode=0o755)   # made too open by someone: repaired
-    exp = N.Export(**agent.op_export("d1")["export"])
+    exp = Export(**agent.op_export("d1")["export"])
     try:
         assert exp.socket == os.path.join(export_dir(state), "d1.sock") and exp.addr is None and exp.port is None
         assert stat.S_IMODE(os.stat(export_dir(state)).st_mode) == 0o700
@@ -200,7 +197,7 @@ def test_the_ssh_export_is_a_unix_socket_only_root_reaches_and_the_relay_carries
                            stdin=subprocess.DEVNULL, timeout=60)
         assert r.returncode == 3 and "no NBD export of d2" in r.stderr, r
     finally:
-        N.stop_export(exp)
+        stop_export(exp)
     assert not os.path.exists(exp.socket)
 
 
@@ -223,7 +220,7 @@ class ProcChannel:
         assert self.p and self.p.stdout
         import select
         if not select.select([self.p.stdout], [], [], self.timeout)[0]:
-            raise socket.timeout()
+            raise TimeoutError()
         return os.read(self.p.stdout.fileno(), n)
 
     def sendall(self, data: bytes) -> None:
@@ -240,7 +237,7 @@ class ProcClient:
     def __init__(self, argv: list[str]) -> None:
         self.chan = ProcChannel(argv)
 
-    def get_transport(self) -> "ProcClient":
+    def get_transport(self) -> ProcClient:
         return self
 
     def open_session(self) -> ProcChannel:
@@ -255,7 +252,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
     from dmmig.agentclient import AgentClient
     from dmmig.ssh import channel_socket
     agent, state, path = agent_with_disk(tmp_path)
-    exp = N.Export(**agent.op_export("d1")["export"])
+    exp = Export(**agent.op_export("d1")["export"])
     try:
         with open(path, "r+b") as f:
             f.write(b"hello through the agent".ljust(4096, b"\0"))
@@ -263,10 +260,10 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
         c = AgentClient(client, "dmmig")
         with pytest.raises(BadInput, match="no NBD export of d2"):
             c.call("relay", name="d2")
-        assert c.call("status", name="d1")["export_alive"]   # still an agent
+        assert c.call("export", name="d1")["export"]["pid"] == exp.pid   # still an agent, the same export
         c.call("relay", name="d1")
         chan, rest = c.detach()
-        h = N.open_client(channel_socket(chan, rest), export="d1")
+        h = open_client(channel_socket(chan, rest), export="d1")
         assert h.pread(23, 0) == b"hello through the agent"
         h.pwrite(b"y" * 4096, 8192)
         h.flush()
@@ -274,10 +271,10 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
         with open(path, "rb") as f:
             assert f.read(3 * 4096)[8192:] == b"y" * 4096
         with pytest.raises(Exception, match="unusable"):
-            c.call("status", name="d1")
+            c.call("export", name="d1")
         assert client.chan.p is not None and client.chan.p.wait(timeout=30) == 0   # the relay ended with NBD
     finally:
-        N.stop_export(exp)
+        stop_export(exp)
 
 
 def test_the_agents_line_reader_gives_back_what_it_read_past_a_request() -> None:
@@ -314,19 +311,19 @@ def psutil_tcp_listeners() -> list[int]:
 
 def test_private_dir_repairs_its_mode_and_refuses_what_others_control(tmp_path: Path) -> None:
     d = tmp_path / "state" / "nbd"
-    J.private_dir(str(d))
+    journal.private_dir(str(d))
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     d.chmod(0o777)
-    J.private_dir(str(d))
+    journal.private_dir(str(d))
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     d.rmdir()
     d.symlink_to(tmp_path)   # someone's symlink in its place
     with pytest.raises(StateError, match="not a directory"):
-        J.private_dir(str(d))
+        journal.private_dir(str(d))
     d.unlink()
     (tmp_path / "state").chmod(0o777)   # a parent others may write: our dir could be swapped
     with pytest.raises(StateError, match="writable by others"):
-        J.private_dir(str(d))
+        journal.private_dir(str(d))
 
 
 def test_the_relay_listener_hands_its_one_connection_to_the_command(tmp_path: Path) -> None:
@@ -389,7 +386,7 @@ def test_a_client_without_this_migrations_credentials_neither_connects_nor_reads
     tlscreds.make(other, "127.0.0.1")
     with pytest.raises(BadInput, match="needs TLS"):
         agent.op_export("d1", addr="127.0.0.1")
-    exp = N.Export(**agent.op_export("d1", addr="127.0.0.1", tls=tlscreds.server_files(src))["export"])
+    exp = Export(**agent.op_export("d1", addr="127.0.0.1", tls=tlscreds.server_files(src))["export"])
     try:
         assert exp.tls and os.listdir(exp.tls) and stat.S_IMODE(os.stat(exp.tls).st_mode) == 0o700
         only_ca = str(tmp_path / "only_ca")
@@ -410,12 +407,12 @@ def test_a_client_without_this_migrations_credentials_neither_connects_nor_reads
                 h.connect_tcp("127.0.0.1", str(exp.port))
                 h.pread(4096, 0)
                 pytest.fail(f"{what}: read the disk")
-        h = N.open_client(None, addr="127.0.0.1", port=exp.port, export="d1", tls=src)
+        h = open_client(None, addr="127.0.0.1", port=exp.port, export="d1", tls=src)
         assert h.pread(4096, 0) == b"\0" * 4096
         h.shutdown()
         # the client also checks the server: another migration's client refuses this server
         with pytest.raises(Exception, match="cannot connect"):
-            N.open_client(None, addr="127.0.0.1", port=exp.port, export="d1", tls=other)
+            open_client(None, addr="127.0.0.1", port=exp.port, export="d1", tls=other)
     finally:
         done = agent.op_stop("d1", remove_created=True)["done"]
     assert "removed the TLS credentials of d1" not in done   # stop_export already removed them with qemu-nbd
@@ -429,7 +426,7 @@ def test_an_export_journaled_by_the_previous_dmmig_as_addr_and_port_is_shown_and
     127.0.0.1, as the old dmmig made): `status` shows it, `abort` there stops it."""
     agent, state, path = agent_with_disk(tmp_path)
     pidf = os.path.join(state, "d1.qemu-nbd.pid")
-    port = N.free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pidf}", "--persistent", "--format=raw",
                     "--bind=127.0.0.1", f"--port={port}", "--export-name=d1", path], check=True)
     pid = int(open(pidf).read())
@@ -438,13 +435,13 @@ def test_an_export_journaled_by_the_previous_dmmig_as_addr_and_port_is_shown_and
     rec["export"] = {"name": "d1", "path": path, "addr": "127.0.0.1", "port": port, "pid": pid, "cache": "none"}
     json.dump(rec, open(rec_path, "w"))
     runner = FakeRunner([(["dmsetup", "info"], NOT_THERE)])
-    stack = Stack(runner, DmSetup(runner), J.Journal(state))
+    stack = Stack(runner, DmSetup(runner), journal.Journal(state))
     try:
         text = render(disk_status(stack, "d1"))
         assert f"NBD export on 127.0.0.1:{port} (no TLS), qemu-nbd pid {pid} (running)" in text, text
-        done, left = M.abort(stack, "d1")
+        done, left = migrate.abort(stack, "d1")
         assert left == [] and f"stopped qemu-nbd {pid} exporting {path}" in done, done
-        assert not N.Export(**rec["export"]).alive()
+        assert not Export(**rec["export"]).alive()
     finally:
         if os.path.exists(f"/proc/{pid}"):
             os.kill(pid, 9)
@@ -454,7 +451,7 @@ def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> N
     old = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "addr": "127.0.0.1", "port": 10809})
     new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/nbd/d1.sock"})
     for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/nbd/d1.sock")):
-        left = M.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
+        left = migrate.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
                               done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
 
@@ -473,7 +470,8 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
     for f in stale:
         open(f, "w").close()
         os.utime(f, (time.time() - 60, time.time() - 60))
-    entry = J.Entry("d1", "/dev/loop1", "7:1", phase=J.MIRRORING, mirror={"tunnel": {"sock": sock, "pid": old.pid}})
+    entry = journal.Entry("d1", "/dev/loop1", "7:1", phase=journal.MIRRORING,
+                          mirror={"tunnel": {"sock": sock, "pid": old.pid}})
     steps = Steps()
     try:
         side = MirrorSide(FakeRunner([]), state)

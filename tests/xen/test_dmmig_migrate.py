@@ -58,7 +58,8 @@ def leftovers(h: XenHost) -> dict[str, list[str]]:
 
 def sha256(h: XenHost, path: str, offset: int, length: int) -> str:
     return h.py("import hashlib, sys; f = open(sys.argv[1], 'rb'); f.seek(int(sys.argv[2])); "
-                "print(hashlib.sha256(f.read(int(sys.argv[3]))).hexdigest())", path, str(offset), str(length)).out.strip()
+                "print(hashlib.sha256(f.read(int(sys.argv[3]))).hexdigest())",
+                path, str(offset), str(length)).out.strip()
 
 
 def oracle(h: XenHost, cmd: str, path: str, seed: int, *args: str) -> dict[str, Any] | None:
@@ -135,7 +136,8 @@ def wait_migrate(job: Any, a: XenHost, b: XenHost, guest: str, timeout: float) -
         if time.monotonic() > deadline:
             seen = [f"--- {h.name}: {title} ---\n{h.sh(cmd, check=False, timeout=60).out}"
                     for h in (a, b) for title, cmd in (
-                        ("processes", "ps -eo pid,ppid,stat,etime,wchan:24,args --sort=pid | grep -v ' \\[' | tail -40"),
+                        ("processes",
+                         "ps -eo pid,ppid,stat,etime,wchan:24,args --sort=pid | grep -v ' \\[' | tail -40"),
                         ("xl list", "xl list"), ("dm", "dmsetup status"),
                         ("hotplug log", "tail -20 /var/log/xen/xen-hotplug.log"),
                         ("xl log", f"tail -20 /var/log/xen/xl-{guest}.log"))]

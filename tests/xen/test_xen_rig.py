@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from tests.rig.uml import ROOT
 from tests.xenrig import pattern
 from tests.xenrig.domu import DomU, backend, check_disk
 from tests.xenrig.host import XenHost

@@ -49,7 +49,7 @@ def main(port_path: str, to_agent: str, from_agent: str) -> int:
     p.register(port, select.POLLIN)
     p.register(inp, select.POLLIN)
     while True:
-        for fd, ev in p.poll(POLL_S * 1000):
+        for fd, _ev in p.poll(POLL_S * 1000):
             if fd == inp:
                 data = os.read(inp, 1 << 16)
                 if not data:

@@ -20,7 +20,7 @@ from tests.rig.uml import FRAME, Result, RigError
 class Job:
     """A command started in the guest; wait() for its Result."""
 
-    def __init__(self, chan: "Channel", rid: int, argv: list[str]) -> None:
+    def __init__(self, chan: Channel, rid: int, argv: list[str]) -> None:
         self.chan, self.id, self.argv = chan, rid, argv
 
     def wait(self, timeout: float = 300) -> Result:
@@ -55,10 +55,10 @@ class Channel:
             try:
                 s.connect(str(self.path))
                 break
-            except OSError:
+            except OSError as e:
                 s.close()
                 if time.monotonic() > deadline or not self._alive():
-                    raise RigError(f"cannot connect to agent socket {self.path}\n{self._describe()}")
+                    raise RigError(f"cannot connect to agent socket {self.path}\n{self._describe()}") from e
                 time.sleep(0.05)
         self._sock = s
         threading.Thread(target=self._reader, daemon=True).start()

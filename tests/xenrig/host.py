@@ -65,7 +65,8 @@ class XenHost:
     _ids = itertools.count(1)
 
     def __init__(self, name: str, *, net: NetSpec | None = None, mem_mib: int = 2048, dom0_mem_mib: int = 1024,
-                 log_dir: str | None = None, artifacts: Artifacts | None = None, tcg_thread: str = "single", cpus: int = 1,
+                 log_dir: str | None = None, artifacts: Artifacts | None = None, tcg_thread: str = "single",
+                 cpus: int = 1,
                  cpu_model: str = CPU_MODEL, serial_shell: bool = False) -> None:
         """tcg_thread: "single" by default. With QEMU 7.2's multi-threaded TCG, dom0's processes
         saw memory corruption here (xl crashing after fork, ssh streams arriving altered, a
@@ -102,7 +103,7 @@ class XenHost:
         self._chan: Channel | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def start(self, timeout: float = 300) -> "XenHost":
+    def start(self, timeout: float = 300) -> XenHost:
         self.launch()
         self.wait_ready(timeout)
         return self
@@ -183,7 +184,8 @@ class XenHost:
             "-initrd", f"{art.dom0_kernel} {dom0_cmdline},{art.dom0_initrd}",
         ]
         if self.net:
-            where = f"listen=127.0.0.1:{self.net.listen}" if self.net.listen else f"connect=127.0.0.1:{self.net.connect}"
+            where = (f"listen=127.0.0.1:{self.net.listen}" if self.net.listen
+                     else f"connect=127.0.0.1:{self.net.connect}")
             argv += ["-netdev", f"socket,id=n0,{where}", "-device", f"virtio-net-pci,netdev=n0,mac={self.net.mac}"]
         return argv
 
@@ -197,10 +199,10 @@ class XenHost:
                 self._chan.wait_ready(min(2.0, max(0.1, deadline - time.monotonic())))
                 self.milestones["agent-ready"] = time.monotonic() - self._t0
                 return
-            except RigError:
+            except RigError as e:
                 if not self.alive() or time.monotonic() > deadline:
                     raise RigError(f"Xen host {self.name} did not come up in {timeout}s"
-                                   f" (milestones {self.milestones})\n{self._describe()}")
+                                   f" (milestones {self.milestones})\n{self._describe()}") from e
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -221,7 +223,7 @@ class XenHost:
                 self._proc.wait()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def __enter__(self) -> "XenHost":
+    def __enter__(self) -> XenHost:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

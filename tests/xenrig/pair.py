@@ -100,7 +100,7 @@ class XenPair:
                  " && ssh-keygen -q -t ed25519 -N '' -f /run/ssh/id_ed25519")
             h.write_file("/run/ssh/sshd_config", sshd_config(ip))
             h.write_file(AGENT_CONF, AGENT_CONF_TEXT)
-        for h, ip, peer, peer_ip in hosts:
+        for h, _ip, peer, peer_ip in hosts:
             peer.write_file("/run/ssh/authorized_keys", h.run(["cat", "/run/ssh/id_ed25519.pub"]).out)
             key = peer.run(["cat", "/run/ssh/host_ed25519.pub"]).out.split()
             h.write_file("/run/ssh/known_hosts", f"{peer_ip} {key[0]} {key[1]}\n")

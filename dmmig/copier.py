@@ -31,7 +31,7 @@ class Counters:
     skipped: int = 0    # zero bytes not sent at all (destination known zero)
     seconds: float = 0.0
 
-    def add(self, o: "Counters") -> None:
+    def add(self, o: Counters) -> None:
         self.read += o.read
         self.sent += o.sent
         self.zeroed += o.zeroed
@@ -113,7 +113,7 @@ class Copier:
             self.handle.flush()
         except nbd.Error as e:
             raise RemoteError(f"NBD write to the destination failed: {e}",
-                              hint="rerun `dmmig copy`: it resumes from what era recorded") from None
+                              hint="rerun `dmmig copy`: it resumes from what era recorded") from e
         finally:
             os.close(fd)
         c.seconds = time.monotonic() - t0
@@ -130,7 +130,7 @@ class Copier:
             except OSError as e:
                 raise LocalIOError(f"reading the source {self.src} failed at byte {pos}: {e.strerror}",
                                    hint="the guest's own disk returns errors: check it (dmesg); once it "
-                                        "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from None
+                                        "reads again, rerun `dmmig copy` (it resumes), or `dmmig abort`") from e
             if got != n:
                 raise LocalIOError(f"reading the source {self.src} came up short at byte {pos}: {got} of "
                                    f"{n} bytes", hint="has the source shrunk? `dmmig abort` the migration")

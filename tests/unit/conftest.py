@@ -1,0 +1,16 @@
+"""The unit tests' shared fixtures (their fakes are in fakes.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.fakes import World, tools_on_path
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    # what block-dmmig would use on the destination: the agent's own state dir
+    monkeypatch.setenv("DMMIG_STATE_DIR", str(tmp_path / "dstate"))
+    tools_on_path(tmp_path, monkeypatch)
+    return World(tmp_path)
