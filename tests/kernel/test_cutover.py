@@ -80,6 +80,33 @@ def test_full_migration_under_writer(pair, pdisks, name: str) -> None:
     cleanup(a, b, name, rec1, rec2)
 
 
+def test_writes_between_the_era_query_and_the_swap_reach_the_destination(pair, pdisks, name: str) -> None:
+    """The cutover's second step (migrate._add_regions): a write that lands after its era query
+    and before its swap is on leg 0 only and marked in no log; only the second query and swap
+    hand it to the kernel's resync. The writer goes through the blocks in turn and writes each
+    once, so no later write through the mirror carries a block over instead (the random writer
+    of test_full_migration_under_writer rewrites them, and hid a cutover without that step).
+    The cutover waits on the destination (its connection, export, tunnel, NBD attach) between
+    the query and the swap: hundreds of the writer's writes fall in there."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(64, fill_seed=23), db(64)
+    top = f"/dev/mapper/dmmig-{name}"
+    rec = f"{a.shared}/{name}.rec"
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest))
+    w = start_writer(a, top, rec, seed=23, rate="300", blocks="0:16384", sequential="")
+    cut = summary(a.dmmig("cutover", name, "--json").out)
+    done = stop_writer(a, w)
+    assert done["writes"] < 16384, done  # no block written twice
+    check(b, dest, 23, rec)  # every acknowledged write is on the destination
+    assert len(cut["pauses"]) == 2, cut  # and some of them came between the query and the swap
+    a.dmmig("finish", name)
+    check(a, origin, 23, rec)
+    cleanup(a, b, name, rec)
+
+
 # offsets as OFF or START:STOP:STEP (the rig's console loses bytes of very long lines)
 WRITE_BLOCKS = r"""
 import mmap, os, sys
