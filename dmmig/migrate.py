@@ -540,16 +540,19 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round. Race-free in three steps:
     1. era is queried (D1: eras >= the last round's) and the logs mark D1 out of sync, outside
-       any window; meanwhile the destination's connection, export and tunnel come up in threads
-       that journal nothing (this thread journals what they made, and on a failure waits for
-       them before it tears down, so nothing of theirs comes up after the teardown).
+       any window; meanwhile the tunnel (--transport ssh) or the agent's export (--transport
+       nbd) comes up in threads that journal nothing (this thread journals what they made, and
+       on a failure waits for them before it tears down, so nothing of theirs comes up after
+       the teardown). --transport ssh attaches the export the copy left running and asks the
+       agent only if that one does not answer.
     2. one resume swaps to the mirror: its suspend drains every write so far to leg 0; from
        then on every write lands on both legs or, in a region out of sync, on leg 0 and is
        resynced; a write to a region being recovered waits for that region's copy.
     3. what was written between the query and the swap is in eras >= `first` and done (the
-       swap drained it): a second query (D2) and, if D2 is not empty, a second swap to fresh
-       logs holding the running logs' state plus D2 (_add_regions). 3 runs while the kernel
-       already resyncs D1; the mirror counts as in sync only after it."""
+       swap drained it): a second query (D2) and, if D2 has a region that D1 did not (those
+       the kernel recovers after the swap, so their copy reads D2's writes), a second swap to
+       fresh logs holding the running logs' state plus D2 (_add_regions). 3 runs while the
+       kernel already resyncs D1; the mirror counts as in sync only after it."""
     entry = stack._prepared(name)
     if entry.phase not in (J.COPIED, J.CUTTING_OVER, J.MIRRORING) or not entry.copy.get("base_done"):
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
@@ -613,12 +616,14 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 for dev, img in zip(logs, images):
                     mirrorlog.write(dev, img.bytes())
             leg: str | None = None
+            tried = False  # the copy's export, through the tunnel: a relay tunnel serves one connection only
             if exporting is None:
                 assert tunneling is not None
                 with sw("nbd leg"):
                     entry.mirror["tunnel"]["pid"] = tunneling.result()
                     save()
                     try:
+                        tried = True
                         leg = stack.mirror.attach_nbd(entry, copied, opts.nbd_timeout, save)
                     except RemoteError as e:
                         log.info("the copy's export of %s did not answer (%s): asking the destination", name, e.message)
@@ -634,9 +639,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 with sw("nbd leg"):
                     if entry.dest["transport"] == "ssh":
                         pid = tunneling.result() if tunneling is not None else None
-                        if pid is not None and entry.dest["tunnel"] == "forward" and \
-                                export.get("socket") != copied.get("socket"):
-                            stack.mirror.stop_tunnel(name, pid)  # it forwards to where the export was before
+                        if pid is not None and (tried or export.get("socket") != copied.get("socket")):
+                            stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
                             pid = None
                         if pid is None:
                             tun = stack.mirror.plan_tunnel(entry)
