@@ -1,12 +1,17 @@
-"""Block devices and loop devices: stat, size, holders, sysfs relations, losetup."""
+"""Block devices and loop devices: stat, size, holders, sysfs relations, losetup and the
+loop driver's ioctls."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import stat
+import struct
+import time
 from dataclasses import dataclass
 
-from dmmig.errors import BadInput
+from dmmig.errors import BadInput, LocalIOError
 from dmmig.runner import Runner
 
 
@@ -176,9 +181,89 @@ class Loop:
         where = (["--offset", str(offset)] if offset else []) + (["--sizelimit", str(size)] if size else [])
         return self.r.run(["losetup", "--find", "--show", *where, file]).stdout.strip()
 
+    def attach_slices(self, file: str, slices: list[tuple[int, int]]) -> list[str]:
+        """A loop device over each (OFFSET, SIZE) of FILE, as `losetup --find --show --offset
+        --sizelimit` makes it (read-write, no autoclear, no partition scan), through the loop
+        driver's ioctls: a losetup process start per device was ~0.1 s in the rig, an ioctl
+        is microseconds. Returns the devices made so far when it fails (LoopError.made), so
+        the caller's teardown finds each one; the kernel's own record (sysfs backing_file,
+        the backing inode) is the same as losetup's, so `find` and `detach` see no difference."""
+        made: list[str] = []
+        fd = os.open(file, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for offset, size in slices:
+                try:
+                    made.append(_configure_free(fd, file, offset, size))
+                except OSError as e:
+                    raise LoopError(f"cannot attach a loop device over {file} at {offset}: {e.strerror}",
+                                    made) from None
+        finally:
+            os.close(fd)
+        return made
+
     def find(self, file: str) -> list[str]:
         out = self.r.run(["losetup", "--noheadings", "--output", "NAME", "-j", file], check=False).stdout
         return [ln.strip() for ln in out.splitlines() if ln.strip()]
 
     def detach(self, dev: str) -> None:
         self.r.run(["losetup", "-d", dev])
+
+
+class LoopError(LocalIOError):
+    """A loop device could not be made; MADE: the ones made before it (to tear down)."""
+
+    def __init__(self, message: str, made: list[str]) -> None:
+        super().__init__(message, hint="is the loop module loaded, /dev/loop-control there, a loop device free?")
+        self.made = list(made)
+
+
+# <linux/loop.h>: LOOP_CTL_GET_FREE on /dev/loop-control gives a free (made if need be) index;
+# LOOP_CONFIGURE (5.8+) sets the file, offset, size limit and flags in one ioctl, atomically
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+_LO_NAME_SIZE = 64
+# struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 __reserved[8]; }
+# struct loop_info64 { u64 lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit;
+#   u32 lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags;
+#   u8 lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32]; u64 lo_init[2]; }
+_LOOP_CONFIG = struct.Struct("=II QQQQQ IIII 64s64s32s 2Q 8Q")
+
+
+def loop_config(fd: int, file: str, offset: int, size: int) -> bytes:
+    """LOOP_CONFIGURE's argument: FD's file from OFFSET, SIZE bytes (0: to its end)."""
+    name = os.fsencode(file)[:_LO_NAME_SIZE - 1]  # what losetup writes too (sysfs has the whole path)
+    return _LOOP_CONFIG.pack(fd, 0, 0, 0, 0, offset, size, 0, 0, 0, 0, name, b"", b"", 0, 0, *([0] * 8))
+
+
+def _open_node(dev: str) -> int:
+    """DEV's node: devtmpfs makes it as the kernel adds the device; without devtmpfs, udev
+    makes it a moment later."""
+    for _ in range(100):
+        try:
+            return os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            time.sleep(0.01)
+    return os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+
+
+def _configure_free(fd: int, file: str, offset: int, size: int) -> str:
+    """Take a free loop device and set it over FD. Another process (a losetup) may take the
+    same free index first: LOOP_CONFIGURE then fails with EBUSY and we ask again, as losetup does."""
+    arg = loop_config(fd, file, offset, size)
+    for _ in range(64):
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+        finally:
+            os.close(ctl)
+        dev = f"/dev/loop{n}"
+        ld = _open_node(dev)
+        try:
+            fcntl.ioctl(ld, LOOP_CONFIGURE, arg)
+            return dev
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        finally:
+            os.close(ld)
+    raise OSError(errno.EBUSY, "every free loop device was taken by another process first")

@@ -148,11 +148,15 @@ class EraTools:
     def snapshot(self, era_dev: str) -> Iterator[int]:
         """Hold a metadata snapshot; yields the era current after it (the snapshot holds
         every era below it)."""
-        st = self.dm.era_status(era_dev)
-        if st.snapshot_block is not None:
-            # left by a crashed dmmig: it only pins old metadata, so drop and retake
+        try:
+            self.dm.message(era_dev, "take_metadata_snap")
+        except CommandError:
+            # one left by a crashed dmmig (era refuses a second): it only pins old metadata, so
+            # drop and retake. Asked only then: a status is a process start per query
+            if self.dm.era_status(era_dev).snapshot_block is None:
+                raise
             self.dm.message(era_dev, "drop_metadata_snap")
-        self.dm.message(era_dev, "take_metadata_snap")
+            self.dm.message(era_dev, "take_metadata_snap")
         try:
             yield self.dm.era_status(era_dev).current_era
         finally:

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from dmmig import gate, journal, mirrorlog, nbd, sizing, sparse, tlscreds, tunnel
@@ -541,7 +542,21 @@ class CutoverOptions:
 
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
-    the regions era recorded since the last copy round."""
+    the regions era recorded since the last copy round. Race-free in three steps:
+    1. era is queried (D1: eras >= the last round's) and the logs mark D1 out of sync, outside
+       any window; meanwhile the tunnel (--transport ssh) or the agent's export (--transport
+       nbd) comes up in threads that journal nothing (this thread journals what they made, and
+       on a failure waits for them before it tears down, so nothing of theirs comes up after
+       the teardown). --transport ssh attaches the export the copy left running and asks the
+       agent only if that one does not answer.
+    2. one resume swaps to the mirror: its suspend drains every write so far to leg 0; from
+       then on every write lands on both legs or, in a region out of sync, on leg 0 and is
+       resynced; a write to a region being recovered waits for that region's copy.
+    3. what was written between the query and the swap is in eras >= `first` and done (the
+       swap drained it): a second query (D2) and, if D2 has a region that D1 did not (those
+       the kernel recovers after the swap, so their copy reads D2's writes), a second swap to
+       fresh logs holding the running logs' state plus D2 (_add_regions). 3 runs while the
+       kernel already resyncs D1; the mirror counts as in sync only after it."""
     entry = stack.prepared(name)
     if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.get("base_done"):
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
@@ -557,31 +572,40 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         def save() -> None:
             stack.journal.save(entry)
 
-        sw = Stopwatch()
+        sw, par = Stopwatch(), Stopwatch()
         with sw("drop a previous mirror"):
             _drop_mirror(stack, entry)  # a rerun starts again from linear over era
-        with sw("connect, export"):
-            remote = Remote(entry.dest)
-            try:
-                plan_transport(stack, name, entry.dest, remote)  # decided by copy; probed again only for
-                export = _export(remote, entry.dest, name)       # a destination journaled by an older dmmig
-            finally:
-                remote.close()
-        entry.dest["export"] = export
         stack.journal.save(entry, journal.CUTTING_OVER)
         assert entry.metadata and entry.block_sectors
         length = stack.dm.table(top).length
         bs = entry.block_sectors
         layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
         since = int(entry.copy["next_since"])
+        # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
+        # agent's start, the export) runs in threads while this host makes the logs and queries
+        # era. The threads journal nothing: this thread journals what they made once they are
+        # done. --transport ssh: the copy left its export running, so the leg first tries that
+        # one through the tunnel (which checks the host key and logs in itself); the agent is
+        # asked only if it does not answer. --transport nbd: the agent is asked meanwhile
+        # (nbd-client's TCP connect to a host that stopped answering would hang a minute).
+        dest = dict(entry.dest)
+        exporting: Started[dict[str, Any]] | None = None
+        copied = dict(entry.dest.get("export") or {})  # the copy's export: the same unless it moved
+        tunneling: Started[int] | None = None
         try:
-            with sw("nbd leg"):
-                leg = stack.mirror.attach_leg(entry, export, opts.nbd_timeout, save)
-            era_dev = block_device(f"/dev/mapper/{era}").devno
-            leg_dev = block_device(leg).devno
-            # 1. outside any window: what era recorded since the last round, into the logs. A
-            # write in flight now is tagged below `first` and done once the swap's suspend is
+            if entry.dest["transport"] == "ssh" and entry.dest.get("tunnel") in ("relay", "forward" if copied.get(
+                    "socket") else None):
+                tun = stack.mirror.plan_tunnel(entry)
+                save()  # the tunnel's log names it: a killed dmmig's is found by it
+                tunneling = Started(partial(_timed, par, "tunnel", stack.mirror.start_tunnel, name,
+                                            dict(entry.dest), dict(tun), copied.get("socket")))
+            if tunneling is None or not copied.get("name"):
+                exporting = Started(partial(_connect_export, stack, name, dest, par))
+            # 1. what era recorded since the last round, into the logs. A write in flight now is
+            # tagged below `first` and done once the swap's suspend is
             marked = layout.blank()  # for the summary: what both steps mark
+            with sw("logs"):
+                logs = stack.mirror.make_logs(entry, layout, 0, save)
             with sw("era query"):
                 first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
                                                              Files(stack.journal.dir, name).dirty)
@@ -593,31 +617,74 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     shown = list(itertools.islice(first_ranges, SHOWN_RANGES + 1))
                 finally:
                     first_ranges.close()
-                logs = stack.mirror.make_logs(entry, layout, 0, save)
                 for dev, img in zip(logs, images):
                     mirrorlog.write(dev, img.bytes())
+            leg: str | None = None
+            tried = False  # the copy's export, through the tunnel: a relay tunnel serves one connection only
+            if exporting is None:
+                assert tunneling is not None
+                with sw("nbd leg"):
+                    entry.mirror["tunnel"]["pid"] = tunneling.result()
+                    save()
+                    try:
+                        tried = True
+                        leg = stack.mirror.attach_nbd(entry, copied, opts.nbd_timeout, save)
+                    except RemoteError as e:
+                        log.info("the copy's export of %s did not answer (%s): asking the destination", name, e.message)
+                if leg is None:
+                    exporting = Started(partial(_connect_export, stack, name, dest, par))
+            if leg is None:
+                assert exporting is not None
+                with sw("wait for the destination"):
+                    export = exporting.result()
+                    entry.dest.update(dest)  # plan_transport's decisions (a destination an older dmmig journaled)
+                    entry.dest["export"] = export
+                    save()
+                with sw("nbd leg"):
+                    if entry.dest["transport"] == "ssh":
+                        pid = tunneling.result() if tunneling is not None else None
+                        if pid is not None and (tried or export.get("socket") != copied.get("socket")):
+                            stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
+                            pid = None
+                        if pid is None:
+                            tun = stack.mirror.plan_tunnel(entry)
+                            save()
+                            pid = stack.mirror.start_tunnel(name, dict(entry.dest), dict(tun), export.get("socket"))
+                        entry.mirror["tunnel"]["pid"] = pid
+                        save()
+                    leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
+            era_dev = block_device(f"/dev/mapper/{era}").devno
+            leg_dev = block_device(leg).devno
             with sw("swap"):
                 # one resume: the kernel suspends (drains: every write so far is done on leg 0),
                 # swaps and resumes in that ioctl, and reads the logs at the resume
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
                                                         leg_dev))
+            t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
-            # query and the swap; era has it in eras >= first, done (the swap drained it).
-            with sw("era query"):
+            # query and the swap; era has it in eras >= first, done (the swap drained it). A
+            # region the first swap's logs already had out of sync needs nothing more: the
+            # kernel recovers it after that swap, so its copy reads those writes too
+            with sw("era query (resyncing)"):
                 second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
                                                             Files(stack.journal.dir, name).dirty)
             pauses = [round(pause, 4)]
             try:
                 if second_ranges.blocks:
-                    with sw("second swap"):
-                        pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev,
-                                                         leg_dev, save), 4))
+                    if not layout.marked(marked, ((r.begin, r.end) for r in second_ranges), bs):
+                        with sw("second swap (resyncing)"):
+                            pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev,
+                                                             leg_dev, save), 4))
                     layout.mark(marked, ((r.begin, r.end) for r in second_ranges), bs)
                     shown = merge(shown + list(itertools.islice(second_ranges, SHOWN_RANGES + 1)))
             finally:
                 second_ranges.close()
         except BaseException:
+            if exporting is not None:
+                exporting.wait()  # nothing of theirs may come up after the teardown
+            if tunneling is not None:
+                tunneling.wait()
             _drop_mirror(stack, entry)
             stack.journal.save(entry, journal.COPIED)
             raise
@@ -628,11 +695,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                             resync_ranges=[[r.begin, r.end] for r in shown[:SHOWN_RANGES]],
                             resync_ranges_cut=len(shown) > SHOWN_RANGES)
         save()
-        with sw("watcher"):
+        with sw("watcher (resyncing)"):
             stack.mirror.start_watcher(entry, save)
-        t1 = time.monotonic()
         with sw("resync"):
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
+        # from the first swap: the kernel's resync of the first delta began there
         entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
                                   "kernel_out_of_sync_first_seen": kernel_out}
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
@@ -643,12 +710,31 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         stack.journal.save(entry, journal.MIRRORING)
     return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
+            "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
             "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
 
 
 SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for status
+
+
+def _connect_export(stack: Stack, name: str, dest: dict[str, Any], par: Stopwatch) -> dict[str, Any]:
+    """The cutover's calls to the destination (in a thread): connect, start its agent, plan the
+    transport into DEST (a copy: the caller journals it), start or find the export."""
+    with par("connect"):
+        remote = Remote(dest)
+    try:
+        with par("export"):
+            plan_transport(stack, name, dest, remote)  # decided by copy; probed again only for a
+            return _export(remote, dest, name)         # destination journaled by an older dmmig
+    finally:
+        remote.close()
+
+
+def _timed(sw: Stopwatch, phase: str, fn: Callable[..., T], *args: Any) -> T:
+    with sw(phase):
+        return fn(*args)
 
 
 def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:

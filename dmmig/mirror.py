@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 from dmmig import journal, mirrorlog, proc, tlscreds, tunnel
-from dmmig.blockdev import Loop
+from dmmig.blockdev import Loop, LoopError
 from dmmig.errors import RemoteError, Steps
 from dmmig.names import Files
 from dmmig.nbdkernel import NbdKernel, owner_of
@@ -51,17 +50,29 @@ class MirrorSide:
             tlscreds.make(d, server)
         return d
 
-    def attach_leg(self, entry: journal.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+    def plan_tunnel(self, entry: journal.Entry) -> dict[str, Any]:
+        """--transport ssh: the tunnel's record in ENTRY.mirror (no pid yet), for the caller to
+        journal before start_tunnel: a tunnel of a killed dmmig is found by its log's name."""
+        t = {"sock": self._path(entry.name, "nbd.sock"), "pid": None, "mode": entry.dest["tunnel"],
+             "log": self._path(entry.name, "tunnel.log")}
+        entry.mirror["tunnel"] = t
+        return t
+
+    def start_tunnel(self, name: str, dest: dict[str, Any], t: dict[str, Any], remote_sock: str | None) -> int:
+        """The tunnel T (plan_tunnel) up, listening: its pid. Journals nothing (it may run in a
+        thread beside steps that journal); the caller journals the pid. REMOTE_SOCK: the
+        export's socket there (forward mode; ssh connects to it only once nbd-client does)."""
+        return tunnel.start(self.r, t["mode"], dest, name, t["sock"], remote_sock, t["log"])
+
+    def stop_tunnel(self, name: str, pid: int) -> None:
+        tunnel.stop(pid, self._path(name, "tunnel.log"), self._path(name, "nbd.sock"))
+
+    def attach_nbd(self, entry: journal.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+        """The kernel's NBD client on EXPORT: through the tunnel (--transport ssh, started
+        first), or over TCP; the device is journaled before it connects."""
         m = entry.mirror
         dest = entry.dest
         ssh = dest["transport"] == "ssh"
-        sock, log = self._path(entry.name, "nbd.sock"), self._path(entry.name, "tunnel.log")
-        if ssh:
-            mode = dest["tunnel"]
-            m["tunnel"] = {"sock": sock, "pid": None, "mode": mode, "log": log}
-            save()
-            m["tunnel"]["pid"] = tunnel.start(self.r, mode, dest, entry.name, sock, export.get("socket"), log)
-            save()
 
         def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
             m["nbd"] = dev
@@ -69,7 +80,7 @@ class MirrorSide:
         # --transport nbd with TLS: nbd-client's proxy is one select() loop with 64 KiB buffers
         # per connection, which capped the resync at a long round trip (bench/resync_levers.py);
         # four connections, four proxies. The relay tunnel takes one connection only.
-        where: dict[str, Any] = ({"unix": sock} if ssh
+        where: dict[str, Any] = ({"unix": m["tunnel"]["sock"]} if ssh
                                  else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls"),
                                        "connections": TLS_CONNECTIONS if dest.get("tls") else 1})
         try:
@@ -78,8 +89,8 @@ class MirrorSide:
         except RemoteError as e:
             if not ssh:
                 raise
-            raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: {tunnel.tail(log)}",
-                              hint=e.hint) from e
+            raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: "
+                              f"{tunnel.tail(m['tunnel']['log'])}", hint=e.hint) from e
 
     def make_logs(self, entry: journal.Entry, layout: mirrorlog.Layout, first_slot: int,
                   save: Callable[[], None]) -> list[str]:
@@ -96,22 +107,17 @@ class MirrorSide:
                 os.ftruncate(fd, end)
         finally:
             os.close(fd)
-        # one losetup each, several at once: a process start is what they cost (~0.1 s each in
-        # the rig), and the swaps wait for all of them
-        slots = [(first_slot + i) * layout.slot for i in range(layout.parts)]
-        devs: list[str] = []
-        failed: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(self.loop.attach, path, offset=o, size=layout.slot) for o in slots]
-            for f in futures:  # every one journaled, also when another failed
-                try:
-                    devs.append(f.result())
-                except BaseException as e:
-                    failed = failed or e
+        # through the loop driver's ioctls (blockdev.Loop.attach_slices): a losetup process
+        # each was ~0.1 s in the rig, and the swaps wait for all of them
+        slots = [((first_slot + i) * layout.slot, layout.slot) for i in range(layout.parts)]
+        try:
+            devs = self.loop.attach_slices(path, slots)
+        except LoopError as e:
+            entry.mirror.setdefault("log_devs", []).extend(e.made)  # journaled: teardown finds them anyway
+            save()
+            raise
         entry.mirror.setdefault("log_devs", []).extend(devs)
         save()
-        if failed is not None:
-            raise failed
         return devs
 
     def start_watcher(self, entry: journal.Entry, save: Callable[[], None]) -> int:

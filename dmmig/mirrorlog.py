@@ -132,6 +132,9 @@ class LogImage:
         bits = memoryview(self.img)[BITS_OFFSET:]
         clear_bits(bits, begin, end)  # type: ignore[arg-type]
 
+    def in_sync(self, region: int) -> bool:
+        return bool(self.img[BITS_OFFSET + region // 8] >> (region % 8) & 1)
+
     def out_of_sync(self) -> int:
         bits = self.img[BITS_OFFSET:BITS_OFFSET + -(-self.nr // 64) * 8]
         return self.nr - sum(bin(b).count("1") for b in bits)
@@ -187,6 +190,17 @@ class Layout:
 
     def blank(self) -> list[LogImage]:
         return [LogImage(self.part(i)[2]) for i in range(self.parts)]
+
+    def marked(self, images: list[LogImage], block_ranges: Iterable[tuple[int, int]], block_sectors: int) -> bool:
+        """Whether every region holding a block of BLOCK_RANGES is out of sync in IMAGES
+        already (stops at the first that is not)."""
+        for b0, b1 in block_ranges:
+            r1 = min(-(-b1 * block_sectors // self.region), self.regions)
+            for r in range(b0 * block_sectors // self.region, r1):
+                i = r // self.per_part
+                if images[i].in_sync(r - i * self.per_part):
+                    return False
+        return True
 
     def mark(self, images: list[LogImage], block_ranges: Iterable[tuple[int, int]], block_sectors: int) -> int:
         """Every region holding a block of BLOCK_RANGES ([begin, end) in era blocks) out of

@@ -152,6 +152,8 @@ class DmSetup:
 
     def require_targets(self, *names: str) -> None:
         have = self.targets()
+        if all(n in have for n in names):
+            return
         for n in names:
             if n not in have:
                 # the target may just be a module that is not loaded yet

@@ -90,6 +90,60 @@ def test_full_migration_under_writer(pair, pdisks, name: str) -> None:
     cleanup(a, b, name, rec1, rec2)
 
 
+def test_writes_between_the_era_query_and_the_swap_reach_the_destination(pair, pdisks, name: str) -> None:
+    """The cutover's second step (migrate._add_regions): a write that lands after its era query
+    and before its swap is on leg 0 only and marked in no log; only the second query and swap
+    hand it to the kernel's resync. The writer goes through the blocks in turn and writes each
+    once, so no later write through the mirror carries a block over instead (the random writer
+    of test_full_migration_under_writer rewrites them, and hid a cutover without that step).
+    The cutover waits on the destination (its connection, export, tunnel, NBD attach) between
+    the query and the swap: hundreds of the writer's writes fall in there."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(64, fill_seed=23), db(64)
+    top = f"/dev/mapper/dmmig-{name}"
+    rec = f"{a.shared}/{name}.rec"
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest))
+    w = start_writer(a, top, rec, seed=23, rate="300", blocks="0:16384", sequential="")
+    cut = summary(a.dmmig("cutover", name, "--json").out)
+    done = stop_writer(a, w)
+    assert done["writes"] < 16384, done  # no block written twice
+    check(b, dest, 23, rec)  # every acknowledged write is on the destination
+    assert len(cut["pauses"]) == 2, cut  # and some of them came between the query and the swap
+    a.dmmig("finish", name)
+    check(a, origin, 23, rec)
+    cleanup(a, b, name, rec)
+
+
+def test_cutover_asks_the_destination_when_the_copys_export_is_gone(pair, pdisks, name: str) -> None:
+    """--transport ssh: the cutover first attaches the export the copy left running, through its
+    tunnel, without a call to the agent; when that export is gone (its qemu-nbd died), it asks
+    the agent, which starts it again, and goes on with a fresh tunnel: the resync reaches the
+    destination."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(32, fill_seed=6), db(32)
+    top = f"/dev/mapper/dmmig-{name}"
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest))
+    a.py(WRITE_BLOCKS, top, f"0:{32 * MiB}:{2 * BLOCK}")  # every other region: 16 MiB to resync
+    pid = b.run(["cat", f"/run/dmmig/{name}.qemu-nbd.pid"]).out.strip()
+    b.run(["kill", pid])
+    for _ in range(100):
+        if b.run(["kill", "-0", pid], check=False).rc != 0:
+            break
+        time.sleep(0.1)
+    cut = summary(a.dmmig("cutover", name, "--json").out)
+    assert "wait for the destination" in cut["seconds"], cut  # it asked the agent
+    assert cut["resync_regions"] == 256, cut
+    assert digest(a, origin) == digest(b, dest)
+    a.dmmig("finish", name)
+    cleanup(a, b, name)
+
+
 # offsets as OFF or START:STOP:STEP (the rig's console loses bytes of very long lines)
 WRITE_BLOCKS = r"""
 import mmap, os, sys

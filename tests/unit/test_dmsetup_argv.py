@@ -310,13 +310,12 @@ def test_written_since_garbage_output() -> None:
 
 
 def test_dirty_takes_queries_and_drops_the_snapshot() -> None:
-    r = FakeRunner(era_rules(["0 2048 era 8 9/1024 3 -\n", "0 2048 era 8 12/1024 4 28\n"],
+    r = FakeRunner(era_rules(["0 2048 era 8 12/1024 4 28\n"],
                              '<blocks><range begin="0" end = "2"/><block block="2"/></blocks>'))
     tools = EraTools(r, DmSetup(r))
     ranges, now = tools.dirty("era-a", "/dev/loop3", 3)
     assert ranges == [BlockRange(0, 3)] and now == 4
-    assert r.argvs == [
-        ["dmsetup", "status", "--noflush", "era-a"],
+    assert r.argvs == [  # no status before the take: a process start less per query
         ["dmsetup", "message", "era-a", "0", "take_metadata_snap"],
         ["dmsetup", "status", "--noflush", "era-a"],
         ["era_invalidate", "--metadata-snapshot", "--written-since", "3", "/dev/loop3"],
@@ -325,17 +324,29 @@ def test_dirty_takes_queries_and_drops_the_snapshot() -> None:
 
 
 def test_snapshot_drops_a_stale_one_first() -> None:
-    r = FakeRunner(era_rules(["0 2048 era 8 12/1024 4 28\n", "0 2048 era 8 12/1024 5 31\n"]))
+    # dm-era refuses a second snapshot ("metadata snapshot already exists"): one a crashed
+    # dmmig left is dropped and the take retried
+    takes = [(1, "", "device-mapper: message ioctl on era-a failed: Invalid argument"), (0, "", "")]
+    r = FakeRunner([(["dmsetup", "message", "era-a", "0", "take_metadata_snap"], takes),
+                    *era_rules(["0 2048 era 8 12/1024 4 28\n", "0 2048 era 8 12/1024 5 31\n"])])
     tools = EraTools(r, DmSetup(r))
     with tools.snapshot("era-a") as now:
         assert now == 5
     msgs = [a[4] for a in r.argvs if a[:2] == ["dmsetup", "message"]]
-    assert msgs == ["drop_metadata_snap", "take_metadata_snap", "drop_metadata_snap"]
+    assert msgs == ["take_metadata_snap", "drop_metadata_snap", "take_metadata_snap", "drop_metadata_snap"]
+
+
+def test_snapshot_refused_without_a_stale_one_is_an_error() -> None:
+    r = FakeRunner([(["dmsetup", "message", "era-a", "0", "take_metadata_snap"], (1, "", "boom")),
+                    *era_rules(["0 2048 era 8 12/1024 4 -\n"])])
+    with pytest.raises(CommandError):
+        with EraTools(r, DmSetup(r)).snapshot("era-a"):
+            pass
+    assert [a[4] for a in r.argvs if a[:2] == ["dmsetup", "message"]] == ["take_metadata_snap"]
 
 
 def test_snapshot_dropped_even_when_query_fails() -> None:
-    r = FakeRunner([(["dmsetup", "status"], [(0, "0 2048 era 8 9/1024 3 -\n", ""),
-                                             (0, "0 2048 era 8 12/1024 4 28\n", "")]),
+    r = FakeRunner([(["dmsetup", "status"], [(0, "0 2048 era 8 12/1024 4 28\n", "")]),
                     (["era_invalidate"], (1, "", "boom"))])
     tools = EraTools(r, DmSetup(r))
     with pytest.raises(CommandError):

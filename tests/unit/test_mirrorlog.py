@@ -62,6 +62,16 @@ def test_marking_block_ranges_marks_exactly_their_regions_in_each_part() -> None
     assert [mirrorlog.parse(i.bytes())[1] for i in ims4] == [[0], [], [], [23], [0]] + [[]] * 11
 
 
+def test_marked_tells_whether_the_first_swap_already_resyncs_every_region_of_the_second_delta() -> None:
+    lay4 = mirrorlog.Layout(96 * 2048, 512, 24)  # 4 era blocks a region, 24 regions a part
+    ims = lay4.blank()
+    lay4.mark(ims, [(0, 8), (100, 101)], 128)  # regions 0, 1 (part 0) and 25 (part 1)
+    assert lay4.marked(ims, [(1, 2), (6, 8), (101, 104)], 128)  # blocks inside those regions
+    assert not lay4.marked(ims, [(1, 2), (8, 9)], 128)  # block 8 is region 2's
+    assert not lay4.marked(ims, [(96, 97)], 128)  # region 24: the first of part 1
+    assert lay4.marked(ims, [], 128)
+
+
 def test_a_log_read_back_keeps_what_the_kernel_marked_and_takes_more() -> None:
     img = mirrorlog.LogImage(100, mirrorlog.render(100, [3, 64]))
     img.mark(10, 12)
