@@ -17,7 +17,7 @@ from typing import Any
 from dmmig import journal, mirrorlog, proc, tlscreds, tunnel
 from dmmig.blockdev import Loop, LoopError
 from dmmig.errors import RemoteError, Steps
-from dmmig.names import Files
+from dmmig.names import RUN_DIR, Files
 from dmmig.nbdkernel import NbdKernel, owner_of
 from dmmig.runner import Runner
 from dmmig.watch import health_path
@@ -95,9 +95,11 @@ class MirrorSide:
     def make_logs(self, entry: journal.Entry, layout: mirrorlog.Layout, first_slot: int,
                   save: Callable[[], None]) -> list[str]:
         """A disk log device per part of LAYOUT: loop devices over slots FIRST_SLOT.. of one
-        file in the state directory (memory-backed: it lives only as long as the source's
-        mirror does). Journaled before they exist: teardown finds every loop over the file."""
-        path = self._path(entry.name, "mirror-log")
+        file in /run (names.RUN_DIR: memory, whatever the state directory is; it lives only as
+        long as the source's mirror does). Journaled before they exist: teardown finds every
+        loop over the file."""
+        journal.private_dir(RUN_DIR)
+        path = Files(self.state, entry.name).mirror_log
         entry.mirror["log_file"] = path
         save()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -138,10 +140,14 @@ class MirrorSide:
         # older dmmig journaled; the TLS directory nbd-client's proxy daemon
         return self._path(name, "tunnel.log"), self._path(name, "nbd.sock"), self._path(name, "tls") + "/"
 
+    def _log_files(self, name: str) -> tuple[str, ...]:
+        # where this dmmig keeps the logs, and where an earlier one did (the state directory)
+        return Files(self.state, name).mirror_log, self._path(name, "mirror-log")
+
     def leftovers(self, name: str) -> bool:
         """Anything of a mirror that a killed dmmig did not journal."""
         return bool(proc.find(self.watcher_marker(name)) or any(proc.find(m) for m in self._tunnel_markers(name))
-                    or os.path.exists(self._path(name, "mirror-log")) or self.nbd.owned(self.nbd_owner(name)))
+                    or any(os.path.exists(p) for p in self._log_files(name)) or self.nbd.owned(self.nbd_owner(name)))
 
     # ---- tear down ----------------------------------------------------------------------
     def teardown(self, name: str, entry: journal.Entry | None, step: Steps) -> None:
@@ -166,11 +172,11 @@ class MirrorSide:
                     step(f"stop {what} (pid {pid})", partial(tunnel.stop, pid, marker, sock))
         if os.path.lexists(sock):
             step(f"remove {sock}", partial(os.unlink, sock))
-        log_file = m.get("log_file") or self._path(name, "mirror-log")
-        if os.path.exists(log_file):
-            for ldev in self.loop.find(log_file):
-                step(f"detach {ldev} (mirror log)", partial(self.loop.detach, ldev))
-            step(f"remove {log_file}", lambda: os.unlink(log_file))
+        for log_file in {m.get("log_file") or Files(self.state, name).mirror_log, *self._log_files(name)}:
+            if os.path.exists(log_file):
+                for ldev in self.loop.find(log_file):
+                    step(f"detach {ldev} (mirror log)", partial(self.loop.detach, ldev))
+                step(f"remove {log_file}", partial(os.unlink, log_file))
         for what in ("tunnel.log", "watch.log"):
             p = self._path(name, what)
             if os.path.exists(p):

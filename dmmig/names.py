@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from dmmig.errors import BadInput
 from dmmig.validate import RESERVED_SUFFIXES, disk_name
 
-SCRIPT = "block-dmmig"  # the Xen block script's name, as a disk line's script= names it
+SCRIPT = "block-dmmig"
+# what lives only as long as this boot's dm devices do, on memory whatever the state directory
+# is: the mirror's disk logs (rewritten after every region the resync recovers)
+RUN_DIR = "/run/dmmig"  # the Xen block script's name, as a disk line's script= names it
 
 
 def top_name(name: str) -> str:
@@ -111,6 +114,11 @@ class Files:
     @property
     def guard_log(self) -> str:
         return self._at("guard.log")
+
+    @property
+    def mirror_log(self) -> str:
+        """The mirror's disk logs, one slot per part (dmmig/mirrorlog.py): in RUN_DIR, a tmpfs."""
+        return os.path.join(RUN_DIR, f"{self.name}.mirror-log")
 
     def mirror(self, what: str) -> str:
         """The mirror's files: mirror-log, tunnel.log, nbd.sock, tls (dmmig/mirror.py)."""
