@@ -40,12 +40,13 @@ def state_dir(explicit: str | None = None) -> str:
 
 def private_dir(path: str) -> str:
     """PATH as a directory only root (this process's user) can enter: for the NBD export's socket
-    and TLS keys. Made 0700, or repaired to 0700; refused if it is not a real directory of ours,
-    or if its parent lets anyone else rename it away."""
+    and TLS keys, and the mirror's logs. Made 0700, or repaired to 0700; refused if it is not a
+    real directory of ours, or if its parent lets anyone else rename it away."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o700, exist_ok=True)
     pst = os.stat(parent)
-    if pst.st_uid != os.geteuid() or pst.st_mode & 0o022:
+    # a sticky parent (/run and /tmp in the rigs: 1777) lets nobody else rename or remove ours
+    if pst.st_uid != os.geteuid() or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
         raise StateError(f"{parent} is writable by others or not owned by uid {os.geteuid()}: "
                          "refusing to keep the disk's NBD socket and keys under it",
                          hint=f"chown root {parent} && chmod go-w {parent}, or choose another --state-dir")

@@ -102,7 +102,7 @@ class MirrorSide:
         path = Files(self.state, entry.name).mirror_log
         entry.mirror["log_file"] = path
         save()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             end = (first_slot + layout.parts) * layout.slot
             if os.fstat(fd).st_size < end:

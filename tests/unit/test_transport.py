@@ -324,6 +324,8 @@ def test_private_dir_repairs_its_mode_and_refuses_what_others_control(tmp_path: 
     (tmp_path / "state").chmod(0o777)   # a parent others may write: our dir could be swapped
     with pytest.raises(StateError, match="writable by others"):
         journal.private_dir(str(d))
+    (tmp_path / "state").chmod(0o1777)  # sticky (/run, /tmp): nobody else may rename ours
+    assert journal.private_dir(str(d)) == str(d)
 
 
 def test_the_relay_listener_hands_its_one_connection_to_the_command(tmp_path: Path) -> None:
