@@ -290,6 +290,9 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
         raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
                        hint="run the README's install command there")
     check_destination(probe, host)
+    refused = probe.get("export_dir_refused")  # None, or no such key from an older agent
+    if refused:
+        raise StateError(f"on {host}: {refused['message']}", hint=refused.get("hint"))
     if os.path.realpath(probe["state_dir"]) != os.path.realpath(probe["hotplug_state_dir"]):
         raise BadInput(f"on {host}, dmmig's state dir would be {probe['state_dir']} but block-dmmig's is "
                        f"{probe['hotplug_state_dir']}: its add would not ask the handover gate",

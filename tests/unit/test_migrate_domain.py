@@ -613,3 +613,39 @@ def test_plan_refuses_private_dirs_cutover_or_copy_would_refuse(world: World,
     state.chmod(0o700)
     world.plan(copy=nbd)
     assert not list(state.glob("*.tls"))  # checked, not made
+
+
+@pytest.mark.parametrize("tool,package", [("dmsetup", "dmsetup"), ("losetup", "mount")])
+def test_the_block_scripts_tools_missing_on_the_destination_are_refused_in_the_plan(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, package: str) -> None:
+    """block-dmmig's add there wraps the disk in its dm top (a file through a loop device): without
+    them xl migrate would fail at the very end, after every disk's copy and cutover."""
+    world.disk()
+    orig = world.agent.server.op_probe
+
+    def probe(**kw: Any) -> dict[str, Any]:  # the destination: this PATH without TOOL
+        tools_on_path(tmp_path, monkeypatch, missing=(tool,))
+        try:
+            return orig(**kw)
+        finally:
+            tools_on_path(tmp_path, monkeypatch)
+    world.agent.server.op_probe = probe  # type: ignore[method-assign]
+    with pytest.raises(MissingDependency, match=rf"on root@b: missing tool\(s\): {tool} \(Debian package {package}"):
+        world.plan()
+
+
+def test_a_destination_export_dir_private_dir_would_refuse_is_refused_in_the_plan(world: World) -> None:
+    """The destination's export directory (its state dir's nbd/, where the sockets and TLS keys
+    go), checked by the agent's probe as private_dir will check it at the first export."""
+    world.disk()
+    dstate = world.tmp / "dstate"
+    dstate.mkdir(mode=0o777)
+    dstate.chmod(0o777)
+    with pytest.raises(StateError, match=f"on root@b: {dstate} is writable by others"):
+        world.plan()
+    dstate.chmod(0o700)
+    world.plan()
+    assert not (dstate / "nbd").exists()  # checked, not made
+    (dstate / "nbd").symlink_to(world.tmp)
+    with pytest.raises(StateError, match=f"on root@b: {dstate}/nbd is not a directory owned by uid"):
+        world.plan()
