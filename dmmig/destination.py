@@ -32,6 +32,9 @@ from dmmig.runner import Runner, SubprocessRunner
 from dmmig.validate import disk_name
 
 DEST_TOOLS = ("qemu-nbd",)  # what the destination runs for a migration (op_probe reports them)
+# and what block-dmmig's add runs there at the very end of `dmmig migrate` (it wraps the disk in
+# its dm top, a file through a loop device): op_probe reports them too
+SCRIPT_TOOLS = ("dmsetup", "losetup")
 
 
 def incoming(state: str) -> dict[str, dict[str, Any]]:
@@ -180,10 +183,17 @@ class AgentServer:
                 d["in_use"] = None
             except DmmigError as e:
                 d["in_use"] = e.message
+        # the exports' directory, checked as the first export's private_dir will check it
+        try:
+            journal.check_private_dir(export_dir(self.state))
+            export_refused = None
+        except StateError as e:
+            export_refused = {"message": e.message, "hint": e.hint}
         # the block script here finds an incoming migration in ITS state dir (the default, or
         # $DMMIG_STATE_DIR of xl's environment): if that is not ours, the gate is never asked
         return {"disks": disks, "block_script": os.access(script, os.X_OK), "script_path": script,
-                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS},
+                "tools": {t: shutil.which(t) is not None for t in (*DEST_TOOLS, *SCRIPT_TOOLS)},
+                "export_dir_refused": export_refused,
                 "state_dir": self.state, "hotplug_state_dir": journal.state_dir(None)}
 
     def op_export(self, name: str, addr: str | None = None, tls: dict[str, str] | None = None,

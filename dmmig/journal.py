@@ -44,23 +44,42 @@ def private_dir(path: str) -> str:
     real directory of ours, or if its parent lets anyone else rename it away."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o700, exist_ok=True)
+    _check_parent(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = _check_own(path)
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def check_private_dir(path: str) -> None:
+    """private_dir's refusals, changing nothing (for a plan): on what exists of PATH and its
+    parent now (what does not exist, private_dir makes as it wants it)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(parent):
+        _check_parent(parent)
+    if os.path.lexists(path):
+        _check_own(path)
+
+
+def _check_parent(parent: str) -> None:
     pst = os.stat(parent)
     # a sticky parent (/run and /tmp in the rigs: 1777) lets nobody else rename or remove ours
     if pst.st_uid != os.geteuid() or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
         raise StateError(f"{parent} is writable by others or not owned by uid {os.geteuid()}: "
                          "refusing to keep the disk's NBD socket and keys under it",
                          hint=f"chown root {parent} && chmod go-w {parent}, or choose another --state-dir")
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
+
+
+def _check_own(path: str) -> os.stat_result:
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise StateError(f"{path} is not a directory owned by uid {os.geteuid()}; refusing to use it",
                          hint=f"remove {path} (it may be an attack: another user made it)")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
+    return st
 
 
 @dataclass

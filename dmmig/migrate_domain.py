@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmmig import journal, mirrorlog
+from dmmig import journal, mirrorlog, names
 from dmmig.blockdev import logical_block_size
 from dmmig.domain import Vbd, vbds
-from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.migrate import (
     CopyOptions,
     CutoverOptions,
@@ -46,7 +46,7 @@ from dmmig.migrate import (
     render_estimate,
     stop_remote,
 )
-from dmmig.names import era_name, format_devno, top_name
+from dmmig.names import Files, era_name, format_devno, top_name
 from dmmig.progress import Progress
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
@@ -156,13 +156,40 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     ep = Endpoint.parse(host, **ep_opts)
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
-    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate,
-                        opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)) for v in mine]
+    # the parts cutover will choose (migrate.cutover: --resync-parts, else by transport), refused
+    # as it would refuse them, so the tables below are the ones it loads
+    parts = opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)
+    if not 1 <= parts <= 64:
+        raise BadInput(f"--resync-parts {parts}: 1..64")
+    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
+    _check_nbd_devices(stack, disks)
+    # what cutover (the mirror's logs) and, over nbd, the copy (its TLS keys) make root-only
+    # here: refused now as private_dir would refuse it then, not after the copy
+    journal.check_private_dir(names.RUN_DIR)
+    if opts.copy.transport == "nbd":
+        for d in disks:
+            journal.check_private_dir(Files(stack.journal.dir, d.name).mirror("tls"))
     tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
     return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
+
+
+def _check_nbd_devices(stack: Stack, disks: list[Disk]) -> None:
+    """Every disk's cutover takes a /dev/nbdX here for its mirror leg, all of them at once: with
+    fewer free, the last cutover would fail after every disk's copy. A disk's own leg from an
+    earlier run counts (its cutover drops it first). Advisory: another migration may take
+    devices meanwhile; the cutover's choice under the host-wide lock still refuses then."""
+    nbd = stack.mirror.nbd
+    free = nbd.free_count([stack.mirror.nbd_owner(d.name) for d in disks])
+    if free < len(disks):
+        n = len(disks)
+        raise Busy(f"{n} disk{'s' if n > 1 else ''} need{'' if n > 1 else 's'} {n} free nbd device"
+                   f"{'s' if n > 1 else ''} here for {'their' if n > 1 else 'its'} mirror leg, {free} "
+                   f"{'is' if free == 1 else 'are'} free",
+                   hint="wait for other migrations to finish, or load the nbd module with more devices "
+                        "(nbds_max=N) while none is in use")
 
 
 def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
@@ -263,6 +290,9 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
         raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
                        hint="run the README's install command there")
     check_destination(probe, host)
+    refused = probe.get("export_dir_refused")  # None, or no such key from an older agent
+    if refused:
+        raise StateError(f"on {host}: {refused['message']}", hint=refused.get("hint"))
     if os.path.realpath(probe["state_dir"]) != os.path.realpath(probe["hotplug_state_dir"]):
         raise BadInput(f"on {host}, dmmig's state dir would be {probe['state_dir']} but block-dmmig's is "
                        f"{probe['hotplug_state_dir']}: its add would not ask the handover gate",

@@ -22,7 +22,7 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from dmmig.errors import Busy, MissingDependency, RemoteError
@@ -42,11 +42,12 @@ def owner_of(state: str, name: str) -> str:
 
 
 class NbdKernel:
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, sys_block: str = "/sys/block") -> None:
         self.r = runner
+        self.sys_block = sys_block  # the unit tests' fake sysfs
 
     def attached(self, dev: str) -> bool:
-        return os.path.exists(f"/sys/block/{os.path.basename(dev)}/pid")
+        return os.path.exists(f"{self.sys_block}/{os.path.basename(dev)}/pid")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -111,20 +112,43 @@ class NbdKernel:
             return []
         return sorted(f"/dev/{d}" for d in marks if d.startswith("nbd") and _read_mark(f"/dev/{d}") == owner)
 
-    def _choose(self) -> str:
-        if not os.path.exists("/sys/block/nbd0"):
+    def free_count(self, held_by: Iterable[str] = ()) -> int:
+        """How many devices a cutover could take now, for the plan: the free ones, plus the ones
+        attached for an owner in HELD_BY (a rerun's cutover drops its earlier mirror, and so its
+        leg, before it chooses). Changes nothing (but loads the module, as a choice would).
+        Advisory: another migration may take devices before the cutover, which then refuses
+        under the lock (Busy)."""
+        held = {d for o in held_by for d in self.owned(o) if self.attached(d)}
+        return len(self._free(self._devices())) + len(held)
+
+    def _devices(self) -> list[str]:
+        if not os.path.exists(f"{self.sys_block}/nbd0"):
             self.r.run(["modprobe", "nbd"], check=False)
-        devs = sorted((d for d in os.listdir("/sys/block") if d.startswith("nbd") and d[3:].isdigit()),
+        devs = sorted((d for d in os.listdir(self.sys_block) if d.startswith("nbd") and d[3:].isdigit()),
                       key=lambda d: int(d[3:]))
         if not devs:
             raise MissingDependency("no /dev/nbdX devices: the nbd module is missing",
                              hint="modprobe nbd (or use a kernel with CONFIG_BLK_DEV_NBD)")
-        for d in devs:
-            # a marker on a detached device was left by a killed dmmig (nobody else can hold a
-            # device between mark and attach: that is done under the lock)
-            if not self.attached(d) and _size(d) == 0:
-                return f"/dev/{d}"
-        raise Busy(f"all {len(devs)} nbd devices are in use", hint="modprobe nbd nbds_max=N")
+        return devs
+
+    def _free(self, devs: list[str]) -> list[str]:
+        # a marker on a detached device was left by a killed dmmig (nobody else can hold a
+        # device between mark and attach: that is done under the lock)
+        return [f"/dev/{d}" for d in devs if not self.attached(d) and self._size(d) == 0]
+
+    def _choose(self) -> str:
+        devs = self._devices()
+        free = self._free(devs)
+        if not free:
+            raise Busy(f"all {len(devs)} nbd devices are in use", hint="modprobe nbd nbds_max=N")
+        return free[0]
+
+    def _size(self, dev: str) -> int:
+        try:
+            with open(f"{self.sys_block}/{dev}/size") as f:
+                return int(f.read())
+        except OSError:
+            return 0
 
     def _attach(self, dev: str, export: str, *, timeout: int, unix: str | None = None,
                 host: str | None = None, port: int | None = None, tls: str | None = None,
@@ -187,11 +211,3 @@ def _unmark(dev: str) -> None:
         os.unlink(os.path.join(UDEV_MARKS, os.path.basename(dev)))
     except FileNotFoundError:
         pass
-
-
-def _size(dev: str) -> int:
-    try:
-        with open(f"/sys/block/{dev}/size") as f:
-            return int(f.read())
-    except OSError:
-        return 0

@@ -16,6 +16,7 @@ from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.errors import CommandError
 from dmmig.names import disk_name_for
+from dmmig.nbdkernel import NbdKernel
 from dmmig.runner import Result
 from dmmig.stack import Stack
 from dmmig.xenstore import XenStoreError
@@ -130,6 +131,24 @@ def vbd_keys(devid: int, vdev: str, params: str, *, script: str = "/etc/xen/scri
     return keys
 
 
+def fake_nbd_devices(tmp_path: Path, n: int, attached: dict[int, int] | None = None) -> str:
+    """A /sys/block with nbd0..nbd(N-1) as the nbd module shows them: a connected device has
+    a pid file and a size; ATTACHED: device number -> its size in sectors."""
+    root = tmp_path / "sys" / "block"
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        d = root / f"nbd{i}"
+        d.mkdir(exist_ok=True)
+        size = (attached or {}).get(i)
+        (d / "size").write_text(f"{size or 0}\n")
+        if size is not None:
+            (d / "pid").write_text("4242\n")
+        elif (d / "pid").exists():
+            (d / "pid").unlink()
+    (root / "loop0").mkdir(exist_ok=True)  # not an nbd device
+    return str(root)
+
+
 class World:
     """A source host with domain vm1 (domid 7) and a destination directory for its disks."""
 
@@ -150,6 +169,9 @@ class World:
             (["dmsetup", "targets"], (0, TARGETS, "")),
         ])
         self.stack = Stack(self.runner, DmSetup(self.runner), journal.Journal(str(tmp_path / "state")))
+        # this host's nbd devices: four, all free
+        self.sys_block = fake_nbd_devices(tmp_path, 4)
+        self.stack.mirror.nbd = NbdKernel(self.runner, sys_block=self.sys_block)
         # the destination: its agent confined to dest/, and its own XenStore
         self.dest_xs = MemXenStore()
         self.agent = FakeAgent(AgentServer(FakeRunner(), str(tmp_path / "dstate"),

@@ -25,6 +25,7 @@ from tests.unit.fakes import (
     FakeRunner,
     MemXenStore,
     World,
+    fake_nbd_devices,
     tools_on_path,
     vbd_keys,
 )
@@ -502,3 +503,149 @@ def test_cli_refuses_bad_timeouts_before_it_looks_for_xenstored(capsys: pytest.C
     monkeypatch.setattr(xenstore.PyxsXenStore, "__enter__", lambda self: pytest.fail("xenstored was asked"))
     assert cli.main(["migrate", "vm1", "root@b", *args]) == 3
     assert msg in capsys.readouterr().err
+
+
+# ---- issue 15 item 7: the plan checks what the cutover needs here ------------------------
+def test_free_count_counts_detached_empty_nbd_devices_and_the_disks_own_legs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmmig import nbdkernel
+    monkeypatch.setattr(nbdkernel, "UDEV_MARKS", str(tmp_path / "marks"))
+    (tmp_path / "marks").mkdir()
+    # nbd0 connected; nbd1 free; nbd2 detached but not empty (being set up or torn down)
+    sys_block = fake_nbd_devices(tmp_path, 3, attached={0: 2048})
+    (Path(sys_block) / "nbd2" / "size").write_text("2048\n")
+    r = FakeRunner()
+    k = nbdkernel.NbdKernel(r, sys_block=sys_block)
+    assert k.free_count() == 1
+    # nbd0 is the leg of a disk this migration cuts over again: its cutover drops it first
+    (tmp_path / "marks" / "nbd0").write_text(nbdkernel.owner_of(str(tmp_path / "state"), "d1"))
+    assert k.free_count([nbdkernel.owner_of(str(tmp_path / "state"), "d1")]) == 2
+    assert k.free_count([nbdkernel.owner_of(str(tmp_path / "state"), "d2")]) == 1
+    assert r.argvs == []  # the module is loaded: nothing run, nothing changed
+    assert k._choose() == "/dev/nbd1"  # the same devices a choice would take
+
+
+def test_plan_refuses_fewer_free_nbd_devices_than_disks(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmmig import nbdkernel
+    from dmmig.errors import Busy, Exit
+    monkeypatch.setattr(nbdkernel, "UDEV_MARKS", str(world.tmp / "marks"))
+    (world.tmp / "marks").mkdir()
+    name = world.disk()
+    fake_nbd_devices(world.tmp, 4, attached={0: 2048, 1: 2048, 2: 2048, 3: 2048})
+    with pytest.raises(Busy, match="1 disk needs 1 free nbd device here for its mirror leg, 0 are free") as e:
+        world.plan()
+    assert e.value.exit_code == Exit.BUSY and "nbds_max" in (e.value.hint or "")
+    assert world.agent.calls == [] and world.mutating() == []  # refused before the destination is asked
+    # a rerun: nbd3 is this disk's own leg from before, which its cutover drops first
+    (world.tmp / "marks" / "nbd3").write_text(nbdkernel.owner_of(world.stack.journal.dir, name))
+    world.plan()
+
+
+def test_plan_refuses_a_host_without_the_nbd_module(world: World) -> None:
+    from dmmig.errors import Exit
+    world.disk()
+    for d in Path(world.sys_block).iterdir():
+        if d.name.startswith("nbd"):
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    with pytest.raises(MissingDependency, match="the nbd module is missing") as e:
+        world.plan()
+    assert e.value.exit_code == Exit.MISSING_DEP
+    assert ["modprobe", "nbd"] in world.runner.argvs and world.agent.calls == []
+
+
+def test_plan_refuses_resync_parts_cutover_would_refuse(world: World) -> None:
+    from dmmig import migrate
+    world.disk()
+    for bad in (65, -1):
+        with pytest.raises(BadInput, match=f"--resync-parts {bad}: 1..64"):
+            world.plan(cutover=migrate.CutoverOptions(resync_parts=bad))
+    assert world.agent.calls == []
+    assert "64 dm-mirror targets" in world.plan(cutover=migrate.CutoverOptions(resync_parts=64)).render()
+
+
+@pytest.mark.parametrize("transport,parts", [("ssh", None), ("nbd", None), ("ssh", 3)])
+def test_plan_renders_the_table_cutover_loads(world: World, transport: str, parts: int | None) -> None:
+    """The same function and Layout choice as migrate.cutover (parts: --resync-parts, else the
+    transport's default), with placeholders for the devices cutover makes."""
+    from dmmig import migrate, mirrorlog
+    name = world.disk()
+    copy = migrate.CopyOptions(transport=transport, nbd_address="192.0.2.2" if transport == "nbd" else None)
+    p = world.plan(copy=copy, cutover=migrate.CutoverOptions(resync_parts=parts))
+    length, bs = 8 * MIB // 512, p.disks[0].estimate["block_bytes"] // 512
+    layout = mirrorlog.Layout.choose(length, bs, max_parts=parts or mirrorlog.default_parts(transport))
+    want = migrate.mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<dmmig-{name}-era>",
+                                "<nbd leg>").render().splitlines()
+    text = p.render()
+    assert f"{layout.parts} dm-mirror targets side by side" in text
+    shown = [ln.strip() for ln in text.splitlines()]
+    for ln in (want if len(want) <= 3 else [want[0], want[-1]]):
+        assert ln in shown, (ln, text)
+
+
+def test_plan_refuses_private_dirs_cutover_or_copy_would_refuse(world: World,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmmig import migrate, names
+    world.disk()
+    # the mirror's log directory under a parent others may write to (not sticky): cutover's
+    # private_dir would refuse it after the whole copy
+    parent = world.tmp / "run"
+    parent.mkdir()
+    parent.chmod(0o777)
+    monkeypatch.setattr(names, "RUN_DIR", str(parent / "dmmig"))
+    with pytest.raises(StateError, match=f"{parent} is writable by others"):
+        world.plan()
+    parent.chmod(0o1777)  # sticky, as the rigs' /run: nobody else can rename ours away
+    world.plan()
+    assert not (parent / "dmmig").exists()  # checked, not made
+    (parent / "dmmig").symlink_to(world.tmp)  # not a directory of ours
+    with pytest.raises(StateError, match="dmmig is not a directory owned by uid"):
+        world.plan()
+    (parent / "dmmig").unlink()
+    assert world.agent.calls.count("probe") == 1  # the refusals came before the destination was asked
+    # --transport nbd: the TLS keys' directory in the state directory
+    state = Path(world.stack.journal.dir)
+    state.chmod(0o777)
+    nbd = migrate.CopyOptions(transport="nbd", nbd_address="192.0.2.2")
+    with pytest.raises(StateError, match=f"{state} is writable by others"):
+        world.plan(copy=nbd)
+    state.chmod(0o700)
+    world.plan(copy=nbd)
+    assert not list(state.glob("*.tls"))  # checked, not made
+
+
+@pytest.mark.parametrize("tool,package", [("dmsetup", "dmsetup"), ("losetup", "mount")])
+def test_the_block_scripts_tools_missing_on_the_destination_are_refused_in_the_plan(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, package: str) -> None:
+    """block-dmmig's add there wraps the disk in its dm top (a file through a loop device): without
+    them xl migrate would fail at the very end, after every disk's copy and cutover."""
+    world.disk()
+    orig = world.agent.server.op_probe
+
+    def probe(**kw: Any) -> dict[str, Any]:  # the destination: this PATH without TOOL
+        tools_on_path(tmp_path, monkeypatch, missing=(tool,))
+        try:
+            return orig(**kw)
+        finally:
+            tools_on_path(tmp_path, monkeypatch)
+    world.agent.server.op_probe = probe  # type: ignore[method-assign]
+    with pytest.raises(MissingDependency, match=rf"on root@b: missing tool\(s\): {tool} \(Debian package {package}"):
+        world.plan()
+
+
+def test_a_destination_export_dir_private_dir_would_refuse_is_refused_in_the_plan(world: World) -> None:
+    """The destination's export directory (its state dir's nbd/, where the sockets and TLS keys
+    go), checked by the agent's probe as private_dir will check it at the first export."""
+    world.disk()
+    dstate = world.tmp / "dstate"
+    dstate.mkdir(mode=0o777)
+    dstate.chmod(0o777)
+    with pytest.raises(StateError, match=f"on root@b: {dstate} is writable by others"):
+        world.plan()
+    dstate.chmod(0o700)
+    world.plan()
+    assert not (dstate / "nbd").exists()  # checked, not made
+    (dstate / "nbd").symlink_to(world.tmp)
+    with pytest.raises(StateError, match=f"on root@b: {dstate}/nbd is not a directory owned by uid"):
+        world.plan()
