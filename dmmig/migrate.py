@@ -158,6 +158,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             raise
         forward: Started[tuple[int, int]] | None = None
         handles: list[Any] = []
+        path = ""
         try:
             with t("plan_transport"):
                 if probing is not None:
@@ -195,7 +196,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 entry.dest = dest
                 stack.journal.save(entry, J.COPYING)
                 with t("nbd_connect"):
-                    handles = _connect(stack, name, dest, export, remote, forward, opts, par)
+                    handles, path = _connect(stack, name, dest, export, remote, forward, opts)
             except BaseException:
                 if base_era is not None:
                     base_era.wait()  # the top is resumed whatever happens; never left behind us
@@ -211,6 +212,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 if forward is not None:
                     forward.abandon(lambda fw: _stop_copy_forward(stack, name, fw))
     t.add("total", since_exec() or 0.0)
+    summary["nbd"] = {"path": path, "connections": len(handles)}
     summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
     return summary
 
@@ -251,13 +253,14 @@ def _stop_copy_forward(stack: Stack, name: str, fw: tuple[int, int]) -> None:
 
 
 def _connect(stack: Stack, name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
-             forward: "Started[tuple[int, int]] | None", opts: CopyOptions, par: Stopwatch) -> list[Any]:
-    """The copier's NBD connections to NAME's export: OPTS.connections through the copier's SSH
-    forward, or over TCP with this migration's TLS; else (no forwarding there) one, through the
-    agent's own session, which becomes the relay (op_relay)."""
+             forward: "Started[tuple[int, int]] | None", opts: CopyOptions) -> tuple[list[Any], str]:
+    """The copier's NBD connections to NAME's export, and which way they go (the summary says
+    it): OPTS.connections through the copier's SSH forward, or over TCP (with this migration's
+    TLS); else (no forwarding there) one, through the agent's own session, which becomes the
+    relay (op_relay)."""
     n = max(1, opts.connections or COPY_CONNECTIONS[str(dest["transport"])])
     if dest["transport"] != "ssh":
-        return [remote.nbd(export, name) for _ in range(n)]
+        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.get("tls") else "tcp"
     if forward is not None:
         local, _ = tunnel.copy_paths(stack.journal.dir, name)
         handles: list[Any] = []
@@ -268,12 +271,12 @@ def _connect(stack: Stack, name: str, dest: dict[str, Any], export: dict[str, An
             for _ in range(n):
                 handles.append(N.open_client(None, unix=local, export=name))
             os.unlink(local)  # every connection is made: nobody else connects through it
-            return handles
+            return handles, "ssh forward"
         except DmmigError as e:  # the agent's relay still works: slower, not wrong
             log.warning("the copier's SSH forward failed (%s); copying through the agent's relay", e.message)
             for h in handles:
                 h.shutdown()
-    return [remote.agent_nbd(name)]
+    return [remote.agent_nbd(name)], "ssh agent relay"
 
 
 def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
