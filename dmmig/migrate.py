@@ -21,7 +21,6 @@ from dmmig import gate
 from dmmig import journal as J
 from dmmig import mirrorlog
 from dmmig import nbd as N
-from dmmig import proc
 from dmmig import sizing
 from dmmig import sparse
 from dmmig import tlscreds, tunnel
@@ -156,7 +155,6 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 probing.wait()  # it stops its ssh
             remote.close()
             raise
-        forward: Started[tuple[int, int]] | None = None
         handles: list[Any] = []
         path = ""
         try:
@@ -165,7 +163,6 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                     dest["tunnel"], why = probing.result()
                     dest["tunnel_probe"] = why or "streamlocal forwarding works"
                 plan_transport(stack, name, dest, remote)
-            forward = _copy_forward(stack, name, dest, remote, opts, par)  # while the destination prepares
             size = stack.dm.table(f"dmmig-{name}").length * 512
             # the top's logical block size is what blkfront got (blkback passes it on)
             block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
@@ -196,7 +193,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 entry.dest = dest
                 stack.journal.save(entry, J.COPYING)
                 with t("nbd_connect"):
-                    handles, path = _connect(stack, name, dest, export, remote, forward, opts)
+                    handles, path = _connect(name, dest, export, remote, opts)
             except BaseException:
                 if base_era is not None:
                     base_era.wait()  # the top is resumed whatever happens; never left behind us
@@ -209,73 +206,26 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         finally:
             with t("teardown"):
                 remote.close()
-                if forward is not None:
-                    forward.abandon(lambda fw: _stop_copy_forward(stack, name, fw))
     t.add("total", since_exec() or 0.0)
     summary["nbd"] = {"path": path, "connections": len(handles)}
     summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
     return summary
 
 
-# The copier's NBD connections by transport (bench/copy_wall.py; the rig's kernels have one CPU
-# each, so a connection more buys no CPU): over OpenSSH's forward one connection costs the least
-# CPU on both hosts (four: 1.2-2.3x the source's CPU, as slow or slower); over TLS four finished
-# the data phase ~20% sooner than one.
-COPY_CONNECTIONS = {"ssh": 1, "nbd": 4}
+# The copier's NBD connections by transport. bench/copy_wall.py (one run, 2026-12-05): four TLS
+# connections cost the destination's one CPU 1.8 s more than one and finished later; the SSH
+# relay is one channel through the agent's session.
+COPY_CONNECTIONS = {"ssh": 1, "nbd": 1}
 
 
-def _copy_forward(stack: Stack, name: str, dest: dict[str, Any], remote: Remote, opts: CopyOptions,
-                  par: Stopwatch) -> "Started[tuple[int, int]] | None":
-    """--transport ssh where the plan found forwarding allowed: the copier's OpenSSH forward to
-    the export's socket there (tunnel.start_copy_forward), started in a thread; it only
-    connects the socket when the copier does, after the export is up."""
-    export_dir = remote.agent.hello.get("export_dir")
-    if dest["transport"] != "ssh" or dest.get("tunnel") != "forward" or not export_dir:
-        return None
-    remote_sock = os.path.join(str(export_dir), f"{name}.sock")
-
-    def start() -> tuple[int, int]:
-        with par("copy_forward"):
-            return tunnel.start_copy_forward(stack.runner, dest, name, stack.journal.dir, remote_sock)
-    return Started(start)
-
-
-def _stop_copy_forward(stack: Stack, name: str, fw: tuple[int, int]) -> None:
-    """End the copier's forward: EOF to its agent there ends its session, then OpenSSH."""
-    pid, w = fw
-    os.close(w)
-    _, marker = tunnel.copy_paths(stack.journal.dir, name)
-    deadline = time.monotonic() + 1
-    while proc.alive(pid, marker) and time.monotonic() < deadline:
-        proc.exit_status(pid)  # collect it if it is our child
-        time.sleep(0.02)
-    tunnel.sweep_copy_forward(stack.journal.dir, name)
-
-
-def _connect(stack: Stack, name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
-             forward: "Started[tuple[int, int]] | None", opts: CopyOptions) -> tuple[list[Any], str]:
+def _connect(name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
+             opts: CopyOptions) -> tuple[list[Any], str]:
     """The copier's NBD connections to NAME's export, and which way they go (the summary says
-    it): OPTS.connections through the copier's SSH forward, or over TCP (with this migration's
-    TLS); else (no forwarding there) one, through the agent's own session, which becomes the
-    relay (op_relay)."""
+    it): OPTS.connections over TCP (with this migration's TLS), or (--transport ssh) one,
+    through the agent's own session, which becomes the relay (op_relay)."""
     n = max(1, opts.connections or COPY_CONNECTIONS[str(dest["transport"])])
     if dest["transport"] != "ssh":
         return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.get("tls") else "tcp"
-    if forward is not None:
-        local, _ = tunnel.copy_paths(stack.journal.dir, name)
-        handles: list[Any] = []
-        try:
-            forward.result()
-            if export.get("socket") != os.path.join(str(remote.agent.hello.get("export_dir")), f"{name}.sock"):
-                raise RemoteError(f"the export is on {export.get('socket')}, not where the forward points")
-            for _ in range(n):
-                handles.append(N.open_client(None, unix=local, export=name))
-            os.unlink(local)  # every connection is made: nobody else connects through it
-            return handles, "ssh forward"
-        except DmmigError as e:  # the agent's relay still works: slower, not wrong
-            log.warning("the copier's SSH forward failed (%s); copying through the agent's relay", e.message)
-            for h in handles:
-                h.shutdown()
     return [remote.agent_nbd(name)], "ssh agent relay"
 
 
@@ -1085,7 +1035,6 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return gate.remove_stale(stack.journal.dir, name), []
     dest = dict(entry.dest) if entry and entry.dest else None
     done = stack.abort(name)
-    done += tunnel.sweep_copy_forward(stack.journal.dir, name)  # what a killed copy's forward left
     left = _stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
     if e2 is not None and (e2.dest or e2.copy):

@@ -122,9 +122,8 @@ def stop_export(exp: Export, timeout: float = 10) -> None:
 
 
 def open_client(sock: socket.socket | None, *, addr: str | None = None, port: int | None = None,
-                export: str, tls: str | None = None, unix: str | None = None) -> Any:
-    """A libnbd handle on the export, over an existing socket (the SSH relay), a unix socket
-    UNIX (the copier's SSH forward) or TCP; with TLS
+                export: str, tls: str | None = None) -> Any:
+    """A libnbd handle on the export, over an existing socket (the SSH relay) or TCP; with TLS
     DIR (ca-cert.pem, client-cert.pem, client-key.pem) the server must prove it holds this
     migration's server certificate, for ADDR, and the client presents its own."""
     try:
@@ -141,8 +140,6 @@ def open_client(sock: socket.socket | None, *, addr: str | None = None, port: in
             h.set_tls_verify_peer(True)
         if sock is not None:
             h.connect_socket(sock.detach())
-        elif unix is not None:
-            h.connect_unix(unix)
         else:
             assert addr is not None and port is not None
             h.connect_tcp(addr, str(port))

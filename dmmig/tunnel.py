@@ -97,52 +97,6 @@ def start(runner: Runner, mode: str, dest: dict[str, Any], name: str, local: str
                       f"{tail(log)}", hint="check that `ssh` works with the same known_hosts/identity")
 
 
-def copy_paths(local_dir: str, name: str) -> tuple[str, str]:
-    """The copier's forward: its local socket and its log (the processes' marker)."""
-    return os.path.join(local_dir, f"{name}.copy.sock"), os.path.join(local_dir, f"{name}.copy.log")
-
-
-def start_copy_forward(runner: Runner, dest: dict[str, Any], name: str, local_dir: str, remote: str,
-                       timeout: float = 30) -> tuple[int, int]:
-    """The copier's NBD path for --transport ssh where forwarding works: OpenSSH forwarding each
-    connection to the local socket (root only) to the export's socket REMOTE there, as the
-    mirror's forward tunnel does. Several NBD connections share one SSH connection, with
-    OpenSSH's crypto (C) and no relay process there (sshd connects the export's socket itself).
-    The session runs the plain agent, whose stdin is a pipe from us: however this dmmig ends,
-    the agent sees EOF and the tunnel ends. Returns (pid, the pipe's write end)."""
-    sweep_copy_forward(local_dir, name)
-    local, log = copy_paths(local_dir, name)
-    pid, w = runner.spawn_piped(forward_argv(dest, log, local, remote), logfile=log)
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        if os.path.exists(local):
-            return pid, w
-        status = proc.exit_status(pid)
-        if status is not None:
-            break
-        time.sleep(0.02)
-    how = f"exited with status {status}" if status is not None else "timed out"
-    why = tail(log)
-    os.close(w)
-    sweep_copy_forward(local_dir, name)
-    raise RemoteError(f"the copier's SSH forward to {dest['host']} did not come up ({how}): {why}")
-
-
-def sweep_copy_forward(local_dir: str, name: str) -> list[str]:
-    """The copier's forward of NAME, stopped and its files removed (a killed copy's, or ours at
-    its end). The caller holds NAME's journal lock: no other copy of NAME runs."""
-    local, log = copy_paths(local_dir, name)
-    done = []
-    for pid in proc.find(log):
-        proc.stop(pid, log)
-        done.append(f"stopped the copier's SSH forward (pid {pid})")
-    for p in (local, log):
-        if os.path.lexists(p):
-            os.unlink(p)
-    return done
-
-
 def stop(pid: int | None, marker: str, local: str) -> bool:
     was = proc.stop(pid, marker)
     if os.path.lexists(local):
