@@ -2,8 +2,7 @@
 
 O_DIRECT matters: the guest's writes reach the origin through dm, below the origin's page
 cache, so a buffered read could return stale data. Zero runs are not sent: skipped when the
-destination is known to be zero, else sent as NBD write-zeroes (no payload), adjacent zero
-runs as one request.
+destination is known to be zero, else sent as NBD write-zeroes (no payload).
 
 Over several NBD connections to the same export (qemu-nbd --shared), requests go round-robin:
 one connection's window (an SSH channel's 2 MiB, one TLS stream's CPU) no longer bounds the
@@ -91,7 +90,6 @@ class Copier:
     layout: Callable[[int, int], Iterable[tuple[int, int, bool]]] | None = None
     _inflight: deque[tuple[Any, int, mmap.mmap | None]] = field(default_factory=deque)
     _slots: _Slots = field(default_factory=_Slots)
-    _zero: list[int] = field(default_factory=list)  # [offset, length] of zeroes not yet requested
     _next: int = 0
 
     def __post_init__(self) -> None:
@@ -117,7 +115,6 @@ class Copier:
         def tick(pos: int) -> None:
             nonlocal last_ck
             if checkpoint and time.monotonic() - last_ck > self.checkpoint_every:
-                self._zero_flush()
                 self._drain(0)
                 checkpoint(pos)
                 last_ck = time.monotonic()
@@ -129,7 +126,6 @@ class Copier:
                         tick(pos + n)
                     else:
                         self._data(fd, nbd, pos, pos + n, c, t0, tick)
-            self._zero_flush()
             self._drain(0)
             for h in self._handles:  # directsync acknowledges only what is stable; a flush costs little
                 h.flush()
@@ -179,7 +175,6 @@ class Copier:
         zero = [buf[i:min(i + SUB, n)] == ZERO[:min(SUB, n - i)] for i in range(0, n, SUB)]
         if n == len(buf) and not any(zero):
             # the common dense case: send the read buffer itself, no copy
-            self._zero_flush()
             h = self._h()
             self._submit(h, h.aio_pwrite(nbd.Buffer.from_buffer(buf), pos), buf)
             c.sent += n
@@ -197,7 +192,6 @@ class Copier:
                 self._zero_add(pos + i, j - i)
                 c.zeroed += j - i
             else:
-                self._zero_flush()
                 for size in _pieces(j - i):
                     slot = self._slots.get(size)
                     with memoryview(slot) as dst, memoryview(buf) as src:
@@ -210,20 +204,9 @@ class Copier:
         self._slots.put(buf)
 
     def _zero_add(self, pos: int, n: int) -> None:
-        """Zero [pos, pos+n): joined to the pending run if adjacent, else that one goes first."""
-        z = self._zero
-        if z and z[0] + z[1] == pos:
-            z[1] += n
-            return
-        self._zero_flush()
-        self._zero[:] = [pos, n]
-
-    def _zero_flush(self) -> None:
-        """Request the pending zero run (NBD lengths are 32-bit: HOLE_PIECE at a time)."""
-        if not self._zero:
-            return
-        pos, n = self._zero
-        self._zero.clear()
+        """Zero [pos, pos+n) with write-zeroes requests (NBD lengths are 32-bit: HOLE_PIECE at a
+        time). Not joined with the next zero run: with runs joined (one 96 MiB request instead of
+        96 of 1 MiB) bench/copy_wall's --transport ssh row was slower (2026-12-05; not isolated)."""
         for off in range(pos, pos + n, HOLE_PIECE):
             h = self._h()
             self._submit(h, h.aio_zero(min(HOLE_PIECE, pos + n - off), off), None)
