@@ -16,6 +16,9 @@ kernels on a veth pair), as ratios (issue 14 part 4: fixed costs):
 - an era round with 1% of a 1 GiB disk dirty (a second `dmmig copy`, whole wall time, and the
   round's own copy time) against that disk's base copy (the first `dmmig copy`).
 
+Each row also says how many seconds of this machine's CPU both kernels used (each rig kernel is
+one CPU; on a shared, loaded machine wall times drift 2-3x between runs, CPU seconds much less).
+
 The 192 MiB source disk is half random data (its first half) and half zeros (its second half);
 the 1 GiB one likewise. The kernels get 3 GiB each so that a 1 GiB /dev/shm disk fits (a
 kernel's /dev/shm holds half its memory). Every dmmig run starts from a fresh `prepare` and an
@@ -62,8 +65,33 @@ OPENSSH = ["ssh", "-F", "none", "-T", "-e", "none", "-o", "BatchMode=yes", "-o",
            "-o", "UserKnownHostsFile=/run/ssh/known_hosts", "-o", "IdentitiesOnly=yes", "-i", "/run/ssh/id_ed25519"]
 
 
+def host_cpu(ifname: str) -> float:
+    """CPU seconds (user+system, exited children included) this machine spent on the rig kernel
+    whose command line names IFNAME (its veth end): every process of that kernel."""
+    tot = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"ifname={ifname}".encode() not in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                tot += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15])
+        except OSError:
+            pass
+    return tot / os.sysconf("SC_CLK_TCK")
+
+
+VETH: list[str] = []  # the rig's two veth ends (a, b), once it runs: what host_cpu counts
+CPU_LAST: list[tuple[float, float]] = []  # host CPU seconds of a and b during a row's first timed()
+
+
 def timed(h: UmlHost, argv: list[str]) -> tuple[float, str]:
+    c0 = [host_cpu(v) for v in VETH]
     r = h.run([PY, "-c", TIMER, *argv], timeout=900)
+    if VETH and not CPU_LAST:  # the first since cpu_of cleared it: the row's own command
+        CPU_LAST[:] = [(host_cpu(VETH[0]) - c0[0], host_cpu(VETH[1]) - c0[1])]
     wall = float(r.err.strip().splitlines()[-1].split()[1])
     return wall, r.out
 
@@ -180,7 +208,9 @@ def fmt_breakdown(s: dict[str, Any]) -> str:
     over = t.pop("overlapped", None) or {}
     total = t.pop("total", 0)
     other = total - sum(t.values())
-    return (", ".join(f"{k} {v:.2f}" for k, v in t.items()) + f", other {other:.2f} (of {total:.2f})"
+    nbd = s.get("nbd")
+    return ((f"[{nbd['path']}, {nbd['connections']} connection(s)] " if nbd else "")
+            + ", ".join(f"{k} {v:.2f}" for k, v in t.items()) + f", other {other:.2f} (of {total:.2f})"
             + (f"; overlapped: {', '.join(f'{k} {v:.2f}' for k, v in over.items())}" if over else ""))
 
 
@@ -209,16 +239,26 @@ def main() -> None:
                 **({" (base)": wrapper(os.path.abspath(args.base))} if args.base else {})}
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"), mem="3G")
     rows: dict[str, list[float]] = {}
+    cpu: dict[str, list[tuple[float, float]]] = {}
+    VETH[:] = [p.va, p.vb]
+
+    def cpu_of(label: str, fn: Any) -> Any:
+        """FN's result; the CPU of its first timed() command (the row's own, not an anchor's)."""
+        CPU_LAST.clear()
+        got = fn()
+        cpu.setdefault(label, []).append(CPU_LAST[0] if CPU_LAST else (float("nan"), float("nan")))
+        return got
     last: dict[str, dict[str, Any]] = {}
     rounds: dict[str, dict[str, Any]] = {}
     try:
         a, b = p.start()
         disks(a, b, "cw", size)
         for _ in range(args.reps):  # alternating: the rig's speed drifts (a shared machine)
-            rows.setdefault("nbdcopy tcp", []).append(nbdcopy_tcp(a, b, "cw"))
+            rows.setdefault("nbdcopy tcp", []).append(cpu_of("nbdcopy tcp", lambda: nbdcopy_tcp(a, b, "cw")))
             for v, dmmig in versions.items():
                 for t in args.transports.split(","):
-                    wall, s, same = dmmig_copy(a, b, "cw", t, dmmig, anchor=not v)
+                    wall, s, same = cpu_of(f"dmmig copy {t}{v}",
+                                           lambda t=t, dmmig=dmmig, v=v: dmmig_copy(a, b, "cw", t, dmmig, anchor=not v))
                     rows.setdefault(f"dmmig copy {t}{v}", []).append(wall)
                     last[f"{t}{v}"] = s
                     if same is not None or (not v and t in ("ssh", "nbd")):
@@ -232,7 +272,7 @@ def main() -> None:
             drop(a, b, "cwbig")
     finally:
         p.stop()
-    print(json.dumps({"rows": rows, "last": last, "rounds": rounds}))
+    print(json.dumps({"rows": rows, "cpu": cpu, "last": last, "rounds": rounds}))
     anchor = min(rows["nbdcopy tcp"])
     print(f"disk {size} MiB (first half random, second half zeros), two UML kernels on a veth pair, "
           f"best of {args.reps}")
@@ -240,7 +280,8 @@ def main() -> None:
         return min((x for x in rows[k] if x == x), default=float("nan"))  # NaN: that run failed
     for k, v in rows.items():
         print(f"  {k:26} {best(k):6.2f}s  ({best(k) / anchor:.2f}x nbdcopy tcp)   runs: "
-              + " ".join(f"{x:.2f}" for x in v))
+              + " ".join(f"{x:.2f}" for x in v)
+              + ("   cpu a+b: " + " ".join(f"{x:.1f}+{y:.1f}" for x, y in cpu[k]) if k in cpu else ""))
     for mine, theirs in (("dmmig copy ssh", "nbdcopy ssh relay"), ("dmmig copy nbd", "nbdcopy nbd TLS"),
                          ("dmmig copy nbd-insecure", "nbdcopy tcp")):
         if mine not in rows:

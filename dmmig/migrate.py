@@ -60,6 +60,8 @@ class CopyOptions:
     converge: int = 64 << 20          # stop when a round's delta is below this
     max_rounds: int = 10
     bwlimit: float | None = None
+    # NBD connections of the copier; None: by transport (COPY_CONNECTIONS)
+    connections: int | None = None
 
 
 class Remote:
@@ -158,6 +160,8 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                 probing.wait()  # it stops its ssh
             remote.close()
             raise
+        handles: list[Any] = []
+        path = ""
         try:
             with t("plan_transport"):
                 if probing is not None:
@@ -193,22 +197,41 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                     entry.copy["zeroed"] = bool(disk["zeroed"])
                 entry.dest = dest
                 stack.journal.save(entry, journal.COPYING)
-                with t("nbd_connect"):  # the agent's last call: its session carries NBD from here
-                    h = remote.agent_nbd(name) if dest["transport"] == "ssh" else remote.nbd(export, name)
+                with t("nbd_connect"):
+                    handles, path = _connect(name, dest, export, remote, opts)
             except BaseException:
                 if base_era is not None:
                     base_era.wait()  # the top is resumed whatever happens; never left behind us
                 raise
-            summary = _copy_rounds(stack, name, entry, h, size, opts, progress, t, base_era)
+            summary = _copy_rounds(stack, name, entry, handles, size, opts, progress, t, base_era)
             with t("teardown"):
-                h.shutdown()
+                for h in handles:
+                    h.shutdown()
                 stack.journal.save(entry, journal.COPIED)
         finally:
             with t("teardown"):
                 remote.close()
     t.add("total", since_exec() or 0.0)
+    summary["nbd"] = {"path": path, "connections": len(handles)}
     summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
     return summary
+
+
+# The copier's NBD connections by transport. bench/copy_wall.py (one run, 2026-12-05): four TLS
+# connections cost the destination's one CPU 1.8 s more than one and finished later; the SSH
+# relay is one channel through the agent's session.
+COPY_CONNECTIONS = {"ssh": 1, "nbd": 1}
+
+
+def _connect(name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
+             opts: CopyOptions) -> tuple[list[Any], str]:
+    """The copier's NBD connections to NAME's export, and which way they go (the summary says
+    it): OPTS.connections over TCP (with this migration's TLS), or (--transport ssh) one,
+    through the agent's own session, which becomes the relay (op_relay)."""
+    n = max(1, opts.connections or COPY_CONNECTIONS[str(dest["transport"])])
+    if dest["transport"] != "ssh":
+        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.get("tls") else "tcp"
+    return [remote.agent_nbd(name)], "ssh agent relay"
 
 
 def _probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
@@ -437,7 +460,7 @@ def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> 
     return Started(take)
 
 
-def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: Any, size: int, opts: CopyOptions,
+def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
                  progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
     entry.copy.setdefault("rounds", [])
     assert entry.metadata
@@ -450,7 +473,7 @@ def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: Any, size: in
             layout.close()
 
 
-def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: Any, size: int, opts: CopyOptions,
+def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
                  progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
                  base_era: Started[int] | None) -> dict[str, Any]:
     st = entry.copy

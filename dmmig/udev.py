@@ -7,17 +7,30 @@ exist yet would let a later write silently create a plain file in /dev.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pyudev
 
 from dmmig.errors import TimedOut
 
+# One udev context per process: each new one looks libudev up with `ldconfig -p` (a process,
+# ~0.2 s in the rig; a copy made two, prepare three). libudev is not thread-safe: the lock
+# keeps one wait at a time on it (the copy waits in two threads).
+_lock = threading.Lock()
+_ctx: list[pyudev.Context] = []
+
 
 def wait_dm_node(name: str, *, present: bool = True, timeout: float = 10.0) -> None:
     """Wait until /dev/mapper/NAME exists (or is gone) and udev has settled on it."""
+    with _lock:
+        if not _ctx:
+            _ctx.append(pyudev.Context())
+        _wait(_ctx[0], name, present, timeout)
+
+
+def _wait(ctx: pyudev.Context, name: str, present: bool, timeout: float) -> None:
     path = f"/dev/mapper/{name}"
-    ctx = pyudev.Context()
     mon = pyudev.Monitor.from_netlink(ctx)
     mon.filter_by("block")
     mon.start()

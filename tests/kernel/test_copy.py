@@ -108,6 +108,8 @@ def test_half_zero_disk_sends_only_the_data_half(pair, pdisks, name: str) -> Non
     a.dmmig("wrap", name, origin)
     a.dmmig("prepare", name)
     s = summary(a.dmmig(*copy_args(name, dest)).out)
+    # the agent's own session carried NBD (its relay)
+    assert s["nbd"] == {"path": "ssh agent relay", "connections": 1}, s
     assert s["sent"] <= 32 * MiB + 64 * 1024, s
     assert s["zeroed"] >= 32 * MiB - 64 * 1024, s  # the zero half is zeroed without payload
     assert digest(a, origin) == digest(b, dest)
@@ -128,7 +130,8 @@ def test_direct_nbd_transport(pair, pdisks, name: str) -> None:
     origin, dest = da(32, fill_seed=2), db(32)
     a.dmmig("wrap", name, origin)
     a.dmmig("prepare", name)
-    summary(a.dmmig(*copy_args(name, dest, "--transport", "nbd", "--nbd-address", B_IP)).out)
+    s = summary(a.dmmig(*copy_args(name, dest, "--transport", "nbd", "--nbd-address", B_IP)).out)
+    assert s["nbd"] == {"path": "tcp+tls", "connections": 1}, s
     assert digest(a, origin) == digest(b, dest)
     a.dmmig("abort", name)
     a.dmmig("unwrap", name)
