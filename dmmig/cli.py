@@ -92,8 +92,8 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_abort(a: argparse.Namespace) -> int:
-    from dmmig import migrate
-    done, left = migrate.abort(make_stack(a), a.name)
+    from dmmig import finish
+    done, left = finish.abort(make_stack(a), a.name)
     for step in done:
         print(f"done: {step}")
     print(f"{a.name}: aborted; dmmig-{a.name} is linear over its origin")
@@ -105,15 +105,15 @@ def cmd_abort(a: argparse.Namespace) -> int:
 
 
 def cmd_copy(a: argparse.Namespace) -> int:
-    from dmmig import migrate
+    from dmmig import copying
     from dmmig.progress import Progress
     _check_destination(a)
     if a.dry_run:
-        e = migrate.estimate(make_stack(a), a.name, rate=_rate(a))
+        e = copying.estimate(make_stack(a), a.name, rate=_rate(a))
         print(json.dumps({"event": "plan", **e}) if a.json else "\n".join([f"copy {a.name}:"]
-                                                                          + migrate.render_estimate(e, "  ")))
+                                                                          + copying.render_estimate(e, "  ")))
         return 0
-    s = migrate.copy(make_stack(a), a.name, a.host, _ep_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
+    s = copying.copy(make_stack(a), a.name, a.host, _ep_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
     if a.json:
         print(json.dumps({"event": "summary", **s}))
         return 0
@@ -131,9 +131,9 @@ def cmd_copy(a: argparse.Namespace) -> int:
 
 
 def cmd_cutover(a: argparse.Namespace) -> int:
-    from dmmig import migrate
+    from dmmig import cutover
     from dmmig.progress import Progress
-    s = migrate.cutover(make_stack(a), a.name, migrate.CutoverOptions(nbd_timeout=a.nbd_timeout,
+    s = cutover.cutover(make_stack(a), a.name, cutover.CutoverOptions(nbd_timeout=a.nbd_timeout,
                                                                              resync_parts=a.resync_parts),
                         Progress(a.json))
     if a.json:
@@ -147,8 +147,8 @@ def cmd_cutover(a: argparse.Namespace) -> int:
 
 
 def cmd_handover(a: argparse.Namespace) -> int:
-    from dmmig import migrate
-    r = migrate.handover(make_stack(a), a.name, timeout=a.timeout)
+    from dmmig import handover
+    r = handover.handover(make_stack(a), a.name, timeout=a.timeout)
     if a.json:
         print(json.dumps({"event": "summary", **r}))
     else:
@@ -157,8 +157,8 @@ def cmd_handover(a: argparse.Namespace) -> int:
 
 
 def cmd_finish(a: argparse.Namespace) -> int:
-    from dmmig import migrate
-    done, left = migrate.finish(make_stack(a), a.name, force=a.force, remove=a.remove)
+    from dmmig import finish
+    done, left = finish.finish(make_stack(a), a.name, force=a.force, remove=a.remove)
     for step in done:
         print(f"done: {step}")
     print(f"{a.name}: finished" + ("" if a.remove else f"; dmmig-{a.name} is linear over its origin"))
@@ -168,9 +168,9 @@ def cmd_finish(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from dmmig import migrate
+    from dmmig import verify
     from dmmig.progress import Progress
-    r = migrate.verify(make_stack(a), a.name, chunk=parse_size(a.chunk), progress=Progress(a.json),
+    r = verify.verify(make_stack(a), a.name, chunk=parse_size(a.chunk), progress=Progress(a.json),
                        offset=parse_size(a.offset), length=parse_size(a.length) if a.length else None)
     if a.json:
         print(json.dumps({"event": "summary", **r}))
@@ -185,12 +185,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from dmmig import migrate, migrate_domain
+    from dmmig import cutover, migrate_domain
     from dmmig.progress import Progress
     from dmmig.xenstore import PyxsXenStore
     from dmmig.xl import Xl, check_migrate_args, check_xl_timeout
     _check_destination(a)  # before anything: xl hands HOST to `sh -c` on its way to ssh
-    opts = migrate_domain.MigrateOptions(copy=_copy_opts(a), cutover=migrate.CutoverOptions(nbd_timeout=a.nbd_timeout),
+    opts = migrate_domain.MigrateOptions(copy=_copy_opts(a), cutover=cutover.CutoverOptions(nbd_timeout=a.nbd_timeout),
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
                              block_bytes=parse_size(a.block_size) if a.block_size else None, rate=_rate(a))
     # bad values are refused before anything, xenstored included
@@ -261,11 +261,11 @@ def cmd_agent(a: argparse.Namespace) -> int:
 
 def _check_destination(a: argparse.Namespace) -> None:
     """[USER@]HOST and the options that reach OpenSSH's command line, refused before anything."""
-    from dmmig import migrate
+    from dmmig import session
     from dmmig.ssh import Endpoint
     if a.host is not None:
         Endpoint.parse(a.host, **_ep_opts(a))
-    migrate.check_transport(_copy_opts(a))
+    session.check_transport(_copy_opts(a))
 
 
 def _copy_options(sp: argparse.ArgumentParser) -> None:
@@ -318,8 +318,8 @@ def _rate(a: argparse.Namespace) -> float | None:
 
 
 def _copy_opts(a: argparse.Namespace, dest_disk: str | None = None) -> Any:
-    from dmmig import migrate
-    return migrate.CopyOptions(dest_disk=dest_disk, create=a.create, transport=a.transport,
+    from dmmig import session
+    return session.CopyOptions(dest_disk=dest_disk, create=a.create, transport=a.transport,
                                nbd_address=a.nbd_address, insecure=a.insecure,
                                tunnel=None if a.tunnel == "auto" else a.tunnel, remote_dmmig=a.remote_dmmig,
                                remote_state_dir=a.remote_state_dir, converge=parse_size(a.converge),

@@ -39,7 +39,7 @@ class GateRefused(RemoteError):
     """The handover gate said no, or its answer could not be had."""
 
 
-# The source's top device stays suspended at most this long per answer (migrate.answer_gate):
+# The source's top device stays suspended at most this long per answer (handover.answer_gate):
 # the guest's disk is never frozen without bound. It must end well inside the destination
 # `add`'s own wait (hotplug.GATE_TIMEOUT_S, 20 s), so that a no still reaches the `add`.
 SUSPEND_CAP_S = 12.0

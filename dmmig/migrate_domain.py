@@ -6,7 +6,7 @@
 2. every disk to a synchronous mirror, in parallel: prepare, copy (base + era rounds),
    cutover; any failure aborts them all and the domain never moved;
 3. `xl migrate`, while one agent session answers the handover gate for each disk as the
-   destination's block script asks (migrate.answer_gate);
+   destination's block script asks (handover.answer_gate);
 4. xl succeeded: finish every disk on both sides (the source's stack is removed, the loop
    device block-dmmig attached is detached); xl failed and the guest resumed here: abort
    every disk on both sides. A guest that is neither here nor known to have moved is left
@@ -26,28 +26,15 @@ from typing import Any
 
 from dmmig import journal, mirrorlog, names
 from dmmig.blockdev import logical_block_size
+from dmmig.copying import copy, estimate, render_estimate
+from dmmig.cutover import CutoverOptions, cutover, mirror_table
 from dmmig.domain import Vbd, vbds
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
-from dmmig.migrate import (
-    CopyOptions,
-    CutoverOptions,
-    Remote,
-    abort,
-    answer_gate,
-    check_destination,
-    check_source,
-    copy,
-    cutover,
-    destination,
-    estimate,
-    finish_handed_over,
-    mirror_table,
-    mirroring_entry,
-    render_estimate,
-    stop_remote,
-)
+from dmmig.finish import abort, finish_handed_over
+from dmmig.handover import answer_gate, mirroring_entry
 from dmmig.names import Files, era_name, format_devno, top_name
 from dmmig.progress import Progress
+from dmmig.session import CopyOptions, Remote, check_destination, check_source, destination, stop_remote
 from dmmig.ssh import Endpoint
 from dmmig.stack import Stack
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
@@ -156,7 +143,7 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     ep = Endpoint.parse(host, **ep_opts)
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
-    # the parts cutover will choose (migrate.cutover: --resync-parts, else by transport), refused
+    # the parts cutover will choose (cutover.cutover: --resync-parts, else by transport), refused
     # as it would refuse them, so the tables below are the ones it loads
     parts = opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)
     if not 1 <= parts <= 64:

@@ -91,7 +91,7 @@ def test_full_migration_under_writer(pair, pdisks, name: str) -> None:
 
 
 def test_writes_between_the_era_query_and_the_swap_reach_the_destination(pair, pdisks, name: str) -> None:
-    """The cutover's second step (migrate._add_regions): a write that lands after its era query
+    """The cutover's second step (cutover._add_regions): a write that lands after its era query
     and before its swap is on leg 0 only and marked in no log; only the second query and swap
     hand it to the kernel's resync. The writer goes through the blocks in turn and writes each
     once, so no later write through the mirror carries a block over instead (the random writer

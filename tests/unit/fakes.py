@@ -1,6 +1,6 @@
 """The unit tests' shared fakes, in one place: the runner, XenStore, and the destination's
 agent and SSH connection. Each has the interface of the adapter it stands for (runner.Runner,
-xenstore.XenStore, agent.AgentClient, migrate.Remote) and records what it was asked."""
+xenstore.XenStore, agent.AgentClient, session.Remote) and records what it was asked."""
 from __future__ import annotations
 
 import contextlib

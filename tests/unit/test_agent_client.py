@@ -11,7 +11,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from dmmig import agentclient, migrate
+from dmmig import agentclient, session
 from dmmig.agentclient import PROTOCOL, AgentClient, deadline_for
 from dmmig.errors import Exit, RemoteError
 from dmmig.ssh import _pump
@@ -75,8 +75,8 @@ def test_closing_over_a_dead_transport_does_not_replace_the_first_error(
     """Remote.close runs in `finally` after the copy failed; CI once saw 'internal error:
     EOFError' from it instead of the copy's RemoteError."""
     client = Client(DeadAfterHello(EOFError(), close_exc))
-    monkeypatch.setattr(migrate, "connect", lambda ep: client)
-    remote = migrate.Remote(DEST)
+    monkeypatch.setattr(session, "connect", lambda ep: client)
+    remote = session.Remote(DEST)
     with pytest.raises(RemoteError, match="broke during export"):
         try:
             remote.agent.call("export", name="d1")
@@ -93,9 +93,9 @@ def test_a_transport_dying_as_the_agent_starts_is_a_remote_error(
     def dead() -> None:
         raise exc
     client.chan.exec_command = lambda cmd: dead()  # type: ignore[method-assign]
-    monkeypatch.setattr(migrate, "connect", lambda ep: client)
+    monkeypatch.setattr(session, "connect", lambda ep: client)
     with pytest.raises(RemoteError, match="broke starting the agent") as e:
-        migrate.Remote(DEST)
+        session.Remote(DEST)
     assert e.value.exit_code == Exit.REMOTE and client.closed
 
 

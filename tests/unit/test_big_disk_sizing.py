@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import migrate, sizing, sparse
+from dmmig import copying, sizing, sparse
 from dmmig.errors import BadInput
 from tests.unit.fakes import World
 
@@ -149,15 +149,15 @@ def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(wo
     entry.block_sectors = 128  # 64 KiB, prepared by an older dmmig
     entry.copy = {"base_offset": TiB, "base": {"read": 512 * MiB, "seconds": 2.0}}
     world.stack.journal.save(entry, journal.COPYING)
-    e = migrate.estimate(world.stack, name)
+    e = copying.estimate(world.stack, name)
     assert (e["block_bytes"], e["block"], e["send_bytes"]) == (64 * KiB, "prepared", TiB)  # the rest of the base
     assert e["rate_bytes_per_s"] == 256 * MiB and "reached" in e["rate_basis"]
     assert e["seconds"] == TiB / (256 * MiB)
-    lines = migrate.render_estimate(e)
+    lines = copying.render_estimate(e)
     assert lines[0].startswith("era block 64 KiB (prepared): 33554432 blocks") and "warning" in lines[-1]
     entry.copy["base_done"] = True
     world.stack.journal.save(entry)
-    assert migrate.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
+    assert copying.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
     assert world.mutating() == []
 
 

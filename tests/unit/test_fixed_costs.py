@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dmmig import migrate
+from dmmig import copying, session
 from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
 from dmmig.dm.guard import SuspendGuard
@@ -24,7 +24,7 @@ EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/s
 
 def new_dest(tunnel: str | None = None) -> dict[str, Any]:
     """What `dmmig copy NAME root@b ...` builds from its command line."""
-    return migrate.destination("root@b", EP, migrate.CopyOptions(remote_dmmig="/usr/bin/dmmig", tunnel=tunnel),
+    return session.destination("root@b", EP, session.CopyOptions(remote_dmmig="/usr/bin/dmmig", tunnel=tunnel),
                                "/dev/loop0")
 
 
@@ -38,7 +38,7 @@ def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> 
     """`dmmig copy NAME HOST` again (a resumed copy, a catch-up) asked OpenSSH again each time:
     1.2-1.7 s in the rig. The journaled answer stands while nothing it depends on changed."""
     d = new_dest()
-    migrate.keep_probe(journaled(), d)
+    session.keep_probe(journaled(), d)
     assert d["tunnel"] == "relay" and d["tunnel_probe"].startswith("streamlocal forwarding refused")
 
 
@@ -48,7 +48,7 @@ def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> 
 ])
 def test_the_tunnel_is_probed_again_when_what_openssh_logs_in_or_runs_with_changed(change: dict[str, Any]) -> None:
     d = new_dest()
-    migrate.keep_probe(journaled(**change), d)
+    session.keep_probe(journaled(**change), d)
     assert "tunnel" not in d, (change, d)
 
 
@@ -56,10 +56,10 @@ def test_an_earlier_explicit_tunnel_is_no_probe_result() -> None:
     old = journaled()
     del old["tunnel_probe"]  # --tunnel relay, not probed
     d = new_dest()
-    migrate.keep_probe(old, d)
+    session.keep_probe(old, d)
     assert "tunnel" not in d
     d = new_dest(tunnel="forward")  # and --tunnel now wins over the journal
-    migrate.keep_probe(journaled(), d)
+    session.keep_probe(journaled(), d)
     assert d["tunnel"] == "forward"
 
 
@@ -88,12 +88,12 @@ def test_the_suspend_guard_starts_before_the_first_suspend_and_only_once() -> No
 
 
 def test_started_returns_or_raises_what_its_thread_did() -> None:
-    assert migrate.Started(lambda: 7).result() == 7
+    assert session.Started(lambda: 7).result() == 7
 
     def boom() -> int:
-        raise migrate.RemoteError("unreachable")
-    with pytest.raises(migrate.RemoteError, match="unreachable"):
-        migrate.Started(boom).result()
+        raise session.RemoteError("unreachable")
+    with pytest.raises(session.RemoteError, match="unreachable"):
+        session.Started(boom).result()
 
 
 @pytest.mark.parametrize("late", [False, True])
@@ -106,7 +106,7 @@ def test_an_abandoned_start_is_cleaned_up_exactly_once(late: bool) -> None:
     def connect() -> int:
         go.wait(5)
         return 1
-    s = migrate.Started(connect)
+    s = session.Started(connect)
     if not late:
         go.set()
         s.wait()
@@ -154,11 +154,11 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
 
     def refuse(stack: Any, transport: str) -> None:
         raise MissingDependency("command not found: era_invalidate")
-    monkeypatch.setattr(migrate, "Remote", SlowRemote)
-    monkeypatch.setattr(migrate, "check_source", refuse)
+    monkeypatch.setattr(copying, "Remote", SlowRemote)  # where copy() looks them up
+    monkeypatch.setattr(copying, "check_source", refuse)
     t0 = time.monotonic()
     with pytest.raises(MissingDependency, match="era_invalidate"):
-        migrate.copy(prepared_stack(tmp_path), "d1", "root@b", EP, migrate.CopyOptions(dest_disk="/dev/loop0"),
+        copying.copy(prepared_stack(tmp_path), "d1", "root@b", EP, session.CopyOptions(dest_disk="/dev/loop0"),
                      Progress())
     assert time.monotonic() - t0 < 0.4  # not after the connection came
     assert closed.wait(5)  # and when it came, it was closed
@@ -181,5 +181,5 @@ def test_the_agent_imports_no_disk_stack() -> None:
 
 def test_paramiko_runs_without_invoke() -> None:
     """dmmig never has paramiko read an ssh_config (`Match exec` is what it imports invoke for)."""
-    mods = imported_by("import dmmig.migrate; import paramiko; paramiko.SSHClient()")
+    mods = imported_by("import dmmig.session; import paramiko; paramiko.SSHClient()")
     assert "paramiko" in mods and "invoke" not in mods

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import journal, migrate, nbd
+from dmmig import finish, journal, nbd
 from dmmig.confine import Policy
 from dmmig.destination import AgentServer
 from dmmig.dm.dmsetup import DmSetup
@@ -51,7 +51,7 @@ def test_status_shows_an_incoming_disk_and_abort_there_stops_and_removes_it(tmp_
         assert f"incoming: onto {path} (created by dmmig), not handed over" in text, text
         assert f"qemu-nbd pid {exp.pid} (running)" in text, text
 
-        done, left = migrate.abort(stack, "d1")
+        done, left = finish.abort(stack, "d1")
         assert left == []
         assert f"stopped qemu-nbd {exp.pid} exporting {path}" in done
         assert f"removed {path} (created by dmmig)" in done
@@ -71,7 +71,7 @@ def test_abort_keeps_a_disk_that_was_handed_over(tmp_path: Path) -> None:
     rec = json.load(open(rec_path))
     json.dump(dict(rec, handed_over=True), open(rec_path, "w"))
     assert not any("dmmig abort" in p for p in disk_status(stack, "d1")["problems"])
-    done, _ = migrate.abort(stack, "d1")
+    done, _ = finish.abort(stack, "d1")
     assert os.path.exists(path)
     assert done == [f"forgot incoming d1 ({path} was handed over and stays)"]
     assert names(stack) == []
@@ -83,7 +83,7 @@ def test_an_unreadable_record_is_shown_and_abort_removes_it(tmp_path: Path) -> N
     Path(state, "d1.dest.json").write_text("{not json")
     st = disk_status(stack, "d1")
     assert any("unreadable" in p for p in st["problems"]), st
-    assert migrate.abort(stack, "d1")[0] == ["removed the unreadable record of incoming d1"]
+    assert finish.abort(stack, "d1")[0] == ["removed the unreadable record of incoming d1"]
     assert names(stack) == []
 
 

@@ -18,17 +18,7 @@ from dmmig.domain import vbds
 from dmmig.errors import BadInput, MissingDependency, StateError
 from dmmig.runner import SubprocessRunner
 from dmmig.xl import Xl, XlRun, check_migrate_args
-from tests.unit.fakes import (
-    DOMID,
-    INFO,
-    MIB,
-    FakeRunner,
-    MemXenStore,
-    World,
-    fake_nbd_devices,
-    tools_on_path,
-    vbd_keys,
-)
+from tests.unit.fakes import DOMID, INFO, MIB, FakeRunner, MemXenStore, World, fake_nbd_devices, tools_on_path, vbd_keys
 
 
 def test_plan_of_one_managed_disk(world: World) -> None:
@@ -53,11 +43,11 @@ def test_plan_of_one_managed_disk(world: World) -> None:
 
 def test_plan_takes_the_tunnel_the_operator_chose_without_probing(world: World) -> None:
     world.disk()
-    from dmmig import migrate
-    p = world.plan(copy=migrate.CopyOptions(tunnel="forward"))
+    from dmmig import session
+    p = world.plan(copy=session.CopyOptions(tunnel="forward"))
     assert p.tunnel == "forward" and world.agent.calls == ["probe"]
     world.agent.calls.clear()
-    p = world.plan(copy=migrate.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
+    p = world.plan(copy=session.CopyOptions(transport="nbd", nbd_address="192.0.2.2"))
     assert p.tunnel is None and world.agent.calls == ["probe"] and "NBD over TCP" in p.render()
 
 
@@ -556,26 +546,26 @@ def test_plan_refuses_a_host_without_the_nbd_module(world: World) -> None:
 
 
 def test_plan_refuses_resync_parts_cutover_would_refuse(world: World) -> None:
-    from dmmig import migrate
+    from dmmig import cutover
     world.disk()
     for bad in (65, -1):
         with pytest.raises(BadInput, match=f"--resync-parts {bad}: 1..64"):
-            world.plan(cutover=migrate.CutoverOptions(resync_parts=bad))
+            world.plan(cutover=cutover.CutoverOptions(resync_parts=bad))
     assert world.agent.calls == []
-    assert "64 dm-mirror targets" in world.plan(cutover=migrate.CutoverOptions(resync_parts=64)).render()
+    assert "64 dm-mirror targets" in world.plan(cutover=cutover.CutoverOptions(resync_parts=64)).render()
 
 
 @pytest.mark.parametrize("transport,parts", [("ssh", None), ("nbd", None), ("ssh", 3)])
 def test_plan_renders_the_table_cutover_loads(world: World, transport: str, parts: int | None) -> None:
-    """The same function and Layout choice as migrate.cutover (parts: --resync-parts, else the
+    """The same function and Layout choice as cutover.cutover (parts: --resync-parts, else the
     transport's default), with placeholders for the devices cutover makes."""
-    from dmmig import migrate, mirrorlog
+    from dmmig import cutover, mirrorlog, session
     name = world.disk()
-    copy = migrate.CopyOptions(transport=transport, nbd_address="192.0.2.2" if transport == "nbd" else None)
-    p = world.plan(copy=copy, cutover=migrate.CutoverOptions(resync_parts=parts))
+    copy = session.CopyOptions(transport=transport, nbd_address="192.0.2.2" if transport == "nbd" else None)
+    p = world.plan(copy=copy, cutover=cutover.CutoverOptions(resync_parts=parts))
     length, bs = 8 * MIB // 512, p.disks[0].estimate["block_bytes"] // 512
     layout = mirrorlog.Layout.choose(length, bs, max_parts=parts or mirrorlog.default_parts(transport))
-    want = migrate.mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<dmmig-{name}-era>",
+    want = cutover.mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<dmmig-{name}-era>",
                                 "<nbd leg>").render().splitlines()
     text = p.render()
     assert f"{layout.parts} dm-mirror targets side by side" in text
@@ -586,7 +576,7 @@ def test_plan_renders_the_table_cutover_loads(world: World, transport: str, part
 
 def test_plan_refuses_private_dirs_cutover_or_copy_would_refuse(world: World,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmmig import migrate, names
+    from dmmig import names, session
     world.disk()
     # the mirror's log directory under a parent others may write to (not sticky): cutover's
     # private_dir would refuse it after the whole copy
@@ -607,7 +597,7 @@ def test_plan_refuses_private_dirs_cutover_or_copy_would_refuse(world: World,
     # --transport nbd: the TLS keys' directory in the state directory
     state = Path(world.stack.journal.dir)
     state.chmod(0o777)
-    nbd = migrate.CopyOptions(transport="nbd", nbd_address="192.0.2.2")
+    nbd = session.CopyOptions(transport="nbd", nbd_address="192.0.2.2")
     with pytest.raises(StateError, match=f"{state} is writable by others"):
         world.plan(copy=nbd)
     state.chmod(0o700)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import journal, migrate, tlscreds, tunnel
+from dmmig import finish, journal, session, tlscreds, tunnel
 from dmmig.agent import parse_forced
 from dmmig.agentcmd import agent_argv
 from dmmig.confine import Policy
@@ -441,7 +441,7 @@ def test_an_export_journaled_by_the_previous_dmmig_as_addr_and_port_is_shown_and
     try:
         text = render(disk_status(stack, "d1"))
         assert f"NBD export on 127.0.0.1:{port} (no TLS), qemu-nbd pid {pid} (running)" in text, text
-        done, left = migrate.abort(stack, "d1")
+        done, left = finish.abort(stack, "d1")
         assert left == [] and f"stopped qemu-nbd {pid} exporting {path}" in done, done
         assert not Export(**rec["export"]).alive()
     finally:
@@ -453,7 +453,7 @@ def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> N
     old = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "addr": "127.0.0.1", "port": 10809})
     new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/nbd/d1.sock"})
     for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/nbd/d1.sock")):
-        left = migrate.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
+        left = session.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
                               done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
 
