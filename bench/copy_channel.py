@@ -30,10 +30,10 @@ DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 
 COPY = r"""
 import json, socket, sys, threading, time
-from dmmig import nbd
-from dmmig.copier import Copier
-from dmmig.agentcmd import agent_argv
-from dmmig.ssh import Endpoint, connect, relay_socket
+from dmmig.adapters import nbd
+from dmmig.core.copier import Copier
+from dmmig.adapters.agentcmd import agent_argv
+from dmmig.adapters.ssh import Endpoint, connect, relay_socket
 how, src, name, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 c = connect(Endpoint(sys.argv[6], "root", 22, "/run/ssh/known_hosts", "/run/ssh/id_ed25519"))
 dest = {"host": sys.argv[6], "user": "root", "port": 22, "known_hosts": "/run/ssh/known_hosts",
@@ -42,8 +42,8 @@ pid = None
 if how == "relay":
     sock, _ = relay_socket(c, agent_argv(dest, "relay", name))
 elif how.startswith("openssh"):   # dmmig's OpenSSH tunnel (the mirror leg's), libnbd on its local socket
-    from dmmig import tunnel
-    from dmmig.runner import SubprocessRunner
+    from dmmig.adapters import tunnel
+    from dmmig.adapters.runner import SubprocessRunner
     local = "/run/bench-copy.sock"
     pid = tunnel.start(SubprocessRunner(), how.split()[1], dest, name, local, sys.argv[8], "/run/bench-copy.log")
     sock = socket.socket(socket.AF_UNIX)

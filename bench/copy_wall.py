@@ -129,11 +129,11 @@ def nbdcopy_tcp(a: UmlHost, b: UmlHost, name: str) -> float:
 
 def nbdcopy_relay(a: UmlHost, src: str, name: str, dmmig: str) -> float | None:
     """nbdcopy over OpenSSH running `dmmig agent relay NAME` on b: the mirror leg's relay-mode
-    tunnel (dmmig.tunnel's listener hands its one connection to ssh), so one NBD connection."""
+    tunnel (dmmig.adapters.tunnel's listener hands its one connection to ssh), so one NBD connection."""
     sock = "/run/bench-relay.sock"
     tree = os.path.dirname(os.path.dirname(dmmig)) if dmmig != DMMIG else str(ROOT)
     for attempt in (1, 2):
-        job = a.spawn([PY, "-P", "-m", "dmmig.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
+        job = a.spawn([PY, "-P", "-m", "dmmig.adapters.tunnel", "accept", sock, "--", *OPENSSH, f"root@{B_IP}",
                        dmmig, "agent", "relay", name], env={"PYTHONPATH": tree})
         a.sh(f"while [ ! -S {sock} ]; do sleep 0.05; done")
         try:

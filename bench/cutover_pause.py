@@ -28,8 +28,8 @@ ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 CUT_ARGS = os.environ.get("CUT_ARGS", "").split()  # e.g. "--resync-parts 4"
 SWAPS = r"""
 import json, sys, time
-from dmmig.runner import SubprocessRunner
-from dmmig.dm.dmsetup import DmSetup
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.adapters.dm.dmsetup import DmSetup
 dm = DmSetup(SubprocessRunner())
 t = dm.table(sys.argv[1])
 out = []

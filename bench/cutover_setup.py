@@ -27,7 +27,7 @@ TRACE = os.environ.get("TRACE") == "1"
 # after the phases: which process starts the set-up waits for
 TRACED = r"""
 import atexit, sys, time
-from dmmig import runner
+from dmmig.adapters import runner
 t0, calls, run = time.monotonic(), [], runner.SubprocessRunner.run
 def timed(self, argv, **kw):
     s = time.monotonic()
@@ -39,7 +39,7 @@ runner.SubprocessRunner.run = timed
 import dmmig
 atexit.register(lambda: print(f"TRACE ({dmmig.__file__}) " + "; ".join(f"{a:.2f}+{d:.2f} {c}" for a, d, c in calls),
                               file=sys.stderr))
-from dmmig.cli import main
+from dmmig.entry.cli import main
 sys.argv[0] = "dmmig"
 sys.exit(main())
 """

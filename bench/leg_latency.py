@@ -15,7 +15,7 @@ Rows, all to the same kind of export (dmmig's: qemu-nbd directsync on a unix soc
            side by side (`cutover --resync-parts`; dmmig's default: 16 over ssh, 32 over nbd);
 - ... Nagle on: the same mirror, the same connections, with Nagle's algorithm turned back on
            for the sockets qemu-nbd accepted on b (what qemu-nbd 7.2 does by itself; dmmig now
-           hands it a listener with TCP_NODELAY, dmmig/listen.py): the cause of the ~45 ms cells.
+           hands it a listener with TCP_NODELAY, dmmig/adapters/listen.py): the cause of the ~45 ms cells.
            Each dm-mirror target flushes every leg after its log records regions as clean
            (dm-log disk_flush -> dm-raid1 mirror_flush), and with several targets that NBD flush is
            in flight next to the guest's next write (another target's); qemu-nbd's second reply
@@ -70,8 +70,8 @@ print(json.dumps(out))
 # a tunnel of the given mode to disk NAME's export on b, through dmmig's own code (or the old argv)
 TUNNEL = r"""
 import json, sys
-from dmmig import tunnel
-from dmmig.runner import SubprocessRunner
+from dmmig.adapters import tunnel
+from dmmig.adapters.runner import SubprocessRunner
 mode, name, local, remote, log = sys.argv[1:6]
 dest = json.loads(sys.argv[6])
 r = SubprocessRunner()

@@ -34,7 +34,7 @@ CONFIGS = ([tuple(int(x) for x in c.split(":")) for c in os.environ["CONFIGS"].s
 
 BUILD = r"""
 import os, sys, time, subprocess
-from dmmig import mirrorlog
+from dmmig.core import mirrorlog
 size, region_kib, k, pattern = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 src, leg = "/dev/loop0", "/dev/nbd0"
 sectors = size * 2048
@@ -116,9 +116,10 @@ def main() -> None:
                "--export-name=e", "--socket=/run/x/e.sock", "/dev/loop0"])
         b.run(["qemu-nbd", "--fork", "--persistent", "--shared=16", "--format=raw", "--cache=directsync",
                "--export-name=e", f"--bind={B_IP}", "--port=10809", "/dev/loop0"])
-        # --transport nbd: TLS with this run's x509 set (dmmig.tlscreds, as a migration makes it)
+        # --transport nbd: TLS with this run's x509 set (dmmig.adapters.tlscreds, as a migration makes it)
         a.sh("mkdir -p -m 700 /run/tls")
-        a.py("import sys; from dmmig import tlscreds; tlscreds.make('/run/tls', sys.argv[1])", B_IP, cwd=str(ROOT))
+        a.py("import sys; from dmmig.adapters import tlscreds; tlscreds.make('/run/tls', sys.argv[1])", B_IP,
+             cwd=str(ROOT))
         b.sh("mkdir -p -m 700 /run/tls")
         for f in a.sh("ls /run/tls").out.split():
             b.run(["sh", "-c", f"cat > /run/tls/{f}"], input=a.run(["cat", f"/run/tls/{f}"]).out.encode())

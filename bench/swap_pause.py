@@ -19,10 +19,10 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 GUEST = r"""
 import json, sys, time
-from dmmig import journal
-from dmmig.runner import SubprocessRunner
-from dmmig.dm.dmsetup import DmSetup
-from dmmig.stack import Stack
+from dmmig.core import journal
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.core.stack import Stack
 r = SubprocessRunner(); dm = DmSetup(r)
 stack = Stack(r, dm, J.Journal(J.state_dir(None)))
 top, what = sys.argv[1], sys.argv[2]

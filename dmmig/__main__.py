@@ -1,3 +1,3 @@
-from dmmig.cli import main
+from dmmig.entry.cli import main
 
 raise SystemExit(main())

@@ -117,11 +117,11 @@ class Files:
 
     @property
     def mirror_log(self) -> str:
-        """The mirror's disk logs, one slot per part (dmmig/mirrorlog.py): in RUN_DIR, a tmpfs."""
+        """The mirror's disk logs, one slot per part (dmmig/core/mirrorlog.py): in RUN_DIR, a tmpfs."""
         return os.path.join(RUN_DIR, f"{self.name}.mirror-log")
 
     def mirror(self, what: str) -> str:
-        """The mirror's files: mirror-log, tunnel.log, nbd.sock, tls (dmmig/mirror.py)."""
+        """The mirror's files: mirror-log, tunnel.log, nbd.sock, tls (dmmig/core/mirror.py)."""
         return self._at(what)
 
     # the handover gate (the source's agent listens; the destination's hotplug asks)

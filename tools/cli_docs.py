@@ -9,7 +9,7 @@ neither can drift from the options the code takes.
              where an option takes a path. Static rather than python3-argcomplete: no runtime
              dependency, no hook in the CLI, and a <TAB> does not start Python (~0.1 s each).
 
-Build-time only: not part of the installed dmmig package (imports dmmig.cli, which imports
+Build-time only: not part of the installed dmmig package (imports dmmig.entry.cli, which imports
 nothing outside the standard library at module level).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterator
 
 from dmmig import __version__
-from dmmig.cli import build_parser
+from dmmig.core.journal import DEFAULT_STATE_DIR
+from dmmig.entry.cli import build_parser
 from dmmig.errors import Exit
-from dmmig.journal import DEFAULT_STATE_DIR
 
 SHORT = "live-migrate the local disks of Xen domains with device-mapper"
 # metavars whose values are paths: the completion offers file names for them

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dmmig import gate
+from dmmig.core import gate
 from tests.conftest import ORACLE, python
 from tests.kernel.test_copy import DMMIG, copy_args, digest, summary, world
 from tests.kernel.test_cutover import check, cleanup, migrate_to_mirror, wait_leg_failed
@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 MiB = 1 << 20
 STATE = "/run/dmmig"
 
-# what a destination `add` decides (dmmig.gate.incoming: ask the source, or not)
-INCOMING = "import sys\nfrom dmmig import gate\nprint(gate.incoming(sys.argv[1], sys.argv[2]))"
+# what a destination `add` decides (dmmig.core.gate.incoming: ask the source, or not)
+INCOMING = "import sys\nfrom dmmig.core import gate\nprint(gate.incoming(sys.argv[1], sys.argv[2]))"
 
 ZERO_BLOCKS = r"""
 import os, sys

@@ -1,5 +1,5 @@
 """The handover gate on two kernels, without Xen: the destination asks exactly as its block
-script's `add` will (dmmig.gate.ask), the source answers with `dmmig handover`. The oracle is
+script's `add` will (dmmig.core.gate.ask), the source answers with `dmmig handover`. The oracle is
 the writer's record read back on the destination."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dmmig import gate
+from dmmig.core import gate
 from tests.conftest import python
 from tests.kernel.test_copy import DMMIG, digest, summary
 from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, status, wait_leg_failed
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 
 ASK = r"""
 import json, sys, time
-from dmmig import gate
+from dmmig.core import gate
 t = time.monotonic()
 try:
     rep = gate.ask(sys.argv[1], sys.argv[2], float(sys.argv[3]))

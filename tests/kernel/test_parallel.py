@@ -20,14 +20,14 @@ pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 
 MIRROR_DISKS = r"""
 import json, sys
-from dmmig import journal
-from dmmig import migrate_domain
-from dmmig.dm.dmsetup import DmSetup
-from dmmig.dm.guard import SuspendGuard
+from dmmig.core import journal
+from dmmig.flows import migrate_domain
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.dm.guard import SuspendGuard
 from dmmig.progress import Progress
-from dmmig.runner import SubprocessRunner
-from dmmig.stack import Stack
-from dmmig.udev import wait_dm_node
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.core.stack import Stack
+from dmmig.adapters.udev import wait_dm_node
 host, dmmig, known_hosts, identity, pairs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 runner = SubprocessRunner()
 journal = J.Journal(J.state_dir(None))

@@ -1,4 +1,4 @@
-"""dmmig.dm.targets against a real kernel: every table dmmig renders is accepted by the
+"""dmmig.adapters.dm.targets against a real kernel: every table dmmig renders is accepted by the
 kernel and reads back (`dmsetup table`) as the same object; every status line the kernel
 writes parses to what the device is really doing.
 
@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from dmmig.dm.dmsetup import DmSetup
-from dmmig.dm.targets import CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other, Table
-from dmmig.era import BlockRange, EraTools, parse_invalidate_xml
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.dm.targets import CoreLog, DiskLog, Era, EraStatus, Linear, Mirror, MirrorStatus, Other, Table
+from dmmig.adapters.era import BlockRange, EraTools, parse_invalidate_xml
+from dmmig.adapters.runner import Result
 from dmmig.errors import CommandError
-from dmmig.runner import Result
 from tests.rig.uml import ROOT, UmlHost
 
 pytestmark = pytest.mark.kernel

@@ -52,8 +52,8 @@ def test_era_and_metadata_are_not_scanned_and_top_has_a_stable_name(rig: UmlHost
 
 ATTACH = r"""
 import sys
-from dmmig.nbdkernel import NbdKernel
-from dmmig.runner import SubprocessRunner
+from dmmig.adapters.nbdkernel import NbdKernel
+from dmmig.adapters.runner import SubprocessRunner
 k = NbdKernel(SubprocessRunner())
 print(k.attach_free("udev-test", "x", timeout=5, on_claim=lambda dev: None, host="127.0.0.1", port=int(sys.argv[1])))
 """
@@ -70,7 +70,8 @@ def test_the_nbd_leg_is_not_scanned(rig: UmlHost, disks) -> None:
             p = props(rig, dev)
             assert p.get("DMMIG_INNER") == "1" and "ID_FS_TYPE" not in p, p
         finally:
-            rig.py(f"from dmmig.nbdkernel import NbdKernel\nfrom dmmig.runner import SubprocessRunner\n"
+            rig.py("from dmmig.adapters.nbdkernel import NbdKernel\n"
+                   "from dmmig.adapters.runner import SubprocessRunner\n"
                    f"assert NbdKernel(SubprocessRunner()).release({dev!r}, 'udev-test')")
         # the control: the same export attached by hand is probed
         rig.run(["nbd-client", "-N", "x", "127.0.0.1", "10899", dev, "-t", "5"])

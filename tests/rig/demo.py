@@ -56,7 +56,7 @@ def main() -> int:
              f"{len(res['errors'])} errors, slowest {res['max_latency_ms']:.0f} ms", t0)
         t1 = time.monotonic()
         job = a.spawn([DMMIG, "handover", "vm1", "--timeout", "60"])
-        ask = b.py("import json\nfrom dmmig import gate\nprint(json.dumps(gate.ask('/run/dmmig', 'vm1', 35)))",
+        ask = b.py("import json\nfrom dmmig.core import gate\nprint(json.dumps(gate.ask('/run/dmmig', 'vm1', 35)))",
                    check=False)
         ho = job.wait(120)
         step(f"handover gate in {time.monotonic() - t1:.1f}s (what the destination's block script asks while "

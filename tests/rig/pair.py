@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from tests.rig.uml import UmlHost
 
 A_IP, B_IP = "192.168.200.1", "192.168.200.2"
-# the agent's confinement (dmmig/confine.py): the rigs' disk images live in /dev/shm. The rig's
+# the agent's confinement (dmmig/core/confine.py): the rigs' disk images live in /dev/shm. The rig's
 # /etc is this machine's, so the file is in /run and sshd points the agent at it
 AGENT_CONF = "/run/dmmig-agent.conf"
 AGENT_CONF_TEXT = "# dmmig's test rigs: disk image files live in the guest's /dev/shm\nfile_roots = /dev/shm\n"

@@ -10,17 +10,18 @@ from typing import Any
 
 import pytest
 
-from dmmig import journal, migrate_domain
-from dmmig.confine import Policy
-from dmmig.destination import AgentServer
-from dmmig.dm.dmsetup import DmSetup
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.nbdkernel import NbdKernel
+from dmmig.adapters.runner import Result
+from dmmig.adapters.xenstore import XenStoreError
+from dmmig.adapters.xl import Xl
+from dmmig.core import journal
+from dmmig.core.confine import Policy
+from dmmig.core.stack import Stack
 from dmmig.errors import CommandError
+from dmmig.flows import migrate_domain
+from dmmig.flows.destination import AgentServer
 from dmmig.names import disk_name_for
-from dmmig.nbdkernel import NbdKernel
-from dmmig.runner import Result
-from dmmig.stack import Stack
-from dmmig.xenstore import XenStoreError
-from dmmig.xl import Xl
 
 NOT_THERE = (1, "", "Device does not exist.\nCommand failed.\n")  # dmsetup info of no device
 INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o",

@@ -11,10 +11,11 @@ from typing import Any
 import paramiko
 import pytest
 
-from dmmig import agentclient, session
-from dmmig.agentclient import PROTOCOL, AgentClient, deadline_for
+from dmmig.adapters import agentclient
+from dmmig.adapters.agentclient import PROTOCOL, AgentClient, deadline_for
+from dmmig.adapters.ssh import _pump
 from dmmig.errors import Exit, RemoteError
-from dmmig.ssh import _pump
+from dmmig.flows import session
 
 
 class DeadAfterHello:

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from dmmig import gate, journal
-from dmmig.confine import Policy, Refused
-from dmmig.destination import AgentServer
+from dmmig.core import gate, journal
+from dmmig.core.confine import Policy, Refused
 from dmmig.errors import BadInput, Busy
+from dmmig.flows.destination import AgentServer
 from tests.unit.fakes import FakeRunner, MemXenStore
 
 MIB = 1 << 20

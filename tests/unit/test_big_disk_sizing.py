@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import copying, sizing, sparse
+from dmmig import sizing
+from dmmig.adapters import sparse
 from dmmig.errors import BadInput
+from dmmig.flows import copying
 from tests.unit.fakes import World
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -92,7 +94,7 @@ def test_layout_of_a_real_sparse_file(tmp_path: Path) -> None:
 
 def test_the_copier_reads_no_hole_and_zeroes_them_on_a_destination_not_known_zero(tmp_path: Path) -> None:
     nbd = pytest.importorskip("nbd")  # noqa: F841
-    from dmmig.copier import Copier
+    from dmmig.core.copier import Copier
     from tests.unit.test_copy_engine import start
     size = 3 * GiB + 5 * MiB
     src = tmp_path / "src.img"
@@ -142,7 +144,7 @@ def test_migrate_dry_run_says_block_metadata_bytes_and_time(world: World) -> Non
 
 
 def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(world: World) -> None:  # noqa: F811
-    from dmmig import journal
+    from dmmig.core import journal
     name = two_tib(world)
     entry = world.stack.journal.load(name)
     assert entry is not None
@@ -177,7 +179,7 @@ def test_a_scattered_delta_is_streamed_not_held(tmp_path: Path) -> None:
         f.write(f'  <range begin="{2 * n}" end = "{2 * n + 10}"/>\n</blocks>\n')
     code = f"""
 import json, resource
-from dmmig.era import DirtyRanges
+from dmmig.adapters.era import DirtyRanges
 d = DirtyRanges.load({str(xml)!r})
 blocks = ranges = 0
 for r in d:
@@ -194,7 +196,7 @@ print(json.dumps([d.blocks, d.ranges, blocks, ranges, resource.getrusage(resourc
 
 
 def test_dirty_ranges_out_of_order_are_sorted_and_bad_output_refused(tmp_path: Path) -> None:
-    from dmmig.era import BlockRange, DirtyRanges
+    from dmmig.adapters.era import BlockRange, DirtyRanges
     from dmmig.errors import DmmigError
     p = tmp_path / "d.xml"
     p.write_text('<blocks><block block="16"/><range begin="0" end="16"/><block block="30"/></blocks>')

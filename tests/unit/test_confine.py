@@ -1,4 +1,4 @@
-"""The agent's confinement rules (dmmig/confine.py) without root: paths, roots, symlinks,
+"""The agent's confinement rules (dmmig/core/confine.py) without root: paths, roots, symlinks,
 sizes, LVM names, the configuration file. Commands answer through the fake runner."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import confine
-from dmmig.confine import Policy, Refused
+from dmmig.core import confine
+from dmmig.core.confine import Policy, Refused
 from dmmig.errors import BadInput
 from tests.unit.fakes import FakeRunner
 
@@ -147,7 +147,7 @@ def test_the_configuration_file_and_flags(tmp_path: Path, monkeypatch: pytest.Mo
 def test_the_cli_passes_the_flags_and_a_bad_file_stops_the_agent(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmmig import agent, cli
+    from dmmig.entry import agent, cli
     seen: list[Policy | None] = []
     monkeypatch.setattr(agent, "main", lambda state, mode=None, arg=None, forced=False, policy=None:
                         seen.append(policy) or 0)

@@ -13,7 +13,7 @@ import pytest
 
 nbd = pytest.importorskip("nbd")
 
-from dmmig.copier import SUB, Copier, _pieces  # noqa: E402
+from dmmig.core.copier import SUB, Copier, _pieces  # noqa: E402
 
 MiB = 1 << 20
 

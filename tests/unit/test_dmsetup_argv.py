@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from dmmig.dm.dmsetup import INFO_FIELDS, DmInfo, DmSetup
-from dmmig.dm.targets import CoreLog, Era, Linear, Mirror, Table
-from dmmig.era import BlockRange, EraTools
+from dmmig.adapters.dm.dmsetup import INFO_FIELDS, DmInfo, DmSetup
+from dmmig.adapters.dm.targets import CoreLog, Era, Linear, Mirror, Table
+from dmmig.adapters.era import BlockRange, EraTools
+from dmmig.adapters.runner import Result
 from dmmig.errors import CommandError, DmmigError, MissingDependency
-from dmmig.runner import Result
 from tests.unit.fakes import INFO, FakeRunner
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())

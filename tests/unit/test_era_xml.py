@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig.era import BlockRange, merge, parse_invalidate_xml
+from dmmig.adapters.era import BlockRange, merge, parse_invalidate_xml
 from dmmig.errors import DmmigError
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())

@@ -14,10 +14,16 @@ from typing import Any
 
 import pytest
 
-from dmmig import cli, errors, nbd
-from dmmig.agentclient import AgentClient
-from dmmig.confine import Policy
-from dmmig.destination import AgentServer, Lines
+from dmmig import errors
+from dmmig.adapters import nbd
+from dmmig.adapters.agentclient import AgentClient
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.adapters.xenstore import XenStoreError
+from dmmig.core.confine import Policy
+from dmmig.core.gate import GateRefused
+from dmmig.core.window import WindowClosed
+from dmmig.entry import cli
+from dmmig.entry.hotplug import HotplugError, HotplugTimeout
 from dmmig.errors import (
     BadInput,
     Busy,
@@ -33,11 +39,7 @@ from dmmig.errors import (
     ToolError,
     Undo,
 )
-from dmmig.gate import GateRefused
-from dmmig.hotplug import HotplugError, HotplugTimeout
-from dmmig.runner import SubprocessRunner
-from dmmig.window import WindowClosed
-from dmmig.xenstore import XenStoreError
+from dmmig.flows.destination import AgentServer, Lines
 from tests.unit.fakes import FakeRunner
 
 KINDS: list[tuple[type[DmmigError], Exit]] = [
@@ -262,7 +264,7 @@ def test_qemu_nbd_failing_locally_is_a_command_error(tmp_path: Path) -> None:
 
 
 def test_the_nbd_module_missing_is_a_missing_dependency(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from dmmig import nbdkernel
+    from dmmig.adapters import nbdkernel
     real_exists, real_listdir = os.path.exists, os.listdir
     monkeypatch.setattr(nbdkernel.os.path, "exists",
                         lambda p: False if p.startswith("/sys/block/nbd") else real_exists(p))
@@ -275,7 +277,7 @@ def test_the_nbd_module_missing_is_a_missing_dependency(monkeypatch: pytest.Monk
 
 
 def test_a_udev_wait_that_runs_out_is_a_timeout() -> None:
-    from dmmig.udev import wait_dm_node
+    from dmmig.adapters.udev import wait_dm_node
     with pytest.raises(TimedOut, match="did not appear within") as e:
         wait_dm_node("dmmig-test-never-there", timeout=0.2)
     assert e.value.exit_code == Exit.TIMEOUT
@@ -307,7 +309,7 @@ def _unreadable_requests(client: AgentClient) -> None:
 
 def test_qemu_nbd_missing_for_a_tcp_export_is_a_missing_dependency(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The TCP export runs qemu-nbd through dmmig.listen (socket activation): its exec failing
+    """The TCP export runs qemu-nbd through dmmig.adapters.listen (socket activation): its exec failing
     was a traceback there and a CommandError (5) here, not the missing tool it is (4)."""
     (tmp_path / "d").write_bytes(b"")
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import nbd, tlscreds
-from dmmig.runner import SubprocessRunner
+from dmmig.adapters import nbd, tlscreds
+from dmmig.adapters.runner import SubprocessRunner
 
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (unified syscall table)
 

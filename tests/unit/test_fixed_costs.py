@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from dmmig import copying, session
-from dmmig.destination import AgentServer
-from dmmig.dm.dmsetup import DmSetup
-from dmmig.dm.guard import SuspendGuard
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.dm.guard import SuspendGuard
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.flows import copying, session
+from dmmig.flows.destination import AgentServer
 from dmmig.progress import Stopwatch, since_exec
-from dmmig.runner import SubprocessRunner
 from tests.unit.fakes import FakeRunner
 
 EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
@@ -80,7 +80,7 @@ def test_the_suspend_guard_starts_before_the_first_suspend_and_only_once() -> No
     guard = SuspendGuard(r, "/run/dmmig")  # type: ignore[arg-type]
     dm = DmSetup(r, guard=guard)  # type: ignore[arg-type]
     dm.arm_guard()
-    assert len(spawned) == 1 and spawned[0][-2:] == ["dmmig.dm.guard", "/run/dmmig"]
+    assert len(spawned) == 1 and spawned[0][-2:] == ["dmmig.adapters.dm.guard", "/run/dmmig"]
     r.rules.append((["dmsetup"], (0, "", "")))
     dm.suspend("dmmig-d1")
     dm.resume("dmmig-d1")
@@ -130,8 +130,8 @@ def test_phases_add_up_and_since_exec_is_this_process_age() -> None:
 
 
 def prepared_stack(tmp_path: Any) -> Any:
-    from dmmig import journal
-    from dmmig.stack import Stack
+    from dmmig.core import journal
+    from dmmig.core.stack import Stack
     j = journal.Journal(str(tmp_path))
     j.save(journal.Entry(name="d1", origin="/dev/loop0", origin_devno="7:0", phase=journal.PREPARED, block_sectors=128,
                    metadata="/dev/loop1"))
@@ -175,11 +175,12 @@ def imported_by(code: str) -> set[str]:
 def test_the_agent_imports_no_disk_stack() -> None:
     """Every agent start on the destination (its session, a probe, the tunnel's hold or relay)
     paid for the disk stack's imports through the CLI: 0.15 s of Python in the rig, each."""
-    mods = imported_by("import dmmig.cli, dmmig.agent, dmmig.confine")
-    assert not {"dmmig.stack", "dmmig.era", "dmmig.mirror", "dmmig.tunnel", "dmmig.dm.dmsetup", "paramiko"} & mods
+    mods = imported_by("import dmmig.entry.cli, dmmig.entry.agent, dmmig.core.confine")
+    assert not {"dmmig.core.stack", "dmmig.adapters.era", "dmmig.core.mirror", "dmmig.adapters.tunnel",
+                "dmmig.adapters.dm.dmsetup", "paramiko"} & mods
 
 
 def test_paramiko_runs_without_invoke() -> None:
     """dmmig never has paramiko read an ssh_config (`Match exec` is what it imports invoke for)."""
-    mods = imported_by("import dmmig.session; import paramiko; paramiko.SSHClient()")
+    mods = imported_by("import dmmig.flows.session; import paramiko; paramiko.SSHClient()")
     assert "paramiko" in mods and "invoke" not in mods

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import gate
+from dmmig.core import gate
 from dmmig.errors import Busy
 
 
@@ -170,8 +170,8 @@ def test_the_wait_ends_when_the_source_is_gone(tmp_path: Path) -> None:
 
 
 def test_the_agent_sees_its_source_go_without_reading_a_request(tmp_path: Path) -> None:
-    from dmmig.destination import AgentServer
-    from dmmig.runner import SubprocessRunner
+    from dmmig.adapters.runner import SubprocessRunner
+    from dmmig.flows.destination import AgentServer
     r, w = os.pipe()
     srv = AgentServer(SubprocessRunner(), str(tmp_path))
     srv._inp = os.fdopen(r)
@@ -188,5 +188,5 @@ def test_the_agent_sees_its_source_go_without_reading_a_request(tmp_path: Path) 
 def test_the_no_reaches_the_add_before_it_gives_up() -> None:
     """The source's window (work, resume) and its no must end inside the destination add's
     own wait, with time for the question to travel and for the source to pick it up."""
-    from dmmig import hotplug
+    from dmmig.entry import hotplug
     assert gate.SUSPEND_CAP_S + gate.NO_DELIVERY_S + 2 < hotplug.GATE_TIMEOUT_S

@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
-from dmmig import hotplug, journal, names
-from dmmig.dm.dmsetup import DmSetup
+from dmmig import names
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.core import journal
+from dmmig.core.stack import Stack
+from dmmig.entry import hotplug
 from dmmig.errors import BadInput, CommandError
-from dmmig.runner import SubprocessRunner
-from dmmig.stack import Stack
 from dmmig.validate import disk_name
 from tests.unit.fakes import INFO, NOT_THERE, FakeRunner, MemXenStore
 
@@ -377,7 +379,7 @@ def test_log_goes_to_stderr_and_the_hotplug_log(tmp_path: Path) -> None:
 
 
 def test_cli_has_the_hotplug_verb() -> None:
-    from dmmig.cli import build_parser
+    from dmmig.entry.cli import build_parser
     a = build_parser().parse_args(["hotplug", "remove"])
     assert a.action == "remove" and a.fn.__name__ == "cmd_hotplug"
     with pytest.raises(SystemExit):

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import finish, journal, nbd
-from dmmig.confine import Policy
-from dmmig.destination import AgentServer
-from dmmig.dm.dmsetup import DmSetup
+from dmmig.adapters import nbd
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.core import journal
+from dmmig.core.confine import Policy
+from dmmig.core.stack import Stack
 from dmmig.errors import BadInput
-from dmmig.runner import SubprocessRunner
-from dmmig.stack import Stack
-from dmmig.status import disk_status, names, render
+from dmmig.flows import finish
+from dmmig.flows.destination import AgentServer
+from dmmig.flows.status import disk_status, names, render
 from dmmig.validate import disk_name
 from tests.unit.fakes import NOT_THERE, FakeRunner
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dmmig import journal
+from dmmig.core import journal
 
 
 def test_only_the_half_written_journals_of_dead_processes_are_stale(tmp_path: Path) -> None:

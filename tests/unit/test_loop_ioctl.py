@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 
-from dmmig.blockdev import LOOP_CONFIGURE, LOOP_CTL_GET_FREE, loop_config
+from dmmig.adapters.blockdev import LOOP_CONFIGURE, LOOP_CTL_GET_FREE, loop_config
 
 
 def test_layout_matches_linux_loop_h() -> None:

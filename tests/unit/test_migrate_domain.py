@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from dmmig import journal, migrate_domain
-from dmmig.domain import vbds
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.adapters.xl import Xl, XlRun, check_migrate_args
+from dmmig.core import journal
 from dmmig.errors import BadInput, MissingDependency, StateError
-from dmmig.runner import SubprocessRunner
-from dmmig.xl import Xl, XlRun, check_migrate_args
+from dmmig.flows import migrate_domain
+from dmmig.flows.domain import vbds
 from tests.unit.fakes import DOMID, INFO, MIB, FakeRunner, MemXenStore, World, fake_nbd_devices, tools_on_path, vbd_keys
 
 
@@ -43,7 +44,7 @@ def test_plan_of_one_managed_disk(world: World) -> None:
 
 def test_plan_takes_the_tunnel_the_operator_chose_without_probing(world: World) -> None:
     world.disk()
-    from dmmig import session
+    from dmmig.flows import session
     p = world.plan(copy=session.CopyOptions(tunnel="forward"))
     assert p.tunnel == "forward" and world.agent.calls == ["probe"]
     world.agent.calls.clear()
@@ -320,7 +321,8 @@ def test_destination_block_script_must_share_the_agents_state_dir(world: World,
 
 def test_cli_refuses_a_bad_block_size_before_it_looks_for_xenstored(capsys: pytest.CaptureFixture[str],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmmig import cli, xenstore
+    from dmmig.adapters import xenstore
+    from dmmig.entry import cli
     monkeypatch.setattr(xenstore.PyxsXenStore, "__enter__", lambda self: pytest.fail("xenstored was asked"))
     assert cli.main(["migrate", "vm1", "root@b", "--block-size", "96K", "--", "-e"]) == 3
     assert "not a power of two" in capsys.readouterr().err
@@ -489,7 +491,8 @@ def test_a_qdisk_target_matches_its_format_prefixed_params(world: World) -> None
 def test_cli_refuses_bad_timeouts_before_it_looks_for_xenstored(capsys: pytest.CaptureFixture[str],
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  args: list[str], msg: str) -> None:
-    from dmmig import cli, xenstore
+    from dmmig.adapters import xenstore
+    from dmmig.entry import cli
     monkeypatch.setattr(xenstore.PyxsXenStore, "__enter__", lambda self: pytest.fail("xenstored was asked"))
     assert cli.main(["migrate", "vm1", "root@b", *args]) == 3
     assert msg in capsys.readouterr().err
@@ -498,7 +501,7 @@ def test_cli_refuses_bad_timeouts_before_it_looks_for_xenstored(capsys: pytest.C
 # ---- issue 15 item 7: the plan checks what the cutover needs here ------------------------
 def test_free_count_counts_detached_empty_nbd_devices_and_the_disks_own_legs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmmig import nbdkernel
+    from dmmig.adapters import nbdkernel
     monkeypatch.setattr(nbdkernel, "UDEV_MARKS", str(tmp_path / "marks"))
     (tmp_path / "marks").mkdir()
     # nbd0 connected; nbd1 free; nbd2 detached but not empty (being set up or torn down)
@@ -516,7 +519,7 @@ def test_free_count_counts_detached_empty_nbd_devices_and_the_disks_own_legs(
 
 
 def test_plan_refuses_fewer_free_nbd_devices_than_disks(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmmig import nbdkernel
+    from dmmig.adapters import nbdkernel
     from dmmig.errors import Busy, Exit
     monkeypatch.setattr(nbdkernel, "UDEV_MARKS", str(world.tmp / "marks"))
     (world.tmp / "marks").mkdir()
@@ -546,7 +549,7 @@ def test_plan_refuses_a_host_without_the_nbd_module(world: World) -> None:
 
 
 def test_plan_refuses_resync_parts_cutover_would_refuse(world: World) -> None:
-    from dmmig import cutover
+    from dmmig.flows import cutover
     world.disk()
     for bad in (65, -1):
         with pytest.raises(BadInput, match=f"--resync-parts {bad}: 1..64"):
@@ -559,7 +562,8 @@ def test_plan_refuses_resync_parts_cutover_would_refuse(world: World) -> None:
 def test_plan_renders_the_table_cutover_loads(world: World, transport: str, parts: int | None) -> None:
     """The same function and Layout choice as cutover.cutover (parts: --resync-parts, else the
     transport's default), with placeholders for the devices cutover makes."""
-    from dmmig import cutover, mirrorlog, session
+    from dmmig.core import mirrorlog
+    from dmmig.flows import cutover, session
     name = world.disk()
     copy = session.CopyOptions(transport=transport, nbd_address="192.0.2.2" if transport == "nbd" else None)
     p = world.plan(copy=copy, cutover=cutover.CutoverOptions(resync_parts=parts))
@@ -576,7 +580,8 @@ def test_plan_renders_the_table_cutover_loads(world: World, transport: str, part
 
 def test_plan_refuses_private_dirs_cutover_or_copy_would_refuse(world: World,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmmig import names, session
+    from dmmig import names
+    from dmmig.flows import session
     world.disk()
     # the mirror's log directory under a parent others may write to (not sticky): cutover's
     # private_dir would refuse it after the whole copy

@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
-from dmmig import cli, journal, migrate_domain
-from dmmig.dm.dmsetup import DmSetup
-from dmmig.domain import Vbd
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.xl import Domain, XlRun
+from dmmig.core import journal
+from dmmig.core.stack import Stack
+from dmmig.entry import cli
 from dmmig.errors import Busy, DmmigError, Exit, MissingDependency, RemoteError, StateError
-from dmmig.stack import Stack
-from dmmig.xl import Domain, XlRun
+from dmmig.flows import migrate_domain
+from dmmig.flows.domain import Vbd
 from tests.unit.fakes import FakeRunner
 
 VM = Domain(7, "vm1")

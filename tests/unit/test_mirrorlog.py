@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from dmmig import mirrorlog
+from dmmig.core import mirrorlog
 
 
 def test_region_count_and_log_size() -> None:

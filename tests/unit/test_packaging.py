@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dmmig import __version__
-from dmmig.cli import build_parser
+from dmmig.entry.cli import build_parser
 from dmmig.errors import Exit
 
 ROOT = Path(__file__).resolve().parents[2]

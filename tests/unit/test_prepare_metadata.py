@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import journal
-from dmmig.blockdev import BlockDev
-from dmmig.dm.dmsetup import DmInfo, DmSetup
+from dmmig.adapters.blockdev import BlockDev
+from dmmig.adapters.dm.dmsetup import DmInfo, DmSetup
+from dmmig.core import journal
+from dmmig.core.stack import Stack
 from dmmig.errors import BadInput
-from dmmig.stack import Stack
 from tests.unit.fakes import FakeRunner
 
 TOP = DmInfo("dmmig-d1", 253, 4, "L--w", 0, 1, 0, "DMMIG-top-d1")

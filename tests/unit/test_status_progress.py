@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from dmmig import progress
-from dmmig.status import glance, render, render_glance
+from dmmig.flows.status import glance, render, render_glance
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""dmmig.dm.targets without a kernel: exact rendering, validation, and parsing of text the
+"""dmmig.adapters.dm.targets without a kernel: exact rendering, validation, and parsing of text the
 real kernel wrote (captured by tests/kernel/test_targets.py into fixtures/kernel_output.json)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dmmig.dm.targets import (
+from dmmig.adapters.dm.targets import (
     CoreLog,
     DiskLog,
     Era,

@@ -18,19 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from dmmig import finish, journal, session, tlscreds, tunnel
-from dmmig.agent import parse_forced
-from dmmig.agentcmd import agent_argv
-from dmmig.confine import Policy
-from dmmig.destination import AgentServer
-from dmmig.dm.dmsetup import DmSetup
+from dmmig.adapters import tlscreds, tunnel
+from dmmig.adapters.agentcmd import agent_argv
+from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.nbd import Export, free_port, open_client, stop_export
+from dmmig.adapters.runner import SubprocessRunner
+from dmmig.adapters.ssh import Endpoint
+from dmmig.core import journal
+from dmmig.core.confine import Policy
+from dmmig.core.stack import Stack
+from dmmig.entry.agent import parse_forced
 from dmmig.errors import BadInput, Exit, StateError
+from dmmig.flows import finish, session
+from dmmig.flows.destination import AgentServer
+from dmmig.flows.status import disk_status, render
 from dmmig.names import export_dir
-from dmmig.nbd import Export, free_port, open_client, stop_export
-from dmmig.runner import SubprocessRunner
-from dmmig.ssh import Endpoint
-from dmmig.stack import Stack
-from dmmig.status import disk_status, render
 from dmmig.validate import destination
 from tests.unit.fakes import NOT_THERE, FakeRunner
 
@@ -79,7 +81,7 @@ DEST = {"host": "b", "user": "root", "port": 22, "known_hosts": "/run/ssh/known_
 
 
 def every_ssh_argv(dest: dict, tmp: str) -> list[list[str]]:
-    return [tunnel.forward_argv(dest, f"{tmp}/log", f"{tmp}/l.sock", "/run/dmmig/nbd/d1.sock", "hold", "d1"),
+    return [tunnel.forward_argv(dest, f"{tmp}/log", f"{tmp}/l.sock", "/run/dmmig/adapters/nbd/d1.sock", "hold", "d1"),
             tunnel.relay_argv(dest, f"{tmp}/log", "d1")]
 
 
@@ -110,7 +112,7 @@ def test_no_pty_and_no_bare_forward_in_any_ssh_argv(tmp_path: Path) -> None:
     fwd = every_ssh_argv(DEST, str(tmp_path))[0]
     for o in ("ExitOnForwardFailure=yes", "StreamLocalBindMask=0177", "StreamLocalBindUnlink=yes"):
         assert o in fwd
-    assert fwd[fwd.index("-L") + 1] == f"{tmp_path}/l.sock:/run/dmmig/nbd/d1.sock"
+    assert fwd[fwd.index("-L") + 1] == f"{tmp_path}/l.sock:/run/dmmig/adapters/nbd/d1.sock"
 
 
 # ---- item 10: the forced command ---------------------------------------------------------------
@@ -125,7 +127,7 @@ def test_a_forced_agent_runs_what_dmmig_itself_asks_for(original: str, want: tup
     assert parse_forced(original, "/var/lib/dmmig") == want
     # and exactly what the source sends
     argv = agent_argv(dict(DEST, remote_state_dir="/var/lib/dmmig"), *[w for w in want if w])
-    from dmmig.agentcmd import remote_command
+    from dmmig.adapters.agentcmd import remote_command
     assert parse_forced(remote_command(argv), "/var/lib/dmmig") == want
 
 
@@ -249,8 +251,8 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
     """The copy's NBD goes through the agent session that prepared the export (op relay): no
     second agent starts there. What the agent's reply and the export's first bytes (NBD's
     greeting) share of one read must reach libnbd; a refused relay leaves the session an agent."""
-    from dmmig.agentclient import AgentClient
-    from dmmig.ssh import channel_socket
+    from dmmig.adapters.agentclient import AgentClient
+    from dmmig.adapters.ssh import channel_socket
     agent, state, path = agent_with_disk(tmp_path)
     exp = Export(**agent.op_export("d1")["export"])
     try:
@@ -278,7 +280,7 @@ def test_the_agents_own_session_becomes_the_copiers_relay(tmp_path: Path) -> Non
 
 
 def test_the_agents_line_reader_gives_back_what_it_read_past_a_request() -> None:
-    from dmmig.destination import Lines
+    from dmmig.flows.destination import Lines
     r, w = os.pipe()
     os.write(w, b'{"op": "relay", "name": "d1"}\nNBD bytes')
     os.close(w)
@@ -332,7 +334,7 @@ def test_the_relay_listener_hands_its_one_connection_to_the_command(tmp_path: Pa
     """Item 12's relay on the source: the accepted connection becomes stdin+stdout of the
     exec'd command (here `cat`, in place of ssh): no Python left between them."""
     sock = str(tmp_path / "r.sock")
-    p = subprocess.Popen([sys.executable, "-m", "dmmig.tunnel", "accept", sock, "--", "cat"])
+    p = subprocess.Popen([sys.executable, "-m", "dmmig.adapters.tunnel", "accept", sock, "--", "cat"])
     try:
         for _ in range(200):
             if os.path.exists(sock):
@@ -451,8 +453,8 @@ def test_an_export_journaled_by_the_previous_dmmig_as_addr_and_port_is_shown_and
 
 def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> None:
     old = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "addr": "127.0.0.1", "port": 10809})
-    new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/nbd/d1.sock"})
-    for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/nbd/d1.sock")):
+    new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/adapters/nbd/d1.sock"})
+    for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/adapters/nbd/d1.sock")):
         left = session.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
                               done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
@@ -462,8 +464,8 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
     """The source's side: a mirror journaled by the previous dmmig has tunnel {sock, pid} (an
     `ssh -tt -L SOCK:127.0.0.1:PORT` daemon, found by its socket); teardown stops it. A probe
     whose dmmig was killed left files; they go too."""
+    from dmmig.core.mirror import MirrorSide
     from dmmig.errors import Steps
-    from dmmig.mirror import MirrorSide
     state = str(tmp_path)
     sock = os.path.join(state, "d1.nbd.sock")
     # a stand-in with the old tunnel's command line (no network): what teardown looks for
@@ -497,7 +499,7 @@ def test_the_relay_listener_path_appears_only_once_it_listens(tmp_path: Path) ->
             "        time.sleep(1)\n"
             "        super().listen(*a)\n"
             "socket.socket = Slow\n"
-            "from dmmig import tunnel\n"
+            "from dmmig.adapters import tunnel\n"
             "sys.exit(tunnel.accept_exec(sys.argv[1], ['cat'], timeout=30))\n")
     p = subprocess.Popen([sys.executable, "-c", code, sock])
     try:

@@ -203,7 +203,7 @@ def test_the_scenario_calls_dmmig_migrate_as_the_cli_defines_it() -> None:
     import re
     import shlex
 
-    from dmmig.cli import build_parser
+    from dmmig.entry.cli import build_parser
     text = (VAGRANT_DIR / "scenario.sh").read_text()
     m = re.search(r"^mig_opts=\((.*?)\)$", text, re.M | re.S)
     assert m, "scenario.sh defines mig_opts"

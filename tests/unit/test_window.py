@@ -1,4 +1,4 @@
-"""The suspended window's cap (dmmig/window.py), with real threads and a real blocking call:
+"""The suspended window's cap (dmmig/core/window.py), with real threads and a real blocking call:
 the device is resumed at the cap whatever the owner is blocked in; the owner learns it."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dmmig.window import RESUME_MARGIN_S, Window, WindowClosed
+from dmmig.core.window import RESUME_MARGIN_S, Window, WindowClosed
 
 
 class Device:

@@ -42,7 +42,7 @@ def dmmig_devices(h: XenHost) -> list[str]:
 def state_dir(h: XenHost) -> str:
     """The journal directory block-dmmig uses: libxl runs it with xl's environment (the rig's
     agent sets DMMIG_STATE_DIR), so ask dmmig itself, in dom0."""
-    return h.py("from dmmig.journal import state_dir; print(state_dir())").out.strip()
+    return h.py("from dmmig.core.journal import state_dir; print(state_dir())").out.strip()
 
 
 def journal_names(h: XenHost) -> list[str]:

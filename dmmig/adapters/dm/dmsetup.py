@@ -1,0 +1,176 @@
+"""dmsetup adapter: every device-mapper operation dmmig does goes through here."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from dmmig.adapters.dm.targets import EraStatus, MirrorStatus, Table
+from dmmig.adapters.runner import Runner
+from dmmig.errors import CommandError, MissingDependency
+
+INFO_FIELDS = "name,major,minor,attr,open,segments,events,uuid"
+
+
+@dataclass(frozen=True)
+class DmInfo:
+    name: str
+    major: int
+    minor: int
+    attr: str
+    open_count: int
+    segments: int
+    events: int
+    uuid: str
+
+    @property
+    def devno(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+    @property
+    def suspended(self) -> bool:
+        return len(self.attr) > 2 and self.attr[2] == "s"
+
+    @property
+    def has_inactive(self) -> bool:
+        return len(self.attr) > 1 and self.attr[1] == "I"
+
+    @property
+    def live(self) -> bool:
+        return self.attr[:1] == "L"
+
+
+class Guard(Protocol):
+    """Told of every suspend and resume; resumes what we left suspended if we die (dm/guard.py)."""
+
+    def start(self) -> None: ...
+
+    def suspending(self, name: str) -> None: ...
+
+    def resumed(self, name: str) -> None: ...
+
+
+class DmSetup:
+    def __init__(self, runner: Runner, wait_node: Callable[..., None] | None = None,
+                 guard: Guard | None = None) -> None:
+        self.r = runner
+        self._wait_node = wait_node
+        self._guard = guard
+
+    def arm_guard(self) -> None:
+        """Start the suspend guard now rather than at the first suspend: its start (a Python
+        process) then overlaps work that waits, such as the destination's agent starting."""
+        if self._guard is not None:
+            self._guard.start()
+
+    # --- queries ---------------------------------------------------------------------
+    def info(self, name: str) -> DmInfo | None:
+        res = self.r.run(["dmsetup", "info", "-c", "--noheadings", "--separator", ";",
+                          "-o", INFO_FIELDS, name], check=False)
+        if res.returncode != 0:
+            if "not exist" in res.stderr or "No such device" in res.stderr:
+                return None
+            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
+        return _parse_info(res.stdout.strip().splitlines()[0])
+
+    def table(self, name: str, *, inactive: bool = False) -> Table:
+        argv = ["dmsetup", "table"] + (["--inactive"] if inactive else []) + [name]
+        return Table.parse(self.r.run(argv).stdout)
+
+    def table_text(self, name: str) -> str:
+        return self.r.run(["dmsetup", "table", name]).stdout.strip()
+
+    def status_line(self, name: str, *, noflush: bool = True) -> str:
+        # --noflush: a mirror's status must not wait for in-flight I/O to a dying leg.
+        # Never call this on a suspended era device: era answers through its worker.
+        argv = ["dmsetup", "status"] + (["--noflush"] if noflush else []) + [name]
+        return self.r.run(argv, timeout=30).stdout.strip()
+
+    def era_status(self, name: str) -> EraStatus:
+        return EraStatus.parse(self.status_line(name))
+
+    def mirror_status(self, name: str) -> MirrorStatus:
+        return MirrorStatus.parse_lines(self.status_line(name))
+
+    def targets(self) -> dict[str, str]:
+        out = self.r.run(["dmsetup", "targets"]).stdout
+        return {w[0]: w[1] for w in (ln.split() for ln in out.splitlines()) if len(w) >= 2}
+
+    # --- changes ---------------------------------------------------------------------
+    def create(self, name: str, table: Table, *, uuid: str | None = None) -> None:
+        argv = ["dmsetup", "create", name] + (["-u", uuid] if uuid else []) + ["--table", table.render()]
+        self.r.run(argv)
+        self._wait(name, present=True)
+
+    def load(self, name: str, table: Table) -> None:
+        self.r.run(["dmsetup", "load", name, "--table", table.render()])
+
+    def clear_inactive(self, name: str) -> None:
+        self.r.run(["dmsetup", "clear", name])
+
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        if self._guard is not None:
+            self._guard.suspending(name)
+        self.r.run(["dmsetup", "suspend"] + (["--noflush"] if noflush else []) + [name], timeout=120)
+
+    def resume(self, name: str, *, noflush: bool = False) -> float:
+        """Resume; returns time.monotonic() when the kernel had resumed (before udev settles)."""
+        self.r.run(["dmsetup", "resume"] + (["--noflush"] if noflush else []) + [name], timeout=120)
+        t = time.monotonic()
+        if self._guard is not None:
+            self._guard.resumed(name)
+        self._wait(name, present=True)
+        return t
+
+    def message(self, name: str, msg: str) -> str:
+        return self.r.run(["dmsetup", "message", name, "0", msg]).stdout
+
+    def remove(self, name: str, *, retry: bool = True) -> None:
+        self.r.run(["dmsetup", "remove"] + (["--retry"] if retry else []) + [name], timeout=60)
+        self._wait(name, present=False)
+
+    def wait_event(self, name: str, event_nr: int, timeout: float) -> None:
+        self.r.run(["dmsetup", "wait", "--noflush", name, str(event_nr)], timeout=timeout)
+
+    def swap(self, name: str, table: Table, *, noflush: bool = False) -> float:
+        """Replace the live table of NAME. Load first (the new target's constructor runs
+        while I/O flows), then one resume: the kernel suspends, swaps and resumes inside that
+        single ioctl, so I/O pauses only for the flush and the swap. Returns the seconds the
+        resume took (an upper bound of the pause; udev sync comes after it)."""
+        self.load(name, table)
+        t0 = time.monotonic()
+        try:
+            self.r.run(["dmsetup", "resume"] + (["--noflush"] if noflush else []) + [name], timeout=120)
+        except BaseException:
+            # never leave a half-made change behind: drop the inactive table, keep the live one
+            self.r.run(["dmsetup", "clear", name], check=False)
+            raise
+        pause = time.monotonic() - t0
+        self._wait(name, present=True)
+        return pause
+
+    def require_targets(self, *names: str) -> None:
+        have = self.targets()
+        if all(n in have for n in names):
+            return
+        for n in names:
+            if n not in have:
+                # the target may just be a module that is not loaded yet
+                self.r.run(["modprobe", f"dm-{n}" if n != "mirror" else "dm-mirror"], check=False)
+        have = self.targets()
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise MissingDependency(
+                f"device-mapper target(s) missing from the kernel: {', '.join(missing)}",
+                hint="load the module (modprobe dm-era / dm-mirror) or use a kernel that has it")
+
+    def _wait(self, name: str, *, present: bool) -> None:
+        if self._wait_node is not None:
+            self._wait_node(name, present=present)
+
+
+def _parse_info(line: str) -> DmInfo:
+    f = line.split(";")
+    return DmInfo(f[0], int(f[1]), int(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]),
+                  f[7] if len(f) > 7 else "")

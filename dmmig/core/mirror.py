@@ -1,0 +1,195 @@
+"""The source's side of mirroring: the NBD leg (tunnel + kernel client), the pre-written
+dirty log, the leg watcher; set up by cutover, torn down by finish/abort/catch-up. Also the
+migration's TLS credentials (--transport nbd), which outlive a catch-up and go at finish/abort.
+
+Each resource is journaled (entry.mirror) before or right after it exists, and teardown
+also finds what a killed dmmig did not get to journal (by file name or command line), so
+a crash at any point is cleaned up by `abort`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from dmmig.adapters import proc, tlscreds, tunnel
+from dmmig.adapters.blockdev import Loop, LoopError
+from dmmig.adapters.nbdkernel import NbdKernel, owner_of
+from dmmig.adapters.runner import Runner
+from dmmig.core import journal, mirrorlog
+from dmmig.core.watch import health_path
+from dmmig.errors import RemoteError, Steps
+from dmmig.names import RUN_DIR, Files
+
+TLS_CONNECTIONS = 4
+
+
+class MirrorSide:
+    def __init__(self, runner: Runner, state: str) -> None:
+        self.r = runner
+        self.state = state
+        self.nbd = NbdKernel(runner)
+        self.loop = Loop(runner)
+
+    def _path(self, name: str, what: str) -> str:
+        return Files(self.state, name).mirror(what)
+
+    def watcher_marker(self, name: str) -> str:
+        return f"--state-dir {self.state} watch {name}"
+
+    def nbd_owner(self, name: str) -> str:
+        return owner_of(self.state, name)
+
+    # ---- set up -------------------------------------------------------------------------
+    def credentials(self, name: str, server: str) -> str:
+        """This migration's TLS credentials (made once, kept until finish/abort): a root-only
+        directory; SERVER is the destination's NBD address its certificate names."""
+        d = journal.private_dir(self._path(name, "tls"))
+        if not tlscreds.exists(d):
+            tlscreds.make(d, server)
+        return d
+
+    def plan_tunnel(self, entry: journal.Entry) -> dict[str, Any]:
+        """--transport ssh: the tunnel's record in ENTRY.mirror (no pid yet), for the caller to
+        journal before start_tunnel: a tunnel of a killed dmmig is found by its log's name."""
+        t = {"sock": self._path(entry.name, "nbd.sock"), "pid": None, "mode": entry.dest["tunnel"],
+             "log": self._path(entry.name, "tunnel.log")}
+        entry.mirror["tunnel"] = t
+        return t
+
+    def start_tunnel(self, name: str, dest: dict[str, Any], t: dict[str, Any], remote_sock: str | None) -> int:
+        """The tunnel T (plan_tunnel) up, listening: its pid. Journals nothing (it may run in a
+        thread beside steps that journal); the caller journals the pid. REMOTE_SOCK: the
+        export's socket there (forward mode; ssh connects to it only once nbd-client does)."""
+        return tunnel.start(self.r, t["mode"], dest, name, t["sock"], remote_sock, t["log"])
+
+    def stop_tunnel(self, name: str, pid: int) -> None:
+        tunnel.stop(pid, self._path(name, "tunnel.log"), self._path(name, "nbd.sock"))
+
+    def attach_nbd(self, entry: journal.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+        """The kernel's NBD client on EXPORT: through the tunnel (--transport ssh, started
+        first), or over TCP; the device is journaled before it connects."""
+        m = entry.mirror
+        dest = entry.dest
+        ssh = dest["transport"] == "ssh"
+
+        def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
+            m["nbd"] = dev
+            save()
+        # --transport nbd with TLS: nbd-client's proxy is one select() loop with 64 KiB buffers
+        # per connection, which capped the resync at a long round trip (bench/resync_levers.py);
+        # four connections, four proxies. The relay tunnel takes one connection only.
+        where: dict[str, Any] = ({"unix": m["tunnel"]["sock"]} if ssh
+                                 else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls"),
+                                       "connections": TLS_CONNECTIONS if dest.get("tls") else 1})
+        try:
+            return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
+                                        on_claim=claimed, **where)
+        except RemoteError as e:
+            if not ssh:
+                raise
+            raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: "
+                              f"{tunnel.tail(m['tunnel']['log'])}", hint=e.hint) from e
+
+    def make_logs(self, entry: journal.Entry, layout: mirrorlog.Layout, first_slot: int,
+                  save: Callable[[], None]) -> list[str]:
+        """A disk log device per part of LAYOUT: loop devices over slots FIRST_SLOT.. of one
+        file in /run (names.RUN_DIR: memory, whatever the state directory is; it lives only as
+        long as the source's mirror does). Journaled before they exist: teardown finds every
+        loop over the file."""
+        journal.private_dir(RUN_DIR)
+        path = Files(self.state, entry.name).mirror_log
+        entry.mirror["log_file"] = path
+        save()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            end = (first_slot + layout.parts) * layout.slot
+            if os.fstat(fd).st_size < end:
+                os.ftruncate(fd, end)
+        finally:
+            os.close(fd)
+        # through the loop driver's ioctls (blockdev.Loop.attach_slices): a losetup process
+        # each was ~0.1 s in the rig, and the swaps wait for all of them
+        slots = [((first_slot + i) * layout.slot, layout.slot) for i in range(layout.parts)]
+        try:
+            devs = self.loop.attach_slices(path, slots)
+        except LoopError as e:
+            entry.mirror.setdefault("log_devs", []).extend(e.made)  # journaled: teardown finds them anyway
+            save()
+            raise
+        entry.mirror.setdefault("log_devs", []).extend(devs)
+        save()
+        return devs
+
+    def start_watcher(self, entry: journal.Entry, save: Callable[[], None]) -> int:
+        argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name]
+        pid = self.r.spawn(argv, logfile=self._path(entry.name, "watch.log"))
+        entry.mirror["watcher"] = pid
+        save()
+        return pid
+
+    def tunnel_log(self, name: str) -> str:
+        return tunnel.tail(self._path(name, "tunnel.log"))
+
+    def has_tunnel_log(self, name: str) -> bool:
+        return os.path.exists(self._path(name, "tunnel.log"))
+
+    def _tunnel_markers(self, name: str) -> tuple[str, ...]:
+        # the log (-E) names a tunnel of this dmmig in either mode; the socket (-L) one that an
+        # older dmmig journaled; the TLS directory nbd-client's proxy daemon
+        return self._path(name, "tunnel.log"), self._path(name, "nbd.sock"), self._path(name, "tls") + "/"
+
+    def _log_files(self, name: str) -> tuple[str, ...]:
+        # where this dmmig keeps the logs, and where an earlier one did (the state directory)
+        return Files(self.state, name).mirror_log, self._path(name, "mirror-log")
+
+    def leftovers(self, name: str) -> bool:
+        """Anything of a mirror that a killed dmmig did not journal."""
+        return bool(proc.find(self.watcher_marker(name)) or any(proc.find(m) for m in self._tunnel_markers(name))
+                    or any(os.path.exists(p) for p in self._log_files(name)) or self.nbd.owned(self.nbd_owner(name)))
+
+    # ---- tear down ----------------------------------------------------------------------
+    def teardown(self, name: str, entry: journal.Entry | None, step: Steps) -> None:
+        """Everything but the top table, which the caller has already moved off the mirror.
+        Every step is attempted; STEP collects the errors."""
+        m = entry.mirror if entry else {}
+        marker = self.watcher_marker(name)
+        for pid in set(proc.find(marker)) | ({m["watcher"]} if m.get("watcher") else set()):
+            if proc.alive(pid, marker):
+                step(f"stop the leg watcher (pid {pid})", partial(proc.stop, pid, marker))
+        # only a device whose marker still names this disk: one the journal names but that another
+        # cutover took since (this one was killed before it attached) is that cutover's leg now
+        owner = self.nbd_owner(name)
+        for dev in sorted(set(self.nbd.owned(owner)) | ({m["nbd"]} if m.get("nbd") else set())):
+            step(f"detach {dev} if still {name}'s (nbd-client -d)", partial(self.nbd.release, dev, owner))
+        sock = self._path(name, "nbd.sock")
+        tpid = (m.get("tunnel") or {}).get("pid")
+        for marker in self._tunnel_markers(name):
+            for pid in set(proc.find(marker)) | ({tpid} if tpid else set()):
+                if proc.alive(pid, marker):
+                    what = "nbd-client's TLS proxy" if marker.endswith("/") else "the SSH tunnel"
+                    step(f"stop {what} (pid {pid})", partial(tunnel.stop, pid, marker, sock))
+        if os.path.lexists(sock):
+            step(f"remove {sock}", partial(os.unlink, sock))
+        for log_file in {m.get("log_file") or Files(self.state, name).mirror_log, *self._log_files(name)}:
+            if os.path.exists(log_file):
+                for ldev in self.loop.find(log_file):
+                    step(f"detach {ldev} (mirror log)", partial(self.loop.detach, ldev))
+                step(f"remove {log_file}", partial(os.unlink, log_file))
+        for what in ("tunnel.log", "watch.log"):
+            p = self._path(name, what)
+            if os.path.exists(p):
+                step(f"remove {p}", partial(os.unlink, p))
+        hp = health_path(self.state, name)
+        if os.path.exists(hp):
+            step(f"remove {hp}", lambda: os.unlink(hp))
+        if os.path.isdir(self.state) and any(f.startswith("probe-") for f in os.listdir(self.state)):
+            step("remove what a killed dmmig's tunnel probe left", partial(tunnel.sweep_probes, self.state))
+
+    def remove_credentials(self, name: str, step: Steps) -> None:
+        """The migration is over (finish, abort): its TLS keys go."""
+        d = self._path(name, "tls")
+        if os.path.lexists(d):
+            step(f"remove the TLS credentials {d}", partial(tlscreds.remove, d))

@@ -1,0 +1,308 @@
+"""`dmmig copy`: the base copy, then rounds of what era recorded since, until the delta
+converges; resumable after a kill from the journal's offsets and eras.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from dmmig import sizing
+from dmmig.adapters import sparse
+from dmmig.adapters.blockdev import logical_block_size
+from dmmig.core import journal
+from dmmig.core.copier import Copier, Counters
+from dmmig.core.stack import Stack
+from dmmig.errors import BadInput, Busy
+from dmmig.flows.cutover import drop_mirror
+from dmmig.flows.handover import copy_rate
+from dmmig.flows.session import (
+    CopyOptions,
+    Remote,
+    Started,
+    check_destination,
+    check_source,
+    check_transport,
+    destination_of,
+    plan_transport,
+    probe_tunnel,
+    start_export,
+)
+from dmmig.names import top_name
+from dmmig.progress import Progress, Stopwatch, since_exec
+from dmmig.validate import block_fits
+
+
+def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,
+         progress: Progress) -> dict[str, Any]:
+    # TIMING: where the wall time goes, for the summary. The main thread's phases add up to
+    # the whole; "overlapped" ones ran in a thread meanwhile (the main thread's wait for them
+    # is its own phase)
+    t, par = Stopwatch(), Stopwatch()
+    t.add("start", since_exec() or 0.0)  # Python's start, the imports, the arguments
+    t0 = time.monotonic()
+    entry = stack.prepared(name)  # refuses an unknown or unprepared NAME before anything else
+    check_transport(opts)
+    with stack.journal.lock(name):
+        dest = destination_of(entry, host, ep_opts, opts)
+        # the connection and the agent's start there take a second or so that this host only
+        # waits for: the local checks and the suspend guard's start run meanwhile
+        connecting = Started(lambda: Remote(dest, par))
+        try:
+            # what the cutover will need, here and there, before the copy: not after it
+            check_source(stack, str(dest["transport"]))
+            assert entry.block_sectors
+            block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
+            stack.dm.arm_guard()
+        except BaseException:
+            connecting.abandon(lambda r: r.close())
+            raise
+        t.add("local_checks", time.monotonic() - t0)
+        with t("remote_wait"):
+            remote = connecting.result()  # unknown host key, bad credentials, unreachable: refused here
+        probing = probe_tunnel(stack, dest, remote, par)
+        try:
+            with t("agent_probe"):
+                hello = remote.agent.hello  # an agent of this version says what it lacks in its hello
+                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest["host"])
+            # catching up after a failed leg (or a cutover that did not finish): back to linear
+            # over era first; era holds every write since the cutover, and the rounds resend them
+            with t("drop_mirror"):
+                drop_mirror(stack, entry)
+        except BaseException:
+            if probing is not None:
+                probing.wait()  # it stops its ssh
+            remote.close()
+            raise
+        handles: list[Any] = []
+        path = ""
+        try:
+            with t("plan_transport"):
+                if probing is not None:
+                    dest["tunnel"], why = probing.result()
+                    dest["tunnel_probe"] = why or "streamlocal forwarding works"
+                plan_transport(stack, name, dest, remote)
+            size = stack.dm.table(f"dmmig-{name}").length * 512
+            # the top's logical block size is what blkfront got (blkback passes it on)
+            block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
+            if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
+                entry.copy["migration"] = uuid.uuid4().hex
+            base_era = _base_era(stack, name, entry, par)  # while the destination prepares
+            # journaled before anything changes there: a dmmig killed after prepare_disk or the
+            # export leaves a destination that abort knows to clean up
+            before = entry.dest
+            entry.dest = dict(dest)
+            stack.journal.save(entry)
+            try:
+                try:
+                    with t("prepare_disk"):
+                        disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
+                                                 create=opts.create, migration=entry.copy["migration"],
+                                                 block_size=block_size)
+                except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
+                    entry.dest = before
+                    stack.journal.save(entry)
+                    raise
+                with t("export"):
+                    export = start_export(remote, dest, name)
+                dest["export"] = export
+                dest["remote_state"] = remote.agent.hello.get("state_dir")
+                if "zeroed" not in entry.copy:
+                    entry.copy["zeroed"] = bool(disk["zeroed"])
+                entry.dest = dest
+                stack.journal.save(entry, journal.COPYING)
+                with t("nbd_connect"):
+                    handles, path = _connect(name, dest, export, remote, opts)
+            except BaseException:
+                if base_era is not None:
+                    base_era.wait()  # the top is resumed whatever happens; never left behind us
+                raise
+            summary = _copy_rounds(stack, name, entry, handles, size, opts, progress, t, base_era)
+            with t("teardown"):
+                for h in handles:
+                    h.shutdown()
+                stack.journal.save(entry, journal.COPIED)
+        finally:
+            with t("teardown"):
+                remote.close()
+    t.add("total", since_exec() or 0.0)
+    summary["nbd"] = {"path": path, "connections": len(handles)}
+    summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
+    return summary
+
+
+# The copier's NBD connections by transport. bench/copy_wall.py (one run, 2026-12-05): four TLS
+# connections cost the destination's one CPU 1.8 s more than one and finished later; the SSH
+# relay is one channel through the agent's session.
+COPY_CONNECTIONS = {"ssh": 1, "nbd": 1}
+
+
+def _connect(name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
+             opts: CopyOptions) -> tuple[list[Any], str]:
+    """The copier's NBD connections to NAME's export, and which way they go (the summary says
+    it): OPTS.connections over TCP (with this migration's TLS), or (--transport ssh) one,
+    through the agent's own session, which becomes the relay (op_relay)."""
+    n = max(1, opts.connections or COPY_CONNECTIONS[str(dest["transport"])])
+    if dest["transport"] != "ssh":
+        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.get("tls") else "tcp"
+    return [remote.agent_nbd(name)], "ssh agent relay"
+
+
+def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: float | None = None) -> dict[str, Any]:
+    """What copying NAME would cost, for `--dry-run`; changes nothing, contacts nobody: the era
+    block (NAME's own once prepared, else what prepare would choose, or BLOCK_BYTES) and its
+    metadata, the bytes the base copy still sends, and the time at RATE bytes/s (default: the
+    best rate this migration's copy reached, else sizing.DEFAULT_RATE, an assumption)."""
+    entry = stack.entry_of(name)
+    size = stack.dm.table(top_name(name)).length * 512
+    prepared = entry.block_sectors is not None and entry.phase not in (journal.WRAPPED, journal.PREPARING)
+    choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
+    st = entry.copy if prepared else {}
+    start = size if st.get("base_done") else int(st.get("base_offset") or 0)
+    layout = sparse.layout_of(stack.loop, entry.origin)
+    if st.get("base_done"):
+        send, basis = 0, "the base copy is done; the rounds send what era records (`dmmig dirty` shows it)"
+    elif layout is not None:
+        try:
+            send = layout.data_bytes(start, size)
+        finally:
+            layout.close()
+        basis = (f"the data of {entry.origin}'s backing file {layout.path} (its holes are known zeros, not read); "
+                 "zero blocks within the data are found while copying and not sent")
+    else:
+        send = size - start
+        basis = (f"the whole disk: where {entry.origin} holds zeros cannot be told without reading it (not a loop "
+                 "device over a file); zero blocks are found while copying and not sent")
+    measured = copy_rate(entry) if prepared else None
+    if rate is not None:
+        how = "--rate"
+    elif measured:
+        rate, how = measured, "the best rate this migration's copy reached"
+    else:
+        rate, how = float(sizing.DEFAULT_RATE), (f"assumed {sizing.human(sizing.DEFAULT_RATE)}/s (about a 1 Gbit/s "
+                                                 "link); give --rate for yours")
+    return {"name": name, "disk_bytes": size, "block_bytes": choice.block_bytes,
+            "block": "prepared" if prepared else ("chosen from the disk size" if choice.chosen else "--block-size"),
+            "era_blocks": choice.nr_blocks, "metadata_bytes": choice.metadata_bytes,
+            "metadata_file_bytes": choice.metadata_file, "warning": choice.warning,
+            "send_bytes": send, "send_basis": basis, "rate_bytes_per_s": int(rate), "rate_basis": how,
+            "seconds": round(send / rate, 1)}
+
+
+def render_estimate(e: dict[str, Any], indent: str = "") -> list[str]:
+    h = sizing.human
+    lines = [f"{indent}era block {h(e['block_bytes'])} ({e['block']}): {e['era_blocks']} blocks; era metadata "
+             f"{h(e['metadata_bytes'])} at prepare on a {h(e['metadata_file_bytes'])} sparse device",
+             f"{indent}base copy sends {h(e['send_bytes'])} of {h(e['disk_bytes'])}: {e['send_basis']}",
+             f"{indent}time at {h(e['rate_bytes_per_s'])}/s ({e['rate_basis']}): {sizing.duration(e['seconds'])}, "
+             "plus the rounds"]
+    if e.get("warning"):
+        lines.append(f"{indent}warning: {e['warning']}")
+    return lines
+
+
+def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[int] | None:
+    """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
+    suspend and resume of the top here, while the destination prepares its disk and export."""
+    if entry.copy.get("base_done") or "base_era" in entry.copy:
+        return None
+
+    def take() -> int:
+        with par("era_base_checkpoint"):
+            return stack.drained_checkpoint(name)
+    return Started(take)
+
+
+def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
+                 progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
+    entry.copy.setdefault("rounds", [])
+    assert entry.metadata
+    # a loop device over a sparse file: its holes are not read (dmmig/adapters/sparse.py)
+    layout = sparse.layout_of(stack.loop, entry.origin)
+    try:
+        return _copy_passes(stack, name, entry, h, size, opts, progress, layout, t, base_era)
+    finally:
+        if layout is not None:
+            layout.close()
+
+
+def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
+                 progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
+                 base_era: Started[int] | None) -> dict[str, Any]:
+    st = entry.copy
+    assert entry.block_sectors
+    bs = entry.block_sectors * 512
+    total = Counters()
+
+    def copier(dest_zero: bool) -> Copier:
+        return Copier(entry.origin, h, dest_zero=dest_zero, bwlimit=opts.bwlimit, on_progress=progress.advance,
+                      layout=layout.pieces if layout else None)
+
+    if not st.get("base_done"):
+        if "base_era" not in st:
+            # every write tagged below base_era has completed (drained): the base pass reads it;
+            # every later one carries base_era or more, and the rounds query from there
+            with t("era_base_checkpoint"):
+                st["base_era"] = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
+            st["base_offset"] = 0
+            stack.journal.save(entry)
+        start = int(st["base_offset"])
+        # "known to be zero" holds only for offsets never written on the destination: the first
+        # base pass over a disk dmmig created. A resumed pass may meet writes of ours past the
+        # journaled offset (in flight when we were killed); the rounds meet the base's data.
+        dest_zero = bool(st.get("zeroed")) and start == 0 and not st.get("base_started")
+        st["base_started"] = True
+        stack.journal.save(entry)
+        progress.start("base", size - start)
+
+        def ck(pos: int) -> None:
+            st["base_offset"] = pos
+            stack.journal.save(entry)
+
+        c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
+        t.add("base_copy", c.seconds)
+        total.add(c)
+        st.update(base_done=True, base_offset=size, next_since=st["base_era"],
+                  base={"from": start, **c.as_dict()})
+        stack.journal.save(entry)
+        progress.end(**c.as_dict())
+
+    rounds = copier(False)  # zeros the guest wrote are written as zeros
+    prev: int | None = None
+    rounds_now = 0
+    while True:
+        t_era = time.monotonic()
+        ranges, now = stack.drained_dirty_ranges(name, int(st["next_since"]))  # streamed from a file
+        era_secs = time.monotonic() - t_era
+        t.add("rounds_era_snapshot", era_secs)
+        try:
+            dirty = ranges.blocks * bs
+            progress.start(f"round {len(st['rounds']) + 1}", dirty)
+            c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
+        finally:
+            ranges.close()
+        total.add(c)
+        t.add("rounds_copy", c.seconds)
+        rounds_now += 1
+        rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict(), "era_seconds": round(era_secs, 3)}
+        st["rounds"].append(rnd)
+        st["next_since"] = now  # every write tagged below now had landed before this round read
+        stack.journal.save(entry)
+        progress.end(**rnd)
+        if dirty <= opts.converge:
+            why = f"delta {dirty} bytes is below --converge {opts.converge}"
+            break
+        if prev is not None and dirty >= prev:
+            why = "the delta stopped shrinking"
+            break
+        if rounds_now >= opts.max_rounds:
+            why = f"--max-rounds {opts.max_rounds} reached"
+            break
+        prev = dirty
+    secs = max(total.seconds, 1e-9)
+    summary = {"name": name, "stopped_because": why, **total.as_dict(),
+               "throughput_bytes_per_s": int(total.read / secs),
+               "rounds": st["rounds"][-rounds_now:],
+               "dirty_rate_bytes_per_s": int(st["rounds"][-1]["dirty_bytes"] / max(st["rounds"][-2]["seconds"], 1e-9))
+               if len(st["rounds"]) > 1 else None}
+    return summary

@@ -1,0 +1,324 @@
+"""`dmmig cutover`: from era rounds to a mirror whose second leg is the destination, in two
+single-ioctl swaps, then the kernel's resync of what was left.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from dmmig.adapters.blockdev import block_device
+from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
+from dmmig.adapters.era import BlockRange, merge
+from dmmig.core import journal, mirrorlog
+from dmmig.core.stack import Stack
+from dmmig.errors import BadInput, RemoteError, StateError, Steps
+from dmmig.flows.session import Remote, Started, T, plan_transport, start_export
+from dmmig.names import Files, era_name, top_name
+from dmmig.progress import Progress, Stopwatch
+from dmmig.validate import nbd_timeout, require_tools
+
+log = logging.getLogger("dmmig.migrate")
+
+
+# ---- cutover -------------------------------------------------------------------------------
+@dataclass
+class CutoverOptions:
+    nbd_timeout: int = 10       # seconds before a request to a dead peer fails the leg
+    sync_timeout: float = 3600
+    resync_parts: int | None = None  # mirror targets side by side (regions recovered at once); None: by transport
+
+
+def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
+    """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
+    the regions era recorded since the last copy round. Race-free in three steps:
+    1. era is queried (D1: eras >= the last round's) and the logs mark D1 out of sync, outside
+       any window; meanwhile the tunnel (--transport ssh) or the agent's export (--transport
+       nbd) comes up in threads that journal nothing (this thread journals what they made, and
+       on a failure waits for them before it tears down, so nothing of theirs comes up after
+       the teardown). --transport ssh attaches the export the copy left running and asks the
+       agent only if that one does not answer.
+    2. one resume swaps to the mirror: its suspend drains every write so far to leg 0; from
+       then on every write lands on both legs or, in a region out of sync, on leg 0 and is
+       resynced; a write to a region being recovered waits for that region's copy.
+    3. what was written between the query and the swap is in eras >= `first` and done (the
+       swap drained it): a second query (D2) and, if D2 has a region that D1 did not (those
+       the kernel recovers after the swap, so their copy reads D2's writes), a second swap to
+       fresh logs holding the running logs' state plus D2 (_add_regions). 3 runs while the
+       kernel already resyncs D1; the mirror counts as in sync only after it."""
+    entry = stack.prepared(name)
+    if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.get("base_done"):
+        raise StateError(f"{name} has not been copied (phase {entry.phase})",
+                         hint=f"`dmmig copy {name} HOST` first")
+    nbd_timeout(opts.nbd_timeout)
+    parts = opts.resync_parts or mirrorlog.default_parts(entry.dest["transport"])
+    if not 1 <= parts <= 64:
+        raise BadInput(f"--resync-parts {parts}: 1..64")
+    require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
+    stack.dm.require_targets("mirror")
+    top, era = top_name(name), era_name(name)
+    with stack.journal.lock(name):
+        def save() -> None:
+            stack.journal.save(entry)
+
+        sw, par = Stopwatch(), Stopwatch()
+        with sw("drop a previous mirror"):
+            drop_mirror(stack, entry)  # a rerun starts again from linear over era
+        stack.journal.save(entry, journal.CUTTING_OVER)
+        assert entry.metadata and entry.block_sectors
+        length = stack.dm.table(top).length
+        bs = entry.block_sectors
+        layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
+        since = int(entry.copy["next_since"])
+        # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
+        # agent's start, the export) runs in threads while this host makes the logs and queries
+        # era. The threads journal nothing: this thread journals what they made once they are
+        # done. --transport ssh: the copy left its export running, so the leg first tries that
+        # one through the tunnel (which checks the host key and logs in itself); the agent is
+        # asked only if it does not answer. --transport nbd: the agent is asked meanwhile
+        # (nbd-client's TCP connect to a host that stopped answering would hang a minute).
+        dest = dict(entry.dest)
+        exporting: Started[dict[str, Any]] | None = None
+        copied = dict(entry.dest.get("export") or {})  # the copy's export: the same unless it moved
+        tunneling: Started[int] | None = None
+        try:
+            if entry.dest["transport"] == "ssh" and entry.dest.get("tunnel") in ("relay", "forward" if copied.get(
+                    "socket") else None):
+                tun = stack.mirror.plan_tunnel(entry)
+                save()  # the tunnel's log names it: a killed dmmig's is found by it
+                tunneling = Started(partial(_timed, par, "tunnel", stack.mirror.start_tunnel, name,
+                                            dict(entry.dest), dict(tun), copied.get("socket")))
+            if tunneling is None or not copied.get("name"):
+                exporting = Started(partial(_connect_export, stack, name, dest, par))
+            # 1. what era recorded since the last round, into the logs. A write in flight now is
+            # tagged below `first` and done once the swap's suspend is
+            marked = layout.blank()  # for the summary: what both steps mark
+            with sw("logs"):
+                logs = stack.mirror.make_logs(entry, layout, 0, save)
+            with sw("era query"):
+                first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
+                                                             Files(stack.journal.dir, name).dirty)
+            with sw("logs"):
+                images = layout.blank()
+                try:  # streamed: a scattered delta of millions of blocks is never a list here
+                    layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
+                    layout.mark(marked, ((r.begin, r.end) for r in first_ranges), bs)
+                    shown = list(itertools.islice(first_ranges, SHOWN_RANGES + 1))
+                finally:
+                    first_ranges.close()
+                for dev, img in zip(logs, images):
+                    mirrorlog.write(dev, img.bytes())
+            leg: str | None = None
+            tried = False  # the copy's export, through the tunnel: a relay tunnel serves one connection only
+            if exporting is None:
+                assert tunneling is not None
+                with sw("nbd leg"):
+                    entry.mirror["tunnel"]["pid"] = tunneling.result()
+                    save()
+                    try:
+                        tried = True
+                        leg = stack.mirror.attach_nbd(entry, copied, opts.nbd_timeout, save)
+                    except RemoteError as e:
+                        log.info("the copy's export of %s did not answer (%s): asking the destination", name, e.message)
+                if leg is None:
+                    exporting = Started(partial(_connect_export, stack, name, dest, par))
+            if leg is None:
+                assert exporting is not None
+                with sw("wait for the destination"):
+                    export = exporting.result()
+                    entry.dest.update(dest)  # plan_transport's decisions (a destination an older dmmig journaled)
+                    entry.dest["export"] = export
+                    save()
+                with sw("nbd leg"):
+                    if entry.dest["transport"] == "ssh":
+                        pid = tunneling.result() if tunneling is not None else None
+                        if pid is not None and (tried or export.get("socket") != copied.get("socket")):
+                            stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
+                            pid = None
+                        if pid is None:
+                            tun = stack.mirror.plan_tunnel(entry)
+                            save()
+                            pid = stack.mirror.start_tunnel(name, dict(entry.dest), dict(tun), export.get("socket"))
+                        entry.mirror["tunnel"]["pid"] = pid
+                        save()
+                    leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
+            era_dev = block_device(f"/dev/mapper/{era}").devno
+            leg_dev = block_device(leg).devno
+            with sw("swap"):
+                # one resume: the kernel suspends (drains: every write so far is done on leg 0),
+                # swaps and resumes in that ioctl, and reads the logs at the resume
+                pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
+                                                        leg_dev))
+            t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
+            # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
+            # region out of sync, on leg 0 and is resynced. Left: what was written between the
+            # query and the swap; era has it in eras >= first, done (the swap drained it). A
+            # region the first swap's logs already had out of sync needs nothing more: the
+            # kernel recovers it after that swap, so its copy reads those writes too
+            with sw("era query (resyncing)"):
+                second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
+                                                            Files(stack.journal.dir, name).dirty)
+            pauses = [round(pause, 4)]
+            try:
+                if second_ranges.blocks:
+                    if not layout.marked(marked, ((r.begin, r.end) for r in second_ranges), bs):
+                        with sw("second swap (resyncing)"):
+                            pauses.append(round(_add_regions(stack, entry, layout, logs, second_ranges, era_dev,
+                                                             leg_dev, save), 4))
+                    layout.mark(marked, ((r.begin, r.end) for r in second_ranges), bs)
+                    shown = merge(shown + list(itertools.islice(second_ranges, SHOWN_RANGES + 1)))
+            finally:
+                second_ranges.close()
+        except BaseException:
+            if exporting is not None:
+                exporting.wait()  # nothing of theirs may come up after the teardown
+            if tunneling is not None:
+                tunneling.wait()
+            drop_mirror(stack, entry)
+            stack.journal.save(entry, journal.COPIED)
+            raise
+        resync_regions = sum(i.out_of_sync() for i in marked)
+        entry.mirror.update(era=now, pause_seconds=max(pauses), pauses=pauses, resync_regions=resync_regions,
+                            resync_bytes=min(resync_regions * layout.region, length) * 512, regions=layout.regions,
+                            region_bytes=layout.region * 512, parts=layout.parts,
+                            resync_ranges=[[r.begin, r.end] for r in shown[:SHOWN_RANGES]],
+                            resync_ranges_cut=len(shown) > SHOWN_RANGES)
+        save()
+        with sw("watcher (resyncing)"):
+            stack.mirror.start_watcher(entry, save)
+        with sw("resync"):
+            events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
+        # from the first swap: the kernel's resync of the first delta began there
+        entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
+                                  "kernel_out_of_sync_first_seen": kernel_out}
+        # in sync: every write tagged below `now` is on both legs (see 2. above), and a
+        # catch-up resends what era recorded from here. Not before the sync: a resync cut short
+        # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
+        # a catch-up must query from where this one did.
+        entry.copy["next_since"] = now
+        stack.journal.save(entry, journal.MIRRORING)
+    return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
+            "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
+            "overlapped": par.rounded(),
+            "region_bytes": layout.region * 512, "parts": layout.parts,
+            "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
+            "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
+
+
+SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for status
+
+
+def _connect_export(stack: Stack, name: str, dest: dict[str, Any], par: Stopwatch) -> dict[str, Any]:
+    """The cutover's calls to the destination (in a thread): connect, start its agent, plan the
+    transport into DEST (a copy: the caller journals it), start or find the export."""
+    with par("connect"):
+        remote = Remote(dest)
+    try:
+        with par("export"):
+            plan_transport(stack, name, dest, remote)  # decided by copy; probed again only for a
+            return start_export(remote, dest, name)         # destination journaled by an older dmmig
+    finally:
+        remote.close()
+
+
+def _timed(sw: Stopwatch, phase: str, fn: Callable[..., T], *args: Any) -> T:
+    with sw(phase):
+        return fn(*args)
+
+
+def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:
+    """LOGS, ERA_DEV, LEG_DEV: what the kernel accepts (major:minor, or a path)."""
+    """The top while mirroring: one dm-mirror per part of LAYOUT, leg 0 the era device (the
+    source of every resync), leg 1 the destination over NBD. handle_errors + keep_log: a
+    failed leg raises a dm event but holds no write; the guest keeps writing to leg 0 and era
+    keeps recording (README: "Leg failures")."""
+    parts = []
+    for i, log in enumerate(logs):
+        start, length, _ = layout.part(i)
+        parts.append(Mirror(length, DiskLog(log, layout.region), (era_dev, leg_dev),
+                            handle_errors=True, keep_log=True, offset=start))
+    return Table(parts[0] if len(parts) == 1 else MirrorSet(tuple(parts)))
+
+
+def _add_regions(stack: Stack, entry: journal.Entry, layout: mirrorlog.Layout, logs: list[str],
+                 ranges: Iterable[BlockRange], era_dev: str, leg_dev: str, save: Callable[[], None]) -> float:
+    """Mark RANGES out of sync in the running mirror: a swap to the same mirror over fresh log
+    devices holding what the running one's logs say plus RANGES. Its logs are read while it
+    runs: a region the kernel has marked in sync on disk stays in sync (a write to it goes to
+    both legs; only a failed leg, which the health checks see, undoes that), and one it
+    recovers after the read is only recovered twice. Not the same devices: a mirror's log can
+    still be flushed by its worker after a suspend returned (a write completing late wakes
+    it), over what dmmig wrote. Returns the pause."""
+    fresh = stack.mirror.make_logs(entry, layout, layout.parts, save)
+    images = [mirrorlog.LogImage(layout.part(i)[2], mirrorlog.read(dev, layout.slot)) for i, dev in enumerate(logs)]
+    assert entry.block_sectors
+    layout.mark(images, ((r.begin, r.end) for r in ranges), entry.block_sectors)
+    for dev, img in zip(fresh, images):
+        mirrorlog.write(dev, img.bytes())
+    pause = stack.dm.swap(top_name(entry.name), mirror_table(layout, [block_device(d).devno for d in fresh],
+                                                             era_dev, leg_dev))
+    return pause  # the old log devices go at teardown with the rest: no losetup here
+
+
+def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:
+    """Until every region is in sync and every leg is alive; the sync ratio alone is not
+    enough (a failed recovery can still count). Returns the dm event counter then, and how
+    many regions the kernel itself first reported out of sync (its view of our log)."""
+    deadline = time.monotonic() + timeout
+    first = stack.dm.mirror_status(top)
+    progress.start("resync", first.regions - first.in_sync, unit="regions")
+    done = 0
+    while True:
+        st = stack.dm.mirror_status(top)
+        progress.advance(max(0, st.in_sync - first.in_sync - done))
+        done = max(done, st.in_sync - first.in_sync)
+        if not st.healthy:
+            raise RemoteError(f"the NBD leg of {name} failed during the resync (health {st.health}, "
+                              f"log {st.log_health}); the guest keeps writing to the source"
+                              + (f". The SSH tunnel's log: {stack.mirror.tunnel_log(name)}"
+                                 if stack.mirror.has_tunnel_log(name) else ""),
+                              hint=f"`dmmig copy {name}` then `dmmig cutover {name}` to catch up, "
+                                   f"or `dmmig abort {name}`")
+        if st.synced:
+            break
+        if time.monotonic() > deadline:
+            raise StateError(f"{name}: resync not done after {timeout:.0f}s ({st.in_sync}/{st.regions})",
+                             hint="it goes on in the kernel; `dmmig status` shows it; rerun cutover to wait")
+        time.sleep(0.1)
+    # the kernel raises one event when the last region is in sync: let it land first
+    ev = stack.dm.info(top)
+    assert ev is not None
+    while True:
+        time.sleep(0.2)
+        again = stack.dm.info(top)
+        assert again is not None
+        if again.events == ev.events:
+            break
+        ev = again
+    progress.end(in_sync=st.in_sync, regions=st.regions)
+    return ev.events, first.regions - first.in_sync
+
+
+def drop_mirror(stack: Stack, entry: journal.Entry) -> None:
+    """Back to linear over era (which holds every write), then tear down the leg, log,
+    tunnel and watcher. A no-op when there is no mirror."""
+    top = top_name(entry.name)
+    info = stack.dm.info(top)
+    steps = Steps()
+    if info is not None and (info.has_inactive or info.suspended or isinstance(stack.dm.table(top).target, MIRRORS)):
+        era_dev = block_device(f"/dev/mapper/{era_name(entry.name)}").devno
+        back = Table(Linear(stack.dm.table(top).length, era_dev))
+        if isinstance(stack.dm.table(top).target, MIRRORS) or info.has_inactive:
+            steps(f"swap {top} back to linear over the era device", lambda: stack.dm.swap(top, back, noflush=True))
+        else:
+            steps(f"resume {top}", lambda: stack.dm.resume(top))
+    steps.check(f"leaving the mirror of {entry.name}")  # never tear down a leg still in use
+    if entry.mirror or stack.mirror.leftovers(entry.name):
+        stack.mirror.teardown(entry.name, entry, steps)
+        entry.mirror = {}
+        stack.journal.save(entry)
+    steps.check(f"leaving the mirror of {entry.name}")

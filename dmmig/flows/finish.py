@@ -1,0 +1,117 @@
+"""The end of a disk's migration: finish (the new owner has it) or abort (back to linear over
+the origin), on this host and on the destination.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from dmmig.core import gate, journal
+from dmmig.core.stack import Stack
+from dmmig.errors import StateError
+from dmmig.flows.destination import AgentServer, incoming
+from dmmig.flows.session import stop_remote
+from dmmig.names import Files, era_name, top_name
+
+
+# ---- finish -------------------------------------------------------------------------------
+def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False,
+           remote: bool = True) -> tuple[list[str], list[str]]:
+    """The new owner has the disk: tear down both sides (this side only without REMOTE),
+    keep the data on both. Returns (done, left behind on the destination)."""
+    entry = stack.entry_of(name)
+    top = top_name(name)
+    if not force:
+        if entry.phase != journal.MIRRORING:
+            raise StateError(f"{name} is not mirroring (phase {entry.phase}): the destination may miss writes",
+                             hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
+                                  "or --force to finish anyway")
+        st = stack.dm.mirror_status(top)
+        vouched = (entry.mirror.get("handover") or {}).get("ok")  # the gate already checked or caught up
+        if not (st.synced and st.healthy) and not vouched:
+            raise StateError(f"the mirror of {name} is not in sync with healthy legs "
+                             f"({st.in_sync}/{st.regions}, health {st.health}): the destination misses writes",
+                             hint=f"catch up with `dmmig copy {name}` + `dmmig cutover {name}`, or --force")
+    if remove:
+        info = stack.dm.info(top)
+        if info is not None and info.open_count > 0:
+            raise StateError(f"{top} is still open ({info.open_count} opener(s)); it cannot be removed",
+                             hint="stop the domain on this host first, or finish without --remove")
+    dest = dict(entry.dest) if entry.dest else None
+    with stack.journal.lock(name):
+        done = stack.abort_held(name, phase=journal.FINISHING)
+        if remove and stack.dm.info(top) is not None:
+            stack.dm.remove(top)
+            done.append(f"remove {top}")
+        if remove:
+            stack.journal.delete(name)
+    left = stop_remote(name, dest, remove_created=False, done=done) if remote else []
+    return done, left
+
+
+def finish_handed_over(stack: Stack, name: str | None, *, node: str | None, params: str,
+                       close_wait_s: float) -> list[str]:
+    """The end of a migration on the source, once the destination runs the guest on NAME's
+    disk (the gate said yes): this host's stack is history. Waits up to CLOSE_WAIT_S for
+    blkback to let go of the top device (it does so from deferred work), tears the stack down
+    keeping the data, and detaches NODE, the loop device block-dmmig's add attached over the
+    file PARAMS (only if it still is one). Both the block script's remove (libxl runs it as it
+    destroys the guest here, within its budget) and `dmmig migrate` (for whatever remove left)
+    end a migration with this. NAME None: nothing journaled is left, only the loop device."""
+    done: list[str] = []
+    if name is not None and stack.journal.load(name) is not None:
+        top = top_name(name)
+        deadline = time.monotonic() + close_wait_s
+        while True:
+            info = stack.dm.info(top)
+            if info is None or info.open_count == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if info is not None and info.open_count > 0:
+            raise StateError(f"{name} was handed over, but {top} is still open ({info.open_count} opener(s)) "
+                             f"after {close_wait_s:.0f}s", hint=f"`dmmig finish --remove {name}` once it is closed")
+        # force: the mirror's leg is gone (the destination stopped its export at the yes), and
+        # the yes is the proof that the destination has every write
+        done, _ = finish(stack, name, force=True, remove=True, remote=False)
+    file = os.path.realpath(params)
+    if node and os.path.isfile(file) and node in stack.loop.find(file):
+        stack.loop.detach(node)
+        done.append(f"detach {node} ({file})")
+    elif node:
+        done.append(f"left {node} alone: no longer a loop device over {file}")
+    return done
+
+
+# ---- abort --------------------------------------------------------------------------------
+def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
+    """Abort locally (always possible), then stop the destination's export and remove a
+    disk dmmig created there. Returns (done, left behind on the destination)."""
+    entry = stack.journal.load(name)
+    if entry is None and stack.dm.info(top_name(name)) is None and stack.dm.info(era_name(name)) is None:
+        rec = incoming(stack.journal.dir).get(name)
+        if rec is not None:
+            return _abort_incoming(stack, name, rec), []
+        if gate.stale_socket(stack.journal.dir, name):  # all a killed agent left of NAME here
+            return gate.remove_stale(stack.journal.dir, name), []
+    dest = dict(entry.dest) if entry and entry.dest else None
+    done = stack.abort(name)
+    left = stop_remote(name, dest, remove_created=True, done=done)
+    e2 = stack.journal.load(name)
+    if e2 is not None and (e2.dest or e2.copy):
+        e2.dest = {}
+        e2.copy = {}
+        stack.journal.save(e2)
+    return done, left
+
+
+def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
+    """On the destination, whose source is gone: what the source's abort would have told this
+    host's agent to do. A disk that was handed over is the guest's now: it stays."""
+    keep = bool(rec.get("handed_over"))
+    with stack.journal.lock(name):
+        if "unreadable" in rec:
+            os.unlink(Files(stack.journal.dir, name).incoming)
+            return [f"removed the unreadable record of incoming {name}"]
+        done: list[str] = AgentServer(stack.runner, stack.journal.dir).op_stop(name, remove_created=not keep)["done"]
+    return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]

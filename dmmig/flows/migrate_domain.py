@@ -1,0 +1,517 @@
+"""`dmmig migrate DOMAIN HOST`: a running domain and all its block-dmmig disks, top to bottom.
+
+1. plan: find the domain's disks in XenStore; refuse, before anything changes, a disk dmmig
+   cannot move (a writable disk not on block-dmmig, unless the operator says it is shared; a
+   destination disk missing, too small or in use; no block-dmmig on the destination);
+2. every disk to a synchronous mirror, in parallel: prepare, copy (base + era rounds),
+   cutover; any failure aborts them all and the domain never moved;
+3. `xl migrate`, while one agent session answers the handover gate for each disk as the
+   destination's block script asks (handover.answer_gate);
+4. xl succeeded: finish every disk on both sides (the source's stack is removed, the loop
+   device block-dmmig attached is detached); xl failed and the guest resumed here: abort
+   every disk on both sides. A guest that is neither here nor known to have moved is left
+   to the operator, with the state `dmmig status` explains.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmmig import names
+from dmmig.adapters.blockdev import logical_block_size
+from dmmig.adapters.ssh import Endpoint
+from dmmig.adapters.xenstore import XenStore
+from dmmig.adapters.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
+from dmmig.core import journal, mirrorlog
+from dmmig.core.stack import Stack
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
+from dmmig.flows.copying import copy, estimate, render_estimate
+from dmmig.flows.cutover import CutoverOptions, cutover, mirror_table
+from dmmig.flows.domain import Vbd, vbds
+from dmmig.flows.finish import abort, finish_handed_over
+from dmmig.flows.handover import answer_gate, mirroring_entry
+from dmmig.flows.session import CopyOptions, Remote, check_destination, check_source, destination, stop_remote
+from dmmig.names import Files, era_name, format_devno, top_name
+from dmmig.progress import Progress
+from dmmig.validate import block_fits, era_block_size, nbd_timeout
+
+log = logging.getLogger("dmmig.migrate")
+CLOSE_WAIT_S = 20.0  # blkback lets go of the source's top device from deferred work
+
+
+@dataclass
+class MigrateOptions:
+    copy: CopyOptions = field(default_factory=CopyOptions)
+    cutover: CutoverOptions = field(default_factory=CutoverOptions)
+    xl_args: list[str] = field(default_factory=list)
+    xl_timeout: float = 3600
+    shared_ok: bool = False         # the domain's writable disks not on block-dmmig are shared storage
+    block_script: str = "/etc/xen/scripts/block-dmmig"
+    # era block = mirror region, for disks not prepared yet: the kernel resyncs one region at a
+    # time, so larger regions resync faster over a long round trip (README, "Resync speed").
+    # None: each disk's is chosen from its size (sizing.choose_block)
+    block_bytes: int | None = None
+    rate: float | None = None       # --dry-run's estimate: the copy rate (bytes/s)
+
+
+@dataclass
+class Disk:
+    vbd: Vbd
+    name: str
+    origin: str            # what dmmig-NAME wraps here (the LV, or block-dmmig's loop device)
+    size: int
+    phase: str
+    dest_disk: str         # params: block-dmmig on the destination wraps the same path
+    dest_exists: bool
+    tables: list[str]
+    block_size: int | None = None   # logical block size blkfront got; the destination must match it
+    estimate: dict[str, Any] = field(default_factory=dict)  # era block, metadata, bytes and time (M.estimate)
+
+    @property
+    def top(self) -> str:
+        return top_name(self.name)
+
+
+@dataclass
+class Plan:
+    domain: Domain
+    host: str
+    disks: list[Disk]
+    others: list[Vbd]      # disks xl migrate must find on the destination as they are
+    transport: str = "ssh"
+    tunnel: str | None = None   # ssh: the mirror leg's tunnel mode, probed on the destination
+    tunnel_why: str = ""
+
+    def render(self) -> str:
+        lines = [f"migrate domain {self.domain.name} (domid {self.domain.domid}) to {self.host}:"]
+        if self.transport == "ssh":
+            lines.append(f"  NBD over SSH to a root-only unix socket; mirror leg tunnel: {self.tunnel}"
+                         + (f" ({self.tunnel_why})" if self.tunnel_why else ""))
+        else:
+            lines.append("  NBD over TCP (--transport nbd)")
+        for d in self.disks:
+            dest = "exists" if d.dest_exists else "created (--create)"
+            lines.append(f"  {d.vbd.vdev}: {d.vbd.params} as dmmig disk {d.name}, {d.size} bytes "
+                         f"({d.size / (1 << 20):.1f} MiB), phase {d.phase}; destination {self.host}:{d.dest_disk} "
+                         f"({dest})")
+            lines += [f"    {t}" for t in d.tables]
+            if d.estimate:
+                lines += render_estimate(d.estimate, "    ")
+        for v in self.others:
+            lines.append(f"  {v.vdev}: {v.params or '(no params)'} (script {v.script or 'none'}, mode {v.mode}): "
+                         "not moved by dmmig; xl migrate expects it on the destination as it is")
+        return "\n".join(lines)
+
+
+# ---- 1. plan -----------------------------------------------------------------------------
+def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: dict[str, Any],
+         opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = Remote) -> Plan:
+    """Everything `dmmig migrate` will do, checked on both hosts; changes nothing. REMOTE
+    connects to the destination's agent (injected by the unit tests)."""
+    nbd_timeout(opts.cutover.nbd_timeout)
+    check_xl_timeout(opts.xl_timeout)
+    dom = xl.find(domain)  # no xl here: refused as a missing tool
+    if dom is None:
+        raise BadInput(f"no domain {domain!r} runs on this host", hint="`xl list` shows the running domains")
+    if dom.domid == 0:
+        raise BadInput("domain 0 cannot be migrated")
+    all_vbds = vbds(xs, dom.domid)
+    mine = [v for v in all_vbds if v.managed]
+    others = [v for v in all_vbds if not v.managed]
+    if not mine:
+        raise BadInput(f"none of {dom.name}'s disks uses block-dmmig: nothing for dmmig to move",
+                       hint="give its disks script=block-dmmig (README), or use `xl migrate` for shared storage")
+    risky = [v for v in others if v.writable]
+    if risky and not opts.shared_ok:
+        raise BadInput(f"{dom.name} has writable disks dmmig does not move: "
+                       + ", ".join(f"{v.vdev} ({v.params})" for v in risky)
+                       + "; the destination would run the guest on its own copy of them",
+                       hint="use script=block-dmmig for them, or pass --shared if they are on shared storage")
+    remote_of = [v for v in mine if not v.local_backend]
+    if remote_of:
+        raise BadInput(f"{', '.join(v.vdev for v in remote_of)}: served from a driver domain "
+                       f"({remote_of[0].backend}); dmmig moves disks served by dom0's blkback only")
+    config = config_option(opts.xl_args)
+    if config is not None:
+        _check_config(xl, config, dom, all_vbds)
+    ep = Endpoint.parse(host, **ep_opts)
+    if opts.block_bytes is not None:
+        era_block_size(opts.block_bytes)
+    # the parts cutover will choose (cutover.cutover: --resync-parts, else by transport), refused
+    # as it would refuse them, so the tables below are the ones it loads
+    parts = opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)
+    if not 1 <= parts <= 64:
+        raise BadInput(f"--resync-parts {parts}: 1..64")
+    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine]
+    for d in disks:
+        d.block_size = _sector_size(xs, stack, d)
+    check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
+    _check_nbd_devices(stack, disks)
+    # what cutover (the mirror's logs) and, over nbd, the copy (its TLS keys) make root-only
+    # here: refused now as private_dir would refuse it then, not after the copy
+    journal.check_private_dir(names.RUN_DIR)
+    if opts.copy.transport == "nbd":
+        for d in disks:
+            journal.check_private_dir(Files(stack.journal.dir, d.name).mirror("tls"))
+    tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
+    return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
+
+
+def _check_nbd_devices(stack: Stack, disks: list[Disk]) -> None:
+    """Every disk's cutover takes a /dev/nbdX here for its mirror leg, all of them at once: with
+    fewer free, the last cutover would fail after every disk's copy. A disk's own leg from an
+    earlier run counts (its cutover drops it first). Advisory: another migration may take
+    devices meanwhile; the cutover's choice under the host-wide lock still refuses then."""
+    nbd = stack.mirror.nbd
+    free = nbd.free_count([stack.mirror.nbd_owner(d.name) for d in disks])
+    if free < len(disks):
+        n = len(disks)
+        raise Busy(f"{n} disk{'s' if n > 1 else ''} need{'' if n > 1 else 's'} {n} free nbd device"
+                   f"{'s' if n > 1 else ''} here for {'their' if n > 1 else 'its'} mirror leg, {free} "
+                   f"{'is' if free == 1 else 'are'} free",
+                   hint="wait for other migrations to finish, or load the nbd module with more devices "
+                        "(nbds_max=N) while none is in use")
+
+
+def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
+    """`-- -C CONFIG` makes xl migrate start the guest on the destination with CONFIG's disks:
+    they must be the running domain's (same vdevs, targets, scripts, modes), or the guest
+    would boot there on disks dmmig did not move (or block-dmmig's gate would not be asked)."""
+    got = {d.vdev: d for d in xl.config_disks(config)}
+    have = {v.vdev: v for v in running}
+    diffs = []
+    for vdev in sorted(set(got) | set(have)):
+        d, v = got.get(vdev), have.get(vdev)
+        if v is None:
+            assert d is not None
+            diffs.append(f"{vdev} ({d.target}) is in {config} but not in the running domain")
+        elif d is None:
+            diffs.append(f"{vdev} ({v.params}) is in the running domain but not in {config}")
+        else:
+            if os.path.basename(d.script) != os.path.basename(v.script):
+                diffs.append(f"{vdev}: script {d.script or '(none)'} in {config}, {v.script or '(none)'} running")
+            # qdisk's params carry the format: "raw:/srv/x.img" for target /srv/x.img
+            if d.target != v.params and not v.params.endswith(":" + d.target):
+                diffs.append(f"{vdev}: target {d.target} in {config}, {v.params} running")
+            if d.writable != v.writable:
+                diffs.append(f"{vdev}: {'writable' if d.writable else 'read-only'} in {config}, "
+                             f"{'writable' if v.writable else 'read-only'} running")
+    if diffs:
+        raise BadInput(f"-C {config} does not describe {dom.name}'s disks: " + "; ".join(diffs),
+                       hint="xl migrate would start the guest on the destination with those disks: pass the "
+                            "domain's own config, or leave -C out (xl then sends the running config)")
+
+
+def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, rate: float | None,
+               resync_parts: int) -> Disk:
+    """BLOCK_BYTES: the era block (= region) prepare will use if the disk is not prepared yet
+    (None: chosen from its size); RATE: the copy rate for the time estimate."""
+    name = v.name
+    top = top_name(name)
+    entry = stack.journal.load(name)
+    info = stack.dm.info(top)
+    if entry is None or info is None:
+        raise StateError(f"{v.vdev} ({v.params}): block-dmmig set it up, but {top} or its journal entry is "
+                         "missing here", hint=f"`dmmig status {name}`; the domain may need a restart on this host")
+    if format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
+        raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not {top}",
+                         hint="the disk was re-pointed behind block-dmmig; do not migrate it with dmmig")
+    if entry.dest and entry.dest.get("host") != dest_host:
+        raise StateError(f"{name} is already being migrated to {entry.dest.get('host')}",
+                         hint=f"`dmmig abort {name}` first")
+    length = stack.dm.table(top).length
+    est = estimate(stack, name, block_bytes=block_bytes, rate=rate)  # refuses a block dm-era cannot take
+    block_sectors = int(est["block_bytes"]) // 512
+    block_fits(block_sectors if entry.phase == journal.WRAPPED else entry.block_sectors or block_sectors, length,
+               f"{v.vdev} ({v.params})")
+    tables = [f"now:        {top}: {stack.dm.table_text(top).strip()}"]
+    if entry.phase == journal.WRAPPED:
+        tables += [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> {entry.origin_devno} {block_sectors}",
+                   f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
+    else:  # prepared already: its era block stays
+        block_sectors = entry.block_sectors or block_sectors
+    layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
+    lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
+                           "<nbd leg>").render().splitlines()
+    tables.append(f"cutover:    {top}: {layout.parts} dm-mirror targets side by side, regions of "
+                  f"{layout.region // 2} KiB, each recovering one at a time:")
+    tables += [f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]])]
+    return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables, estimate=est)
+
+
+def _sector_size(xs: XenStore, stack: Stack, d: Disk) -> int | None:
+    """The logical block size blkfront got: blkback's sector-size in the backend (it passes on
+    the top device's), else the top device's own."""
+    v = xs.read(f"{d.vbd.backend}/sector-size")
+    if v and v.strip().isdigit():
+        return int(v)
+    try:
+        return logical_block_size(stack.runner, f"/dev/mapper/{d.top}")
+    except DmmigError:
+        return None
+
+
+def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
+                       connect: Callable[[dict[str, Any]], Any]) -> tuple[str | None, str]:
+    """Returns the mirror leg's tunnel mode (ssh; the probe's or --tunnel's) and why."""
+    c = opts.copy
+    # unknown host key, bad credentials, no dmmig there: refused here
+    remote = connect(destination(host, ep_opts, c, ""))
+    tunnel, why = c.tunnel, "--tunnel" if c.tunnel else ""
+    try:
+        probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script,
+                                  names={d.dest_disk: d.name for d in disks},
+                                  sizes={d.dest_disk: d.size for d in disks}, create=c.create)
+        if c.transport == "ssh" and tunnel is None:  # OpenSSH can log in and run the agent, or refused here
+            tunnel, why = remote.probe_tunnel(stack.runner, stack.journal.dir)
+            why = why or "streamlocal forwarding works"
+    finally:
+        remote.close()
+    if not probe["block_script"]:
+        raise BadInput(f"{host} has no executable {probe['script_path']}: its `add` could not take the disks",
+                       hint="run the README's install command there")
+    check_destination(probe, host)
+    refused = probe.get("export_dir_refused")  # None, or no such key from an older agent
+    if refused:
+        raise StateError(f"on {host}: {refused['message']}", hint=refused.get("hint"))
+    if os.path.realpath(probe["state_dir"]) != os.path.realpath(probe["hotplug_state_dir"]):
+        raise BadInput(f"on {host}, dmmig's state dir would be {probe['state_dir']} but block-dmmig's is "
+                       f"{probe['hotplug_state_dir']}: its add would not ask the handover gate",
+                       hint="drop --remote-state-dir, or set DMMIG_STATE_DIR for both there")
+    for d in disks:
+        p = probe["disks"][d.dest_disk]
+        d.dest_exists = bool(p["exists"])
+        if p.get("refused"):  # the agent there may not touch it (its confinement), or cannot create it
+            raise BadInput(f"{host}:{d.dest_disk}: {p['refused']}")
+        if not p["exists"] and not c.create:
+            raise BadInput(f"{host}:{d.dest_disk} does not exist", hint="create it, or pass --create")
+        if p["exists"] and p["size"] < d.size:
+            raise BadInput(f"{host}:{d.dest_disk} is smaller than {d.vbd.params}: {p['size']} < {d.size} bytes")
+        # in use by anything but this migration's own export (a resumed one's): a local domain,
+        # a process, another disk of dmmig's
+        if p["exists"] and p.get("in_use"):
+            raise BadInput(f"{host}:{d.dest_disk}: {p['in_use']}")
+        have = p.get("block_size")
+        if have and d.block_size and have != d.block_size:
+            raise BadInput(f"{host}:{d.dest_disk} has a logical block size of {have} bytes, {d.vbd.params} "
+                           f"{d.block_size}: blkfront keeps the sector size it started with, so {d.vbd.vdev} "
+                           "would be unusable after the move",
+                           hint="use a destination disk with the same logical block size (a file becomes a "
+                                "loop device of 512-byte sectors)")
+    return tunnel, why
+
+
+# ---- 2.-4. the migration -----------------------------------------------------------------
+def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: MigrateOptions,
+            progress: Callable[[Disk, int], Progress], say: Callable[[str], None],
+            ops: Ops | None = None) -> dict[str, Any]:
+    """Steps 2-4 of P. XL runs xl migrate; OPS are the destination's agent and the per-disk
+    steps (the real ones unless a test injects its own). Every failure raises its own kind."""
+    ops = ops or Ops()
+    t0 = time.monotonic()
+    summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
+    # 2. every disk to a synchronous mirror
+    # the tunnel's mode as the plan probed it: one probe for every disk
+    opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
+    results = ops.to_mirror(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
+                            lambda i: progress(p.disks[i], i))
+    mirrored = list(zip(p.disks, results))
+    failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
+    if failed:
+        _abort_all(stack, p.disks, say, ops)
+        first = next(iter(failed.values()))
+        if not isinstance(first, DmmigError):
+            raise first  # a bug: the CLI shows it as one
+        raise first.with_context(f"{', '.join(failed)}: could not reach a synchronous mirror, so every "
+                                 f"disk was aborted and {p.domain.name} did not move") from first
+    for d, r in mirrored:
+        summary["disks"][d.name] = r
+        say(f"{d.name}: mirroring; copied {r['copy']['read'] / (1 << 20):.1f} MiB, cutover suspended I/O for "
+            f"{r['cutover']['suspended_seconds'] * 1000:.0f} ms, resynced {r['cutover']['resync_regions']} regions")
+    summary["to_mirror_seconds"] = round(time.monotonic() - t0, 3)
+
+    # 3. xl migrate, answering the gate
+    say(f"xl migrate {p.domain.name} {p.host}")
+    dests = {d.name: dict(mirroring_entry(stack, d.name).dest) for d in p.disks}
+    t_xl = time.monotonic()
+    try:
+        xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts, ops)
+    except BaseException:  # the gate could not be set up, or xl could not start: the guest is here
+        _abort_all(stack, p.disks, say, ops)
+        raise
+    for name, g in gates.items():
+        summary["disks"][name]["handover"] = g
+    if xl_res.overran:
+        raise _overran(p, xl_res, opts.xl_timeout)
+    # wall_seconds adds what the gate costs around xl: its own SSH session and agent, the join
+    summary["xl"] = {"returncode": xl_res.returncode, "seconds": xl_res.seconds,
+                     "wall_seconds": round(time.monotonic() - t_xl, 3)}
+
+    # 4. finish or abort
+    if xl_res.returncode == 0:
+        t_fin = time.monotonic()
+        unfinished: dict[str, DmmigError] = {}
+        for d in p.disks:  # every disk, whatever another's finish says: the guest is there now
+            try:
+                summary["disks"][d.name]["finish"] = ops.finish(stack, d, dests[d.name])
+            except DmmigError as e:
+                unfinished[d.name] = e
+        if unfinished:
+            first = next(iter(unfinished.values()))
+            raise first.with_context(f"{p.domain.name} runs on {p.host} now, but finishing "
+                                     f"{', '.join(unfinished)} failed") from first
+        summary["finish_seconds"] = round(time.monotonic() - t_fin, 3)
+        summary["seconds"] = round(time.monotonic() - t0, 3)
+        return summary
+    here = xl.find(p.domain.name)
+    xl_err = xl_res.output.strip()[-3000:]
+    refused = {n: g["why"] for n, g in gates.items() if not g["ok"]}
+    why = f"xl migrate failed (status {xl_res.returncode}): {xl_err}"
+    if refused:
+        why += "; the handover gate refused " + "; ".join(f"{n}: {w}" for n, w in refused.items())
+    if here is not None and here.domid == p.domain.domid:
+        _abort_all(stack, p.disks, say, ops)
+        raise RemoteError(why + f"\n{p.domain.name} resumed on this host with every write on its disks; "
+                          "dmmig aborted the disks' migration on both hosts",
+                          hint="fix the cause, then run `dmmig migrate` again")
+    raise StateError(why + f"\n{p.domain.name} (domid {p.domain.domid}) no longer runs here under its name; "
+                     "dmmig left every disk as it is (mirroring)",
+                     hint=f"find where the guest runs (`xl list` on both hosts). If on {p.host}: "
+                          f"`dmmig finish --force --remove NAME` here for each disk; if here: `dmmig abort NAME`")
+
+
+def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts: dict[str, Any],
+                 opts: MigrateOptions, progress: Callable[[int], Progress]) -> list[Any]:
+    """Every (NAME, destination path) to a synchronous mirror, each in its own thread: prepare
+    (if not prepared yet), copy, cutover. Returns, for each disk, its summary or the exception
+    it raised; the caller decides (migrate aborts them all if any failed)."""
+    results: list[Any] = [None] * len(disks)
+
+    def run(i: int) -> None:
+        name, dest_disk = disks[i]
+        try:
+            pg = progress(i)
+            entry = stack.journal.load(name)
+            if entry is not None and entry.phase == journal.WRAPPED:
+                stack.prepare(name, block_bytes=opts.block_bytes)
+            copied = copy(stack, name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
+            results[i] = {"copy": copied, "cutover": cutover(stack, name, opts.cutover, pg)}
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,), name=f"dmmig-{n}") for i, (n, _) in enumerate(disks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
+                          ops: Ops) -> tuple[XlRun, dict[str, Any]]:
+    """Run xl migrate in a thread; meanwhile wait for the destination's block script to ask
+    about each disk, and answer (suspend, vouch or catch up, answer, resume). The disks' locks
+    are held until the last answer, so no other dmmig touches them meanwhile."""
+    entries = {d.name: mirroring_entry(stack, d.name) for d in p.disks}
+    gates: dict[str, Any] = {}
+    box: list[XlRun] = []
+    xl_failed: list[BaseException] = []
+    xl_log = os.path.join(stack.journal.dir, f"xl-migrate-{p.domain.domid}.log")
+
+    def run_xl() -> None:
+        try:
+            box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread, as it is
+            xl_failed.append(e)
+    th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
+    with contextlib.ExitStack() as locks:
+        for name in entries:
+            locks.enter_context(stack.journal.lock(name))
+        remote = ops.remote(next(iter(entries.values())).dest)
+        try:
+            # every disk's gate listens before xl starts; another agent there already waiting for
+            # one of them (a second migration of the same disk) is refused here, before xl runs
+            remote.agent.call("await_gate", names=list(entries), timeout=0)
+
+            th.start()
+            pending = list(entries)
+            try:
+                while pending and th.is_alive():
+                    asked = remote.agent.call("await_gate", names=pending, timeout=1.0)["asked"]
+                    if asked is not None:
+                        gates[asked] = ops.answer_gate(stack, entries[asked], remote)
+                        pending.remove(asked)
+            except Exception as e:  # noqa: BLE001 - xl runs on; it decides where the guest runs
+                # the gate is lost (the agent or its connection died): a destination that asks
+                # now gets no yes in time and refuses
+                msg = e.message if isinstance(e, DmmigError) else f"{type(e).__name__}: {e}"
+                log.warning("handover gate lost during xl migrate: %s", msg)
+                for n in pending:
+                    gates[n] = {"ok": False, "why": f"the gate was lost: {msg}", "delivered": False}
+        finally:
+            remote.close()
+    # the locks are free again: after the last yes, libxl destroys the guest here and the
+    # block script's remove finishes each handed-over disk (it takes the disk's lock)
+    th.join()
+    if xl_failed:  # xl did not start (missing, say): the guest never left; its own kind and traceback
+        raise xl_failed[0]
+    return box[0], gates
+
+
+def _overran(p: Plan, run: XlRun, timeout: float) -> StateError:
+    names = " ".join(d.name for d in p.disks)
+    return StateError(
+        f"xl migrate of {p.domain.name} (pid {run.pid}) still runs after {timeout:.0f}s (--xl-timeout). dmmig did "
+        "not stop it: a killed xl leaves a suspended guest that nothing resumes. dmmig no longer answers the "
+        "handover gate, so a disk whose `add` has not had its yes is refused and xl resumes the guest here. "
+        f"xl's output goes to {run.log}",
+        hint=f"wait until xl ends (`ps -p {run.pid}`; its last words are in {run.log}), then look where "
+             f"{p.domain.name} runs (`xl list` here and on {p.host}). On {p.host}: here, for each of {names}: "
+             "`dmmig finish --force --remove NAME` (block-dmmig's remove may have done it: `dmmig status`). "
+             f"Here: `dmmig abort NAME` for each of {names}. Then `rm {run.log}`")
+
+
+def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any]:
+    """The guest runs on the destination. The block script's remove, run by libxl as it
+    destroyed the guest here, normally finished this host's side already; whatever it left
+    (blkback slow to let go, an error) is finished here. Then the destination's agent forgets
+    the disk."""
+    t = time.monotonic()
+    journaled = stack.journal.load(d.name) is not None
+    done = finish_handed_over(stack, d.name if journaled else None, node=d.vbd.node, params=d.vbd.params,
+                                close_wait_s=CLOSE_WAIT_S)
+    if not journaled:
+        done.insert(0, "finished here by block-dmmig remove")
+    left = stop_remote(d.name, dest, remove_created=False, done=done)
+    if left:
+        raise RemoteError(f"{d.name}: finished here, but on the destination: {'; '.join(left)}")
+    return {"done": done, "seconds": round(time.monotonic() - t, 3)}
+
+
+def _abort_all(stack: Stack, disks: list[Disk], say: Callable[[str], None], ops: Ops) -> None:
+    for d in disks:
+        try:
+            done, left = ops.abort(stack, d.name)
+            say(f"{d.name}: aborted ({len(done)} steps)")
+            for x in left:
+                say(f"{d.name}: left behind: {x}")
+        except DmmigError as e:
+            say(f"{d.name}: abort failed: {e.message}; `dmmig status {d.name}`, then `dmmig abort {d.name}`")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """What migrate() calls below it: the destination's agent (REMOTE: a dest record -> a
+    connection with .agent and .close) and the per-disk steps. The real ones by default; the
+    unit tests inject theirs to reach every failure branch."""
+    remote: Callable[[dict[str, Any]], Any] = Remote
+    to_mirror: Callable[..., list[Any]] = mirror_disks  # step 2: each disk's summary or exception
+    answer_gate: Callable[[Stack, journal.Entry, Any], dict[str, Any]] = answer_gate
+    finish: Callable[[Stack, Disk, dict[str, Any]], dict[str, Any]] = _finish_source
+    abort: Callable[[Stack, str], tuple[list[str], list[str]]] = abort

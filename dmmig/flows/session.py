@@ -1,0 +1,297 @@
+"""The source's session with the destination: its SSH connection and agent, the transport's
+checks and choices (ssh tunnel or NBD with TLS), the destination's export, and stopping it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from dmmig.adapters import nbd, tlscreds, tunnel
+from dmmig.adapters.agentclient import AgentClient
+from dmmig.adapters.agentcmd import agent_argv
+from dmmig.adapters.runner import Runner
+from dmmig.adapters.ssh import (
+    TRANSPORT_ERRORS,
+    Endpoint,
+    SSHClient,
+    channel_socket,
+    channel_stderr,
+    close_quietly,
+    connect,
+    relay_socket,
+)
+from dmmig.core import journal
+from dmmig.core.stack import Stack
+from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.names import Files
+from dmmig.progress import Stopwatch
+from dmmig.validate import host_name, missing_tools, require_tools
+
+log = logging.getLogger("dmmig.migrate")
+
+
+@dataclass
+class CopyOptions:
+    dest_disk: str | None = None
+    create: bool = False
+    transport: str = "ssh"            # or "nbd"
+    nbd_address: str | None = None
+    insecure: bool = False            # --transport nbd without TLS: the operator's explicit choice
+    tunnel: str | None = None         # --transport ssh: the mirror leg's mode; None: probe
+    remote_dmmig: str = "dmmig"
+    remote_state_dir: str | None = None
+    converge: int = 64 << 20          # stop when a round's delta is below this
+    max_rounds: int = 10
+    bwlimit: float | None = None
+    # NBD connections of the copier; None: by transport (COPY_CONNECTIONS)
+    connections: int | None = None
+
+
+class Remote:
+    """One SSH connection to the destination: the agent, and NBD through it or direct."""
+
+    def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
+        self.dest = dest
+        self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
+        t = phases or Stopwatch()
+        with t("ssh_connect"):
+            self.ssh: SSHClient = connect(self.ep)
+        try:
+            with t("agent_start"):
+                self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
+        except TRANSPORT_ERRORS as e:
+            close_quietly(self.ssh)
+            raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
+                              f"{type(e).__name__} {e}".rstrip()) from e
+        except BaseException:
+            close_quietly(self.ssh)
+            raise
+
+    def nbd(self, export: dict[str, Any], name: str) -> Any:
+        """A libnbd handle on NAME's export: through the agent's relay (an exec channel: works
+        with a key that allows no forwarding), or over TCP with this migration's TLS."""
+        if self.dest["transport"] == "ssh":
+            sock, chan = relay_socket(self.ssh, agent_argv(self.dest, "relay", name))
+            try:
+                return nbd.open_client(sock, export=name)
+            except RemoteError as e:
+                for _ in range(20):  # its reason arrives with its exit
+                    if chan.exit_status_ready():
+                        break
+                    time.sleep(0.05)
+                raise RemoteError(f"{e.message}; the destination's relay said: {channel_stderr(chan) or '(nothing)'}",
+                                  hint=e.hint) from e
+        return nbd.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
+
+    def agent_nbd(self, name: str) -> Any:
+        """A libnbd handle on NAME's export (--transport ssh) through the agent's own session,
+        which becomes the relay (op_relay): no second agent starts there. The agent takes no
+        call after it."""
+        self.agent.call("relay", name=name)
+        chan, rest = self.agent.detach()
+        return nbd.open_client(channel_socket(chan, rest), export=name)
+
+    def probe_tunnel(self, runner: Runner, local_dir: str) -> tuple[str, str]:
+        """Which mode the mirror leg's OpenSSH tunnel can use there (tunnel.probe)."""
+        os.makedirs(local_dir, mode=0o700, exist_ok=True)
+        return tunnel.probe(runner, self.dest, str(self.agent.hello["state_dir"]), local_dir)
+
+    def close(self) -> None:
+        # runs in `finally` after a failure too: a dead connection must not hide that failure
+        close_quietly(self.agent)
+        close_quietly(self.ssh)
+
+
+def probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
+                  par: Stopwatch) -> Started[tuple[str, str]] | None:
+    """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
+    destination (OpenSSH's login, an agent's start there), while the checks go on here."""
+    if dest["transport"] != "ssh" or dest.get("tunnel"):
+        return None
+
+    def probe() -> tuple[str, str]:
+        with par("tunnel_probe"):
+            return remote.probe_tunnel(stack.runner, stack.journal.dir)
+    return Started(probe)
+
+
+T = TypeVar("T")
+
+
+class Started(Generic[T]):
+    """FN running in a thread from now on. result() waits for it and returns what it returned
+    or raises what it raised; abandon(CLEANUP): nobody will take the result, CLEANUP gets it
+    once it comes (exactly once, whichever comes first)."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._lock = threading.Lock()
+        self._value: list[T] = []  # the result, once there
+        self._error: BaseException | None = None
+        self._cleanup: Callable[[T], None] | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], T]) -> None:
+        try:
+            value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever takes the result
+            self._error = e
+            return
+        with self._lock:
+            self._value.append(value)
+            cleanup = self._cleanup
+        if cleanup is not None:
+            cleanup(value)
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value[0]
+
+    def abandon(self, cleanup: Callable[[T], None]) -> None:
+        with self._lock:
+            self._cleanup = cleanup
+            value = list(self._value)
+        for v in value:
+            cleanup(v)
+
+
+def check_source(stack: Stack, transport: str) -> None:
+    """Every tool and dm target this host needs from prepare to cutover (the tunnel's ssh for
+    --transport ssh); checked before anything changes, never found missing after the copy."""
+    require_tools("dmsetup", "losetup", "era_invalidate", "nbd-client", *(["ssh"] if transport == "ssh" else []))
+    stack.dm.require_targets("era", "mirror")
+
+
+def check_destination(probe: dict[str, Any], host: str) -> None:
+    """What the agent's probe says the destination lacks (qemu-nbd, ...)."""
+    missing = sorted(t for t, ok in (probe.get("tools") or {}).items() if not ok)
+    if missing:
+        raise missing_tools(missing, f"on {host}")
+
+
+def check_transport(opts: CopyOptions) -> None:
+    """--transport and its options, refused before anything changes."""
+    if opts.transport not in ("ssh", "nbd"):
+        raise BadInput(f"unknown transport {opts.transport!r}: use ssh or nbd")
+    if opts.transport == "nbd":
+        if not opts.nbd_address:
+            raise BadInput("--transport nbd needs --nbd-address ADDR (the destination's address on the "
+                           "migration network)")
+        host_name(opts.nbd_address)
+        if opts.tunnel:
+            raise BadInput("--tunnel is for --transport ssh")
+    elif opts.insecure:
+        raise BadInput("--insecure is for --transport nbd (--transport ssh is always encrypted and "
+                       "authenticated by SSH)")
+    if opts.tunnel not in (None, *tunnel.MODES):
+        raise BadInput(f"unknown --tunnel {opts.tunnel!r}: use auto, {' or '.join(tunnel.MODES)}")
+
+
+def destination(host: str, ep_opts: dict[str, Any], opts: CopyOptions, disk: str) -> dict[str, Any]:
+    """The destination record Remote connects with (journaled as entry.dest). TUNNEL (ssh):
+    the mirror leg's mode, chosen by the plan's probe; TLS (nbd): this migration's credentials
+    here; INSECURE: the operator chose an NBD leg without TLS."""
+    ep = Endpoint.parse(host, **ep_opts)
+    check_transport(opts)
+    d = {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
+         "identity": ep.identity, "disk": disk, "transport": opts.transport,
+         "nbd_address": opts.nbd_address, "remote_dmmig": opts.remote_dmmig,
+         "remote_state_dir": opts.remote_state_dir, "insecure": opts.insecure}
+    if opts.tunnel:
+        d["tunnel"] = opts.tunnel
+    return d
+
+
+def plan_transport(stack: Stack, name: str, dest: dict[str, Any], remote: Remote) -> None:
+    """Decide, before any change there, how NBD reaches the destination; journaled in DEST.
+    ssh: the tunnel's mode, by a real probe with OpenSSH unless already decided (a plan, a
+    journaled destination, --tunnel); nbd: this migration's TLS credentials, unless --insecure."""
+    if dest["transport"] == "ssh":
+        if not dest.get("tunnel"):
+            dest["tunnel"], why = remote.probe_tunnel(stack.runner, stack.journal.dir)
+            dest["tunnel_probe"] = why or "streamlocal forwarding works"
+    elif not dest.get("insecure") and not dest.get("tls"):
+        dest["tls"] = stack.mirror.credentials(name, str(dest["nbd_address"]))
+
+
+def start_export(remote: Remote, dest: dict[str, Any], name: str, deadline_s: float | None = None) -> dict[str, Any]:
+    """Start (or find) NAME's export there, as DEST's transport wants it."""
+    if dest["transport"] == "ssh":
+        return dict(remote.agent.call("export", name=name, deadline_s=deadline_s)["export"])
+    if dest.get("tls"):
+        try:
+            files = tlscreds.server_files(dest["tls"])
+        except OSError as e:
+            raise StateError(f"the TLS credentials of {name} are gone ({e})",
+                             hint=f"`dmmig copy {name}` makes new ones") from e
+        return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], tls=files,
+                                      deadline_s=deadline_s)["export"])
+    if not dest.get("insecure"):
+        raise StateError(f"{name}: no TLS credentials for --transport nbd (journaled by an older dmmig?)",
+                         hint=f"`dmmig copy {name}` makes them, or `dmmig abort {name}`")
+    return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], insecure=True,
+                                  deadline_s=deadline_s)["export"])
+
+
+def destination_of(entry: journal.Entry, host: str | None, ep_opts: dict[str, Any],
+                   opts: CopyOptions) -> dict[str, Any]:
+    if host is None:
+        if not entry.dest:
+            raise BadInput(f"no destination known for {entry.name}: give [USER@]HOST")
+        return dict(entry.dest)
+    dest = destination(host, ep_opts, opts, opts.dest_disk or entry.origin)
+    old = entry.dest
+    if old and (old["host"], old["disk"]) != (dest["host"], dest["disk"]):
+        raise StateError(f"{entry.name} is already being copied to {old['host']}:{old['disk']}",
+                         hint=f"`dmmig abort {entry.name}` to start over with another destination")
+    keep_probe(old, dest)
+    return dest
+
+
+def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
+    """DEST (from the command line) takes the tunnel mode the plan's probe found for OLD (the
+    journaled destination) if OpenSSH would log in and run the agent there the same way: the
+    probe is asked again only when that changed. An earlier --tunnel is no probe result."""
+    if (old and "tunnel" not in dest and old.get("tunnel") and old.get("tunnel_probe")
+            and all(old.get(k) == dest.get(k) for k in PROBED_WITH)):
+        dest["tunnel"], dest["tunnel_probe"] = old["tunnel"], old["tunnel_probe"]
+
+
+# what the tunnel probe's answer depends on (OpenSSH's login there, the agent it runs)
+PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
+
+
+def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
+    """Stop the destination's export; what could not be stopped is returned, exactly."""
+    if not dest:
+        return []
+    try:
+        remote = Remote(dest)
+        try:
+            reply = remote.agent.call("stop", name=name, remove_created=remove_created)
+            done += [f"destination: {d}" for d in reply["done"]]
+        finally:
+            remote.close()
+    except DmmigError as e:
+        exp = dest.get("export") or {}
+        there = Files(_remote_state(dest), name)  # the destination's files: same names, its state dir
+        where = exp.get("socket") or f"{exp.get('addr')}:{exp.get('port')}"
+        return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
+                f"{where}) could not be stopped: {e.message}. There, run: "
+                f"kill {exp.get('pid')}; rm -rf {there.incoming} {there.qemu_nbd_pid} "
+                f"{there.export_socket} {there.export_tls}"]
+    return []
+
+
+def _remote_state(dest: dict[str, Any]) -> str:
+    return str(dest.get("remote_state") or dest.get("remote_state_dir") or journal.DEFAULT_STATE_DIR)
