@@ -60,7 +60,7 @@ else:   # the pre-issue-13 path: direct-tcpip to the export's TCP port on b's lo
         theirs.close()   # the server's EOF: libnbd's shutdown waits for it
     threading.Thread(target=up, daemon=True).start()
     threading.Thread(target=down, daemon=True).start()
-h = N.open_client(sock, export=name)
+h = nbd.open_client(sock, export=name)
 t = time.monotonic()
 cnt = Copier(src, h, dest_zero=False).copy([(0, size)])
 secs = time.monotonic() - t

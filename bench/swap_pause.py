@@ -24,7 +24,7 @@ from dmmig.adapters.runner import SubprocessRunner
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.core.stack import Stack
 r = SubprocessRunner(); dm = DmSetup(r)
-stack = Stack(r, dm, J.Journal(J.state_dir(None)))
+stack = Stack(r, dm, journal.Journal(journal.state_dir(None)))
 top, what = sys.argv[1], sys.argv[2]
 t = dm.table(top)
 out = []

@@ -72,7 +72,7 @@ class Disk:
     dest_exists: bool
     tables: list[str]
     block_size: int | None = None   # logical block size blkfront got; the destination must match it
-    estimate: dict[str, Any] = field(default_factory=dict)  # era block, metadata, bytes and time (M.estimate)
+    estimate: dict[str, Any] = field(default_factory=dict)  # era block, metadata, bytes and time (copying.estimate)
 
     @property
     def top(self) -> str:

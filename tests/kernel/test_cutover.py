@@ -193,8 +193,9 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
         assert cut["kernel_out_of_sync_first_seen"] == 3, cut
         # and the log it rewrote since parses with our reader: every region in sync now
         logs = status(a, name)["journal"]["mirror"]["log_devs"]
-        parsed = json.loads(a.py("import json, sys\nfrom dmmig.core import mirrorlog as L\n"
-                                 "print(json.dumps([L.parse(L.read(d, 4096)) for d in sys.argv[1:]]))", *logs).out)
+        parsed = json.loads(a.py("import json, sys\nfrom dmmig.core import mirrorlog\n"
+                                 "print(json.dumps([mirrorlog.parse(mirrorlog.read(d, 4096)) "
+                                 "for d in sys.argv[1:]]))", *logs).out)
         assert sum(nr for nr, _ in parsed) == 32 * MiB // BLOCK and all(not d for _, d in parsed), parsed
         st = status(a, name)
         assert st["journal"]["mirror"]["resync_ranges"] == [[3, 4], [10, 12]], st["journal"]["mirror"]

@@ -313,8 +313,10 @@ def test_a_destination_with_another_logical_block_size_is_refused(pair, pdisks, 
 AGENT_CALLS = r"""
 import json, sys
 
+from dmmig.flows import session
+
 dest, calls = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-r = M.Remote(dest)
+r = session.Remote(dest)
 out = []
 try:
     for op, kw in calls:

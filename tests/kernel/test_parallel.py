@@ -20,24 +20,24 @@ pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 
 MIRROR_DISKS = r"""
 import json, sys
-from dmmig.core import journal
 from dmmig.flows import migrate_domain
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.dm.guard import SuspendGuard
 from dmmig.progress import Progress
 from dmmig.adapters.runner import SubprocessRunner
+from dmmig.core.journal import Journal, state_dir
 from dmmig.core.stack import Stack
 from dmmig.adapters.udev import wait_dm_node
 host, dmmig, known_hosts, identity, pairs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 runner = SubprocessRunner()
-journal = J.Journal(J.state_dir(None))
+journal = Journal(state_dir(None))
 stack = Stack(runner, DmSetup(runner, wait_node=wait_dm_node, guard=SuspendGuard(runner, journal.dir)), journal)
-opts = MD.MigrateOptions()
+opts = migrate_domain.MigrateOptions()
 opts.copy.remote_dmmig = dmmig
 opts.copy.converge = 1 << 20
 opts.copy.max_rounds = 4
 disks = [tuple(p.split("=", 1)) for p in pairs]
-res = MD.mirror_disks(stack, disks, host, {"known_hosts": known_hosts, "identity": identity}, opts,
+res = migrate_domain.mirror_disks(stack, disks, host, {"known_hosts": known_hosts, "identity": identity}, opts,
                       lambda i: Progress(False))
 out = {n: (r if not isinstance(r, BaseException) else {"error": f"{type(r).__name__}: {r}"})
        for (n, _), r in zip(disks, res)}
