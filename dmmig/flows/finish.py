@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from dmmig.core import gate, journal
+from dmmig.core.records import Incoming, Unreadable
 from dmmig.core.stack import Stack
 from dmmig.errors import StateError
 from dmmig.flows.destination import AgentServer, incoming
@@ -105,13 +105,13 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
     return done, left
 
 
-def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
+def _abort_incoming(stack: Stack, name: str, rec: Incoming | Unreadable) -> list[str]:
     """On the destination, whose source is gone: what the source's abort would have told this
     host's agent to do. A disk that was handed over is the guest's now: it stays."""
-    keep = bool(rec.get("handed_over"))
+    keep = isinstance(rec, Incoming) and bool(rec.handed_over)
     with stack.journal.lock(name):
-        if "unreadable" in rec:
+        if isinstance(rec, Unreadable):
             os.unlink(Files(stack.journal.dir, name).incoming)
             return [f"removed the unreadable record of incoming {name}"]
         done: list[str] = AgentServer(stack.runner, stack.journal.dir).op_stop(name, remove_created=not keep)["done"]
-    return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]
+    return done + [f"forgot incoming {name}" + (f" ({rec.path} was handed over and stays)" if keep else "")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 from dmmig import sizing
@@ -10,6 +11,7 @@ from dmmig.adapters import nbd, proc
 from dmmig.adapters.dm.guard import log_path as guard_log
 from dmmig.adapters.dm.targets import MIRRORS, Era, Linear, ParseError
 from dmmig.core import gate, journal
+from dmmig.core.records import Incoming, Unreadable
 from dmmig.core.stack import Stack
 from dmmig.core.watch import read_health
 from dmmig.flows.destination import incoming
@@ -142,19 +144,19 @@ def _gate(state: str, name: str, problems: list[str]) -> dict[str, Any] | None:
     return {"socket": gate.socket_path(state, name), "agent_pid": pid}
 
 
-def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled: bool) -> dict[str, Any]:
+def _incoming(name: str, rec: Incoming | Unreadable, problems: list[str], *, journaled: bool) -> dict[str, Any]:
     """The destination's side of a migration: the agent's record of the disk."""
-    if "unreadable" in rec:
-        problems.append(f"the record of incoming {name} is unreadable ({rec['unreadable']}); "
+    if isinstance(rec, Unreadable):
+        problems.append(f"the record of incoming {name} is unreadable ({rec.error}); "
                         f"`dmmig abort {name}` here removes it")
-        return rec
-    exp = rec.get("export")
-    alive = bool(exp and nbd.Export(**exp).alive())
-    st = {"path": rec.get("path"), "size": rec.get("size"), "created": bool(rec.get("created")),
-          "created_as": rec.get("created_as"), "migration": rec.get("migration"),
-          "handed_over": bool(rec.get("handed_over")), "export": exp, "export_alive": alive}
+        return {"unreadable": rec.error}
+    exp = rec.export
+    alive = bool(exp and exp.alive())
+    st = {"path": rec.path, "size": rec.size, "created": rec.created,
+          "created_as": rec.created_as, "migration": rec.migration,
+          "handed_over": bool(rec.handed_over), "export": asdict(exp) if exp else None, "export_alive": alive}
     if exp and not alive:
-        problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.get('pid')}) is gone")
+        problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.pid}) is gone")
     if not journaled and not st["handed_over"]:
         gone = f" and removes {st['path']} (dmmig created it)" if st["created"] else ""
         problems.append(f"{name} is being migrated into this host by the source's dmmig, which stops it "

@@ -1,0 +1,138 @@
+"""Versioned records on disk: the agent's record of an incoming disk (NAME.dest.json) and the
+parts of the source's journal (dmmig/core/journal.py).
+
+Every record is written with a `version`. A record without one was written by dmmig before
+records had types (version 0): it is migrated on load, in memory, and written back in the
+current version at its next save. Keys this code does not know (a newer dmmig wrote them, or
+an older one this code no longer reads) are neither dropped nor trusted: they are logged as a
+warning, kept in `extra` and written back unchanged, so a downgrade in the middle of a
+migration loses nothing the newer dmmig needs after an upgrade again. A record of a newer
+version loads the same way, with a warning: `status` and `abort` must work whatever wrote it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from dmmig.adapters import nbd
+
+log = logging.getLogger("dmmig.records")
+
+INCOMING_VERSION = 1
+
+T = TypeVar("T")
+
+
+def split(cls: type[T], data: dict[str, Any], what: str, version: int,
+          current: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DATA's keys that are fields of CLS, and the others (warned about, for `extra`)."""
+    names = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+             if f.init and f.name not in ("extra", "version")}
+    known = {k: v for k, v in data.items() if k in names}
+    extra = {k: v for k, v in data.items() if k not in names}
+    if version > current:
+        log.warning("%s was written by a newer dmmig (record version %s, this one reads %s): read as far as "
+                    "this version understands it", what, version, current)
+    if extra:
+        log.warning("%s has keys this dmmig does not know (%s): kept as they are, not used",
+                    what, ", ".join(sorted(extra)))
+    return known, extra
+
+
+def to_json(obj: Any) -> dict[str, Any]:
+    """OBJ (a record dataclass) as the JSON object saved: its unknown keys, then its fields."""
+    d: dict[str, Any] = dataclasses.asdict(obj)
+    extra = d.pop("extra", {}) or {}
+    return {**extra, **d}
+
+
+def version_of(data: dict[str, Any]) -> int:
+    v = data.get("version", 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def export_of(data: dict[str, Any] | None, what: str) -> nbd.Export | None:
+    """A qemu-nbd export as journaled (its dataclass's fields; a record from before unix
+    sockets has only addr and port)."""
+    if not data:
+        return None
+    known, _ = split(nbd.Export, data, what, 0, 0)
+    return nbd.Export(**known)
+
+
+@dataclass
+class Incoming:
+    """The agent's record of a disk a source's dmmig is (or was) migrating into this host."""
+    name: str
+    path: str
+    size: int
+    created: bool = False            # dmmig created the disk here (abort removes it)
+    created_as: str | None = None    # "file" or "lv"; None for a record of a version that did not say
+    migration: str | None = None     # the source's migration id
+    # written before migration ids existed (version 0 without "migration"): taken for the same
+    # migration as any request, as that version did (a migration in flight across an upgrade)
+    pre_ids: bool = False
+    block_size: int | None = None
+    since: float | None = None
+    export: nbd.Export | None = None
+    written: bool = False            # exported once: no longer known to read as zeros
+    handed_over: float | None = None  # when the `add` here got the source's yes
+    version: int = INCOMING_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], name: str, what: str) -> Incoming:
+        v = version_of(data)
+        data = {k: val for k, val in data.items() if k != "version"}
+        if v < 1:
+            # version 0 (dmmig before typed records): the same keys, some of them missing;
+            # handed_over could be a bool (tests and hand edits), now a time
+            data.setdefault("name", name)
+            if "migration" not in data:
+                data["pre_ids"] = True
+        known, extra = split(cls, data, what, v, INCOMING_VERSION)
+        known["export"] = export_of(known.get("export"), f"{what} (its export)")
+        ho = known.get("handed_over")
+        known["handed_over"] = float(ho) if ho else None
+        known["created"] = bool(known.get("created"))
+        known["written"] = bool(known.get("written"))
+        return cls(**known, extra=extra)
+
+    def created_how(self) -> str | None:
+        """'file' or 'lv' if dmmig created the disk. A record of an earlier version says only
+        `created`: that version made an LV (lvcreate) for a block device, else a sparse file."""
+        if not self.created:
+            return None
+        if self.created_as:
+            return self.created_as
+        try:
+            return "lv" if stat.S_ISBLK(os.stat(self.path).st_mode) else "file"
+        except OSError:
+            return "file"
+
+
+@dataclass
+class Unreadable:
+    """A record that is not JSON (a torn write of a version without atomic saves, a hand edit)."""
+    error: str
+
+
+def read_incoming(path: str, name: str) -> Incoming | None:
+    """The record at PATH, or None if there is none; raises OSError/ValueError if unreadable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    try:
+        return Incoming.from_json(data, name, path)
+    except (TypeError, ValueError) as e:  # a required key missing, a wrong type
+        raise ValueError(f"{path}: {e}") from e
+

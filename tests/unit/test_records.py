@@ -1,0 +1,114 @@
+"""Typed, versioned records: files written by dmmig before records had types (version 0,
+samples in tests/unit/fixtures/v0/) load into the dataclasses and are written back in the
+current version; keys this version does not know are warned about and kept, not dropped.
+
+fixtures/v0/vm1-disk.dest.json is what the agent of commit 0777df2 wrote (op_prepare_disk
+with --create, then op_export on a unix socket; only the directories renamed);
+old-disk.dest.json is a record of a version before migration ids and created_as (an LV,
+exported on TCP, handed over)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dmmig.adapters import nbd
+from dmmig.core import records
+from dmmig.core.confine import Policy
+from dmmig.flows.destination import AgentServer, incoming
+from tests.unit.fakes import FakeRunner
+
+FIXTURES = Path(__file__).parent / "fixtures" / "v0"
+MIB = 1 << 20
+
+
+def state_with(tmp_path: Path, *files: str) -> str:
+    state = tmp_path / "state"
+    state.mkdir()
+    for f in files:
+        shutil.copy(FIXTURES / f, state / f)
+    return str(state)
+
+
+def agent(tmp_path: Path, state: str) -> AgentServer:
+    return AgentServer(FakeRunner(), state, policy=Policy(file_roots=(str(tmp_path),)),
+                       xenstore=lambda: contextlib.nullcontext(None))
+
+
+def test_todays_agent_record_loads_typed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = state_with(tmp_path, "vm1-disk.dest.json", "old-disk.dest.json")
+    with caplog.at_level(logging.WARNING, logger="dmmig"):
+        recs = incoming(state)
+    assert caplog.records == []  # every key of today's format is known: nothing to warn about
+    new = recs["vm1-disk"]
+    assert new == records.Incoming(
+        name="vm1-disk", path="/srv/images/vm1.img", size=4 * MIB, created=True, created_as="file",
+        migration="3f2a9c1e0b7d4e55", pre_ids=False, block_size=512, since=1796462037.1071243,
+        export=nbd.Export(name="vm1-disk", path="/srv/images/vm1.img", pid=5720, cache="directsync",
+                          socket="/var/lib/dmmig/nbd/vm1-disk.sock"),
+        written=True, handed_over=None)
+    old = recs["old-disk"]
+    assert isinstance(old, records.Incoming)
+    assert old.pre_ids and old.migration is None and old.created and old.created_as is None
+    assert old.handed_over == 1796400100.25 and old.block_size is None
+    assert old.export == nbd.Export(name="old-disk", path="/dev/vg0/old", pid=4321, cache="directsync",
+                                    addr="192.168.200.2", port=10809)
+
+
+def test_a_record_reads_back_as_written_with_its_version(tmp_path: Path) -> None:
+    state = state_with(tmp_path, "vm1-disk.dest.json", "old-disk.dest.json")
+    for name in ("vm1-disk", "old-disk"):
+        rec = agent(tmp_path, state).load(name)
+        assert rec is not None
+        data = json.loads(json.dumps(records.to_json(rec)))
+        assert data["version"] == records.INCOMING_VERSION
+        assert records.Incoming.from_json(data, name, "test") == rec
+
+
+def test_a_record_of_a_version_before_ids_resumes_its_migration(tmp_path: Path) -> None:
+    """The pre-id record is taken for the same migration as the request (as that version did):
+    a resumed copy keeps what the agent knows of its disk and writes it in today's version."""
+    disk = tmp_path / "vm1.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 4 * MIB)
+    state = state_with(tmp_path)
+    Path(state, "d1.dest.json").write_text(json.dumps(
+        {"name": "d1", "path": str(disk), "size": 4 * MIB, "created": True, "written": True, "since": 5.0}))
+    r = agent(tmp_path, state).op_prepare_disk("d1", str(disk), 4 * MIB, migration="m1")
+    assert r["created"] and not r["zeroed"]
+    data = json.loads(Path(state, "d1.dest.json").read_text())
+    assert data["version"] == 1 and data["migration"] == "m1" and not data["pre_ids"]
+    assert data["created_as"] == "file" and data["written"] and data["since"] == 5.0
+
+
+def test_unknown_keys_are_warned_about_and_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A newer dmmig's record: read as far as this version understands it, with a warning that
+    names what it does not; its other keys go back to disk unchanged at the next save."""
+    disk = tmp_path / "vm1.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 4 * MIB)
+    state = state_with(tmp_path)
+    Path(state, "d1.dest.json").write_text(json.dumps(
+        {"version": 7, "name": "d1", "path": str(disk), "size": 4 * MIB, "migration": "m1",
+         "checksum_of_base": "abc", "export": None}))
+    a = agent(tmp_path, state)
+    with caplog.at_level(logging.WARNING, logger="dmmig"):
+        a.op_prepare_disk("d1", str(disk), 4 * MIB, migration="m1")
+    text = caplog.text
+    assert "newer dmmig (record version 7" in text and "checksum_of_base" in text, text
+    data = json.loads(Path(state, "d1.dest.json").read_text())
+    assert data["checksum_of_base"] == "abc" and data["version"] == records.INCOMING_VERSION
+
+
+def test_a_record_missing_what_it_must_say_is_unreadable(tmp_path: Path) -> None:
+    state = state_with(tmp_path)
+    Path(state, "d1.dest.json").write_text(json.dumps({"name": "d1"}))
+    Path(state, "d2.dest.json").write_text("[1]")
+    recs = incoming(state)
+    assert isinstance(recs["d1"], records.Unreadable) and "path" in recs["d1"].error
+    assert isinstance(recs["d2"], records.Unreadable)
