@@ -14,11 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from dmmig.adapters import proc, tlscreds, tunnel
+from dmmig.adapters import nbd, proc, tlscreds, tunnel
 from dmmig.adapters.blockdev import Loop, LoopError
 from dmmig.adapters.nbdkernel import NbdKernel, owner_of
 from dmmig.adapters.runner import Runner
 from dmmig.core import journal, mirrorlog
+from dmmig.core.records import Destination
 from dmmig.core.watch import health_path
 from dmmig.errors import RemoteError, Steps
 from dmmig.names import RUN_DIR, Files
@@ -54,12 +55,12 @@ class MirrorSide:
     def plan_tunnel(self, entry: journal.Entry) -> dict[str, Any]:
         """--transport ssh: the tunnel's record in ENTRY.mirror (no pid yet), for the caller to
         journal before start_tunnel: a tunnel of a killed dmmig is found by its log's name."""
-        t = {"sock": self._path(entry.name, "nbd.sock"), "pid": None, "mode": entry.dest["tunnel"],
+        t = {"sock": self._path(entry.name, "nbd.sock"), "pid": None, "mode": entry.destination().tunnel,
              "log": self._path(entry.name, "tunnel.log")}
         entry.mirror["tunnel"] = t
         return t
 
-    def start_tunnel(self, name: str, dest: dict[str, Any], t: dict[str, Any], remote_sock: str | None) -> int:
+    def start_tunnel(self, name: str, dest: Destination, t: dict[str, Any], remote_sock: str | None) -> int:
         """The tunnel T (plan_tunnel) up, listening: its pid. Journals nothing (it may run in a
         thread beside steps that journal); the caller journals the pid. REMOTE_SOCK: the
         export's socket there (forward mode; ssh connects to it only once nbd-client does)."""
@@ -68,12 +69,12 @@ class MirrorSide:
     def stop_tunnel(self, name: str, pid: int) -> None:
         tunnel.stop(pid, self._path(name, "tunnel.log"), self._path(name, "nbd.sock"))
 
-    def attach_nbd(self, entry: journal.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+    def attach_nbd(self, entry: journal.Entry, export: nbd.Export, timeout: int, save: Callable[[], None]) -> str:
         """The kernel's NBD client on EXPORT: through the tunnel (--transport ssh, started
         first), or over TCP; the device is journaled before it connects."""
         m = entry.mirror
-        dest = entry.dest
-        ssh = dest["transport"] == "ssh"
+        dest = entry.destination()
+        ssh = dest.transport == "ssh"
 
         def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
             m["nbd"] = dev
@@ -82,10 +83,10 @@ class MirrorSide:
         # per connection, which capped the resync at a long round trip (bench/resync_levers.py);
         # four connections, four proxies. The relay tunnel takes one connection only.
         where: dict[str, Any] = ({"unix": m["tunnel"]["sock"]} if ssh
-                                 else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls"),
-                                       "connections": TLS_CONNECTIONS if dest.get("tls") else 1})
+                                 else {"host": export.addr, "port": int(export.port or 0), "tls": dest.tls,
+                                       "connections": TLS_CONNECTIONS if dest.tls else 1})
         try:
-            return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
+            return self.nbd.attach_free(self.nbd_owner(entry.name), export.name, timeout=timeout,
                                         on_claim=claimed, **where)
         except RemoteError as e:
             if not ssh:

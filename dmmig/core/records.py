@@ -45,10 +45,23 @@ def split(cls: type[T], data: dict[str, Any], what: str, version: int,
 
 
 def to_json(obj: Any) -> dict[str, Any]:
-    """OBJ (a record dataclass) as the JSON object saved: its unknown keys, then its fields."""
-    d: dict[str, Any] = dataclasses.asdict(obj)
-    extra = d.pop("extra", {}) or {}
-    return {**extra, **d}
+    """OBJ (a record dataclass) as the JSON object saved: its unknown keys, then its fields;
+    the same for the records in it."""
+    out: dict[str, Any] = dict(getattr(obj, "extra", None) or {})
+    for f in dataclasses.fields(obj):
+        if f.name != "extra":
+            out[f.name] = _plain(getattr(obj, f.name))
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_json(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def version_of(data: dict[str, Any]) -> int:
@@ -136,3 +149,49 @@ def read_incoming(path: str, name: str) -> Incoming | None:
     except (TypeError, ValueError) as e:  # a required key missing, a wrong type
         raise ValueError(f"{path}: {e}") from e
 
+
+
+DESTINATION_VERSION = 1
+
+
+@dataclass
+class Destination:
+    """Where a disk is being migrated to (the journal's `dest`): how to log in there (what
+    Remote and OpenSSH's tunnel connect with), the disk there, and how NBD reaches it."""
+    host: str
+    user: str
+    port: int
+    known_hosts: str
+    disk: str
+    identity: str | None = None
+    transport: str = "ssh"             # or "nbd"
+    nbd_address: str | None = None     # --transport nbd: where the export listens
+    remote_dmmig: str = "dmmig"
+    remote_state_dir: str | None = None  # the operator's --remote-state-dir (None: the agent's default)
+    insecure: bool = False             # --transport nbd without TLS: the operator's explicit choice
+    tunnel: str | None = None          # --transport ssh: the mirror leg's mode (None: not chosen yet)
+    tunnel_probe: str | None = None    # why the plan's probe chose it (None: --tunnel chose it)
+    tls: str | None = None             # --transport nbd: this migration's credentials here
+    export: nbd.Export | None = None   # the export there, as its agent reported it
+    remote_state: str | None = None    # the agent's state dir there, as its hello said
+    version: int = DESTINATION_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], what: str) -> Destination:
+        v = version_of(data)
+        # version 0 (dmmig before typed records): the same keys; "tunnel" absent until chosen
+        known, extra = split(cls, {k: val for k, val in data.items() if k != "version"}, what, v,
+                             DESTINATION_VERSION)
+        known["export"] = export_of(known.get("export"), f"{what} (its export)")
+        known["insecure"] = bool(known.get("insecure"))
+        return cls(**known, extra=extra)
+
+    def copy(self) -> Destination:
+        """A copy to change (a plan's decisions) before it is journaled."""
+        return dataclasses.replace(self, extra=dict(self.extra))
+
+
+def destination_of(data: dict[str, Any] | None, what: str) -> Destination | None:
+    """The journal's `dest`: {} (version 0) or null when none is known."""
+    return Destination.from_json(data, what) if data else None

@@ -164,7 +164,7 @@ class Stack:
             # (left by `finish`) mean nothing for the new era device; the id tells the
             # destination's agent a resumed copy from a new migration
             entry.copy = {"migration": uuid.uuid4().hex}
-            entry.dest = {}
+            entry.dest = None
             undo = Undo()
             self.journal.save(entry, PREPARING)
             try:

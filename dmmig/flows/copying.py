@@ -8,10 +8,11 @@ import uuid
 from typing import Any
 
 from dmmig import sizing
-from dmmig.adapters import sparse
+from dmmig.adapters import nbd, sparse
 from dmmig.adapters.blockdev import logical_block_size
 from dmmig.core import journal
 from dmmig.core.copier import Copier, Counters
+from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, Busy
 from dmmig.flows.cutover import drop_mirror
@@ -50,7 +51,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         connecting = Started(lambda: Remote(dest, par))
         try:
             # what the cutover will need, here and there, before the copy: not after it
-            check_source(stack, str(dest["transport"]))
+            check_source(stack, dest.transport)
             assert entry.block_sectors
             block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
             stack.dm.arm_guard()
@@ -64,7 +65,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         try:
             with t("agent_probe"):
                 hello = remote.agent.hello  # an agent of this version says what it lacks in its hello
-                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest["host"])
+                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest.host)
             # catching up after a failed leg (or a cutover that did not finish): back to linear
             # over era first; era holds every write since the cutover, and the rounds resend them
             with t("drop_mirror"):
@@ -79,8 +80,8 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         try:
             with t("plan_transport"):
                 if probing is not None:
-                    dest["tunnel"], why = probing.result()
-                    dest["tunnel_probe"] = why or "streamlocal forwarding works"
+                    dest.tunnel, why = probing.result()
+                    dest.tunnel_probe = why or "streamlocal forwarding works"
                 plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
             # the top's logical block size is what blkfront got (blkback passes it on)
@@ -91,12 +92,12 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
             # journaled before anything changes there: a dmmig killed after prepare_disk or the
             # export leaves a destination that abort knows to clean up
             before = entry.dest
-            entry.dest = dict(dest)
+            entry.dest = dest.copy()
             stack.journal.save(entry)
             try:
                 try:
                     with t("prepare_disk"):
-                        disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
+                        disk = remote.agent.call("prepare_disk", name=name, path=dest.disk, size=size,
                                                  create=opts.create, migration=entry.copy["migration"],
                                                  block_size=block_size)
                 except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
@@ -105,8 +106,8 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                     raise
                 with t("export"):
                     export = start_export(remote, dest, name)
-                dest["export"] = export
-                dest["remote_state"] = remote.agent.hello.get("state_dir")
+                dest.export = export
+                dest.remote_state = remote.agent.hello.get("state_dir")
                 if "zeroed" not in entry.copy:
                     entry.copy["zeroed"] = bool(disk["zeroed"])
                 entry.dest = dest
@@ -137,14 +138,14 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
 COPY_CONNECTIONS = {"ssh": 1, "nbd": 1}
 
 
-def _connect(name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
+def _connect(name: str, dest: Destination, export: nbd.Export, remote: Remote,
              opts: CopyOptions) -> tuple[list[Any], str]:
     """The copier's NBD connections to NAME's export, and which way they go (the summary says
     it): OPTS.connections over TCP (with this migration's TLS), or (--transport ssh) one,
     through the agent's own session, which becomes the relay (op_relay)."""
-    n = max(1, opts.connections or COPY_CONNECTIONS[str(dest["transport"])])
-    if dest["transport"] != "ssh":
-        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.get("tls") else "tcp"
+    n = max(1, opts.connections or COPY_CONNECTIONS[dest.transport])
+    if dest.transport != "ssh":
+        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.tls else "tcp"
     return [remote.agent_nbd(name)], "ssh agent relay"
 
 

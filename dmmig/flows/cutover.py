@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from dmmig.adapters import nbd
 from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.adapters.era import BlockRange, merge
 from dmmig.core import journal, mirrorlog
+from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, RemoteError, StateError, Steps
 from dmmig.flows.session import Remote, Started, T, plan_transport, start_export
@@ -55,10 +57,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
-    parts = opts.resync_parts or mirrorlog.default_parts(entry.dest["transport"])
+    ssh = entry.destination().transport == "ssh"
+    parts = opts.resync_parts or mirrorlog.default_parts(entry.destination().transport)
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
-    require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
+    require_tools("nbd-client", *(["ssh"] if ssh else []))
     stack.dm.require_targets("mirror")
     top, era = top_name(name), era_name(name)
     with stack.journal.lock(name):
@@ -81,18 +84,17 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # one through the tunnel (which checks the host key and logs in itself); the agent is
         # asked only if it does not answer. --transport nbd: the agent is asked meanwhile
         # (nbd-client's TCP connect to a host that stopped answering would hang a minute).
-        dest = dict(entry.dest)
-        exporting: Started[dict[str, Any]] | None = None
-        copied = dict(entry.dest.get("export") or {})  # the copy's export: the same unless it moved
+        dest = entry.destination().copy()
+        exporting: Started[nbd.Export] | None = None
+        copied = dest.export  # the copy's export: the same unless it moved
         tunneling: Started[int] | None = None
         try:
-            if entry.dest["transport"] == "ssh" and entry.dest.get("tunnel") in ("relay", "forward" if copied.get(
-                    "socket") else None):
+            if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
                 save()  # the tunnel's log names it: a killed dmmig's is found by it
                 tunneling = Started(partial(_timed, par, "tunnel", stack.mirror.start_tunnel, name,
-                                            dict(entry.dest), dict(tun), copied.get("socket")))
-            if tunneling is None or not copied.get("name"):
+                                            entry.destination().copy(), dict(tun), copied.socket if copied else None))
+            if tunneling is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
             # tagged below `first` and done once the swap's suspend is
@@ -121,6 +123,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     save()
                     try:
                         tried = True
+                        assert copied is not None
                         leg = stack.mirror.attach_nbd(entry, copied, opts.nbd_timeout, save)
                     except RemoteError as e:
                         log.info("the copy's export of %s did not answer (%s): asking the destination", name, e.message)
@@ -130,19 +133,20 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 assert exporting is not None
                 with sw("wait for the destination"):
                     export = exporting.result()
-                    entry.dest.update(dest)  # plan_transport's decisions (a destination an older dmmig journaled)
-                    entry.dest["export"] = export
+                    # plan_transport's decisions (a destination an older dmmig journaled), the export
+                    dest.export = export
+                    entry.dest = dest
                     save()
                 with sw("nbd leg"):
-                    if entry.dest["transport"] == "ssh":
+                    if ssh:
                         pid = tunneling.result() if tunneling is not None else None
-                        if pid is not None and (tried or export.get("socket") != copied.get("socket")):
+                        if pid is not None and (tried or export.socket != (copied.socket if copied else None)):
                             stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
                             pid = None
                         if pid is None:
                             tun = stack.mirror.plan_tunnel(entry)
                             save()
-                            pid = stack.mirror.start_tunnel(name, dict(entry.dest), dict(tun), export.get("socket"))
+                            pid = stack.mirror.start_tunnel(name, dest.copy(), dict(tun), export.socket)
                         entry.mirror["tunnel"]["pid"] = pid
                         save()
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
@@ -212,7 +216,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
 SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for status
 
 
-def _connect_export(stack: Stack, name: str, dest: dict[str, Any], par: Stopwatch) -> dict[str, Any]:
+def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) -> nbd.Export:
     """The cutover's calls to the destination (in a thread): connect, start its agent, plan the
     transport into DEST (a copy: the caller journals it), start or find the export."""
     with par("connect"):

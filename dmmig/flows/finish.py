@@ -38,7 +38,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
         if info is not None and info.open_count > 0:
             raise StateError(f"{top} is still open ({info.open_count} opener(s)); it cannot be removed",
                              hint="stop the domain on this host first, or finish without --remove")
-    dest = dict(entry.dest) if entry.dest else None
+    dest = entry.dest
     with stack.journal.lock(name):
         done = stack.abort_held(name, phase=journal.FINISHING)
         if remove and stack.dm.info(top) is not None:
@@ -94,12 +94,12 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return _abort_incoming(stack, name, rec), []
         if gate.stale_socket(stack.journal.dir, name):  # all a killed agent left of NAME here
             return gate.remove_stale(stack.journal.dir, name), []
-    dest = dict(entry.dest) if entry and entry.dest else None
+    dest = entry.dest if entry else None
     done = stack.abort(name)
     left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
     if e2 is not None and (e2.dest or e2.copy):
-        e2.dest = {}
+        e2.dest = None
         e2.copy = {}
         stack.journal.save(e2)
     return done, left

@@ -24,7 +24,7 @@ def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate
     """Wait for the destination's `add` to ask about NAME, then answer it (answer_gate)."""
     entry = mirroring_entry(stack, name)
     with stack.journal.lock(name):
-        remote = Remote(entry.dest)
+        remote = Remote(entry.destination())
         try:
             asked = remote.agent.call("await_gate", names=[name], timeout=timeout)["asked"]
             if asked is None:
@@ -125,7 +125,7 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
         return False, (f"{broken}, and the {delta} bytes era recorded since the cutover would take ~"
                        f"{delta / rate:.0f}s at the {rate / (1 << 20):.1f} MiB/s the copy reached: more than the "
                        f"{win.remaining():.0f}s left of the {win.cap:.0f}s the guest's disk may stay suspended"), 0
-    export = start_export(remote, entry.dest, entry.name, deadline_s=max(win.remaining(), 0.1))
+    export = start_export(remote, entry.destination(), entry.name, deadline_s=max(win.remaining(), 0.1))
     win.check("while the export started")
     # a handshake over a dead link blocks in libnbd: only closing the connection under it ends it
     unhook = win.on_expiry(lambda: close_quietly(remote.ssh))

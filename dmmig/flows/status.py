@@ -11,7 +11,7 @@ from dmmig.adapters import nbd, proc
 from dmmig.adapters.dm.guard import log_path as guard_log
 from dmmig.adapters.dm.targets import MIRRORS, Era, Linear, ParseError
 from dmmig.core import gate, journal
-from dmmig.core.records import Incoming, Unreadable
+from dmmig.core.records import Incoming, Unreadable, to_json
 from dmmig.core.stack import Stack
 from dmmig.core.watch import read_health
 from dmmig.flows.destination import incoming
@@ -35,7 +35,7 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
                           "metadata": entry.metadata, "checkpoints": entry.checkpoints,
-                          "dest": entry.dest, "copy": entry.copy, "mirror": entry.mirror,
+                          "dest": to_json(entry.dest) if entry.dest else {}, "copy": entry.copy, "mirror": entry.mirror,
                           "history": entry.history[-10:]}
     for dev in (top_name(name), era_name(name)):
         info = stack.dm.info(dev)
