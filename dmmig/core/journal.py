@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmmig.core import records
-from dmmig.core.records import Destination
+from dmmig.core.records import CopyState, Destination
 from dmmig.errors import Busy, StateError
 from dmmig.names import Files
 from dmmig.validate import RESERVED_SUFFIXES
@@ -96,7 +96,7 @@ class Entry:
     metadata_file: str | None = None  # our own metadata file (None when --metadata given)
     checkpoints: list[int] = field(default_factory=list)
     dest: Destination | None = None  # None until a copy chose one (and again after an abort)
-    copy: dict[str, Any] = field(default_factory=dict)
+    copy: CopyState = field(default_factory=CopyState)
     mirror: dict[str, Any] = field(default_factory=dict)  # cutover: leg, log, tunnel, watcher, sync
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
     version: int = JOURNAL_VERSION
@@ -110,6 +110,7 @@ class Entry:
         known, extra = records.split(cls, {k: val for k, val in data.items() if k != "version"}, what, v,
                                      JOURNAL_VERSION)
         known["dest"] = records.destination_of(known.get("dest"), f"{what} (dest)")
+        known["copy"] = CopyState.from_json(known.get("copy"), f"{what} (copy)")
         return cls(**known, extra=extra)
 
     def destination(self) -> Destination:

@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from dmmig.adapters import nbd
 
@@ -45,12 +45,13 @@ def split(cls: type[T], data: dict[str, Any], what: str, version: int,
 
 
 def to_json(obj: Any) -> dict[str, Any]:
-    """OBJ (a record dataclass) as the JSON object saved: its unknown keys, then its fields;
-    the same for the records in it."""
+    """OBJ (a record dataclass) as the JSON object saved: its unknown keys, then its fields
+    (under their JSON_KEYS name, if they have one); the same for the records in it."""
     out: dict[str, Any] = dict(getattr(obj, "extra", None) or {})
+    keys: dict[str, str] = getattr(obj, "JSON_KEYS", {})
     for f in dataclasses.fields(obj):
         if f.name != "extra":
-            out[f.name] = _plain(getattr(obj, f.name))
+            out[keys.get(f.name, f.name)] = _plain(getattr(obj, f.name))
     return out
 
 
@@ -195,3 +196,82 @@ class Destination:
 def destination_of(data: dict[str, Any] | None, what: str) -> Destination | None:
     """The journal's `dest`: {} (version 0) or null when none is known."""
     return Destination.from_json(data, what) if data else None
+
+
+COPY_VERSION = 1
+
+
+@dataclass
+class BasePass:
+    """The copy's base pass, once done: where it began and what the copier counted."""
+    JSON_KEYS: ClassVar[dict[str, str]] = {"start": "from"}
+    start: int = 0        # the offset the (last, resumed) base pass began at
+    read: int = 0
+    sent: int = 0         # payload bytes written over NBD
+    zeroed: int = 0       # bytes zeroed with NBD write-zeroes
+    skipped: int = 0      # zero bytes not sent at all (the destination known zero)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], what: str) -> BasePass:
+        data = {("start" if k == "from" else k): v for k, v in data.items()}
+        known, extra = split(cls, data, what, 0, 0)
+        return cls(**known, extra=extra)
+
+
+@dataclass
+class Round:
+    """A round of the copy: what era recorded since SINCE, sent."""
+    since: int
+    dirty_bytes: int
+    read: int = 0
+    sent: int = 0
+    zeroed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    era_seconds: float = 0.0  # the drained era snapshot's query
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], what: str) -> Round:
+        known, extra = split(cls, data, what, 0, 0)
+        return cls(**known, extra=extra)
+
+
+@dataclass
+class CopyState:
+    """The copy's progress (the journal's `copy`), from prepare on: a killed copy resumes from
+    it, the cutover and the rounds query era from next_since."""
+    migration: str | None = None     # this migration's id (None: prepared by a version without ids)
+    zeroed: bool | None = None       # the destination disk was known zero when the copy began (None: not asked)
+    base_era: int | None = None      # the base pass reads every write tagged below it (None: not taken yet)
+    base_offset: int = 0             # how far the base pass got
+    base_started: bool = False       # a base pass wrote to the destination (it is no longer known zero)
+    base_done: bool = False
+    base: BasePass | None = None
+    next_since: int | None = None    # the era the next round (or the cutover) queries from
+    rounds: list[Round] = field(default_factory=list)
+    version: int = COPY_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, what: str) -> CopyState:
+        """Version 0 (before typed records): the same keys, each absent until it had a value."""
+        data = dict(data or {})
+        v = version_of(data)
+        data.pop("version", None)
+        known, extra = split(cls, data, what, v, COPY_VERSION)
+        if known.get("base"):
+            known["base"] = BasePass.from_json(known["base"], f"{what} (base)")
+        else:
+            known["base"] = None
+        known["rounds"] = [Round.from_json(r, f"{what} (round {i + 1})")
+                           for i, r in enumerate(known.get("rounds") or [])]
+        known["base_offset"] = int(known.get("base_offset") or 0)
+        known["base_started"] = bool(known.get("base_started"))
+        known["base_done"] = bool(known.get("base_done"))
+        return cls(**known, extra=extra)
+
+    def passes(self) -> list[BasePass | Round]:
+        return ([self.base] if self.base else []) + list(self.rounds)

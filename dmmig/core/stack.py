@@ -26,6 +26,7 @@ from dmmig.adapters.era import BlockRange, DirtyRanges, EraTools
 from dmmig.adapters.runner import Runner
 from dmmig.core.journal import ABORTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
 from dmmig.core.mirror import MirrorSide
+from dmmig.core.records import CopyState
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.names import Files, era_name, top_name
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
@@ -163,7 +164,7 @@ class Stack:
             # a new migration: the era numbers, copy progress and destination of an earlier one
             # (left by `finish`) mean nothing for the new era device; the id tells the
             # destination's agent a resumed copy from a new migration
-            entry.copy = {"migration": uuid.uuid4().hex}
+            entry.copy = CopyState(migration=uuid.uuid4().hex)
             entry.dest = None
             undo = Undo()
             self.journal.save(entry, PREPARING)

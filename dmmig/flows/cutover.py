@@ -53,7 +53,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
        fresh logs holding the running logs' state plus D2 (_add_regions). 3 runs while the
        kernel already resyncs D1; the mirror counts as in sync only after it."""
     entry = stack.prepared(name)
-    if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.get("base_done"):
+    if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.base_done:
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
@@ -76,7 +76,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         length = stack.dm.table(top).length
         bs = entry.block_sectors
         layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
-        since = int(entry.copy["next_since"])
+        since = int(entry.copy.next_since or 0)
         # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
         # agent's start, the export) runs in threads while this host makes the logs and queries
         # era. The threads journal nothing: this thread journals what they made once they are
@@ -203,7 +203,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
-        entry.copy["next_since"] = now
+        entry.copy.next_since = now
         stack.journal.save(entry, journal.MIRRORING)
     return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),

@@ -7,7 +7,7 @@ import os
 import time
 
 from dmmig.core import gate, journal
-from dmmig.core.records import Incoming, Unreadable
+from dmmig.core.records import CopyState, Incoming, Unreadable
 from dmmig.core.stack import Stack
 from dmmig.errors import StateError
 from dmmig.flows.destination import AgentServer, incoming
@@ -98,9 +98,9 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
     done = stack.abort(name)
     left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
-    if e2 is not None and (e2.dest or e2.copy):
+    if e2 is not None and (e2.dest or e2.copy != CopyState()):
         e2.dest = None
-        e2.copy = {}
+        e2.copy = CopyState()
         stack.journal.save(e2)
     return done, left
 

@@ -114,7 +114,7 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
     # the cutover, and with the top suspended that set is final
     broken = f"the mirror was not intact (health {st.health}, dm events {info.events}, {at_sync} at sync)"
     assert entry.metadata and entry.block_sectors
-    ranges, _ = stack.era.dirty(era, entry.metadata, int(entry.copy["next_since"]))
+    ranges, _ = stack.era.dirty(era, entry.metadata, int(entry.copy.next_since or 0))
     win.check("while era was queried")
     bs = entry.block_sectors * 512
     size = stack.dm.table(top).length * 512
@@ -152,9 +152,7 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
 
 def copy_rate(entry: journal.Entry) -> float | None:
     """The best rate (bytes/s) a pass of the copy reached, from passes large enough to tell."""
-    passes = [entry.copy.get("base") or {}] + list(entry.copy.get("rounds") or [])
-    rates = [float(p["read"]) / float(p["seconds"]) for p in passes
-             if isinstance(p, dict) and p.get("read", 0) >= (4 << 20) and p.get("seconds", 0) > 0]
+    rates = [p.read / p.seconds for p in entry.copy.passes() if p.read >= (4 << 20) and p.seconds > 0]
     return max(rates) if rates else None
 
 

@@ -35,7 +35,8 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
                           "metadata": entry.metadata, "checkpoints": entry.checkpoints,
-                          "dest": to_json(entry.dest) if entry.dest else {}, "copy": entry.copy, "mirror": entry.mirror,
+                          "dest": to_json(entry.dest) if entry.dest else {}, "copy": to_json(entry.copy),
+                          "mirror": entry.mirror,
                           "history": entry.history[-10:]}
     for dev in (top_name(name), era_name(name)):
         info = stack.dm.info(dev)

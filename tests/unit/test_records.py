@@ -138,10 +138,24 @@ def test_todays_journal_loads_typed(tmp_path: Path, caplog: pytest.LogCaptureFix
         tls=None, export=nbd.Export(name="vg0-vm1", path="/dev/vg1/vm1", pid=2211, cache="directsync",
                                     socket="/run/dmmig/nbd/vg0-vm1.sock"),
         remote_state="/run/dmmig")
-    assert e.copy["next_since"] == 7 and e.copy["rounds"][0]["dirty_bytes"] == 1 << 20
+    assert e.copy == records.CopyState(
+        migration="5d0c2a8e9b1f4c7da3e6f8b2c4d6e8f0", zeroed=False, base_era=4, base_offset=64 << 20, base_started=True,
+        base_done=True, base=records.BasePass(start=0, read=64 << 20, sent=48 << 20, zeroed=16 << 20, skipped=0,
+                                              seconds=1.842),
+        next_since=7, rounds=[records.Round(since=4, dirty_bytes=1 << 20, read=1 << 20, sent=1 << 20, zeroed=0,
+                                            skipped=0, seconds=0.051, era_seconds=0.012)])
     assert e.mirror["tunnel"]["pid"] == 3012 and e.mirror["synced"]["events"] == 5
     assert p.phase == journal.PREPARED and p.dest is None
-    assert p.copy == {"migration": "0a1b2c3d4e5f60718293a4b5c6d7e8f9"}
+    assert p.copy == records.CopyState(migration="0a1b2c3d4e5f60718293a4b5c6d7e8f9")
+
+
+def same_but_versioned(new: dict, old: dict, version: int) -> None:
+    """NEW (written now) says what OLD (today's) said, plus its version; a key today's writer
+    left out until it had a value (tls for --transport ssh, base_era before the base pass) is
+    written with its empty value."""
+    assert new.pop("version") == version
+    assert {k: new[k] for k in old} == old, (new, old)
+    assert all(new[k] in (None, False, 0, []) for k in set(new) - set(old)), new
 
 
 def test_todays_journal_is_written_back_in_the_current_version(tmp_path: Path) -> None:
@@ -156,11 +170,11 @@ def test_todays_journal_is_written_back_in_the_current_version(tmp_path: Path) -
         new = json.loads(Path(j.path(name)).read_text())
         assert new.pop("version") == journal.JOURNAL_VERSION
         nd, od = new.pop("dest"), old.pop("dest")
-        if od:  # a key today's writer left out until it had a value (tls for --transport ssh) is null
-            assert nd.pop("version") == records.DESTINATION_VERSION
-            assert {k: nd[k] for k in od} == od and all(nd[k] is None for k in set(nd) - set(od)), nd
+        if od:
+            same_but_versioned(nd, od, records.DESTINATION_VERSION)
         else:
             assert nd is None
+        same_but_versioned(new.pop("copy"), old.pop("copy"), records.COPY_VERSION)
         assert new == old
         assert j.load(name) == e
 
@@ -172,15 +186,18 @@ def test_unknown_journal_keys_are_warned_about_and_kept(tmp_path: Path, caplog: 
     data["window"] = {"cap": 12}
     data["dest"]["version"] = 3
     data["dest"]["jump_host"] = "bastion"
+    data["copy"]["base"]["compressed"] = 7
+    data["copy"]["rounds"][0]["queue_depth"] = 4
     Path(j.path("vg0-vm1")).write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="dmmig"):
         e = j.load("vg0-vm1")
     assert e is not None and e.dest is not None
-    for want in ("record version 9", "window", "record version 3", "jump_host"):
+    for want in ("record version 9", "window", "record version 3", "jump_host", "compressed", "queue_depth"):
         assert want in caplog.text, (want, caplog.text)
     j.save(e)
     back = json.loads(Path(j.path("vg0-vm1")).read_text())
     assert back["window"] == {"cap": 12} and back["dest"]["jump_host"] == "bastion"
+    assert back["copy"]["base"]["compressed"] == 7 and back["copy"]["rounds"][0]["queue_depth"] == 4
     assert back["version"] == journal.JOURNAL_VERSION and back["dest"]["version"] == records.DESTINATION_VERSION
 
 
