@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmmig.core import records
-from dmmig.core.records import CopyState, Destination
+from dmmig.core.records import CopyState, Destination, MirrorState
 from dmmig.errors import Busy, StateError
 from dmmig.names import Files
 from dmmig.validate import RESERVED_SUFFIXES
@@ -97,7 +97,7 @@ class Entry:
     checkpoints: list[int] = field(default_factory=list)
     dest: Destination | None = None  # None until a copy chose one (and again after an abort)
     copy: CopyState = field(default_factory=CopyState)
-    mirror: dict[str, Any] = field(default_factory=dict)  # cutover: leg, log, tunnel, watcher, sync
+    mirror: MirrorState = field(default_factory=MirrorState)
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
     version: int = JOURNAL_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer dmmig, written back as they are
@@ -111,6 +111,7 @@ class Entry:
                                      JOURNAL_VERSION)
         known["dest"] = records.destination_of(known.get("dest"), f"{what} (dest)")
         known["copy"] = CopyState.from_json(known.get("copy"), f"{what} (copy)")
+        known["mirror"] = MirrorState.from_json(known.get("mirror"), f"{what} (mirror)")
         return cls(**known, extra=extra)
 
     def destination(self) -> Destination:
@@ -123,8 +124,8 @@ class Entry:
     @property
     def handed_over(self) -> bool:
         """The destination's block script got this source's yes: the disk there is the guest's."""
-        h = self.mirror.get("handover") or {}
-        return bool(self.phase == MIRRORING and h.get("ok") and h.get("delivered"))
+        h = self.mirror.handover
+        return bool(self.phase == MIRRORING and h and h.ok and h.delivered)
 
 
 

@@ -275,3 +275,91 @@ class CopyState:
 
     def passes(self) -> list[BasePass | Round]:
         return ([self.base] if self.base else []) + list(self.rounds)
+
+
+MIRROR_VERSION = 1
+
+
+def _sub(cls: type[Any], data: Any, what: str) -> Any:
+    """A record inside another (no version of its own: its parent's covers it)."""
+    if not data:
+        return None
+    known, extra = split(cls, dict(data), what, 0, 0)
+    return cls(**known, extra=extra)
+
+
+@dataclass
+class Tunnel:
+    """--transport ssh: the OpenSSH tunnel of the mirror's NBD leg (adapters/tunnel.py)."""
+    sock: str                   # the unix socket here nbd-client connects to
+    pid: int | None = None      # None: planned, not started yet (its log names it)
+    mode: str | None = None     # "forward" or "relay"; None: an older dmmig's (forward)
+    log: str | None = None      # None: an older dmmig's, found by its socket
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Synced:
+    """The mirror's first full sync after the cutover."""
+    events: int                 # the top's dm event counter then: any later event is news
+    at: float = 0.0
+    seconds: float = 0.0
+    kernel_out_of_sync_first_seen: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Handover:
+    """The gate's answer to the destination's `add` (flows/handover.py)."""
+    at: float = 0.0
+    ok: bool = False
+    why: str = ""
+    caught_up_bytes: int = 0
+    seconds: float = 0.0
+    cap_seconds: float = 0.0
+    delivered: bool | None = False  # None: the destination did not confirm the yes either way
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MirrorState:
+    """The source's mirror of a disk (the journal's `mirror`): every resource journaled before
+    or right after it exists (teardown finds it), and what the cutover and the gate saw."""
+    tunnel: Tunnel | None = None
+    log_file: str | None = None
+    log_devs: list[str] = field(default_factory=list)
+    nbd: str | None = None           # the kernel's NBD device of leg 1
+    watcher: int | None = None       # the leg watcher's pid
+    era: int | None = None           # the era the cutover's second query ended at
+    pause_seconds: float | None = None
+    pauses: list[float] = field(default_factory=list)
+    resync_regions: int | None = None
+    resync_bytes: int | None = None
+    regions: int | None = None
+    region_bytes: int | None = None
+    parts: int | None = None
+    resync_ranges: list[list[int]] = field(default_factory=list)  # the first SHOWN_RANGES of them
+    resync_ranges_cut: bool = False
+    synced: Synced | None = None
+    handover: Handover | None = None
+    version: int = MIRROR_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, what: str) -> MirrorState:
+        """Version 0 (before typed records): the same keys, each absent until it had a value."""
+        data = dict(data or {})
+        v = version_of(data)
+        data.pop("version", None)
+        known, extra = split(cls, data, what, v, MIRROR_VERSION)
+        known["tunnel"] = _sub(Tunnel, known.get("tunnel"), f"{what} (tunnel)")
+        known["synced"] = _sub(Synced, known.get("synced"), f"{what} (synced)")
+        known["handover"] = _sub(Handover, known.get("handover"), f"{what} (handover)")
+        for k in ("log_devs", "pauses", "resync_ranges"):
+            known[k] = list(known.get(k) or [])
+        known["resync_ranges_cut"] = bool(known.get("resync_ranges_cut"))
+        return cls(**known, extra=extra)
+
+    def empty(self) -> bool:
+        """Nothing of a mirror journaled (keys a newer dmmig wrote count as something)."""
+        return self == MirrorState()

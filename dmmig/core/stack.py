@@ -26,7 +26,7 @@ from dmmig.adapters.era import BlockRange, DirtyRanges, EraTools
 from dmmig.adapters.runner import Runner
 from dmmig.core.journal import ABORTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
 from dmmig.core.mirror import MirrorSide
-from dmmig.core.records import CopyState
+from dmmig.core.records import CopyState, MirrorState
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.names import Files, era_name, top_name
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
@@ -364,7 +364,7 @@ class Stack:
                 entry.metadata = entry.metadata_file = None
                 entry.block_sectors = None
                 entry.checkpoints = []
-                entry.mirror = {}
+                entry.mirror = MirrorState()
                 if self.dm.info(top) is not None:
                     self.journal.save(entry, WRAPPED)
                 else:

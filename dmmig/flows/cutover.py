@@ -16,7 +16,7 @@ from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.adapters.era import BlockRange, merge
 from dmmig.core import journal, mirrorlog
-from dmmig.core.records import Destination
+from dmmig.core.records import Destination, MirrorState, Synced
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, RemoteError, StateError, Steps
 from dmmig.flows.session import Remote, Started, T, plan_transport, start_export
@@ -93,7 +93,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 tun = stack.mirror.plan_tunnel(entry)
                 save()  # the tunnel's log names it: a killed dmmig's is found by it
                 tunneling = Started(partial(_timed, par, "tunnel", stack.mirror.start_tunnel, name,
-                                            entry.destination().copy(), dict(tun), copied.socket if copied else None))
+                                            entry.destination().copy(), tun, copied.socket if copied else None))
             if tunneling is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
@@ -119,7 +119,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             if exporting is None:
                 assert tunneling is not None
                 with sw("nbd leg"):
-                    entry.mirror["tunnel"]["pid"] = tunneling.result()
+                    assert entry.mirror.tunnel is not None
+                    entry.mirror.tunnel.pid = tunneling.result()
                     save()
                     try:
                         tried = True
@@ -146,8 +147,9 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                         if pid is None:
                             tun = stack.mirror.plan_tunnel(entry)
                             save()
-                            pid = stack.mirror.start_tunnel(name, dest.copy(), dict(tun), export.socket)
-                        entry.mirror["tunnel"]["pid"] = pid
+                            pid = stack.mirror.start_tunnel(name, dest.copy(), tun, export.socket)
+                        assert entry.mirror.tunnel is not None
+                        entry.mirror.tunnel.pid = pid
                         save()
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
@@ -186,30 +188,31 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             stack.journal.save(entry, journal.COPIED)
             raise
         resync_regions = sum(i.out_of_sync() for i in marked)
-        entry.mirror.update(era=now, pause_seconds=max(pauses), pauses=pauses, resync_regions=resync_regions,
-                            resync_bytes=min(resync_regions * layout.region, length) * 512, regions=layout.regions,
-                            region_bytes=layout.region * 512, parts=layout.parts,
-                            resync_ranges=[[r.begin, r.end] for r in shown[:SHOWN_RANGES]],
-                            resync_ranges_cut=len(shown) > SHOWN_RANGES)
+        m = entry.mirror
+        m.era, m.pause_seconds, m.pauses, m.resync_regions = now, max(pauses), pauses, resync_regions
+        m.resync_bytes = min(resync_regions * layout.region, length) * 512
+        m.regions, m.region_bytes, m.parts = layout.regions, layout.region * 512, layout.parts
+        m.resync_ranges = [[r.begin, r.end] for r in shown[:SHOWN_RANGES]]
+        m.resync_ranges_cut = len(shown) > SHOWN_RANGES
         save()
         with sw("watcher (resyncing)"):
             stack.mirror.start_watcher(entry, save)
         with sw("resync"):
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
-        entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
-                                  "kernel_out_of_sync_first_seen": kernel_out}
+        m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
+                          kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
         entry.copy.next_since = now
         stack.journal.save(entry, journal.MIRRORING)
-    return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
+    return {"name": name, "suspended_seconds": m.pause_seconds, "pauses": m.pauses,
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
             "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
-            "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
+            "resync_bytes": m.resync_bytes, "resync_seconds": m.synced.seconds,
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
 
 
@@ -321,8 +324,8 @@ def drop_mirror(stack: Stack, entry: journal.Entry) -> None:
         else:
             steps(f"resume {top}", lambda: stack.dm.resume(top))
     steps.check(f"leaving the mirror of {entry.name}")  # never tear down a leg still in use
-    if entry.mirror or stack.mirror.leftovers(entry.name):
+    if not entry.mirror.empty() or stack.mirror.leftovers(entry.name):
         stack.mirror.teardown(entry.name, entry, steps)
-        entry.mirror = {}
+        entry.mirror = MirrorState()
         stack.journal.save(entry)
     steps.check(f"leaving the mirror of {entry.name}")

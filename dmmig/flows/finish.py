@@ -28,7 +28,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                              hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
                                   "or --force to finish anyway")
         st = stack.dm.mirror_status(top)
-        vouched = (entry.mirror.get("handover") or {}).get("ok")  # the gate already checked or caught up
+        vouched = entry.mirror.handover and entry.mirror.handover.ok  # the gate already checked or caught up
         if not (st.synced and st.healthy) and not vouched:
             raise StateError(f"the mirror of {name} is not in sync with healthy legs "
                              f"({st.in_sync}/{st.regions}, health {st.health}): the destination misses writes",

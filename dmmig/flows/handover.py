@@ -12,6 +12,7 @@ from typing import Any
 from dmmig.adapters.ssh import close_quietly
 from dmmig.core import gate, journal
 from dmmig.core.copier import Copier
+from dmmig.core.records import Handover, to_json
 from dmmig.core.stack import Stack
 from dmmig.core.window import Window, WindowClosed
 from dmmig.errors import DmmigError, RemoteError, StateError
@@ -51,7 +52,7 @@ MIN_YES_S = 1.0  # a yes needs this much of the window left to reach the destina
 
 def mirroring_entry(stack: Stack, name: str) -> journal.Entry:
     entry = stack.entry_of(name)
-    if entry.phase != journal.MIRRORING or not entry.mirror.get("synced"):
+    if entry.phase != journal.MIRRORING or not entry.mirror.synced:
         raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
                          hint=f"`dmmig cutover {name}` first")
     return entry
@@ -96,10 +97,10 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                                                deadline_s=gate.NO_DELIVERY_S)["delivered"])
         except DmmigError as e:  # the destination's `add` refuses on its own when no answer comes
             why += f"; the no could not be delivered either: {e.message}"
-    entry.mirror["handover"] = {"at": time.time(), "ok": ok, "why": why, "caught_up_bytes": sent,
-                                "seconds": round(seconds, 3), "cap_seconds": cap, "delivered": delivered}
+    entry.mirror.handover = Handover(at=time.time(), ok=ok, why=why, caught_up_bytes=sent,
+                                     seconds=round(seconds, 3), cap_seconds=cap, delivered=delivered)
     stack.journal.save(entry)
-    return dict(entry.mirror["handover"])
+    return to_json(entry.mirror.handover)
 
 
 def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,
@@ -107,7 +108,8 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
     st = stack.dm.mirror_status(top)
     info = stack.dm.info(top)
     assert info is not None
-    at_sync = entry.mirror["synced"]["events"]
+    assert entry.mirror.synced is not None  # mirroring_entry checked it
+    at_sync = entry.mirror.synced.events
     if st.synced and st.healthy and info.events == at_sync:
         return True, "every region in sync, every leg alive, no dm event since the sync", 0
     # the leg failed (or something happened) since the sync: era knows every block written since

@@ -36,7 +36,7 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
                           "metadata": entry.metadata, "checkpoints": entry.checkpoints,
                           "dest": to_json(entry.dest) if entry.dest else {}, "copy": to_json(entry.copy),
-                          "mirror": entry.mirror,
+                          "mirror": to_json(entry.mirror),
                           "history": entry.history[-10:]}
     for dev in (top_name(name), era_name(name)):
         info = stack.dm.info(dev)
@@ -105,19 +105,18 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
             problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted, and no dmmig holds "
                             f"{name} now): {again}`dmmig abort {name}` cleans up")
     if entry.phase == journal.MIRRORING and top is not None and "mirror" in top:
-        synced = entry.mirror.get("synced") or {}
-        if synced and top["events"] != synced.get("events"):
+        synced = entry.mirror.synced
+        if synced and top["events"] != synced.events:
             problems.append(f"{top_name(name)}: dm event counter {top['events']} differs from "
-                            f"{synced.get('events')} at sync: something happened to the mirror since")
-        if entry.mirror.get("watcher") and not proc.alive(entry.mirror["watcher"],
-                                                          stack.mirror.watcher_marker(name)):
+                            f"{synced.events} at sync: something happened to the mirror since")
+        if entry.mirror.watcher and not proc.alive(entry.mirror.watcher, stack.mirror.watcher_marker(name)):
             problems.append("the leg watcher is not running: a leg failure would not be timed")
-        tun = entry.mirror.get("tunnel") or {}
+        tun = entry.mirror.tunnel
         # an older dmmig's tunnel has no log: its socket names it
-        if tun.get("pid") and not proc.alive(tun["pid"], tun.get("log") or tun.get("sock") or "ssh"):
-            problems.append(f"the SSH tunnel of the NBD leg (pid {tun['pid']}, {tun.get('mode', 'forward')}) is gone; "
+        if tun and tun.pid and not proc.alive(tun.pid, tun.log or tun.sock or "ssh"):
+            problems.append(f"the SSH tunnel of the NBD leg (pid {tun.pid}, {tun.mode or 'forward'}) is gone; "
                             f"its log: {stack.mirror.tunnel_log(name)}")
-    stray = sorted(set(stack.mirror.nbd.owned(stack.mirror.nbd_owner(name))) - {entry.mirror.get("nbd")})
+    stray = sorted(set(stack.mirror.nbd.owned(stack.mirror.nbd_owner(name))) - {entry.mirror.nbd})
     if stray:  # marked for this disk (udev keeps off them) but no mirror of it uses them
         problems.append(f"{', '.join(stray)} marked as {name}'s mirror leg but not in its journal (left by an "
                         f"interrupted cutover); `dmmig abort {name}` detaches and unmarks them")
@@ -250,7 +249,7 @@ def glance(st: dict[str, Any]) -> dict[str, str]:
             if mir is None:
                 row["progress"] = "no mirror table"
             elif mir["in_sync"] >= mir["regions"]:
-                row["progress"] = f"mirrored, in sync ({m.get('parts', 1)} parts)"
+                row["progress"] = f"mirrored, in sync ({m.get('parts') or 1} parts)"
             else:
                 row["progress"] = f"resync {100 * mir['in_sync'] // max(1, mir['regions'])}% " \
                                   f"({mir['regions'] - mir['in_sync']} regions left)"

@@ -13,7 +13,7 @@ import pytest
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.xl import Domain, XlRun
 from dmmig.core import journal
-from dmmig.core.records import Destination
+from dmmig.core.records import Destination, MirrorState, Synced
 from dmmig.core.stack import Stack
 from dmmig.entry import cli
 from dmmig.errors import Busy, DmmigError, Exit, MissingDependency, RemoteError, StateError
@@ -86,7 +86,8 @@ class Flow:
         self.disks = []
         for i, n in enumerate(names):
             self.stack.journal.save(journal.Entry(n, f"/dev/loop{i}", f"7:{i}", dest=dest_of(n),
-                                            mirror={"synced": True}), journal.MIRRORING)
+                                            mirror=MirrorState(synced=Synced(at=0.0, events=0, seconds=0.0))),
+                                   journal.MIRRORING)
             v = Vbd(str(51712 + i), f"xvd{'ab'[i]}", f"/local/domain/0/backend/vbd/7/{51712 + i}",
                     "/etc/xen/scripts/block-dmmig", f"/srv/{n}", "w", "fd:4", "")
             self.disks.append(migrate_domain.Disk(v, n, f"/dev/loop{i}", 1 << 20, journal.MIRRORING, f"/srv/{n}",

@@ -144,7 +144,16 @@ def test_todays_journal_loads_typed(tmp_path: Path, caplog: pytest.LogCaptureFix
                                               seconds=1.842),
         next_since=7, rounds=[records.Round(since=4, dirty_bytes=1 << 20, read=1 << 20, sent=1 << 20, zeroed=0,
                                             skipped=0, seconds=0.051, era_seconds=0.012)])
-    assert e.mirror["tunnel"]["pid"] == 3012 and e.mirror["synced"]["events"] == 5
+    assert e.mirror == records.MirrorState(
+        tunnel=records.Tunnel(sock="/var/lib/dmmig/vg0-vm1.nbd.sock", pid=3012, mode="forward",
+                              log="/var/lib/dmmig/vg0-vm1.tunnel.log"),
+        log_file="/run/dmmig/vg0-vm1.mirror-log", log_devs=["/dev/loop8", "/dev/loop9"], nbd="/dev/nbd0",
+        watcher=3100, era=7, pause_seconds=0.004, pauses=[0.003, 0.004], resync_regions=3, resync_bytes=786432,
+        regions=256, region_bytes=262144, parts=2, resync_ranges=[[3, 4], [10, 12]], resync_ranges_cut=False,
+        synced=records.Synced(at=1796462100.5, events=5, seconds=0.41, kernel_out_of_sync_first_seen=3),
+        handover=records.Handover(at=1796462200.25, ok=True, why="in sync", caught_up_bytes=0, seconds=0.012,
+                                  cap_seconds=12.0, delivered=True))
+    assert p.mirror.empty()
     assert p.phase == journal.PREPARED and p.dest is None
     assert p.copy == records.CopyState(migration="0a1b2c3d4e5f60718293a4b5c6d7e8f9")
 
@@ -175,6 +184,7 @@ def test_todays_journal_is_written_back_in_the_current_version(tmp_path: Path) -
         else:
             assert nd is None
         same_but_versioned(new.pop("copy"), old.pop("copy"), records.COPY_VERSION)
+        same_but_versioned(new.pop("mirror"), old.pop("mirror"), records.MIRROR_VERSION)
         assert new == old
         assert j.load(name) == e
 
@@ -188,16 +198,19 @@ def test_unknown_journal_keys_are_warned_about_and_kept(tmp_path: Path, caplog: 
     data["dest"]["jump_host"] = "bastion"
     data["copy"]["base"]["compressed"] = 7
     data["copy"]["rounds"][0]["queue_depth"] = 4
+    data["mirror"]["tunnel"]["jump"] = True
     Path(j.path("vg0-vm1")).write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="dmmig"):
         e = j.load("vg0-vm1")
     assert e is not None and e.dest is not None
-    for want in ("record version 9", "window", "record version 3", "jump_host", "compressed", "queue_depth"):
+    for want in ("record version 9", "window", "record version 3", "jump_host", "compressed", "queue_depth",
+                 "(tunnel)"):
         assert want in caplog.text, (want, caplog.text)
     j.save(e)
     back = json.loads(Path(j.path("vg0-vm1")).read_text())
     assert back["window"] == {"cap": 12} and back["dest"]["jump_host"] == "bastion"
     assert back["copy"]["base"]["compressed"] == 7 and back["copy"]["rounds"][0]["queue_depth"] == 4
+    assert back["mirror"]["tunnel"]["jump"] is True
     assert back["version"] == journal.JOURNAL_VERSION and back["dest"]["version"] == records.DESTINATION_VERSION
 
 

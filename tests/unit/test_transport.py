@@ -27,7 +27,7 @@ from dmmig.adapters.runner import SubprocessRunner
 from dmmig.adapters.ssh import Endpoint
 from dmmig.core import journal
 from dmmig.core.confine import Policy
-from dmmig.core.records import Destination
+from dmmig.core.records import Destination, MirrorState
 from dmmig.core.stack import Stack
 from dmmig.entry.agent import parse_forced
 from dmmig.errors import BadInput, Exit, StateError
@@ -478,7 +478,7 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
         open(f, "w").close()
         os.utime(f, (time.time() - 60, time.time() - 60))
     entry = journal.Entry("d1", "/dev/loop1", "7:1", phase=journal.MIRRORING,
-                          mirror={"tunnel": {"sock": sock, "pid": old.pid}})
+                          mirror=MirrorState.from_json({"tunnel": {"sock": sock, "pid": old.pid}}, "test"))
     steps = Steps()
     try:
         side = MirrorSide(FakeRunner([]), state)
