@@ -363,3 +363,25 @@ class MirrorState:
     def empty(self) -> bool:
         """Nothing of a mirror journaled (keys a newer dmmig wrote count as something)."""
         return self == MirrorState()
+
+
+HEALTH_VERSION = 1
+
+
+@dataclass
+class LegFailure:
+    """The leg watcher's record of the first leg failure it saw (NAME.health.json)."""
+    failed_at: float
+    health: str = ""                 # the mirror's health characters then, one per leg
+    log_health: str | None = None
+    events: int = 0                  # the top's dm event counter then
+    failed_legs: list[int] = field(default_factory=list)
+    version: int = HEALTH_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], what: str) -> LegFailure:
+        """Version 0 (before typed records): the same keys."""
+        v = version_of(data)
+        known, extra = split(cls, {k: val for k, val in data.items() if k != "version"}, what, v, HEALTH_VERSION)
+        return cls(**known, extra=extra)

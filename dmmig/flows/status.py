@@ -64,9 +64,9 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                                    "log_health": ms.log_health, "healthy": ms.healthy}
                     if not ms.healthy:
                         h = read_health(stack.journal.dir, name)
-                        since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['failed_at']))}"
+                        since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h.failed_at))}"
                                  if h else " (time unknown: no watcher record)")
-                        d["mirror"]["failed_at"] = h["failed_at"] if h else None
+                        d["mirror"]["failed_at"] = h.failed_at if h else None
                         problems.append(f"{dev}: mirror leg(s) {ms.failed_legs} failed{since} (health {ms.health}); "
                                         "the guest's writes go on to the local disk and era records them; "
                                         f"`dmmig copy {name}` + `dmmig cutover {name}` catch up, "

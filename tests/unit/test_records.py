@@ -223,3 +223,16 @@ def test_a_journal_missing_what_it_must_say_is_unreadable(tmp_path: Path) -> Non
                                               "dest": {"host": "b"}}))
     with pytest.raises(StateError, match="unreadable"):
         j.load("d1")
+
+
+def test_todays_watcher_record_loads_typed(tmp_path: Path) -> None:
+    """vg0-vm1.health.json: what record() of 0777df2 wrote for the dict its watch() builds."""
+    from dmmig.core import watch
+    state = state_with(tmp_path, "vg0-vm1.health.json")
+    h = watch.read_health(state, "vg0-vm1")
+    assert h == records.LegFailure(failed_at=1796462300.75, health="AD", log_health=None, events=9, failed_legs=[1])
+    watch.record(state, "vg0-vm1", h)
+    back = json.loads(Path(state, "vg0-vm1.health.json").read_text())
+    assert back == {**json.loads((FIXTURES / "vg0-vm1.health.json").read_text()), "version": records.HEALTH_VERSION}
+    Path(state, "vg0-vm1.health.json").write_text(json.dumps({"health": "AD"}))  # no time: unknown, not a crash
+    assert watch.read_health(state, "vg0-vm1") is None
