@@ -46,12 +46,18 @@ def split(cls: type[T], data: dict[str, Any], what: str, version: int,
 
 def to_json(obj: Any) -> dict[str, Any]:
     """OBJ (a record dataclass) as the JSON object saved: its unknown keys, then its fields
-    (under their JSON_KEYS name, if they have one); the same for the records in it."""
+    (under their JSON_KEYS name, if they have one); the same for the records in it.
+
+    A record's field that is None is left out, as the writers before typed records left a key
+    out until it had a value: a dmmig of that version reading this file (a downgrade) finds
+    what it expects ("base_era" not in copy: no base pass yet; no "tunnel": not probed)."""
+    record = hasattr(obj, "extra")
     out: dict[str, Any] = dict(getattr(obj, "extra", None) or {})
     keys: dict[str, str] = getattr(obj, "JSON_KEYS", {})
     for f in dataclasses.fields(obj):
-        if f.name != "extra":
-            out[keys.get(f.name, f.name)] = _plain(getattr(obj, f.name))
+        v = getattr(obj, f.name)
+        if f.name != "extra" and not (record and v is None):
+            out[keys.get(f.name, f.name)] = _plain(v)
     return out
 
 

@@ -79,7 +79,7 @@ def test_a_new_migration_starts_a_fresh_record(dest: Dest) -> None:
     assert not gate.incoming(dest.state, "d1")
     r = dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m2")
     rec = dest.rec("d1")
-    assert rec["handed_over"] is None and rec["migration"] == "m2" and gate.incoming(dest.state, "d1")
+    assert "handed_over" not in rec and rec["migration"] == "m2" and gate.incoming(dest.state, "d1")
     # nothing of m1 survives: m2 did not create the disk (its abort keeps it), nor is it zero
     assert not rec["created"] and not rec["written"] and not r["zeroed"]
 
@@ -102,7 +102,7 @@ def test_a_record_of_the_earlier_version_is_resumed_but_never_stays_handed_over(
     assert r["created"] and not r["zeroed"] and dest.rec("d1")["migration"] == "m9"
     dest.write_rec("d1", {"name": "d1", "path": p, "size": 4 * MIB, "created": True, "handed_over": 1.0})
     r = dest.agent.op_prepare_disk("d1", p, 4 * MIB, migration="m10")
-    assert not r["created"] and dest.rec("d1")["handed_over"] is None
+    assert not r["created"] and "handed_over" not in dest.rec("d1")
     assert dest.agent.op_stop("d1", remove_created=True) == {"done": []} and os.path.exists(p)
 
 
@@ -113,7 +113,7 @@ def test_handed_over_only_once_the_answer_reached_the_add(dest: Dest) -> None:
     try:
         # nobody asked (or the `add` gave up): the yes reaches nobody, the disk stays incoming
         assert dest.agent.op_answer_gate("d1", True, "fine") == {"delivered": False}
-        assert dest.rec("d1")["handed_over"] is None and gate.incoming(dest.state, "d1")
+        assert "handed_over" not in dest.rec("d1") and gate.incoming(dest.state, "d1")
         out: dict[str, Any] = {}
         t = threading.Thread(target=lambda: out.update(gate.ask(dest.state, "d1", 10)))
         t.start()

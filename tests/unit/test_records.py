@@ -159,11 +159,10 @@ def test_todays_journal_loads_typed(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 
 def same_but_versioned(new: dict, old: dict, version: int) -> None:
-    """NEW (written now) says what OLD (today's) said, plus its version; a key today's writer
-    left out until it had a value (tls for --transport ssh, base_era before the base pass) is
-    written with its empty value."""
+    """NEW (written now) says what OLD (today's) said, plus its version; a key either leaves
+    out is None (records.to_json leaves out None) or, a key only NEW has, its empty value."""
     assert new.pop("version") == version
-    assert {k: new[k] for k in old} == old, (new, old)
+    assert {k: new.get(k) for k in old} == old, (new, old)  # a None is left out
     assert all(new[k] in (None, False, 0, []) for k in set(new) - set(old)), new
 
 
@@ -178,7 +177,7 @@ def test_todays_journal_is_written_back_in_the_current_version(tmp_path: Path) -
         j.save(e)
         new = json.loads(Path(j.path(name)).read_text())
         assert new.pop("version") == journal.JOURNAL_VERSION
-        nd, od = new.pop("dest"), old.pop("dest")
+        nd, od = new.pop("dest", None), old.pop("dest")
         if od:
             same_but_versioned(nd, od, records.DESTINATION_VERSION)
         else:
@@ -233,6 +232,21 @@ def test_todays_watcher_record_loads_typed(tmp_path: Path) -> None:
     assert h == records.LegFailure(failed_at=1796462300.75, health="AD", log_health=None, events=9, failed_legs=[1])
     watch.record(state, "vg0-vm1", h)
     back = json.loads(Path(state, "vg0-vm1.health.json").read_text())
-    assert back == {**json.loads((FIXTURES / "vg0-vm1.health.json").read_text()), "version": records.HEALTH_VERSION}
+    old = json.loads((FIXTURES / "vg0-vm1.health.json").read_text())
+    assert back == {**{k: v for k, v in old.items() if v is not None}, "version": records.HEALTH_VERSION}
     Path(state, "vg0-vm1.health.json").write_text(json.dumps({"health": "AD"}))  # no time: unknown, not a crash
     assert watch.read_health(state, "vg0-vm1") is None
+
+
+def test_what_is_not_known_yet_is_left_out_as_version_0_did(tmp_path: Path) -> None:
+    """A dmmig of version 0 reading this version's journal (a downgrade) tells "not yet" by a
+    key's absence: no base era, no zeroed answer, no tunnel chosen, no export, no destination."""
+    j = journal_with(tmp_path, "srv-vm2.img.json")
+    e = j.load("srv-vm2.img")
+    assert e is not None
+    e.dest = records.Destination(host="b", user="root", port=22, known_hosts="/k", disk="/srv/vm2.img")
+    j.save(e)
+    data = json.loads(Path(j.path("srv-vm2.img")).read_text())
+    assert not {"base_era", "zeroed", "next_since", "base"} & set(data["copy"]), data["copy"]
+    assert not {"tunnel", "tunnel_probe", "tls", "export"} & set(data["dest"]), data["dest"]
+    assert not {"tunnel", "nbd", "watcher", "synced", "handover"} & set(data["mirror"]), data["mirror"]
