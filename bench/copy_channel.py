@@ -32,12 +32,14 @@ COPY = r"""
 import json, socket, sys, threading, time
 from dmmig.adapters import nbd
 from dmmig.core.copier import Copier
+from types import SimpleNamespace
+
 from dmmig.adapters.agentcmd import agent_argv
 from dmmig.adapters.ssh import Endpoint, connect, relay_socket
 how, src, name, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 c = connect(Endpoint(sys.argv[6], "root", 22, "/run/ssh/known_hosts", "/run/ssh/id_ed25519"))
-dest = {"host": sys.argv[6], "user": "root", "port": 22, "known_hosts": "/run/ssh/known_hosts",
-        "identity": "/run/ssh/id_ed25519", "remote_dmmig": sys.argv[7], "remote_state_dir": None}
+dest = SimpleNamespace(host=sys.argv[6], user="root", port=22, known_hosts="/run/ssh/known_hosts",  # an agentcmd.Target
+                       identity="/run/ssh/id_ed25519", remote_dmmig=sys.argv[7], remote_state_dir=None)
 pid = None
 if how == "relay":
     sock, _ = relay_socket(c, agent_argv(dest, "relay", name))

@@ -87,8 +87,9 @@ if mode == "tt":   # before issue 13: a pty, and a command that ends with the pt
     import os, time
     while not os.path.exists(local):
         time.sleep(0.05)
-else:
-    pid = tunnel.start(r, mode, dest, name, local, remote, log)
+else:  # tunnel.start reads the destination's attributes (agentcmd.Target)
+    from types import SimpleNamespace
+    pid = tunnel.start(r, mode, SimpleNamespace(**dest), name, local, remote, log)
 print(pid)
 """
 

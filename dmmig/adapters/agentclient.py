@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from dmmig.adapters.agentcmd import agent_argv, remote_command
+from dmmig.adapters.agentcmd import agent_command, remote_command
 from dmmig.errors import DmmigError, RemoteError
 
 PROTOCOL = 2
@@ -46,7 +46,7 @@ class AgentClient:
     """The source's side of the agent protocol, over a paramiko exec channel."""
 
     def __init__(self, client: Any, remote_dmmig: str, state_dir: str | None = None) -> None:
-        argv = agent_argv({"remote_dmmig": remote_dmmig, "remote_state_dir": state_dir})
+        argv = agent_command(remote_dmmig, state_dir)
         self._buf = b""
         self._broken: str | None = None
         self.chan = client.get_transport().open_session()

@@ -4,14 +4,36 @@ the tunnel and the disk stack do not import paramiko: every dmmig command would 
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import Protocol
 
 
-def agent_argv(dest: dict[str, Any], *mode: str) -> list[str]:
+class Target(Protocol):
+    """How dmmig logs in on the destination and runs itself there (the journal's destination,
+    records.Destination, is one)."""
+    @property
+    def host(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def known_hosts(self) -> str: ...
+    @property
+    def identity(self) -> str | None: ...
+    @property
+    def remote_dmmig(self) -> str: ...
+    @property
+    def remote_state_dir(self) -> str | None: ...
+
+
+def agent_argv(dest: Target, *mode: str) -> list[str]:
     """The one command dmmig runs on the destination, in every mode (`dmmig agent`, `... relay
     NAME`, `... hold NAME`, `... probe TOKEN`): a forced command parses exactly this."""
-    state = dest.get("remote_state_dir")
-    return [str(dest["remote_dmmig"]), *(["--state-dir", str(state)] if state else []), "agent", *mode]
+    return agent_command(dest.remote_dmmig, dest.remote_state_dir, *mode)
+
+
+def agent_command(remote_dmmig: str, state_dir: str | None, *mode: str) -> list[str]:
+    return [remote_dmmig, *(["--state-dir", state_dir] if state_dir else []), "agent", *mode]
 
 
 def remote_command(argv: list[str]) -> str:

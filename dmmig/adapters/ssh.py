@@ -34,6 +34,15 @@ TRANSPORT_ERRORS = (OSError, EOFError, paramiko.SSHException)
 
 
 @dataclass(frozen=True)
+class SshOptions:
+    """How to reach the destination's sshd, from the command line (--port, --known-hosts,
+    --identity); the user and host come from USER@HOST."""
+    port: int = 22
+    known_hosts: str | None = None
+    identity: str | None = None
+
+
+@dataclass(frozen=True)
 class Endpoint:
     host: str
     user: str = "root"
@@ -53,10 +62,9 @@ class Endpoint:
             ssh_path("--identity", self.identity)
 
     @classmethod
-    def parse(cls, spec: str, *, port: int = 22, known_hosts: str | None = None,
-              identity: str | None = None) -> Endpoint:
+    def parse(cls, spec: str, opts: SshOptions = SshOptions()) -> Endpoint:
         user, host = destination(spec)
-        return cls(host, user or "root", port, known_hosts or "~/.ssh/known_hosts", identity)
+        return cls(host, user or "root", opts.port, opts.known_hosts or "~/.ssh/known_hosts", opts.identity)
 
     @property
     def spec(self) -> str:

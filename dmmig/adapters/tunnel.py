@@ -28,10 +28,9 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
 
 from dmmig.adapters import proc
-from dmmig.adapters.agentcmd import agent_argv, remote_command
+from dmmig.adapters.agentcmd import Target, agent_argv, remote_command
 from dmmig.adapters.runner import Runner
 from dmmig.errors import BadInput, RemoteError
 
@@ -39,18 +38,18 @@ MODES = ("forward", "relay")
 ACCEPT_TIMEOUT = 120.0   # the relay's listener waits this long for nbd-client
 
 
-def base_argv(dest: dict[str, Any], log: str) -> list[str]:
+def base_argv(dest: Target, log: str) -> list[str]:
     """OpenSSH with dmmig's options; -E LOG names the tunnel's log and marks its processes."""
-    a = ["ssh", "-F", "none", "-T", "-e", "none", "-E", log, "-p", str(dest["port"]),
+    a = ["ssh", "-F", "none", "-T", "-e", "none", "-E", log, "-p", str(dest.port),
          "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={dest['known_hosts']}", "-o", "GlobalKnownHostsFile=/dev/null",
+         "-o", f"UserKnownHostsFile={dest.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
          "-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-    if dest.get("identity"):
-        a += ["-o", "IdentitiesOnly=yes", "-i", str(dest["identity"])]
+    if dest.identity:
+        a += ["-o", "IdentitiesOnly=yes", "-i", dest.identity]
     return a
 
 
-def forward_argv(dest: dict[str, Any], log: str, local: str, remote: str, *mode: str) -> list[str]:
+def forward_argv(dest: Target, log: str, local: str, remote: str, *mode: str) -> list[str]:
     for p in (local, remote):
         if ":" in p or any(c.isspace() for c in p):
             raise BadInput(f"socket path {p!r}: OpenSSH's -L cannot take ':' or whitespace in it",
@@ -60,15 +59,15 @@ def forward_argv(dest: dict[str, Any], log: str, local: str, remote: str, *mode:
             "--", _target(dest), remote_command(agent_argv(dest, *mode))]
 
 
-def relay_argv(dest: dict[str, Any], log: str, name: str) -> list[str]:
+def relay_argv(dest: Target, log: str, name: str) -> list[str]:
     return [*base_argv(dest, log), "--", _target(dest), remote_command(agent_argv(dest, "relay", name))]
 
 
-def _target(dest: dict[str, Any]) -> str:
-    return f"{dest['user']}@{dest['host']}"
+def _target(dest: Target) -> str:
+    return f"{dest.user}@{dest.host}"
 
 
-def start(runner: Runner, mode: str, dest: dict[str, Any], name: str, local: str, remote: str | None,
+def start(runner: Runner, mode: str, dest: Target, name: str, local: str, remote: str | None,
           log: str, timeout: float = 30) -> int:
     """The tunnel of MODE for disk NAME, listening on LOCAL (root only) once this returns;
     REMOTE is the export's socket on the destination (forward mode)."""
@@ -93,7 +92,7 @@ def start(runner: Runner, mode: str, dest: dict[str, Any], name: str, local: str
         time.sleep(0.05)
     how = f"exited with status {status}" if status is not None else "timed out"
     proc.stop(pid, log)
-    raise RemoteError(f"the SSH tunnel ({mode}) to {dest['host']} for the NBD leg did not come up ({how}): "
+    raise RemoteError(f"the SSH tunnel ({mode}) to {dest.host} for the NBD leg did not come up ({how}): "
                       f"{tail(log)}", hint="check that `ssh` works with the same known_hosts/identity")
 
 
@@ -104,7 +103,7 @@ def stop(pid: int | None, marker: str, local: str) -> bool:
     return was
 
 
-def probe(runner: Runner, dest: dict[str, Any], remote_dir: str, local_dir: str,
+def probe(runner: Runner, dest: Target, remote_dir: str, local_dir: str,
           timeout: float = 30) -> tuple[str, str]:
     """Which mode works: OpenSSH with the forward mode's exact options runs `dmmig agent probe
     TOKEN` there, which listens on REMOTE_DIR (its state dir)/probe-TOKEN.sock and answers one
@@ -123,7 +122,7 @@ def probe(runner: Runner, dest: dict[str, Any], remote_dir: str, local_dir: str,
             status = proc.exit_status(pid)
             if status is not None or time.monotonic() > deadline:
                 how = f"ssh exited with status {status}" if status is not None else f"no answer in {timeout:.0f}s"
-                raise RemoteError(f"OpenSSH could not run `dmmig agent` on {dest['host']} with the options of "
+                raise RemoteError(f"OpenSSH could not run `dmmig agent` on {dest.host} with the options of "
                                   f"the mirror's tunnel ({how}): {tail(log)}",
                                   hint="`ssh` must log in there non-interactively with the same known_hosts and "
                                        "identity (BatchMode), and run dmmig")

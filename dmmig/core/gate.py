@@ -60,7 +60,8 @@ def lock_path(state: str, name: str) -> str:
 
 def incoming(state: str, name: str) -> bool:
     """A dmmig migration of NAME into this host is under way: the agent's record exists and
-    the disk was not handed over yet (after that, this host owns it)."""
+    the disk was not handed over yet (after that, this host owns it). Only the one key that
+    decides is read, not the whole record (records.Incoming): whatever version wrote it."""
     try:
         with open(Files(state, name).incoming) as f:
             return not json.load(f).get("handed_over")

@@ -13,14 +13,17 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
+from dmmig.core import records
+from dmmig.core.records import CopyState, Destination, MirrorState
 from dmmig.errors import Busy, StateError
 from dmmig.names import Files
 from dmmig.validate import RESERVED_SUFFIXES
 
 DEFAULT_STATE_DIR = "/var/lib/dmmig"
+JOURNAL_VERSION = 1  # the entry's own keys; its parts carry their own (records.py)
 
 # Phases, in order. "preparing"/"aborting" etc. mark a change that may not have completed.
 WRAPPED = "wrapped"
@@ -92,19 +95,38 @@ class Entry:
     metadata: str | None = None      # metadata device path (given or our loop device)
     metadata_file: str | None = None  # our own metadata file (None when --metadata given)
     checkpoints: list[int] = field(default_factory=list)
-    dest: dict[str, Any] = field(default_factory=dict)
-    copy: dict[str, Any] = field(default_factory=dict)
-    mirror: dict[str, Any] = field(default_factory=dict)  # cutover: leg, log, tunnel, watcher, sync
+    dest: Destination | None = None  # None until a copy chose one (and again after an abort)
+    copy: CopyState = field(default_factory=CopyState)
+    mirror: MirrorState = field(default_factory=MirrorState)
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
+    version: int = JOURNAL_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer dmmig, written back as they are
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], what: str) -> Entry:
+        """An entry as saved by any version (dmmig/core/records.py). Version 0 (before typed
+        records): no `version`, `dest` {} for none."""
+        v = records.version_of(data)
+        known, extra = records.split(cls, {k: val for k, val in data.items() if k != "version"}, what, v,
+                                     JOURNAL_VERSION)
+        known["dest"] = records.destination_of(known.get("dest"), f"{what} (dest)")
+        known["copy"] = CopyState.from_json(known.get("copy"), f"{what} (copy)")
+        known["mirror"] = MirrorState.from_json(known.get("mirror"), f"{what} (mirror)")
+        return cls(**known, extra=extra)
+
+    def destination(self) -> Destination:
+        """The destination, in a phase that has one (a copy chose it)."""
+        if self.dest is None:
+            raise StateError(f"no destination known for {self.name} (phase {self.phase})",
+                             hint=f"`dmmig copy {self.name} HOST` first, or `dmmig abort {self.name}`")
+        return self.dest
 
     @property
     def handed_over(self) -> bool:
         """The destination's block script got this source's yes: the disk there is the guest's."""
-        h = self.mirror.get("handover") or {}
-        return bool(self.phase == MIRRORING and h.get("ok") and h.get("delivered"))
+        h = self.mirror.handover
+        return bool(self.phase == MIRRORING and h and h.ok and h.delivered)
 
-
-_FIELDS = set(Entry.__dataclass_fields__)
 
 
 class Journal:
@@ -121,12 +143,14 @@ class Journal:
         try:
             with open(self.path(name)) as f:
                 data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return Entry.from_json(data, self.path(name))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:  # TypeError: a key it must have is missing
             raise StateError(f"journal {self.path(name)} is unreadable: {e}",
                              hint="inspect or move the file away; the kernel state is the truth") from e
-        return Entry(**{k: v for k, v in data.items() if k in _FIELDS})
 
     def names(self) -> list[str]:
         """The disks with a journal entry (not the agent's NAME.dest.json or the watcher's
@@ -144,8 +168,9 @@ class Journal:
         self.ensure_dir()
         p = self.path(entry.name)
         tmp = f"{p}.tmp.{os.getpid()}"
+        entry.version = JOURNAL_VERSION
         with open(tmp, "w") as f:
-            json.dump(asdict(entry), f, indent=1, sort_keys=True)
+            json.dump(records.to_json(entry), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from dmmig.adapters import proc, tlscreds, tunnel
+from dmmig.adapters import nbd, proc, tlscreds, tunnel
 from dmmig.adapters.blockdev import Loop, LoopError
 from dmmig.adapters.nbdkernel import NbdKernel, owner_of
 from dmmig.adapters.runner import Runner
 from dmmig.core import journal, mirrorlog
+from dmmig.core.records import Destination, MirrorState, Tunnel
 from dmmig.core.watch import health_path
 from dmmig.errors import RemoteError, Steps
 from dmmig.names import RUN_DIR, Files
@@ -51,47 +52,50 @@ class MirrorSide:
             tlscreds.make(d, server)
         return d
 
-    def plan_tunnel(self, entry: journal.Entry) -> dict[str, Any]:
+    def plan_tunnel(self, entry: journal.Entry) -> Tunnel:
         """--transport ssh: the tunnel's record in ENTRY.mirror (no pid yet), for the caller to
         journal before start_tunnel: a tunnel of a killed dmmig is found by its log's name."""
-        t = {"sock": self._path(entry.name, "nbd.sock"), "pid": None, "mode": entry.dest["tunnel"],
-             "log": self._path(entry.name, "tunnel.log")}
-        entry.mirror["tunnel"] = t
+        t = Tunnel(sock=self._path(entry.name, "nbd.sock"), mode=entry.destination().tunnel,
+                   log=self._path(entry.name, "tunnel.log"))
+        entry.mirror.tunnel = t
         return t
 
-    def start_tunnel(self, name: str, dest: dict[str, Any], t: dict[str, Any], remote_sock: str | None) -> int:
+    def start_tunnel(self, name: str, dest: Destination, t: Tunnel, remote_sock: str | None) -> int:
         """The tunnel T (plan_tunnel) up, listening: its pid. Journals nothing (it may run in a
         thread beside steps that journal); the caller journals the pid. REMOTE_SOCK: the
         export's socket there (forward mode; ssh connects to it only once nbd-client does)."""
-        return tunnel.start(self.r, t["mode"], dest, name, t["sock"], remote_sock, t["log"])
+        assert t.mode and t.log
+        return tunnel.start(self.r, t.mode, dest, name, t.sock, remote_sock, t.log)
 
     def stop_tunnel(self, name: str, pid: int) -> None:
         tunnel.stop(pid, self._path(name, "tunnel.log"), self._path(name, "nbd.sock"))
 
-    def attach_nbd(self, entry: journal.Entry, export: dict[str, Any], timeout: int, save: Callable[[], None]) -> str:
+    def attach_nbd(self, entry: journal.Entry, export: nbd.Export, timeout: int, save: Callable[[], None]) -> str:
         """The kernel's NBD client on EXPORT: through the tunnel (--transport ssh, started
         first), or over TCP; the device is journaled before it connects."""
         m = entry.mirror
-        dest = entry.dest
-        ssh = dest["transport"] == "ssh"
+        dest = entry.destination()
+        ssh = dest.transport == "ssh"
 
         def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
-            m["nbd"] = dev
+            m.nbd = dev
             save()
         # --transport nbd with TLS: nbd-client's proxy is one select() loop with 64 KiB buffers
         # per connection, which capped the resync at a long round trip (bench/resync_levers.py);
         # four connections, four proxies. The relay tunnel takes one connection only.
-        where: dict[str, Any] = ({"unix": m["tunnel"]["sock"]} if ssh
-                                 else {"host": export["addr"], "port": int(export["port"]), "tls": dest.get("tls"),
-                                       "connections": TLS_CONNECTIONS if dest.get("tls") else 1})
+        tun = m.tunnel
+        assert tun is not None or not ssh, "plan_tunnel first"
+        where: dict[str, Any] = ({"unix": tun.sock} if tun is not None and ssh
+                                 else {"host": export.addr, "port": int(export.port or 0), "tls": dest.tls,
+                                       "connections": TLS_CONNECTIONS if dest.tls else 1})
         try:
-            return self.nbd.attach_free(self.nbd_owner(entry.name), export["name"], timeout=timeout,
+            return self.nbd.attach_free(self.nbd_owner(entry.name), export.name, timeout=timeout,
                                         on_claim=claimed, **where)
         except RemoteError as e:
             if not ssh:
                 raise
-            raise RemoteError(f"{e.message}; the SSH tunnel ({m['tunnel']['mode']}) logged: "
-                              f"{tunnel.tail(m['tunnel']['log'])}", hint=e.hint) from e
+            raise RemoteError(f"{e.message}; the SSH tunnel ({tun.mode if tun else None}) logged: "
+                              f"{tunnel.tail(tun.log) if tun and tun.log else ''}", hint=e.hint) from e
 
     def make_logs(self, entry: journal.Entry, layout: mirrorlog.Layout, first_slot: int,
                   save: Callable[[], None]) -> list[str]:
@@ -101,7 +105,7 @@ class MirrorSide:
         loop over the file."""
         journal.private_dir(RUN_DIR)
         path = Files(self.state, entry.name).mirror_log
-        entry.mirror["log_file"] = path
+        entry.mirror.log_file = path
         save()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
@@ -116,17 +120,17 @@ class MirrorSide:
         try:
             devs = self.loop.attach_slices(path, slots)
         except LoopError as e:
-            entry.mirror.setdefault("log_devs", []).extend(e.made)  # journaled: teardown finds them anyway
+            entry.mirror.log_devs.extend(e.made)  # journaled: teardown finds them anyway
             save()
             raise
-        entry.mirror.setdefault("log_devs", []).extend(devs)
+        entry.mirror.log_devs.extend(devs)
         save()
         return devs
 
     def start_watcher(self, entry: journal.Entry, save: Callable[[], None]) -> int:
         argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name]
         pid = self.r.spawn(argv, logfile=self._path(entry.name, "watch.log"))
-        entry.mirror["watcher"] = pid
+        entry.mirror.watcher = pid
         save()
         return pid
 
@@ -154,18 +158,18 @@ class MirrorSide:
     def teardown(self, name: str, entry: journal.Entry | None, step: Steps) -> None:
         """Everything but the top table, which the caller has already moved off the mirror.
         Every step is attempted; STEP collects the errors."""
-        m = entry.mirror if entry else {}
+        m = entry.mirror if entry else MirrorState()
         marker = self.watcher_marker(name)
-        for pid in set(proc.find(marker)) | ({m["watcher"]} if m.get("watcher") else set()):
+        for pid in set(proc.find(marker)) | ({m.watcher} if m.watcher else set()):
             if proc.alive(pid, marker):
                 step(f"stop the leg watcher (pid {pid})", partial(proc.stop, pid, marker))
         # only a device whose marker still names this disk: one the journal names but that another
         # cutover took since (this one was killed before it attached) is that cutover's leg now
         owner = self.nbd_owner(name)
-        for dev in sorted(set(self.nbd.owned(owner)) | ({m["nbd"]} if m.get("nbd") else set())):
+        for dev in sorted(set(self.nbd.owned(owner)) | ({m.nbd} if m.nbd else set())):
             step(f"detach {dev} if still {name}'s (nbd-client -d)", partial(self.nbd.release, dev, owner))
         sock = self._path(name, "nbd.sock")
-        tpid = (m.get("tunnel") or {}).get("pid")
+        tpid = m.tunnel.pid if m.tunnel else None
         for marker in self._tunnel_markers(name):
             for pid in set(proc.find(marker)) | ({tpid} if tpid else set()):
                 if proc.alive(pid, marker):
@@ -173,7 +177,7 @@ class MirrorSide:
                     step(f"stop {what} (pid {pid})", partial(tunnel.stop, pid, marker, sock))
         if os.path.lexists(sock):
             step(f"remove {sock}", partial(os.unlink, sock))
-        for log_file in {m.get("log_file") or Files(self.state, name).mirror_log, *self._log_files(name)}:
+        for log_file in {m.log_file or Files(self.state, name).mirror_log, *self._log_files(name)}:
             if os.path.exists(log_file):
                 for ldev in self.loop.find(log_file):
                     step(f"detach {ldev} (mirror log)", partial(self.loop.detach, ldev))

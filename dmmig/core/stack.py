@@ -26,6 +26,7 @@ from dmmig.adapters.era import BlockRange, DirtyRanges, EraTools
 from dmmig.adapters.runner import Runner
 from dmmig.core.journal import ABORTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
 from dmmig.core.mirror import MirrorSide
+from dmmig.core.records import CopyState, MirrorState
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
 from dmmig.names import Files, era_name, top_name
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
@@ -163,8 +164,8 @@ class Stack:
             # a new migration: the era numbers, copy progress and destination of an earlier one
             # (left by `finish`) mean nothing for the new era device; the id tells the
             # destination's agent a resumed copy from a new migration
-            entry.copy = {"migration": uuid.uuid4().hex}
-            entry.dest = {}
+            entry.copy = CopyState(migration=uuid.uuid4().hex)
+            entry.dest = None
             undo = Undo()
             self.journal.save(entry, PREPARING)
             try:
@@ -363,7 +364,7 @@ class Stack:
                 entry.metadata = entry.metadata_file = None
                 entry.block_sectors = None
                 entry.checkpoints = []
-                entry.mirror = {}
+                entry.mirror = MirrorState()
                 if self.dm.info(top) is not None:
                     self.journal.save(entry, WRAPPED)
                 else:

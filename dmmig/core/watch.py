@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.dm.targets import MIRRORS
+from dmmig.core.records import HEALTH_VERSION, LegFailure, to_json
 from dmmig.errors import CommandError
 from dmmig.names import Files
 
@@ -23,19 +23,23 @@ def health_path(state: str, name: str) -> str:
     return Files(state, name).health
 
 
-def read_health(state: str, name: str) -> dict[str, Any] | None:
+def read_health(state: str, name: str) -> LegFailure | None:
+    """The watcher's record, or None (none, or unreadable: status then says the time is unknown)."""
+    path = health_path(state, name)
     try:
-        with open(health_path(state, name)) as f:
-            return dict(json.load(f))
-    except (FileNotFoundError, ValueError):
+        with open(path) as f:
+            data = json.load(f)
+        return LegFailure.from_json(data, path) if isinstance(data, dict) else None
+    except (FileNotFoundError, ValueError, TypeError):
         return None
 
 
-def record(state: str, name: str, rec: dict[str, Any]) -> None:
+def record(state: str, name: str, rec: LegFailure) -> None:
     p = health_path(state, name)
     tmp = f"{p}.tmp"
+    rec.version = HEALTH_VERSION
     with open(tmp, "w") as f:
-        json.dump(rec, f)
+        json.dump(to_json(rec), f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
@@ -48,8 +52,8 @@ def watch(dm: DmSetup, state: str, name: str, top: str) -> int:
             return 0  # the mirror is gone: finish/abort/catch-up took over
         st = dm.mirror_status(top)
         if not st.healthy and read_health(state, name) is None:
-            record(state, name, {"failed_at": time.time(), "health": st.health, "log_health": st.log_health,
-                                 "events": info.events, "failed_legs": st.failed_legs})
+            record(state, name, LegFailure(failed_at=time.time(), health=st.health, log_health=st.log_health,
+                                           events=info.events, failed_legs=st.failed_legs))
         try:
             dm.wait_event(top, info.events, timeout=3600)
         except CommandError as e:

@@ -32,7 +32,6 @@ import threading
 from collections.abc import Callable
 from functools import partial
 
-from dmmig.adapters import nbd
 from dmmig.adapters.runner import SubprocessRunner
 from dmmig.core import confine, journal
 from dmmig.errors import BadInput
@@ -69,7 +68,7 @@ def relay_to(state: str, name: str) -> Callable[[bytes], None]:
 def _export_socket(state: str, name: str) -> socket.socket:
     """A connection to NAME's export on its root-only unix socket."""
     rec = record(state, name)
-    exp = nbd.Export(**rec["export"]) if rec and rec.get("export") else None
+    exp = rec.export if rec else None
     if exp is None or not exp.socket or not exp.alive():
         raise BadInput(f"no NBD export of {name} on a unix socket here", hint="`dmmig copy` starts it")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

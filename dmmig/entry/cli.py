@@ -18,6 +18,7 @@ from dmmig.errors import BadInput, DmmigError, Exit
 from dmmig.validate import era_block_size, nbd_timeout, parse_size
 
 if TYPE_CHECKING:
+    from dmmig.adapters.ssh import SshOptions
     from dmmig.core.stack import Stack
 
 
@@ -113,7 +114,7 @@ def cmd_copy(a: argparse.Namespace) -> int:
         print(json.dumps({"event": "plan", **e}) if a.json else "\n".join([f"copy {a.name}:"]
                                                                           + copying.render_estimate(e, "  ")))
         return 0
-    s = copying.copy(make_stack(a), a.name, a.host, _ep_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
+    s = copying.copy(make_stack(a), a.name, a.host, _ssh_opts(a), _copy_opts(a, a.dest_disk), Progress(a.json))
     if a.json:
         print(json.dumps({"event": "summary", **s}))
         return 0
@@ -202,7 +203,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     xl = Xl(stack.runner)
     t = time.monotonic()
     with PyxsXenStore() as xs:
-        plan = migrate_domain.plan(stack, xs, xl, a.domain, a.host, _ep_opts(a), opts)
+        plan = migrate_domain.plan(stack, xs, xl, a.domain, a.host, _ssh_opts(a), opts)
     plan_s = round(time.monotonic() - t, 3)
     if a.dry_run:
         print(json.dumps({"event": "plan", **_plan_dict(plan)}) if a.json else plan.render())
@@ -212,7 +213,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         print(json.dumps({"event": "step", "message": line}) if a.json else line, flush=True)
     if not a.json:
         print(plan.render(), flush=True)
-    s = migrate_domain.migrate(stack, xl, plan, _ep_opts(a), opts,
+    s = migrate_domain.migrate(stack, xl, plan, _ssh_opts(a), opts,
                                lambda d, i: Progress(a.json, label=d.name, position=i), say)
     s["plan_seconds"] = plan_s
     if a.json:
@@ -265,7 +266,7 @@ def _check_destination(a: argparse.Namespace) -> None:
     from dmmig.adapters.ssh import Endpoint
     from dmmig.flows import session
     if a.host is not None:
-        Endpoint.parse(a.host, **_ep_opts(a))
+        Endpoint.parse(a.host, _ssh_opts(a))
     session.check_transport(_copy_opts(a))
 
 
@@ -327,8 +328,9 @@ def _copy_opts(a: argparse.Namespace, dest_disk: str | None = None) -> Any:
                                max_rounds=a.max_rounds, bwlimit=parse_size(a.bwlimit) if a.bwlimit else None)
 
 
-def _ep_opts(a: argparse.Namespace) -> dict[str, Any]:
-    return {"port": a.port, "known_hosts": a.known_hosts, "identity": a.identity}
+def _ssh_opts(a: argparse.Namespace) -> SshOptions:
+    from dmmig.adapters.ssh import SshOptions  # paramiko: only for verbs that reach a host
+    return SshOptions(a.port, a.known_hosts, a.identity)
 
 
 def build_parser() -> argparse.ArgumentParser:

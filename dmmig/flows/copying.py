@@ -8,10 +8,12 @@ import uuid
 from typing import Any
 
 from dmmig import sizing
-from dmmig.adapters import sparse
+from dmmig.adapters import nbd, sparse
 from dmmig.adapters.blockdev import logical_block_size
+from dmmig.adapters.ssh import SshOptions
 from dmmig.core import journal
 from dmmig.core.copier import Copier, Counters
+from dmmig.core.records import BasePass, CopyState, Destination, Round, to_json
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, Busy
 from dmmig.flows.cutover import drop_mirror
@@ -33,7 +35,7 @@ from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.validate import block_fits
 
 
-def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opts: CopyOptions,
+def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: CopyOptions,
          progress: Progress) -> dict[str, Any]:
     # TIMING: where the wall time goes, for the summary. The main thread's phases add up to
     # the whole; "overlapped" ones ran in a thread meanwhile (the main thread's wait for them
@@ -44,13 +46,13 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
     entry = stack.prepared(name)  # refuses an unknown or unprepared NAME before anything else
     check_transport(opts)
     with stack.journal.lock(name):
-        dest = destination_of(entry, host, ep_opts, opts)
+        dest = destination_of(entry, host, ssh_opts, opts)
         # the connection and the agent's start there take a second or so that this host only
         # waits for: the local checks and the suspend guard's start run meanwhile
         connecting = Started(lambda: Remote(dest, par))
         try:
             # what the cutover will need, here and there, before the copy: not after it
-            check_source(stack, str(dest["transport"]))
+            check_source(stack, dest.transport)
             assert entry.block_sectors
             block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
             stack.dm.arm_guard()
@@ -64,7 +66,7 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         try:
             with t("agent_probe"):
                 hello = remote.agent.hello  # an agent of this version says what it lacks in its hello
-                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest["host"])
+                check_destination(hello if "tools" in hello else remote.agent.call("probe", paths=[]), dest.host)
             # catching up after a failed leg (or a cutover that did not finish): back to linear
             # over era first; era holds every write since the cutover, and the rounds resend them
             with t("drop_mirror"):
@@ -79,25 +81,25 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
         try:
             with t("plan_transport"):
                 if probing is not None:
-                    dest["tunnel"], why = probing.result()
-                    dest["tunnel_probe"] = why or "streamlocal forwarding works"
+                    dest.tunnel, why = probing.result()
+                    dest.tunnel_probe = why or "streamlocal forwarding works"
                 plan_transport(stack, name, dest, remote)
             size = stack.dm.table(f"dmmig-{name}").length * 512
             # the top's logical block size is what blkfront got (blkback passes it on)
             block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
-            if "migration" not in entry.copy:  # prepared by an earlier version: one id from now on
-                entry.copy["migration"] = uuid.uuid4().hex
+            if entry.copy.migration is None:  # prepared by an earlier version: one id from now on
+                entry.copy.migration = uuid.uuid4().hex
             base_era = _base_era(stack, name, entry, par)  # while the destination prepares
             # journaled before anything changes there: a dmmig killed after prepare_disk or the
             # export leaves a destination that abort knows to clean up
             before = entry.dest
-            entry.dest = dict(dest)
+            entry.dest = dest.copy()
             stack.journal.save(entry)
             try:
                 try:
                     with t("prepare_disk"):
-                        disk = remote.agent.call("prepare_disk", name=name, path=dest["disk"], size=size,
-                                                 create=opts.create, migration=entry.copy["migration"],
+                        disk = remote.agent.call("prepare_disk", name=name, path=dest.disk, size=size,
+                                                 create=opts.create, migration=entry.copy.migration,
                                                  block_size=block_size)
                 except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
                     entry.dest = before
@@ -105,10 +107,10 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
                     raise
                 with t("export"):
                     export = start_export(remote, dest, name)
-                dest["export"] = export
-                dest["remote_state"] = remote.agent.hello.get("state_dir")
-                if "zeroed" not in entry.copy:
-                    entry.copy["zeroed"] = bool(disk["zeroed"])
+                dest.export = export
+                dest.remote_state = remote.agent.hello.get("state_dir")
+                if entry.copy.zeroed is None:
+                    entry.copy.zeroed = bool(disk["zeroed"])
                 entry.dest = dest
                 stack.journal.save(entry, journal.COPYING)
                 with t("nbd_connect"):
@@ -137,14 +139,14 @@ def copy(stack: Stack, name: str, host: str | None, ep_opts: dict[str, Any], opt
 COPY_CONNECTIONS = {"ssh": 1, "nbd": 1}
 
 
-def _connect(name: str, dest: dict[str, Any], export: dict[str, Any], remote: Remote,
+def _connect(name: str, dest: Destination, export: nbd.Export, remote: Remote,
              opts: CopyOptions) -> tuple[list[Any], str]:
     """The copier's NBD connections to NAME's export, and which way they go (the summary says
     it): OPTS.connections over TCP (with this migration's TLS), or (--transport ssh) one,
     through the agent's own session, which becomes the relay (op_relay)."""
-    n = max(1, opts.connections or COPY_CONNECTIONS[str(dest["transport"])])
-    if dest["transport"] != "ssh":
-        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.get("tls") else "tcp"
+    n = max(1, opts.connections or COPY_CONNECTIONS[dest.transport])
+    if dest.transport != "ssh":
+        return [remote.nbd(export, name) for _ in range(n)], "tcp+tls" if dest.tls else "tcp"
     return [remote.agent_nbd(name)], "ssh agent relay"
 
 
@@ -157,10 +159,10 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
     size = stack.dm.table(top_name(name)).length * 512
     prepared = entry.block_sectors is not None and entry.phase not in (journal.WRAPPED, journal.PREPARING)
     choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
-    st = entry.copy if prepared else {}
-    start = size if st.get("base_done") else int(st.get("base_offset") or 0)
+    st = entry.copy if prepared else CopyState()
+    start = size if st.base_done else st.base_offset
     layout = sparse.layout_of(stack.loop, entry.origin)
-    if st.get("base_done"):
+    if st.base_done:
         send, basis = 0, "the base copy is done; the rounds send what era records (`dmmig dirty` shows it)"
     elif layout is not None:
         try:
@@ -204,7 +206,7 @@ def render_estimate(e: dict[str, Any], indent: str = "") -> list[str]:
 def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[int] | None:
     """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
     suspend and resume of the top here, while the destination prepares its disk and export."""
-    if entry.copy.get("base_done") or "base_era" in entry.copy:
+    if entry.copy.base_done or entry.copy.base_era is not None:
         return None
 
     def take() -> int:
@@ -215,7 +217,6 @@ def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> 
 
 def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
                  progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
-    entry.copy.setdefault("rounds", [])
     assert entry.metadata
     # a loop device over a sparse file: its holes are not read (dmmig/adapters/sparse.py)
     layout = sparse.layout_of(stack.loop, entry.origin)
@@ -238,32 +239,32 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
         return Copier(entry.origin, h, dest_zero=dest_zero, bwlimit=opts.bwlimit, on_progress=progress.advance,
                       layout=layout.pieces if layout else None)
 
-    if not st.get("base_done"):
-        if "base_era" not in st:
+    if not st.base_done:
+        if st.base_era is None:
             # every write tagged below base_era has completed (drained): the base pass reads it;
             # every later one carries base_era or more, and the rounds query from there
             with t("era_base_checkpoint"):
-                st["base_era"] = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
-            st["base_offset"] = 0
+                st.base_era = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
+            st.base_offset = 0
             stack.journal.save(entry)
-        start = int(st["base_offset"])
+        start = st.base_offset
         # "known to be zero" holds only for offsets never written on the destination: the first
         # base pass over a disk dmmig created. A resumed pass may meet writes of ours past the
         # journaled offset (in flight when we were killed); the rounds meet the base's data.
-        dest_zero = bool(st.get("zeroed")) and start == 0 and not st.get("base_started")
-        st["base_started"] = True
+        dest_zero = bool(st.zeroed) and start == 0 and not st.base_started
+        st.base_started = True
         stack.journal.save(entry)
         progress.start("base", size - start)
 
         def ck(pos: int) -> None:
-            st["base_offset"] = pos
+            st.base_offset = pos
             stack.journal.save(entry)
 
         c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
         t.add("base_copy", c.seconds)
         total.add(c)
-        st.update(base_done=True, base_offset=size, next_since=st["base_era"],
-                  base={"from": start, **c.as_dict()})
+        st.base_done, st.base_offset, st.next_since = True, size, st.base_era
+        st.base = BasePass(start=start, **c.as_dict())
         stack.journal.save(entry)
         progress.end(**c.as_dict())
 
@@ -272,23 +273,23 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
     rounds_now = 0
     while True:
         t_era = time.monotonic()
-        ranges, now = stack.drained_dirty_ranges(name, int(st["next_since"]))  # streamed from a file
+        ranges, now = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
         era_secs = time.monotonic() - t_era
         t.add("rounds_era_snapshot", era_secs)
         try:
             dirty = ranges.blocks * bs
-            progress.start(f"round {len(st['rounds']) + 1}", dirty)
+            progress.start(f"round {len(st.rounds) + 1}", dirty)
             c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
         finally:
             ranges.close()
         total.add(c)
         t.add("rounds_copy", c.seconds)
         rounds_now += 1
-        rnd = {"since": st["next_since"], "dirty_bytes": dirty, **c.as_dict(), "era_seconds": round(era_secs, 3)}
-        st["rounds"].append(rnd)
-        st["next_since"] = now  # every write tagged below now had landed before this round read
+        rnd = Round(since=int(st.next_since or 0), dirty_bytes=dirty, **c.as_dict(), era_seconds=round(era_secs, 3))
+        st.rounds.append(rnd)
+        st.next_since = now  # every write tagged below now had landed before this round read
         stack.journal.save(entry)
-        progress.end(**rnd)
+        progress.end(**to_json(rnd))
         if dirty <= opts.converge:
             why = f"delta {dirty} bytes is below --converge {opts.converge}"
             break
@@ -302,7 +303,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
     secs = max(total.seconds, 1e-9)
     summary = {"name": name, "stopped_because": why, **total.as_dict(),
                "throughput_bytes_per_s": int(total.read / secs),
-               "rounds": st["rounds"][-rounds_now:],
-               "dirty_rate_bytes_per_s": int(st["rounds"][-1]["dirty_bytes"] / max(st["rounds"][-2]["seconds"], 1e-9))
-               if len(st["rounds"]) > 1 else None}
+               "rounds": [to_json(r) for r in st.rounds[-rounds_now:]],
+               "dirty_rate_bytes_per_s": int(st.rounds[-1].dirty_bytes / max(st.rounds[-2].seconds, 1e-9))
+               if len(st.rounds) > 1 else None}
     return summary

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from dmmig.adapters import nbd
 from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.adapters.era import BlockRange, merge
 from dmmig.core import journal, mirrorlog
+from dmmig.core.records import Destination, MirrorState, Synced
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, RemoteError, StateError, Steps
 from dmmig.flows.session import Remote, Started, T, plan_transport, start_export
@@ -51,14 +53,15 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
        fresh logs holding the running logs' state plus D2 (_add_regions). 3 runs while the
        kernel already resyncs D1; the mirror counts as in sync only after it."""
     entry = stack.prepared(name)
-    if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.get("base_done"):
+    if entry.phase not in (journal.COPIED, journal.CUTTING_OVER, journal.MIRRORING) or not entry.copy.base_done:
         raise StateError(f"{name} has not been copied (phase {entry.phase})",
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
-    parts = opts.resync_parts or mirrorlog.default_parts(entry.dest["transport"])
+    ssh = entry.destination().transport == "ssh"
+    parts = opts.resync_parts or mirrorlog.default_parts(entry.destination().transport)
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
-    require_tools("nbd-client", *(["ssh"] if entry.dest["transport"] == "ssh" else []))
+    require_tools("nbd-client", *(["ssh"] if ssh else []))
     stack.dm.require_targets("mirror")
     top, era = top_name(name), era_name(name)
     with stack.journal.lock(name):
@@ -73,7 +76,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         length = stack.dm.table(top).length
         bs = entry.block_sectors
         layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
-        since = int(entry.copy["next_since"])
+        since = int(entry.copy.next_since or 0)
         # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
         # agent's start, the export) runs in threads while this host makes the logs and queries
         # era. The threads journal nothing: this thread journals what they made once they are
@@ -81,18 +84,17 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # one through the tunnel (which checks the host key and logs in itself); the agent is
         # asked only if it does not answer. --transport nbd: the agent is asked meanwhile
         # (nbd-client's TCP connect to a host that stopped answering would hang a minute).
-        dest = dict(entry.dest)
-        exporting: Started[dict[str, Any]] | None = None
-        copied = dict(entry.dest.get("export") or {})  # the copy's export: the same unless it moved
+        dest = entry.destination().copy()
+        exporting: Started[nbd.Export] | None = None
+        copied = dest.export  # the copy's export: the same unless it moved
         tunneling: Started[int] | None = None
         try:
-            if entry.dest["transport"] == "ssh" and entry.dest.get("tunnel") in ("relay", "forward" if copied.get(
-                    "socket") else None):
+            if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
                 save()  # the tunnel's log names it: a killed dmmig's is found by it
                 tunneling = Started(partial(_timed, par, "tunnel", stack.mirror.start_tunnel, name,
-                                            dict(entry.dest), dict(tun), copied.get("socket")))
-            if tunneling is None or not copied.get("name"):
+                                            entry.destination().copy(), tun, copied.socket if copied else None))
+            if tunneling is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
             # tagged below `first` and done once the swap's suspend is
@@ -117,10 +119,12 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             if exporting is None:
                 assert tunneling is not None
                 with sw("nbd leg"):
-                    entry.mirror["tunnel"]["pid"] = tunneling.result()
+                    assert entry.mirror.tunnel is not None
+                    entry.mirror.tunnel.pid = tunneling.result()
                     save()
                     try:
                         tried = True
+                        assert copied is not None
                         leg = stack.mirror.attach_nbd(entry, copied, opts.nbd_timeout, save)
                     except RemoteError as e:
                         log.info("the copy's export of %s did not answer (%s): asking the destination", name, e.message)
@@ -130,20 +134,22 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 assert exporting is not None
                 with sw("wait for the destination"):
                     export = exporting.result()
-                    entry.dest.update(dest)  # plan_transport's decisions (a destination an older dmmig journaled)
-                    entry.dest["export"] = export
+                    # plan_transport's decisions (a destination an older dmmig journaled), the export
+                    dest.export = export
+                    entry.dest = dest
                     save()
                 with sw("nbd leg"):
-                    if entry.dest["transport"] == "ssh":
+                    if ssh:
                         pid = tunneling.result() if tunneling is not None else None
-                        if pid is not None and (tried or export.get("socket") != copied.get("socket")):
+                        if pid is not None and (tried or export.socket != (copied.socket if copied else None)):
                             stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
                             pid = None
                         if pid is None:
                             tun = stack.mirror.plan_tunnel(entry)
                             save()
-                            pid = stack.mirror.start_tunnel(name, dict(entry.dest), dict(tun), export.get("socket"))
-                        entry.mirror["tunnel"]["pid"] = pid
+                            pid = stack.mirror.start_tunnel(name, dest.copy(), tun, export.socket)
+                        assert entry.mirror.tunnel is not None
+                        entry.mirror.tunnel.pid = pid
                         save()
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
@@ -182,37 +188,38 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             stack.journal.save(entry, journal.COPIED)
             raise
         resync_regions = sum(i.out_of_sync() for i in marked)
-        entry.mirror.update(era=now, pause_seconds=max(pauses), pauses=pauses, resync_regions=resync_regions,
-                            resync_bytes=min(resync_regions * layout.region, length) * 512, regions=layout.regions,
-                            region_bytes=layout.region * 512, parts=layout.parts,
-                            resync_ranges=[[r.begin, r.end] for r in shown[:SHOWN_RANGES]],
-                            resync_ranges_cut=len(shown) > SHOWN_RANGES)
+        m = entry.mirror
+        m.era, m.pause_seconds, m.pauses, m.resync_regions = now, max(pauses), pauses, resync_regions
+        m.resync_bytes = min(resync_regions * layout.region, length) * 512
+        m.regions, m.region_bytes, m.parts = layout.regions, layout.region * 512, layout.parts
+        m.resync_ranges = [[r.begin, r.end] for r in shown[:SHOWN_RANGES]]
+        m.resync_ranges_cut = len(shown) > SHOWN_RANGES
         save()
         with sw("watcher (resyncing)"):
             stack.mirror.start_watcher(entry, save)
         with sw("resync"):
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
-        entry.mirror["synced"] = {"at": time.time(), "events": events, "seconds": round(time.monotonic() - t1, 3),
-                                  "kernel_out_of_sync_first_seen": kernel_out}
+        m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
+                          kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
-        entry.copy["next_since"] = now
+        entry.copy.next_since = now
         stack.journal.save(entry, journal.MIRRORING)
-    return {"name": name, "suspended_seconds": entry.mirror["pause_seconds"], "pauses": entry.mirror["pauses"],
+    return {"name": name, "suspended_seconds": m.pause_seconds, "pauses": m.pauses,
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
             "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
-            "resync_bytes": entry.mirror["resync_bytes"], "resync_seconds": entry.mirror["synced"]["seconds"],
+            "resync_bytes": m.resync_bytes, "resync_seconds": m.synced.seconds,
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
 
 
 SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for status
 
 
-def _connect_export(stack: Stack, name: str, dest: dict[str, Any], par: Stopwatch) -> dict[str, Any]:
+def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) -> nbd.Export:
     """The cutover's calls to the destination (in a thread): connect, start its agent, plan the
     transport into DEST (a copy: the caller journals it), start or find the export."""
     with par("connect"):
@@ -317,8 +324,8 @@ def drop_mirror(stack: Stack, entry: journal.Entry) -> None:
         else:
             steps(f"resume {top}", lambda: stack.dm.resume(top))
     steps.check(f"leaving the mirror of {entry.name}")  # never tear down a leg still in use
-    if entry.mirror or stack.mirror.leftovers(entry.name):
+    if not entry.mirror.empty() or stack.mirror.leftovers(entry.name):
         stack.mirror.teardown(entry.name, entry, steps)
-        entry.mirror = {}
+        entry.mirror = MirrorState()
         stack.journal.save(entry)
     steps.check(f"leaving the mirror of {entry.name}")

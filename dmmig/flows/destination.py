@@ -18,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from typing import Any
 
 from dmmig import __version__
@@ -29,6 +30,7 @@ from dmmig.adapters.runner import Runner, SubprocessRunner
 from dmmig.core import confine, gate, inuse, journal
 from dmmig.core.copier import digest_ranges
 from dmmig.core.gate import GateServer
+from dmmig.core.records import INCOMING_VERSION, Incoming, Unreadable, read_incoming, to_json
 from dmmig.errors import BadInput, Busy, DmmigError, StateError
 from dmmig.names import INCOMING_SUFFIX, Files, export_dir, incoming_names
 from dmmig.validate import disk_name
@@ -39,21 +41,22 @@ DEST_TOOLS = ("qemu-nbd",)  # what the destination runs for a migration (op_prob
 SCRIPT_TOOLS = ("dmsetup", "losetup")
 
 
-def incoming(state: str) -> dict[str, dict[str, Any]]:
+def incoming(state: str) -> dict[str, Incoming | Unreadable]:
     """Every disk a source's dmmig is (or was) migrating into this host: NAME -> the agent's
-    record (path, size, created, created_as, migration, block_size, export, written,
-    handed_over). Records written by earlier versions lack some keys: readers use .get()."""
-    out: dict[str, dict[str, Any]] = {}
+    record (records of earlier versions are migrated as they load: dmmig/core/records.py)."""
+    out: dict[str, Incoming | Unreadable] = {}
     try:
         files = os.listdir(state)
     except FileNotFoundError:
         return out
     for name in incoming_names(files):
         try:
-            with open(os.path.join(state, name + INCOMING_SUFFIX)) as fh:
-                out[name] = dict(json.load(fh))
+            rec = read_incoming(os.path.join(state, name + INCOMING_SUFFIX), name)
         except (OSError, ValueError) as e:
-            out[name] = {"unreadable": str(e)}
+            out[name] = Unreadable(str(e))
+            continue
+        if rec is not None:
+            out[name] = rec
     return out
 
 
@@ -79,22 +82,19 @@ class AgentServer:
     def _rec_path(self, name: str) -> str:
         return Files(self.state, name).incoming
 
-    def load(self, name: str) -> dict[str, Any] | None:
+    def load(self, name: str) -> Incoming | None:
         """NAME's record here, or None."""
-        try:
-            with open(self._rec_path(name)) as f:
-                return dict(json.load(f))
-        except FileNotFoundError:
-            return None
+        return read_incoming(self._rec_path(name), name)
 
-    def _save(self, name: str, rec: dict[str, Any]) -> None:
+    def _save(self, rec: Incoming) -> None:
         os.makedirs(self.state, mode=0o700, exist_ok=True)
-        tmp = self._rec_path(name) + ".tmp"
+        rec.version = INCOMING_VERSION
+        tmp = self._rec_path(rec.name) + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(rec, f)
+            json.dump(to_json(rec), f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self._rec_path(name))
+        os.replace(tmp, self._rec_path(rec.name))
 
     # ---- operations ---------------------------------------------------------------------
     def op_hello(self) -> dict[str, Any]:
@@ -120,19 +120,18 @@ class AgentServer:
             raise BadInput(f"invalid logical block size {block_size!r}")
         old = self.load(name)
         same = _same_migration(old, path, migration)
-        if old is not None and not same and not old.get("handed_over"):
-            exp = old.get("export")
-            alive = bool(exp and nbd.Export(**exp).alive())
+        if old is not None and not same and not old.handed_over:
+            alive = bool(old.export and old.export.alive())
             raise Busy(f"another migration of {name} {'is arriving' if alive else 'was arriving (unfinished)'} here "
-                       f"onto {old.get('path')}",
+                       f"onto {old.path}",
                        hint=f"`dmmig abort {name}` on its source, or here if that source is gone")
-        keep = old if same and old is not None else {}
-        created_as = _created_as(keep)
+        keep = old if same else None
+        created_as = keep.created_how() if keep else None
         if os.path.lexists(path):  # a dangling symlink counts: the agent never creates through one
             kind = self.policy.existing(path)
             self._check_block_size(path, 512 if kind == "file" else blockdev.logical_block_size(self.r, path),
                                    block_size)
-            self._check_not_in_use(name, path, keep or None)
+            self._check_not_in_use(name, path, keep)
         elif not create:
             self.policy.lexical(path)
             raise BadInput(f"destination disk {path} does not exist", hint="pass --create to make it")
@@ -145,14 +144,16 @@ class AgentServer:
         have = _size_of(path)
         if have < size:
             raise BadInput(f"destination disk {path} is smaller than the source: {have} < {size} bytes")
-        rec: dict[str, Any] = {k: keep[k] for k in ("export", "written") if k in keep}
-        rec.update(name=name, path=path, size=size, created=created_as is not None, created_as=created_as,
-                   migration=migration, block_size=block_size, since=keep.get("since") or time.time())
-        self._save(name, rec)
+        # a resumed copy keeps its export and what it wrote, and what a newer dmmig added to it
+        rec = Incoming(name=name, path=path, size=size, created=created_as is not None, created_as=created_as,
+                       migration=migration, block_size=block_size, since=(keep and keep.since) or time.time(),
+                       export=keep.export if keep else None, written=bool(keep and keep.written),
+                       extra=dict(keep.extra) if keep else {})
+        self._save(rec)
         # only a sparse file dmmig just created, never written, is known to read as zeros: a new
         # linear LV reuses freed extents and reads another volume's old data
         return {"path": path, "size": have, "created": created_as is not None,
-                "zeroed": created_as == "file" and not rec.get("written")}
+                "zeroed": created_as == "file" and not rec.written}
 
     def op_probe(self, paths: list[str], script: str = "/etc/xen/scripts/block-dmmig",
                  names: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
@@ -164,7 +165,7 @@ class AgentServer:
         for path in paths:
             name = (names or {}).get(path)
             rec = self.load(name) if name else None
-            d: dict[str, Any] = {"exists": False, "incoming": bool(rec and not rec.get("handed_over"))}
+            d: dict[str, Any] = {"exists": False, "incoming": bool(rec and not rec.handed_over)}
             disks[path] = d
             try:
                 self.policy.lexical(path)
@@ -211,26 +212,25 @@ class AgentServer:
         journal.private_dir(export_dir(self.state))  # made or repaired to 0700 before a key or socket goes in
         files = Files(self.state, name)
         tls_dir = files.export_tls if tls is not None else None
-        exp = rec.get("export")
-        if exp:
-            old = nbd.Export(**exp)
+        old = rec.export
+        if old:
             same = (old.socket is not None) if addr is None else (
                 old.addr == addr and old.tls == tls_dir and (tls is None or _same_creds(old.tls, tls)))
             if same and old.alive():
-                return {"export": exp}
+                return {"export": asdict(old)}
             nbd.stop_export(old)  # gone, or another kind (a TCP export of an older dmmig, new credentials)
         if tls_dir is not None:
             assert tls is not None
             if "," in tls_dir:
                 raise BadInput(f"{tls_dir}: qemu-nbd's --object cannot take a ',' in the path")
             tlscreds.write_server(tls_dir, tls)
-        e = nbd.start_export(self.r, name, rec["path"], files.qemu_nbd_pid,
-                           socket_path=files.export_socket if addr is None else None,
-                           addr=addr, tls=tls_dir)
-        rec["export"] = e.__dict__
-        rec["written"] = True  # from now on the disk is not known to be zero
-        self._save(name, rec)
-        return {"export": e.__dict__}
+        e = nbd.start_export(self.r, name, rec.path, files.qemu_nbd_pid,
+                             socket_path=files.export_socket if addr is None else None,
+                             addr=addr, tls=tls_dir)
+        rec.export = e
+        rec.written = True  # from now on the disk is not known to be zero
+        self._save(rec)
+        return {"export": asdict(e)}
 
     def op_stop(self, name: str, remove_created: bool = False) -> dict[str, Any]:
         """Stop the export and forget NAME; with remove_created, delete a disk we created."""
@@ -239,11 +239,9 @@ class AgentServer:
         done: list[str] = []
         if rec is None:
             return {"done": gate.remove_stale(self.state, name)}
-        exp = rec.get("export")
-        if exp:
-            e = nbd.Export(**exp)
-            nbd.stop_export(e)
-            done.append(f"stopped qemu-nbd {exp['pid']} exporting {rec['path']}")
+        if rec.export:
+            nbd.stop_export(rec.export)
+            done.append(f"stopped qemu-nbd {rec.export.pid} exporting {rec.path}")
         # what a killed agent made but had not journaled yet
         files = Files(self.state, name)
         for left in (files.qemu_nbd_pid, files.export_socket):
@@ -251,7 +249,7 @@ class AgentServer:
                 os.unlink(left)
         if tlscreds.remove(files.export_tls):
             done.append(f"removed the TLS credentials of {name}")
-        if remove_created and rec.get("created"):
+        if remove_created and rec.created:
             done += self._remove_created(rec)
         os.unlink(self._rec_path(name))
         done += gate.remove_stale(self.state, name)
@@ -278,17 +276,17 @@ class AgentServer:
     def op_answer_gate(self, name: str, ok: bool, why: str = "") -> dict[str, Any]:
         disk_name(name)
         rec = self.load(name)
-        if ok and rec and rec.get("export"):
+        if ok and rec and rec.export:
             # no write through the export after the yes: stop it before the `add` goes on
-            nbd.stop_export(nbd.Export(**rec["export"]))
-            rec.pop("export")
-            self._save(name, rec)
+            nbd.stop_export(rec.export)
+            rec.export = None
+            self._save(rec)
         delivered = self.gate.answer(name, ok, why)
         if ok and rec and delivered:
             # only now is the disk this host's: an `add` that gave up before the yes failed, and
             # the next one must ask again
-            rec["handed_over"] = time.time()
-            self._save(name, rec)
+            rec.handed_over = time.time()
+            self._save(rec)
         return {"delivered": delivered}
 
     def op_relay(self, name: str) -> dict[str, Any]:
@@ -305,21 +303,20 @@ class AgentServer:
         """Digests of a disk being migrated here (NAME's, or the one at PATH), within its size:
         never of any other file or device."""
         rec = self._record_of(name, path)
-        p = str(rec["path"])
-        self.policy.existing(p)  # still what it was: not replaced by a link out of a root
-        offset, length, chunk = confine.range_ok(p, int(rec["size"]), offset, length, chunk)
-        return {"digests": digest_ranges(p, offset, length, chunk)}
+        self.policy.existing(rec.path)  # still what it was: not replaced by a link out of a root
+        offset, length, chunk = confine.range_ok(rec.path, rec.size, offset, length, chunk)
+        return {"digests": digest_ranges(rec.path, offset, length, chunk)}
 
     # ---- helpers ------------------------------------------------------------------------
-    def _record_of(self, name: str | None, path: str | None) -> dict[str, Any]:
+    def _record_of(self, name: str | None, path: str | None) -> Incoming:
         if name is not None:
             rec = self.load(disk_name(name))
-            if rec is not None and (path is None or rec.get("path") == path):
+            if rec is not None and (path is None or rec.path == path):
                 return rec
         elif path is not None:
-            for rec in incoming(self.state).values():
-                if rec.get("path") == path:
-                    return rec
+            for r in incoming(self.state).values():
+                if isinstance(r, Incoming) and r.path == path:
+                    return r
         raise confine.Refused(f"{path or name} is not a disk being migrated into this host: the agent reads "
                               "only those")
 
@@ -334,9 +331,9 @@ class AgentServer:
         finally:
             os.close(fd)
 
-    def _remove_created(self, rec: dict[str, Any]) -> list[str]:
-        path = str(rec["path"])
-        how = _created_as(rec)
+    def _remove_created(self, rec: Incoming) -> list[str]:
+        path = rec.path
+        how = rec.created_how()
         if how == "lv":
             try:
                 if not stat.S_ISBLK(os.stat(path).st_mode):
@@ -363,13 +360,13 @@ class AgentServer:
                            hint="use a destination disk with the same logical block size (a file becomes a loop "
                                 "device of 512-byte sectors)")
 
-    def _check_not_in_use(self, name: str, path: str, rec: dict[str, Any] | None) -> None:
+    def _check_not_in_use(self, name: str, path: str, rec: Incoming | None) -> None:
         """Refuse PATH if anything here uses it: a holder, an exclusive opener (a mount, swap,
         LVM, md), a loop device over a file, a local domain's disk backend, a process with it
         open, another dmmig disk's record. REC: this migration's own record, whose export
         (qemu-nbd) is no other user."""
-        exp = (rec or {}).get("export")
-        ignore = {int(exp["pid"])} if exp and nbd.Export(**exp).alive() else set()
+        exp = rec.export if rec else None
+        ignore = {exp.pid} if exp and exp.alive() else set()
         loops = self.loop.infos()
         why: list[str] = []
         st = os.stat(path)
@@ -404,7 +401,7 @@ class AgentServer:
         destination, a journaled disk's origin or era metadata."""
         out = []
         for n, rec in incoming(self.state).items():
-            if n != name and rec.get("path") and inuse.exact(str(rec["path"]), None, loops).overlaps(disk):
+            if n != name and isinstance(rec, Incoming) and inuse.exact(rec.path, None, loops).overlaps(disk):
                 out.append(f"it is the destination of dmmig's incoming migration {n}")
         j = journal.Journal(self.state)
         for n in j.names():
@@ -497,27 +494,14 @@ class Lines:
         return rest
 
 
-def _same_migration(old: dict[str, Any] | None, path: str, migration: str | None) -> bool:
+def _same_migration(old: Incoming | None, path: str, migration: str | None) -> bool:
     """OLD is the record of this very migration (a resumed copy): same path, not handed over,
     and the same migration id; a record written before ids existed is taken for the same
     one, as that version did (a migration in flight across an upgrade), and so is a request
     without an id (a source of that version) for a record without one."""
-    if old is None or old.get("path") != path or old.get("handed_over"):
+    if old is None or old.path != path or old.handed_over:
         return False
-    return "migration" not in old or old.get("migration") == migration
-
-
-def _created_as(rec: dict[str, Any]) -> str | None:
-    """'file' or 'lv' if dmmig created the disk. A record of an earlier version says only
-    `created`: that version made an LV (lvcreate) for a block device, else a sparse file."""
-    if not rec.get("created"):
-        return None
-    if rec.get("created_as"):
-        return str(rec["created_as"])
-    try:
-        return "lv" if stat.S_ISBLK(os.stat(str(rec.get("path"))).st_mode) else "file"
-    except OSError:
-        return "file"
+    return old.pre_ids or old.migration == migration
 
 
 def _devno(text: str | None) -> int | None:
@@ -543,6 +527,6 @@ def _same_creds(directory: str | None, files: dict[str, str]) -> bool:
         return False
 
 
-def record(state: str, name: str) -> dict[str, Any] | None:
+def record(state: str, name: str) -> Incoming | None:
     """The agent's record of incoming NAME here, or None."""
     return AgentServer(SubprocessRunner(), state).load(disk_name(name))

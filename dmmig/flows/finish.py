@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from dmmig.core import gate, journal
+from dmmig.core.records import CopyState, Incoming, Unreadable
 from dmmig.core.stack import Stack
 from dmmig.errors import StateError
 from dmmig.flows.destination import AgentServer, incoming
@@ -28,7 +28,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                              hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
                                   "or --force to finish anyway")
         st = stack.dm.mirror_status(top)
-        vouched = (entry.mirror.get("handover") or {}).get("ok")  # the gate already checked or caught up
+        vouched = entry.mirror.handover and entry.mirror.handover.ok  # the gate already checked or caught up
         if not (st.synced and st.healthy) and not vouched:
             raise StateError(f"the mirror of {name} is not in sync with healthy legs "
                              f"({st.in_sync}/{st.regions}, health {st.health}): the destination misses writes",
@@ -38,7 +38,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
         if info is not None and info.open_count > 0:
             raise StateError(f"{top} is still open ({info.open_count} opener(s)); it cannot be removed",
                              hint="stop the domain on this host first, or finish without --remove")
-    dest = dict(entry.dest) if entry.dest else None
+    dest = entry.dest
     with stack.journal.lock(name):
         done = stack.abort_held(name, phase=journal.FINISHING)
         if remove and stack.dm.info(top) is not None:
@@ -94,24 +94,24 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return _abort_incoming(stack, name, rec), []
         if gate.stale_socket(stack.journal.dir, name):  # all a killed agent left of NAME here
             return gate.remove_stale(stack.journal.dir, name), []
-    dest = dict(entry.dest) if entry and entry.dest else None
+    dest = entry.dest if entry else None
     done = stack.abort(name)
     left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
-    if e2 is not None and (e2.dest or e2.copy):
-        e2.dest = {}
-        e2.copy = {}
+    if e2 is not None and (e2.dest or e2.copy != CopyState()):
+        e2.dest = None
+        e2.copy = CopyState()
         stack.journal.save(e2)
     return done, left
 
 
-def _abort_incoming(stack: Stack, name: str, rec: dict[str, Any]) -> list[str]:
+def _abort_incoming(stack: Stack, name: str, rec: Incoming | Unreadable) -> list[str]:
     """On the destination, whose source is gone: what the source's abort would have told this
     host's agent to do. A disk that was handed over is the guest's now: it stays."""
-    keep = bool(rec.get("handed_over"))
+    keep = isinstance(rec, Incoming) and bool(rec.handed_over)
     with stack.journal.lock(name):
-        if "unreadable" in rec:
+        if isinstance(rec, Unreadable):
             os.unlink(Files(stack.journal.dir, name).incoming)
             return [f"removed the unreadable record of incoming {name}"]
         done: list[str] = AgentServer(stack.runner, stack.journal.dir).op_stop(name, remove_created=not keep)["done"]
-    return done + [f"forgot incoming {name}" + (f" ({rec.get('path')} was handed over and stays)" if keep else "")]
+    return done + [f"forgot incoming {name}" + (f" ({rec.path} was handed over and stays)" if keep else "")]

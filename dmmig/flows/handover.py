@@ -12,6 +12,7 @@ from typing import Any
 from dmmig.adapters.ssh import close_quietly
 from dmmig.core import gate, journal
 from dmmig.core.copier import Copier
+from dmmig.core.records import Handover, to_json
 from dmmig.core.stack import Stack
 from dmmig.core.window import Window, WindowClosed
 from dmmig.errors import DmmigError, RemoteError, StateError
@@ -24,7 +25,7 @@ def handover(stack: Stack, name: str, *, timeout: float = 300, cap: float = gate
     """Wait for the destination's `add` to ask about NAME, then answer it (answer_gate)."""
     entry = mirroring_entry(stack, name)
     with stack.journal.lock(name):
-        remote = Remote(entry.dest)
+        remote = Remote(entry.destination())
         try:
             asked = remote.agent.call("await_gate", names=[name], timeout=timeout)["asked"]
             if asked is None:
@@ -51,7 +52,7 @@ MIN_YES_S = 1.0  # a yes needs this much of the window left to reach the destina
 
 def mirroring_entry(stack: Stack, name: str) -> journal.Entry:
     entry = stack.entry_of(name)
-    if entry.phase != journal.MIRRORING or not entry.mirror.get("synced"):
+    if entry.phase != journal.MIRRORING or not entry.mirror.synced:
         raise StateError(f"{name} is not mirroring (phase {entry.phase}): nothing to hand over",
                          hint=f"`dmmig cutover {name}` first")
     return entry
@@ -96,10 +97,10 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                                                deadline_s=gate.NO_DELIVERY_S)["delivered"])
         except DmmigError as e:  # the destination's `add` refuses on its own when no answer comes
             why += f"; the no could not be delivered either: {e.message}"
-    entry.mirror["handover"] = {"at": time.time(), "ok": ok, "why": why, "caught_up_bytes": sent,
-                                "seconds": round(seconds, 3), "cap_seconds": cap, "delivered": delivered}
+    entry.mirror.handover = Handover(at=time.time(), ok=ok, why=why, caught_up_bytes=sent,
+                                     seconds=round(seconds, 3), cap_seconds=cap, delivered=delivered)
     stack.journal.save(entry)
-    return dict(entry.mirror["handover"])
+    return to_json(entry.mirror.handover)
 
 
 def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,
@@ -107,14 +108,15 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
     st = stack.dm.mirror_status(top)
     info = stack.dm.info(top)
     assert info is not None
-    at_sync = entry.mirror["synced"]["events"]
+    assert entry.mirror.synced is not None  # mirroring_entry checked it
+    at_sync = entry.mirror.synced.events
     if st.synced and st.healthy and info.events == at_sync:
         return True, "every region in sync, every leg alive, no dm event since the sync", 0
     # the leg failed (or something happened) since the sync: era knows every block written since
     # the cutover, and with the top suspended that set is final
     broken = f"the mirror was not intact (health {st.health}, dm events {info.events}, {at_sync} at sync)"
     assert entry.metadata and entry.block_sectors
-    ranges, _ = stack.era.dirty(era, entry.metadata, int(entry.copy["next_since"]))
+    ranges, _ = stack.era.dirty(era, entry.metadata, int(entry.copy.next_since or 0))
     win.check("while era was queried")
     bs = entry.block_sectors * 512
     size = stack.dm.table(top).length * 512
@@ -125,7 +127,7 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
         return False, (f"{broken}, and the {delta} bytes era recorded since the cutover would take ~"
                        f"{delta / rate:.0f}s at the {rate / (1 << 20):.1f} MiB/s the copy reached: more than the "
                        f"{win.remaining():.0f}s left of the {win.cap:.0f}s the guest's disk may stay suspended"), 0
-    export = start_export(remote, entry.dest, entry.name, deadline_s=max(win.remaining(), 0.1))
+    export = start_export(remote, entry.destination(), entry.name, deadline_s=max(win.remaining(), 0.1))
     win.check("while the export started")
     # a handshake over a dead link blocks in libnbd: only closing the connection under it ends it
     unhook = win.on_expiry(lambda: close_quietly(remote.ssh))
@@ -152,9 +154,7 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
 
 def copy_rate(entry: journal.Entry) -> float | None:
     """The best rate (bytes/s) a pass of the copy reached, from passes large enough to tell."""
-    passes = [entry.copy.get("base") or {}] + list(entry.copy.get("rounds") or [])
-    rates = [float(p["read"]) / float(p["seconds"]) for p in passes
-             if isinstance(p, dict) and p.get("read", 0) >= (4 << 20) and p.get("seconds", 0) > 0]
+    rates = [p.read / p.seconds for p in entry.copy.passes() if p.read >= (4 << 20) and p.seconds > 0]
     return max(rates) if rates else None
 
 

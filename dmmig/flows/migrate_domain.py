@@ -26,10 +26,11 @@ from typing import Any
 
 from dmmig import names
 from dmmig.adapters.blockdev import logical_block_size
-from dmmig.adapters.ssh import Endpoint
+from dmmig.adapters.ssh import Endpoint, SshOptions
 from dmmig.adapters.xenstore import XenStore
 from dmmig.adapters.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
 from dmmig.core import journal, mirrorlog
+from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.flows.copying import copy, estimate, render_estimate
@@ -111,8 +112,8 @@ class Plan:
 
 
 # ---- 1. plan -----------------------------------------------------------------------------
-def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: dict[str, Any],
-         opts: MigrateOptions, remote: Callable[[dict[str, Any]], Any] = Remote) -> Plan:
+def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: SshOptions,
+         opts: MigrateOptions, remote: Callable[[Destination], Any] = Remote) -> Plan:
     """Everything `dmmig migrate` will do, checked on both hosts; changes nothing. REMOTE
     connects to the destination's agent (injected by the unit tests)."""
     nbd_timeout(opts.cutover.nbd_timeout)
@@ -141,7 +142,7 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     config = config_option(opts.xl_args)
     if config is not None:
         _check_config(xl, config, dom, all_vbds)
-    ep = Endpoint.parse(host, **ep_opts)
+    ep = Endpoint.parse(host, ssh_opts)
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
     # the parts cutover will choose (cutover.cutover: --resync-parts, else by transport), refused
@@ -160,7 +161,7 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ep_opts: di
     if opts.copy.transport == "nbd":
         for d in disks:
             journal.check_private_dir(Files(stack.journal.dir, d.name).mirror("tls"))
-    tunnel, why = _check_destination(stack, disks, host, ep_opts, opts, remote)
+    tunnel, why = _check_destination(stack, disks, host, ssh_opts, opts, remote)
     return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
 
 
@@ -223,8 +224,8 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, ra
     if format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
         raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not {top}",
                          hint="the disk was re-pointed behind block-dmmig; do not migrate it with dmmig")
-    if entry.dest and entry.dest.get("host") != dest_host:
-        raise StateError(f"{name} is already being migrated to {entry.dest.get('host')}",
+    if entry.dest and entry.dest.host != dest_host:
+        raise StateError(f"{name} is already being migrated to {entry.dest.host}",
                          hint=f"`dmmig abort {name}` first")
     length = stack.dm.table(top).length
     est = estimate(stack, name, block_bytes=block_bytes, rate=rate)  # refuses a block dm-era cannot take
@@ -258,12 +259,12 @@ def _sector_size(xs: XenStore, stack: Stack, d: Disk) -> int | None:
         return None
 
 
-def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict[str, Any], opts: MigrateOptions,
-                       connect: Callable[[dict[str, Any]], Any]) -> tuple[str | None, str]:
+def _check_destination(stack: Stack, disks: list[Disk], host: str, ssh_opts: SshOptions, opts: MigrateOptions,
+                       connect: Callable[[Destination], Any]) -> tuple[str | None, str]:
     """Returns the mirror leg's tunnel mode (ssh; the probe's or --tunnel's) and why."""
     c = opts.copy
     # unknown host key, bad credentials, no dmmig there: refused here
-    remote = connect(destination(host, ep_opts, c, ""))
+    remote = connect(destination(host, ssh_opts, c, ""))
     tunnel, why = c.tunnel, "--tunnel" if c.tunnel else ""
     try:
         probe = remote.agent.call("probe", paths=[d.dest_disk for d in disks], script=opts.block_script,
@@ -309,7 +310,7 @@ def _check_destination(stack: Stack, disks: list[Disk], host: str, ep_opts: dict
 
 
 # ---- 2.-4. the migration -----------------------------------------------------------------
-def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: MigrateOptions,
+def migrate(stack: Stack, xl: Xl, p: Plan, ssh_opts: SshOptions, opts: MigrateOptions,
             progress: Callable[[Disk, int], Progress], say: Callable[[str], None],
             ops: Ops | None = None) -> dict[str, Any]:
     """Steps 2-4 of P. XL runs xl migrate; OPS are the destination's agent and the per-disk
@@ -320,7 +321,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
     # 2. every disk to a synchronous mirror
     # the tunnel's mode as the plan probed it: one probe for every disk
     opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
-    results = ops.to_mirror(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ep_opts, opts,
+    results = ops.to_mirror(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ssh_opts, opts,
                             lambda i: progress(p.disks[i], i))
     mirrored = list(zip(p.disks, results))
     failed = {d.name: r for d, r in mirrored if isinstance(r, BaseException)}
@@ -339,7 +340,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
 
     # 3. xl migrate, answering the gate
     say(f"xl migrate {p.domain.name} {p.host}")
-    dests = {d.name: dict(mirroring_entry(stack, d.name).dest) for d in p.disks}
+    dests = {d.name: mirroring_entry(stack, d.name).destination() for d in p.disks}
     t_xl = time.monotonic()
     try:
         xl_res, gates = _xl_migrate_with_gate(stack, xl, p, opts, ops)
@@ -387,7 +388,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ep_opts: dict[str, Any], opts: Migrat
                           f"`dmmig finish --force --remove NAME` here for each disk; if here: `dmmig abort NAME`")
 
 
-def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts: dict[str, Any],
+def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ssh_opts: SshOptions,
                  opts: MigrateOptions, progress: Callable[[int], Progress]) -> list[Any]:
     """Every (NAME, destination path) to a synchronous mirror, each in its own thread: prepare
     (if not prepared yet), copy, cutover. Returns, for each disk, its summary or the exception
@@ -401,7 +402,7 @@ def mirror_disks(stack: Stack, disks: list[tuple[str, str]], host: str, ep_opts:
             entry = stack.journal.load(name)
             if entry is not None and entry.phase == journal.WRAPPED:
                 stack.prepare(name, block_bytes=opts.block_bytes)
-            copied = copy(stack, name, host, ep_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
+            copied = copy(stack, name, host, ssh_opts, dataclasses.replace(opts.copy, dest_disk=dest_disk), pg)
             results[i] = {"copy": copied, "cutover": cutover(stack, name, opts.cutover, pg)}
         except BaseException as e:  # noqa: BLE001 - handed back to the caller
             results[i] = e
@@ -433,7 +434,7 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
     with contextlib.ExitStack() as locks:
         for name in entries:
             locks.enter_context(stack.journal.lock(name))
-        remote = ops.remote(next(iter(entries.values())).dest)
+        remote = ops.remote(next(iter(entries.values())).destination())
         try:
             # every disk's gate listens before xl starts; another agent there already waiting for
             # one of them (a second migration of the same disk) is refused here, before xl runs
@@ -477,7 +478,7 @@ def _overran(p: Plan, run: XlRun, timeout: float) -> StateError:
              f"Here: `dmmig abort NAME` for each of {names}. Then `rm {run.log}`")
 
 
-def _finish_source(stack: Stack, d: Disk, dest: dict[str, Any]) -> dict[str, Any]:
+def _finish_source(stack: Stack, d: Disk, dest: Destination) -> dict[str, Any]:
     """The guest runs on the destination. The block script's remove, run by libxl as it
     destroyed the guest here, normally finished this host's side already; whatever it left
     (blkback slow to let go, an error) is finished here. Then the destination's agent forgets
@@ -510,8 +511,8 @@ class Ops:
     """What migrate() calls below it: the destination's agent (REMOTE: a dest record -> a
     connection with .agent and .close) and the per-disk steps. The real ones by default; the
     unit tests inject theirs to reach every failure branch."""
-    remote: Callable[[dict[str, Any]], Any] = Remote
+    remote: Callable[[Destination], Any] = Remote
     to_mirror: Callable[..., list[Any]] = mirror_disks  # step 2: each disk's summary or exception
     answer_gate: Callable[[Stack, journal.Entry, Any], dict[str, Any]] = answer_gate
-    finish: Callable[[Stack, Disk, dict[str, Any]], dict[str, Any]] = _finish_source
+    finish: Callable[[Stack, Disk, Destination], dict[str, Any]] = _finish_source
     abort: Callable[[Stack, str], tuple[list[str], list[str]]] = abort

@@ -19,13 +19,15 @@ from dmmig.adapters.ssh import (
     TRANSPORT_ERRORS,
     Endpoint,
     SSHClient,
+    SshOptions,
     channel_socket,
     channel_stderr,
     close_quietly,
     connect,
     relay_socket,
 )
-from dmmig.core import journal
+from dmmig.core import journal, records
+from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.names import Files
@@ -55,15 +57,15 @@ class CopyOptions:
 class Remote:
     """One SSH connection to the destination: the agent, and NBD through it or direct."""
 
-    def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
+    def __init__(self, dest: Destination, phases: Stopwatch | None = None) -> None:
         self.dest = dest
-        self.ep = Endpoint(dest["host"], dest["user"], dest["port"], dest["known_hosts"], dest.get("identity"))
+        self.ep = Endpoint(dest.host, dest.user, dest.port, dest.known_hosts, dest.identity)
         t = phases or Stopwatch()
         with t("ssh_connect"):
             self.ssh: SSHClient = connect(self.ep)
         try:
             with t("agent_start"):
-                self.agent = AgentClient(self.ssh, dest["remote_dmmig"], dest.get("remote_state_dir"))
+                self.agent = AgentClient(self.ssh, dest.remote_dmmig, dest.remote_state_dir)
         except TRANSPORT_ERRORS as e:
             close_quietly(self.ssh)
             raise RemoteError(f"the SSH connection to {self.ep} broke starting the agent: "
@@ -72,10 +74,10 @@ class Remote:
             close_quietly(self.ssh)
             raise
 
-    def nbd(self, export: dict[str, Any], name: str) -> Any:
+    def nbd(self, export: nbd.Export, name: str) -> Any:
         """A libnbd handle on NAME's export: through the agent's relay (an exec channel: works
         with a key that allows no forwarding), or over TCP with this migration's TLS."""
-        if self.dest["transport"] == "ssh":
+        if self.dest.transport == "ssh":
             sock, chan = relay_socket(self.ssh, agent_argv(self.dest, "relay", name))
             try:
                 return nbd.open_client(sock, export=name)
@@ -86,7 +88,7 @@ class Remote:
                     time.sleep(0.05)
                 raise RemoteError(f"{e.message}; the destination's relay said: {channel_stderr(chan) or '(nothing)'}",
                                   hint=e.hint) from e
-        return nbd.open_client(None, addr=export["addr"], port=export["port"], export=name, tls=self.dest.get("tls"))
+        return nbd.open_client(None, addr=export.addr, port=export.port, export=name, tls=self.dest.tls)
 
     def agent_nbd(self, name: str) -> Any:
         """A libnbd handle on NAME's export (--transport ssh) through the agent's own session,
@@ -107,11 +109,11 @@ class Remote:
         close_quietly(self.ssh)
 
 
-def probe_tunnel(stack: Stack, dest: dict[str, Any], remote: Remote,
+def probe_tunnel(stack: Stack, dest: Destination, remote: Remote,
                   par: Stopwatch) -> Started[tuple[str, str]] | None:
     """The plan's tunnel probe (plan_transport), started in a thread: it waits mostly for the
     destination (OpenSSH's login, an agent's start there), while the checks go on here."""
-    if dest["transport"] != "ssh" or dest.get("tunnel"):
+    if dest.transport != "ssh" or dest.tunnel:
         return None
 
     def probe() -> tuple[str, str]:
@@ -197,81 +199,89 @@ def check_transport(opts: CopyOptions) -> None:
         raise BadInput(f"unknown --tunnel {opts.tunnel!r}: use auto, {' or '.join(tunnel.MODES)}")
 
 
-def destination(host: str, ep_opts: dict[str, Any], opts: CopyOptions, disk: str) -> dict[str, Any]:
+def destination(host: str, ssh_opts: SshOptions, opts: CopyOptions, disk: str) -> Destination:
     """The destination record Remote connects with (journaled as entry.dest). TUNNEL (ssh):
     the mirror leg's mode, chosen by the plan's probe; TLS (nbd): this migration's credentials
     here; INSECURE: the operator chose an NBD leg without TLS."""
-    ep = Endpoint.parse(host, **ep_opts)
+    ep = Endpoint.parse(host, ssh_opts)
     check_transport(opts)
-    d = {"host": ep.host, "user": ep.user, "port": ep.port, "known_hosts": ep.known_hosts,
-         "identity": ep.identity, "disk": disk, "transport": opts.transport,
-         "nbd_address": opts.nbd_address, "remote_dmmig": opts.remote_dmmig,
-         "remote_state_dir": opts.remote_state_dir, "insecure": opts.insecure}
-    if opts.tunnel:
-        d["tunnel"] = opts.tunnel
-    return d
+    return Destination(host=ep.host, user=ep.user, port=ep.port, known_hosts=ep.known_hosts,
+                       identity=ep.identity, disk=disk, transport=opts.transport, nbd_address=opts.nbd_address,
+                       remote_dmmig=opts.remote_dmmig, remote_state_dir=opts.remote_state_dir,
+                       insecure=opts.insecure, tunnel=opts.tunnel or None)
 
 
-def plan_transport(stack: Stack, name: str, dest: dict[str, Any], remote: Remote) -> None:
+def plan_transport(stack: Stack, name: str, dest: Destination, remote: Remote) -> None:
     """Decide, before any change there, how NBD reaches the destination; journaled in DEST.
     ssh: the tunnel's mode, by a real probe with OpenSSH unless already decided (a plan, a
     journaled destination, --tunnel); nbd: this migration's TLS credentials, unless --insecure."""
-    if dest["transport"] == "ssh":
-        if not dest.get("tunnel"):
-            dest["tunnel"], why = remote.probe_tunnel(stack.runner, stack.journal.dir)
-            dest["tunnel_probe"] = why or "streamlocal forwarding works"
-    elif not dest.get("insecure") and not dest.get("tls"):
-        dest["tls"] = stack.mirror.credentials(name, str(dest["nbd_address"]))
+    if dest.transport == "ssh":
+        if not dest.tunnel:
+            dest.tunnel, why = remote.probe_tunnel(stack.runner, stack.journal.dir)
+            dest.tunnel_probe = why or "streamlocal forwarding works"
+    elif not dest.insecure and not dest.tls:
+        dest.tls = stack.mirror.credentials(name, str(dest.nbd_address))
 
 
-def start_export(remote: Remote, dest: dict[str, Any], name: str, deadline_s: float | None = None) -> dict[str, Any]:
+def start_export(remote: Remote, dest: Destination, name: str, deadline_s: float | None = None) -> nbd.Export:
     """Start (or find) NAME's export there, as DEST's transport wants it."""
-    if dest["transport"] == "ssh":
-        return dict(remote.agent.call("export", name=name, deadline_s=deadline_s)["export"])
-    if dest.get("tls"):
+    return _export(name, _start_export(remote, dest, name, deadline_s))
+
+
+def _export(name: str, reply: dict[str, Any]) -> nbd.Export:
+    exp = records.export_of(reply.get("export"), f"the destination agent's export of {name}")
+    if exp is None:
+        raise RemoteError(f"the destination's agent started no export of {name}: {reply!r:.200}")
+    return exp
+
+
+def _start_export(remote: Remote, dest: Destination, name: str, deadline_s: float | None) -> dict[str, Any]:
+    if dest.transport == "ssh":
+        return dict(remote.agent.call("export", name=name, deadline_s=deadline_s))
+    if dest.tls:
         try:
-            files = tlscreds.server_files(dest["tls"])
+            files = tlscreds.server_files(dest.tls)
         except OSError as e:
             raise StateError(f"the TLS credentials of {name} are gone ({e})",
                              hint=f"`dmmig copy {name}` makes new ones") from e
-        return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], tls=files,
-                                      deadline_s=deadline_s)["export"])
-    if not dest.get("insecure"):
+        return dict(remote.agent.call("export", name=name, addr=dest.nbd_address, tls=files,
+                                      deadline_s=deadline_s))
+    if not dest.insecure:
         raise StateError(f"{name}: no TLS credentials for --transport nbd (journaled by an older dmmig?)",
                          hint=f"`dmmig copy {name}` makes them, or `dmmig abort {name}`")
-    return dict(remote.agent.call("export", name=name, addr=dest["nbd_address"], insecure=True,
-                                  deadline_s=deadline_s)["export"])
+    return dict(remote.agent.call("export", name=name, addr=dest.nbd_address, insecure=True,
+                                  deadline_s=deadline_s))
 
 
-def destination_of(entry: journal.Entry, host: str | None, ep_opts: dict[str, Any],
-                   opts: CopyOptions) -> dict[str, Any]:
+def destination_of(entry: journal.Entry, host: str | None, ssh_opts: SshOptions,
+                   opts: CopyOptions) -> Destination:
     if host is None:
         if not entry.dest:
             raise BadInput(f"no destination known for {entry.name}: give [USER@]HOST")
-        return dict(entry.dest)
-    dest = destination(host, ep_opts, opts, opts.dest_disk or entry.origin)
+        return entry.dest.copy()
+    dest = destination(host, ssh_opts, opts, opts.dest_disk or entry.origin)
     old = entry.dest
-    if old and (old["host"], old["disk"]) != (dest["host"], dest["disk"]):
-        raise StateError(f"{entry.name} is already being copied to {old['host']}:{old['disk']}",
+    if old and (old.host, old.disk) != (dest.host, dest.disk):
+        raise StateError(f"{entry.name} is already being copied to {old.host}:{old.disk}",
                          hint=f"`dmmig abort {entry.name}` to start over with another destination")
     keep_probe(old, dest)
     return dest
 
 
-def keep_probe(old: dict[str, Any], dest: dict[str, Any]) -> None:
+def keep_probe(old: Destination | None, dest: Destination) -> None:
     """DEST (from the command line) takes the tunnel mode the plan's probe found for OLD (the
     journaled destination) if OpenSSH would log in and run the agent there the same way: the
     probe is asked again only when that changed. An earlier --tunnel is no probe result."""
-    if (old and "tunnel" not in dest and old.get("tunnel") and old.get("tunnel_probe")
-            and all(old.get(k) == dest.get(k) for k in PROBED_WITH)):
-        dest["tunnel"], dest["tunnel_probe"] = old["tunnel"], old["tunnel_probe"]
+    if (old and not dest.tunnel and old.tunnel and old.tunnel_probe
+            and all(getattr(old, k) == getattr(dest, k) for k in PROBED_WITH)):
+        dest.tunnel, dest.tunnel_probe = old.tunnel, old.tunnel_probe
 
 
 # what the tunnel probe's answer depends on (OpenSSH's login there, the agent it runs)
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
-def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool, done: list[str]) -> list[str]:
+def stop_remote(name: str, dest: Destination | None, *, remove_created: bool, done: list[str]) -> list[str]:
     """Stop the destination's export; what could not be stopped is returned, exactly."""
     if not dest:
         return []
@@ -283,15 +293,16 @@ def stop_remote(name: str, dest: dict[str, Any] | None, *, remove_created: bool,
         finally:
             remote.close()
     except DmmigError as e:
-        exp = dest.get("export") or {}
+        exp = dest.export
         there = Files(_remote_state(dest), name)  # the destination's files: same names, its state dir
-        where = exp.get("socket") or f"{exp.get('addr')}:{exp.get('port')}"
-        return [f"on {dest['host']}: the NBD export of {dest['disk']} (qemu-nbd pid {exp.get('pid')}, "
+        where = (exp.socket or f"{exp.addr}:{exp.port}") if exp else "None:None"
+        pid = exp.pid if exp else None
+        return [f"on {dest.host}: the NBD export of {dest.disk} (qemu-nbd pid {pid}, "
                 f"{where}) could not be stopped: {e.message}. There, run: "
-                f"kill {exp.get('pid')}; rm -rf {there.incoming} {there.qemu_nbd_pid} "
+                f"kill {pid}; rm -rf {there.incoming} {there.qemu_nbd_pid} "
                 f"{there.export_socket} {there.export_tls}"]
     return []
 
 
-def _remote_state(dest: dict[str, Any]) -> str:
-    return str(dest.get("remote_state") or dest.get("remote_state_dir") or journal.DEFAULT_STATE_DIR)
+def _remote_state(dest: Destination) -> str:
+    return dest.remote_state or dest.remote_state_dir or journal.DEFAULT_STATE_DIR

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 from dmmig import sizing
@@ -10,6 +11,7 @@ from dmmig.adapters import nbd, proc
 from dmmig.adapters.dm.guard import log_path as guard_log
 from dmmig.adapters.dm.targets import MIRRORS, Era, Linear, ParseError
 from dmmig.core import gate, journal
+from dmmig.core.records import Incoming, Unreadable, to_json
 from dmmig.core.stack import Stack
 from dmmig.core.watch import read_health
 from dmmig.flows.destination import incoming
@@ -33,7 +35,8 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
                           "metadata": entry.metadata, "checkpoints": entry.checkpoints,
-                          "dest": entry.dest, "copy": entry.copy, "mirror": entry.mirror,
+                          "dest": to_json(entry.dest) if entry.dest else {}, "copy": to_json(entry.copy),
+                          "mirror": to_json(entry.mirror),
                           "history": entry.history[-10:]}
     for dev in (top_name(name), era_name(name)):
         info = stack.dm.info(dev)
@@ -61,9 +64,9 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                                    "log_health": ms.log_health, "healthy": ms.healthy}
                     if not ms.healthy:
                         h = read_health(stack.journal.dir, name)
-                        since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['failed_at']))}"
+                        since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h.failed_at))}"
                                  if h else " (time unknown: no watcher record)")
-                        d["mirror"]["failed_at"] = h["failed_at"] if h else None
+                        d["mirror"]["failed_at"] = h.failed_at if h else None
                         problems.append(f"{dev}: mirror leg(s) {ms.failed_legs} failed{since} (health {ms.health}); "
                                         "the guest's writes go on to the local disk and era records them; "
                                         f"`dmmig copy {name}` + `dmmig cutover {name}` catch up, "
@@ -102,19 +105,18 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
             problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted, and no dmmig holds "
                             f"{name} now): {again}`dmmig abort {name}` cleans up")
     if entry.phase == journal.MIRRORING and top is not None and "mirror" in top:
-        synced = entry.mirror.get("synced") or {}
-        if synced and top["events"] != synced.get("events"):
+        synced = entry.mirror.synced
+        if synced and top["events"] != synced.events:
             problems.append(f"{top_name(name)}: dm event counter {top['events']} differs from "
-                            f"{synced.get('events')} at sync: something happened to the mirror since")
-        if entry.mirror.get("watcher") and not proc.alive(entry.mirror["watcher"],
-                                                          stack.mirror.watcher_marker(name)):
+                            f"{synced.events} at sync: something happened to the mirror since")
+        if entry.mirror.watcher and not proc.alive(entry.mirror.watcher, stack.mirror.watcher_marker(name)):
             problems.append("the leg watcher is not running: a leg failure would not be timed")
-        tun = entry.mirror.get("tunnel") or {}
+        tun = entry.mirror.tunnel
         # an older dmmig's tunnel has no log: its socket names it
-        if tun.get("pid") and not proc.alive(tun["pid"], tun.get("log") or tun.get("sock") or "ssh"):
-            problems.append(f"the SSH tunnel of the NBD leg (pid {tun['pid']}, {tun.get('mode', 'forward')}) is gone; "
+        if tun and tun.pid and not proc.alive(tun.pid, tun.log or tun.sock or "ssh"):
+            problems.append(f"the SSH tunnel of the NBD leg (pid {tun.pid}, {tun.mode or 'forward'}) is gone; "
                             f"its log: {stack.mirror.tunnel_log(name)}")
-    stray = sorted(set(stack.mirror.nbd.owned(stack.mirror.nbd_owner(name))) - {entry.mirror.get("nbd")})
+    stray = sorted(set(stack.mirror.nbd.owned(stack.mirror.nbd_owner(name))) - {entry.mirror.nbd})
     if stray:  # marked for this disk (udev keeps off them) but no mirror of it uses them
         problems.append(f"{', '.join(stray)} marked as {name}'s mirror leg but not in its journal (left by an "
                         f"interrupted cutover); `dmmig abort {name}` detaches and unmarks them")
@@ -142,19 +144,19 @@ def _gate(state: str, name: str, problems: list[str]) -> dict[str, Any] | None:
     return {"socket": gate.socket_path(state, name), "agent_pid": pid}
 
 
-def _incoming(name: str, rec: dict[str, Any], problems: list[str], *, journaled: bool) -> dict[str, Any]:
+def _incoming(name: str, rec: Incoming | Unreadable, problems: list[str], *, journaled: bool) -> dict[str, Any]:
     """The destination's side of a migration: the agent's record of the disk."""
-    if "unreadable" in rec:
-        problems.append(f"the record of incoming {name} is unreadable ({rec['unreadable']}); "
+    if isinstance(rec, Unreadable):
+        problems.append(f"the record of incoming {name} is unreadable ({rec.error}); "
                         f"`dmmig abort {name}` here removes it")
-        return rec
-    exp = rec.get("export")
-    alive = bool(exp and nbd.Export(**exp).alive())
-    st = {"path": rec.get("path"), "size": rec.get("size"), "created": bool(rec.get("created")),
-          "created_as": rec.get("created_as"), "migration": rec.get("migration"),
-          "handed_over": bool(rec.get("handed_over")), "export": exp, "export_alive": alive}
+        return {"unreadable": rec.error}
+    exp = rec.export
+    alive = bool(exp and exp.alive())
+    st = {"path": rec.path, "size": rec.size, "created": rec.created,
+          "created_as": rec.created_as, "migration": rec.migration,
+          "handed_over": bool(rec.handed_over), "export": asdict(exp) if exp else None, "export_alive": alive}
     if exp and not alive:
-        problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.get('pid')}) is gone")
+        problems.append(f"the NBD export of incoming {name} (qemu-nbd pid {exp.pid}) is gone")
     if not journaled and not st["handed_over"]:
         gone = f" and removes {st['path']} (dmmig created it)" if st["created"] else ""
         problems.append(f"{name} is being migrated into this host by the source's dmmig, which stops it "
@@ -247,7 +249,7 @@ def glance(st: dict[str, Any]) -> dict[str, str]:
             if mir is None:
                 row["progress"] = "no mirror table"
             elif mir["in_sync"] >= mir["regions"]:
-                row["progress"] = f"mirrored, in sync ({m.get('parts', 1)} parts)"
+                row["progress"] = f"mirrored, in sync ({m.get('parts') or 1} parts)"
             else:
                 row["progress"] = f"resync {100 * mir['in_sync'] // max(1, mir['regions'])}% " \
                                   f"({mir['regions'] - mir['in_sync']} regions left)"

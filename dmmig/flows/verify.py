@@ -34,7 +34,7 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
     if length is not None and length <= 0:
         raise BadInput(f"--length must be positive, got {length}")
     size = disk if length is None else min(disk, offset + length)  # the end of the range
-    src, dst = entry.origin, entry.dest["disk"]
+    src, dst = entry.origin, entry.dest.disk
     t0 = time.monotonic()
     remote = Remote(entry.dest)
     bad: list[int] = []
@@ -68,7 +68,7 @@ def verify(stack: Stack, name: str, *, chunk: int = 1 << 20, batch: int = 256 <<
     finally:
         remote.close()
     ranges = merge([BlockRange(i, i + 1) for i in bad])
-    res = {"name": name, "source": src, "destination": f"{entry.dest['host']}:{dst}", "bytes": size - offset,
+    res = {"name": name, "source": src, "destination": f"{entry.dest.host}:{dst}", "bytes": size - offset,
            "offset": offset,
            "chunk": chunk, "seconds": round(time.monotonic() - t0, 3),
            "mismatches": [{"offset": r.begin * chunk, "length": min(r.end * chunk, size) - r.begin * chunk}

@@ -312,11 +312,11 @@ def test_a_destination_with_another_logical_block_size_is_refused(pair, pdisks, 
 
 AGENT_CALLS = r"""
 import json, sys
-
-from dmmig.flows import session
+from dmmig.core.records import Destination
+from dmmig.flows.session import Remote
 
 dest, calls = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-r = session.Remote(dest)
+r = Remote(Destination.from_json(dest, "the test's destination"))
 out = []
 try:
     for op, kw in calls:
@@ -332,7 +332,7 @@ print(json.dumps(out))
 
 def agent_calls(a: UmlHost, calls: list[tuple[str, dict]]) -> list[dict]:
     dest = {"host": B_IP, "user": "root", "port": 22, "known_hosts": SSH_OPTS[1], "identity": SSH_OPTS[3],
-            "remote_dmmig": DMMIG, "transport": "ssh"}
+            "remote_dmmig": DMMIG, "transport": "ssh", "disk": ""}
     return list(json.loads(a.py(AGENT_CALLS, json.dumps(dest), json.dumps(calls)).out))
 
 

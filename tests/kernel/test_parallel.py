@@ -28,6 +28,7 @@ from dmmig.adapters.runner import SubprocessRunner
 from dmmig.core.journal import Journal, state_dir
 from dmmig.core.stack import Stack
 from dmmig.adapters.udev import wait_dm_node
+from dmmig.adapters.ssh import SshOptions
 host, dmmig, known_hosts, identity, pairs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 runner = SubprocessRunner()
 journal = Journal(state_dir(None))
@@ -37,7 +38,7 @@ opts.copy.remote_dmmig = dmmig
 opts.copy.converge = 1 << 20
 opts.copy.max_rounds = 4
 disks = [tuple(p.split("=", 1)) for p in pairs]
-res = migrate_domain.mirror_disks(stack, disks, host, {"known_hosts": known_hosts, "identity": identity}, opts,
+res = migrate_domain.mirror_disks(stack, disks, host, SshOptions(known_hosts=known_hosts, identity=identity), opts,
                       lambda i: Progress(False))
 out = {n: (r if not isinstance(r, BaseException) else {"error": f"{type(r).__name__}: {r}"})
        for (n, _), r in zip(disks, res)}

@@ -13,6 +13,7 @@ import pytest
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.nbdkernel import NbdKernel
 from dmmig.adapters.runner import Result
+from dmmig.adapters.ssh import SshOptions
 from dmmig.adapters.xenstore import XenStoreError
 from dmmig.adapters.xl import Xl
 from dmmig.core import journal
@@ -199,7 +200,7 @@ class World:
     def plan(self, domain: str = "vm1", **opts: Any) -> migrate_domain.Plan:
         for k, v in opts.items():
             setattr(self.opts, k, v)
-        return migrate_domain.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", {}, self.opts,
+        return migrate_domain.plan(self.stack, self.xs, Xl(self.runner), domain, "root@b", SshOptions(), self.opts,
                        remote=lambda dest: FakeRemote(self.agent))
 
     def mutating(self) -> list[list[str]]:

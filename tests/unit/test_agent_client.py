@@ -14,6 +14,7 @@ import pytest
 from dmmig.adapters import agentclient
 from dmmig.adapters.agentclient import PROTOCOL, AgentClient, deadline_for
 from dmmig.adapters.ssh import _pump
+from dmmig.core.records import Destination
 from dmmig.errors import Exit, RemoteError
 from dmmig.flows import session
 
@@ -67,7 +68,7 @@ def test_a_dead_ssh_transport_is_a_remote_error(exc: BaseException) -> None:
     assert e.value.exit_code == Exit.REMOTE
 
 
-DEST = {"host": "b", "user": "root", "port": 22, "known_hosts": "/dev/null", "remote_dmmig": "dmmig"}
+DEST = Destination(host="b", user="root", port=22, known_hosts="/dev/null", remote_dmmig="dmmig", disk="/dev/vg/d1")
 
 
 @pytest.mark.parametrize("close_exc", [EOFError(), OSError("Socket is closed"), paramiko.SSHException("x")])

@@ -81,7 +81,7 @@ def test_a_new_migration_starts_a_fresh_record(dest: Dest) -> None:
     rec = dest.rec("d1")
     assert "handed_over" not in rec and rec["migration"] == "m2" and gate.incoming(dest.state, "d1")
     # nothing of m1 survives: m2 did not create the disk (its abort keeps it), nor is it zero
-    assert not rec["created"] and "written" not in rec and not r["zeroed"]
+    assert not rec["created"] and not rec["written"] and not r["zeroed"]
 
 
 def test_an_unfinished_record_of_another_migration_refuses(dest: Dest) -> None:

@@ -145,11 +145,12 @@ def test_migrate_dry_run_says_block_metadata_bytes_and_time(world: World) -> Non
 
 def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(world: World) -> None:  # noqa: F811
     from dmmig.core import journal
+    from dmmig.core.records import BasePass, CopyState
     name = two_tib(world)
     entry = world.stack.journal.load(name)
     assert entry is not None
     entry.block_sectors = 128  # 64 KiB, prepared by an older dmmig
-    entry.copy = {"base_offset": TiB, "base": {"read": 512 * MiB, "seconds": 2.0}}
+    entry.copy = CopyState(base_offset=TiB, base=BasePass(read=512 * MiB, seconds=2.0))
     world.stack.journal.save(entry, journal.COPYING)
     e = copying.estimate(world.stack, name)
     assert (e["block_bytes"], e["block"], e["send_bytes"]) == (64 * KiB, "prepared", TiB)  # the rest of the base
@@ -157,7 +158,7 @@ def test_copy_dry_run_of_a_prepared_disk_uses_its_block_and_the_measured_rate(wo
     assert e["seconds"] == TiB / (256 * MiB)
     lines = copying.render_estimate(e)
     assert lines[0].startswith("era block 64 KiB (prepared): 33554432 blocks") and "warning" in lines[-1]
-    entry.copy["base_done"] = True
+    entry.copy.base_done = True
     world.stack.journal.save(entry)
     assert copying.estimate(world.stack, name, rate=1e9)["send_bytes"] == 0
     assert world.mutating() == []

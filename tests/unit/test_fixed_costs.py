@@ -4,6 +4,7 @@ SSH connection while the local checks run), and the --json summary's time breakd
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -14,24 +15,24 @@ import pytest
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.dm.guard import SuspendGuard
 from dmmig.adapters.runner import SubprocessRunner
+from dmmig.adapters.ssh import SshOptions
+from dmmig.core.records import Destination
 from dmmig.flows import copying, session
 from dmmig.flows.destination import AgentServer
 from dmmig.progress import Stopwatch, since_exec
 from tests.unit.fakes import FakeRunner
 
-EP: dict[str, Any] = {"known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id"}
+EP = SshOptions(known_hosts="/run/ssh/known_hosts", identity="/run/ssh/id")
 
 
-def new_dest(tunnel: str | None = None) -> dict[str, Any]:
+def new_dest(tunnel: str | None = None) -> Destination:
     """What `dmmig copy NAME root@b ...` builds from its command line."""
     return session.destination("root@b", EP, session.CopyOptions(remote_dmmig="/usr/bin/dmmig", tunnel=tunnel),
                                "/dev/loop0")
 
 
-def journaled(**over: Any) -> dict[str, Any]:
-    d = new_dest()
-    d.update(tunnel="relay", tunnel_probe="streamlocal forwarding refused: ...", **over)
-    return d
+def journaled(**over: Any) -> Destination:
+    return dataclasses.replace(new_dest(), tunnel="relay", tunnel_probe="streamlocal forwarding refused: ...", **over)
 
 
 def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> None:
@@ -39,7 +40,7 @@ def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> 
     1.2-1.7 s in the rig. The journaled answer stands while nothing it depends on changed."""
     d = new_dest()
     session.keep_probe(journaled(), d)
-    assert d["tunnel"] == "relay" and d["tunnel_probe"].startswith("streamlocal forwarding refused")
+    assert d.tunnel == "relay" and d.tunnel_probe and d.tunnel_probe.startswith("streamlocal forwarding refused")
 
 
 @pytest.mark.parametrize("change", [
@@ -49,18 +50,18 @@ def test_a_rerun_to_the_same_destination_reuses_the_journaled_tunnel_probe() -> 
 def test_the_tunnel_is_probed_again_when_what_openssh_logs_in_or_runs_with_changed(change: dict[str, Any]) -> None:
     d = new_dest()
     session.keep_probe(journaled(**change), d)
-    assert "tunnel" not in d, (change, d)
+    assert d.tunnel is None, (change, d)
 
 
 def test_an_earlier_explicit_tunnel_is_no_probe_result() -> None:
     old = journaled()
-    del old["tunnel_probe"]  # --tunnel relay, not probed
+    old.tunnel_probe = None  # --tunnel relay, not probed
     d = new_dest()
     session.keep_probe(old, d)
-    assert "tunnel" not in d
+    assert d.tunnel is None
     d = new_dest(tunnel="forward")  # and --tunnel now wins over the journal
     session.keep_probe(journaled(), d)
-    assert d["tunnel"] == "forward"
+    assert d.tunnel == "forward"
 
 
 def test_the_agents_hello_says_which_tools_it_lacks(tmp_path: Any) -> None:
@@ -146,7 +147,7 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
     closed = threading.Event()
 
     class SlowRemote:  # the destination's agent takes its time to start
-        def __init__(self, dest: dict[str, Any], phases: Stopwatch | None = None) -> None:
+        def __init__(self, dest: Destination, phases: Stopwatch | None = None) -> None:
             time.sleep(0.5)
 
         def close(self) -> None:

@@ -19,6 +19,7 @@ from dmmig import names
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.runner import SubprocessRunner
 from dmmig.core import journal
+from dmmig.core.records import Handover, MirrorState
 from dmmig.core.stack import Stack
 from dmmig.entry import hotplug
 from dmmig.errors import BadInput, CommandError
@@ -301,7 +302,7 @@ def test_remove_finishes_a_disk_handed_over_to_the_destination(tmp_path: Path, d
     st, r = stack(tmp_path, [(["dmsetup", "table", "dmmig-vg0-vm1"], (0, "0 2048 linear 254:1 0\n", ""))]
                   + top_info("vg0-vm1", 0))
     e = journal.Entry("vg0-vm1", "/dev/vg0/vm1", "254:1")
-    e.mirror = {"handover": {"ok": True, "delivered": delivered, "why": "in sync"}}
+    e.mirror = MirrorState(handover=Handover(ok=True, delivered=delivered, why="in sync"))
     st.journal.save(e, journal.MIRRORING)
     rc, log = run("remove", xs, st)
     assert rc == 0 and xs.writes == []

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from dmmig.adapters.dm.dmsetup import DmSetup
+from dmmig.adapters.ssh import SshOptions
 from dmmig.adapters.xl import Domain, XlRun
 from dmmig.core import journal
+from dmmig.core.records import Destination, MirrorState, Synced
 from dmmig.core.stack import Stack
 from dmmig.entry import cli
 from dmmig.errors import Busy, DmmigError, Exit, MissingDependency, RemoteError, StateError
@@ -84,8 +86,9 @@ class Flow:
         self.stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
         self.disks = []
         for i, n in enumerate(names):
-            self.stack.journal.save(journal.Entry(n, f"/dev/loop{i}", f"7:{i}", dest={"host": "b", "disk": f"/srv/{n}"},
-                                            mirror={"synced": True}), journal.MIRRORING)
+            self.stack.journal.save(journal.Entry(n, f"/dev/loop{i}", f"7:{i}", dest=dest_of(n),
+                                            mirror=MirrorState(synced=Synced(at=0.0, events=0, seconds=0.0))),
+                                   journal.MIRRORING)
             v = Vbd(str(51712 + i), f"xvd{'ab'[i]}", f"/local/domain/0/backend/vbd/7/{51712 + i}",
                     "/etc/xen/scripts/block-dmmig", f"/srv/{n}", "w", "fd:4", "")
             self.disks.append(migrate_domain.Disk(v, n, f"/dev/loop{i}", 1 << 20, journal.MIRRORING, f"/srv/{n}",
@@ -101,7 +104,7 @@ class Flow:
         self.finish_errors: dict[str, DmmigError] = {}
 
     def ops(self, **over: Any) -> migrate_domain.Ops:
-        def remote(dest: dict[str, Any]) -> Remote:
+        def remote(dest: Destination) -> Remote:
             self.remotes.append(Remote(self.agent))
             return self.remotes[-1]
 
@@ -111,7 +114,7 @@ class Flow:
         def answer_gate(stack: Stack, entry: journal.Entry, remote: Any) -> dict[str, Any]:
             return {"ok": True, "why": "in sync", "delivered": True}
 
-        def finish(stack: Stack, d: migrate_domain.Disk, dest: dict[str, Any]) -> dict[str, Any]:
+        def finish(stack: Stack, d: migrate_domain.Disk, dest: Destination) -> dict[str, Any]:
             self.finished.append(d.name)
             if d.name in self.finish_errors:
                 raise self.finish_errors[d.name]
@@ -125,11 +128,16 @@ class Flow:
         return migrate_domain.Ops(**kw)
 
     def run(self, xl: FakeXl, **over: Any) -> dict[str, Any]:
-        return migrate_domain.migrate(self.stack, xl, self.plan, {}, migrate_domain.MigrateOptions(), lambda d, i: None,  # type: ignore
-                          self.said.append, self.ops(**over))
+        return migrate_domain.migrate(self.stack, xl, self.plan, SshOptions(), migrate_domain.MigrateOptions(),
+                                      lambda d, i: None,  # type: ignore
+                                      self.said.append, self.ops(**over))
 
 
 OK = XlRun(0, "", 3.0)
+
+
+def dest_of(name: str) -> Destination:
+    return Destination(host="b", user="root", port=22, known_hosts="/dev/null", disk=f"/srv/{name}")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from dmmig.adapters.runner import SubprocessRunner
 from dmmig.adapters.ssh import Endpoint
 from dmmig.core import journal
 from dmmig.core.confine import Policy
+from dmmig.core.records import Destination, MirrorState
 from dmmig.core.stack import Stack
 from dmmig.entry.agent import parse_forced
 from dmmig.errors import BadInput, Exit, StateError
@@ -76,11 +78,11 @@ def test_a_journaled_destination_is_checked_again() -> None:
         Endpoint("b", "root", known_hosts="/x y")
 
 
-DEST = {"host": "b", "user": "root", "port": 22, "known_hosts": "/run/ssh/known_hosts", "identity": "/run/ssh/id",
-        "remote_dmmig": "/usr/local/bin/dmmig", "remote_state_dir": None}
+DEST = Destination(host="b", user="root", port=22, known_hosts="/run/ssh/known_hosts", identity="/run/ssh/id",
+                   remote_dmmig="/usr/local/bin/dmmig", remote_state_dir=None, disk="/dev/vg/d1")
 
 
-def every_ssh_argv(dest: dict, tmp: str) -> list[list[str]]:
+def every_ssh_argv(dest: Destination, tmp: str) -> list[list[str]]:
     return [tunnel.forward_argv(dest, f"{tmp}/log", f"{tmp}/l.sock", "/run/dmmig/adapters/nbd/d1.sock", "hold", "d1"),
             tunnel.relay_argv(dest, f"{tmp}/log", "d1")]
 
@@ -89,7 +91,7 @@ def every_ssh_argv(dest: dict, tmp: str) -> list[list[str]]:
 def test_openssh_reads_a_hostile_destination_as_a_destination_never_as_an_option(tmp_path: Path) -> None:
     """Even a destination that slipped past validation (built here by hand) reaches OpenSSH after
     `--`: `ssh -G` (OpenSSH's own parser, no connection) shows no ProxyCommand."""
-    hostile = dict(DEST, user="-oProxyCommand=touch /tmp/pwned")
+    hostile = replace(DEST, user="-oProxyCommand=touch /tmp/pwned")
     for argv in every_ssh_argv(hostile, str(tmp_path)):
         assert argv[0] == "ssh" and "--" in argv and argv[argv.index("--") + 1] == "-oProxyCommand=touch /tmp/pwned@b"
         r = subprocess.run(["ssh", "-G", *argv[1:]], capture_output=True, text=True)
@@ -126,7 +128,7 @@ def test_no_pty_and_no_bare_forward_in_any_ssh_argv(tmp_path: Path) -> None:
 def test_a_forced_agent_runs_what_dmmig_itself_asks_for(original: str, want: tuple) -> None:
     assert parse_forced(original, "/var/lib/dmmig") == want
     # and exactly what the source sends
-    argv = agent_argv(dict(DEST, remote_state_dir="/var/lib/dmmig"), *[w for w in want if w])
+    argv = agent_argv(replace(DEST, remote_state_dir="/var/lib/dmmig"), *[w for w in want if w])
     from dmmig.adapters.agentcmd import remote_command
     assert parse_forced(remote_command(argv), "/var/lib/dmmig") == want
 
@@ -452,11 +454,12 @@ def test_an_export_journaled_by_the_previous_dmmig_as_addr_and_port_is_shown_and
 
 
 def test_the_source_explains_what_is_left_of_an_old_or_a_new_export_there() -> None:
-    old = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "addr": "127.0.0.1", "port": 10809})
-    new = dict(DEST, disk="/dev/vg/d1", export={"pid": 42, "socket": "/run/dmmig/adapters/nbd/d1.sock"})
+    exp = Export(name="d1", path="/dev/vg/d1", pid=42, cache="none")
+    old = replace(DEST, disk="/dev/vg/d1", export=replace(exp, addr="127.0.0.1", port=10809))
+    new = replace(DEST, disk="/dev/vg/d1", export=replace(exp, socket="/run/dmmig/adapters/nbd/d1.sock"))
     for dest, where in ((old, "127.0.0.1:10809"), (new, "/run/dmmig/adapters/nbd/d1.sock")):
-        left = session.stop_remote("d1", dict(dest, host="192.0.2.99", known_hosts="/nonexistent"), remove_created=True,
-                              done=[])
+        left = session.stop_remote("d1", replace(dest, host="192.0.2.99", known_hosts="/nonexistent"),
+                                   remove_created=True, done=[])
         assert len(left) == 1 and where in left[0] and "kill 42" in left[0] and "nbd/d1.tls" in left[0], left
 
 
@@ -475,7 +478,7 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
         open(f, "w").close()
         os.utime(f, (time.time() - 60, time.time() - 60))
     entry = journal.Entry("d1", "/dev/loop1", "7:1", phase=journal.MIRRORING,
-                          mirror={"tunnel": {"sock": sock, "pid": old.pid}})
+                          mirror=MirrorState.from_json({"tunnel": {"sock": sock, "pid": old.pid}}, "test"))
     steps = Steps()
     try:
         side = MirrorSide(FakeRunner([]), state)
