@@ -291,6 +291,16 @@ def glance(st: dict[str, Any]) -> dict[str, str]:
         row["destination"] = f"{inc.get('path')} (this host)"
         row["progress"] = "handed over" if inc.get("handed_over") else \
             ("export running" if inc.get("export_alive") else "no export")
+    w = st.get("warm")
+    if w and "error" not in w:
+        t = w.get("tracking")
+        if not j and not inc and "role" in w:
+            row["phase"] = f"warm ({w['role']})"
+            row["destination"] = f"{w['path']} (with {w.get('peer') or '?'})"
+            row["progress"] = ("broken" if w.get("broken") else "untouched" if w.get("untouched")
+                               else "WRITTEN since" if "untouched" in w else "not tracked yet")
+        elif isinstance(t, dict) and row["progress"] == "-":
+            row["progress"] = f"warm: writes tracked since era {t['since_era']}"
     failed = any("mirror" in d and not d["mirror"]["healthy"] for d in st["devices"].values())
     n = len(st["problems"])
     if failed:

@@ -333,3 +333,21 @@ def test_wrap_of_the_handed_over_disk_puts_era_under_it_at_once(tmp_path: Path,
     rec = generation.load(state, "d1")
     assert rec is not None and rec.tracking
     assert warm.track(s, "d1") is None  # once
+
+
+def test_status_shows_a_kept_disk_and_whether_it_is_still_untouched(tmp_path: Path) -> None:
+    from dmmig.flows.status import glance, render
+    state = str(tmp_path)
+    s: Any = _Stack(state)
+    f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))
+    generation.record(state, "d1", KEPT, str(f), 4096, "0123456789abcdef", "hostb")
+    st = {"name": "d1", "journal": None, "incoming": None, "devices": {}, "problems": [], "gate": None,
+          "warm": warm.status(s, "d1", None)}
+    assert glance(st)["phase"] == "warm (kept)" and glance(st)["progress"] == "untouched"
+    text = render(st)
+    assert "generation 0123456789ab with hostb, kept" in text and "(untouched)" in text, text
+    with open(f, "r+b") as fh:
+        fh.write(b"x")
+    st["warm"] = warm.status(s, "d1", None)
+    assert glance(st)["progress"] == "WRITTEN since" and "no longer trusted" in render(st)
