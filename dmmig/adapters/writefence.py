@@ -3,7 +3,9 @@
 A warm copy (dmmig/flows/warm.py) may skip a block only if it knows for sure that nobody
 wrote it. The proof here is the kernel's: /sys/dev/block/MAJ:MIN/stat counts every sector
 written and discarded through a block device, whoever wrote it (a write-zeroes counts as a
-write). A Fence remembers those counters with the device's identity: the boot (counters
+write). It also remembers what the device maps onto (Counters.mapping): data can change with no
+write through the device when its mapping does (an LV reduced and extended again, a loop
+device's offset). A Fence remembers those counters with the device's identity: the boot (counters
 start at zero at boot), the device number and its diskseq (a new number each time a loop
 device is attached or a dm device made, so a device detached and attached again is another
 disk). A file behind a loop device is remembered too (inode, size, mtime, ctime): a write to
@@ -19,6 +21,8 @@ import stat
 import time
 from dataclasses import dataclass
 
+from dmmig.adapters.runner import Runner
+
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # stat's fields (Documentation/block/stat.rst): write sectors, in flight, discard sectors
 WRITE_SECTORS, IN_FLIGHT, DISCARD_SECTORS = 6, 8, 13
@@ -30,12 +34,16 @@ CLOCK_REALTIME_COARSE = 5  # Linux's clock id (Python's time module does not nam
 
 @dataclass(frozen=True)
 class Counters:
-    """A block device's identity and write counters at one moment."""
+    """A block device's identity and write counters at one moment. MAPPING (when asked for):
+    what the device maps onto, for data that changes with no write through it: its size, a
+    loop device's file, offset and size limit, a partition's start, a dm device's table (an
+    LV reduced and extended again maps other extents)."""
     devno: str                   # major:minor
     diskseq: int | None          # None: the kernel has no diskseq (before 5.15)
     write_sectors: int
     discard_sectors: int
     in_flight: int = 0
+    mapping: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,9 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def counters(devno: str) -> Counters:
-    """DEVNO's counters now; OSError if the device is gone."""
+def counters(devno: str, runner: Runner | None = None) -> Counters:
+    """DEVNO's counters now, with its mapping if RUNNER is given (a dm table is read with
+    dmsetup); OSError if the device is gone or its mapping cannot be read."""
     base = f"/sys/dev/block/{devno}"
     with open(f"{base}/stat") as f:
         fields = [int(x) for x in f.read().split()]
@@ -74,7 +83,31 @@ def counters(devno: str) -> Counters:
     except FileNotFoundError:
         seq = None
     discard = fields[DISCARD_SECTORS] if len(fields) > DISCARD_SECTORS else 0
-    return Counters(devno, seq, fields[WRITE_SECTORS], discard, fields[IN_FLIGHT])
+    return Counters(devno, seq, fields[WRITE_SECTORS], discard, fields[IN_FLIGHT],
+                    mapping(devno, runner) if runner is not None else "")
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def mapping(devno: str, runner: Runner) -> str:
+    """What DEVNO maps onto now (see Counters.mapping)."""
+    base = f"/sys/dev/block/{devno}"
+    parts = [f"size={_read(base + '/size')}"]
+    if os.path.isdir(base + "/loop"):
+        parts.append(f"loop={_read(base + '/loop/backing_file')}@{_read(base + '/loop/offset')}"
+                     f"+{_read(base + '/loop/sizelimit')}")
+    if os.path.exists(base + "/start"):
+        parts.append(f"start={_read(base + '/start')}")
+    if os.path.isdir(base + "/dm"):
+        ma, mi = devno.split(":")
+        res = runner.run(["dmsetup", "table", "-j", ma, "-m", mi], check=False, timeout=30)
+        if res.returncode != 0:
+            raise OSError(f"dmsetup table of {devno} failed: {(res.stderr or res.stdout).strip()}")
+        parts.append("table=" + " | ".join(ln.strip() for ln in res.stdout.splitlines()))
+    return ";".join(parts)
 
 
 def devno_of(path: str) -> str | None:
@@ -122,18 +155,18 @@ def sync(path: str) -> None:
         os.close(fd)
 
 
-def take(path: str) -> Fence:
+def take(path: str, runner: Runner) -> Fence:
     """PATH (a block device or a file) as it is now, after a sync."""
     sync(path)
     devno = devno_of(path)
     file = path if devno is None else backing_file(devno)
     if file is not None:
         sync(file)
-    dev = counters(devno) if devno is not None else None
+    dev = counters(devno, runner) if devno is not None else None
     return Fence(path, boot_id(), dev, settled_stamp(file) if file is not None else None, file)
 
 
-def written_since(fence: Fence) -> str | None:
+def written_since(fence: Fence, runner: Runner) -> str | None:
     """Why PATH may have been written since FENCE, or None if it surely was not."""
     try:
         if boot_id() != fence.boot_id:
@@ -146,7 +179,7 @@ def written_since(fence: Fence) -> str | None:
         if devno != fence.device.devno:
             return f"{fence.path} is another device now ({devno or 'no block device'}, was {fence.device.devno})"
         try:
-            now = counters(devno)
+            now = counters(devno, runner if fence.device.mapping else None)
         except OSError as e:
             return f"the write counters of {fence.path} cannot be read: {e.strerror or e}"
         why = _differs(fence.path, fence.device, now)
@@ -173,19 +206,23 @@ def _differs(path: str, then: Counters, now: Counters) -> str | None:
     if now.write_sectors != then.write_sectors or now.discard_sectors != then.discard_sectors:
         return (f"{path} was written since: {now.write_sectors - then.write_sectors} sector(s) written, "
                 f"{now.discard_sectors - then.discard_sectors} discarded")
+    if then.mapping and now.mapping != then.mapping:
+        return f"{path} maps onto something else since (was {then.mapping!r}, now {now.mapping!r})"
     return None
 
 
-def bypassed(origin: Counters, era: Counters) -> str | None:
+def bypassed(origin: Counters, era: Counters, runner: Runner) -> str | None:
     """Whether anything wrote the origin past its era device: the sectors written (and
     discarded) on the origin since ORIGIN equal those written through the era device since
     ERA exactly when every write went through era. Both read now, with no write in flight
     (the caller drains the top device: a loop device counts a write when it completes, dm when
     it starts)."""
     try:
-        o, e = counters(origin.devno), counters(era.devno)
+        o, e = counters(origin.devno, runner if origin.mapping else None), counters(era.devno)
     except OSError as err:
         return f"the write counters cannot be read: {err.strerror or err}"
+    if origin.mapping and o.mapping != origin.mapping:
+        return f"the origin {origin.devno} maps onto something else since (was {origin.mapping!r}, now {o.mapping!r})"
     for dev, then, now in (("origin", origin, o), ("era device", era, e)):
         if now.diskseq != then.diskseq:
             return (f"the {dev} {then.devno} was attached or made again since (diskseq {now.diskseq}, "

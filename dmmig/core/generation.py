@@ -11,6 +11,7 @@ import time
 import uuid
 
 from dmmig.adapters import writefence
+from dmmig.adapters.runner import Runner
 from dmmig.core.records import KEPT, Warm, read_warm, to_json
 from dmmig.names import Files
 
@@ -62,11 +63,12 @@ def drop_for(state: str, name: str, path: str) -> None:
         drop(state, name)
 
 
-def record(state: str, name: str, role: str, path: str, size: int, generation: str, peer: str) -> Warm:
+def record(state: str, name: str, role: str, path: str, size: int, generation: str, peer: str,
+           runner: Runner) -> Warm:
     """The generation's half on this host, with PATH's fence taken now (OSError: PATH cannot
     be fenced, and no generation is recorded)."""
     rec = Warm(name=name, generation=generation, role=role, path=path, size=size, at=time.time(),
-               fence=writefence.take(path), peer=peer)
+               fence=writefence.take(path, runner), peer=peer)
     save(state, rec)
     return rec
 
@@ -76,7 +78,7 @@ def new_generation() -> str:
 
 
 # ---- A: the destination's check -----------------------------------------------------------
-def check_kept(state: str, name: str, path: str, size: int, generation: str) -> tuple[bool, str]:
+def check_kept(state: str, name: str, path: str, size: int, generation: str, runner: Runner) -> tuple[bool, str]:
     """On A, before anything writes PATH for NAME: does PATH carry GENERATION, untouched since?
     The record is consumed (a copy is about to write the disk, whatever the answer)."""
     rec = load(state, name)
@@ -91,7 +93,7 @@ def check_kept(state: str, name: str, path: str, size: int, generation: str) -> 
             return False, f"the generation names {rec.path}, not {path}"
         if rec.size != size:
             return False, f"{path} was {rec.size} bytes at the generation, the source is {size}"
-        why = writefence.written_since(rec.fence)
+        why = writefence.written_since(rec.fence, runner)
         return (False, why) if why else (True, f"{path} is untouched since generation {generation[:12]}")
     finally:
         drop(state, name)

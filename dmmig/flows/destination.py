@@ -152,7 +152,7 @@ class AgentServer:
             raise BadInput(f"destination disk {path} is smaller than the source: {have} < {size} bytes")
         verdict: dict[str, Any] | None = None
         if warm is not None:
-            ok, why = warmth.check_kept(self.state, name, path, size, str(warm))
+            ok, why = warmth.check_kept(self.state, name, path, size, str(warm), self.r)
             verdict = {"ok": ok, "why": why}
         else:  # a copy that does not continue from it writes the disk: the generation is over
             warmth.drop_for(self.state, name, path)
@@ -263,7 +263,7 @@ class AgentServer:
                     raise ValueError(f"invalid generation {gen!r:.40}")
                 self.policy.existing(rec.path)
                 warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
-                              str(warm.get("peer") or "")[:255])
+                              str(warm.get("peer") or "")[:255], self.r)
                 done.append(f"recorded generation {gen[:12]} of {rec.path}: `dmmig wrap {name} {rec.path}` here "
                             "tracks its writes from the start, so a copy back sends only those")
             except (OSError, ValueError, DmmigError) as e:

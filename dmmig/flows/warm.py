@@ -74,7 +74,8 @@ def kept(stack: Stack, entry: journal.Entry, generation: str) -> tuple[Warm | No
         size = stack.dm.table(top_name(entry.name)).length * 512
         peer = entry.dest.host if entry.dest else ""
         try:
-            return record(stack.journal.dir, entry.name, KEPT, entry.origin, size, generation, peer), ""
+            return record(stack.journal.dir, entry.name, KEPT, entry.origin, size, generation, peer,
+                          stack.runner), ""
         except OSError as e:
             why = f"{entry.origin} cannot be fenced: {e.strerror or e}"
     drop(stack.journal.dir, entry.name)  # an older generation no longer holds either
@@ -96,7 +97,7 @@ def track(stack: Stack, name: str) -> str | None:
     try:
         # first: the counters only grow, so if the fence still holds after this read, it held
         # at it, and any write from now on that does not pass through era shows at the copy
-        origin_then = writefence.counters(entry.origin_devno)
+        origin_then = writefence.counters(entry.origin_devno, stack.runner)
         why = _can_track(stack, entry, rec)
     except OSError as e:
         why = f"the write counters of {entry.origin} cannot be read: {e.strerror or e}"
@@ -129,7 +130,7 @@ def _can_track(stack: Stack, entry: journal.Entry, rec: Warm) -> str | None:
         return f"{top_name(entry.name)} was already open when the tracking could start"
     if os.path.realpath(entry.origin) != os.path.realpath(rec.path):
         return f"{entry.origin} is not the disk the generation names ({rec.path})"
-    return writefence.written_since(rec.fence)
+    return writefence.written_since(rec.fence, stack.runner)
 
 
 # ---- B: copy ------------------------------------------------------------------------------
@@ -155,11 +156,11 @@ def local_verdict(stack: Stack, entry: journal.Entry, *, drained: bool = True) -
         top = top_name(entry.name)
         stack.dm.suspend(top)
         try:
-            why = writefence.bypassed(w.origin, w.era_dev)
+            why = writefence.bypassed(w.origin, w.era_dev, stack.runner)
         finally:
             stack.dm.resume(top)
     else:
-        why = writefence.bypassed(w.origin, w.era_dev)
+        why = writefence.bypassed(w.origin, w.era_dev, stack.runner)
     return (w, "") if why is None else (None, why)
 
 
@@ -231,7 +232,7 @@ def status(stack: Stack, name: str, entry: journal.Entry | None) -> dict[str, An
         out.update(generation=rec.generation, role=rec.role, path=rec.path, size=rec.size, at=rec.at,
                    peer=rec.peer, tracking=rec.tracking, broken=rec.broken)
         if rec.role == KEPT:
-            out["untouched"] = writefence.written_since(rec.fence) is None
+            out["untouched"] = writefence.written_since(rec.fence, stack.runner) is None
             out["effect"] = ("a copy back onto this disk from the host that took it over sends only what that "
                              "host wrote, while nothing writes this disk; any write here makes it a full copy")
     if w is not None:

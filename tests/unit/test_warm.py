@@ -16,9 +16,11 @@ from dmmig.adapters.writefence import Counters
 from dmmig.core import generation, journal
 from dmmig.core.records import KEPT, TOOK_OVER, CopyState, Warm, WarmTrack, read_warm, to_json
 from dmmig.flows import warm
+from tests.unit.fakes import FakeRunner
 from tests.unit.test_agent_records import Dest
 
 MIB = 1 << 20
+R: Any = FakeRunner()
 
 
 @pytest.fixture(autouse=True)
@@ -35,38 +37,38 @@ def dest(tmp_path: Path) -> Dest:
 def test_a_file_fence_sees_any_write_a_new_inode_and_a_reboot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "disk.img"
     f.write_bytes(bytes(8192))
-    fence = writefence.take(str(f))
+    fence = writefence.take(str(f), R)
     assert fence.device is None and fence.file is not None
-    assert writefence.written_since(fence) is None  # untouched: the only answer that allows warm
+    assert writefence.written_since(fence, R) is None  # untouched: the only answer that allows warm
     with open(f, "r+b") as fh:  # the same bytes again: still a write
         fh.write(bytes(10))
-    assert "was changed since" in str(writefence.written_since(fence))
-    fence = writefence.take(str(f))
+    assert "was changed since" in str(writefence.written_since(fence, R))
+    fence = writefence.take(str(f), R)
     os.replace(tmp_path / "disk.img", tmp_path / "old.img")
     (tmp_path / "disk.img").write_bytes(bytes(8192))
-    assert "another file now" in str(writefence.written_since(fence))
-    fence = writefence.take(str(f))
+    assert "another file now" in str(writefence.written_since(fence, R))
+    fence = writefence.take(str(f), R)
     boot = tmp_path / "boot_id"
     boot.write_text("another boot\n")
     monkeypatch.setattr(writefence, "BOOT_ID", str(boot))
-    assert "rebooted" in str(writefence.written_since(fence))
+    assert "rebooted" in str(writefence.written_since(fence, R))
     os.unlink(f)
     monkeypatch.undo()
-    assert "cannot be checked" in str(writefence.written_since(fence))
+    assert "cannot be checked" in str(writefence.written_since(fence, R))
 
 
 def test_a_write_in_the_same_clock_tick_as_the_fence_still_moves_the_ctime(tmp_path: Path) -> None:
     f = tmp_path / "disk.img"
     for _ in range(20):
         f.write_bytes(os.urandom(512))  # written just now: the stamp must wait for the clock
-        fence = writefence.take(str(f))
+        fence = writefence.take(str(f), R)
         with open(f, "r+b") as fh:
             fh.write(b"x")
-        assert writefence.written_since(fence) is not None
+        assert writefence.written_since(fence, R) is not None
 
 
 def fake_sysfs(monkeypatch: pytest.MonkeyPatch, table: dict[str, Counters | None]) -> None:
-    def counters(devno: str) -> Counters:
+    def counters(devno: str, runner: Any = None) -> Counters:
         c = table.get(devno)
         if c is None:
             raise FileNotFoundError(2, "No such file or directory")
@@ -85,7 +87,7 @@ def fake_sysfs(monkeypatch: pytest.MonkeyPatch, table: dict[str, Counters | None
 def test_a_write_past_era_is_a_difference_of_the_two_devices_counters(
         monkeypatch: pytest.MonkeyPatch, origin_now: Counters, era_now: Counters | None, why: str | None) -> None:
     fake_sysfs(monkeypatch, {"7:0": origin_now, "254:1": era_now})
-    got = writefence.bypassed(Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0))
+    got = writefence.bypassed(Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0), R)
     assert (got is None) if why is None else (why in str(got)), got
 
 
@@ -93,7 +95,7 @@ def test_a_write_past_era_is_a_difference_of_the_two_devices_counters(
 def test_generation_and_tracking_records_round_trip_and_keep_unknown_keys(tmp_path: Path) -> None:
     f = tmp_path / "d.img"
     f.write_bytes(bytes(4096))
-    rec = generation.record(str(tmp_path), "d1", KEPT, str(f), 4096, "ab12", "hostb")
+    rec = generation.record(str(tmp_path), "d1", KEPT, str(f), 4096, "ab12", "hostb", R)
     data = json.load(open(tmp_path / "d1.warm.json"))
     assert data["version"] == 1 and data["role"] == KEPT
     data["from_the_future"] = 1
@@ -111,7 +113,7 @@ def test_generation_and_tracking_records_round_trip_and_keep_unknown_keys(tmp_pa
 # ---- the destination's half (A) ----------------------------------------------------------------
 def kept(dest: Dest, size: int = 4 * MIB, gen: str = "g1") -> str:
     p = dest.path("vm1.img", size)
-    generation.record(dest.state, "d1", KEPT, p, size, gen, "hostb")
+    generation.record(dest.state, "d1", KEPT, p, size, gen, "hostb", R)
     return p
 
 
@@ -138,7 +140,7 @@ def test_the_destination_says_warm_only_for_its_untouched_generation(dest: Dest)
     p = kept(dest, size=4 * MIB)
     assert "was 4194304 bytes at the generation" in ask(dest, p, size=2 * MIB)["why"]
     p = dest.path("vm1.img", 4 * MIB)
-    generation.record(dest.state, "d1", TOOK_OVER, p, 4 * MIB, "g1", "hostb")
+    generation.record(dest.state, "d1", TOOK_OVER, p, 4 * MIB, "g1", "hostb", R)
     assert "was not kept here" in ask(dest, p)["why"]
 
 
@@ -168,6 +170,7 @@ class _Stack:
 
     def __init__(self, state: str) -> None:
         self.journal = journal.Journal(state)
+        self.runner = R
         self.calls: list[str] = []
         self.dm = self
 
@@ -191,9 +194,9 @@ def test_every_reason_this_host_cannot_go_warm(tmp_path: Path, monkeypatch: pyte
     assert "no generation is recorded" in warm.local_verdict(s, e)[1]
     f = tmp_path / "d.img"
     f.write_bytes(bytes(4096))
-    generation.record(state, "d1", KEPT, str(f), 4096, "g1", "b")
+    generation.record(state, "d1", KEPT, str(f), 4096, "g1", "b", R)
     assert "kept the old disk" in warm.local_verdict(s, e)[1]
-    rec = generation.record(state, "d1", TOOK_OVER, str(f), 4096, "g1", "b")
+    rec = generation.record(state, "d1", TOOK_OVER, str(f), 4096, "g1", "b", R)
     assert "not tracked since generation" in warm.local_verdict(s, e)[1]
     rec.broken = "/dev/loop0 was not tracked from the handover on: written"
     generation.save(state, rec)
@@ -202,7 +205,7 @@ def test_every_reason_this_host_cannot_go_warm(tmp_path: Path, monkeypatch: pyte
     e = entry(state, track)
     generation.drop(state, "d1")
     assert "the record of generation g1 is gone" in warm.local_verdict(s, e)[1]  # `forget` there
-    generation.record(state, "d1", TOOK_OVER, str(f), 4096, "g1", "b")
+    generation.record(state, "d1", TOOK_OVER, str(f), 4096, "g1", "b", R)
     fake_sysfs(monkeypatch, {"7:0": Counters("7:0", 5, 1016, 0), "254:1": Counters("254:1", 9, 8, 0)})
     t, why = warm.local_verdict(s, e)
     assert t is None and "written past the era device" in why
@@ -237,7 +240,7 @@ def test_warm_state_is_shown_and_forgotten(tmp_path: Path) -> None:
     s: Any = _Stack(state)
     f = tmp_path / "d.img"
     f.write_bytes(bytes(4096))
-    generation.record(state, "d1", KEPT, str(f), 4096, "g1", "hostb")
+    generation.record(state, "d1", KEPT, str(f), 4096, "g1", "hostb", R)
     st = warm.status(s, "d1", None)
     assert st is not None and st["role"] == KEPT and st["untouched"] is True and "any write here" in st["effect"]
     assert warm.names(state) == ["d1"]
@@ -299,7 +302,7 @@ def test_wrap_tracks_only_an_untouched_disk_that_nothing_opened_yet(
     state = str(tmp_path / "state")
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8192))
-    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a")
+    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a", R)
     fake_sysfs(monkeypatch, {"7:0": None if case == "counters" else Counters("7:0", 3, 50, 0)})
     s: Any = _WrapStack(state, str(disk), open_count=1 if case == "open" else 0)
     if case == "phase":
@@ -323,7 +326,7 @@ def test_wrap_of_the_handed_over_disk_puts_era_under_it_at_once(tmp_path: Path,
     state = str(tmp_path / "state")
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8192))
-    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a")
+    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a", R)
     fake_sysfs(monkeypatch, {"7:0": Counters("7:0", 3, 50, 0), "254:7": Counters("254:7", 12, 0, 0)})
     monkeypatch.setattr(writefence, "devno_of", lambda path: "254:7" if "mapper" in path else None)
     s: Any = _WrapStack(state, str(disk))
@@ -341,7 +344,7 @@ def test_status_shows_a_kept_disk_and_whether_it_is_still_untouched(tmp_path: Pa
     s: Any = _Stack(state)
     f = tmp_path / "d.img"
     f.write_bytes(bytes(4096))
-    generation.record(state, "d1", KEPT, str(f), 4096, "0123456789abcdef", "hostb")
+    generation.record(state, "d1", KEPT, str(f), 4096, "0123456789abcdef", "hostb", R)
     st = {"name": "d1", "journal": None, "incoming": None, "devices": {}, "problems": [], "gate": None,
           "warm": warm.status(s, "d1", None)}
     assert glance(st)["phase"] == "warm (kept)" and glance(st)["progress"] == "untouched"
@@ -351,3 +354,42 @@ def test_status_shows_a_kept_disk_and_whether_it_is_still_untouched(tmp_path: Pa
         fh.write(b"x")
     st["warm"] = warm.status(s, "d1", None)
     assert glance(st)["progress"] == "WRITTEN since" and "no longer trusted" in render(st)
+
+
+def test_a_disk_remapped_without_a_write_is_no_longer_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An LV reduced and extended again maps other extents: its data changed, and no write
+    went through it. The mapping (a dm table, a loop device's offset, a partition's start) is
+    part of the fence."""
+    then = Counters("253:4", 7, 100, 0, 0, "size=8192;table=0 8192 linear 7:0 2048")
+    now = Counters("253:4", 7, 100, 0, 0, "size=8192;table=0 8192 linear 7:0 10240")
+    assert "maps onto something else" in str(writefence._differs("/dev/vg/lv", then, now))
+    fake_sysfs(monkeypatch, {"253:4": now, "254:1": Counters("254:1", 9, 0, 0)})
+    assert "maps onto something else" in str(writefence.bypassed(then, Counters("254:1", 9, 0, 0), R))
+
+
+def test_the_mapping_is_read_from_sysfs_and_a_dm_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sysfs = tmp_path / "sys"
+    devs = {"7:0": {"size": "8192", "loop/backing_file": "/img", "loop/offset": "0", "loop/sizelimit": "0"},
+            "253:4": {"size": "4096", "dm/name": "vg-lv"}, "8:1": {"size": "100", "start": "2048"}}
+    for devno, files in devs.items():
+        for rel, text in files.items():
+            (sysfs / devno / rel).parent.mkdir(parents=True, exist_ok=True)
+            (sysfs / devno / rel).write_text(text + "\n")
+    real = os.path
+
+    class P:  # os.path with /sys/dev/block/ redirected
+        def __getattr__(self, name: str) -> Any:
+            fn = getattr(real, name)
+            return lambda p, *a: fn(str(p).replace("/sys/dev/block", str(sysfs)), *a)
+    monkeypatch.setattr(writefence.os, "path", P())
+    import builtins
+    opener = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda p, *a, **k: opener(str(p).replace("/sys/dev/block", str(sysfs)), *a, **k))
+    runner = FakeRunner([(["dmsetup", "table"], (0, "0 4096 linear 7:0 2048\n", ""))])
+    assert writefence.mapping("7:0", runner) == "size=8192;loop=/img@0+0"
+    assert writefence.mapping("8:1", runner) == "size=100;start=2048"
+    assert writefence.mapping("253:4", runner) == "size=4096;table=0 4096 linear 7:0 2048"
+    assert runner.argvs == [["dmsetup", "table", "-j", "253", "-m", "4"]]
+    with pytest.raises(OSError, match="dmsetup table of 253:4 failed"):
+        writefence.mapping("253:4", FakeRunner([(["dmsetup"], (1, "", "No such device"))]))
