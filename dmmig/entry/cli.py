@@ -132,6 +132,7 @@ def cmd_copy(a: argparse.Namespace) -> int:
         return 0
     mib = 1 << 20
     print(f"{a.name}: copied; {s['stopped_because']}")
+    print(f"  {s['warm']}")
     print(f"  read {s['read'] / mib:.1f} MiB, sent {s['sent'] / mib:.1f} MiB, zeroed {s['zeroed'] / mib:.1f} MiB, "
           f"skipped as zero {s['skipped'] / mib:.1f} MiB in {s['seconds']:.1f}s "
           f"({s['throughput_bytes_per_s'] / mib:.1f} MiB/s)")
