@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ORACLE, python
-from tests.kernel.test_copy import DMMIG, digest
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import DMMIG, copy_args, digest, start_writer, stop_writer
 from tests.rig.output import summary
 from tests.rig.pair import A_IP, AGENT_CONF, AGENT_CONF_TEXT, SSH_OPTS, sshd_config
 from tests.rig.uml import UmlHost
@@ -51,7 +50,6 @@ def back_args(name: str, dest: str, *extra: str) -> list[str]:
 def to_b(a: UmlHost, b: UmlHost, name: str, origin: str, dest: str, rec: str) -> None:
     """a -> b under a writer on a, by the manual verbs; the writer stops before finish (the
     operator stops the disk's users on a), and b wraps its disk (its users start there)."""
-    from tests.kernel.test_copy import copy_args
     top = f"/dev/mapper/dmmig-{name}"
     a.dmmig("wrap", name, origin)
     a.dmmig("prepare", name)
