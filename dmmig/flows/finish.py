@@ -135,6 +135,8 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return gate.remove_stale(stack.journal.dir, name), []
     dest = entry.dest if entry else None
     done = stack.abort(name)
+    if warm.drop(stack.journal.dir, name):  # whatever it was, the disks of that generation now differ
+        done.append(f"forgot the generation of {name} (a copy back will be a full one)")
     left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
     if e2 is not None and (e2.dest or e2.copy != CopyState()):
