@@ -4,6 +4,7 @@ The write fence reads the kernel's counters; here, a file disk (its inode, size,
 ctime) and counters read from fake sysfs stat files stand for them."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 from dmmig.adapters import writefence
 from dmmig.adapters.writefence import Counters
 from dmmig.core import generation, journal
+from dmmig.core.confine import Policy
 from dmmig.core.records import KEPT, TOOK_OVER, CopyState, Warm, WarmTrack, read_warm, to_json
 from dmmig.flows import warm
-from tests.unit.fakes import FakeRunner
-from tests.unit.test_agent_records import Dest
+from dmmig.flows.destination import AgentServer
+from tests.unit.fakes import FakeRunner, MemXenStore
 
 MIB = 1 << 20
 R: Any = FakeRunner()
@@ -26,6 +28,24 @@ R: Any = FakeRunner()
 @pytest.fixture(autouse=True)
 def _quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.02)
+
+
+class Dest:
+    """A destination agent confined to TMP/images, with no Xen."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path / "images"
+        self.dir.mkdir()
+        self.state = str(tmp_path / "state")
+        xs = MemXenStore()
+        self.agent = AgentServer(FakeRunner(), self.state, policy=Policy(file_roots=(str(self.dir),)),
+                                 xenstore=lambda: contextlib.nullcontext(xs))
+
+    def path(self, name: str, size: int) -> str:
+        p = self.dir / name
+        p.write_bytes(b"")
+        os.truncate(p, size)
+        return str(p)
 
 
 @pytest.fixture
