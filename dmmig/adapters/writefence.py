@@ -125,6 +125,12 @@ def backing_file(devno: str) -> str | None:
         return None
 
 
+def mapping_of_loop(devno: str) -> tuple[int, int]:
+    """Loop device DEVNO's (offset, sizelimit) in bytes; OSError if it is none."""
+    base = f"/sys/dev/block/{devno}/loop"
+    return int(_read(base + "/offset")), int(_read(base + "/sizelimit"))
+
+
 def _stamp(path: str) -> FileStamp:
     st = os.stat(path)
     return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

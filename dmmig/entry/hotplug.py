@@ -37,7 +37,7 @@ from dmmig.adapters.xenstore import PyxsXenStore, XenStore
 from dmmig.core import gate, journal
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, Busy, DmmigError, Exit, StateError, TimedOut, Undo
-from dmmig.names import SCRIPT, disk_name_for, format_devno, top_name
+from dmmig.names import SCRIPT, disk_name_for, era_name, format_devno, top_name
 
 LOG_FILE = "/var/log/xen/xen-hotplug.log"  # where Xen's own scripts log (xen-hotplug-common.sh)
 # libxl kills the script after 40 s (LIBXL_HOTPLUG_TIMEOUT). The work gets WORK_BUDGET_S; when
@@ -196,6 +196,7 @@ class Hotplug:
             path = self.stack.wrap(name, origin)
             if info is None:
                 undo.push(f"unwrap {name}", lambda: self.stack.unwrap(name))
+                self._track(name, undo)
             devno = hex_devno(path)
             if kind == "file":
                 # like the stock script's `node`: remove detaches exactly this loop device
@@ -210,6 +211,26 @@ class Hotplug:
                 self.log(f"while undoing: {one_line(u.message)}")
             raise e
         self.log(f"{params} wrapped as {path} ({devno}, origin {origin}, mode {mode}): connected in {self._took()}")
+
+    def _track(self, name: str, undo: Undo) -> None:
+        """A disk a migration just handed over to this host (its generation, role took-over,
+        recorded by the agent at the gate's yes): era goes under the top now, before blkback
+        opens it, so a migration back sends only what the guest writes here (flows/warm.py).
+        It never fails the add: a disk that is not tracked makes the way back a full copy."""
+        from dmmig.flows import warm  # here only, as in _finish_source
+        try:
+            note = warm.track(self.stack, name)
+        except (DmmigError, OSError) as e:
+            warm.drop(self.stack.journal.dir, name)
+            msg = e.message if isinstance(e, DmmigError) else str(e)
+            note = f"cold: {name}'s writes are not tracked ({one_line(msg)}): a migration back is a full copy"
+            if self.stack.dm.info(era_name(name)) is not None:
+                self.stack.abort(name)  # as it was before: linear over the origin
+        if note is None:
+            return
+        self.log(note)
+        if note.startswith("warm"):
+            undo.push(f"stop tracking {name}", lambda: warm.forget(self.stack, name))
 
     def _origin(self, params: str, kind: str, top: str, info: DmInfo | None) -> tuple[str, bool]:
         """(block device to wrap, whether it is a loop device attached just now)."""
@@ -241,7 +262,8 @@ class Hotplug:
         if entry is not None and entry.handed_over:
             self._finish_source(name, entry, params)
             return
-        if entry is not None and entry.phase != journal.WRAPPED:
+        tracked = entry is not None and _tracked_only(entry)
+        if entry is not None and entry.phase != journal.WRAPPED and not tracked:
             # the stack belongs to the migration (a domain destroyed mid-migration, or a gate
             # that said no): dmmig finishes or aborts it
             self.log(f"{name} is in phase {entry.phase!r} of a migration: left for dmmig "
@@ -262,6 +284,10 @@ class Hotplug:
             self.log(f"{top} is still open ({info.open_count} opener(s)) after {self.close_wait_s:.0f}s: "
                      f"left in place; `dmmig unwrap {name}` once it is closed")
             return
+        if tracked:  # the guest stopped here: its writes since the handover are not known any more
+            from dmmig.flows import warm
+            for step in warm.forget(self.stack, name):
+                self.log(step)
         if info is not None or entry is not None:
             self.stack.unwrap(name)
             self.log(f"unwrapped {top} in {self._took()}")
@@ -301,6 +327,14 @@ class Hotplug:
             return
         self.stack.loop.detach(node)
         self.log(f"detached {node} ({file})")
+
+
+def _tracked_only(entry: journal.Entry) -> bool:
+    """ENTRY is prepared only to track the writes of a disk a migration handed over here
+    (add's _track), with no migration of it under way."""
+    c = entry.copy
+    return (entry.phase == journal.PREPARED and c.warm is not None and entry.dest is None
+            and c.base_era is None and not c.base_started)
 
 
 def _kind(params: str) -> str:

@@ -198,8 +198,10 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
         basis = (f"the whole disk: where {entry.origin} holds zeros cannot be told without reading it (not a loop "
                  "device over a file); zero blocks are found while copying and not sent")
     warm_note = None
-    if prepared and not st.base_started and st.base_era is None:
+    if not st.base_started and st.base_era is None:
         track, why = warm.local_verdict(stack, entry, drained=False)
+        if track is not None and not prepared:  # no era under the top: nothing tracks its writes
+            track, why = None, f"{name} is not prepared here: no era device tracks its writes"
         if track is not None:
             ranges, bsz, _ = stack.dirty(name, track.era)
             send = min(sum(r.count for r in ranges) * bsz, size)

@@ -103,7 +103,8 @@ class AgentServer:
         # and which tools it lacks, which the source checks before anything changes
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
                 "state_dir": self.state, "export_dir": export_dir(self.state),
-                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}, "warm": WARM_PROTOCOL}
+                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}, "warm": WARM_PROTOCOL,
+                "warm_gate": True}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
                         block_size: int | None = None, migration: str | None = None,
@@ -300,7 +301,11 @@ class AgentServer:
         p.register(fd, select.POLLIN | select.POLLRDHUP)
         return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in p.poll(0))
 
-    def op_answer_gate(self, name: str, ok: bool, why: str = "") -> dict[str, Any]:
+    def op_answer_gate(self, name: str, ok: bool, why: str = "", warm: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+        """WARM (a yes from a source that found both disks identical, its top suspended):
+        record this host's half of generation WARM["generation"] once the export is stopped,
+        before the `add` may go on; the reply's "warm" says whether it was."""
         disk_name(name)
         rec = self.load(name)
         if ok and rec and rec.export:
@@ -308,13 +313,36 @@ class AgentServer:
             nbd.stop_export(rec.export)
             rec.export = None
             self._save(rec)
+        verdict: dict[str, Any] | None = None
+        if warm is not None:
+            verdict = self._took_over(name, rec, warm) if ok and rec else {"ok": False, "why": "no yes"}
         delivered = self.gate.answer(name, ok, why)
+        if verdict and verdict["ok"] and not delivered:
+            warmth.drop(self.state, name)  # the `add` gave up: the disk is not this host's
+            verdict = {"ok": False, "why": "the yes was not delivered"}
         if ok and rec and delivered:
             # only now is the disk this host's: an `add` that gave up before the yes failed, and
             # the next one must ask again
             rec.handed_over = time.time()
             self._save(rec)
-        return {"delivered": delivered}
+        return {"delivered": delivered, **({"warm": verdict} if verdict else {})}
+
+    def _took_over(self, name: str, rec: Incoming, warm: dict[str, Any]) -> dict[str, Any]:
+        """This host's half of a generation (role took-over) of REC's disk, fenced now: its
+        export is stopped, nothing of dmmig's writes it until `add` puts era under its top."""
+        gen = str(warm.get("generation") or "")
+        try:
+            if not gen.isalnum() or len(gen) > 64:
+                raise ValueError(f"invalid generation {gen!r:.40}")
+            if rec.export is not None:
+                raise ValueError("its export still runs")
+            self.policy.existing(rec.path)
+            warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
+                          str(warm.get("peer") or "")[:255], self.r)
+            return {"ok": True}
+        except (OSError, ValueError, DmmigError) as e:
+            warmth.drop(self.state, name)
+            return {"ok": False, "why": f"{rec.path} could not be fenced: {e}"}
 
     def op_relay(self, name: str) -> dict[str, Any]:
         """From the reply on, this session carries NAME's NBD traffic (as `dmmig agent relay

@@ -7,13 +7,13 @@ import os
 import time
 
 from dmmig.core import gate, journal
-from dmmig.core.records import CopyState, Incoming, Unreadable
+from dmmig.core.records import KEPT, CopyState, Incoming, Unreadable
 from dmmig.core.stack import Stack
 from dmmig.errors import StateError
 from dmmig.flows import warm
 from dmmig.flows.destination import AgentServer, incoming
 from dmmig.flows.session import stop_remote
-from dmmig.names import Files, era_name, top_name
+from dmmig.names import Files, disk_name_for, era_name, top_name
 
 
 # ---- finish -------------------------------------------------------------------------------
@@ -42,8 +42,9 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
     dest = entry.dest
     generation: str | None = None
     notes: list[str] = []
+    gate_gen = gate_generation(stack, entry)  # the handover's yes recorded both halves already
     with stack.journal.lock(name):
-        if remote and not force and dest is not None:
+        if remote and not force and dest is not None and gate_gen is None:
             generation = _generation(stack, entry, notes)
         try:
             done = stack.abort_held(name, phase=journal.FINISHING)  # its swap resumes the top
@@ -54,7 +55,7 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                 if info is not None and info.suspended:
                     stack.dm.resume(top)
             raise
-        if generation is None:
+        if generation is None and gate_gen is None:
             warm.drop(stack.journal.dir, name)  # whatever an earlier migration left holds no more
         if remove and stack.dm.info(top) is not None:
             stack.dm.remove(top)
@@ -66,6 +67,15 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                        warm={"generation": generation, "peer": os.uname().nodename} if generation else None
                        ) if remote else []
     return done, left
+
+
+def gate_generation(stack: Stack, entry: journal.Entry) -> str | None:
+    """The generation the handover gate's yes recorded for ENTRY (both halves: this host's as
+    the yes went out, the destination's as its export stopped), if this host's record is it."""
+    h = entry.mirror.handover
+    gen = h.extra.get("generation") if entry.handed_over and h is not None else None
+    rec = warm.load(stack.journal.dir, entry.name) if isinstance(gen, str) else None
+    return gen if rec is not None and rec.generation == gen and rec.role == KEPT else None
 
 
 def _generation(stack: Stack, entry: journal.Entry, notes: list[str]) -> str | None:
@@ -115,6 +125,9 @@ def finish_handed_over(stack: Stack, name: str | None, *, node: str | None, para
         done, _ = finish(stack, name, force=True, remove=True, remote=False)
     file = os.path.realpath(params)
     if node and os.path.isfile(file) and node in stack.loop.find(file):
+        note = warm.kept_file(stack, name or disk_name_for(params), node, file)
+        if note:
+            done.append(note)
         stack.loop.detach(node)
         done.append(f"detach {node} ({file})")
     elif node:

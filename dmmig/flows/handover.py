@@ -3,12 +3,14 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
 from typing import Any
 
+from dmmig.adapters import writefence
 from dmmig.adapters.ssh import close_quietly
 from dmmig.core import gate, journal
 from dmmig.core.copier import Copier
@@ -16,8 +18,11 @@ from dmmig.core.records import Handover, to_json
 from dmmig.core.stack import Stack
 from dmmig.core.window import Window, WindowClosed
 from dmmig.errors import DmmigError, RemoteError, StateError
+from dmmig.flows import warm
 from dmmig.flows.session import Remote, start_export
 from dmmig.names import era_name, top_name
+
+log = logging.getLogger("dmmig.handover")
 
 
 # ---- handover gate (the source's side; see dmmig/core/gate.py) --------------------------------
@@ -72,6 +77,7 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
     win = Window(cap, lambda: stack.dm.resume(top))
     ok, why, sent = False, "", 0
     delivered: bool | None = False
+    warm_note: dict[str, Any] = {}
     win.start()
     try:
         stack.dm.suspend(top)
@@ -83,12 +89,16 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the answer is no
             ok, why = False, e.message if isinstance(e, DmmigError) else f"{type(e).__name__}: {e}"
         if ok:  # while suspended: nothing can be written between the check and the yes
+            kw, generation = _generation(stack, entry, remote, win)
             try:
-                delivered = bool(remote.agent.call("answer_gate", name=entry.name, ok=True, why=why,
-                                                   deadline_s=max(win.remaining(), 0.1))["delivered"])
+                reply = remote.agent.call("answer_gate", name=entry.name, ok=True, why=why,
+                                          deadline_s=max(win.remaining(), 0.1), **kw)
+                delivered = bool(reply["delivered"])
+                warm_note = _warm_outcome(stack, entry, generation, reply, delivered)
             except DmmigError as e:
                 delivered = None
                 why += f"; the destination did not confirm the yes: {e.message}"
+                warm_note = _warm_outcome(stack, entry, generation, None, None)
     finally:
         seconds = win.close()  # always: if the guest resumes here, it must find its disk
     if not ok:
@@ -98,9 +108,52 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
         except DmmigError as e:  # the destination's `add` refuses on its own when no answer comes
             why += f"; the no could not be delivered either: {e.message}"
     entry.mirror.handover = Handover(at=time.time(), ok=ok, why=why, caught_up_bytes=sent,
-                                     seconds=round(seconds, 3), cap_seconds=cap, delivered=delivered)
+                                     seconds=round(seconds, 3), cap_seconds=cap, delivered=delivered,
+                                     extra=warm_note)
     stack.journal.save(entry)
     return to_json(entry.mirror.handover)
+
+
+# the yes's half of a generation needs this much of the window: this host's fence and the
+# destination's may each wait up to writefence.CTIME_SETTLE_S for a file's ctime to settle
+WARM_NEEDS_S = MIN_YES_S + 2 * (writefence.CTIME_SETTLE_S + 0.5)
+
+
+def _generation(stack: Stack, entry: journal.Entry, remote: Remote, win: Window) -> tuple[dict[str, Any], str | None]:
+    """A new generation (warm copies, dmmig/flows/warm.py) for the yes, the top suspended:
+    this host's half (role kept) recorded now if both legs are provably identical, and the
+    arguments that ask the destination's agent to record its half as it stops its export.
+    Anything in doubt records none (and drops an older one): a copy back is a full one."""
+    why: str | None
+    if remote.agent.hello.get("warm_gate") is not True:
+        why = "the destination's dmmig records no generation at the handover (an older version)"
+    elif win.remaining() < WARM_NEEDS_S:
+        why = f"too little of the {win.cap:.0f}s window was left to record a generation"
+    else:
+        try:
+            rec, why = warm.kept(stack, entry, warm.new_generation())
+        except (OSError, DmmigError) as e:
+            rec, why = None, f"{type(e).__name__}: {e}"
+        if rec is not None:
+            return {"warm": {"generation": rec.generation, "peer": os.uname().nodename}}, rec.generation
+    warm.drop(stack.journal.dir, entry.name)
+    log.info("%s: no generation recorded at the handover (%s): a copy back will be a full one", entry.name, why)
+    return {}, None
+
+
+def _warm_outcome(stack: Stack, entry: journal.Entry, generation: str | None, reply: dict[str, Any] | None,
+                  delivered: bool | None) -> dict[str, Any]:
+    """What became of the yes's generation: kept only if the yes reached the destination and
+    its agent recorded its half; else this host's half goes too."""
+    if generation is None:
+        return {}
+    there = (reply or {}).get("warm") or {}
+    if delivered and there.get("ok") is True:
+        return {"generation": generation}
+    warm.drop(stack.journal.dir, entry.name)
+    why = there.get("why") or ("the yes was not delivered" if not delivered else "the destination recorded none")
+    log.warning("%s: generation %s dropped: %s; a copy back will be a full one", entry.name, generation[:12], why)
+    return {"generation_dropped": str(why)}
 
 
 def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,

@@ -42,7 +42,7 @@ from dmmig.validate import disk_name
 log = logging.getLogger("dmmig.warm")
 
 COLD = "cold: full copy, because "
-__all__ = ["COLD", "decide", "drop", "forget", "identical", "kept", "load", "local_verdict", "names",
+__all__ = ["COLD", "decide", "drop", "forget", "identical", "kept", "kept_file", "load", "local_verdict", "names",
            "new_generation", "record", "save", "status", "track"]
 
 
@@ -80,6 +80,30 @@ def kept(stack: Stack, entry: journal.Entry, generation: str) -> tuple[Warm | No
             why = f"{entry.origin} cannot be fenced: {e.strerror or e}"
     drop(stack.journal.dir, entry.name)  # an older generation no longer holds either
     return None, why
+
+
+def kept_file(stack: Stack, name: str, node: str, file: str) -> str | None:
+    """Before the loop device NODE over FILE goes (block-dmmig attached it; the disk was handed
+    over): NAME's kept generation fences NODE, which will not exist any more. If nothing wrote
+    NODE or FILE since, fence FILE alone from now on: the file's stamp was taken with its ctime
+    settled, so any later write to it moves the ctime (a new loop device over it too). Anything
+    else drops the generation. Returns what happened (None: no kept generation of NODE)."""
+    rec = load(stack.journal.dir, name)
+    if rec is None or rec.role != KEPT or os.path.realpath(rec.path) != os.path.realpath(node):
+        return None
+    f = rec.fence
+    why = writefence.written_since(f, stack.runner)
+    if why is None and (f.file is None or f.file_path is None
+                        or os.path.realpath(f.file_path) != os.path.realpath(file)):
+        why = f"{node} was not a loop device over {file} at the generation"
+    if why is not None:
+        drop(stack.journal.dir, name)
+        log.warning("%s: %s; a copy back will be a full one", name, why)
+        return f"forgot the generation of {name}: {why}"
+    rec.path = file
+    rec.fence = writefence.Fence(file, f.boot_id, None, f.file, file)
+    save(stack.journal.dir, rec)
+    return f"generation {rec.generation[:12]} now fences {file} itself ({node} goes)"
 
 
 # ---- B: wrap ------------------------------------------------------------------------------
@@ -128,9 +152,21 @@ def _can_track(stack: Stack, entry: journal.Entry, rec: Warm) -> str | None:
     info = stack.dm.info(top_name(entry.name))
     if info is None or info.open_count:
         return f"{top_name(entry.name)} was already open when the tracking could start"
-    if os.path.realpath(entry.origin) != os.path.realpath(rec.path):
+    if os.path.realpath(entry.origin) != os.path.realpath(rec.path) and not _loop_over(entry.origin_devno, rec.path):
         return f"{entry.origin} is not the disk the generation names ({rec.path})"
     return writefence.written_since(rec.fence, stack.runner)
+
+
+def _loop_over(devno: str, path: str) -> bool:
+    """DEVNO is a loop device over the file PATH (block-dmmig's add attached it), whole."""
+    if not os.path.isfile(path):
+        return False
+    file = writefence.backing_file(devno)
+    try:
+        m = writefence.mapping_of_loop(devno)
+    except OSError:
+        return False
+    return file is not None and os.path.realpath(file) == os.path.realpath(path) and m == (0, 0)
 
 
 # ---- B: copy ------------------------------------------------------------------------------
