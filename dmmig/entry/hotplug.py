@@ -8,10 +8,13 @@ kills it after 40 s. It reads `params` (the disk spec's target=) and `mode`.
   like Xen's stock `block` script), then write `physical-device` (hex major:minor, which
   blkback opens), `physical-device-path` and `hotplug-status=connected`. On any failure:
   undo, write `hotplug-error` and `hotplug-status=error`, exit non-zero; libxl then fails
-  the domain's creation and logs hotplug-error.
+  the domain's creation and logs hotplug-error. A disk a migration just handed over to this
+  host (the gate's yes recorded a generation here) gets era under its top before
+  `physical-device` is written, so a migration back sends only what the guest writes here
+  (dmmig/flows/warm.py); that tracking never fails the add.
 - remove (libxl runs it after `xl destroy`, after a migration away, and after a failed add):
   undo what this backend's add connected, i.e. unwrap and detach the loop device add
-  attached, unless a migration of the disk is under way (dmmig's migration owns the stack
+  attached (and end the tracking above), unless a migration of the disk is under way (dmmig's migration owns the stack
   then) or the top device is still open. Failures are logged; libxl ignores them.
 
 NAME depends on `params` only, never on the domid: libxl sends the source's config to the

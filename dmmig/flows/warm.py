@@ -20,6 +20,11 @@ behind a loop device) at that moment.
   base pass, the rounds send what era recorded since the generation's era. Anything else:
   a full copy, and the summary and the log say why ("cold: full copy, because ...").
 
+`dmmig migrate` (Xen) has no finish: the handover gate's yes records the generation instead
+(dmmig/flows/handover.py), block-dmmig's `add` on B calls track() before blkback opens the disk,
+and A's half over block-dmmig's loop device becomes a fence of the file itself before that loop
+device goes (kept_file).
+
 Sound by construction: each check fails towards a full copy; nothing here ever makes a copy
 skip a block unless both hosts proved it unwritten.
 """

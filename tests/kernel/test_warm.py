@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ORACLE, python
-from tests.kernel.steps import DMMIG, copy_args, digest, start_writer, stop_writer
+from tests.kernel.steps import DMMIG, ask, copy_args, digest, inject, start_writer, stop_writer, wait_leg_failed
 from tests.rig.output import summary
 from tests.rig.pair import A_IP, AGENT_CONF, AGENT_CONF_TEXT, SSH_OPTS, sshd_config
 from tests.rig.uml import UmlHost
@@ -196,4 +196,56 @@ def test_a_write_past_era_on_b_makes_it_a_full_copy(pair, pdisks, back, name: st
     assert digest(a, origin) == digest(b, dest)  # the stray block too
     a.dmmig("forget", name)
     b.dmmig("forget", name)
+    forget_records(a, rec_a, rec_b)
+
+
+@pytest.mark.parametrize("leg", ["healthy", "failed"])
+def test_the_gates_yes_records_the_generation_so_the_way_back_is_warm(pair, pdisks, back, name: str,
+                                                                      leg: str) -> None:
+    """`dmmig migrate`'s way (Xen): no finish, the handover gate's yes hands the disk over.
+    With the top suspended and the mirror provably intact, the yes records a's half and b's
+    agent its half as the export stops; b's wrap (block-dmmig's add) tracks before anything
+    opens the disk, and the copy back sends only what b wrote. A leg that failed after the
+    sync (the gate caught up instead) records none: the way back is a full copy."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(64, fill_seed=SEED), db(64)
+    rec_a, rec_b = f"{a.shared}/{name}.reca", f"{a.shared}/{name}.recb"
+    top = f"/dev/mapper/dmmig-{name}"
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    w = start_writer(a, top, rec_a, seed=SEED, rate="1000", blocks="0:4096")
+    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4"))
+    a.dmmig("cutover", name, "--json")
+    if leg == "failed":
+        inject(b, "kill-server", None)
+        wait_leg_failed(a, name)
+    assert stop_writer(a, w)["writes"] > 100  # the guest is suspended when `add` asks
+    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
+    rc, rep = ask(b, name, 35)
+    res = job.wait(120)
+    assert rc == 0 and rep["ok"] and res.rc == 0, (rep, res.err)
+    h = summary(res.out)
+    print(f"[warm] gate ({leg}): suspended {h['seconds'] * 1000:.0f} ms, caught up {h['caught_up_bytes']}")
+    a.dmmig("finish", name, "--remove")
+    wrap = b.dmmig("wrap", name, dest)
+    if leg == "failed":
+        assert "generation" not in h and h["caught_up_bytes"] > 0, h
+        assert b.run(["test", "-e", f"/run/dmmig/{name}.warm.json"], check=False).rc != 0
+        assert a.run(["test", "-e", f"/run/dmmig/{name}.warm.json"], check=False).rc != 0
+        assert "warm" not in wrap.err, wrap.err
+        b.dmmig("unwrap", name)
+        forget_records(a, rec_a)
+        return
+    kept = json.loads(a.run(["cat", f"/run/dmmig/{name}.warm.json"]).out)
+    assert kept["role"] == "kept" and kept["generation"] == h["generation"], (kept, h)
+    assert "warm: era tracks every write" in wrap.err, wrap.err
+    write_on_b(b, name, rec_b)
+    s = summary(b.dmmig(*back_args(name, origin)).out)
+    print(f"[warm] gate's generation: W={W} read={s['read']} sent={s['sent']} zeroed={s['zeroed']}: {s['warm']}")
+    assert s["warm"].startswith("warm: ") and s["base"] is None, s
+    assert 0 < s["read"] <= W and s["sent"] + s["zeroed"] <= W, s
+    finish_back(a, b, name)
+    oracle(a, origin, rec_a, rec_b, rec_b + ".zeros")
+    assert digest(a, origin) == digest(b, dest)
     forget_records(a, rec_a, rec_b)

@@ -413,3 +413,172 @@ def test_the_mapping_is_read_from_sysfs_and_a_dm_table(tmp_path: Path, monkeypat
     assert runner.argvs == [["dmsetup", "table", "-j", "253", "-m", "4"]]
     with pytest.raises(OSError, match="dmsetup table of 253:4 failed"):
         writefence.mapping("253:4", FakeRunner([(["dmsetup"], (1, "", "No such device"))]))
+
+
+# ---- dmmig migrate (Xen): the gate's yes records the generation ------------------------------------
+def _asked(dest: Dest, name: str, out: dict[str, Any]) -> Any:
+    """A destination `add` asking about NAME (the real gate socket), once the gate listens."""
+    import threading
+
+    from dmmig.core import gate
+    dest.agent.op_await_gate([], 0)
+    def ask() -> None:
+        try:
+            out.update(gate.ask(dest.state, name, 10))
+        except gate.GateRefused as e:
+            out["refused"] = e.message
+    t = threading.Thread(target=ask)
+    t.start()
+    assert dest.agent.op_await_gate([name], 10) == {"asked": name}
+    return t
+
+
+def test_the_new_owner_records_its_half_at_the_gates_yes_once_its_export_stopped(dest: Dest) -> None:
+    p = dest.path("vm1.img", 4 * MIB)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
+    assert dest.agent.op_hello()["warm_gate"] is True
+    out: dict[str, Any] = {}
+    t = _asked(dest, "d1", out)
+    try:
+        r = dest.agent.op_answer_gate("d1", True, "fine", warm={"generation": "abc123", "peer": "hosta"})
+        t.join(10)
+    finally:
+        dest.agent.gate.close()
+    assert r == {"delivered": True, "warm": {"ok": True}} and out["ok"], r
+    rec = generation.load(dest.state, "d1")
+    assert rec is not None and rec.role == TOOK_OVER and rec.generation == "abc123" and rec.path == p
+    assert rec.fence.file is not None and writefence.written_since(rec.fence, R) is None
+
+
+@pytest.mark.parametrize("case, why", [
+    ("undelivered", "the yes was not delivered"),  # the `add` gave up: the disk is not this host's
+    ("bad id", "invalid generation"),
+    ("no", "no yes"),
+])
+def test_no_half_is_recorded_at_the_gate_unless_the_yes_reached_the_add(dest: Dest, case: str, why: str) -> None:
+    p = dest.path("vm1.img", 4 * MIB)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
+    generation.record(dest.state, "d1", TOOK_OVER, p, 4 * MIB, "older", "hosta", R)  # an older one goes too
+    out: dict[str, Any] = {}
+    t = _asked(dest, "d1", out) if case != "undelivered" else None
+    try:
+        r = dest.agent.op_answer_gate("d1", case != "no", "why",
+                                      warm={"generation": "../x" if case == "bad id" else "abc123", "peer": "a"})
+        if t is not None:
+            t.join(10)
+    finally:
+        dest.agent.gate.close()
+    assert r["warm"]["ok"] is False and why in r["warm"]["why"], r
+    if case != "no":
+        assert generation.load(dest.state, "d1") is None
+
+
+def test_a_kept_loop_device_becomes_a_fence_of_its_file_only_if_nothing_wrote_either(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """block-dmmig's loop device over the file goes after the handover: a's half then fences the
+    file itself (what a migration back names), with the stamp taken at the gate."""
+    state = str(tmp_path / "state")
+    img = tmp_path / "vm1.img"
+    img.write_bytes(bytes(8192))
+    loops = {"/dev/loop3": "7:3"}
+    monkeypatch.setattr(writefence, "devno_of", lambda path: loops.get(path))
+    monkeypatch.setattr(writefence, "backing_file", lambda devno: str(img) if devno == "7:3" else None)
+    monkeypatch.setattr(writefence, "sync", lambda path: None)
+    s: Any = _Stack(state)
+    for case in ("untouched", "through the loop", "the file", "other node"):
+        fake_sysfs(monkeypatch, {"7:3": Counters("7:3", 4, 100, 0)})
+        rec = generation.record(state, "d1", KEPT, "/dev/loop3", 8192, "g1", "b", R)
+        assert rec.fence.device is not None and rec.fence.file_path == str(img)
+        if case == "through the loop":
+            fake_sysfs(monkeypatch, {"7:3": Counters("7:3", 4, 108, 0)})
+        elif case == "the file":
+            with open(img, "r+b") as fh:
+                fh.write(b"x")
+        note = warm.kept_file(s, "d1", "/dev/loop4" if case == "other node" else "/dev/loop3", str(img))
+        got = generation.load(state, "d1")
+        if case == "untouched":
+            assert note and "now fences" in note and got is not None, note
+            assert got.path == str(img) and got.fence.device is None and got.fence.file == rec.fence.file
+            loops.clear()  # detached: the file alone is checked now
+            assert writefence.written_since(got.fence, R) is None
+            with open(img, "r+b") as fh:  # a new loop device's write moves the file's ctime
+                fh.write(b"y")
+            assert "was changed since" in str(writefence.written_since(got.fence, R))
+            loops["/dev/loop3"] = "7:3"
+        elif case == "other node":
+            assert note is None and got is not None and got.path == "/dev/loop3"
+        else:
+            assert note and "forgot the generation" in note and got is None, note
+        generation.drop(state, "d1")
+
+
+class _GateStack(_Stack):
+    """What answer_gate uses of a Stack: a mirror in sync since its sync, a disk in a file."""
+
+    def __init__(self, state: str, origin: str) -> None:
+        super().__init__(state)
+        from dmmig.core.records import MirrorState, Synced
+        self.e = journal.Entry("d1", origin, "7:0", phase=journal.MIRRORING)
+        self.e.mirror = MirrorState(synced=Synced(at=1.0, events=3))
+        self.e.dest = None
+        self.journal.save(self.e)
+
+    def mirror_status(self, name: str) -> Any:
+        return type("St", (), {"synced": True, "healthy": True, "in_sync": 8, "regions": 8, "health": "AA"})()
+
+    def info(self, name: str) -> Any:
+        return type("Info", (), {"events": 3, "open_count": 1, "suspended": False})()
+
+    def table(self, name: str) -> Any:
+        return type("T", (), {"length": 16})()
+
+
+class _Agent:
+    def __init__(self, hello: dict[str, Any], reply: dict[str, Any]) -> None:
+        self.hello, self.reply, self.calls = hello, reply, []  # type: list[Any]
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.calls.append((op, kw))
+        return self.reply
+
+
+@pytest.mark.parametrize("case", ["warm", "older agent", "short window", "undelivered", "not recorded there"])
+def test_the_gates_yes_records_this_hosts_half_only_with_the_destinations(tmp_path: Path, case: str) -> None:
+    from dmmig.flows.handover import answer_gate
+    state = str(tmp_path / "state")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8192))
+    s: Any = _GateStack(state, str(disk))
+    generation.record(state, "d1", KEPT, str(disk), 8192, "older", "b", R)  # an older one never stays
+    hello = {} if case == "older agent" else {"warm_gate": True}
+    reply: dict[str, Any] = {"delivered": case != "undelivered",
+                             "warm": {"ok": case != "not recorded there", "why": "could not be fenced"}}
+    agent = _Agent(hello, reply)
+    remote: Any = type("Remote", (), {"agent": agent})()
+    h = answer_gate(s, s.e, remote, cap=3.0 if case == "short window" else 12.0)
+    assert h["ok"], h
+    [(op, kw)] = agent.calls
+    rec = generation.load(state, "d1")
+    if case == "warm":
+        assert rec is not None and rec.role == KEPT and rec.path == str(disk) and rec.size == 16 * 512
+        assert kw["warm"]["generation"] == rec.generation and h["generation"] == rec.generation
+        assert writefence.written_since(rec.fence, R) is None
+    else:
+        assert rec is None, case
+        assert ("warm" in kw) == (case in ("undelivered", "not recorded there")), kw
+    assert s.calls[0] == "suspend dmmig-d1" and s.calls[-1] == "resume dmmig-d1"
+
+
+def test_migrate_dry_run_says_why_a_disk_not_prepared_is_a_full_copy(tmp_path: Path) -> None:
+    """`dmmig migrate --dry-run` shows copying.estimate per disk: a disk block-dmmig only
+    wrapped says cold and why, not nothing."""
+    from dmmig.flows import copying
+    state = str(tmp_path)
+    s: Any = _WrapStack(state, str(tmp_path / "disk.img"))
+    s.loop = type("Loop", (), {"find": lambda self, f: [], "info": lambda self, d: None})()
+    s.dm = s
+    s.table = lambda name: type("T", (), {"length": 2048})()
+    est = copying.estimate(s, "d1")
+    assert est["warm"] == "cold: full copy, because no generation is recorded for this disk here " \
+                          "(no migration finished onto it)", est
+    assert "cold: full copy, because" in "\n".join(copying.render_estimate(est))
