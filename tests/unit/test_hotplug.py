@@ -411,3 +411,52 @@ def test_deadline_interrupts_a_hung_command_and_then_a_hung_cleanup() -> None:
                 SubprocessRunner().run(["sleep", "20"])
     assert time.monotonic() - t < 3
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+class TrackingStack(Stack):
+    """A stack whose abort (era out, top linear again) and unwrap are recorded: the real ones
+    need dm and root."""
+
+    calls: list[str]
+
+    def abort(self, name: str) -> list[str]:
+        self.calls.append(f"abort {name}")
+        e = self.journal.load(name)
+        assert e is not None
+        self.journal.save(e, journal.WRAPPED)
+        return [f"aborted {name}"]
+
+    def unwrap(self, name: str, *, force: bool = False) -> None:
+        self.calls.append(f"unwrap {name}")
+        self.journal.delete(name)
+
+
+@pytest.mark.parametrize("migrating", [False, True])
+def test_remove_ends_the_tracking_of_a_disk_handed_over_here_then_unwraps(tmp_path: Path, migrating: bool) -> None:
+    """A domain that came here by `dmmig migrate` has era under its top (the way back is warm);
+    when it stops here, remove ends that tracking and unwraps. A migration of it under way
+    (a destination set) is dmmig's: left alone."""
+    from dmmig.adapters.writefence import Counters
+    from dmmig.core import generation
+    from dmmig.core.records import TOOK_OVER, CopyState, Destination, WarmTrack
+    xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
+    r = FakeRunner(top_info("vg0-vm1", 0))
+    st = TrackingStack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
+    st.calls = []
+    e = journal.Entry("vg0-vm1", "/dev/vg0/vm1", "254:1")
+    e.copy = CopyState(migration="m", warm=WarmTrack("g1", 1, Counters("254:1", 3, 0, 0), Counters("253:5", 4, 0, 0)))
+    if migrating:
+        e.dest = Destination(host="b", disk="/dev/vg0/vm1", user="root", port=22, known_hosts="/k")
+    st.journal.save(e, journal.PREPARED)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    generation.record(st.journal.dir, "vg0-vm1", TOOK_OVER, str(disk), 4096, "g1", "a", r)
+    rc, log = run("remove", xs, st)
+    assert rc == 0, log
+    if migrating:
+        assert st.calls == [] and any("left for dmmig" in ln for ln in log), log
+        assert generation.load(st.journal.dir, "vg0-vm1") is not None
+        return
+    assert st.calls == ["abort vg0-vm1", "unwrap vg0-vm1"], st.calls
+    assert any("stopped tracking vg0-vm1" in ln for ln in log) and any("forgot the generation" in ln for ln in log)
+    assert generation.load(st.journal.dir, "vg0-vm1") is None and st.journal.load("vg0-vm1") is None
