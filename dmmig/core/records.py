@@ -418,6 +418,7 @@ class Handover:
     seconds: float = 0.0
     cap_seconds: float = 0.0
     delivered: bool | None = False  # None: the destination did not confirm the yes either way
+    generation: str | None = None   # warm copies: the generation this yes recorded on both hosts
     extra: dict[str, Any] = field(default_factory=dict)
 
 

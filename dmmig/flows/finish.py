@@ -73,8 +73,8 @@ def gate_generation(stack: Stack, entry: journal.Entry) -> str | None:
     """The generation the handover gate's yes recorded for ENTRY (both halves: this host's as
     the yes went out, the destination's as its export stopped), if this host's record is it."""
     h = entry.mirror.handover
-    gen = h.extra.get("generation") if entry.handed_over and h is not None else None
-    rec = warm.load(stack.journal.dir, entry.name) if isinstance(gen, str) else None
+    gen = h.generation if entry.handed_over and h is not None else None
+    rec = warm.load(stack.journal.dir, entry.name) if gen else None
     return gen if rec is not None and rec.generation == gen and rec.role == KEPT else None
 
 

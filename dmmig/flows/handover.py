@@ -77,7 +77,7 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
     win = Window(cap, lambda: stack.dm.resume(top))
     ok, why, sent = False, "", 0
     delivered: bool | None = False
-    warm_note: dict[str, Any] = {}
+    kept_gen: str | None = None
     win.start()
     try:
         stack.dm.suspend(top)
@@ -94,11 +94,11 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                 reply = remote.agent.call("answer_gate", name=entry.name, ok=True, why=why,
                                           deadline_s=max(win.remaining(), 0.1), **kw)
                 delivered = bool(reply["delivered"])
-                warm_note = _warm_outcome(stack, entry, generation, reply, delivered)
+                kept_gen = _warm_outcome(stack, entry, generation, reply, delivered)
             except DmmigError as e:
                 delivered = None
                 why += f"; the destination did not confirm the yes: {e.message}"
-                warm_note = _warm_outcome(stack, entry, generation, None, None)
+                kept_gen = _warm_outcome(stack, entry, generation, None, None)
     finally:
         seconds = win.close()  # always: if the guest resumes here, it must find its disk
     if not ok:
@@ -109,7 +109,7 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
             why += f"; the no could not be delivered either: {e.message}"
     entry.mirror.handover = Handover(at=time.time(), ok=ok, why=why, caught_up_bytes=sent,
                                      seconds=round(seconds, 3), cap_seconds=cap, delivered=delivered,
-                                     extra=warm_note)
+                                     generation=kept_gen)
     stack.journal.save(entry)
     return to_json(entry.mirror.handover)
 
@@ -142,18 +142,18 @@ def _generation(stack: Stack, entry: journal.Entry, remote: Remote, win: Window)
 
 
 def _warm_outcome(stack: Stack, entry: journal.Entry, generation: str | None, reply: dict[str, Any] | None,
-                  delivered: bool | None) -> dict[str, Any]:
+                  delivered: bool | None) -> str | None:
     """What became of the yes's generation: kept only if the yes reached the destination and
     its agent recorded its half; else this host's half goes too."""
     if generation is None:
-        return {}
+        return None
     there = (reply or {}).get("warm") or {}
     if delivered and there.get("ok") is True:
-        return {"generation": generation}
+        return generation
     warm.drop(stack.journal.dir, entry.name)
     why = there.get("why") or ("the yes was not delivered" if not delivered else "the destination recorded none")
     log.warning("%s: generation %s dropped: %s; a copy back will be a full one", entry.name, generation[:12], why)
-    return {"generation_dropped": str(why)}
+    return None
 
 
 def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,
