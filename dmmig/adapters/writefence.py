@@ -136,17 +136,21 @@ def _stamp(path: str) -> FileStamp:
     return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def settled_stamp(path: str, settle_s: float | None = None) -> FileStamp:
+def settled_stamp(path: str, settle_s: float | None = None, max_wait_s: float | None = None) -> FileStamp:
     """PATH's stamp such that any later write moves its ctime: taken when the clock read
     before it was already SETTLE_S past the ctime it shows (a write within the tick of the
-    last one would otherwise leave the ctime as it was); else waited for and taken again."""
+    last one would otherwise leave the ctime as it was); else waited for and taken again,
+    for MAX_WAIT_S at most (OSError past it)."""
     settle_s = CTIME_SETTLE_S if settle_s is None else settle_s
+    end = None if max_wait_s is None else time.monotonic() + max_wait_s
     for _ in range(4):
         before = time.clock_gettime(CLOCK_REALTIME_COARSE)
         s = _stamp(path)
         wait = s.ctime_ns / 1e9 + settle_s - before
         if wait < 0:
             return s
+        if end is not None and time.monotonic() + wait > end:
+            raise OSError(f"the ctime of {path} would settle only in {wait:.2f}s, past the {max_wait_s:.2f}s allowed")
         time.sleep(min(wait + 0.01, settle_s + 0.01))
     # written all the time, or a ctime in the future (the clock was set back): no fence
     raise OSError(f"the ctime of {path} does not settle")
@@ -161,15 +165,17 @@ def sync(path: str) -> None:
         os.close(fd)
 
 
-def take(path: str, runner: Runner) -> Fence:
-    """PATH (a block device or a file) as it is now, after a sync."""
+def take(path: str, runner: Runner, *, max_wait_s: float | None = None) -> Fence:
+    """PATH (a block device or a file) as it is now, after a sync; a file's stamp waited for
+    MAX_WAIT_S at most (settled_stamp)."""
     sync(path)
     devno = devno_of(path)
     file = path if devno is None else backing_file(devno)
     if file is not None:
         sync(file)
     dev = counters(devno, runner) if devno is not None else None
-    return Fence(path, boot_id(), dev, settled_stamp(file) if file is not None else None, file)
+    return Fence(path, boot_id(), dev, settled_stamp(file, max_wait_s=max_wait_s) if file is not None else None,
+                 file)
 
 
 def written_since(fence: Fence, runner: Runner) -> str | None:

@@ -64,11 +64,11 @@ def drop_for(state: str, name: str, path: str) -> None:
 
 
 def record(state: str, name: str, role: str, path: str, size: int, generation: str, peer: str,
-           runner: Runner) -> Warm:
+           runner: Runner, *, max_wait_s: float | None = None) -> Warm:
     """The generation's half on this host, with PATH's fence taken now (OSError: PATH cannot
-    be fenced, and no generation is recorded)."""
+    be fenced, or not within MAX_WAIT_S, and no generation is recorded)."""
     rec = Warm(name=name, generation=generation, role=role, path=path, size=size, at=time.time(),
-               fence=writefence.take(path, runner), peer=peer)
+               fence=writefence.take(path, runner, max_wait_s=max_wait_s), peer=peer)
     save(state, rec)
     return rec
 

@@ -337,8 +337,10 @@ class AgentServer:
             if rec.export is not None:
                 raise ValueError("its export still runs")
             self.policy.existing(rec.path)
+            budget = warm.get("budget_s")
             warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
-                          str(warm.get("peer") or "")[:255], self.r)
+                          str(warm.get("peer") or "")[:255], self.r,
+                          max_wait_s=float(budget) if isinstance(budget, (int, float)) else None)
             return {"ok": True}
         except (OSError, ValueError, DmmigError) as e:
             warmth.drop(self.state, name)

@@ -81,15 +81,22 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
     win.start()
     try:
         stack.dm.suspend(top)
+        kw: dict[str, Any] = {}
+        generation: str | None = None
         try:
             ok, why, sent = _vouch(stack, entry, remote, top, era, win)
+            if ok:  # before the window's last check: a fence taken after a resume would be unsound
+                kw, generation = _generation(stack, entry, remote, win)
             win.check("before the answer")
             if win.remaining() < MIN_YES_S:
                 raise WindowClosed(f"too little of the {cap:.0f}s window was left to deliver a yes")
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the answer is no
             ok, why = False, e.message if isinstance(e, DmmigError) else f"{type(e).__name__}: {e}"
+        if not ok and generation is not None:
+            warm.drop(stack.journal.dir, entry.name)
         if ok:  # while suspended: nothing can be written between the check and the yes
-            kw, generation = _generation(stack, entry, remote, win)
+            if kw:  # the destination's fence may wait for its file's ctime: within what is left
+                kw["warm"]["budget_s"] = round(max(win.remaining() - MIN_YES_S, 0.0), 3)
             try:
                 reply = remote.agent.call("answer_gate", name=entry.name, ok=True, why=why,
                                           deadline_s=max(win.remaining(), 0.1), **kw)
@@ -131,7 +138,9 @@ def _generation(stack: Stack, entry: journal.Entry, remote: Remote, win: Window)
         why = f"too little of the {win.cap:.0f}s window was left to record a generation"
     else:
         try:
-            rec, why = warm.kept(stack, entry, warm.new_generation())
+            # the destination's fence needs its share of the window too
+            budget = win.remaining() - MIN_YES_S - (writefence.CTIME_SETTLE_S + 0.5)
+            rec, why = warm.kept(stack, entry, warm.new_generation(), max_wait_s=budget)
         except (OSError, DmmigError) as e:
             rec, why = None, f"{type(e).__name__}: {e}"
         if rec is not None:

@@ -71,16 +71,17 @@ def identical(stack: Stack, entry: journal.Entry) -> str | None:
     return None
 
 
-def kept(stack: Stack, entry: journal.Entry, generation: str) -> tuple[Warm | None, str]:
-    """At finish, the top suspended: A's half of a new generation (its origin's fence), or None
-    and why not."""
+def kept(stack: Stack, entry: journal.Entry, generation: str, *,
+         max_wait_s: float | None = None) -> tuple[Warm | None, str]:
+    """At finish or the gate's yes, the top suspended: A's half of a new generation (its
+    origin's fence, waited for MAX_WAIT_S at most), or None and why not."""
     why = identical(stack, entry)
     if why is None:
         size = stack.dm.table(top_name(entry.name)).length * 512
         peer = entry.dest.host if entry.dest else ""
         try:
             return record(stack.journal.dir, entry.name, KEPT, entry.origin, size, generation, peer,
-                          stack.runner), ""
+                          stack.runner, max_wait_s=max_wait_s), ""
         except OSError as e:
             why = f"{entry.origin} cannot be fenced: {e.strerror or e}"
     drop(stack.journal.dir, entry.name)  # an older generation no longer holds either

@@ -582,3 +582,25 @@ def test_migrate_dry_run_says_why_a_disk_not_prepared_is_a_full_copy(tmp_path: P
     assert est["warm"] == "cold: full copy, because no generation is recorded for this disk here " \
                           "(no migration finished onto it)", est
     assert "cold: full copy, because" in "\n".join(copying.render_estimate(est))
+
+
+def test_a_fence_that_would_wait_past_its_budget_is_none(tmp_path: Path, dest: Dest) -> None:
+    """The gate's fences run in the suspended window: a file written just now whose ctime would
+    settle only past the budget is not fenced, so no generation (a full copy), never a late yes."""
+    f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))
+    with pytest.raises(OSError, match="would settle only in"):
+        writefence.take(str(f), R, max_wait_s=0.0)
+    p = dest.path("vm1.img", 4 * MIB)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
+    out: dict[str, Any] = {}
+    t = _asked(dest, "d1", out)
+    try:
+        with open(p, "r+b") as fh:
+            fh.write(b"x")  # the export's last write, just now
+        r = dest.agent.op_answer_gate("d1", True, "fine", warm={"generation": "abc", "peer": "a", "budget_s": 0})
+        t.join(10)
+    finally:
+        dest.agent.gate.close()
+    assert r["delivered"] and r["warm"]["ok"] is False and "would settle only" in r["warm"]["why"], r
+    assert generation.load(dest.state, "d1") is None and out["ok"]  # the yes itself stands
