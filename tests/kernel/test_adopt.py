@@ -3,7 +3,10 @@
 
 LVM runs in the guest on a loop device of the test's own, with a private configuration
 (LVM_SYSTEM_DIR in the guest's /dev/shm: a filter that sees only that loop device, no backups,
-no archives), so nothing touches the host's LVM. The oracle is the writer's record read back
+no archives). The guest's root is this machine's (hostfs): udev's event autoactivation
+(69-lvm.rules, which runs vgchange with /etc/lvm's configuration and wrote its archive there)
+is masked in the guest's /run/udev/rules.d and /etc/lvm is a tmpfs copy in the guest for the
+test, as tests/kernel/test_destination.py's lvm_b does on b. The oracle is the writer's record read back
 on both hosts (tests/tools/oracle.py), never dmmig's own view."""
 from __future__ import annotations
 
@@ -64,9 +67,20 @@ class Vg:
 
 @pytest.fixture
 def vg(pair: tuple[UmlHost, UmlHost], pdisks: tuple[Disks, Disks], name: str) -> Iterator[Vg]:
-    v = Vg(pair[0], pdisks[0](128), name)
-    yield v
-    v.remove()  # before pdisks detaches the PV's loop device
+    a = pair[0]
+    a.sh("mkdir -p /run/udev/rules.d && echo '# dmmig test: no LVM autoactivation' > /run/udev/rules.d/69-lvm.rules"
+         " && udevadm control --reload")
+    a.sh("rm -rf /run/lvm-etc && cp -a /etc/lvm /run/lvm-etc && mount -t tmpfs -o mode=755 tmpfs /etc/lvm"
+         " && cp -a /run/lvm-etc/. /etc/lvm/")
+    try:
+        v = Vg(a, pdisks[0](128), name)
+        try:
+            yield v
+        finally:
+            v.remove()  # before pdisks detaches the PV's loop device
+    finally:
+        a.sh("umount /etc/lvm; rm -rf /run/lvm-etc /run/udev/rules.d/69-lvm.rules; udevadm control --reload",
+             check=False)
 
 
 def table(h: UmlHost, dev: str) -> str:
@@ -94,7 +108,7 @@ def lv_open_by_writer(a: UmlHost, vg: Vg, name: str, seed: int, mib: int = 64,
 def assert_own_table_back(a: UmlHost, lv: str, own: str, name: str) -> None:
     assert table(a, lv) == own
     assert not exists(a, f"dmmig-{name}") and not exists(a, f"dmmig-{name}-lv")
-    assert a.dmmig("status", name, "--json").out.strip() and status(a, name)["journal"] is None
+    assert status(a, name)["journal"] is None
 
 
 def test_adopted_lv_is_migrated_under_its_writer_and_gets_its_table_back(pair, pdisks, vg: Vg, name: str) -> None:
@@ -191,6 +205,35 @@ def test_lvm_refresh_during_the_copy_is_detected_and_abort_leaves_lvms_table(pai
     a.run(["rm", "-f", rec, rec + ".started"])
 
 
+def test_lvm_refresh_while_mirroring_makes_the_gate_refuse(pair, pdisks, vg: Vg, name: str) -> None:
+    """After the cutover the mirror is in sync and healthy and no dm event came: all the gate
+    checked before. An LVM refresh of the LV then sends the writer's writes straight to the PV,
+    past the mirror: the destination misses them, so the gate must say no (and the destination
+    must not start on that disk)."""
+    a, b = pair
+    dest = pdisks[1](64)
+    path, lv, rec, w = lv_open_by_writer(a, vg, name, 49, rate="500")
+    a.dmmig("adopt", name, path)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4"))
+    a.dmmig("cutover", name, "--json")
+    vg.lvm("lvchange", "--refresh", f"{vg.vg}/vm")
+    time.sleep(1)  # writes that reach only the source
+    stop_writer(a, w)
+    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
+    rc, rep = ask(b, name, 35)
+    res = job.wait(120)
+    assert rc == 3 and f"the table of {lv} is no longer dmmig's" in rep["refused"], rep
+    assert res.rc != 0 and "refused" in res.err, res.err
+    r = a.dmmig("finish", name, check=False)  # nor may the source call it done
+    assert r.rc != 0 and "no longer dmmig's" in r.err, r.err
+    a.dmmig("abort", name)
+    assert not exists(a, f"dmmig-{name}") and not exists(a, f"dmmig-{name}-lv")
+    check(a, path, 49, rec)
+    assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0
+    a.run(["rm", "-f", rec, rec + ".started"])
+
+
 def test_only_an_lvs_table_is_adopted(pair, pdisks, vg: Vg, name: str) -> None:
     """A loop device (or a partition) has no table to swap; another dm user's table is not
     dmmig's to move. Both refused before anything changes, saying why."""
@@ -208,7 +251,7 @@ def test_only_an_lvs_table_is_adopted(pair, pdisks, vg: Vg, name: str) -> None:
     assert not exists(a, f"dmmig-{name}") and status(a, name)["journal"] is None
 
 
-PAUSES = 3
+PAUSES = 5
 
 
 def _worst(a: UmlHost, path: str, name: str, action: Callable[[], object]) -> float:
@@ -232,17 +275,25 @@ def test_adopt_pause_against_a_plain_table_swap(pair, vg: Vg, name: str) -> None
     lv = vg.dm("vm")
     own = table(a, lv)
     res: dict[str, list[float]] = {"idle": [], "plain swap": [], "adopt": [], "release": []}
+    resume_ms: list[float] = []  # the LV's resume ioctl in the adopt, as dmmig timed it
 
     def plain() -> None:
         a.run(["dmsetup", "load", lv, "--table", own])
         a.run(["dmsetup", "resume", lv])
+
+    def adopt() -> None:
+        err = a.dmmig("adopt", name, path).err
+        resume_ms.append(float(err.split("paused for at most ")[1].split(" ms")[0]))
     for _ in range(PAUSES):
         res["idle"].append(_worst(a, path, name, lambda: None))
         res["plain swap"].append(_worst(a, path, name, plain))
-        res["adopt"].append(_worst(a, path, name, lambda: a.dmmig("adopt", name, path)))
+        res["adopt"].append(_worst(a, path, name, adopt))
         res["release"].append(_worst(a, path, name, lambda: a.dmmig("abort", name)))
     load = a.run(["cat", "/proc/loadavg"]).out.strip()
-    print(f"\n[adopt pause] worst write (ms) per window, {PAUSES} of each, guest loadavg {load}: "
+    with open("/proc/loadavg") as f:
+        host_load = f.read().strip()
+    print(f"\n[adopt pause] worst write (ms) per 1.5 s window, {PAUSES} of each, alternating; the adopt's "
+          f"resume as dmmig timed it (ms): {resume_ms}; guest loadavg {load}; host loadavg {host_load}: "
           + json.dumps(res))
     assert table(a, lv) == own
     # the adopt is one table swap of the LV, as the plain one: the same order of pause
