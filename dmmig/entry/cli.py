@@ -50,7 +50,8 @@ def cmd_adopt(a: argparse.Namespace) -> int:
     entry = stack.entry_of(a.name)
     assert entry.adopted is not None
     print(path)
-    print(f"{entry.adopted.lv} is linear over {path} now (its I/O paused for at most {pause * 1000:.0f} ms); "
+    print(f"{entry.adopted.lv} is linear over {path} now (the swap's resume took {pause * 1000:.0f} ms with its "
+          "udev sync: its I/O paused for less); "
           f"`dmmig abort {a.name}` gives it its own table back", file=sys.stderr)
     print(f"dmmig adopt: {HOLD_LVM.format(lv=entry.adopted.lv)}", file=sys.stderr)
     return 0

@@ -47,8 +47,9 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         d: dict[str, Any] = {"devno": info.devno, "open": info.open_count, "suspended": info.suspended,
                              "inactive_table": info.has_inactive, "events": info.events,
                              "table": stack.dm.table_text(dev)}
-        # never ask a suspended era device for status: it answers through its worker
-        if not info.suspended:
+        if dev == lv_name(name):  # an adopted LV's own table, several segments: shown as it is
+            pass
+        elif not info.suspended:  # never ask a suspended era device for status: it answers through its worker
             line = stack.dm.status_line(dev)
             d["status"] = line
             try:
@@ -87,7 +88,7 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     top = out["devices"].get(top_name(name))
     era = out["devices"].get(era_name(name))
     if entry is None:
-        if top or era:
+        if top or era or out["devices"].get(lv_name(name)):
             problems.append("dm devices exist but there is no journal entry (journal lost?)")
         return out
     if top is None and entry.phase != journal.ADOPTING:

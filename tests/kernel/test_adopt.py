@@ -234,6 +234,48 @@ def test_lvm_refresh_while_mirroring_makes_the_gate_refuse(pair, pdisks, vg: Vg,
     a.run(["rm", "-f", rec, rec + ".started"])
 
 
+# SIGKILL ARGV's process as soon as NAME's journal says phase "adopting" and has KEY (one of the
+# values each step of the adopt journals before the next: "" for the first save), polled every 2 ms
+KILL_IN_ADOPT = r"""
+import json, os, signal, subprocess, sys, time
+state, name, key, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+path = os.path.join(state, name + ".json")
+while p.poll() is None:
+    try:
+        e = json.load(open(path))
+    except (OSError, ValueError):
+        e = {}
+    if e.get("phase") == "adopting" and (not key or e.get(key) or (e.get("adopted") or {}).get(key)):
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        print("killed")
+        break
+    time.sleep(0.002)
+print("rc", p.wait(), p.stderr.read().decode()[-2000:])
+"""
+
+
+@pytest.mark.parametrize("after", ["", "origin_devno", "top_devno"])
+def test_dmmig_killed_inside_adopt_then_status_and_abort(pair, vg: Vg, name: str, after: str) -> None:
+    """Killed right after each journaled step of the adopt (the first save; dmmig-NAME-lv made;
+    dmmig-NAME made, the swap of the LV next or under way): status names the interrupted adopt,
+    abort gives the LV its own table back under its writer and removes the rest."""
+    a, _ = pair
+    path, lv, rec, w = lv_open_by_writer(a, vg, name, 51, mib=32, rate="500")
+    own = table(a, lv)
+    r = a.py(KILL_IN_ADOPT, "/run/dmmig", name, after, DMMIG, "adopt", name, path)
+    assert "killed" in r.out, r.out
+    st = status(a, name)
+    assert st["journal"]["phase"] == "adopting", st["journal"]
+    assert any("`adopting` step did not complete" in p and "dmmig abort" in p for p in st["problems"]), st["problems"]
+    a.dmmig("abort", name)
+    stop_writer(a, w)
+    assert_own_table_back(a, lv, own, name)
+    check(a, path, 51, rec)
+    a.run(["rm", "-f", rec, rec + ".started"])
+
+
 def test_only_an_lvs_table_is_adopted(pair, pdisks, vg: Vg, name: str) -> None:
     """A loop device (or a partition) has no table to swap; another dm user's table is not
     dmmig's to move. Both refused before anything changes, saying why."""
@@ -268,14 +310,17 @@ def _worst(a: UmlHost, path: str, name: str, action: Callable[[], object]) -> fl
 
 def test_adopt_pause_against_a_plain_table_swap(pair, vg: Vg, name: str) -> None:
     """The adopt's swap of the LV (load, then one resume: suspend with flush, swap, resume)
-    against the same kind of swap of the same LV to its own table again (what a refresh does),
-    each in its own window of an unthrottled O_DIRECT writer, alternating, in one run."""
+    against the same kind of swap of the same LV to its own table again (what a refresh does) and
+    a dmmig process that swaps nothing, each in its own window of an unthrottled O_DIRECT writer,
+    alternating, in one run."""
     a, _ = pair
     path = vg.lv("vm", 32)
     lv = vg.dm("vm")
     own = table(a, lv)
-    res: dict[str, list[float]] = {"idle": [], "plain swap": [], "adopt": [], "release": []}
-    resume_ms: list[float] = []  # the LV's resume ioctl in the adopt, as dmmig timed it
+    # "dmmig status": a dmmig process that swaps nothing, for what its start and its dmsetup
+    # calls cost the writer on the guest's one CPU (adopt and release are such processes too)
+    res: dict[str, list[float]] = {"idle": [], "plain swap": [], "dmmig status": [], "adopt": [], "release": []}
+    resume_ms: list[float] = []  # `dmsetup resume` of the LV in the adopt, with its udev sync, as dmmig timed it
 
     def plain() -> None:
         a.run(["dmsetup", "load", lv, "--table", own])
@@ -283,17 +328,19 @@ def test_adopt_pause_against_a_plain_table_swap(pair, vg: Vg, name: str) -> None
 
     def adopt() -> None:
         err = a.dmmig("adopt", name, path).err
-        resume_ms.append(float(err.split("paused for at most ")[1].split(" ms")[0]))
+        resume_ms.append(float(err.split("the swap's resume took ")[1].split(" ms")[0]))
     for _ in range(PAUSES):
         res["idle"].append(_worst(a, path, name, lambda: None))
         res["plain swap"].append(_worst(a, path, name, plain))
+        res["dmmig status"].append(_worst(a, path, name, lambda: a.dmmig("status", name, "--json")))
         res["adopt"].append(_worst(a, path, name, adopt))
         res["release"].append(_worst(a, path, name, lambda: a.dmmig("abort", name)))
     load = a.run(["cat", "/proc/loadavg"]).out.strip()
     with open("/proc/loadavg") as f:
         host_load = f.read().strip()
     print(f"\n[adopt pause] worst write (ms) per 1.5 s window, {PAUSES} of each, alternating; the adopt's "
-          f"resume as dmmig timed it (ms): {resume_ms}; guest loadavg {load}; host loadavg {host_load}: "
+          f"`dmsetup resume` with its udev sync as dmmig timed it (ms): {resume_ms}; guest loadavg {load}; "
+          f"host loadavg {host_load}: "
           + json.dumps(res))
     assert table(a, lv) == own
     # the adopt is one table swap of the LV, as the plain one: the same order of pause

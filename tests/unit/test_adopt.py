@@ -178,3 +178,25 @@ def test_an_adopted_entry_reads_back_and_an_older_one_reads_as_not_adopted(tmp_p
     Path(j.path("d1")).write_text(json.dumps(data))
     e = j.load("d1")
     assert e is not None and e.adopted is None and e.target == e.origin
+
+
+def test_status_flags_an_lv_table_that_is_no_longer_dmmigs(tmp_path: Path) -> None:
+    from dmmig.adapters.nbdkernel import NbdKernel
+    from dmmig.flows.status import disk_status, render
+    from tests.unit.fakes import fake_nbd_devices
+
+    def host(live: str) -> Host:
+        h = Host(tmp_path / str(len(live)), live)
+        h.r.rules[:0] = [(["dmsetup", "table", "dmmig-d1"], (0, "0 131072 linear 253:3 0\n", "")),
+                         (["dmsetup", "table", "dmmig-d1-lv"], (0, TWO, "")),
+                         (INFO + ["dmmig-d1-era"], NOT_THERE)]
+        h.stack.mirror.nbd = NbdKernel(h.r, sys_block=fake_nbd_devices(tmp_path, 0))
+        h.stack.journal.save(h.entry, journal.WRAPPED)
+        return h
+    ok = disk_status(host(OURS).stack, "d1")
+    assert ok["problems"] == [] and ok["adopted"]["ours"] is True
+    assert "adopted: /dev/vg0/vm1 (vg0-vm1, 253:0), table dmmig's: linear over the top" in render(ok)
+    assert "dmmig-d1-lv (253:3" in render(ok)
+    bad = disk_status(host(TWO).stack, "d1")
+    assert bad["adopted"]["ours"] is False
+    assert [p for p in bad["problems"] if "the table of vg0-vm1 is no longer dmmig's" in p and "dmmig abort d1" in p]
