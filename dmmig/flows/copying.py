@@ -52,7 +52,7 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
         connecting = Started(lambda: Remote(dest, par))
         try:
             # what the cutover will need, here and there, before the copy: not after it
-            check_source(stack, dest.transport)
+            check_source(stack, dest.transport, [name])
             assert entry.block_sectors
             block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
             stack.dm.arm_guard()
