@@ -17,10 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import ORACLE, Disks, python
-from tests.kernel.test_copy import DMMIG, copy_args, digest, summary
-from tests.kernel.test_cutover import check, status
-from tests.kernel.test_gate import ask
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import DMMIG, ask, check, copy_args, digest, start_writer, status, stop_writer
+from tests.rig.output import summary
 from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
