@@ -221,6 +221,10 @@ class Stack:
     def adopt_plan(self, name: str, path: str) -> AdoptPlan:
         """What adopting PATH as NAME would do, every refusal checked; changes nothing."""
         disk_name(name)
+        entry = self.journal.load(name)
+        if entry is not None:
+            raise BadInput(f"{name} is already a dmmig disk (phase {entry.phase}, origin {entry.origin})",
+                           hint=f"`dmmig status {name}`; use another NAME, or `dmmig abort {name}` first")
         dev = block_device(path)
         require_tools("dmsetup")
         info = self.dm.info_of(dev.devno)
@@ -243,14 +247,11 @@ class Stack:
         the seconds the LV's swap took (its I/O pause, at most)."""
         disk_name(name)
         entry = self.journal.load(name)
-        if entry is not None:
-            a = entry.adopted
-            if (a is not None and entry.phase != ADOPTING and a.devno == block_device(path).devno
-                    and self.lv_problem(entry) is None):
-                return f"/dev/mapper/{top_name(name)}", 0.0  # adopted already
-            raise BadInput(f"{name} is already a dmmig disk (phase {entry.phase}, origin {entry.origin})",
-                           hint=f"`dmmig status {name}`; use another NAME, or `dmmig abort {name}` first")
-        plan = self.adopt_plan(name, path)
+        a = entry.adopted if entry is not None else None
+        if (entry is not None and a is not None and entry.phase != ADOPTING and a.devno == block_device(path).devno
+                and self.lv_problem(entry) is None):
+            return f"/dev/mapper/{top_name(name)}", 0.0  # adopted already
+        plan = self.adopt_plan(name, path)  # refuses a NAME dmmig knows
         with self.journal.lock(name):
             return self._adopt(plan)
 

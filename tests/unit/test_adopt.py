@@ -200,3 +200,12 @@ def test_status_flags_an_lv_table_that_is_no_longer_dmmigs(tmp_path: Path) -> No
     bad = disk_status(host(TWO).stack, "d1")
     assert bad["adopted"]["ours"] is False
     assert [p for p in bad["problems"] if "the table of vg0-vm1 is no longer dmmig's" in p and "dmmig abort d1" in p]
+
+
+def test_a_name_dmmig_knows_is_not_adopted_again(tmp_path: Path) -> None:
+    h = Host(tmp_path, OURS)
+    h.stack.journal.save(journal.Entry("d1", "/dev/loop1", "7:1"), journal.WRAPPED)  # a wrapped disk d1
+    with pytest.raises(BadInput) as e:
+        h.stack.adopt("d1", "/dev/vg0/vm1")
+    assert "d1 is already a dmmig disk (phase wrapped" in e.value.message
+    assert h.changes() == []
