@@ -50,19 +50,20 @@ def cmd_adopt(a: argparse.Namespace) -> int:
     entry = stack.entry_of(a.name)
     assert entry.adopted is not None
     print(path)
-    print(f"{entry.adopted.lv} is linear over {path} now (the swap's resume took {pause * 1000:.0f} ms with its "
-          "udev sync: its I/O paused for less); "
-          f"`dmmig abort {a.name}` gives it its own table back", file=sys.stderr)
+    took = (f"the swap's resume took {pause * 1000:.0f} ms with its udev sync: its I/O paused for less" if pause
+            else "adopted already")
+    print(f"{entry.adopted.lv} is linear over {path} now ({took}); `dmmig abort {a.name}` gives it its own table "
+          "back", file=sys.stderr)
     print(f"dmmig adopt: {HOLD_LVM.format(lv=entry.adopted.lv)}", file=sys.stderr)
     return 0
 
 
 def _released(stack: Stack, name: str) -> str:
     """What abort/finish left of NAME's device stack, for their last line."""
-    entry = stack.journal.load(name)
-    if entry is None and stack.dm.info(f"dmmig-{name}") is None:
+    from dmmig.names import top_name
+    if stack.journal.load(name) is None and stack.dm.info(top_name(name)) is None:
         return "dmmig's devices are gone (an adopted LV has its own table again)"
-    return f"dmmig-{name} is linear over its origin"
+    return f"{top_name(name)} is linear over its origin"
 
 
 def cmd_unwrap(a: argparse.Namespace) -> int:
