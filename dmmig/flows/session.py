@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from dmmig import names
 from dmmig.adapters import nbd, tlscreds, tunnel
-from dmmig.adapters.agentclient import AgentClient
+from dmmig.adapters.agentclient import WARM_PROTOCOL, AgentClient
 from dmmig.adapters.agentcmd import agent_argv
 from dmmig.adapters.runner import Runner
 from dmmig.adapters.ssh import (
@@ -306,14 +306,24 @@ def keep_probe(old: Destination | None, dest: Destination) -> None:
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
-def stop_remote(name: str, dest: Destination | None, *, remove_created: bool, done: list[str]) -> list[str]:
-    """Stop the destination's export; what could not be stopped is returned, exactly."""
+def stop_remote(name: str, dest: Destination | None, *, remove_created: bool, done: list[str],
+                warm: dict[str, Any] | None = None) -> list[str]:
+    """Stop the destination's export; what could not be stopped is returned, exactly. WARM
+    (finish): the generation the destination records as it stops (dmmig/flows/warm.py), if
+    its agent knows generations."""
     if not dest:
         return []
     try:
         remote = Remote(dest)
         try:
-            reply = remote.agent.call("stop", name=name, remove_created=remove_created)
+            kw: dict[str, Any] = {}
+            if warm is not None:
+                if remote.agent.hello.get("warm") == WARM_PROTOCOL:
+                    kw = {"warm": warm}
+                else:
+                    done.append("destination: its dmmig records no generations (an older version): a copy back "
+                                "will be a full one")
+            reply = remote.agent.call("stop", name=name, remove_created=remove_created, **kw)
             done += [f"destination: {d}" for d in reply["done"]]
         finally:
             remote.close()
