@@ -299,6 +299,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             stack.journal.save(entry)
 
         c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
+        stack.check_lv(entry)  # an adopted LV that LVM reloaded meanwhile: era missed writes
         t.add("base_copy", c.seconds)
         total.add(c)
         st.base_done, st.base_offset, st.next_since = True, size, st.base_era
@@ -320,6 +321,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
         finally:
             ranges.close()
+        stack.check_lv(entry)  # each round: an adopted LV that LVM reloaded is no longer tracked
         total.add(c)
         t.add("rounds_copy", c.seconds)
         rounds_now += 1

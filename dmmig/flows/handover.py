@@ -105,6 +105,11 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
 
 def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,
            win: Window) -> tuple[bool, str, int]:
+    # an adopted LV that LVM reloaded since: writes went past era and the mirror, nothing tells
+    # which; the destination must not start on that disk
+    problem = stack.lv_problem(entry)
+    if problem is not None:
+        return False, problem, 0
     st = stack.dm.mirror_status(top)
     info = stack.dm.info(top)
     assert info is not None
