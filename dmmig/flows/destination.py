@@ -263,21 +263,8 @@ class AgentServer:
                 if not gen.isascii() or not gen.isalnum() or len(gen) > 64:
                     raise ValueError(f"invalid generation {gen!r:.40}")
                 # the source vouched that the disks were identical when its top was last
-                # suspended; this fence is taken now, so nothing may have used the disk here
-                # since the export's last write: not a domain it was handed over to, not
-                # dmmig-NAME or anything else stacked on it (their writes would become part of
-                # the "identical" baseline and never go back)
-                if rec.handed_over is not None:
-                    raise ValueError("it was handed over to a domain here before the source's finish: "
-                                     "it may have been written since the two disks were identical")
-                if os.path.exists(Files(self.state, name).journal):
-                    raise ValueError(f"dmmig here has a journal for {name}: the disk was wrapped here "
-                                     "before the source's finish")
-                self.policy.existing(rec.path)
-                if stat.S_ISBLK(os.stat(rec.path).st_mode):
-                    held = holder_names(block_device(rec.path))
-                    if held:
-                        raise ValueError(f"it is held by {', '.join(held)}")
+                # suspended; this fence is taken now, after the source's finish
+                self._unused_since_export(name, rec, "before the source's finish")
                 warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
                               str(warm.get("peer") or "")[:255], self.r)
                 done.append(f"recorded generation {gen[:12]} of {rec.path}: `dmmig wrap {name} {rec.path}` here "
@@ -351,7 +338,9 @@ class AgentServer:
                 raise ValueError(f"invalid generation {gen!r:.40}")
             if rec.export is not None:
                 raise ValueError("its export still runs")
-            self.policy.existing(rec.path)
+            # the `add` that asked has not wrapped the disk yet (it waits for this answer), so
+            # nothing of dmmig's uses it here; from its wrap on, era counts every write (track)
+            self._unused_since_export(name, rec, "before this yes")
             budget = warm.get("budget_s")
             warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
                           str(warm.get("peer") or "")[:255], self.r,
@@ -360,6 +349,22 @@ class AgentServer:
         except (OSError, ValueError, DmmigError) as e:
             warmth.drop(self.state, name)
             return {"ok": False, "why": f"{rec.path} could not be fenced: {e}"}
+
+    def _unused_since_export(self, name: str, rec: Incoming, when: str) -> None:
+        """ValueError unless nothing used REC's disk here since the export's last write: not a
+        domain it was handed over to (a delivered yes), not dmmig-NAME (a journal: wrapped here)
+        nor anything else stacked on it. A fence taken now would make their writes part of the
+        "identical" baseline, and they would never go back."""
+        if rec.handed_over is not None:
+            raise ValueError(f"it was handed over to a domain here {when}: it may have been written "
+                             "since the two disks were identical")
+        if os.path.exists(Files(self.state, name).journal):
+            raise ValueError(f"dmmig here has a journal for {name}: the disk was wrapped here {when}")
+        self.policy.existing(rec.path)
+        if stat.S_ISBLK(os.stat(rec.path).st_mode):
+            held = holder_names(block_device(rec.path))
+            if held:
+                raise ValueError(f"it is held by {', '.join(held)}")
 
     def op_relay(self, name: str) -> dict[str, Any]:
         """From the reply on, this session carries NAME's NBD traffic (as `dmmig agent relay

@@ -134,6 +134,8 @@ def _generation(stack: Stack, entry: journal.Entry, remote: Remote, win: Window)
     why: str | None
     if remote.agent.hello.get("warm_gate") is not True:
         why = "the destination's dmmig records no generation at the handover (an older version)"
+    elif entry.adopted is not None:  # as finish: its kept disk would be dmmig-NAME-lv, which goes
+        why = "an adopted LV keeps no generation"
     elif win.remaining() < WARM_NEEDS_S:
         why = f"too little of the {win.cap:.0f}s window was left to record a generation"
     else:

@@ -533,6 +533,38 @@ def test_no_half_is_recorded_at_the_gate_unless_the_yes_reached_the_add(dest: De
         assert generation.load(dest.state, "d1") is None
 
 
+@pytest.mark.parametrize("case, why", [
+    ("handed over", "handed over to a domain here"),  # an earlier yes on this record: a domain used it
+    ("wrapped", "dmmig here has a journal for d1"),   # dmmig-d1 stacked on it before this yes
+])
+def test_no_half_is_recorded_at_the_gate_for_a_disk_used_here_since_the_exports_last_write(
+        dest: Dest, case: str, why: str) -> None:
+    """ce18dd3's rule on the migrate path: the gate's fence here is taken as the export stops;
+    a disk something else used since then (a domain an earlier yes handed it to, dmmig's own
+    wrap) has writes the source never got, which would become the "identical" baseline."""
+    import json
+    p = dest.path("vm1.img", 4 * MIB)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
+    if case == "handed over":
+        f = Files(dest.state, "d1").incoming
+        with open(f) as fh:
+            rec = json.load(fh)
+        with open(f, "w") as fh:
+            json.dump(dict(rec, handed_over=1234.5), fh)
+    else:
+        with open(Files(dest.state, "d1").journal, "w") as fh:
+            fh.write("{}")
+    out: dict[str, Any] = {}
+    t = _asked(dest, "d1", out)
+    try:
+        r = dest.agent.op_answer_gate("d1", True, "fine", warm={"generation": "abc123", "peer": "hosta"})
+        t.join(10)
+    finally:
+        dest.agent.gate.close()
+    assert r["delivered"] and r["warm"]["ok"] is False and why in r["warm"]["why"], r
+    assert generation.load(dest.state, "d1") is None
+
+
 def test_a_kept_loop_device_becomes_a_fence_of_its_file_only_if_nothing_wrote_either(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """block-dmmig's loop device over the file goes after the handover: a's half then fences the
@@ -605,13 +637,17 @@ class _Agent:
         return self.reply
 
 
-@pytest.mark.parametrize("case", ["warm", "older agent", "short window", "undelivered", "not recorded there"])
+@pytest.mark.parametrize("case", ["warm", "older agent", "short window", "undelivered", "not recorded there",
+                                  "adopted"])
 def test_the_gates_yes_records_this_hosts_half_only_with_the_destinations(tmp_path: Path, case: str) -> None:
     from dmmig.flows.handover import answer_gate
     state = str(tmp_path / "state")
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8192))
     s: Any = _GateStack(state, str(disk))
+    if case == "adopted":  # its kept disk would be dmmig-NAME-lv, which finish removes (as finish)
+        from dmmig.core.records import Adopted
+        s.e.adopted = Adopted(lv="vg0-vm1", path="/dev/vg0/vm1", devno="253:3", uuid="LVM-x", table="0 16 linear 7:0 0")
     generation.record(state, "d1", KEPT, str(disk), 8192, "older", "b", R)  # an older one never stays
     hello = {} if case == "older agent" else {"warm_gate": True}
     reply: dict[str, Any] = {"delivered": case != "undelivered",
@@ -629,6 +665,7 @@ def test_the_gates_yes_records_this_hosts_half_only_with_the_destinations(tmp_pa
     else:
         assert rec is None, case
         assert ("warm" in kw) == (case in ("undelivered", "not recorded there")), kw
+        assert h.get("generation") is None, h
     assert s.calls[0] == "suspend dmmig-d1" and s.calls[-1] == "resume dmmig-d1"
 
 
