@@ -64,6 +64,9 @@ class Fence:
     device: Counters | None = None
     file: FileStamp | None = None
     file_path: str | None = None
+    # False: the file's stamp was taken without waiting for its ctime to settle (take(...,
+    # wait=False), inside a suspended window); it proves nothing until settle() made it True
+    settled: bool = True
 
 
 def boot_id() -> str:
@@ -136,14 +139,15 @@ def _stamp(path: str) -> FileStamp:
     return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def settled_stamp(path: str, settle_s: float | None = None, max_wait_s: float | None = None) -> FileStamp:
+def settled_stamp(path: str, settle_s: float | None = None, max_wait_s: float | None = None,
+                  first: FileStamp | None = None) -> FileStamp:
     """PATH's stamp such that any later write moves its ctime: taken when the clock read
     before it was already SETTLE_S past the ctime it shows (a write within the tick of the
     last one would otherwise leave the ctime as it was); else waited for and taken again,
-    for MAX_WAIT_S at most (OSError past it)."""
+    for MAX_WAIT_S at most (OSError past it). FIRST: the stamp the caller fenced with
+    earlier, which every stamp taken here must equal."""
     settle_s = CTIME_SETTLE_S if settle_s is None else settle_s
     end = None if max_wait_s is None else time.monotonic() + max_wait_s
-    first: FileStamp | None = None
     for _ in range(4):
         before = time.clock_gettime(CLOCK_REALTIME_COARSE)
         s = _stamp(path)
@@ -171,21 +175,49 @@ def sync(path: str) -> None:
         os.close(fd)
 
 
-def take(path: str, runner: Runner, *, max_wait_s: float | None = None) -> Fence:
+def take(path: str, runner: Runner, *, wait: bool = True, max_wait_s: float | None = None) -> Fence:
     """PATH (a block device or a file) as it is now, after a sync; a file's stamp waited for
-    MAX_WAIT_S at most (settled_stamp)."""
+    MAX_WAIT_S at most (settled_stamp). WAIT False: the stamp as it is, at once (a suspended
+    window must not wait for a ctime); unless its ctime happens to be settled already, the
+    fence proves nothing (written_since says so) until settle() is called on it."""
     sync(path)
     devno = devno_of(path)
     file = path if devno is None else backing_file(devno)
     if file is not None:
         sync(file)
     dev = counters(devno, runner) if devno is not None else None
-    return Fence(path, boot_id(), dev, settled_stamp(file, max_wait_s=max_wait_s) if file is not None else None,
-                 file)
+    if file is None:
+        return Fence(path, boot_id(), dev, None, None)
+    if wait:
+        return Fence(path, boot_id(), dev, settled_stamp(file, max_wait_s=max_wait_s), file)
+    before = time.clock_gettime(CLOCK_REALTIME_COARSE)
+    stamp = _stamp(file)
+    return Fence(path, boot_id(), dev, stamp, file, settled=before - stamp.ctime_ns / 1e9 > CTIME_SETTLE_S)
+
+
+def settle(fence: Fence, runner: Runner, *, max_wait_s: float | None = None) -> Fence:
+    """FENCE (taken with wait=False) made sound: once the clock is CTIME_SETTLE_S past its
+    file's ctime, the stamp is taken again. If it and the device's counters are as in FENCE,
+    nothing wrote either since FENCE (as far as settled_stamp can tell: a write within the
+    ctime's tick of the last one before FENCE does not show, as with a fence waited for), and
+    FENCE holds with a stamp that any later write moves. OSError otherwise (no fence)."""
+    if fence.settled:
+        return fence
+    if fence.file is None or fence.file_path is None:
+        raise OSError(f"the fence of {fence.path} has no file stamp to settle")
+    settled_stamp(fence.file_path, max_wait_s=max_wait_s, first=fence.file)
+    done = Fence(fence.path, fence.boot_id, fence.device, fence.file, fence.file_path)
+    why = written_since(done, runner)
+    if why is not None:
+        raise OSError(why)
+    return done
 
 
 def written_since(fence: Fence, runner: Runner) -> str | None:
     """Why PATH may have been written since FENCE, or None if it surely was not."""
+    if not fence.settled:
+        return (f"the fence of {fence.path} was never settled (its file's ctime was too recent to "
+                "show a later write)")
     try:
         if boot_id() != fence.boot_id:
             return "the host rebooted since (the kernel's write counters started again)"

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import replace
 
 from dmmig.adapters import writefence
 from dmmig.adapters.runner import Runner
@@ -64,13 +65,34 @@ def drop_for(state: str, name: str, path: str) -> None:
 
 
 def record(state: str, name: str, role: str, path: str, size: int, generation: str, peer: str,
-           runner: Runner, *, max_wait_s: float | None = None) -> Warm:
+           runner: Runner, *, wait: bool = True) -> Warm:
     """The generation's half on this host, with PATH's fence taken now (OSError: PATH cannot
-    be fenced, or not within MAX_WAIT_S, and no generation is recorded)."""
+    be fenced, and no generation is recorded). WAIT False: the fence as it is, at once, to be
+    settled later (settle; writefence.take)."""
     rec = Warm(name=name, generation=generation, role=role, path=path, size=size, at=time.time(),
-               fence=writefence.take(path, runner, max_wait_s=max_wait_s), peer=peer)
+               fence=writefence.take(path, runner, wait=wait), peer=peer)
     save(state, rec)
     return rec
+
+
+def settle(state: str, rec: Warm, runner: Runner, *, max_wait_s: float | None = None) -> Warm:
+    """REC with its fence settled (writefence.settle) and saved, if REC is still what is
+    saved here (another step may have dropped or changed it meanwhile: that one stands).
+    OSError: the fence cannot be settled (something wrote the disk since), and REC is dropped."""
+    if rec.fence.settled:
+        return rec
+    try:
+        fence = writefence.settle(rec.fence, runner, max_wait_s=max_wait_s)
+    except OSError:
+        cur = load(state, rec.name)
+        if cur is not None and cur.generation == rec.generation and cur.fence == rec.fence:
+            drop(state, rec.name)
+        raise
+    cur = load(state, rec.name)
+    done = replace(rec, fence=fence)
+    if cur is not None and cur.generation == rec.generation and cur.fence == rec.fence:
+        save(state, done)
+    return done
 
 
 def new_generation() -> str:

@@ -212,7 +212,7 @@ def fence_of(data: Any) -> Fence:
     dev, file = data.get("device"), data.get("file")
     return Fence(path=str(data["path"]), boot_id=str(data["boot_id"]),
                  device=Counters(**dev) if dev else None, file=FileStamp(**file) if file else None,
-                 file_path=data.get("file_path"))
+                 file_path=data.get("file_path"), settled=data.get("settled", True) is True)
 
 
 def counters_of(data: Any) -> Counters:

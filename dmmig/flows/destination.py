@@ -341,10 +341,10 @@ class AgentServer:
             # the `add` that asked has not wrapped the disk yet (it waits for this answer), so
             # nothing of dmmig's uses it here; from its wrap on, era counts every write (track)
             self._unused_since_export(name, rec, "before this yes")
-            budget = warm.get("budget_s")
+            # not waited for (the source's top is suspended meanwhile): a file's ctime is
+            # settled by warm.track, before era goes under the top and before blkback opens it
             warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
-                          str(warm.get("peer") or "")[:255], self.r,
-                          max_wait_s=float(budget) if isinstance(budget, (int, float)) else None)
+                          str(warm.get("peer") or "")[:255], self.r, wait=False)
             return {"ok": True}
         except (OSError, ValueError, DmmigError) as e:
             warmth.drop(self.state, name)

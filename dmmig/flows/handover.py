@@ -10,7 +10,6 @@ import threading
 import time
 from typing import Any
 
-from dmmig.adapters import writefence
 from dmmig.adapters.ssh import close_quietly
 from dmmig.core import gate, journal
 from dmmig.core.copier import Copier
@@ -95,8 +94,6 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
         if not ok and generation is not None:
             warm.drop(stack.journal.dir, entry.name)
         if ok:  # while suspended: nothing can be written between the check and the yes
-            if kw:  # the destination's fence may wait for its file's ctime: within what is left
-                kw["warm"]["budget_s"] = round(max(win.remaining() - MIN_YES_S, 0.0), 3)
             try:
                 reply = remote.agent.call("answer_gate", name=entry.name, ok=True, why=why,
                                           deadline_s=max(win.remaining(), 0.1), **kw)
@@ -108,6 +105,19 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                 kept_gen = _warm_outcome(stack, entry, generation, None, None)
     finally:
         seconds = win.close()  # always: if the guest resumes here, it must find its disk
+    if kept_gen is not None:
+        # this host's fence was taken in the window without waiting for its file's ctime to
+        # settle (up to writefence.CTIME_SETTLE_S): settled now, the guest's disk no longer frozen
+        t0 = time.monotonic()
+        problem = warm.settle_kept(stack, entry.name, kept_gen)
+        if problem is not None:
+            warm.drop(stack.journal.dir, entry.name)
+            log.warning("%s: generation %s dropped: %s; a copy back will be a full one", entry.name, kept_gen[:12],
+                        problem)
+            kept_gen = None
+        else:
+            log.info("%s: generation %s settled in %.2fs after the window", entry.name, kept_gen[:12],
+                     time.monotonic() - t0)
     if not ok:
         try:
             delivered = bool(remote.agent.call("answer_gate", name=entry.name, ok=False, why=why,
@@ -121,9 +131,9 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
     return to_json(entry.mirror.handover)
 
 
-# the yes's half of a generation needs this much of the window: this host's fence and the
-# destination's may each wait up to writefence.CTIME_SETTLE_S for a file's ctime to settle
-WARM_NEEDS_S = MIN_YES_S + 2 * (writefence.CTIME_SETTLE_S + 0.5)
+# the yes's half of a generation needs this much of the window: the fences on both hosts are
+# taken at once (a sync and a stat each; a file's ctime is settled after the window)
+WARM_NEEDS_S = MIN_YES_S + 1.0
 
 
 def _generation(stack: Stack, entry: journal.Entry, remote: Remote, win: Window) -> tuple[dict[str, Any], str | None]:
@@ -140,9 +150,8 @@ def _generation(stack: Stack, entry: journal.Entry, remote: Remote, win: Window)
         why = f"too little of the {win.cap:.0f}s window was left to record a generation"
     else:
         try:
-            # the destination's fence needs its share of the window too
-            budget = win.remaining() - MIN_YES_S - (writefence.CTIME_SETTLE_S + 0.5)
-            rec, why = warm.kept(stack, entry, warm.new_generation(), max_wait_s=budget)
+            # not waited for: a file's ctime is settled after the window (settle_kept)
+            rec, why = warm.kept(stack, entry, warm.new_generation(), wait=False)
         except (OSError, DmmigError) as e:
             rec, why = None, f"{type(e).__name__}: {e}"
         if rec is not None:

@@ -37,7 +37,7 @@ from typing import Any
 from dmmig.adapters import writefence
 from dmmig.adapters.writefence import Counters
 from dmmig.core import journal
-from dmmig.core.generation import drop, load, names, new_generation, record, save
+from dmmig.core.generation import drop, load, names, new_generation, record, save, settle
 from dmmig.core.records import KEPT, TOOK_OVER, CopyState, Warm, WarmTrack, read_warm
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, StateError
@@ -47,8 +47,10 @@ from dmmig.validate import disk_name
 log = logging.getLogger("dmmig.warm")
 
 COLD = "cold: full copy, because "
+# how long a fence taken in a suspended window (unsettled) may take to settle afterwards
+SETTLE_WAIT_S = writefence.CTIME_SETTLE_S + 0.5
 __all__ = ["COLD", "decide", "drop", "forget", "identical", "kept", "kept_file", "load", "local_verdict", "names",
-           "new_generation", "record", "save", "status", "track"]
+           "new_generation", "record", "save", "settle_kept", "status", "track"]
 
 
 # ---- A: finish ----------------------------------------------------------------------------
@@ -71,21 +73,35 @@ def identical(stack: Stack, entry: journal.Entry) -> str | None:
     return None
 
 
-def kept(stack: Stack, entry: journal.Entry, generation: str, *,
-         max_wait_s: float | None = None) -> tuple[Warm | None, str]:
+def kept(stack: Stack, entry: journal.Entry, generation: str, *, wait: bool = True) -> tuple[Warm | None, str]:
     """At finish or the gate's yes, the top suspended: A's half of a new generation (its
-    origin's fence, waited for MAX_WAIT_S at most), or None and why not."""
+    origin's fence; WAIT False: not waited for, settled after the window, settle), or None
+    and why not."""
     why = identical(stack, entry)
     if why is None:
         size = stack.dm.table(top_name(entry.name)).length * 512
         peer = entry.dest.host if entry.dest else ""
         try:
             return record(stack.journal.dir, entry.name, KEPT, entry.origin, size, generation, peer,
-                          stack.runner, max_wait_s=max_wait_s), ""
+                          stack.runner, wait=wait), ""
         except OSError as e:
             why = f"{entry.origin} cannot be fenced: {e.strerror or e}"
     drop(stack.journal.dir, entry.name)  # an older generation no longer holds either
     return None, why
+
+
+def settle_kept(stack: Stack, name: str, generation: str) -> str | None:
+    """After the gate's window (the top resumed): settle the fence of NAME's kept GENERATION,
+    taken in the window without waiting for its file's ctime. None if it holds; else why not,
+    and the generation is dropped here (a copy back is a full one)."""
+    rec = load(stack.journal.dir, name)
+    if rec is None or rec.generation != generation:
+        return f"the record of generation {generation[:12]} is gone here"
+    try:
+        settle(stack.journal.dir, rec, stack.runner, max_wait_s=SETTLE_WAIT_S)
+    except OSError as e:
+        return f"{rec.path} cannot be fenced: {e.strerror or e}"
+    return None
 
 
 def kept_file(stack: Stack, name: str, node: str, file: str) -> str | None:
@@ -97,6 +113,12 @@ def kept_file(stack: Stack, name: str, node: str, file: str) -> str | None:
     rec = load(stack.journal.dir, name)
     if rec is None or rec.role != KEPT or os.path.realpath(rec.path) != os.path.realpath(node):
         return None
+    try:  # the gate's settle may not have run yet (killed, or still under way)
+        rec = settle(stack.journal.dir, rec, stack.runner, max_wait_s=SETTLE_WAIT_S)
+    except OSError as e:
+        drop(stack.journal.dir, name)
+        log.warning("%s: %s; a copy back will be a full one", name, e)
+        return f"forgot the generation of {name}: {e}"
     f = rec.fence
     why = writefence.written_since(f, stack.runner)
     if why is None and (f.file is None or f.file_path is None
@@ -125,6 +147,9 @@ def track(stack: Stack, name: str) -> str | None:
     entry = stack.entry_of(name)
     origin_then: Counters | None = None
     try:
+        # the gate's yes took the fence in the source's suspended window without waiting for
+        # the file's ctime: settled here, before era and before anything opens the disk
+        rec = settle(state, rec, stack.runner, max_wait_s=SETTLE_WAIT_S)
         # first: the counters only grow, so if the fence still holds after this read, it held
         # at it, and any write from now on that does not pass through era shows at the copy
         origin_then = writefence.counters(entry.origin_devno, stack.runner)

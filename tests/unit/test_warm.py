@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -507,6 +509,7 @@ def test_the_new_owner_records_its_half_at_the_gates_yes_once_its_export_stopped
     assert r == {"delivered": True, "warm": {"ok": True}} and out["ok"], r
     rec = generation.load(dest.state, "d1")
     assert rec is not None and rec.role == TOOK_OVER and rec.generation == "abc123" and rec.path == p
+    rec = generation.settle(dest.state, rec, R)  # as warm.track does before era goes under the top
     assert rec.fence.file is not None and writefence.written_since(rec.fence, R) is None
 
 
@@ -638,9 +641,11 @@ class _Agent:
 
 
 @pytest.mark.parametrize("case", ["warm", "older agent", "short window", "undelivered", "not recorded there",
-                                  "adopted"])
-def test_the_gates_yes_records_this_hosts_half_only_with_the_destinations(tmp_path: Path, case: str) -> None:
+                                  "adopted", "written after the window"])
+def test_the_gates_yes_records_this_hosts_half_only_with_the_destinations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     from dmmig.flows.handover import answer_gate
+    monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.6)  # long enough to show in the window
     state = str(tmp_path / "state")
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8192))
@@ -649,22 +654,32 @@ def test_the_gates_yes_records_this_hosts_half_only_with_the_destinations(tmp_pa
         from dmmig.core.records import Adopted
         s.e.adopted = Adopted(lv="vg0-vm1", path="/dev/vg0/vm1", devno="253:3", uuid="LVM-x", table="0 16 linear 7:0 0")
     generation.record(state, "d1", KEPT, str(disk), 8192, "older", "b", R)  # an older one never stays
+    disk.write_bytes(bytes(8192))  # the guest's last write through the mirror, just now
     hello = {} if case == "older agent" else {"warm_gate": True}
     reply: dict[str, Any] = {"delivered": case != "undelivered",
                              "warm": {"ok": case != "not recorded there", "why": "could not be fenced"}}
     agent = _Agent(hello, reply)
     remote: Any = type("Remote", (), {"agent": agent})()
-    h = answer_gate(s, s.e, remote, cap=3.0 if case == "short window" else 12.0)
+    if case == "written after the window":  # the top resumed, then the kept disk was written
+        resume = s.resume
+        def resume_and_write(name: str) -> None:
+            resume(name)
+            with open(disk, "r+b") as fh:
+                fh.write(b"after the yes")
+        s.resume = resume_and_write
+    # the disk's file was just written (its ctime is fresh): the window must not wait for it
+    h = answer_gate(s, s.e, remote, cap=3.5 if case == "short window" else 12.0)
     assert h["ok"], h
+    assert h["seconds"] < 0.3, h  # a's fence waited for the ctime (0.6 s here) in the window
     [(op, kw)] = agent.calls
     rec = generation.load(state, "d1")
     if case == "warm":
         assert rec is not None and rec.role == KEPT and rec.path == str(disk) and rec.size == 16 * 512
         assert kw["warm"]["generation"] == rec.generation and h["generation"] == rec.generation
-        assert writefence.written_since(rec.fence, R) is None
+        assert rec.fence.settled and writefence.written_since(rec.fence, R) is None  # settled after it
     else:
         assert rec is None, case
-        assert ("warm" in kw) == (case in ("undelivered", "not recorded there")), kw
+        assert ("warm" in kw) == (case in ("undelivered", "not recorded there", "written after the window")), kw
         assert h.get("generation") is None, h
     assert s.calls[0] == "suspend dmmig-d1" and s.calls[-1] == "resume dmmig-d1"
 
@@ -684,13 +699,39 @@ def test_migrate_dry_run_says_why_a_disk_not_prepared_is_a_full_copy(tmp_path: P
     assert "cold: full copy, because" in "\n".join(copying.render_estimate(est))
 
 
-def test_a_fence_that_would_wait_past_its_budget_is_none(tmp_path: Path, dest: Dest) -> None:
-    """The gate's fences run in the suspended window: a file written just now whose ctime would
-    settle only past the budget is not fenced, so no generation (a full copy), never a late yes."""
+def test_a_fence_taken_at_once_proves_nothing_until_settled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's fences are taken in a suspended window without waiting for a file's ctime:
+    such a fence says "never settled" until settle() took the stamp again past the ctime's
+    settling time and found it, and the counters, as they were; a write in between: no fence."""
+    from dmmig.core.records import fence_of
+    monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.6)
     f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))  # just written: its ctime has not settled
+    t0 = time.monotonic()
+    fence = writefence.take(str(f), R, wait=False)
+    assert time.monotonic() - t0 < 0.3 and not fence.settled
+    assert "never settled" in str(writefence.written_since(fence, R))
+    assert fence_of(to_json(fence)) == fence  # saved and read back: still unsettled
+    assert not fence_of(dict(to_json(fence), settled="yes")).settled  # anything but true is not settled
+    done = writefence.settle(fence, R)
+    assert done.settled and done.file == fence.file and writefence.written_since(done, R) is None
     f.write_bytes(bytes(4096))
-    with pytest.raises(OSError, match="would settle only in"):
-        writefence.take(str(f), R, max_wait_s=0.0)
+    fence = writefence.take(str(f), R, wait=False)
+    t = threading.Timer(0.2, lambda: f.write_bytes(b"between the window and the settle"))
+    t.start()
+    try:
+        with pytest.raises(OSError, match="written while its fence was taken"):
+            writefence.settle(fence, R)
+    finally:
+        t.join()
+
+
+def test_the_new_owners_half_at_the_gate_is_taken_at_once_and_settled_by_track(
+        dest: Dest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b's agent records its half in the source's suspended window: no wait for the file's ctime
+    there (the export wrote it just now); warm.track settles it before era goes under the top,
+    and a write to the file in between makes the record unusable (dropped: a full copy back)."""
+    monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.6)
     p = dest.path("vm1.img", 4 * MIB)
     dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
     out: dict[str, Any] = {}
@@ -698,9 +739,27 @@ def test_a_fence_that_would_wait_past_its_budget_is_none(tmp_path: Path, dest: D
     try:
         with open(p, "r+b") as fh:
             fh.write(b"x")  # the export's last write, just now
+        t0 = time.monotonic()
         r = dest.agent.op_answer_gate("d1", True, "fine", warm={"generation": "abc", "peer": "a", "budget_s": 0})
+        took = time.monotonic() - t0
         t.join(10)
     finally:
         dest.agent.gate.close()
-    assert r["delivered"] and r["warm"]["ok"] is False and "would settle only" in r["warm"]["why"], r
-    assert generation.load(dest.state, "d1") is None and out["ok"]  # the yes itself stands
+    assert r["delivered"] and r["warm"]["ok"] is True and took < 0.3, (r, took)
+    rec = generation.load(dest.state, "d1")
+    assert rec is not None and not rec.fence.settled
+    assert generation.settle(dest.state, rec, R).fence.settled
+    got = generation.load(dest.state, "d1")
+    assert got is not None and got.fence.settled and writefence.written_since(got.fence, R) is None
+    # again, with a write before the settle
+    with open(p, "r+b") as fh:
+        fh.write(b"z")
+    generation.record(dest.state, "d1", TOOK_OVER, p, 4 * MIB, "abd", "a", R, wait=False)
+    rec = generation.load(dest.state, "d1")
+    assert rec is not None and not rec.fence.settled
+    time.sleep(0.05)  # past the ctime's tick of the record's stamp (a write within it does not show)
+    with open(p, "r+b") as fh:
+        fh.write(b"y")
+    with pytest.raises(OSError):
+        generation.settle(dest.state, rec, R)
+    assert generation.load(dest.state, "d1") is None
