@@ -9,7 +9,7 @@ import time
 from tests.conftest import ORACLE, python
 from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS
-from tests.rig.uml import ROOT, UmlHost
+from tests.rig.uml import ROOT, Result, UmlHost
 
 
 def start_writer(rig: UmlHost, dev: str, record: str, seed: int = 7, **kw: str) -> object:
@@ -140,3 +140,21 @@ print(json.dumps(dict(rep, seconds=time.monotonic() - t)))
 def ask(b: UmlHost, name: str, timeout: float) -> tuple[int, dict]:
     r = b.py(ASK, "/run/dmmig", name, str(timeout), check=False)
     return r.rc, json.loads(r.out)
+
+
+def handover(a: UmlHost, b: UmlHost, name: str, *, timeout: float = 60, ask_s: float = 35
+             ) -> tuple[int, dict, Result]:
+    """The handover step as `dmmig migrate` runs it: a's `dmmig handover NAME` waits for the
+    gate, b asks as block-dmmig's `add` does. Returns (the ask's exit code, its reply, the
+    handover's result); the caller asserts what it expects."""
+    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", f"{timeout:.0f}"])
+    rc, rep = ask(b, name, ask_s)
+    return rc, rep, job.wait(120)
+
+
+def hand_over(a: UmlHost, b: UmlHost, name: str) -> dict:
+    """handover() that must say yes on both sides: the handover's journaled record."""
+    rc, rep, res = handover(a, b, name)
+    assert rc == 0 and rep["ok"], rep
+    assert res.rc == 0, res.err
+    return summary(res.out)

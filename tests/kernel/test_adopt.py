@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import ORACLE, Disks, python
-from tests.kernel.steps import DMMIG, ask, check, copy_args, digest, start_writer, status, stop_writer
+from tests.kernel.steps import DMMIG, check, copy_args, digest, hand_over, handover, start_writer, status, stop_writer
 from tests.rig.output import summary
 from tests.rig.uml import UmlHost
 
@@ -131,11 +131,7 @@ def test_adopted_lv_is_migrated_under_its_writer_and_gets_its_table_back(pair, p
     assert cut["suspended_seconds"] < 5, cut
     time.sleep(1)
     stop_writer(a, w)  # the guest is suspended now, as when `add` runs on the destination
-    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
-    rc, rep = ask(b, name, 35)
-    res = job.wait(120)
-    assert rc == 0 and rep["ok"], rep
-    assert res.rc == 0, res.err
+    hand_over(a, b, name)
     check(b, dest, 41, rec)            # every acknowledged write is on the destination
     assert digest(a, path) == digest(b, dest)
     fin = a.dmmig("finish", name)
@@ -218,9 +214,7 @@ def test_lvm_refresh_while_mirroring_makes_the_gate_refuse(pair, pdisks, vg: Vg,
     vg.lvm("lvchange", "--refresh", f"{vg.vg}/vm")
     time.sleep(1)  # writes that reach only the source
     stop_writer(a, w)
-    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
-    rc, rep = ask(b, name, 35)
-    res = job.wait(120)
+    rc, rep, res = handover(a, b, name)
     assert rc == 3 and f"the table of {lv} is no longer dmmig's" in rep["refused"], rep
     assert res.rc != 0 and "refused" in res.err, res.err
     r = a.dmmig("finish", name, check=False)  # nor may the source call it done

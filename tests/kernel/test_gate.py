@@ -17,6 +17,7 @@ from tests.kernel.steps import (
     check,
     cleanup,
     digest,
+    hand_over,
     inject,
     migrate_to_mirror,
     start_writer,
@@ -24,7 +25,6 @@ from tests.kernel.steps import (
     stop_writer,
     wait_leg_failed,
 )
-from tests.rig.output import summary
 from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
@@ -44,12 +44,7 @@ def test_gate_vouches_for_the_disk_and_frees_it(pair, pdisks, name: str, leg: st
         wait_leg_failed(a, name)
         time.sleep(1)
     stop_writer(a, w)  # the guest is suspended now, as when `add` runs on the destination
-    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
-    rc, rep = ask(b, name, 35)
-    res = job.wait(120)
-    assert rc == 0 and rep["ok"], rep
-    assert res.rc == 0, res.err
-    s = summary(res.out)
+    s = hand_over(a, b, name)
     assert (s["caught_up_bytes"] > 0) == (leg == "failed"), s
     assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0  # the export is gone: the disk is free
     check(b, dest, 8, rec)          # every acknowledged write is on the destination

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ORACLE, python
-from tests.kernel.steps import DMMIG, ask, copy_args, digest, inject, start_writer, stop_writer, wait_leg_failed
+from tests.kernel.steps import DMMIG, copy_args, digest, hand_over, inject, start_writer, stop_writer, wait_leg_failed
 from tests.rig.output import summary
 from tests.rig.pair import A_IP, AGENT_CONF, AGENT_CONF_TEXT, SSH_OPTS, sshd_config
 from tests.rig.uml import UmlHost
@@ -221,11 +221,7 @@ def test_the_gates_yes_records_the_generation_so_the_way_back_is_warm(pair, pdis
         inject(b, "kill-server", None)
         wait_leg_failed(a, name)
     assert stop_writer(a, w)["writes"] > 100  # the guest is suspended when `add` asks
-    job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", "60"])
-    rc, rep = ask(b, name, 35)
-    res = job.wait(120)
-    assert rc == 0 and rep["ok"] and res.rc == 0, (rep, res.err)
-    h = summary(res.out)
+    h = hand_over(a, b, name)
     print(f"[warm] gate ({leg}): suspended {h['seconds'] * 1000:.0f} ms, caught up {h['caught_up_bytes']}")
     a.dmmig("finish", name, "--remove")
     wrap = b.dmmig("wrap", name, dest)
@@ -239,6 +235,7 @@ def test_the_gates_yes_records_the_generation_so_the_way_back_is_warm(pair, pdis
         return
     kept = json.loads(a.run(["cat", f"/run/dmmig/{name}.warm.json"]).out)
     assert kept["role"] == "kept" and kept["generation"] == h["generation"], (kept, h)
+    assert kept["fence"].get("settled", True) is True, kept  # taken in the window, settled after it
     assert "warm: era tracks every write" in wrap.err, wrap.err
     write_on_b(b, name, rec_b)
     s = summary(b.dmmig(*back_args(name, origin)).out)
