@@ -63,7 +63,7 @@ def mirroring_entry(stack: Stack, name: str) -> journal.Entry:
 
 
 def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
-                cap: float = gate.SUSPEND_CAP_S) -> dict[str, Any]:
+                cap: float = gate.SUSPEND_CAP_S, settle: bool = True) -> dict[str, Any]:
     """The destination asked about ENTRY (its lock is held): vouch for the disk. With the top
     device suspended (every write that was acknowledged is through the mirror), check that
     every region is in sync, every leg alive and no dm event came since the sync; otherwise
@@ -71,7 +71,8 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
     The window is capped at CAP seconds (dmmig/core/window.py): past it the top resumes whatever
     is under way and the answer is no. A no is sent after the resume. Returns the journaled
     record: ok, why, caught_up_bytes, seconds (suspended), delivered (None: a yes whose
-    delivery the destination did not confirm in time)."""
+    delivery the destination did not confirm in time), generation (warm copies: recorded on
+    both hosts; SETTLE False: its fence here is settled later, by settle_generation)."""
     top, era = top_name(entry.name), era_name(entry.name)
     win = Window(cap, lambda: stack.dm.resume(top))
     ok, why, sent = False, "", 0
@@ -105,19 +106,8 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                 kept_gen = _warm_outcome(stack, entry, generation, None, None)
     finally:
         seconds = win.close()  # always: if the guest resumes here, it must find its disk
-    if kept_gen is not None:
-        # this host's fence was taken in the window without waiting for its file's ctime to
-        # settle (up to writefence.CTIME_SETTLE_S): settled now, the guest's disk no longer frozen
-        t0 = time.monotonic()
-        problem = warm.settle_kept(stack, entry.name, kept_gen)
-        if problem is not None:
-            warm.drop(stack.journal.dir, entry.name)
-            log.warning("%s: generation %s dropped: %s; a copy back will be a full one", entry.name, kept_gen[:12],
-                        problem)
-            kept_gen = None
-        else:
-            log.info("%s: generation %s settled in %.2fs after the window", entry.name, kept_gen[:12],
-                     time.monotonic() - t0)
+    if kept_gen is not None and settle:
+        kept_gen = _settled(stack, entry, kept_gen)
     if not ok:
         try:
             delivered = bool(remote.agent.call("answer_gate", name=entry.name, ok=False, why=why,
@@ -129,6 +119,31 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                                      generation=kept_gen)
     stack.journal.save(entry)
     return to_json(entry.mirror.handover)
+
+
+def _settled(stack: Stack, entry: journal.Entry, generation: str) -> str | None:
+    """This host's fence of GENERATION was taken in the window without waiting for its file's
+    ctime to settle (up to writefence.CTIME_SETTLE_S): settled now, the guest's disk no longer
+    frozen. GENERATION if it holds, else None (dropped here: a copy back is a full one)."""
+    t0 = time.monotonic()
+    problem = warm.settle_kept(stack, entry.name, generation)
+    if problem is not None:
+        warm.drop(stack.journal.dir, entry.name)
+        log.warning("%s: generation %s dropped: %s; a copy back will be a full one", entry.name, generation[:12],
+                    problem)
+        return None
+    log.info("%s: generation %s settled in %.2fs after the window", entry.name, generation[:12],
+             time.monotonic() - t0)
+    return generation
+
+
+def settle_generation(stack: Stack, entry: journal.Entry) -> None:
+    """After answer_gate(settle=False) (every disk's gate answered first, so that no disk's
+    answer waits for another's ctime): settle the generation its yes recorded, journaled."""
+    h = entry.mirror.handover
+    if h is not None and h.generation is not None and _settled(stack, entry, h.generation) is None:
+        h.generation = None
+        stack.journal.save(entry)
 
 
 # the yes's half of a generation needs this much of the window: the fences on both hosts are

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from dmmig.adapters.blockdev import logical_block_size
@@ -32,11 +33,12 @@ from dmmig.core import journal, mirrorlog
 from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.flows import warm
 from dmmig.flows.copying import copy, estimate, render_estimate
 from dmmig.flows.cutover import CutoverOptions, cutover, mirror_table
 from dmmig.flows.domain import Vbd, vbds
 from dmmig.flows.finish import abort, finish_handed_over
-from dmmig.flows.handover import answer_gate, mirroring_entry
+from dmmig.flows.handover import answer_gate, mirroring_entry, settle_generation
 from dmmig.flows.session import CopyOptions, Remote, check_destination, check_source, destination, stop_remote
 from dmmig.names import era_name, format_devno, top_name
 from dmmig.progress import Progress
@@ -436,12 +438,30 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
                     gates[n] = {"ok": False, "why": f"the gate was lost: {msg}", "delivered": False}
         finally:
             remote.close()
+        _settle_all(stack, entries, gates)  # every gate answered (or lost): the locks still held
     # the locks are free again: after the last yes, libxl destroys the guest here and the
     # block script's remove finishes each handed-over disk (it takes the disk's lock)
     th.join()
     if xl_failed:  # xl did not start (missing, say): the guest never left; its own kind and traceback
         raise xl_failed[0]
     return box[0], gates
+
+
+def _settle_all(stack: Stack, entries: dict[str, journal.Entry], gates: dict[str, dict[str, Any]]) -> None:
+    """Once every disk's gate is answered (each answered without waiting for a file's ctime):
+    settle each yes's generation, its disk's lock still held, so the block script's remove
+    (finish_handed_over, warm.kept_file) comes after it."""
+    for n, g in gates.items():
+        if not g.get("generation"):
+            continue
+        try:
+            settle_generation(stack, entries[n])
+        except (DmmigError, OSError) as e:  # the migration goes on; the way back is a full copy
+            msg = e.message if isinstance(e, DmmigError) else str(e)
+            log.warning("%s: the generation of the handover could not be settled: %s", n, msg)
+            warm.drop(stack.journal.dir, n)
+        h = entries[n].mirror.handover
+        g["generation"] = h.generation if h is not None and warm.load(stack.journal.dir, n) else None
 
 
 def _overran(p: Plan, run: XlRun, timeout: float) -> StateError:
@@ -492,6 +512,7 @@ class Ops:
     unit tests inject theirs to reach every failure branch."""
     remote: Callable[[Destination], Any] = Remote
     to_mirror: Callable[..., list[Any]] = mirror_disks  # step 2: each disk's summary or exception
-    answer_gate: Callable[[Stack, journal.Entry, Any], dict[str, Any]] = answer_gate
+    # each disk's generation settled once all are answered (_settle_all)
+    answer_gate: Callable[[Stack, journal.Entry, Any], dict[str, Any]] = partial(answer_gate, settle=False)
     finish: Callable[[Stack, Disk, Destination], dict[str, Any]] = _finish_source
     abort: Callable[[Stack, str], tuple[list[str], list[str]]] = abort

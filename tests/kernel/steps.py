@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
+from dmmig.core import gate
 from tests.conftest import ORACLE, python
 from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS
@@ -142,19 +144,28 @@ def ask(b: UmlHost, name: str, timeout: float) -> tuple[int, dict]:
     return r.rc, json.loads(r.out)
 
 
-def handover(a: UmlHost, b: UmlHost, name: str, *, timeout: float = 60, ask_s: float = 35
-             ) -> tuple[int, dict, Result]:
+def handover(a: UmlHost, b: UmlHost, name: str, *, timeout: float = 60, ask_s: float = 35,
+             before_ask: Callable[[], object] | None = None) -> tuple[int, dict, Result]:
     """The handover step as `dmmig migrate` runs it: a's `dmmig handover NAME` waits for the
-    gate, b asks as block-dmmig's `add` does. Returns (the ask's exit code, its reply, the
-    handover's result); the caller asserts what it expects."""
+    gate, b asks as block-dmmig's `add` does (BEFORE_ASK: called first, once b's gate for NAME
+    listens). Returns (the ask's exit code, its reply, the handover's result); the caller
+    asserts what it expects."""
     job = a.spawn([DMMIG, "handover", name, "--json", "--timeout", f"{timeout:.0f}"])
+    if before_ask is not None:
+        sock = gate.socket_path("/run/dmmig", name)
+        for _ in range(150):
+            if b.run(["test", "-S", sock], check=False).rc == 0:
+                break
+            assert not job.done(), job.wait(5)  # type: ignore[attr-defined]
+            time.sleep(0.2)
+        before_ask()
     rc, rep = ask(b, name, ask_s)
     return rc, rep, job.wait(120)
 
 
-def hand_over(a: UmlHost, b: UmlHost, name: str) -> dict:
+def hand_over(a: UmlHost, b: UmlHost, name: str, before_ask: Callable[[], object] | None = None) -> dict:
     """handover() that must say yes on both sides: the handover's journaled record."""
-    rc, rep, res = handover(a, b, name)
+    rc, rep, res = handover(a, b, name, before_ask=before_ask)
     assert rc == 0 and rep["ok"], rep
     assert res.rc == 0, res.err
     return summary(res.out)

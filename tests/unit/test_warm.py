@@ -763,3 +763,33 @@ def test_the_new_owners_half_at_the_gate_is_taken_at_once_and_settled_by_track(
     with pytest.raises(OSError):
         generation.settle(dest.state, rec, R)
     assert generation.load(dest.state, "d1") is None
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_migrate_settles_each_gates_generation_after_every_disk_was_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: bool) -> None:
+    """`dmmig migrate` answers every disk's gate first (answer_gate(settle=False): no disk's yes
+    waits for another's ctime), then settles each generation, its lock still held; a write
+    between the window and the settle drops it, journaled."""
+    from dmmig.flows.handover import answer_gate, settle_generation
+    monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.6)
+    state = str(tmp_path / "state")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8192))  # just written: its ctime is fresh
+    s: Any = _GateStack(state, str(disk))
+    remote: Any = type("Remote", (), {"agent": _Agent({"warm_gate": True},
+                                                      {"delivered": True, "warm": {"ok": True}})})()
+    h = answer_gate(s, s.e, remote, settle=False)
+    rec = generation.load(state, "d1")
+    assert h["ok"] and h["generation"] and rec is not None and not rec.fence.settled, (h, rec)
+    if written:
+        time.sleep(0.05)
+        disk.write_bytes(bytes(8192))
+    settle_generation(s, s.e)
+    saved = journal.Journal(state).load("d1")
+    assert saved is not None and saved.mirror.handover is not None
+    rec = generation.load(state, "d1")
+    if written:
+        assert rec is None and saved.mirror.handover.generation is None
+    else:
+        assert rec is not None and rec.fence.settled and saved.mirror.handover.generation == h["generation"]
