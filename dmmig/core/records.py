@@ -419,6 +419,7 @@ class Handover:
     cap_seconds: float = 0.0
     delivered: bool | None = False  # None: the destination did not confirm the yes either way
     generation: str | None = None   # warm copies: the generation this yes recorded on both hosts
+    steps_ms: dict[str, int] | None = None  # where the window's time went (dest_*: there)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

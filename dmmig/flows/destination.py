@@ -309,16 +309,23 @@ class AgentServer:
         record this host's half of generation WARM["generation"] once the export is stopped,
         before the `add` may go on; the reply's "warm" says whether it was."""
         disk_name(name)
+        t0 = time.monotonic()
+        steps: dict[str, int] = {}  # for the source's journal: its guest's disk is frozen meanwhile
         rec = self.load(name)
         if ok and rec and rec.export:
             # no write through the export after the yes: stop it before the `add` goes on
             nbd.stop_export(rec.export)
             rec.export = None
             self._save(rec)
+            steps["stop_export"] = round((time.monotonic() - t0) * 1000)
         verdict: dict[str, Any] | None = None
         if warm is not None:
+            t1 = time.monotonic()
             verdict = self._took_over(name, rec, warm) if ok and rec else {"ok": False, "why": "no yes"}
+            steps["fence"] = round((time.monotonic() - t1) * 1000)
+        t1 = time.monotonic()
         delivered = self.gate.answer(name, ok, why)
+        steps["deliver"] = round((time.monotonic() - t1) * 1000)
         if verdict and verdict["ok"] and not delivered:
             warmth.drop(self.state, name)  # the `add` gave up: the disk is not this host's
             verdict = {"ok": False, "why": "the yes was not delivered"}
@@ -327,7 +334,7 @@ class AgentServer:
             # the next one must ask again
             rec.handed_over = time.time()
             self._save(rec)
-        return {"delivered": delivered, **({"warm": verdict} if verdict else {})}
+        return {"delivered": delivered, **({"warm": verdict} if verdict else {}), "steps_ms": steps}
 
     def _took_over(self, name: str, rec: Incoming, warm: dict[str, Any]) -> dict[str, Any]:
         """This host's half of a generation (role took-over) of REC's disk, fenced now: its

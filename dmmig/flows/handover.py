@@ -78,15 +78,26 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
     ok, why, sent = False, "", 0
     delivered: bool | None = False
     kept_gen: str | None = None
+    steps: dict[str, int] = {}  # where the window's time went, in ms (the journal's steps_ms)
+    t = time.monotonic()
+
+    def lap(what: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        steps[what] = round((now - t) * 1000)
+        t = now
     win.start()
     try:
         stack.dm.suspend(top)
+        lap("suspend")
         kw: dict[str, Any] = {}
         generation: str | None = None
         try:
             ok, why, sent = _vouch(stack, entry, remote, top, era, win)
+            lap("vouch")
             if ok:  # before the window's last check: a fence taken after a resume would be unsound
                 kw, generation = _generation(stack, entry, remote, win)
+                lap("fence")
             win.check("before the answer")
             if win.remaining() < MIN_YES_S:
                 raise WindowClosed(f"too little of the {cap:.0f}s window was left to deliver a yes")
@@ -99,6 +110,11 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                 reply = remote.agent.call("answer_gate", name=entry.name, ok=True, why=why,
                                           deadline_s=max(win.remaining(), 0.1), **kw)
                 delivered = bool(reply["delivered"])
+                lap("answer")
+                there = reply.get("steps_ms")
+                if isinstance(there, dict):  # the destination's share of the answer
+                    steps.update({f"dest_{k}": int(v) for k, v in there.items()
+                                  if isinstance(k, str) and isinstance(v, (int, float))})
                 kept_gen = _warm_outcome(stack, entry, generation, reply, delivered)
             except DmmigError as e:
                 delivered = None
@@ -106,8 +122,10 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
                 kept_gen = _warm_outcome(stack, entry, generation, None, None)
     finally:
         seconds = win.close()  # always: if the guest resumes here, it must find its disk
+        lap("resume")
     if kept_gen is not None and settle:
         kept_gen = _settled(stack, entry, kept_gen)
+        lap("settle_after")
     if not ok:
         try:
             delivered = bool(remote.agent.call("answer_gate", name=entry.name, ok=False, why=why,
@@ -116,7 +134,7 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
             why += f"; the no could not be delivered either: {e.message}"
     entry.mirror.handover = Handover(at=time.time(), ok=ok, why=why, caught_up_bytes=sent,
                                      seconds=round(seconds, 3), cap_seconds=cap, delivered=delivered,
-                                     generation=kept_gen)
+                                     generation=kept_gen, steps_ms=steps or None)
     stack.journal.save(entry)
     return to_json(entry.mirror.handover)
 

@@ -228,7 +228,8 @@ def test_the_gates_yes_records_the_generation_so_the_way_back_is_warm(pair, pdis
         a.run(["dd", f"if={top}", f"of={top}", "bs=4096", "count=1", "skip=7", "seek=7",
                "iflag=direct", "oflag=direct", "conv=notrunc", "status=none"])
     h = hand_over(a, b, name, before_ask=last_write)
-    print(f"[warm] gate ({leg}): suspended {h['seconds'] * 1000:.0f} ms, caught up {h['caught_up_bytes']}")
+    print(f"[warm] gate ({leg}): suspended {h['seconds'] * 1000:.0f} ms, caught up {h['caught_up_bytes']}, "
+          f"steps (ms) {h.get('steps_ms')}")
     a.dmmig("finish", name, "--remove")
     wrap = b.dmmig("wrap", name, dest)
     if leg == "failed":

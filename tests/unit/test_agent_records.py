@@ -112,13 +112,13 @@ def test_handed_over_only_once_the_answer_reached_the_add(dest: Dest) -> None:
     dest.agent.op_await_gate([], 0)  # the gate listens
     try:
         # nobody asked (or the `add` gave up): the yes reaches nobody, the disk stays incoming
-        assert dest.agent.op_answer_gate("d1", True, "fine") == {"delivered": False}
+        assert dest.agent.op_answer_gate("d1", True, "fine")["delivered"] is False
         assert "handed_over" not in dest.rec("d1") and gate.incoming(dest.state, "d1")
         out: dict[str, Any] = {}
         t = threading.Thread(target=lambda: out.update(gate.ask(dest.state, "d1", 10)))
         t.start()
         assert dest.agent.op_await_gate(["d1"], 10) == {"asked": "d1"}
-        assert dest.agent.op_answer_gate("d1", True, "fine") == {"delivered": True}
+        assert dest.agent.op_answer_gate("d1", True, "fine")["delivered"] is True
         t.join(10)
     finally:
         dest.agent.gate.close()
