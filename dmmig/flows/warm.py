@@ -146,16 +146,21 @@ def track(stack: Stack, name: str) -> str | None:
         return None
     entry = stack.entry_of(name)
     origin_then: Counters | None = None
+    why: str | None = None
     try:
         # the gate's yes took the fence in the source's suspended window without waiting for
         # the file's ctime: settled here, before era and before anything opens the disk
         rec = settle(state, rec, stack.runner, max_wait_s=SETTLE_WAIT_S)
-        # first: the counters only grow, so if the fence still holds after this read, it held
-        # at it, and any write from now on that does not pass through era shows at the copy
-        origin_then = writefence.counters(entry.origin_devno, stack.runner)
-        why = _can_track(stack, entry, rec)
     except OSError as e:
-        why = f"the write counters of {entry.origin} cannot be read: {e.strerror or e}"
+        why = f"its fence could not be settled: {e.strerror or e}"
+    if why is None:
+        try:
+            # first: the counters only grow, so if the fence still holds after this read, it
+            # held at it, and any write from now on that does not pass through era shows at the copy
+            origin_then = writefence.counters(entry.origin_devno, stack.runner)
+            why = _can_track(stack, entry, rec)
+        except OSError as e:
+            why = f"the write counters of {entry.origin} cannot be read: {e.strerror or e}"
     if why is not None or origin_then is None:
         rec.broken = f"{entry.origin} was not tracked from the handover on: {why}"
         save(state, rec)

@@ -378,13 +378,21 @@ class _WrapStack(_Stack):
     ("path", "is not the disk the generation names"),
     ("written", "was changed since"),
     ("counters", "cannot be read"),
+    # the gate's half, taken at once in the window: written before track settled it
+    ("unsettled", "its fence could not be settled"),
 ])
 def test_wrap_tracks_only_an_untouched_disk_that_nothing_opened_yet(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, why: str) -> None:
     state = str(tmp_path / "state")
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8192))
-    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a", R)
+    if case == "unsettled":
+        monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.6)
+    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a", R, wait=case != "unsettled")
+    if case == "unsettled":
+        time.sleep(0.05)
+        with open(disk, "r+b") as fh:
+            fh.write(b"x")
     fake_sysfs(monkeypatch, {"7:0": None if case == "counters" else Counters("7:0", 3, 50, 0)})
     s: Any = _WrapStack(state, str(disk), open_count=1 if case == "open" else 0)
     if case == "phase":
