@@ -482,7 +482,11 @@ def test_dmmig_migrate_back_sends_only_what_the_guest_wrote_there(pair: tuple[Xe
         [there] = [e for e in events(r.out) if e["event"] == "summary"]
         step(f"on b: {there['disks'][disk]['handover']}")
         # both halves of one generation: a's fences the file itself (its loop device is gone)
-        kept = json.loads(a.run(["cat", f"{STATE}/{disk}.warm.json"]).out)
+        got = a.run(["cat", f"{STATE}/{disk}.warm.json"], check=False)
+        assert got.rc == 0, ("a's half is gone", there["disks"][disk].get("finish"),
+                             a.sh(f"grep -a -e {name} -e generation /var/log/xen/xen-hotplug.log | tail -30",
+                                  check=False).out)
+        kept = json.loads(got.out)
         took = json.loads(b.run(["cat", f"{STATE}/{disk}.warm.json"]).out)
         assert kept["role"] == "kept" and kept["path"] == img and kept["fence"]["device"] is None, kept
         assert took["role"] == "took-over" and took["tracking"] and took["generation"] == kept["generation"], took
