@@ -43,12 +43,20 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
     dest = entry.dest
     generation: str | None = None
     notes: list[str] = []
-    gate_gen = gate_generation(stack, entry)  # the handover's yes recorded both halves already
     with stack.journal.lock(name):
-        # an adopted LV: no generation (its kept disk would be dmmig-NAME-lv, which finish removes;
-        # a fence on the LV's own device is not built yet): a copy back is a full one
-        if remote and not force and dest is not None and entry.adopted is None and gate_gen is None:
-            generation = _generation(stack, entry, notes)
+        entry = stack.entry_of(name)  # as it is now: another finish (block-dmmig's remove) may have run
+        # this host's warm state is decided once, before the teardown changes the journal: a
+        # finish run again after one that failed or was killed partway (block-dmmig's remove at
+        # its deadline, then `dmmig migrate`) finds no handover there any more, and keeps what
+        # the first decided (the gate's generation: dropping it made the way back cold)
+        if not _finished_partway(entry):
+            gate_gen = gate_generation(stack, entry)  # the handover's yes recorded both halves already
+            # an adopted LV: no generation (its kept disk would be dmmig-NAME-lv, which finish removes;
+            # a fence on the LV's own device is not built yet): a copy back is a full one
+            if remote and not force and dest is not None and entry.adopted is None and gate_gen is None:
+                generation = _generation(stack, entry, notes)
+            if generation is None and gate_gen is None:
+                warm.drop(stack.journal.dir, name)  # whatever an earlier migration left holds no more
         try:
             done = stack.abort_held(name, phase=journal.FINISHING)  # its swap resumes the top
         except BaseException:
@@ -58,8 +66,6 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
                 if info is not None and info.suspended:
                     stack.dm.resume(top)
             raise
-        if generation is None and gate_gen is None:
-            warm.drop(stack.journal.dir, name)  # whatever an earlier migration left holds no more
         if remove and stack.dm.info(top) is not None:
             stack.dm.remove(top)
             done.append(f"remove {top}")
@@ -79,6 +85,15 @@ def gate_generation(stack: Stack, entry: journal.Entry) -> str | None:
     gen = h.generation if entry.handed_over and h is not None else None
     rec = warm.load(stack.journal.dir, entry.name) if gen else None
     return gen if rec is not None and rec.generation == gen and rec.role == KEPT else None
+
+
+def _finished_partway(entry: journal.Entry) -> bool:
+    """An earlier finish of ENTRY's migration got past its warm decision and stopped: in its
+    teardown (phase finishing: a step failed, or it was killed there), or after it, before the
+    top was removed (wrapped right after finishing, the mirror's record and its handover reset)."""
+    last = [h[-1] for h in entry.history[-2:] if isinstance(h, list) and h]
+    return entry.phase == journal.FINISHING or (entry.phase == journal.WRAPPED
+                                                and last == [journal.FINISHING, journal.WRAPPED])
 
 
 def _generation(stack: Stack, entry: journal.Entry, notes: list[str]) -> str | None:

@@ -3,6 +3,8 @@ sends only what b wrote since (warm), and anything that breaks the proof makes i
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -253,3 +255,68 @@ def test_the_gates_yes_records_the_generation_so_the_way_back_is_warm(pair, pdis
     oracle(a, origin, rec_a, rec_b, rec_b + ".zeros")
     assert digest(a, origin) == digest(b, dest)
     forget_records(a, rec_a, rec_b)
+
+
+# block-dmmig's remove (entry/hotplug.py) and `dmmig migrate` (_finish_source) both end a
+# handed-over disk on the source with this call
+FINISH_HANDED_OVER = r"""
+import json, sys
+from dmmig.entry.hotplug import make_stack
+from dmmig.errors import DmmigError
+from dmmig.flows.finish import finish_handed_over
+try:
+    done = finish_handed_over(make_stack(sys.argv[1]), sys.argv[2], node=None, params=sys.argv[3], close_wait_s=10)
+except DmmigError as e:
+    print(json.dumps({"error": e.message}))
+    sys.exit(3)
+print(json.dumps({"done": done}))
+"""
+HOLD = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+open(sys.argv[2], "w").close()
+time.sleep(600)
+"""
+
+
+def test_the_gates_generation_survives_a_finish_on_a_that_failed_partway(pair, pdisks, name: str) -> None:
+    """On Xen, after the gate's yes, block-dmmig's remove on a finishes the disk
+    (finish_handed_over) within libxl's budget, and `dmmig migrate` finishes whatever it left
+    with the same call. A remove that fails partway (here the era device is held open, so its
+    removal fails; on Xen the script's 26 s deadline at load, or libxl's kill at 40 s) leaves the
+    journal in phase finishing, or wrapped with the mirror's record (and its handover) reset.
+    The second finish must keep the generation the gate recorded: it did drop it, as if the
+    migration had recorded none (the Xen warm test found no NAME.warm.json on a)."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(64, fill_seed=SEED), db(64)
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4"))
+    a.dmmig("cutover", name, "--json")
+    h = hand_over(a, b, name)
+    assert h.get("generation"), h
+    ready = f"/run/{name}.held"
+    holder = a.spawn([python(), "-c", HOLD, f"/dev/mapper/dmmig-{name}-era", ready])
+    try:
+        for _ in range(100):
+            if a.run(["test", "-e", ready], check=False).rc == 0:
+                break
+            time.sleep(0.1)
+        first = a.py(FINISH_HANDED_OVER, "/run/dmmig", name, origin, check=False)  # block-dmmig's remove
+        assert first.rc == 3 and f"dmmig-{name}-era" in first.out, first
+    finally:
+        holder.signal(signal.SIGTERM)
+        holder.wait(30)  # type: ignore[attr-defined]
+        a.run(["rm", "-f", ready])
+    assert json.loads(a.run(["cat", f"/run/dmmig/{name}.json"]).out)["phase"] == "finishing"
+    second = a.py(FINISH_HANDED_OVER, "/run/dmmig", name, origin, check=False)  # dmmig migrate's
+    assert second.rc == 0, second
+    got = a.run(["cat", f"/run/dmmig/{name}.warm.json"], check=False)
+    assert got.rc == 0, ("the gate's generation is gone after the second finish", second.out)
+    kept = json.loads(got.out)
+    assert kept["role"] == "kept" and kept["generation"] == h["generation"], kept
+    assert a.run(["test", "-e", f"/run/dmmig/{name}.json"], check=False).rc != 0  # finished
+    b.dmmig("abort", name)  # what migrate's stop_remote does: b forgets the incoming disk (it stays)
+    for host in (a, b):
+        host.dmmig("forget", name)

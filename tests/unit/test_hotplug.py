@@ -460,3 +460,62 @@ def test_remove_ends_the_tracking_of_a_disk_handed_over_here_then_unwraps(tmp_pa
     assert st.calls == ["abort vg0-vm1", "unwrap vg0-vm1"], st.calls
     assert any("stopped tracking vg0-vm1" in ln for ln in log) and any("forgot the generation" in ln for ln in log)
     assert generation.load(st.journal.dir, "vg0-vm1") is None and st.journal.load("vg0-vm1") is None
+
+
+ERA_INFO = "dmmig-vg0-vm1-era;253;5;L--w;0;1;0;DMMIG-era-vg0-vm1\n"
+
+
+def _deadline(argv: list[str]) -> tuple[int, str, str]:
+    # what the script's SIGALRM handler raises in the main thread while a command runs
+    raise hotplug.HotplugTimeout("gave up after 26s (libxl allows 40s)")
+
+
+@pytest.mark.parametrize("gate_generation", [True, False])
+@pytest.mark.parametrize("how", ["era busy", "deadline at the top's removal"])
+def test_the_gates_generation_survives_a_remove_that_failed_partway(
+        tmp_path: Path, how: str, gate_generation: bool) -> None:
+    """The order on Xen after the gate's yes: libxl destroys the guest on the source and runs
+    block-dmmig's remove, which finishes the handed-over disk (finish_handed_over); `dmmig
+    migrate` then finishes whatever it left with the same call. A remove that fails partway
+    leaves the journal in phase finishing (a teardown step failed: here the era device is held),
+    or wrapped with the mirror's record reset (the script's deadline while the top was being
+    removed). The second finish must keep the generation the gate's yes recorded: it dropped it
+    as if the yes had recorded none (the Xen warm test found no NAME.warm.json on a). A gate
+    that recorded none still leaves none, an older record included."""
+    from dmmig.adapters import writefence
+    from dmmig.core import generation
+    from dmmig.core.records import KEPT, Warm
+    from dmmig.flows.finish import finish_handed_over
+    name = "vg0-vm1"
+    xs = MemXenStore(backend_keys(params="/dev/vg0/vm1", mode="w", physical_device="fd:4"))
+    table = (["dmsetup", "table", f"dmmig-{name}"], (0, "0 2048 linear 254:1 0\n", ""))
+    era: list[tuple[list[str], Any]] = [(INFO + [f"dmmig-{name}-era"], (0, ERA_INFO, ""))]
+    if how == "era busy":
+        fail: list[tuple[list[str], Any]] = era + [(["dmsetup", "remove", "--retry", f"dmmig-{name}-era"],
+                                                    (1, "", "remove ioctl failed: Device or resource busy"))]
+    else:
+        fail = [(["dmsetup", "remove", "--retry", f"dmmig-{name}"], _deadline)]
+    st, _ = stack(tmp_path, [table] + fail + top_info(name, 0))
+    e = journal.Entry(name, "/dev/vg0/vm1", "254:1")
+    e.mirror = MirrorState(handover=Handover(ok=True, delivered=True, why="in sync",
+                                             generation="g1" if gate_generation else None))
+    st.journal.save(e, journal.MIRRORING)
+    # the gate's half here (or an older one, when the yes recorded none: the gate drops it;
+    # here it was left, so that the finish's own drop shows)
+    generation.save(st.journal.dir, Warm(name, "g1" if gate_generation else "g0", KEPT, "/dev/vg0/vm1", 2048 * 512,
+                                         time.time(), writefence.Fence("/dev/vg0/vm1", "boot")))
+
+    rc, log = run("remove", xs, st)  # block-dmmig's remove on the source
+    left = st.journal.load(name)
+    assert rc != 0 and left is not None, log
+    assert left.phase == (journal.FINISHING if how == "era busy" else journal.WRAPPED), left.phase
+
+    # `dmmig migrate`'s _finish_source, once xl migrate ended: nothing fails now
+    st2, _ = stack(tmp_path, [table] + (era if how == "era busy" else []) + top_info(name, 0))
+    done = finish_handed_over(st2, name, node=None, params="/dev/vg0/vm1", close_wait_s=0)
+    assert st2.journal.load(name) is None, done
+    rec = generation.load(st2.journal.dir, name)
+    if gate_generation:
+        assert rec is not None and rec.generation == "g1" and rec.role == KEPT, (done, log)
+    else:
+        assert rec is None, rec
