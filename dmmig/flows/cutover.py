@@ -18,7 +18,7 @@ from dmmig.adapters.era import BlockRange, merge
 from dmmig.core import journal, mirrorlog
 from dmmig.core.records import Destination, MirrorState, Synced, Tunnel
 from dmmig.core.stack import Stack
-from dmmig.errors import BadInput, RemoteError, StateError, Steps
+from dmmig.errors import BadInput, CommandError, RemoteError, StateError, Steps
 from dmmig.flows.started import Started
 from dmmig.names import Files, era_name, top_name
 from dmmig.progress import Progress, Stopwatch
@@ -283,16 +283,21 @@ def _add_regions(stack: Stack, entry: journal.Entry, layout: mirrorlog.Layout, l
     return pause  # the old log devices go at teardown with the rest: no losetup here
 
 
+SYNC_POLL = 2.0  # seconds between two looks at the resync's progress without an event (a dmsetup
+                 # process takes up to ~0.6 s to start in a loaded rig: a wait needs time to wait)
+
+
 def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:
     """Until every region is in sync and every leg is alive; the sync ratio alone is not
     enough (a failed recovery can still count). Returns the dm event counter then, and how
     many regions the kernel itself first reported out of sync (its view of our log)."""
     deadline = time.monotonic() + timeout
-    first = stack.dm.mirror_status(top)
+    seen = stack.dm.info(top)  # read before the status: an event raised after it ends the wait at once
+    assert seen is not None
+    first = st = stack.dm.mirror_status(top)
     progress.start("resync", first.regions - first.in_sync, unit="regions")
     done = 0
     while True:
-        st = stack.dm.mirror_status(top)
         progress.advance(max(0, st.in_sync - first.in_sync - done))
         done = max(done, st.in_sync - first.in_sync)
         if not st.healthy:
@@ -307,7 +312,16 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
         if time.monotonic() > deadline:
             raise StateError(f"{name}: resync not done after {timeout:.0f}s ({st.in_sync}/{st.regions})",
                              hint="it goes on in the kernel; `dmmig status` shows it; rerun cutover to wait")
-        time.sleep(0.1)
+        # until the kernel raises an event (a part in sync, a leg failed) or SYNC_POLL passes: a
+        # status every 0.1 s was a dmsetup process each, taken from the rig kernel's one CPU
+        # beside the resync and the guest's writes
+        try:
+            stack.dm.wait_event(top, seen.events, timeout=SYNC_POLL)
+            seen = stack.dm.info(top) or seen
+        except CommandError as e:
+            if not e.timed_out:
+                time.sleep(0.1)  # e.g. the device busy: look again
+        st = stack.dm.mirror_status(top)
     # the kernel raises one event when the last region is in sync: let it land first
     ev = stack.dm.info(top)
     assert ev is not None

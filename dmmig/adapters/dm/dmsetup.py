@@ -141,9 +141,9 @@ class DmSetup:
         the change event, which comes after the pause).
 
         udev_sync=False: dmsetup returns once the kernel resumed, without waiting for udev to
-        handle the change event (0.5-1 s in the rig: its rules probe the device). A swap keeps
-        the device's name and number, so its node is not touched; the node wait below still
-        confirms udev knows the device."""
+        handle the change event (0.5-1 s in the rig: its rules probe the device), nor for the
+        node: a swap keeps the device's name and number, so its node stays (the wait's first
+        udev context is a process too)."""
         self.load(name, table)
         t0 = time.monotonic()
         try:
@@ -154,7 +154,8 @@ class DmSetup:
             self.r.run(["dmsetup", "clear", name], check=False)
             raise
         pause = time.monotonic() - t0
-        self._wait(name, present=True)
+        if udev_sync:
+            self._wait(name, present=True)
         return pause
 
     def require_targets(self, *names: str) -> None:
