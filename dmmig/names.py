@@ -133,6 +133,11 @@ class Files:
     def gate_lock(self) -> str:
         return self._at("gate.lock")
 
+    @property
+    def warm(self) -> str:
+        """The generation of a finished migration (records.Warm), on both of its hosts."""
+        return self._at("warm.json")
+
     # the destination
     @property
     def incoming(self) -> str:

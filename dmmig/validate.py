@@ -8,9 +8,10 @@ from dmmig.errors import BadInput, MissingDependency
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}")
 # the state dir holds NAME.json (journal) next to NAME.dest.json (an incoming disk, the agent's)
-# and NAME.health.json (the mirror watcher's), NAME.gate.sock/.lock (the agent's handover gate):
+# and NAME.health.json (the mirror watcher's), NAME.gate.sock/.lock (the agent's handover gate),
+# NAME.warm.json (a finished migration's generation, dmmig/flows/warm.py):
 # a disk named X.dest would be read as X's record, X.gate's journal lock would be X's gate lock
-RESERVED_SUFFIXES = (".dest", ".health", ".gate")
+RESERVED_SUFFIXES = (".dest", ".health", ".gate", ".warm")
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 

@@ -19,6 +19,9 @@ from dmmig.adapters.agentcmd import agent_command, remote_command
 from dmmig.errors import DmmigError, RemoteError
 
 PROTOCOL = 2
+# an agent that records and checks generations (warm copies) says {"warm": WARM_PROTOCOL} in its
+# hello: stop(warm=...) and prepare_disk(warm=...) go only to one that does
+WARM_PROTOCOL = 1
 
 # Every agent call has a deadline: a link that black-holes (no RST, no FIN) would otherwise
 # hold the caller until TCP gives up (~15 min). The transport's keepalive (ssh.connect) keeps

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from dmmig.errors import LocalIOError
+
 MAGIC = 0x4D695272
 VERSION = 2
 BITS_OFFSET = 1024
@@ -59,30 +61,45 @@ def parse(img: bytes) -> tuple[int, list[int]]:
     return nr, [r for r in range(nr) if not bits[r // 8] >> (r % 8) & 1]
 
 
+# The logs are loop devices over files in /run/dmmig (tmpfs): an error here is this host's
+# (memory, a log device removed under dmmig), never the destination's.
+_LOG_HINT = "the mirror's log devices live in /run/dmmig; `dmmig status` shows them, `dmmig abort` removes them"
+
+
 def write(dev: str, img: bytes) -> None:
     """O_DIRECT: the kernel reads the log through dm-io, below any page cache."""
     buf = mmap.mmap(-1, len(img))
     buf[:] = img
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
     try:
-        with memoryview(buf) as view:
-            n = os.pwritev(fd, [view], 0)
-        if n != len(img):
-            raise OSError(f"short write to {dev}: {n} of {len(img)} bytes")
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
+        try:
+            with memoryview(buf) as view:
+                n = os.pwritev(fd, [view], 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise LocalIOError(f"writing the mirror log {dev} failed: {e.strerror}", hint=_LOG_HINT) from e
     finally:
-        os.close(fd)
         buf.close()
+    if n != len(img):
+        raise LocalIOError(f"short write to the mirror log {dev}: {n} of {len(img)} bytes", hint=_LOG_HINT)
 
 
 def read(dev: str, nbytes: int) -> bytes:
     buf = mmap.mmap(-1, nbytes)
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
     try:
-        with memoryview(buf) as view:
-            os.preadv(fd, [view], 0)
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with memoryview(buf) as view:
+                n = os.preadv(fd, [view], 0)
+        finally:
+            os.close(fd)
+        if n != nbytes:
+            raise LocalIOError(f"short read of the mirror log {dev}: {n} of {nbytes} bytes", hint=_LOG_HINT)
         return bytes(buf)
+    except OSError as e:
+        raise LocalIOError(f"reading the mirror log {dev} failed: {e.strerror}", hint=_LOG_HINT) from e
     finally:
-        os.close(fd)
         buf.close()
 
 

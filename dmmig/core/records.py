@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from dmmig.adapters import nbd
+from dmmig.adapters.writefence import Counters, Fence, FileStamp
 
 log = logging.getLogger("dmmig.records")
 
@@ -204,6 +205,97 @@ def destination_of(data: dict[str, Any] | None, what: str) -> Destination | None
     return Destination.from_json(data, what) if data else None
 
 
+def fence_of(data: Any) -> Fence:
+    """A writefence.Fence as saved (to_json); ValueError/TypeError if it is not one."""
+    if not isinstance(data, dict):
+        raise ValueError(f"not a fence: {data!r:.100}")
+    dev, file = data.get("device"), data.get("file")
+    return Fence(path=str(data["path"]), boot_id=str(data["boot_id"]),
+                 device=Counters(**dev) if dev else None, file=FileStamp(**file) if file else None,
+                 file_path=data.get("file_path"))
+
+
+def counters_of(data: Any) -> Counters:
+    if not isinstance(data, dict):
+        raise ValueError(f"not write counters: {data!r:.100}")
+    return Counters(**data)
+
+
+WARM_VERSION = 1
+KEPT = "kept"            # the old source's disk, left behind by a migration
+TOOK_OVER = "took-over"  # the new owner's disk: the destination of that migration
+
+
+@dataclass
+class Warm:
+    """A generation (NAME.warm.json, on both hosts of a finished migration): the disk PATH
+    here and the other host's disk were identical when it was recorded, and FENCE is what
+    PATH was then (dmmig/adapters/writefence.py). A warm copy back needs both halves intact."""
+    name: str
+    generation: str                 # the pair's id, the same on both hosts
+    role: str                       # KEPT or TOOK_OVER
+    path: str
+    size: int
+    at: float
+    fence: Fence
+    peer: str = ""                  # the other host, as this host knows it (for status)
+    tracking: bool = False          # TOOK_OVER: era tracks the writes here since `wrap`
+    broken: str | None = None       # why this generation can no longer make a copy warm
+    version: int = WARM_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], what: str) -> Warm:
+        v = version_of(data)
+        known, extra = split(cls, {k: val for k, val in data.items() if k != "version"}, what, v, WARM_VERSION)
+        known["fence"] = fence_of(known.get("fence"))
+        known["tracking"] = bool(known.get("tracking"))
+        return cls(**known, extra=extra)
+
+
+def read_warm(path: str) -> Warm | None:
+    """The generation at PATH, None if there is none; ValueError if it is unreadable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(f"{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    try:
+        return Warm.from_json(data, path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+@dataclass
+class WarmTrack:
+    """The source's era tracking for a warm copy (the journal's copy.warm): era device ERA_DEV,
+    made over the origin before anything could write it after generation GENERATION, tracks
+    every write since era ERA; ORIGIN and ERA_DEV are the write counters when it was made
+    (writefence.bypassed). DECISION: what this migration's copy chose ("warm: ..." or
+    "cold: full copy, because ..."), None until a copy asked the destination."""
+    generation: str
+    era: int
+    origin: Counters
+    era_dev: Counters
+    decision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, what: str) -> WarmTrack:
+        known, extra = split(cls, dict(data), what, 0, 0)
+        known["origin"] = counters_of(known.get("origin"))
+        known["era_dev"] = counters_of(known.get("era_dev"))
+        return cls(**known, extra=extra)
+
+    @property
+    def warm(self) -> bool:
+        return bool(self.decision and self.decision.startswith("warm"))
+
+
 COPY_VERSION = 1
 
 
@@ -258,6 +350,7 @@ class CopyState:
     base: BasePass | None = None
     next_since: int | None = None    # the era the next round (or the cutover) queries from
     rounds: list[Round] = field(default_factory=list)
+    warm: WarmTrack | None = None    # tracking since a generation (a warm copy back); None: none
     version: int = COPY_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -272,6 +365,7 @@ class CopyState:
             known["base"] = BasePass.from_json(known["base"], f"{what} (base)")
         else:
             known["base"] = None
+        known["warm"] = WarmTrack.from_json(known["warm"], f"{what} (warm)") if known.get("warm") else None
         known["rounds"] = [Round.from_json(r, f"{what} (round {i + 1})")
                            for i, r in enumerate(known.get("rounds") or [])]
         known["base_offset"] = int(known.get("base_offset") or 0)

@@ -36,7 +36,19 @@ def make_stack(args: argparse.Namespace) -> Stack:
 
 
 def cmd_wrap(a: argparse.Namespace) -> int:
-    print(make_stack(a).wrap(a.name, a.origin))
+    from dmmig.flows import warm
+    stack = make_stack(a)
+    print(stack.wrap(a.name, a.origin), flush=True)
+    note = warm.track(stack, a.name)  # a disk a migration handed over: era under the top, now
+    if note:
+        print(f"dmmig wrap: {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_forget(a: argparse.Namespace) -> int:
+    from dmmig.flows import warm
+    for step in warm.forget(make_stack(a), a.name):
+        print(f"done: {step}")
     return 0
 
 
@@ -120,6 +132,7 @@ def cmd_copy(a: argparse.Namespace) -> int:
         return 0
     mib = 1 << 20
     print(f"{a.name}: copied; {s['stopped_because']}")
+    print(f"  {s['warm']}")
     print(f"  read {s['read'] / mib:.1f} MiB, sent {s['sent'] / mib:.1f} MiB, zeroed {s['zeroed'] / mib:.1f} MiB, "
           f"skipped as zero {s['skipped'] / mib:.1f} MiB in {s['seconds']:.1f}s "
           f"({s['throughput_bytes_per_s'] / mib:.1f} MiB/s)")
@@ -349,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("wrap", cmd_wrap, "create /dev/mapper/dmmig-NAME as linear over ORIGIN (idempotent)")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("origin", metavar="ORIGIN", help="block device: LV, partition or loop device")
+
+    sp = verb("forget", cmd_forget, "drop NAME's warm state here: the generation a finished migration recorded "
+              "and the era tracking it started (a copy back is then a full one)")
+    sp.add_argument("name", metavar="NAME")
 
     sp = verb("unwrap", cmd_unwrap, "remove /dev/mapper/dmmig-NAME")
     sp.add_argument("name", metavar="NAME")

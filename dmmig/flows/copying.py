@@ -9,6 +9,7 @@ from typing import Any
 
 from dmmig import sizing
 from dmmig.adapters import nbd, sparse
+from dmmig.adapters.agentclient import WARM_PROTOCOL
 from dmmig.adapters.blockdev import logical_block_size
 from dmmig.adapters.ssh import SshOptions
 from dmmig.core import journal
@@ -16,6 +17,7 @@ from dmmig.core.copier import Copier, Counters
 from dmmig.core.records import BasePass, CopyState, Destination, Round, to_json
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, Busy
+from dmmig.flows import warm
 from dmmig.flows.cutover import drop_mirror
 from dmmig.flows.handover import copy_rate
 from dmmig.flows.session import (
@@ -52,7 +54,7 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
         connecting = Started(lambda: Remote(dest, par))
         try:
             # what the cutover will need, here and there, before the copy: not after it
-            check_source(stack, dest.transport)
+            check_source(stack, dest.transport, [name])
             assert entry.block_sectors
             block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
             stack.dm.arm_guard()
@@ -89,7 +91,16 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
             block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
             if entry.copy.migration is None:  # prepared by an earlier version: one id from now on
                 entry.copy.migration = uuid.uuid4().hex
-            base_era = _base_era(stack, name, entry, par)  # while the destination prepares
+            # warm (dmmig/flows/warm.py): decided once per migration, before its first write there
+            asking = entry.copy.base_era is None and not entry.copy.base_started and not entry.copy.base_done
+            track, cold_why = (None, "")
+            if asking and not (entry.copy.warm and entry.copy.warm.decision):
+                with t("warm_check"):
+                    track, cold_why = warm.local_verdict(stack, entry)
+                if track is not None and remote.agent.hello.get("warm") != WARM_PROTOCOL:
+                    track, cold_why = None, "the destination's dmmig checks no generations (an older version)"
+            asked: dict[str, Any] = {"warm": track.generation} if track else {}
+            base_era = None if track else _base_era(stack, name, entry, par)  # while the destination prepares
             # journaled before anything changes there: a dmmig killed after prepare_disk or the
             # export leaves a destination that abort knows to clean up
             before = entry.dest
@@ -100,7 +111,7 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                     with t("prepare_disk"):
                         disk = remote.agent.call("prepare_disk", name=name, path=dest.disk, size=size,
                                                  create=opts.create, migration=entry.copy.migration,
-                                                 block_size=block_size)
+                                                 block_size=block_size, **asked)
                 except (BadInput, Busy):  # refused there, nothing changed: another destination may be tried
                     entry.dest = before
                     stack.journal.save(entry)
@@ -111,6 +122,14 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                 dest.remote_state = remote.agent.hello.get("state_dir")
                 if entry.copy.zeroed is None:
                     entry.copy.zeroed = bool(disk["zeroed"])
+                if asking and warm.decide(stack, entry, track, cold_why, disk):
+                    assert track is not None
+                    # no base pass: the disk there is this one as it was at the generation's era,
+                    # and the rounds send every block era recorded since (zeros as zeros)
+                    st = entry.copy
+                    st.base_era = st.next_since = track.era
+                    st.base_offset, st.base_done = size, True
+                    stack.journal.save(entry)
                 entry.dest = dest
                 stack.journal.save(entry, journal.COPYING)
                 with t("nbd_connect"):
@@ -129,6 +148,9 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                 remote.close()
     t.add("total", since_exec() or 0.0)
     summary["nbd"] = {"path": path, "connections": len(handles)}
+    w = entry.copy.warm
+    summary["warm"] = (w.decision if w and w.decision else
+                       warm.COLD + (cold_why or "this migration's first copy was a full one"))
     summary["timing"] = {**t.rounded(), "overlapped": par.rounded()}
     return summary
 
@@ -175,6 +197,18 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
         send = size - start
         basis = (f"the whole disk: where {entry.origin} holds zeros cannot be told without reading it (not a loop "
                  "device over a file); zero blocks are found while copying and not sent")
+    warm_note = None
+    if prepared and not st.base_started and st.base_era is None:
+        track, why = warm.local_verdict(stack, entry, drained=False)
+        if track is not None:
+            ranges, bsz, _ = stack.dirty(name, track.era)
+            send = min(sum(r.count for r in ranges) * bsz, size)
+            warm_note = (f"warm: {send / (1 << 20):.1f} MiB to send (the blocks written here since generation "
+                         f"{track.generation[:12]}), if the destination's disk still carries it untouched: the copy "
+                         "checks it there first, and copies all of it if not")
+            basis = "era's record of the writes here since the generation (warm)"
+        else:
+            warm_note = warm.COLD + why
     measured = copy_rate(entry) if prepared else None
     if rate is not None:
         how = "--rate"
@@ -187,7 +221,8 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
             "block": "prepared" if prepared else ("chosen from the disk size" if choice.chosen else "--block-size"),
             "era_blocks": choice.nr_blocks, "metadata_bytes": choice.metadata_bytes,
             "metadata_file_bytes": choice.metadata_file, "warning": choice.warning,
-            "send_bytes": send, "send_basis": basis, "rate_bytes_per_s": int(rate), "rate_basis": how,
+            "send_bytes": send, "send_basis": basis, "warm": warm_note, "rate_bytes_per_s": int(rate),
+            "rate_basis": how,
             "seconds": round(send / rate, 1)}
 
 
@@ -198,6 +233,8 @@ def render_estimate(e: dict[str, Any], indent: str = "") -> list[str]:
              f"{indent}base copy sends {h(e['send_bytes'])} of {h(e['disk_bytes'])}: {e['send_basis']}",
              f"{indent}time at {h(e['rate_bytes_per_s'])}/s ({e['rate_basis']}): {sizing.duration(e['seconds'])}, "
              "plus the rounds"]
+    if e.get("warm"):
+        lines.append(f"{indent}{e['warm']}")
     if e.get("warning"):
         lines.append(f"{indent}warning: {e['warning']}")
     return lines
@@ -239,6 +276,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
         return Copier(entry.origin, h, dest_zero=dest_zero, bwlimit=opts.bwlimit, on_progress=progress.advance,
                       layout=layout.pieces if layout else None)
 
+    rounds_only = st.base_done  # the base pass was done before this run (or skipped: warm)
     if not st.base_done:
         if st.base_era is None:
             # every write tagged below base_era has completed (drained): the base pass reads it;
@@ -302,6 +340,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
         prev = dirty
     secs = max(total.seconds, 1e-9)
     summary = {"name": name, "stopped_because": why, **total.as_dict(),
+               "base": None if rounds_only or st.base is None else to_json(st.base),
                "throughput_bytes_per_s": int(total.read / secs),
                "rounds": [to_json(r) for r in st.rounds[-rounds_now:]],
                "dirty_rate_bytes_per_s": int(st.rounds[-1].dirty_bytes / max(st.rounds[-2].seconds, 1e-9))

@@ -23,14 +23,15 @@ from typing import Any
 
 from dmmig import __version__
 from dmmig.adapters import blockdev, nbd, tlscreds, xenstore
-from dmmig.adapters.agentclient import PROTOCOL
+from dmmig.adapters.agentclient import PROTOCOL, WARM_PROTOCOL
 from dmmig.adapters.blockdev import Loop, block_device, dm_name_of, holder_names
 from dmmig.adapters.lvm import Lvm
 from dmmig.adapters.runner import Runner, SubprocessRunner
 from dmmig.core import confine, gate, inuse, journal
+from dmmig.core import generation as warmth
 from dmmig.core.copier import digest_ranges
 from dmmig.core.gate import GateServer
-from dmmig.core.records import INCOMING_VERSION, Incoming, Unreadable, read_incoming, to_json
+from dmmig.core.records import INCOMING_VERSION, TOOK_OVER, Incoming, Unreadable, read_incoming, to_json
 from dmmig.errors import BadInput, Busy, DmmigError, StateError
 from dmmig.names import INCOMING_SUFFIX, Files, export_dir, incoming_names
 from dmmig.validate import disk_name
@@ -102,10 +103,11 @@ class AgentServer:
         # and which tools it lacks, which the source checks before anything changes
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
                 "state_dir": self.state, "export_dir": export_dir(self.state),
-                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}}
+                "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}, "warm": WARM_PROTOCOL}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
-                        block_size: int | None = None, migration: str | None = None) -> dict[str, Any]:
+                        block_size: int | None = None, migration: str | None = None,
+                        warm: str | None = None) -> dict[str, Any]:
         """Check (or create) NAME's destination disk PATH for a source disk of SIZE bytes and
         BLOCK_SIZE-byte logical blocks, and start the agent's record of it.
 
@@ -113,7 +115,11 @@ class AgentServer:
         of the same migration keeps its record: whether dmmig created the disk, whether it was
         written, its export. Any other migration starts a fresh record: nothing of an earlier
         one survives, above all not `handed_over`, which would keep the next `add` from asking
-        the gate. An unfinished record of another migration refuses (it may still be arriving)."""
+        the gate. An unfinished record of another migration refuses (it may still be arriving).
+
+        WARM: the generation the source's copy would continue from (dmmig/flows/warm.py): the
+        reply's "warm" says whether PATH carries it untouched; checked, and the generation
+        forgotten here, after every other check and before anything writes PATH."""
         disk_name(name)
         size = confine.size_ok(size)
         if block_size is not None and block_size not in (512, 1024, 2048, 4096):
@@ -144,6 +150,12 @@ class AgentServer:
         have = _size_of(path)
         if have < size:
             raise BadInput(f"destination disk {path} is smaller than the source: {have} < {size} bytes")
+        verdict: dict[str, Any] | None = None
+        if warm is not None:
+            ok, why = warmth.check_kept(self.state, name, path, size, str(warm), self.r)
+            verdict = {"ok": ok, "why": why}
+        else:  # a copy that does not continue from it writes the disk: the generation is over
+            warmth.drop_for(self.state, name, path)
         # a resumed copy keeps its export and what it wrote, and what a newer dmmig added to it
         rec = Incoming(name=name, path=path, size=size, created=created_as is not None, created_as=created_as,
                        migration=migration, block_size=block_size, since=(keep and keep.since) or time.time(),
@@ -153,7 +165,7 @@ class AgentServer:
         # only a sparse file dmmig just created, never written, is known to read as zeros: a new
         # linear LV reuses freed extents and reads another volume's old data
         return {"path": path, "size": have, "created": created_as is not None,
-                "zeroed": created_as == "file" and not rec.written}
+                "zeroed": created_as == "file" and not rec.written, **({"warm": verdict} if verdict else {})}
 
     def op_probe(self, paths: list[str], script: str = "/etc/xen/scripts/block-dmmig",
                  names: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
@@ -232,8 +244,10 @@ class AgentServer:
         self._save(rec)
         return {"export": asdict(e)}
 
-    def op_stop(self, name: str, remove_created: bool = False) -> dict[str, Any]:
-        """Stop the export and forget NAME; with remove_created, delete a disk we created."""
+    def op_stop(self, name: str, remove_created: bool = False, warm: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stop the export and forget NAME; with remove_created, delete a disk we created.
+        WARM (the source's finish: both disks identical): record this host's half of the
+        generation WARM["generation"], the disk's fence taken once the export is stopped."""
         disk_name(name)
         rec = self.load(name)
         done: list[str] = []
@@ -242,6 +256,19 @@ class AgentServer:
         if rec.export:
             nbd.stop_export(rec.export)
             done.append(f"stopped qemu-nbd {rec.export.pid} exporting {rec.path}")
+        if warm is not None and not remove_created:
+            gen = str(warm.get("generation") or "")
+            try:
+                if not gen.isalnum():
+                    raise ValueError(f"invalid generation {gen!r:.40}")
+                self.policy.existing(rec.path)
+                warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
+                              str(warm.get("peer") or "")[:255], self.r)
+                done.append(f"recorded generation {gen[:12]} of {rec.path}: `dmmig wrap {name} {rec.path}` here "
+                            "tracks its writes from the start, so a copy back sends only those")
+            except (OSError, ValueError, DmmigError) as e:
+                warmth.drop(self.state, name)
+                done.append(f"recorded no generation of {rec.path} ({e}): a copy back will be a full one")
         # what a killed agent made but had not journaled yet
         files = Files(self.state, name)
         for left in (files.qemu_nbd_pid, files.export_socket):

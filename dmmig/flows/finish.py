@@ -10,6 +10,7 @@ from dmmig.core import gate, journal
 from dmmig.core.records import CopyState, Incoming, Unreadable
 from dmmig.core.stack import Stack
 from dmmig.errors import StateError
+from dmmig.flows import warm
 from dmmig.flows.destination import AgentServer, incoming
 from dmmig.flows.session import stop_remote
 from dmmig.names import Files, era_name, top_name
@@ -39,15 +40,53 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
             raise StateError(f"{top} is still open ({info.open_count} opener(s)); it cannot be removed",
                              hint="stop the domain on this host first, or finish without --remove")
     dest = entry.dest
+    generation: str | None = None
+    notes: list[str] = []
     with stack.journal.lock(name):
-        done = stack.abort_held(name, phase=journal.FINISHING)
+        if remote and not force and dest is not None:
+            generation = _generation(stack, entry, notes)
+        try:
+            done = stack.abort_held(name, phase=journal.FINISHING)  # its swap resumes the top
+        except BaseException:
+            if generation is not None:
+                warm.drop(stack.journal.dir, name)
+                info = stack.dm.info(top)
+                if info is not None and info.suspended:
+                    stack.dm.resume(top)
+            raise
+        if generation is None:
+            warm.drop(stack.journal.dir, name)  # whatever an earlier migration left holds no more
         if remove and stack.dm.info(top) is not None:
             stack.dm.remove(top)
             done.append(f"remove {top}")
         if remove:
             stack.journal.delete(name)
-    left = stop_remote(name, dest, remove_created=False, done=done) if remote else []
+    done += notes
+    left = stop_remote(name, dest, remove_created=False, done=done,
+                       warm={"generation": generation, "peer": os.uname().nodename} if generation else None
+                       ) if remote else []
     return done, left
+
+
+def _generation(stack: Stack, entry: journal.Entry, notes: list[str]) -> str | None:
+    """A new generation (warm copies, dmmig/flows/warm.py) if both disks are identical now:
+    checked with the top suspended, and left suspended for finish's swap back to linear when
+    one is recorded (a write after the check goes to this disk alone, and its fence sees it)."""
+    top = top_name(entry.name)
+    stack.dm.arm_guard()
+    stack.dm.suspend(top)
+    try:
+        rec, why = warm.kept(stack, entry, warm.new_generation())
+    except BaseException:
+        stack.dm.resume(top)
+        raise
+    if rec is None:
+        stack.dm.resume(top)
+        notes.append(f"no generation recorded ({why}): a copy back will be a full one")
+        return None
+    notes.append(f"recorded generation {rec.generation[:12]}: a copy back onto {entry.origin} sends only what "
+                 f"the destination writes, as long as nothing writes {entry.origin} here")
+    return rec.generation
 
 
 def finish_handed_over(stack: Stack, name: str | None, *, node: str | None, params: str,
@@ -96,6 +135,8 @@ def abort(stack: Stack, name: str) -> tuple[list[str], list[str]]:
             return gate.remove_stale(stack.journal.dir, name), []
     dest = entry.dest if entry else None
     done = stack.abort(name)
+    if warm.drop(stack.journal.dir, name):  # whatever it was, the disks of that generation now differ
+        done.append(f"forgot the generation of {name} (a copy back will be a full one)")
     left = stop_remote(name, dest, remove_created=True, done=done)
     e2 = stack.journal.load(name)
     if e2 is not None and (e2.dest or e2.copy != CopyState()):

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmmig import names
 from dmmig.adapters.blockdev import logical_block_size
 from dmmig.adapters.ssh import Endpoint, SshOptions
 from dmmig.adapters.xenstore import XenStore
@@ -32,14 +31,14 @@ from dmmig.adapters.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
 from dmmig.core import journal, mirrorlog
 from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
-from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
+from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.flows.copying import copy, estimate, render_estimate
 from dmmig.flows.cutover import CutoverOptions, cutover, mirror_table
 from dmmig.flows.domain import Vbd, vbds
 from dmmig.flows.finish import abort, finish_handed_over
 from dmmig.flows.handover import answer_gate, mirroring_entry
 from dmmig.flows.session import CopyOptions, Remote, check_destination, check_source, destination, stop_remote
-from dmmig.names import Files, era_name, format_devno, top_name
+from dmmig.names import era_name, format_devno, top_name
 from dmmig.progress import Progress
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 
@@ -153,32 +152,10 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
-    check_source(stack, opts.copy.transport)  # found missing at cutover, it would cost the whole copy
-    _check_nbd_devices(stack, disks)
-    # what cutover (the mirror's logs) and, over nbd, the copy (its TLS keys) make root-only
-    # here: refused now as private_dir would refuse it then, not after the copy
-    journal.check_private_dir(names.RUN_DIR)
-    if opts.copy.transport == "nbd":
-        for d in disks:
-            journal.check_private_dir(Files(stack.journal.dir, d.name).mirror("tls"))
+    # found missing at cutover, it would cost the whole copy
+    check_source(stack, opts.copy.transport, [d.name for d in disks])
     tunnel, why = _check_destination(stack, disks, host, ssh_opts, opts, remote)
     return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
-
-
-def _check_nbd_devices(stack: Stack, disks: list[Disk]) -> None:
-    """Every disk's cutover takes a /dev/nbdX here for its mirror leg, all of them at once: with
-    fewer free, the last cutover would fail after every disk's copy. A disk's own leg from an
-    earlier run counts (its cutover drops it first). Advisory: another migration may take
-    devices meanwhile; the cutover's choice under the host-wide lock still refuses then."""
-    nbd = stack.mirror.nbd
-    free = nbd.free_count([stack.mirror.nbd_owner(d.name) for d in disks])
-    if free < len(disks):
-        n = len(disks)
-        raise Busy(f"{n} disk{'s' if n > 1 else ''} need{'' if n > 1 else 's'} {n} free nbd device"
-                   f"{'s' if n > 1 else ''} here for {'their' if n > 1 else 'its'} mirror leg, {free} "
-                   f"{'is' if free == 1 else 'are'} free",
-                   hint="wait for other migrations to finish, or load the nbd module with more devices "
-                        "(nbds_max=N) while none is in use")
 
 
 def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:

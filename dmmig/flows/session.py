@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dmmig import names
 from dmmig.adapters import nbd, tlscreds, tunnel
-from dmmig.adapters.agentclient import AgentClient
+from dmmig.adapters.agentclient import WARM_PROTOCOL, AgentClient
 from dmmig.adapters.agentcmd import agent_argv
 from dmmig.adapters.runner import Runner
 from dmmig.adapters.ssh import (
@@ -27,7 +28,7 @@ from dmmig.adapters.ssh import (
 from dmmig.core import journal, records
 from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
-from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.flows.started import Started
 from dmmig.names import Files
 from dmmig.progress import Stopwatch
@@ -121,11 +122,35 @@ def probe_tunnel(stack: Stack, dest: Destination, remote: Remote,
     return Started(probe)
 
 
-def check_source(stack: Stack, transport: str) -> None:
-    """Every tool and dm target this host needs from prepare to cutover (the tunnel's ssh for
-    --transport ssh); checked before anything changes, never found missing after the copy."""
+def check_source(stack: Stack, transport: str, disks: list[str]) -> None:
+    """Everything this host needs from prepare to cutover for DISKS (names), checked before
+    anything changes, never found missing after the copy: every tool and dm target (the
+    tunnel's ssh for --transport ssh), a free /dev/nbdX per disk for its mirror leg, and the
+    root-only directories the cutover (the mirror's logs) and, over nbd, the copy (its TLS
+    keys) write to, refused now as private_dir would refuse them then."""
     require_tools("dmsetup", "losetup", "era_invalidate", "nbd-client", *(["ssh"] if transport == "ssh" else []))
     stack.dm.require_targets("era", "mirror")
+    check_nbd_devices(stack, disks)
+    journal.check_private_dir(names.RUN_DIR)
+    if transport == "nbd":
+        for d in disks:
+            journal.check_private_dir(Files(stack.journal.dir, d).mirror("tls"))
+
+
+def check_nbd_devices(stack: Stack, disks: list[str]) -> None:
+    """Every disk's cutover takes a /dev/nbdX here for its mirror leg, all of them at once: with
+    fewer free, the last cutover would fail after every disk's copy. A disk's own leg from an
+    earlier run counts (its cutover drops it first). Advisory: another migration may take
+    devices meanwhile; the cutover's choice under the host-wide lock still refuses then."""
+    nbd = stack.mirror.nbd
+    free = nbd.free_count([stack.mirror.nbd_owner(d) for d in disks])
+    if free < len(disks):
+        n = len(disks)
+        raise Busy(f"{n} disk{'s' if n > 1 else ''} need{'' if n > 1 else 's'} {n} free nbd device"
+                   f"{'s' if n > 1 else ''} here for {'their' if n > 1 else 'its'} mirror leg, {free} "
+                   f"{'is' if free == 1 else 'are'} free",
+                   hint="wait for other migrations to finish, or load the nbd module with more devices "
+                        "(nbds_max=N) while none is in use")
 
 
 def check_destination(probe: dict[str, Any], host: str) -> None:
@@ -235,14 +260,24 @@ def keep_probe(old: Destination | None, dest: Destination) -> None:
 PROBED_WITH = ("transport", "user", "port", "known_hosts", "identity", "remote_dmmig", "remote_state_dir")
 
 
-def stop_remote(name: str, dest: Destination | None, *, remove_created: bool, done: list[str]) -> list[str]:
-    """Stop the destination's export; what could not be stopped is returned, exactly."""
+def stop_remote(name: str, dest: Destination | None, *, remove_created: bool, done: list[str],
+                warm: dict[str, Any] | None = None) -> list[str]:
+    """Stop the destination's export; what could not be stopped is returned, exactly. WARM
+    (finish): the generation the destination records as it stops (dmmig/flows/warm.py), if
+    its agent knows generations."""
     if not dest:
         return []
     try:
         remote = Remote(dest)
         try:
-            reply = remote.agent.call("stop", name=name, remove_created=remove_created)
+            kw: dict[str, Any] = {}
+            if warm is not None:
+                if remote.agent.hello.get("warm") == WARM_PROTOCOL:
+                    kw = {"warm": warm}
+                else:
+                    done.append("destination: its dmmig records no generations (an older version): a copy back "
+                                "will be a full one")
+            reply = remote.agent.call("stop", name=name, remove_created=remove_created, **kw)
             done += [f"destination: {d}" for d in reply["done"]]
         finally:
             remote.close()

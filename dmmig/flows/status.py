@@ -14,13 +14,15 @@ from dmmig.core import gate, journal
 from dmmig.core.records import Incoming, Unreadable, to_json
 from dmmig.core.stack import Stack
 from dmmig.core.watch import read_health
+from dmmig.flows import warm
 from dmmig.flows.destination import incoming
 from dmmig.names import era_name, top_name
 
 
 def names(stack: Stack) -> list[str]:
     """Every disk dmmig knows here: journaled, incoming from a source's dmmig, or with a gate."""
-    return sorted(set(stack.journal.names()) | set(incoming(stack.journal.dir)) | set(gate.names(stack.journal.dir)))
+    return sorted(set(stack.journal.names()) | set(incoming(stack.journal.dir)) | set(gate.names(stack.journal.dir))
+                  | set(warm.names(stack.journal.dir)))
 
 
 def disk_status(stack: Stack, name: str) -> dict[str, Any]:
@@ -31,6 +33,7 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     if rec is not None:
         out["incoming"] = _incoming(name, rec, problems, journaled=entry is not None)
     out["gate"] = _gate(stack.journal.dir, name, problems)
+    out["warm"] = warm.status(stack, name, entry)
     if entry is not None:
         out["journal"] = {"phase": entry.phase, "origin": entry.origin, "origin_devno": entry.origin_devno,
                           "block_bytes": entry.block_sectors * 512 if entry.block_sectors else None,
@@ -196,6 +199,7 @@ def render(st: dict[str, Any], *, tables: bool = False) -> str:
                      + (", handed over" if inc["handed_over"] else ", not handed over")
                      + (f"; NBD export on {nbd.Export(**exp).where}, qemu-nbd pid {exp['pid']}"
                         f" ({'running' if inc['export_alive'] else 'gone'})" if exp else "; no NBD export"))
+    lines += _render_warm(st.get("warm"))
     for dev, d in st["devices"].items():
         flags = (" SUSPENDED" if d["suspended"] else "") + (" +inactive-table" if d["inactive_table"] else "")
         lines.append(f"  {dev} ({d['devno']}, open {d['open']}{flags})")
@@ -219,6 +223,29 @@ def render(st: dict[str, Any], *, tables: bool = False) -> str:
     for p in st["problems"]:
         lines.append(f"  ! {p}")
     return "\n".join(lines)
+
+
+def _render_warm(w: dict[str, Any] | None) -> list[str]:
+    if not w:
+        return []
+    if "error" in w:
+        return [f"  warm:    unreadable ({w['error']}): {w['effect']}"]
+    out = []
+    if "generation" in w:
+        state = ("broken: " + w["broken"] if w.get("broken") else
+                 "untouched" if w.get("untouched") else "WRITTEN since: no longer trusted" if "untouched" in w
+                 else "era tracks writes" if w.get("tracking") else "not tracked yet (`dmmig wrap` starts it)")
+        out.append(f"  warm:    generation {w['generation'][:12]} with {w.get('peer') or '?'}, {w['role']} "
+                   f"{w['path']} ({state})")
+    t = w.get("tracking")
+    if isinstance(t, dict):
+        cost = t.get("era_metadata_bytes")
+        out.append(f"  warm:    writes tracked since era {t['since_era']}"
+                   + (f", era metadata {sizing.human(cost)}" if cost is not None else "")
+                   + (f"; {t['decision']}" if t.get("decision") else ""))
+    if w.get("effect"):
+        out.append(f"           {w['effect']}")
+    return out
 
 
 def _size_bytes(st: dict[str, Any]) -> int | None:
@@ -264,6 +291,16 @@ def glance(st: dict[str, Any]) -> dict[str, str]:
         row["destination"] = f"{inc.get('path')} (this host)"
         row["progress"] = "handed over" if inc.get("handed_over") else \
             ("export running" if inc.get("export_alive") else "no export")
+    w = st.get("warm")
+    if w and "error" not in w:
+        t = w.get("tracking")
+        if not j and not inc and "role" in w:
+            row["phase"] = f"warm ({w['role']})"
+            row["destination"] = f"{w['path']} (with {w.get('peer') or '?'})"
+            row["progress"] = ("broken" if w.get("broken") else "untouched" if w.get("untouched")
+                               else "WRITTEN since" if "untouched" in w else "not tracked yet")
+        elif isinstance(t, dict) and row["progress"] == "-":
+            row["progress"] = f"warm: writes tracked since era {t['since_era']}"
     failed = any("mirror" in d and not d["mirror"]["healthy"] for d in st["devices"].values())
     n = len(st["problems"])
     if failed:

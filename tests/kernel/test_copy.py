@@ -7,23 +7,13 @@ import time
 import pytest
 
 from tests.conftest import ORACLE, python
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import DMMIG, copy_args, digest, start_writer, stop_writer, world
 from tests.rig.output import summary
-from tests.rig.pair import B_IP, SSH_OPTS
-from tests.rig.uml import ROOT, UmlHost
+from tests.rig.pair import B_IP
+from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
-DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 MiB = 1 << 20
-
-
-def copy_args(name: str, dest_disk: str, *extra: str) -> list[str]:
-    return ["copy", name, f"root@{B_IP}", "--dest-disk", dest_disk, "--remote-dmmig", DMMIG,
-            *SSH_OPTS, "--json", *extra]
-
-
-def digest(h: UmlHost, dev: str) -> str:
-    return h.run([python(), ORACLE, "digest", dev]).out.strip()
 
 
 def test_copy_under_writer_then_final_round_is_exact(pair, pdisks, name: str) -> None:
@@ -135,11 +125,6 @@ def test_direct_nbd_transport(pair, pdisks, name: str) -> None:
     assert digest(a, origin) == digest(b, dest)
     a.dmmig("abort", name)
     a.dmmig("unwrap", name)
-
-
-def world(a: UmlHost, b: UmlHost) -> tuple[str, ...]:
-    return (a.run(["dmsetup", "table"]).out, a.sh("cat /run/dmmig/*.json 2>/dev/null; true").out,
-            b.run(["dmsetup", "table"]).out, b.sh("ls /run/dmmig; pgrep -a qemu-nbd; true").out)
 
 
 def test_refusals_before_any_change(pair, pdisks, name: str) -> None:

@@ -10,40 +10,27 @@ import time
 
 import pytest
 
-from tests.conftest import ORACLE, python
-from tests.kernel.test_copy import DMMIG, copy_args, digest, summary
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import (
+    DMMIG,
+    check,
+    cleanup,
+    copy_args,
+    digest,
+    inject,
+    migrate_to_mirror,
+    retarget,
+    start_writer,
+    status,
+    stop_writer,
+    wait_leg_failed,
+    wait_resumed,
+)
+from tests.rig.output import summary
 from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 MiB = 1 << 20
 BLOCK = 64 << 10  # era block = mirror region
-
-
-def status(h: UmlHost, name: str) -> dict:
-    return json.loads(h.dmmig("status", name, "--json").out)
-
-
-def check(h: UmlHost, dev: str, seed: int, *records: str) -> None:
-    argv = [python(), ORACLE, "check", dev, "--seed", str(seed)]
-    for r in records:
-        argv += ["--record", r]
-    res = h.run(argv, check=False)
-    assert res.rc == 0, res.out
-
-
-def migrate_to_mirror(a: UmlHost, name: str, origin: str, dest: str, *extra: str) -> dict:
-    a.dmmig("wrap", name, origin)
-    a.dmmig("prepare", name)
-    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4", *extra))
-    return summary(a.dmmig("cutover", name, "--json", "--nbd-timeout", "3").out)
-
-
-def cleanup(a: UmlHost, b: UmlHost, name: str, *files: str) -> None:
-    a.dmmig("unwrap", name)
-    if files:
-        a.run(["rm", "-f", *files, *(f + ".started" for f in files)])
-    assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0, "the destination's export is still running"
 
 
 def test_full_migration_under_writer(pair, pdisks, name: str) -> None:
@@ -209,25 +196,6 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
         b.run(["dmsetup", "remove", slow], check=False)
 
 
-def retarget(h: UmlHost, name: str, target: str) -> None:
-    """Swap, live, the table of a dm device of the test's own for TARGET (the table line after
-    its start and length) over the same device underneath, named {under} in TARGET."""
-    n = h.run(["blockdev", "--getsz", f"/dev/mapper/{name}"]).out.strip()
-    under = h.run(["dmsetup", "table", name]).out.split()[3]
-    h.run(["dmsetup", "load", name, "--table", f"0 {n} " + target.format(under=under)])
-    h.run(["dmsetup", "resume", name])
-
-
-def inject(b: UmlHost, how: str, flakey: str | None) -> None:
-    if how == "kill-server":
-        b.run(["pkill", "-9", "qemu-nbd"])
-    elif how == "link-down":
-        b.run(["ip", "link", "set", "vec0", "down"])
-    else:
-        assert flakey
-        retarget(b, flakey, "flakey {under} 0 0 5 1 error_writes")
-
-
 def repair(b: UmlHost, how: str, flakey: str | None) -> None:
     if how == "link-down":
         b.run(["ip", "link", "set", "vec0", "up"])
@@ -238,17 +206,6 @@ def repair(b: UmlHost, how: str, flakey: str | None) -> None:
         assert flakey
         retarget(b, flakey, "linear {under} 0")
     # kill-server: nothing; the next copy restarts the export
-
-
-def wait_leg_failed(a: UmlHost, name: str, timeout: float = 40) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = status(a, name)
-        m = st["devices"][f"dmmig-{name}"].get("mirror", {})
-        if m and not m["healthy"] and m.get("failed_at"):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"no leg failure reported: {st}")
 
 
 @pytest.mark.parametrize("how", ["kill-server", "link-down", "flakey"])
@@ -300,20 +257,6 @@ def test_leg_failure_loses_nothing_then_catch_up_then_abort(pair, pdisks, name: 
             b.run(["dmsetup", "remove", flakey], check=False)
 
 
-KILL_WHEN_SUSPENDED = r"""
-import os, signal, subprocess, sys, time
-dm, argv = sys.argv[1], sys.argv[2:]
-p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-while p.poll() is None:
-    if open(f"/sys/block/{dm}/dm/suspended").read().strip() == "1":
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        print("killed while suspended")
-        break
-print("rc", p.wait())
-"""
-
-
 KILL_WHEN_FILE = r"""
 import os, signal, subprocess, sys, time
 path, argv = sys.argv[1], sys.argv[2:]
@@ -326,13 +269,6 @@ while p.poll() is None:
     time.sleep(0.005)
 print("rc", p.wait())
 """
-
-
-def wait_resumed(h: UmlHost, dm: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while h.run(["cat", f"/sys/block/{dm}/dm/suspended"]).out.strip() != "0":
-        assert time.monotonic() < deadline, f"{dm} still suspended {timeout}s after dmmig died"
-        time.sleep(0.2)
 
 
 def test_sigkill_during_cutover_then_abort_or_rerun(pair, pdisks, name: str) -> None:

@@ -16,10 +16,20 @@ import pytest
 
 from dmmig.core import gate
 from tests.conftest import ORACLE, python
-from tests.kernel.test_copy import DMMIG, copy_args, digest, summary, world
-from tests.kernel.test_cutover import check, cleanup, migrate_to_mirror, wait_leg_failed
-from tests.kernel.test_gate import ask
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import (
+    DMMIG,
+    ask,
+    check,
+    cleanup,
+    copy_args,
+    digest,
+    migrate_to_mirror,
+    start_writer,
+    stop_writer,
+    wait_leg_failed,
+    world,
+)
+from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS
 from tests.rig.uml import UmlHost
 

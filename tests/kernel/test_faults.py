@@ -10,9 +10,7 @@ import time
 
 import pytest
 
-from tests.kernel.test_copy import DMMIG, copy_args, digest
-from tests.kernel.test_cutover import check, cleanup, retarget
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import DMMIG, check, cleanup, copy_args, digest, retarget, start_writer, stop_writer
 from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]

@@ -10,29 +10,24 @@ import pytest
 
 from dmmig.core import gate
 from tests.conftest import python
-from tests.kernel.test_copy import DMMIG, digest, summary
-from tests.kernel.test_cutover import check, cleanup, inject, migrate_to_mirror, status, wait_leg_failed
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import (
+    ASK,
+    DMMIG,
+    ask,
+    check,
+    cleanup,
+    digest,
+    inject,
+    migrate_to_mirror,
+    start_writer,
+    status,
+    stop_writer,
+    wait_leg_failed,
+)
+from tests.rig.output import summary
 from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
-
-ASK = r"""
-import json, sys, time
-from dmmig.core import gate
-t = time.monotonic()
-try:
-    rep = gate.ask(sys.argv[1], sys.argv[2], float(sys.argv[3]))
-except gate.GateRefused as e:
-    print(json.dumps({"refused": e.message, "seconds": time.monotonic() - t}))
-    sys.exit(3)
-print(json.dumps(dict(rep, seconds=time.monotonic() - t)))
-"""
-
-
-def ask(b: UmlHost, name: str, timeout: float) -> tuple[int, dict]:
-    r = b.py(ASK, "/run/dmmig", name, str(timeout), check=False)
-    return r.rc, json.loads(r.out)
 
 
 @pytest.mark.parametrize("leg", ["healthy", "failed"])

@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from tests.kernel.test_copy import DMMIG, digest
-from tests.kernel.test_cutover import check
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import DMMIG, check, digest, start_writer, stop_writer
 from tests.rig.pair import B_IP, SSH_OPTS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]

@@ -9,9 +9,18 @@ import time
 import pytest
 
 from tests.conftest import ORACLE, python
-from tests.kernel.test_copy import DMMIG, copy_args, digest, summary
-from tests.kernel.test_cutover import KILL_WHEN_SUSPENDED, check, cleanup, wait_resumed
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import (
+    DMMIG,
+    KILL_WHEN_SUSPENDED,
+    check,
+    cleanup,
+    copy_args,
+    digest,
+    start_writer,
+    stop_writer,
+    wait_resumed,
+)
+from tests.rig.output import summary
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
 MiB = 1 << 20

@@ -7,28 +7,11 @@ import time
 import pytest
 
 from tests.conftest import ORACLE, python
+from tests.kernel.steps import start_writer, stop_writer
 from tests.rig.uml import UmlHost
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
-
-
-def start_writer(rig: UmlHost, dev: str, record: str, seed: int = 7, **kw: str) -> object:
-    # KEY="" is a flag without a value (sequential="", resume="")
-    extra = [x for k, v in kw.items() for x in ((f"--{k}",) if v == "" else (f"--{k}", v))]
-    job = rig.spawn([python(), ORACLE, "write", dev, "--seed", str(seed), "--record", record, *extra])
-    for _ in range(100):  # wait until it really writes
-        if rig.run(["test", "-e", record + ".started"], check=False).rc == 0:
-            break
-        time.sleep(0.1)
-    return job
-
-
-def stop_writer(rig: UmlHost, job: object) -> dict:
-    job.signal(15)  # type: ignore[attr-defined]
-    res = job.wait(120)  # type: ignore[attr-defined]
-    assert res.rc == 0, f"the writer saw an error: {res.out} {res.err}"
-    return json.loads(res.out)
 
 
 def test_wrap_is_idempotent_and_linear(rig: UmlHost, disks, name: str) -> None:

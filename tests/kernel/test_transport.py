@@ -13,10 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.test_copy import DMMIG, copy_args, digest, summary
-from tests.kernel.test_cutover import check, status
-from tests.kernel.test_gate import ask
-from tests.kernel.test_stack import start_writer, stop_writer
+from tests.kernel.steps import DMMIG, ask, check, copy_args, digest, start_writer, status, stop_writer
+from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS, sshd_config
 from tests.rig.uml import UmlHost
 

@@ -34,13 +34,15 @@ for p in os.listdir("/proc"):
         pass
     procs.append([int(p), cmd])
 # every file below the state dir (the exports' sockets and TLS keys are one level down, in
-# nbd/, which itself stays: it is the root-only home of all exports), but the disks' locks
+# nbd/, which itself stays: it is the root-only home of all exports), but the disks' locks and
+# the generations a finished migration records on both hosts (NAME.warm.json: what a warm copy
+# back needs, kept by design until `dmmig forget`; tests/kernel/test_warm.py checks them)
 state = []
 for d, dirs, files in os.walk("/run/dmmig"):
     rel = os.path.relpath(d, "/run/dmmig")
     for f in files + [x for x in dirs if rel != "." or x != "nbd"]:
         p = os.path.normpath(os.path.join(rel, f))
-        if not p.endswith(".lock"):
+        if not p.endswith((".lock", ".warm.json")):
             state.append(p)
 state.sort()
 print(json.dumps({"dm": dm, "loops": loops, "nbd": nbds, "procs": procs, "state": state,

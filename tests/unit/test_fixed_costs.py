@@ -153,7 +153,7 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
         def close(self) -> None:
             closed.set()
 
-    def refuse(stack: Any, transport: str) -> None:
+    def refuse(stack: Any, transport: str, disks: list[str]) -> None:
         raise MissingDependency("command not found: era_invalidate")
     monkeypatch.setattr(copying, "Remote", SlowRemote)  # where copy() looks them up
     monkeypatch.setattr(copying, "check_source", refuse)
@@ -163,6 +163,33 @@ def test_a_local_check_failing_while_the_connection_comes_up_is_reported_at_once
                      Progress())
     assert time.monotonic() - t0 < 0.4  # not after the connection came
     assert closed.wait(5)  # and when it came, it was closed
+
+
+def test_copy_refuses_before_the_copy_what_its_cutover_would_lack(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dmmig copy` checked only tools and dm targets: with every nbd device taken (or
+    /run/dmmig not root-only) the copy ran to the end and its cutover refused; `migrate`'s plan
+    checked both. Now copy runs the same local checks as the plan, before it connects."""
+    from dmmig.adapters.nbdkernel import NbdKernel
+    from dmmig.errors import Busy
+    from dmmig.progress import Progress
+    from tests.unit.fakes import fake_nbd_devices
+
+    connected: list[Destination] = []
+
+    class Remote:
+        def __init__(self, dest: Destination, phases: Stopwatch | None = None) -> None:
+            connected.append(dest)
+
+        def close(self) -> None:
+            pass
+    monkeypatch.setattr(copying, "Remote", Remote)
+    monkeypatch.setattr(session, "require_tools", lambda *tools: None)
+    stack = prepared_stack(tmp_path)
+    stack.dm.require_targets = lambda *targets: None
+    stack.mirror.nbd = NbdKernel(stack.runner, sys_block=fake_nbd_devices(tmp_path, 2, attached={0: 2048, 1: 8}))
+    with pytest.raises(Busy, match="1 free nbd device here for its mirror leg, 0 are free"):
+        copying.copy(stack, "d1", "root@b", EP, session.CopyOptions(dest_disk="/dev/loop0"), Progress())
 
 
 def imported_by(code: str) -> set[str]:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from dmmig.core import mirrorlog
+from dmmig.errors import Exit, LocalIOError
 
 
 def test_region_count_and_log_size() -> None:
@@ -87,3 +89,12 @@ def test_clear_bits_matches_bit_by_bit(begin: int, end: int) -> None:
     bits = bytearray(b"\xff" * 16)
     mirrorlog.clear_bits(bits, begin, end)
     assert [i for i in range(128) if not bits[i // 8] >> (i % 8) & 1] == list(range(begin, end))
+
+
+def test_a_log_device_that_fails_is_a_local_io_error_not_a_bug(tmp_path: Path) -> None:
+    """A plain OSError crossed the CLI boundary as exit 1 (the code for dmmig's own bugs)."""
+    gone = str(tmp_path / "gone")
+    for op in (lambda: mirrorlog.write(gone, bytes(4096)), lambda: mirrorlog.read(gone, 4096)):
+        with pytest.raises(LocalIOError) as e:
+            op()
+        assert e.value.exit_code == Exit.IO and gone in e.value.message and e.value.hint

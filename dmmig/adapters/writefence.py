@@ -1,0 +1,235 @@
+"""Whether anything wrote a disk since a moment: the kernel's own per-device I/O counters.
+
+A warm copy (dmmig/flows/warm.py) may skip a block only if it knows for sure that nobody
+wrote it. The proof here is the kernel's: /sys/dev/block/MAJ:MIN/stat counts every sector
+written and discarded through a block device, whoever wrote it (a write-zeroes counts as a
+write). It also remembers what the device maps onto (Counters.mapping): data can change with no
+write through the device when its mapping does (an LV reduced and extended again, a loop
+device's offset). A Fence remembers those counters with the device's identity: the boot (counters
+start at zero at boot), the device number and its diskseq (a new number each time a loop
+device is attached or a dm device made, so a device detached and attached again is another
+disk). A file behind a loop device is remembered too (inode, size, mtime, ctime): a write to
+the file past the loop device moves its ctime, which no one can set back.
+
+Each check fails towards "written": any doubt (a counter unreadable, a device gone, a new
+boot) means the disk is not trusted, and the copy is a full one.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from dmmig.adapters.runner import Runner
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# stat's fields (Documentation/block/stat.rst): write sectors, in flight, discard sectors
+WRITE_SECTORS, IN_FLIGHT, DISCARD_SECTORS = 6, 8, 13
+# a timestamp later than a file's ctime must be this far past it for any later write to move
+# it (the kernel stamps from the coarse clock, truncated to the file system's granularity)
+CTIME_SETTLE_S = 1.0
+CLOCK_REALTIME_COARSE = 5  # Linux's clock id (Python's time module does not name it): the kernel's file times
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A block device's identity and write counters at one moment. MAPPING (when asked for):
+    what the device maps onto, for data that changes with no write through it: its size, a
+    loop device's file, offset and size limit, a partition's start, a dm device's table (an
+    LV reduced and extended again maps other extents)."""
+    devno: str                   # major:minor
+    diskseq: int | None          # None: the kernel has no diskseq (before 5.15)
+    write_sectors: int
+    discard_sectors: int
+    in_flight: int = 0
+    mapping: str = ""
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass
+class Fence:
+    """PATH as it was at a moment: the block device's counters (None for a plain file) and
+    the file behind it (None for a device that is no loop device over a file)."""
+    path: str
+    boot_id: str
+    device: Counters | None = None
+    file: FileStamp | None = None
+    file_path: str | None = None
+
+
+def boot_id() -> str:
+    with open(BOOT_ID) as f:
+        return f.read().strip()
+
+
+def counters(devno: str, runner: Runner | None = None) -> Counters:
+    """DEVNO's counters now, with its mapping if RUNNER is given (a dm table is read with
+    dmsetup); OSError if the device is gone or its mapping cannot be read."""
+    base = f"/sys/dev/block/{devno}"
+    with open(f"{base}/stat") as f:
+        fields = [int(x) for x in f.read().split()]
+    try:
+        with open(f"{base}/diskseq") as f:
+            seq: int | None = int(f.read())
+    except FileNotFoundError:
+        seq = None
+    discard = fields[DISCARD_SECTORS] if len(fields) > DISCARD_SECTORS else 0
+    return Counters(devno, seq, fields[WRITE_SECTORS], discard, fields[IN_FLIGHT],
+                    mapping(devno, runner) if runner is not None else "")
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def mapping(devno: str, runner: Runner) -> str:
+    """What DEVNO maps onto now (see Counters.mapping)."""
+    base = f"/sys/dev/block/{devno}"
+    parts = [f"size={_read(base + '/size')}"]
+    if os.path.isdir(base + "/loop"):
+        parts.append(f"loop={_read(base + '/loop/backing_file')}@{_read(base + '/loop/offset')}"
+                     f"+{_read(base + '/loop/sizelimit')}")
+    if os.path.exists(base + "/start"):
+        parts.append(f"start={_read(base + '/start')}")
+    if os.path.isdir(base + "/dm"):
+        ma, mi = devno.split(":")
+        res = runner.run(["dmsetup", "table", "-j", ma, "-m", mi], check=False, timeout=30)
+        if res.returncode != 0:
+            raise OSError(f"dmsetup table of {devno} failed: {(res.stderr or res.stdout).strip()}")
+        parts.append("table=" + " | ".join(ln.strip() for ln in res.stdout.splitlines()))
+    return ";".join(parts)
+
+
+def devno_of(path: str) -> str | None:
+    """PATH's major:minor if it is a block device, else None."""
+    st = os.stat(path)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" if stat.S_ISBLK(st.st_mode) else None
+
+
+def backing_file(devno: str) -> str | None:
+    """The file behind loop device DEVNO (as the loop driver recorded it), else None."""
+    try:
+        with open(f"/sys/dev/block/{devno}/loop/backing_file") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _stamp(path: str) -> FileStamp:
+    st = os.stat(path)
+    return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def settled_stamp(path: str, settle_s: float | None = None) -> FileStamp:
+    """PATH's stamp such that any later write moves its ctime: taken when the clock read
+    before it was already SETTLE_S past the ctime it shows (a write within the tick of the
+    last one would otherwise leave the ctime as it was); else waited for and taken again."""
+    settle_s = CTIME_SETTLE_S if settle_s is None else settle_s
+    for _ in range(4):
+        before = time.clock_gettime(CLOCK_REALTIME_COARSE)
+        s = _stamp(path)
+        wait = s.ctime_ns / 1e9 + settle_s - before
+        if wait < 0:
+            return s
+        time.sleep(min(wait + 0.01, settle_s + 0.01))
+    # written all the time, or a ctime in the future (the clock was set back): no fence
+    raise OSError(f"the ctime of {path} does not settle")
+
+
+def sync(path: str) -> None:
+    """What a writer left in PATH's page cache reaches the device (and its counters) first."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def take(path: str, runner: Runner) -> Fence:
+    """PATH (a block device or a file) as it is now, after a sync."""
+    sync(path)
+    devno = devno_of(path)
+    file = path if devno is None else backing_file(devno)
+    if file is not None:
+        sync(file)
+    dev = counters(devno, runner) if devno is not None else None
+    return Fence(path, boot_id(), dev, settled_stamp(file) if file is not None else None, file)
+
+
+def written_since(fence: Fence, runner: Runner) -> str | None:
+    """Why PATH may have been written since FENCE, or None if it surely was not."""
+    try:
+        if boot_id() != fence.boot_id:
+            return "the host rebooted since (the kernel's write counters started again)"
+        sync(fence.path)
+        devno = devno_of(fence.path)
+    except OSError as e:
+        return f"{fence.path} cannot be checked: {e.strerror or e}"
+    if fence.device is not None:
+        if devno != fence.device.devno:
+            return f"{fence.path} is another device now ({devno or 'no block device'}, was {fence.device.devno})"
+        try:
+            now = counters(devno, runner if fence.device.mapping else None)
+        except OSError as e:
+            return f"the write counters of {fence.path} cannot be read: {e.strerror or e}"
+        why = _differs(fence.path, fence.device, now)
+        if why:
+            return why
+    elif devno is not None:
+        return f"{fence.path} is a block device now, was a file"
+    if fence.file is not None and fence.file_path is not None:
+        try:
+            sync(fence.file_path)
+            now_file = _stamp(fence.file_path)
+        except OSError as e:
+            return f"{fence.file_path} cannot be checked: {e.strerror or e}"
+        if (now_file.dev, now_file.ino) != (fence.file.dev, fence.file.ino):
+            return f"{fence.file_path} is another file now (a new inode)"
+        if now_file != fence.file:
+            return f"{fence.file_path} was changed since (size, mtime or ctime moved)"
+    return None
+
+
+def _differs(path: str, then: Counters, now: Counters) -> str | None:
+    if now.diskseq != then.diskseq:
+        return f"{path} was attached or made again since (diskseq {now.diskseq}, was {then.diskseq})"
+    if now.write_sectors != then.write_sectors or now.discard_sectors != then.discard_sectors:
+        return (f"{path} was written since: {now.write_sectors - then.write_sectors} sector(s) written, "
+                f"{now.discard_sectors - then.discard_sectors} discarded")
+    if then.mapping and now.mapping != then.mapping:
+        return f"{path} maps onto something else since (was {then.mapping!r}, now {now.mapping!r})"
+    return None
+
+
+def bypassed(origin: Counters, era: Counters, runner: Runner) -> str | None:
+    """Whether anything wrote the origin past its era device: the sectors written (and
+    discarded) on the origin since ORIGIN equal those written through the era device since
+    ERA exactly when every write went through era. Both read now, with no write in flight
+    (the caller drains the top device: a loop device counts a write when it completes, dm when
+    it starts)."""
+    try:
+        o, e = counters(origin.devno, runner if origin.mapping else None), counters(era.devno)
+    except OSError as err:
+        return f"the write counters cannot be read: {err.strerror or err}"
+    if origin.mapping and o.mapping != origin.mapping:
+        return f"the origin {origin.devno} maps onto something else since (was {origin.mapping!r}, now {o.mapping!r})"
+    for dev, then, now in (("origin", origin, o), ("era device", era, e)):
+        if now.diskseq != then.diskseq:
+            return (f"the {dev} {then.devno} was attached or made again since (diskseq {now.diskseq}, "
+                    f"was {then.diskseq})")
+    dw, ew = o.write_sectors - origin.write_sectors, e.write_sectors - era.write_sectors
+    dd, ed = o.discard_sectors - origin.discard_sectors, e.discard_sectors - era.discard_sectors
+    if (dw, dd) != (ew, ed):
+        return (f"the origin {origin.devno} was written past the era device: {dw} sector(s) written and {dd} "
+                f"discarded on it since, {ew} and {ed} through era")
+    return None

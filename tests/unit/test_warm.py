@@ -1,0 +1,415 @@
+"""Warm copies (issue 16 part 1): every reason a copy back is a full one, and the records.
+
+The write fence reads the kernel's counters; here, a file disk (its inode, size, mtime and
+ctime) and counters read from fake sysfs stat files stand for them."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmmig.adapters import writefence
+from dmmig.adapters.writefence import Counters
+from dmmig.core import generation, journal
+from dmmig.core.confine import Policy
+from dmmig.core.records import KEPT, TOOK_OVER, CopyState, Warm, WarmTrack, read_warm, to_json
+from dmmig.flows import warm
+from dmmig.flows.destination import AgentServer
+from tests.unit.fakes import FakeRunner, MemXenStore
+
+MIB = 1 << 20
+R: Any = FakeRunner()
+
+
+@pytest.fixture(autouse=True)
+def _quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writefence, "CTIME_SETTLE_S", 0.02)
+
+
+class Dest:
+    """A destination agent confined to TMP/images, with no Xen."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path / "images"
+        self.dir.mkdir()
+        self.state = str(tmp_path / "state")
+        xs = MemXenStore()
+        self.agent = AgentServer(FakeRunner(), self.state, policy=Policy(file_roots=(str(self.dir),)),
+                                 xenstore=lambda: contextlib.nullcontext(xs))
+
+    def path(self, name: str, size: int) -> str:
+        p = self.dir / name
+        p.write_bytes(b"")
+        os.truncate(p, size)
+        return str(p)
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Dest:
+    return Dest(tmp_path)
+
+
+# ---- the fence ---------------------------------------------------------------------------------
+def test_a_file_fence_sees_any_write_a_new_inode_and_a_reboot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "disk.img"
+    f.write_bytes(bytes(8192))
+    fence = writefence.take(str(f), R)
+    assert fence.device is None and fence.file is not None
+    assert writefence.written_since(fence, R) is None  # untouched: the only answer that allows warm
+    with open(f, "r+b") as fh:  # the same bytes again: still a write
+        fh.write(bytes(10))
+    assert "was changed since" in str(writefence.written_since(fence, R))
+    fence = writefence.take(str(f), R)
+    os.replace(tmp_path / "disk.img", tmp_path / "old.img")
+    (tmp_path / "disk.img").write_bytes(bytes(8192))
+    assert "another file now" in str(writefence.written_since(fence, R))
+    fence = writefence.take(str(f), R)
+    boot = tmp_path / "boot_id"
+    boot.write_text("another boot\n")
+    monkeypatch.setattr(writefence, "BOOT_ID", str(boot))
+    assert "rebooted" in str(writefence.written_since(fence, R))
+    os.unlink(f)
+    monkeypatch.undo()
+    assert "cannot be checked" in str(writefence.written_since(fence, R))
+
+
+def test_a_write_in_the_same_clock_tick_as_the_fence_still_moves_the_ctime(tmp_path: Path) -> None:
+    f = tmp_path / "disk.img"
+    for _ in range(20):
+        f.write_bytes(os.urandom(512))  # written just now: the stamp must wait for the clock
+        fence = writefence.take(str(f), R)
+        with open(f, "r+b") as fh:
+            fh.write(b"x")
+        assert writefence.written_since(fence, R) is not None
+
+
+def fake_sysfs(monkeypatch: pytest.MonkeyPatch, table: dict[str, Counters | None]) -> None:
+    def counters(devno: str, runner: Any = None) -> Counters:
+        c = table.get(devno)
+        if c is None:
+            raise FileNotFoundError(2, "No such file or directory")
+        return c
+    monkeypatch.setattr(writefence, "counters", counters)
+
+
+@pytest.mark.parametrize("origin_now, era_now, why", [
+    (Counters("7:0", 5, 1100, 0), Counters("254:1", 9, 100, 0), None),
+    (Counters("7:0", 5, 1108, 0), Counters("254:1", 9, 100, 0), "written past the era device: 108 sector(s)"),
+    (Counters("7:0", 5, 1100, 8), Counters("254:1", 9, 100, 0), "8 discarded on it"),
+    (Counters("7:0", 6, 1100, 0), Counters("254:1", 9, 100, 0), "origin 7:0 was attached or made again"),
+    (Counters("7:0", 5, 1100, 0), Counters("254:1", 10, 100, 0), "era device 254:1 was attached or made again"),
+    (Counters("7:0", 5, 1100, 0), None, "cannot be read"),
+])
+def test_a_write_past_era_is_a_difference_of_the_two_devices_counters(
+        monkeypatch: pytest.MonkeyPatch, origin_now: Counters, era_now: Counters | None, why: str | None) -> None:
+    fake_sysfs(monkeypatch, {"7:0": origin_now, "254:1": era_now})
+    got = writefence.bypassed(Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0), R)
+    assert (got is None) if why is None else (why in str(got)), got
+
+
+# ---- the records -------------------------------------------------------------------------------
+def test_generation_and_tracking_records_round_trip_and_keep_unknown_keys(tmp_path: Path) -> None:
+    f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))
+    rec = generation.record(str(tmp_path), "d1", KEPT, str(f), 4096, "ab12", "hostb", R)
+    data = json.load(open(tmp_path / "d1.warm.json"))
+    assert data["version"] == 1 and data["role"] == KEPT
+    data["from_the_future"] = 1
+    (tmp_path / "d1.warm.json").write_text(json.dumps(data))
+    back = read_warm(str(tmp_path / "d1.warm.json"))
+    assert back is not None and back.fence == rec.fence and back.extra == {"from_the_future": 1}
+    (tmp_path / "d1.warm.json").write_text("{torn")
+    assert generation.load(str(tmp_path), "d1") is None  # unreadable: no copy is warm
+    st = CopyState(migration="m", warm=WarmTrack("ab12", 3, Counters("7:0", 1, 2, 3), Counters("254:1", 4, 0, 0)))
+    again = CopyState.from_json(json.loads(json.dumps(to_json(st))), "t")
+    assert again == st
+    assert CopyState.from_json({"migration": "m", "base_done": True}, "old").warm is None  # an older journal
+
+
+# ---- the destination's half (A) ----------------------------------------------------------------
+def kept(dest: Dest, size: int = 4 * MIB, gen: str = "g1") -> str:
+    p = dest.path("vm1.img", size)
+    generation.record(dest.state, "d1", KEPT, p, size, gen, "hostb", R)
+    return p
+
+
+def ask(dest: Dest, path: str, gen: str = "g1", size: int = 4 * MIB) -> dict[str, Any]:
+    r = dest.agent.op_prepare_disk("d1", path, size, block_size=512, migration="m2", warm=gen)
+    assert generation.load(dest.state, "d1") is None, "the check consumes the generation"
+    dest.agent.op_stop("d1")  # that copy was aborted: the next question starts afresh
+    return dict(r["warm"])
+
+
+def test_the_destination_says_warm_only_for_its_untouched_generation(dest: Dest) -> None:
+    p = kept(dest)
+    assert ask(dest, p) == {"ok": True, "why": f"{p} is untouched since generation g1"}
+    assert ask(dest, p)["why"] == "no generation of d1 is recorded on this host"  # consumed
+    kept(dest)
+    assert "carries generation g1, not g2" in ask(dest, p, gen="g2")["why"]
+    kept(dest)
+    other = dest.path("vm2.img", 4 * MIB)
+    assert "names" in ask(dest, other)["why"]
+    p = kept(dest)
+    with open(p, "r+b") as fh:
+        fh.write(b"behind dmmig's back")
+    assert "was changed since" in ask(dest, p)["why"]
+    p = kept(dest, size=4 * MIB)
+    assert "was 4194304 bytes at the generation" in ask(dest, p, size=2 * MIB)["why"]
+    p = dest.path("vm1.img", 4 * MIB)
+    generation.record(dest.state, "d1", TOOK_OVER, p, 4 * MIB, "g1", "hostb", R)
+    assert "was not kept here" in ask(dest, p)["why"]
+
+
+def test_no_warm_question_no_warm_answer(dest: Dest) -> None:
+    p = kept(dest)
+    r = dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m2")
+    assert "warm" not in r
+
+
+def test_the_new_owner_records_its_half_as_the_export_stops(dest: Dest) -> None:
+    p = dest.path("vm1.img", 4 * MIB)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
+    done = dest.agent.op_stop("d1", warm={"generation": "abc123", "peer": "hosta"})["done"]
+    rec = generation.load(dest.state, "d1")
+    assert rec is not None and rec.role == TOOK_OVER and rec.generation == "abc123" and rec.path == p, done
+    assert any("recorded generation abc123" in d for d in done), done
+    # an abort records nothing; a generation that is no id is refused, and none stays
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m3")
+    done = dest.agent.op_stop("d1", warm={"generation": "../x", "peer": "hosta"})["done"]
+    assert generation.load(dest.state, "d1") is None and any("recorded no generation" in d for d in done), done
+    assert dest.agent.op_hello()["warm"] == 1
+
+
+# ---- the source's half (B) ---------------------------------------------------------------------
+class _Stack:
+    """What local_verdict and decide use of a Stack: the journal and dm suspend/resume."""
+
+    def __init__(self, state: str) -> None:
+        self.journal = journal.Journal(state)
+        self.runner = R
+        self.calls: list[str] = []
+        self.dm = self
+
+    def suspend(self, name: str) -> None:
+        self.calls.append(f"suspend {name}")
+
+    def resume(self, name: str) -> None:
+        self.calls.append(f"resume {name}")
+
+
+def entry(state: str, track: WarmTrack | None) -> journal.Entry:
+    e = journal.Entry("d1", "/dev/loop0", "7:0", phase=journal.PREPARED, copy=CopyState(migration="m", warm=track))
+    journal.Journal(state).save(e)
+    return e
+
+
+def test_every_reason_this_host_cannot_go_warm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = str(tmp_path)
+    s: Any = _Stack(state)
+    e = entry(state, None)
+    assert "no generation is recorded" in warm.local_verdict(s, e)[1]
+    f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))
+    generation.record(state, "d1", KEPT, str(f), 4096, "g1", "b", R)
+    assert "kept the old disk" in warm.local_verdict(s, e)[1]
+    rec = generation.record(state, "d1", TOOK_OVER, str(f), 4096, "g1", "b", R)
+    assert "not tracked since generation" in warm.local_verdict(s, e)[1]
+    rec.broken = "/dev/loop0 was not tracked from the handover on: written"
+    generation.save(state, rec)
+    assert warm.local_verdict(s, e)[1] == rec.broken
+    track = WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0))
+    e = entry(state, track)
+    generation.drop(state, "d1")
+    assert "the record of generation g1 is gone" in warm.local_verdict(s, e)[1]  # `forget` there
+    generation.record(state, "d1", TOOK_OVER, str(f), 4096, "g1", "b", R)
+    fake_sysfs(monkeypatch, {"7:0": Counters("7:0", 5, 1016, 0), "254:1": Counters("254:1", 9, 8, 0)})
+    t, why = warm.local_verdict(s, e)
+    assert t is None and "written past the era device" in why
+    assert s.calls == ["suspend dmmig-d1", "resume dmmig-d1"]  # read drained, and resumed
+    fake_sysfs(monkeypatch, {"7:0": Counters("7:0", 5, 1016, 0), "254:1": Counters("254:1", 9, 16, 0)})
+    assert warm.local_verdict(s, e) == (track, "")
+
+
+def test_the_choice_is_warm_only_with_both_halves_and_stands_for_the_migration(tmp_path: Path) -> None:
+    state = str(tmp_path)
+    s: Any = _Stack(state)
+    track = WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0))
+    e = entry(state, track)
+    assert not warm.decide(s, e, track, "", {"warm": {"ok": False, "why": "/dev/x was written since"}})
+    assert e.copy.warm and e.copy.warm.decision == ("cold: full copy, because on the destination, "
+                                                     "/dev/x was written since")
+    # decided: a resumed copy keeps the choice, whatever it is asked next
+    assert not warm.decide(s, e, track, "", {"warm": {"ok": True, "why": ""}})
+    e = entry(state, WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0)))
+    assert not warm.decide(s, e, None, "the origin 7:0 was written past the era device", {"warm": {"ok": True}})
+    assert e.copy.warm and e.copy.warm.decision and "past the era device" in e.copy.warm.decision
+    e = entry(state, WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0)))
+    assert not warm.decide(s, e, e.copy.warm, "", {})  # an older agent there: no answer is no yes
+    e = entry(state, WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0)))
+    assert warm.decide(s, e, e.copy.warm, "", {"warm": {"ok": True, "why": "untouched"}})
+    saved = journal.Journal(state).load("d1")
+    assert saved is not None and saved.copy.warm is not None and saved.copy.warm.warm
+
+
+def test_warm_state_is_shown_and_forgotten(tmp_path: Path) -> None:
+    state = str(tmp_path)
+    s: Any = _Stack(state)
+    f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))
+    generation.record(state, "d1", KEPT, str(f), 4096, "g1", "hostb", R)
+    st = warm.status(s, "d1", None)
+    assert st is not None and st["role"] == KEPT and st["untouched"] is True and "any write here" in st["effect"]
+    assert warm.names(state) == ["d1"]
+    assert warm.forget(s, "d1") == ["forgot the generation of d1"]
+    with pytest.raises(Exception, match="has no warm state"):
+        warm.forget(s, "d1")
+
+
+def test_warm_records_are_no_disk_names() -> None:
+    from dmmig.errors import BadInput
+    from dmmig.validate import disk_name
+    with pytest.raises(BadInput):
+        disk_name("vm1.warm")
+    assert Warm  # the record type is the one read_warm returns
+
+
+def test_no_warm_question_forgets_the_generation_of_that_disk(dest: Dest) -> None:
+    p = kept(dest)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m2")
+    assert generation.load(dest.state, "d1") is None
+
+
+class _WrapStack(_Stack):
+    """A stack that has just wrapped d1 over a file standing for its origin."""
+
+    def __init__(self, state: str, origin: str, open_count: int = 0) -> None:
+        super().__init__(state)
+        self.open_count = open_count
+        self.prepared = 0
+        e = journal.Entry("d1", origin, "7:0", phase=journal.WRAPPED)
+        self.journal.save(e)
+
+    def entry_of(self, name: str) -> journal.Entry:
+        e = self.journal.load(name)
+        assert e is not None
+        return e
+
+    def info(self, name: str) -> Any:
+        return type("Info", (), {"open_count": self.open_count})()
+
+    def prepare(self, name: str) -> None:
+        self.prepared += 1
+        e = self.entry_of(name)
+        self.journal.save(e, journal.PREPARED)
+
+    def era_status(self, name: str) -> Any:
+        return type("EraStatus", (), {"current_era": 1})()
+
+
+@pytest.mark.parametrize("case, why", [
+    ("phase", "is in phase prepared"),
+    ("open", "was already open when the tracking could start"),
+    ("path", "is not the disk the generation names"),
+    ("written", "was changed since"),
+    ("counters", "cannot be read"),
+])
+def test_wrap_tracks_only_an_untouched_disk_that_nothing_opened_yet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, why: str) -> None:
+    state = str(tmp_path / "state")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8192))
+    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a", R)
+    fake_sysfs(monkeypatch, {"7:0": None if case == "counters" else Counters("7:0", 3, 50, 0)})
+    s: Any = _WrapStack(state, str(disk), open_count=1 if case == "open" else 0)
+    if case == "phase":
+        s.prepare("d1")
+    elif case == "path":
+        s.journal.save(journal.Entry("d1", str(tmp_path / "other.img"), "7:0", phase=journal.WRAPPED))
+    elif case == "written":
+        with open(disk, "r+b") as fh:
+            fh.write(b"x")
+    note = warm.track(s, "d1")
+    assert note is not None and note.startswith("cold: ") and why in note, note
+    rec = generation.load(state, "d1")
+    assert rec is not None and rec.broken and why in rec.broken and not rec.tracking
+    assert s.prepared == (1 if case == "phase" else 0)
+    assert warm.track(s, "d1") is None  # broken stays broken: no second try
+    assert why in warm.local_verdict(s, s.entry_of("d1"))[1]
+
+
+def test_wrap_of_the_handed_over_disk_puts_era_under_it_at_once(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    state = str(tmp_path / "state")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8192))
+    generation.record(state, "d1", TOOK_OVER, str(disk), 8192, "g1", "a", R)
+    fake_sysfs(monkeypatch, {"7:0": Counters("7:0", 3, 50, 0), "254:7": Counters("254:7", 12, 0, 0)})
+    monkeypatch.setattr(writefence, "devno_of", lambda path: "254:7" if "mapper" in path else None)
+    s: Any = _WrapStack(state, str(disk))
+    assert "warm: era tracks every write to d1 since generation g1 (era 1)" == warm.track(s, "d1")
+    e = s.entry_of("d1")
+    assert s.prepared == 1 and e.copy.warm == WarmTrack("g1", 1, Counters("7:0", 3, 50, 0), Counters("254:7", 12, 0, 0))
+    rec = generation.load(state, "d1")
+    assert rec is not None and rec.tracking
+    assert warm.track(s, "d1") is None  # once
+
+
+def test_status_shows_a_kept_disk_and_whether_it_is_still_untouched(tmp_path: Path) -> None:
+    from dmmig.flows.status import glance, render
+    state = str(tmp_path)
+    s: Any = _Stack(state)
+    f = tmp_path / "d.img"
+    f.write_bytes(bytes(4096))
+    generation.record(state, "d1", KEPT, str(f), 4096, "0123456789abcdef", "hostb", R)
+    st = {"name": "d1", "journal": None, "incoming": None, "devices": {}, "problems": [], "gate": None,
+          "warm": warm.status(s, "d1", None)}
+    assert glance(st)["phase"] == "warm (kept)" and glance(st)["progress"] == "untouched"
+    text = render(st)
+    assert "generation 0123456789ab with hostb, kept" in text and "(untouched)" in text, text
+    with open(f, "r+b") as fh:
+        fh.write(b"x")
+    st["warm"] = warm.status(s, "d1", None)
+    assert glance(st)["progress"] == "WRITTEN since" and "no longer trusted" in render(st)
+
+
+def test_a_disk_remapped_without_a_write_is_no_longer_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An LV reduced and extended again maps other extents: its data changed, and no write
+    went through it. The mapping (a dm table, a loop device's offset, a partition's start) is
+    part of the fence."""
+    then = Counters("253:4", 7, 100, 0, 0, "size=8192;table=0 8192 linear 7:0 2048")
+    now = Counters("253:4", 7, 100, 0, 0, "size=8192;table=0 8192 linear 7:0 10240")
+    assert "maps onto something else" in str(writefence._differs("/dev/vg/lv", then, now))
+    fake_sysfs(monkeypatch, {"253:4": now, "254:1": Counters("254:1", 9, 0, 0)})
+    assert "maps onto something else" in str(writefence.bypassed(then, Counters("254:1", 9, 0, 0), R))
+
+
+def test_the_mapping_is_read_from_sysfs_and_a_dm_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sysfs = tmp_path / "sys"
+    devs = {"7:0": {"size": "8192", "loop/backing_file": "/img", "loop/offset": "0", "loop/sizelimit": "0"},
+            "253:4": {"size": "4096", "dm/name": "vg-lv"}, "8:1": {"size": "100", "start": "2048"}}
+    for devno, files in devs.items():
+        for rel, text in files.items():
+            (sysfs / devno / rel).parent.mkdir(parents=True, exist_ok=True)
+            (sysfs / devno / rel).write_text(text + "\n")
+    real = os.path
+
+    class P:  # os.path with /sys/dev/block/ redirected
+        def __getattr__(self, name: str) -> Any:
+            fn = getattr(real, name)
+            return lambda p, *a: fn(str(p).replace("/sys/dev/block", str(sysfs)), *a)
+    monkeypatch.setattr(writefence.os, "path", P())
+    import builtins
+    opener = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda p, *a, **k: opener(str(p).replace("/sys/dev/block", str(sysfs)), *a, **k))
+    runner = FakeRunner([(["dmsetup", "table"], (0, "0 4096 linear 7:0 2048\n", ""))])
+    assert writefence.mapping("7:0", runner) == "size=8192;loop=/img@0+0"
+    assert writefence.mapping("8:1", runner) == "size=100;start=2048"
+    assert writefence.mapping("253:4", runner) == "size=4096;table=0 4096 linear 7:0 2048"
+    assert runner.argvs == [["dmsetup", "table", "-j", "253", "-m", "4"]]
+    with pytest.raises(OSError, match="dmsetup table of 253:4 failed"):
+        writefence.mapping("253:4", FakeRunner([(["dmsetup"], (1, "", "No such device"))]))
