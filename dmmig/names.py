@@ -23,6 +23,11 @@ def top_name(name: str) -> str:
     return f"dmmig-{name}"
 
 
+def lv_name(name: str) -> str:
+    """An adopted LV's own table, moved under dmmig's top device (core/stack.py adopt)."""
+    return f"dmmig-{name}-lv"
+
+
 def era_name(name: str) -> str:
     return f"dmmig-{name}-era"
 

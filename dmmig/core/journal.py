@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmmig.core import records
-from dmmig.core.records import CopyState, Destination, MirrorState
+from dmmig.core.records import Adopted, CopyState, Destination, MirrorState
 from dmmig.errors import Busy, StateError
 from dmmig.names import Files
 from dmmig.validate import RESERVED_SUFFIXES
 
 DEFAULT_STATE_DIR = "/var/lib/dmmig"
-JOURNAL_VERSION = 1  # the entry's own keys; its parts carry their own (records.py)
+# the entry's own keys; its parts carry their own (records.py). 2: `adopted` (an entry without it
+# reads as version 1 did; a dmmig of version 1 keeps it in `extra` and would not restore the LV)
+JOURNAL_VERSION = 2
 
 # Phases, in order. "preparing"/"aborting" etc. mark a change that may not have completed.
+ADOPTING = "adopting"  # an LV's table moving under dmmig's top (core/stack.py adopt)
 WRAPPED = "wrapped"
 PREPARING = "preparing"
 PREPARED = "prepared"
@@ -100,6 +103,7 @@ class Entry:
     copy: CopyState = field(default_factory=CopyState)
     mirror: MirrorState = field(default_factory=MirrorState)
     history: list[list[Any]] = field(default_factory=list)  # [time, phase]
+    adopted: Adopted | None = None   # the LV this disk was adopted from (None: wrapped)
     version: int = JOURNAL_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer dmmig, written back as they are
 
@@ -113,7 +117,14 @@ class Entry:
         known["dest"] = records.destination_of(known.get("dest"), f"{what} (dest)")
         known["copy"] = CopyState.from_json(known.get("copy"), f"{what} (copy)")
         known["mirror"] = MirrorState.from_json(known.get("mirror"), f"{what} (mirror)")
+        known["adopted"] = Adopted.from_json(known.get("adopted"), f"{what} (adopted)")
         return cls(**known, extra=extra)
+
+    @property
+    def target(self) -> str:
+        """The path the operator knows the disk by (the destination's default path): the adopted
+        LV's, else the origin's."""
+        return self.adopted.path if self.adopted else self.origin
 
     def destination(self) -> Destination:
         """The destination, in a phase that has one (a copy chose it)."""

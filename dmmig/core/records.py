@@ -465,6 +465,32 @@ class MirrorState:
         return self == MirrorState()
 
 
+ADOPTED_VERSION = 1
+
+
+@dataclass
+class Adopted:
+    """The LV a disk was adopted from (the journal's `adopted`, core/stack.py adopt): its own dm
+    device, which blkback (or any opener) holds open and whose table dmmig swapped for linear
+    over its top device, and that table as LVM had made it, to put back at the end."""
+    lv: str                          # its dm name (vg0-vm1)
+    path: str                        # as the operator gave it (/dev/vg0/vm1): the destination's default
+    devno: str                       # major:minor: found by it even if renamed (lvrename)
+    uuid: str                        # its dm uuid, LVM-...
+    table: str                       # its table before the adopt, verbatim (one line per segment)
+    top_devno: str | None = None     # dmmig-NAME's, once made: while adopted, the LV is linear over it
+    version: int = ADOPTED_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, what: str) -> Adopted | None:
+        if not data:
+            return None
+        v = version_of(data)
+        known, extra = split(cls, {k: val for k, val in data.items() if k != "version"}, what, v, ADOPTED_VERSION)
+        return cls(**known, extra=extra)
+
+
 HEALTH_VERSION = 1
 
 

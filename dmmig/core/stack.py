@@ -1,8 +1,21 @@
-"""The local device stack of one disk: wrap, prepare (insert era live), dirty, abort, unwrap.
+"""The local device stack of one disk: wrap or adopt, prepare (insert era live), dirty, abort,
+unwrap.
 
     /dev/mapper/dmmig-NAME      top: blkback opens it; only its table is ever swapped
     /dev/mapper/dmmig-NAME-era  dm-era over the origin, metadata on a device of ours
     origin                      LV, partition, loop device
+
+An adopted LV (a running domain's `phy:` disk: blkback holds the LV's own dm device) gets the
+same stack under it, with one more layer of dmmig's at each end:
+
+    /dev/mapper/vg0-vm1         the LV's own device, still held by blkback: its table becomes
+        |                       `linear dmmig-NAME 0` (one live swap); LVM's table goes below
+    dmmig-NAME (top) ... era ... as above
+        |
+    /dev/mapper/dmmig-NAME-lv   the origin: the LV's table as LVM made it, verbatim
+
+Every layer maps the same physical extents, so at the end (finish, abort, a failure) the LV
+gets its own table back with every write in it, and dmmig's devices go.
 
 Every change is journaled before it is made, so a killed dmmig leaves a state that
 `status` explains and `abort` undoes; abort reads the kernel, not just the journal.
@@ -21,18 +34,93 @@ from dmmig import sizing
 from dmmig.adapters.blockdev import BlockDev, Loop, below, block_device, dm_name_of, holder_names
 from dmmig.adapters.dm.dmsetup import DmInfo, DmSetup
 from dmmig.adapters.dm.guard import log_path as guard_log
-from dmmig.adapters.dm.targets import Era, Linear, Table
+from dmmig.adapters.dm.targets import Era, Linear, ParseError, Segments, Table
 from dmmig.adapters.era import BlockRange, DirtyRanges, EraTools
 from dmmig.adapters.runner import Runner
-from dmmig.core.journal import ABORTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
+from dmmig.core.journal import ABORTING, ADOPTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
 from dmmig.core.mirror import MirrorSide
-from dmmig.core.records import CopyState, MirrorState
+from dmmig.core.records import Adopted, CopyState, MirrorState
 from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
-from dmmig.names import Files, era_name, top_name
+from dmmig.names import Files, era_name, lv_name, top_name
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = sizing.DEFAULT_BLOCK_BYTES
+
+
+# the targets an adopted LV's table may have: they map sectors and keep no state, so a second
+# device with the same table (dmmig-NAME-lv) is the same disk. snapshot(-origin), thin, raid,
+# mirror, cache, integrity, writecache... keep state (an exception store, pool or RAID
+# metadata, a dirty log, a cache) that two devices over it would both update
+ADOPTABLE_TARGETS = ("linear", "striped")
+LVM_UUID_LEN = len("LVM-") + 64  # a visible LV's; LVM's own layers add a suffix (-real, -cow, -tpool, ...)
+
+HOLD_LVM = ("hold LVM changes to {lv} and its volume group while dmmig migrates it: no lvchange/vgchange "
+            "--refresh, lvextend/lvresize, pvmove. Each reloads {lv}'s table from LVM's metadata, straight onto "
+            "the PVs: writes would bypass era and the mirror. dmmig checks the table before each step, in each "
+            "copy round and at the handover, and then stops (the destination never starts on that disk), but it "
+            "cannot prevent the reload")
+
+
+@dataclass(frozen=True)
+class AdoptPlan:
+    """What `dmmig adopt NAME PATH` will do; checked, nothing changed (Stack.adopt_plan)."""
+    name: str
+    path: str
+    lv: str          # the LV's dm name
+    devno: str
+    uuid: str
+    table: Segments  # its table now
+
+    def render(self) -> list[str]:
+        n, top, inner = self.table.length, top_name(self.name), lv_name(self.name)
+        return [f"adopt {self.path} ({self.lv}, {self.devno}, {n * 512} bytes) as dmmig disk {self.name}:",
+                f"  create {inner} with {self.lv}'s table, verbatim:", *(f"    {ln}" for ln in self.table.lines),
+                f"  create {top}: 0 {n} linear <{inner}> 0",
+                f"  swap {self.lv} (live, its openers keep it open): 0 {n} linear <{top}> 0",
+                f"  at the end (finish, abort, a failure): {self.lv} gets its own table back, {top} and {inner} go",
+                "  " + HOLD_LVM.format(lv=self.lv)]
+
+
+def adoptable(name: str, path: str, devno: str, info: DmInfo | None, table_text: str) -> AdoptPlan:
+    """The plan to adopt PATH (device DEVNO; INFO: its dm device, None if it is none; TABLE_TEXT:
+    its table), or BadInput saying why it cannot be adopted. Only an LV's own table can be
+    swapped under its openers: a partition or a loop device has no table, another dm user's
+    table (multipath, dm-crypt, kpartx) is that user's."""
+    if info is None:
+        raise BadInput(f"{path} ({devno}) is not a device-mapper device: a partition or a loop device cannot "
+                       "be adopted (dmmig can swap only a table, and only an LV's is its to swap)",
+                       hint="start the domain with script=block-dmmig (a restart), then `dmmig migrate`")
+    if info.name.startswith("dmmig-") or info.uuid.startswith(UUID_PREFIX + "-"):
+        raise BadInput(f"{path} is dmmig's own device {info.name}")
+    if not info.uuid.startswith("LVM-"):
+        raise BadInput(f"{path} is the device-mapper device {info.name} (uuid {info.uuid or 'none'}), not an LVM "
+                       "logical volume: dmmig adopts only LVs (another user of device-mapper, e.g. multipath, "
+                       "dm-crypt or kpartx, owns that table)")
+    if len(info.uuid) != LVM_UUID_LEN:
+        raise BadInput(f"{path} ({info.name}) is one of LVM's internal layers (uuid {info.uuid}), not a logical "
+                       "volume of its own")
+    if info.suspended or info.has_inactive:
+        raise BadInput(f"{info.name} is {'suspended' if info.suspended else 'holding an inactive table'}: LVM (or "
+                       "someone) is changing it now", hint="try again when that change is done")
+    if info.read_only:
+        raise BadInput(f"{info.name} is read-only: dmmig adopts writable LVs only")
+    try:
+        table = Segments.parse(table_text)
+    except ParseError as e:
+        raise BadInput(f"cannot read the table of {info.name}: {e}") from e
+    other = sorted(set(table.kinds) - set(ADOPTABLE_TARGETS))
+    if other:
+        raise BadInput(f"{info.name}'s table has {', '.join(other)} segments: that target keeps state of its own "
+                       "(a snapshot, thin, RAID, mirror or cache LV), which a second device with the same table "
+                       f"would corrupt; only {' and '.join(ADOPTABLE_TARGETS)} LVs can be adopted",
+                       hint="start the domain with script=block-dmmig (a restart), then `dmmig migrate`")
+    return AdoptPlan(disk_name(name), path, info.name, devno, info.uuid, table)
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    """A table's lines as the kernel prints them, spacing normalised: for comparing tables."""
+    return tuple(" ".join(ln.split()) for ln in text.strip().splitlines() if ln.strip())
 
 
 def uuid_for(role: str, name: str) -> str:
@@ -115,6 +203,10 @@ class Stack:
         if entry is not None and entry.phase != WRAPPED and not force:
             raise StateError(f"a migration of {name} is in progress (phase {entry.phase})",
                              hint=f"`dmmig abort {name}` first, or --force to abort and unwrap")
+        if entry is not None and entry.adopted is not None:
+            with self.journal.lock(name):  # its opener is the LV: its own table goes back under it
+                self.abort_held(name)
+            return
         if info is not None and info.open_count > 0 and not force:
             raise Busy(f"{top} is open ({info.open_count} opener(s)); unwrapping would pull the disk "
                        "from under them", hint="stop the domain first, or --force")
@@ -124,6 +216,131 @@ class Stack:
             if info is not None:
                 self.dm.remove(top)
             self.journal.delete(name)
+
+    # ---- adopt -----------------------------------------------------------------------------
+    def adopt_plan(self, name: str, path: str) -> AdoptPlan:
+        """What adopting PATH as NAME would do, every refusal checked; changes nothing."""
+        disk_name(name)
+        entry = self.journal.load(name)
+        if entry is not None:
+            raise BadInput(f"{name} is already a dmmig disk (phase {entry.phase}, origin {entry.origin})",
+                           hint=f"`dmmig status {name}`; use another NAME, or `dmmig abort {name}` first")
+        dev = block_device(path)
+        require_tools("dmsetup")
+        info = self.dm.info_of(dev.devno)
+        plan = adoptable(name, path, dev.devno, info, self.dm.table_text_of(dev.devno) if info else "")
+        if plan.table.length * 512 != dev.size_bytes():
+            raise BadInput(f"{path}: its table maps {plan.table.length * 512} bytes, the device has "
+                           f"{dev.size_bytes()} (LVM is resizing it?)")
+        for dev_name in (top_name(name), lv_name(name)):
+            if self.dm.info(dev_name) is not None:
+                raise BadInput(f"{dev_name} already exists", hint=f"use another NAME; `dmmig status {name}`")
+        return plan
+
+    def adopt(self, name: str, path: str) -> tuple[str, float]:
+        """Put dmmig's top device under the LV PATH, live (see the module's doc): its table moves
+        to dmmig-NAME-lv (the origin), dmmig-NAME goes over that, and the LV's own device (the
+        one its openers hold) is swapped to linear over dmmig-NAME. From then on every later
+        step (prepare, copy, cutover, handover, finish, abort) works on dmmig-NAME as for a
+        wrapped disk. Each step is journaled (phase adopting) before it is made; a failure, or
+        `abort` after a crash, puts the LV's own table back. Returns the top device's path and
+        the seconds the LV's swap took (its I/O pause, at most)."""
+        disk_name(name)
+        entry = self.journal.load(name)
+        a = entry.adopted if entry is not None else None
+        if (entry is not None and a is not None and entry.phase != ADOPTING and a.devno == block_device(path).devno
+                and self.lv_problem(entry) is None):
+            return f"/dev/mapper/{top_name(name)}", 0.0  # adopted already
+        plan = self.adopt_plan(name, path)  # refuses a NAME dmmig knows
+        with self.journal.lock(name):
+            return self._adopt(plan)
+
+    def _adopt(self, plan: AdoptPlan) -> tuple[str, float]:
+        name = plan.name
+        top, inner = top_name(name), lv_name(name)
+        length = plan.table.length
+        a = Adopted(lv=plan.lv, path=plan.path, devno=plan.devno, uuid=plan.uuid, table=plan.table.render())
+        entry = Entry(name, f"/dev/mapper/{inner}", "", adopted=a)
+        self.journal.save(entry, ADOPTING)
+        try:
+            self.dm.create(inner, plan.table, uuid=uuid_for("lv", name))
+            entry.origin_devno = block_device(f"/dev/mapper/{inner}").devno
+            self.journal.save(entry)
+            self.dm.create(top, Table(Linear(length, entry.origin_devno)), uuid=uuid_for("top", name))
+            a.top_devno = block_device(f"/dev/mapper/{top}").devno
+            self.journal.save(entry)
+            # the table copied must still be the LV's: LVM may have reloaded it since it was read
+            now = self.dm.table_text_of(a.devno)
+            if _lines(now) != plan.table.lines:
+                raise StateError(f"the table of {a.lv} changed while dmmig adopted it (LVM reloaded it?): "
+                                 f"{now!r}", hint=HOLD_LVM.format(lv=a.lv))
+            pause = self.dm.swap(a.lv, Table(Linear(length, a.top_devno)))
+        except BaseException:
+            steps = Steps()
+            self.release(entry, steps)
+            if steps.errors:
+                self.journal.save(entry)  # still "adopting": status explains, abort retries
+                steps.check(f"undo of a failed adopt of {name} (the adopt failed first)")
+            self.journal.delete(name)
+            raise
+        self.journal.save(entry, WRAPPED)
+        return f"/dev/mapper/{top}", pause
+
+    def release(self, entry: Entry, step: Steps) -> None:
+        """An adopted disk's end: the LV gets its own table back (if it still has dmmig's), then
+        dmmig-NAME and dmmig-NAME-lv go (nothing uses them then). The top must be linear over
+        the origin (abort_held's first steps). A table LVM loaded since (a refresh) is left as
+        it is: it maps the same extents, every write is on them; only dmmig's devices go."""
+        a = entry.adopted
+        assert a is not None
+        top, inner = top_name(entry.name), lv_name(entry.name)
+        info = self.dm.info_of(a.devno)
+        if info is None or info.uuid != a.uuid:
+            step.done.append(f"{a.lv} ({a.devno}) is gone: no table to put back")
+        else:
+            lv = info.name
+            ours = _lines(Table(Linear(Segments.parse(a.table).length, a.top_devno)).render()) if a.top_devno else ()
+            own = _lines(a.table)
+            if info.has_inactive and _lines(self.dm.table_text_of(a.devno, inactive=True)) in (ours, own):
+                step(f"drop the inactive table of {lv} (a swap of dmmig's that did not finish)",
+                     partial(self.dm.clear_inactive, lv))
+            live = _lines(self.dm.table_text_of(a.devno))
+            if ours and live == ours:
+                step(f"swap {lv} back to its own table", partial(self.dm.swap, lv, Segments(own)))
+            elif live == own:
+                step.done.append(f"{lv} has its own table")
+            else:
+                step.done.append(f"left the table of {lv} as it is, neither dmmig's nor the one it had (LVM "
+                                 f"reloaded it): {' / '.join(live)}")
+        for dev in (top, inner):
+            if self.dm.info(dev) is not None:
+                step(f"remove {dev}", partial(self.dm.remove, dev))
+
+    def lv_problem(self, entry: Entry) -> str | None:
+        """None while ENTRY is not adopted, or its LV's table is still dmmig's (linear over the
+        top); else what is wrong: then writes to the LV bypass era and the mirror."""
+        a = entry.adopted
+        if a is None or a.top_devno is None:
+            return None
+        info = self.dm.info_of(a.devno)
+        if info is None or info.uuid != a.uuid:
+            return f"the adopted LV {a.lv} ({a.devno}) is gone"
+        live = self.dm.table_text_of(a.devno)
+        if _lines(live) == _lines(Table(Linear(Segments.parse(a.table).length, a.top_devno)).render()):
+            return None
+        return (f"the table of {info.name} is no longer dmmig's (linear over {top_name(entry.name)}, {a.top_devno}) "
+                f"but {' / '.join(_lines(live))}: LVM reloaded it (lvchange/vgchange --refresh, lvextend...), so "
+                "writes to it go straight to its PVs, past era and the mirror")
+
+    def check_lv(self, entry: Entry) -> None:
+        """StateError if ENTRY's adopted LV no longer has dmmig's table (lv_problem): no step
+        may go on, the destination would miss writes."""
+        problem = self.lv_problem(entry)
+        if problem is not None:
+            assert entry.adopted is not None
+            raise StateError(f"{entry.name}: {problem}",
+                             hint=f"`dmmig abort {entry.name}` (it removes dmmig's devices and leaves the LV's table "
+                                  f"as LVM loaded it), then adopt again; {HOLD_LVM.format(lv=entry.adopted.lv)}")
 
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self, name: str, *, block_bytes: int | None = None,
@@ -138,6 +355,7 @@ class Stack:
         info = self.dm.info(top)
         if info is None:
             raise StateError(f"{top} does not exist", hint=f"`dmmig wrap {name} ORIGIN` first")
+        self.check_lv(entry)
         if entry.phase != WRAPPED or self.dm.info(era_name(name)) is not None:
             raise StateError(f"{name} is already prepared (phase {entry.phase})",
                              hint=f"`dmmig status {name}`; `dmmig abort {name}` to start over")
@@ -326,7 +544,7 @@ class Stack:
         info = self.dm.info(top)
         if info is not None:
             origin_devno = self._origin_devno(name, entry, self.dm.table(top).target)
-            if origin_devno is None:
+            if not origin_devno:
                 step.errors.append(StateError(f"cannot tell the origin of {top}: no journal and its table "
                                               f"is {self.dm.table_text(top)!r}"))
             else:
@@ -357,6 +575,8 @@ class Stack:
             step(f"remove {mfile}", lambda: os.unlink(mfile))
         for tmp in self.journal.stale_tmp(name):
             step(f"remove {tmp} (a journal write a killed dmmig left)", partial(os.unlink, tmp))
+        if entry is not None and entry.adopted is not None and not step.errors:
+            self.release(entry, step)  # the LV's own table back; dmmig's devices go
         if entry is not None:
             if step.errors:
                 self.journal.save(entry)  # stays "aborting": status shows it, abort can retry
@@ -385,8 +605,9 @@ class Stack:
         """NAME's entry, if NAME has its era device (prepared or later); else StateError."""
         disk_name(name)
         e = self.entry_of(name)
-        if e.phase in (WRAPPED, PREPARING) or self.dm.info(era_name(name)) is None:
+        if e.phase in (ADOPTING, WRAPPED, PREPARING) or self.dm.info(era_name(name)) is None:
             raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
+        self.check_lv(e)  # every step after prepare starts here (and each copy round's query)
         return e
 
     def _origin_devno(self, name: str, entry: Entry | None, target: Any) -> str | None:

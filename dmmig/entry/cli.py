@@ -52,6 +52,32 @@ def cmd_forget(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt(a: argparse.Namespace) -> int:
+    from dmmig.core.stack import HOLD_LVM
+    stack = make_stack(a)
+    if a.dry_run:
+        print("\n".join(stack.adopt_plan(a.name, a.lv).render()))
+        return 0
+    path, pause = stack.adopt(a.name, a.lv)
+    entry = stack.entry_of(a.name)
+    assert entry.adopted is not None
+    print(path)
+    took = (f"the swap's resume took {pause * 1000:.0f} ms with its udev sync: its I/O paused for less" if pause
+            else "adopted already")
+    print(f"{entry.adopted.lv} is linear over {path} now ({took}); `dmmig abort {a.name}` gives it its own table "
+          "back", file=sys.stderr)
+    print(f"dmmig adopt: {HOLD_LVM.format(lv=entry.adopted.lv)}", file=sys.stderr)
+    return 0
+
+
+def _released(stack: Stack, name: str) -> str:
+    """What abort/finish left of NAME's device stack, for their last line."""
+    from dmmig.names import top_name
+    if stack.journal.load(name) is None and stack.dm.info(top_name(name)) is None:
+        return "dmmig's devices are gone (an adopted LV has its own table again)"
+    return f"{top_name(name)} is linear over its origin"
+
+
 def cmd_unwrap(a: argparse.Namespace) -> int:
     make_stack(a).unwrap(a.name, force=a.force)
     return 0
@@ -106,10 +132,11 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_abort(a: argparse.Namespace) -> int:
     from dmmig.flows import finish
-    done, left = finish.abort(make_stack(a), a.name)
+    stack = make_stack(a)
+    done, left = finish.abort(stack, a.name)
     for step in done:
         print(f"done: {step}")
-    print(f"{a.name}: aborted; dmmig-{a.name} is linear over its origin")
+    print(f"{a.name}: aborted; {_released(stack, a.name)}")
     if left:
         for x in left:
             print(f"left behind: {x}", file=sys.stderr)
@@ -172,10 +199,11 @@ def cmd_handover(a: argparse.Namespace) -> int:
 
 def cmd_finish(a: argparse.Namespace) -> int:
     from dmmig.flows import finish
-    done, left = finish.finish(make_stack(a), a.name, force=a.force, remove=a.remove)
+    stack = make_stack(a)
+    done, left = finish.finish(stack, a.name, force=a.force, remove=a.remove)
     for step in done:
         print(f"done: {step}")
-    print(f"{a.name}: finished" + ("" if a.remove else f"; dmmig-{a.name} is linear over its origin"))
+    print(f"{a.name}: finished" + ("" if a.remove else f"; {_released(stack, a.name)}"))
     for x in left:
         print(f"left behind: {x}", file=sys.stderr)
     return int(Exit.REMOTE) if left else 0
@@ -363,11 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("origin", metavar="ORIGIN", help="block device: LV, partition or loop device")
 
+    sp = verb("adopt", cmd_adopt, "put /dev/mapper/dmmig-NAME under a running LV (a `phy:` disk blkback holds "
+              "open): its table moves to dmmig-NAME-lv, the LV becomes linear over dmmig-NAME, live; then prepare, "
+              "copy, cutover... as for a wrapped disk. finish and abort give the LV its own table back. Hold LVM "
+              "changes to its VG meanwhile")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("lv", metavar="LV", help="the logical volume, e.g. /dev/vg0/vm1 (linear or striped)")
+    sp.add_argument("--dry-run", action="store_true", help="print the tables it would load; change nothing")
+
     sp = verb("forget", cmd_forget, "drop NAME's warm state here: the generation a finished migration recorded "
               "and the era tracking it started (a copy back is then a full one)")
     sp.add_argument("name", metavar="NAME")
 
-    sp = verb("unwrap", cmd_unwrap, "remove /dev/mapper/dmmig-NAME")
+    sp = verb("unwrap", cmd_unwrap, "remove /dev/mapper/dmmig-NAME (an adopted LV gets its own table back)")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--force", action="store_true", help="also while open or while a migration is in progress")
 

@@ -100,7 +100,9 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                 if track is not None and remote.agent.hello.get("warm") != WARM_PROTOCOL:
                     track, cold_why = None, "the destination's dmmig checks no generations (an older version)"
             asked: dict[str, Any] = {"warm": track.generation} if track else {}
-            base_era = None if track else _base_era(stack, name, entry, par)  # while the destination prepares
+            decided_warm = entry.copy.warm is not None and entry.copy.warm.warm
+            # while the destination prepares; none for a warm copy (it has no base pass)
+            base_era = None if track or decided_warm else _base_era(stack, name, entry, par)
             # journaled before anything changes there: a dmmig killed after prepare_disk or the
             # export leaves a destination that abort knows to clean up
             before = entry.dest
@@ -122,14 +124,8 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                 dest.remote_state = remote.agent.hello.get("state_dir")
                 if entry.copy.zeroed is None:
                     entry.copy.zeroed = bool(disk["zeroed"])
-                if asking and warm.decide(stack, entry, track, cold_why, disk):
-                    assert track is not None
-                    # no base pass: the disk there is this one as it was at the generation's era,
-                    # and the rounds send every block era recorded since (zeros as zeros)
-                    st = entry.copy
-                    st.base_era = st.next_since = track.era
-                    st.base_offset, st.base_done = size, True
-                    stack.journal.save(entry)
+                if asking:
+                    warm.decide(stack, entry, track, cold_why, disk, size)
                 entry.dest = dest
                 stack.journal.save(entry, journal.COPYING)
                 with t("nbd_connect"):
@@ -299,6 +295,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             stack.journal.save(entry)
 
         c = copier(dest_zero).copy([(start, size - start)], checkpoint=ck)
+        stack.check_lv(entry)  # an adopted LV that LVM reloaded meanwhile: era missed writes
         t.add("base_copy", c.seconds)
         total.add(c)
         st.base_done, st.base_offset, st.next_since = True, size, st.base_era
@@ -320,6 +317,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
         finally:
             ranges.close()
+        stack.check_lv(entry)  # each round: an adopted LV that LVM reloaded is no longer tracked
         total.add(c)
         t.add("rounds_copy", c.seconds)
         rounds_now += 1

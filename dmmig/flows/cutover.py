@@ -195,6 +195,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         with sw("resync"):
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
+        stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
         m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
                           kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a

@@ -259,9 +259,24 @@ class AgentServer:
         if warm is not None and not remove_created:
             gen = str(warm.get("generation") or "")
             try:
-                if not gen.isalnum():
+                if not gen.isascii() or not gen.isalnum() or len(gen) > 64:
                     raise ValueError(f"invalid generation {gen!r:.40}")
+                # the source vouched that the disks were identical when its top was last
+                # suspended; this fence is taken now, so nothing may have used the disk here
+                # since the export's last write: not a domain it was handed over to, not
+                # dmmig-NAME or anything else stacked on it (their writes would become part of
+                # the "identical" baseline and never go back)
+                if rec.handed_over is not None:
+                    raise ValueError("it was handed over to a domain here before the source's finish: "
+                                     "it may have been written since the two disks were identical")
+                if os.path.exists(Files(self.state, name).journal):
+                    raise ValueError(f"dmmig here has a journal for {name}: the disk was wrapped here "
+                                     "before the source's finish")
                 self.policy.existing(rec.path)
+                if stat.S_ISBLK(os.stat(rec.path).st_mode):
+                    held = holder_names(block_device(rec.path))
+                    if held:
+                        raise ValueError(f"it is held by {', '.join(held)}")
                 warmth.record(self.state, name, TOOK_OVER, rec.path, _size_of(rec.path), gen,
                               str(warm.get("peer") or "")[:255], self.r)
                 done.append(f"recorded generation {gen[:12]} of {rec.path}: `dmmig wrap {name} {rec.path}` here "

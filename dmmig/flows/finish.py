@@ -28,13 +28,14 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
             raise StateError(f"{name} is not mirroring (phase {entry.phase}): the destination may miss writes",
                              hint=f"`dmmig cutover {name}` first, `dmmig abort {name}` to give up, "
                                   "or --force to finish anyway")
+        stack.check_lv(entry)  # an adopted LV that LVM reloaded: the destination misses writes
         st = stack.dm.mirror_status(top)
         vouched = entry.mirror.handover and entry.mirror.handover.ok  # the gate already checked or caught up
         if not (st.synced and st.healthy) and not vouched:
             raise StateError(f"the mirror of {name} is not in sync with healthy legs "
                              f"({st.in_sync}/{st.regions}, health {st.health}): the destination misses writes",
                              hint=f"catch up with `dmmig copy {name}` + `dmmig cutover {name}`, or --force")
-    if remove:
+    if remove and entry.adopted is None:  # an adopted disk's top is held by its LV, which finish restores
         info = stack.dm.info(top)
         if info is not None and info.open_count > 0:
             raise StateError(f"{top} is still open ({info.open_count} opener(s)); it cannot be removed",
@@ -43,7 +44,9 @@ def finish(stack: Stack, name: str, *, force: bool = False, remove: bool = False
     generation: str | None = None
     notes: list[str] = []
     with stack.journal.lock(name):
-        if remote and not force and dest is not None:
+        # an adopted LV: no generation (its kept disk would be dmmig-NAME-lv, which finish removes;
+        # a fence on the LV's own device is not built yet): a copy back is a full one
+        if remote and not force and dest is not None and entry.adopted is None:
             generation = _generation(stack, entry, notes)
         try:
             done = stack.abort_held(name, phase=journal.FINISHING)  # its swap resumes the top

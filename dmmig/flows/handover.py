@@ -105,6 +105,11 @@ def answer_gate(stack: Stack, entry: journal.Entry, remote: Remote, *,
 
 def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: str,
            win: Window) -> tuple[bool, str, int]:
+    # an adopted LV that LVM reloaded since: writes went past era and the mirror, nothing tells
+    # which; the destination must not start on that disk
+    problem = stack.lv_problem(entry)
+    if problem is not None:
+        return False, problem, 0
     st = stack.dm.mirror_status(top)
     info = stack.dm.info(top)
     assert info is not None
@@ -149,6 +154,11 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
         unhook()
         kill.close()
     win.check("during the catch-up")
+    # the top's suspension does not stop writes through an LV that LVM reloaded during the
+    # catch-up (they go straight to the PV): asked again right before the yes
+    problem = stack.lv_problem(entry)
+    if problem is not None:
+        return False, problem, c.read
     return True, f"{broken}: copied the {c.read} bytes era recorded since the cutover first", c.read
 
 

@@ -133,7 +133,9 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
         raise BadInput(f"{dom.name} has writable disks dmmig does not move: "
                        + ", ".join(f"{v.vdev} ({v.params})" for v in risky)
                        + "; the destination would run the guest on its own copy of them",
-                       hint="use script=block-dmmig for them, or pass --shared if they are on shared storage")
+                       hint="use script=block-dmmig for them, or pass --shared if they are on shared storage. "
+                            "`dmmig migrate` does not adopt a running domain's LV yet: docs/manual.md "
+                            "(\"Adopting a running LV\") moves one with `dmmig adopt` and the manual verbs")
     remote_of = [v for v in mine if not v.local_backend]
     if remote_of:
         raise BadInput(f"{', '.join(v.vdev for v in remote_of)}: served from a driver domain "

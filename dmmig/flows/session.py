@@ -238,7 +238,7 @@ def destination_of(entry: journal.Entry, host: str | None, ssh_opts: SshOptions,
         if not entry.dest:
             raise BadInput(f"no destination known for {entry.name}: give [USER@]HOST")
         return entry.dest.copy()
-    dest = destination(host, ssh_opts, opts, opts.dest_disk or entry.origin)
+    dest = destination(host, ssh_opts, opts, opts.dest_disk or entry.target)
     old = entry.dest
     if old and (old.host, old.disk) != (dest.host, dest.disk):
         raise StateError(f"{entry.name} is already being copied to {old.host}:{old.disk}",

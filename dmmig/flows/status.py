@@ -16,7 +16,7 @@ from dmmig.core.stack import Stack
 from dmmig.core.watch import read_health
 from dmmig.flows import warm
 from dmmig.flows.destination import incoming
-from dmmig.names import era_name, top_name
+from dmmig.names import era_name, lv_name, top_name
 
 
 def names(stack: Stack) -> list[str]:
@@ -41,15 +41,18 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
                           "dest": to_json(entry.dest) if entry.dest else {}, "copy": to_json(entry.copy),
                           "mirror": to_json(entry.mirror),
                           "history": entry.history[-10:]}
-    for dev in (top_name(name), era_name(name)):
+    if entry is not None and entry.adopted is not None:
+        out["adopted"] = _adopted(stack, entry, problems)
+    for dev in (top_name(name), era_name(name), lv_name(name)):
         info = stack.dm.info(dev)
         if info is None:
             continue
         d: dict[str, Any] = {"devno": info.devno, "open": info.open_count, "suspended": info.suspended,
                              "inactive_table": info.has_inactive, "events": info.events,
                              "table": stack.dm.table_text(dev)}
-        # never ask a suspended era device for status: it answers through its worker
-        if not info.suspended:
+        if dev == lv_name(name):  # an adopted LV's own table, several segments: shown as it is
+            pass
+        elif not info.suspended:  # never ask a suspended era device for status: it answers through its worker
             line = stack.dm.status_line(dev)
             d["status"] = line
             try:
@@ -88,23 +91,25 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
     top = out["devices"].get(top_name(name))
     era = out["devices"].get(era_name(name))
     if entry is None:
-        if top or era:
+        if top or era or out["devices"].get(lv_name(name)):
             problems.append("dm devices exist but there is no journal entry (journal lost?)")
         return out
-    if top is None:
+    if top is None and entry.phase != journal.ADOPTING:
         problems.append(f"journal says {entry.phase} but {top_name(name)} does not exist")
     if entry.phase == journal.WRAPPED and era is not None:
         problems.append(f"journal says wrapped but {era_name(name)} exists (interrupted prepare?)")
-    if entry.phase not in (journal.WRAPPED, journal.PREPARING, journal.ABORTING) and era is None:
+    if entry.phase not in (journal.ADOPTING, journal.WRAPPED, journal.PREPARING, journal.ABORTING) and era is None:
         problems.append(f"journal says {entry.phase} but {era_name(name)} does not exist")
     busy = stack.journal.busy(name)
     out["busy"] = busy
-    if entry.phase in (journal.PREPARING, journal.COPYING, journal.CUTTING_OVER, journal.FINISHING, journal.ABORTING):
+    if entry.phase in (journal.ADOPTING, journal.PREPARING, journal.COPYING, journal.CUTTING_OVER, journal.FINISHING,
+                       journal.ABORTING):
         if busy:
             problems.append(f"a dmmig is working on {name} now (phase {entry.phase}); wait for it")
         else:
             again = {journal.COPYING: f"`dmmig copy {name}` resumes it, ",
-                     journal.CUTTING_OVER: f"`dmmig cutover {name}` runs it again, "}.get(entry.phase, "")
+                     journal.CUTTING_OVER: f"`dmmig cutover {name}` runs it again, ",
+                     journal.ADOPTING: "the LV may or may not have dmmig's table yet; "}.get(entry.phase, "")
             problems.append(f"a `{entry.phase}` step did not complete (dmmig was interrupted, and no dmmig holds "
                             f"{name} now): {again}`dmmig abort {name}` cleans up")
     if entry.phase == journal.MIRRORING and top is not None and "mirror" in top:
@@ -133,6 +138,21 @@ def disk_status(stack: Stack, name: str) -> dict[str, Any]:
         except ParseError:
             pass
     return out
+
+
+def _adopted(stack: Stack, entry: journal.Entry, problems: list[str]) -> dict[str, Any]:
+    """The LV ENTRY was adopted from: its device now, its table, and whether that is dmmig's."""
+    a = entry.adopted
+    assert a is not None
+    info = stack.dm.info_of(a.devno)
+    live = stack.dm.table_text_of(a.devno) if info is not None and info.uuid == a.uuid else None
+    problem = stack.lv_problem(entry) if entry.phase != journal.ADOPTING else None
+    if problem is not None:
+        problems.append(f"{problem}. Nothing dmmig copies or vouches for is complete now; `dmmig abort {entry.name}` "
+                        f"removes dmmig's devices and leaves that table as LVM loaded it")
+    return {"lv": a.lv, "path": a.path, "devno": a.devno, "name_now": info.name if info else None,
+            "own_table": a.table, "table": live, "top_devno": a.top_devno,
+            "ours": problem is None and entry.phase != journal.ADOPTING}
 
 
 def _gate(state: str, name: str, problems: list[str]) -> dict[str, Any] | None:
@@ -186,6 +206,10 @@ def render(st: dict[str, Any], *, tables: bool = False) -> str:
             lines.append(f"  dest:    {d.get('host')} {d.get('disk', '')} ({how})")
     elif not st.get("incoming"):
         lines.append("  phase:   (no journal entry)")
+    ad = st.get("adopted")
+    if ad:
+        lines.append(f"  adopted: {ad['path']} ({ad['name_now'] or ad['lv']}, {ad['devno']}), table "
+                     + ("dmmig's: linear over the top" if ad["ours"] else f"{ad['table']!r}"))
     g = st.get("gate")
     if g:
         lines.append(f"  gate:    {g['socket']}" + (f" (agent pid {g['agent_pid']} waits for the destination's "

@@ -165,16 +165,23 @@ def local_verdict(stack: Stack, entry: journal.Entry, *, drained: bool = True) -
 
 
 def decide(stack: Stack, entry: journal.Entry, track: WarmTrack | None, local_why: str,
-           reply: dict[str, Any] | None) -> bool:
+           reply: dict[str, Any] | None, size: int) -> bool:
     """Journal this copy's choice from both halves: this host's (TRACK, or LOCAL_WHY not) and
     the destination's (REPLY's "warm", from prepare_disk). Once made, it stands for the
-    migration (a resumed copy does not ask again: the destination forgot the generation)."""
+    migration (a resumed copy does not ask again: the destination forgot the generation).
+    Warm: no base pass (SIZE bytes counted as sent), the rounds send every block era recorded
+    since the generation's era (zeros as zeros); journaled with the decision in one save, so
+    a dmmig killed after it resumes with both or neither."""
     w = entry.copy.warm
     if w is not None and w.decision is not None:
+        if w.warm:
+            _skip_base(entry, w.era, size)  # a journal an earlier version saved between the two
+            stack.journal.save(entry)
         return w.warm
     there = (reply or {}).get("warm") or {}
     if w is not None and track is not None and there.get("ok") is True:
         w.decision = f"warm: only the blocks written here since generation {w.generation[:12]} (era {w.era})"
+        _skip_base(entry, w.era, size)
         log.info("%s: %s", entry.name, w.decision)
     else:
         why = local_why or f"on the destination, {there.get('why') or 'the generation was not checked'}"
@@ -185,6 +192,12 @@ def decide(stack: Stack, entry: journal.Entry, track: WarmTrack | None, local_wh
             log.info("%s: %s%s", entry.name, COLD, why)
     stack.journal.save(entry)
     return bool(w and w.warm)
+
+
+def _skip_base(entry: journal.Entry, era: int, size: int) -> None:
+    st = entry.copy
+    st.base_era = st.next_since = era
+    st.base_offset, st.base_done = size, True
 
 
 # ---- forget / status ----------------------------------------------------------------------

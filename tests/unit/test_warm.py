@@ -19,6 +19,7 @@ from dmmig.core.confine import Policy
 from dmmig.core.records import KEPT, TOOK_OVER, CopyState, Warm, WarmTrack, read_warm, to_json
 from dmmig.flows import warm
 from dmmig.flows.destination import AgentServer
+from dmmig.names import Files
 from tests.unit.fakes import FakeRunner, MemXenStore
 
 MIB = 1 << 20
@@ -87,6 +88,21 @@ def test_a_write_in_the_same_clock_tick_as_the_fence_still_moves_the_ctime(tmp_p
         assert writefence.written_since(fence, R) is not None
 
 
+def test_a_write_while_the_fence_waits_for_the_ctime_gives_no_fence(tmp_path: Path) -> None:
+    """The wait for a settled ctime took the stamp again after it: a write straight to the file
+    during that wait became part of the baseline (review of 9e4b05e, finding 6)."""
+    import threading
+    f = tmp_path / "disk.img"
+    f.write_bytes(bytes(512))  # just written: the fence must wait
+    t = threading.Timer(0.1, lambda: f.write_bytes(b"behind dmmig's back"))
+    t.start()
+    try:
+        with pytest.raises(OSError, match="written while its fence was taken"):
+            writefence.settled_stamp(str(f), settle_s=0.5)
+    finally:
+        t.join()
+
+
 def fake_sysfs(monkeypatch: pytest.MonkeyPatch, table: dict[str, Counters | None]) -> None:
     def counters(devno: str, runner: Any = None) -> Counters:
         c = table.get(devno)
@@ -100,6 +116,8 @@ def fake_sysfs(monkeypatch: pytest.MonkeyPatch, table: dict[str, Counters | None
     (Counters("7:0", 5, 1100, 0), Counters("254:1", 9, 100, 0), None),
     (Counters("7:0", 5, 1108, 0), Counters("254:1", 9, 100, 0), "written past the era device: 108 sector(s)"),
     (Counters("7:0", 5, 1100, 8), Counters("254:1", 9, 100, 0), "8 discarded on it"),
+    # a discard through era: era marked its first block only (review of 9e4b05e, finding 2)
+    (Counters("7:0", 5, 1100, 2048), Counters("254:1", 9, 100, 2048), "discarded through the era device"),
     (Counters("7:0", 6, 1100, 0), Counters("254:1", 9, 100, 0), "origin 7:0 was attached or made again"),
     (Counters("7:0", 5, 1100, 0), Counters("254:1", 10, 100, 0), "era device 254:1 was attached or made again"),
     (Counters("7:0", 5, 1100, 0), None, "cannot be read"),
@@ -184,6 +202,30 @@ def test_the_new_owner_records_its_half_as_the_export_stops(dest: Dest) -> None:
     assert dest.agent.op_hello()["warm"] == 1
 
 
+def test_no_half_is_recorded_for_a_disk_used_here_before_the_sources_finish(dest: Dest) -> None:
+    """The fence here is taken when finish stops the export, after the source vouched: a disk a
+    domain took over (the gate's yes, then the guest wrote it) or that dmmig wrapped here before
+    that finish has writes the source never got; recorded, they became the baseline and a copy
+    back skipped them (review of 9e4b05e, finding 1)."""
+    import json
+    p = dest.path("vm1.img", 4 * MIB)
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
+    f = Files(dest.state, "d1").incoming
+    with open(f) as fh:
+        rec = json.load(fh)
+    with open(f, "w") as fh:
+        json.dump(dict(rec, handed_over=1234.5), fh)
+    done = dest.agent.op_stop("d1", warm={"generation": "abc123", "peer": "hosta"})["done"]
+    assert generation.load(dest.state, "d1") is None, done
+    assert any("recorded no generation" in d and "handed over" in d for d in done), done
+    # wrapped here (a journal) before the source's finish
+    dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m2")
+    with open(Files(dest.state, "d1").journal, "w") as fh:
+        fh.write("{}")
+    done = dest.agent.op_stop("d1", warm={"generation": "abc124", "peer": "hosta"})["done"]
+    assert generation.load(dest.state, "d1") is None and any("wrapped here" in d for d in done), done
+
+
 # ---- the source's half (B) ---------------------------------------------------------------------
 class _Stack:
     """What local_verdict and decide use of a Stack: the journal and dm suspend/resume."""
@@ -239,20 +281,38 @@ def test_the_choice_is_warm_only_with_both_halves_and_stands_for_the_migration(t
     s: Any = _Stack(state)
     track = WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0))
     e = entry(state, track)
-    assert not warm.decide(s, e, track, "", {"warm": {"ok": False, "why": "/dev/x was written since"}})
+    assert not warm.decide(s, e, track, "", {"warm": {"ok": False, "why": "/dev/x was written since"}}, 4096)
     assert e.copy.warm and e.copy.warm.decision == ("cold: full copy, because on the destination, "
                                                      "/dev/x was written since")
     # decided: a resumed copy keeps the choice, whatever it is asked next
-    assert not warm.decide(s, e, track, "", {"warm": {"ok": True, "why": ""}})
+    assert not warm.decide(s, e, track, "", {"warm": {"ok": True, "why": ""}}, 4096)
     e = entry(state, WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0)))
-    assert not warm.decide(s, e, None, "the origin 7:0 was written past the era device", {"warm": {"ok": True}})
+    assert not warm.decide(s, e, None, "the origin 7:0 was written past the era device", {"warm": {"ok": True}},
+                           4096)
     assert e.copy.warm and e.copy.warm.decision and "past the era device" in e.copy.warm.decision
     e = entry(state, WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0)))
-    assert not warm.decide(s, e, e.copy.warm, "", {})  # an older agent there: no answer is no yes
+    assert not warm.decide(s, e, e.copy.warm, "", {}, 4096)  # an older agent there: no answer is no yes
     e = entry(state, WarmTrack("g1", 2, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0)))
-    assert warm.decide(s, e, e.copy.warm, "", {"warm": {"ok": True, "why": "untouched"}})
+    assert warm.decide(s, e, e.copy.warm, "", {"warm": {"ok": True, "why": "untouched"}}, 4096)
     saved = journal.Journal(state).load("d1")
     assert saved is not None and saved.copy.warm is not None and saved.copy.warm.warm
+    # no base pass, in the same save as the decision: a dmmig killed after it resumes with both
+    c = saved.copy
+    assert (c.base_era, c.next_since, c.base_done, c.base_offset) == (2, 2, True, 4096)
+
+
+def test_a_copy_resumed_after_a_warm_decision_without_its_base_state_goes_on(tmp_path: Path) -> None:
+    """The decision and the skipped base pass were two saves: killed between them, every resumed
+    copy failed on an assert (exit 1) until abort (review of 9e4b05e, finding 4)."""
+    state = str(tmp_path)
+    s: Any = _Stack(state)
+    track = WarmTrack("g1", 3, Counters("7:0", 5, 1000, 0), Counters("254:1", 9, 0, 0))
+    e = entry(state, track)
+    assert e.copy.warm is not None
+    e.copy.warm.decision = "warm: only the blocks written here since generation g1 (era 3)"
+    assert e.copy.base_era is None  # what the journal held after the first save
+    assert warm.decide(s, e, None, "", None, 8192)  # resumed: no local verdict, no question there
+    assert (e.copy.base_era, e.copy.next_since, e.copy.base_done, e.copy.base_offset) == (3, 3, True, 8192)
 
 
 def test_warm_state_is_shown_and_forgotten(tmp_path: Path) -> None:

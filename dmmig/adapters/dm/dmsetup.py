@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dmmig.adapters.dm.targets import EraStatus, MirrorStatus, Table
+from dmmig.adapters.dm.targets import EraStatus, MirrorStatus, Segments, Table
 from dmmig.adapters.runner import Runner
 from dmmig.errors import CommandError, MissingDependency
 
@@ -35,6 +35,10 @@ class DmInfo:
     @property
     def has_inactive(self) -> bool:
         return len(self.attr) > 1 and self.attr[1] == "I"
+
+    @property
+    def read_only(self) -> bool:
+        return len(self.attr) > 3 and self.attr[3] == "r"
 
     @property
     def live(self) -> bool:
@@ -74,6 +78,25 @@ class DmSetup:
             raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
         return _parse_info(res.stdout.strip().splitlines()[0])
 
+    def info_of(self, devno: str) -> DmInfo | None:
+        """The dm device with number DEVNO (major:minor), or None if it is no dm device: found
+        by number, so a device renamed since (lvrename renames an open LV's) is still found."""
+        major, minor = _devno(devno)
+        res = self.r.run(["dmsetup", "info", "-c", "--noheadings", "--separator", ";", "-o", INFO_FIELDS,
+                          "-j", major, "-m", minor], check=False)
+        if res.returncode != 0:
+            if "not exist" in res.stderr or "No such device" in res.stderr:
+                return None
+            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
+        lines = res.stdout.strip().splitlines()
+        return _parse_info(lines[0]) if lines else None
+
+    def table_text_of(self, devno: str, *, inactive: bool = False) -> str:
+        """The table (live, or the inactive one) of the dm device DEVNO, as the kernel prints it."""
+        major, minor = _devno(devno)
+        argv = ["dmsetup", "table"] + (["--inactive"] if inactive else []) + ["-j", major, "-m", minor]
+        return self.r.run(argv).stdout.strip()
+
     def table(self, name: str, *, inactive: bool = False) -> Table:
         argv = ["dmsetup", "table"] + (["--inactive"] if inactive else []) + [name]
         return Table.parse(self.r.run(argv).stdout)
@@ -98,12 +121,12 @@ class DmSetup:
         return {w[0]: w[1] for w in (ln.split() for ln in out.splitlines()) if len(w) >= 2}
 
     # --- changes ---------------------------------------------------------------------
-    def create(self, name: str, table: Table, *, uuid: str | None = None) -> None:
+    def create(self, name: str, table: Table | Segments, *, uuid: str | None = None) -> None:
         argv = ["dmsetup", "create", name] + (["-u", uuid] if uuid else []) + ["--table", table.render()]
         self.r.run(argv)
         self._wait(name, present=True)
 
-    def load(self, name: str, table: Table) -> None:
+    def load(self, name: str, table: Table | Segments) -> None:
         self.r.run(["dmsetup", "load", name, "--table", table.render()])
 
     def clear_inactive(self, name: str) -> None:
@@ -133,7 +156,8 @@ class DmSetup:
     def wait_event(self, name: str, event_nr: int, timeout: float) -> None:
         self.r.run(["dmsetup", "wait", "--noflush", name, str(event_nr)], timeout=timeout)
 
-    def swap(self, name: str, table: Table, *, noflush: bool = False, udev_sync: bool = True) -> float:
+    def swap(self, name: str, table: Table | Segments, *, noflush: bool = False,
+             udev_sync: bool = True) -> float:
         """Replace the live table of NAME. Load first (the new target's constructor runs
         while I/O flows), then one resume: the kernel suspends, swaps and resumes inside that
         single ioctl, so I/O pauses only for the flush and the swap. Returns the seconds the
@@ -176,6 +200,13 @@ class DmSetup:
     def _wait(self, name: str, *, present: bool) -> None:
         if self._wait_node is not None:
             self._wait_node(name, present=present)
+
+
+def _devno(devno: str) -> tuple[str, str]:
+    major, sep, minor = devno.partition(":")
+    if not (sep and major.isdigit() and minor.isdigit()):
+        raise ValueError(f"not a major:minor device number: {devno!r}")
+    return major, minor
 
 
 def _parse_info(line: str) -> DmInfo:

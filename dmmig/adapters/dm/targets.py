@@ -249,6 +249,46 @@ def _parse_mirror_set(lines: list[str]) -> MirrorSet:
         raise ParseError(f"bad mirror set: {e}") from e
 
 
+@dataclass(frozen=True)
+class Segments:
+    """A table dmmig does not model, kept verbatim: an adopted LV's own table, as many targets
+    side by side as LVM gave it (linear, striped), each line as the kernel printed it. Loaded
+    again exactly as read, so `dmsetup table` prints the same text back."""
+
+    lines: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.lines:
+            raise ParseError("an empty table")
+        at = 0
+        for ln in self.lines:
+            w = ln.split()
+            try:
+                start, length = int(w[0]), int(w[1])
+                kind = w[2]
+            except (IndexError, ValueError):
+                raise ParseError(f"bad table line {ln!r}") from None
+            if start != at or length <= 0 or not kind:
+                raise ParseError(f"table line {ln!r} does not follow the one ending at sector {at}")
+            at += length
+
+    @classmethod
+    def parse(cls, text: str) -> Segments:
+        return cls(tuple(" ".join(ln.split()) for ln in text.strip().splitlines() if ln.strip()))
+
+    @property
+    def length(self) -> int:
+        return sum(int(ln.split()[1]) for ln in self.lines)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The target of each line, in order."""
+        return [ln.split()[2] for ln in self.lines]
+
+    def render(self) -> str:
+        return "\n".join(self.lines)
+
+
 # ---- status lines -----------------------------------------------------------------------
 
 @dataclass(frozen=True)

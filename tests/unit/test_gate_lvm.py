@@ -1,0 +1,81 @@
+"""The gate asks again, right before its yes, whether LVM reloaded an adopted LV: the top's
+suspension does not stop writes through a reloaded LV (they go straight to the PV), so a
+reload during the catch-up must turn the yes into a no (review of ab8cd7b, finding 5)."""
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from dmmig.core import journal
+from dmmig.core.records import Synced
+from dmmig.flows import handover
+
+
+class _Dm:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def suspend(self, name: str) -> None:
+        self.calls.append(f"suspend {name}")
+
+    def resume(self, name: str) -> None:
+        self.calls.append(f"resume {name}")
+
+    def mirror_status(self, name: str) -> Any:  # a leg failed since the sync: a catch-up first
+        return SimpleNamespace(synced=False, healthy=False, health="DA")
+
+    def info(self, name: str) -> Any:
+        return SimpleNamespace(events=3)
+
+    def table(self, name: str) -> Any:
+        return SimpleNamespace(length=2048)
+
+
+class _Stack:
+    def __init__(self, problems: list[str | None]) -> None:
+        self.dm = _Dm()
+        self.era = SimpleNamespace(dirty=lambda era, meta, since: ([], 0))
+        self.journal = SimpleNamespace(save=lambda entry, phase=None: None)
+        self.problems = problems
+
+    def lv_problem(self, entry: journal.Entry) -> str | None:
+        return self.problems.pop(0) if self.problems else None
+
+
+class _Remote:
+    def __init__(self) -> None:
+        self.answers: list[tuple[bool, str]] = []
+        self.agent = self
+        self.ssh = None
+        self.a, self.b = socket.socketpair()
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        assert op == "answer_gate"
+        self.answers.append((kw["ok"], kw["why"]))
+        return {"delivered": True}
+
+    def nbd(self, export: Any, name: str) -> Any:
+        return SimpleNamespace(aio_get_fd=self.a.fileno, shutdown=lambda: None)
+
+
+RELOADED = "the table of vg0-vm1 is no longer dmmig's"
+
+
+@pytest.mark.parametrize("problems, ok", [([None, None], True), ([None, RELOADED], False)])
+def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
+        monkeypatch: pytest.MonkeyPatch, problems: list[str | None], ok: bool) -> None:
+    monkeypatch.setattr(handover, "start_export", lambda remote, dest, name, deadline_s=None: None)
+    copied = SimpleNamespace(read=0)
+    monkeypatch.setattr(handover, "Copier", lambda *a, **k: SimpleNamespace(copy=lambda ext: copied))
+    e = journal.Entry("d1", "/dev/loop0", "7:0", phase=journal.MIRRORING, metadata="/dev/loop1", block_sectors=128)
+    e.mirror.synced = Synced(events=2)
+    monkeypatch.setattr(journal.Entry, "destination", lambda self: None)
+    s, r = _Stack(list(problems)), _Remote()
+    rec = handover.answer_gate(s, e, r)  # type: ignore[arg-type]
+    assert rec["ok"] is ok and r.answers[-1][0] is ok, (rec, r.answers)
+    if not ok:
+        assert "no longer dmmig's" in rec["why"]
+    assert s.dm.calls == ["suspend dmmig-d1", "resume dmmig-d1"]
