@@ -23,7 +23,6 @@ from dmmig.flows.handover import copy_rate
 from dmmig.flows.session import (
     CopyOptions,
     Remote,
-    Started,
     check_destination,
     check_source,
     check_transport,
@@ -32,6 +31,7 @@ from dmmig.flows.session import (
     probe_tunnel,
     start_export,
 )
+from dmmig.flows.started import Started
 from dmmig.names import top_name
 from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.validate import block_fits
