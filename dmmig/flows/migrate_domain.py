@@ -475,6 +475,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ssh_opts: SshOptions, opts: MigrateOp
     # 2. the LVs adopted (each journaled; abort gives an LV its own table back), then every disk
     # to a synchronous mirror
     adopted: list[Disk] = []
+    pauses: dict[str, float] = {}
     for d in p.disks:
         if d.adopt is None:
             continue
@@ -487,6 +488,7 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ssh_opts: SshOptions, opts: MigrateOp
             raise e.with_context(f"adopting {d.vbd.params} failed, so every LV adopted before got its own table "
                                  f"back and {p.domain.name} did not move") from e
         adopted.append(d)
+        pauses[d.name] = pause
         say(f"{d.name}: adopted {d.vbd.params} (its table swap paused I/O {pause * 1000:.0f} ms); "
             + HOLD_LVM.format(lv=d.adopt.lv))
     # the tunnel's mode as the plan probed it: one probe for every disk
@@ -504,6 +506,8 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ssh_opts: SshOptions, opts: MigrateOp
                                  f"disk was aborted and {p.domain.name} did not move") from first
     for d, r in mirrored:
         summary["disks"][d.name] = r
+        if d.name in pauses:  # the LV's table swap: its I/O paused at most this long
+            r["adopt_swap_seconds"] = round(pauses[d.name], 4)
         say(f"{d.name}: mirroring; copied {r['copy']['read'] / (1 << 20):.1f} MiB, cutover suspended I/O for "
             f"{r['cutover']['suspended_seconds'] * 1000:.0f} ms, resynced {r['cutover']['resync_regions']} regions")
     summary["to_mirror_seconds"] = round(time.monotonic() - t0, 3)

@@ -315,14 +315,15 @@ def test_migrate_adopts_before_the_copy_and_gives_xl_the_config_with_C(aw: Adopt
                              finish=lambda s, d, dest: {"done": [], "seconds": 0.0},
                              abort=lambda s, n: ([], []))
     said: list[str] = []
-    migrate_domain.migrate(aw.stack, xl, p, SshOptions(), aw.opts,  # type: ignore[arg-type]
-                           lambda d, i: None, said.append, ops)  # type: ignore[arg-type,return-value]
+    summary = migrate_domain.migrate(aw.stack, xl, p, SshOptions(), aw.opts,  # type: ignore[arg-type]
+                                     lambda d, i: None, said.append, ops)  # type: ignore[arg-type,return-value]
     assert order == [f"adopt {aw.name} {aw.lv}", f"mirror [('{aw.name}', '{aw.lv}')]"]
     cfg = os.path.join(aw.stack.journal.dir, f"xl-migrate-{DOMID}.cfg")
     assert xl.argv == ["-e", "-C", cfg]
     assert p.xl_config is not None and xl.config == p.xl_config.text
     assert not os.path.exists(cfg)  # removed once xl ended
     assert any("adopted" in s and "hold LVM changes to vg0-lv" in s for s in said)
+    assert summary["disks"][aw.name]["adopt_swap_seconds"] == 0.01
 
 
 def test_a_failed_adopt_gives_back_the_lvs_adopted_before_and_nothing_is_copied(aw: AdoptWorld) -> None:
