@@ -100,6 +100,8 @@ class Xl:
     def parsed_config(self, config: str) -> dict[str, Any]:
         """Domain config file CONFIG as libxl itself parses it: `xl -N create` (dry run) prints
         the domain config as JSON and creates nothing."""
+        if not config or config.startswith("-"):  # xl's getopt would take it for an option
+            raise BadInput(f"config file {config!r}: give it as a path (./{config}), not starting with '-'")
         res = self.r.run([self.xl, "-N", "create", config], check=False, timeout=60)
         if res.returncode != 0:
             raise BadInput(f"xl cannot parse the config {config}: {(res.stderr or res.stdout).strip()[-500:]}")

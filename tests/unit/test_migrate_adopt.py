@@ -367,3 +367,13 @@ def test_finish_on_the_source_does_not_wait_for_an_adopted_top_to_close(aw: Adop
     aw.stack.journal.save(e)
     with pytest.raises(StateError, match="is still open"):
         finish_flow.finish_handed_over(aw.stack, name, node=None, params=aw.lv, close_wait_s=0.3)
+
+
+def test_a_config_path_xl_would_take_for_an_option_is_refused(aw: AdoptWorld, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for bad in ("-e", "--debug"):
+        (tmp_path / bad).write_text(aw.cfg.read_text())  # a file of that name is there
+        with pytest.raises(BadInput, match="not starting with '-'"):
+            aw.plan(config=bad)
+    assert not [a for a in aw.runner.argvs if a[:3] == ["xl", "-N", "create"]]
