@@ -162,6 +162,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     if risky and not opts.shared_ok:
         refused = []
         for v in risky:
+            if _adopted_before(stack, v):  # an earlier run's (killed, or failed after the adopt): resumed
+                continue
             try:
                 adopt[v.vdev] = _adoptable(stack, v)
             except BadInput as e:
@@ -171,8 +173,9 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
                            + "; the destination would run the guest on its own copy of them",
                            hint="use script=block-dmmig for them (a restart), or pass --shared if they are on "
                                 "shared storage")
-    to_adopt = [v for v in others if v.vdev in adopt]
-    others = [v for v in others if v.vdev not in adopt]
+    resumed = [v for v in risky if v.vdev not in adopt and not opts.shared_ok]
+    to_adopt = [v for v in others if v.vdev in adopt] + resumed
+    others = [v for v in others if v not in to_adopt]
     if not mine and not to_adopt:
         raise BadInput(f"none of {dom.name}'s disks uses block-dmmig or is an LV dmmig can adopt: nothing for "
                        "dmmig to move",
@@ -202,14 +205,30 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     parts = opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
-    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine]
-    disks += [_adopted_disk(v, adopt[v.vdev], opts.block_bytes, opts.rate, parts) for v in to_adopt]
+    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine + resumed]
+    disks += [_adopted_disk(v, adopt[v.vdev], opts.block_bytes, opts.rate, parts) for v in to_adopt if v.vdev in adopt]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     # found missing at cutover, it would cost the whole copy
     check_source(stack, opts.copy.transport, [d.name for d in disks])
     tunnel, why = _check_destination(stack, disks, host, ssh_opts, opts, remote)
     return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why, xl_config)
+
+
+def _adopted_before(stack: Stack, v: Vbd) -> bool:
+    """Whether V's LV is adopted already (by a dmmig migrate that was killed or failed after its
+    adopt): then its migration resumes as a wrapped disk's does. StateError if LVM reloaded
+    the LV since (nothing tracked its writes: abort, then migrate again)."""
+    try:
+        entry = stack.journal.load(disk_name_for(v.params))
+    except BadInput:
+        return False
+    if entry is None or entry.adopted is None or entry.phase == journal.ADOPTING:
+        return False  # an adopt that did not finish: adopt_plan refuses it, `dmmig abort` undoes it
+    if entry.adopted.devno != _devno_of(v.physical_device):
+        return False
+    stack.check_lv(entry)
+    return True
 
 
 def _adoptable(stack: Stack, v: Vbd) -> AdoptPlan:
@@ -375,7 +394,11 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, ra
     if entry is None or info is None:
         raise StateError(f"{v.vdev} ({v.params}): block-dmmig set it up, but {top} or its journal entry is "
                          "missing here", hint=f"`dmmig status {name}`; the domain may need a restart on this host")
-    if format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
+    if entry.adopted is not None:  # blkback holds the LV, linear over the top (_adopted_before)
+        if _devno_of(v.physical_device) != entry.adopted.devno:
+            raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not the adopted LV "
+                             f"{entry.adopted.lv} ({entry.adopted.devno})", hint=f"`dmmig abort {name}`")
+    elif format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
         raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not {top}",
                          hint="the disk was re-pointed behind block-dmmig; do not migrate it with dmmig")
     if entry.dest and entry.dest.host != dest_host:

@@ -377,3 +377,27 @@ def test_a_config_path_xl_would_take_for_an_option_is_refused(aw: AdoptWorld, tm
         with pytest.raises(BadInput, match="not starting with '-'"):
             aw.plan(config=bad)
     assert not [a for a in aw.runner.argvs if a[:3] == ["xl", "-N", "create"]]
+
+
+def test_a_disk_an_earlier_run_adopted_resumes_and_a_reloaded_one_is_refused(aw: AdoptWorld) -> None:
+    """Before: a second `dmmig migrate` after one killed past its adopt was refused ("already a
+    dmmig disk"), and only `dmmig abort` (a new copy from scratch) got it going again."""
+    name = aw.name
+    aw.stack.journal.save(journal.Entry(name, f"/dev/mapper/dmmig-{name}-lv", "253:1",
+                                        adopted=Adopted("vg0-lv", aw.lv, "253:0", UUID_LV,
+                                                        f"0 {SECTORS} linear 7:0 2048", "253:2")), journal.WRAPPED)
+    aw.runner.rules[:0] = [
+        (INFO + [f"dmmig-{name}"], (0, f"dmmig-{name};253;2;L--w;1;1;0;DMMIG-top-{name}\n", "")),
+        (["dmsetup", "table", f"dmmig-{name}"], (0, f"0 {SECTORS} linear 253:1 0\n", "")),
+        (["dmsetup", "table", "-j", "253", "-m", "0"], [(0, f"0 {SECTORS} linear 253:2 0\n", ""),  # the plan's
+                                                        (0, f"0 {SECTORS} linear 7:0 2048\n", "")]),  # then
+    ]
+    p = aw.plan()
+    [d] = p.disks
+    assert (d.name, d.phase, d.adopt) == (name, journal.WRAPPED, None)  # nothing to adopt again
+    assert p.xl_config is not None and p.xl_config.adopted == ["xvda"]  # still needs block-dmmig on b
+    assert aw.mutating() == []
+    # LVM reloaded the LV since (its own table again, not over dmmig's top): refused, abort says how
+    with pytest.raises(StateError, match="LVM reloaded it") as e:
+        aw.plan()
+    assert e.value.hint is not None and f"dmmig abort {name}" in e.value.hint
