@@ -87,6 +87,21 @@ def counters(devno: str, runner: Runner | None = None) -> Counters:
                     mapping(devno, runner) if runner is not None else "")
 
 
+def discard_mark(c: Counters) -> str:
+    """C's discard count with the device's identity, as the copy journals it: a device made
+    again (another diskseq) or any sector discarded since makes another mark."""
+    return f"{c.devno}/{c.diskseq}/{c.discard_sectors}"
+
+
+def discard_mark_of(devno: str) -> str | None:
+    """DEVNO's discard mark now, None if its counters cannot be read (the caller assumes a
+    discard)."""
+    try:
+        return discard_mark(counters(devno))
+    except OSError:
+        return None
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
@@ -239,8 +254,9 @@ def bypassed(origin: Counters, era: Counters, runner: Runner) -> str | None:
         return (f"the origin {origin.devno} was written past the era device: {dw} sector(s) written and {dd} "
                 f"discarded on it since, {ew} and {ed} through era")
     if ed:
-        # dm-era marks a discard's first block only: before 6.3 dm splits a discard at target
-        # boundaries, not at era's block size (max_io_len), and era_map marks get_block(bio)
+        # dm-era marks a discard's first block only: dm splits a discard at target boundaries,
+        # not at era's block size (max_io_len; era sets no max_discard_granularity), and
+        # era_map marks get_block(bio) (docs/design.md "Discards")
         return (f"{ed} sector(s) were discarded through the era device since, and era records a "
                 "discard by its first block only")
     return None

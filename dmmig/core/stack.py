@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 
 from dmmig import sizing
+from dmmig.adapters import writefence
 from dmmig.adapters.blockdev import BlockDev, Loop, below, block_device, dm_name_of, holder_names
 from dmmig.adapters.dm.dmsetup import DmInfo, DmSetup
 from dmmig.adapters.dm.guard import log_path as guard_log
@@ -460,13 +461,30 @@ class Stack:
             self.journal.save(entry)
         return era
 
-    def drained_checkpoint(self, name: str) -> int:
+    def drained_checkpoint(self, name: str) -> tuple[int, str | None]:
         """A new era, started with the top device suspended (see drained_dirty); every write
-        tagged with an era below the one returned has completed on the origin."""
+        tagged with an era below the one returned has completed on the origin. With it, the era
+        device's discard mark read in the same suspension (see discards)."""
         self.prepared(name)
+        devno = self.era_devno(name)  # before: a read of sysfs is all the suspension adds
         with self._drained(name):
             self.dm.message(era_name(name), "checkpoint")
-        return self.dm.era_status(era_name(name)).current_era
+            mark = writefence.discard_mark_of(devno) if devno else None
+        return self.dm.era_status(era_name(name)).current_era, mark
+
+    def era_devno(self, name: str) -> str | None:
+        info = self.dm.info(era_name(name))
+        return None if info is None else f"{info.major}:{info.minor}"
+
+    def discards(self, name: str) -> str | None:
+        """The era device's discard mark (writefence.discard_mark; None: unreadable). Era records
+        a discard by the block it starts in only: dm splits a discard at target boundaries, not
+        at era's block size (drivers/md/dm.c __process_abnormal_io: only a target that sets
+        max_discard_granularity, which era does not), and era_map marks get_block(bio). Where
+        the rest of it fell is not recorded anywhere; that one happened is, in the kernel's I/O
+        counters. Read with the top suspended, the mark covers exactly the discards before it."""
+        devno = self.era_devno(name)
+        return writefence.discard_mark_of(devno) if devno else None
 
     def drained_dirty(self, name: str, since: int) -> tuple[list[BlockRange], int]:
         """The blocks written in eras >= SINCE, and the era N that is current now, such that
@@ -479,25 +497,29 @@ class Stack:
         with the top device suspended: the suspend waits for every write in flight through
         it and holds new ones, which arrive after the snapshot's rollover and carry era N or
         later. The era device itself stays live (it answers messages through its worker)."""
-        d, now = self.drained_dirty_ranges(name, since)
+        d, now, _ = self.drained_dirty_ranges(name, since)
         try:
             return list(d), now
         finally:
             d.close()
 
-    def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int]:
+    def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int, str | None]:
         """As drained_dirty, the ranges in a file in the state dir, streamed: a scattered delta
-        of millions of blocks stays out of memory. The caller closes it (removes the file)."""
+        of millions of blocks stays out of memory. The caller closes it (removes the file).
+        With them, the era device's discard mark read in the same suspension (see discards)."""
         entry = self.prepared(name)
         era = era_name(name)
         assert entry.metadata
         if self.dm.era_status(era).snapshot_block is not None:
             self.dm.message(era, "drop_metadata_snap")  # left by a killed dmmig
+        devno = self.era_devno(name)
         with self._drained(name):
             self.dm.message(era, "take_metadata_snap")
+            mark = writefence.discard_mark_of(devno) if devno else None
         try:
             now = self.dm.era_status(era).current_era
-            return self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now
+            return (self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now,
+                    mark)
         finally:
             self.dm.message(era, "drop_metadata_snap")
 

@@ -3,6 +3,7 @@ converges; resumable after a kill from the journal's offsets and eras.
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -35,6 +36,8 @@ from dmmig.flows.session import (
 from dmmig.names import top_name
 from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.validate import block_fits
+
+log = logging.getLogger("dmmig.copy")
 
 
 def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: CopyOptions,
@@ -236,20 +239,21 @@ def render_estimate(e: dict[str, Any], indent: str = "") -> list[str]:
     return lines
 
 
-def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[int] | None:
+def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[tuple[int, str | None]] | None:
     """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
     suspend and resume of the top here, while the destination prepares its disk and export."""
     if entry.copy.base_done or entry.copy.base_era is not None:
         return None
 
-    def take() -> int:
+    def take() -> tuple[int, str | None]:
         with par("era_base_checkpoint"):
             return stack.drained_checkpoint(name)
     return Started(take)
 
 
 def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
-                 progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
+                 progress: Progress, t: Stopwatch, base_era: Started[tuple[int, str | None]] | None = None
+                 ) -> dict[str, Any]:
     assert entry.metadata
     # a loop device over a sparse file: its holes are not read (dmmig/adapters/sparse.py)
     layout = sparse.layout_of(stack.loop, entry.origin)
@@ -262,7 +266,7 @@ def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
 
 def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
                  progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
-                 base_era: Started[int] | None) -> dict[str, Any]:
+                 base_era: Started[tuple[int, str | None]] | None) -> dict[str, Any]:
     st = entry.copy
     assert entry.block_sectors
     bs = entry.block_sectors * 512
@@ -278,7 +282,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             # every write tagged below base_era has completed (drained): the base pass reads it;
             # every later one carries base_era or more, and the rounds query from there
             with t("era_base_checkpoint"):
-                st.base_era = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
+                st.base_era, st.discards = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
             st.base_offset = 0
             stack.journal.save(entry)
         start = st.base_offset
@@ -308,24 +312,30 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
     rounds_now = 0
     while True:
         t_era = time.monotonic()
-        ranges, now = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
+        ranges, now, mark = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
         era_secs = time.monotonic() - t_era
         t.add("rounds_era_snapshot", era_secs)
+        full = _full_because(st.discards, mark)
         try:
-            dirty = ranges.blocks * bs
+            dirty = size if full else ranges.blocks * bs
             progress.start(f"round {len(st.rounds) + 1}", dirty)
-            c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
+            c = rounds.copy([(0, size)] if full else
+                            ((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges))
         finally:
             ranges.close()
         stack.check_lv(entry)  # each round: an adopted LV that LVM reloaded is no longer tracked
         total.add(c)
         t.add("rounds_copy", c.seconds)
         rounds_now += 1
-        rnd = Round(since=int(st.next_since or 0), dirty_bytes=dirty, **c.as_dict(), era_seconds=round(era_secs, 3))
+        rnd = Round(since=int(st.next_since or 0), dirty_bytes=dirty, **c.as_dict(), era_seconds=round(era_secs, 3),
+                    full=full)
         st.rounds.append(rnd)
         st.next_since = now  # every write tagged below now had landed before this round read
+        st.discards = mark   # and every discard counted in mark (a full round read after them all)
         stack.journal.save(entry)
         progress.end(**to_json(rnd))
+        if full:
+            log.warning("%s: round %d sent the whole disk: %s", name, len(st.rounds), full)
         if dirty <= opts.converge:
             why = f"delta {dirty} bytes is below --converge {opts.converge}"
             break
@@ -337,10 +347,29 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             break
         prev = dirty
     secs = max(total.seconds, 1e-9)
-    summary = {"name": name, "stopped_because": why, **total.as_dict(),
+    full_rounds = sum(1 for r in st.rounds[-rounds_now:] if r.full)
+    summary = {"name": name, "stopped_because": why, **total.as_dict(), "full_rounds": full_rounds,
                "base": None if rounds_only or st.base is None else to_json(st.base),
                "throughput_bytes_per_s": int(total.read / secs),
                "rounds": [to_json(r) for r in st.rounds[-rounds_now:]],
                "dirty_rate_bytes_per_s": int(st.rounds[-1].dirty_bytes / max(st.rounds[-2].seconds, 1e-9))
                if len(st.rounds) > 1 else None}
     return summary
+
+
+def _full_because(then: str | None, now: str | None) -> str | None:
+    """Why a round must send the whole disk, else None: a discard through the era device since
+    the last drained snapshot (mark THEN) went by with its first block recorded only (see
+    Stack.discards), or that cannot be told. The whole disk, read after the snapshot that
+    counted it, carries every discard so far; one meanwhile shows in the next mark."""
+    if then is not None and then == now:
+        return None
+    if now is None:
+        return "the era device's discard counter cannot be read, so a discard cannot be ruled out"
+    if then is None:
+        return "no discard count was taken with the last snapshot (a copy begun by an older dmmig)"
+    d_then, d_now = then.rsplit("/", 1), now.rsplit("/", 1)
+    if d_then[0] != d_now[0]:
+        return f"the era device is another one since the last round ({d_then[0]}, now {d_now[0]})"
+    return (f"{int(d_now[1]) - int(d_then[1])} sector(s) were discarded through the era device since the last "
+            "round, and era records a discard by the block it starts in only")

@@ -197,6 +197,10 @@ def decide(stack: Stack, entry: journal.Entry, track: WarmTrack | None, local_wh
 def _skip_base(entry: journal.Entry, era: int, size: int) -> None:
     st = entry.copy
     st.base_era = st.next_since = era
+    # the local verdict found no discard through era since the generation's era: the rounds
+    # count from the mark then (a discard since makes their first round a full one)
+    if entry.copy.warm is not None:
+        st.discards = writefence.discard_mark(entry.copy.warm.era_dev)
     st.base_offset, st.base_done = size, True
 
 

@@ -46,9 +46,38 @@ def test_a_discard_across_era_blocks_during_the_rounds_reaches_the_destination(p
         a.run(["blkdiscard", "-o", str(off), "-l", str(length), top])
         assert zeros(a, origin, off, length), "the origin did not discard (the test proves nothing)"
         s = summary(a.dmmig("copy", name, "--json").out)  # the rounds
+        assert s["full_rounds"] >= 1, s                   # the discard made a round send the whole disk
         assert zeros(b, dest, off, length), (f"the destination kept the data the guest discarded; top limits "
                                              f"{lim}; rounds {s['rounds']}")
         assert digest(a, origin) == digest(b, dest)
+    finally:
+        a.dmmig("abort", name, check=False)
+        cleanup(a, b, name)
+        b.run(["rm", "-f", dest])
+
+
+def test_a_discard_across_era_blocks_before_the_cutover_reaches_the_destination(pair, pdisks, name: str) -> None:
+    """The cutover's last delta comes from era too (the mirror's log marks what era recorded
+    since the last round): a discard between the last round and the swap must reach the
+    destination through the kernel's resync."""
+    a, b = pair
+    da, _ = pdisks
+    origin = da(16, fill_seed=43)
+    dest = f"/dev/shm/{name}.img"
+    top = f"/dev/mapper/dmmig-{name}"
+    a.dmmig("wrap", name, origin)
+    try:
+        a.dmmig("prepare", name, "--block-size", "64K")
+        summary(a.dmmig(*copy_args(name, dest, "--create")).out)
+        s = summary(a.dmmig("copy", name, "--json").out)     # a round with no discard: no full one
+        assert "full" not in s["rounds"][0] and s["full_rounds"] == 0, s
+        off, length = 200 * KiB, 2 * MiB
+        a.run(["blkdiscard", "-o", str(off), "-l", str(length), top])
+        assert zeros(a, origin, off, length), "the origin did not discard (the test proves nothing)"
+        c = summary(a.dmmig("cutover", name, "--json", "--nbd-timeout", "3").out)
+        assert zeros(b, dest, off, length), f"the destination kept the data the guest discarded; cutover {c}"
+        assert digest(a, origin) == digest(b, dest)
+        a.dmmig("finish", name)
     finally:
         a.dmmig("abort", name, check=False)
         cleanup(a, b, name)
