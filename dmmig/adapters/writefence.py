@@ -102,6 +102,24 @@ def discard_mark_of(devno: str) -> str | None:
         return None
 
 
+def discards_since(then: str | None, now: str | None) -> str | None:
+    """Why a copy must treat the whole disk as written, else None: a discard through the era
+    device between discard marks THEN and NOW (era records a discard by its first block only:
+    Stack.discards), or that cannot be told."""
+    if then is not None and then == now:
+        return None
+    if now is None:
+        return "the era device's discard counter cannot be read, so a discard cannot be ruled out"
+    if then is None:
+        return "no discard count was taken with the last snapshot (a copy begun by an older dmmig)"
+    dev_then, n_then = then.rsplit("/", 1)
+    dev_now, n_now = now.rsplit("/", 1)
+    if dev_then != dev_now:
+        return f"the era device is another one since the last snapshot ({dev_then}, now {dev_now})"
+    return (f"{int(n_now) - int(n_then)} sector(s) were discarded through the era device since the last "
+            "snapshot, and era records a discard by the block it starts in only")
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()

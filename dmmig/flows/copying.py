@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from dmmig import sizing
-from dmmig.adapters import nbd, sparse
+from dmmig.adapters import nbd, sparse, writefence
 from dmmig.adapters.agentclient import WARM_PROTOCOL
 from dmmig.adapters.blockdev import logical_block_size
 from dmmig.adapters.ssh import SshOptions
@@ -315,7 +315,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
         ranges, now, mark = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
         era_secs = time.monotonic() - t_era
         t.add("rounds_era_snapshot", era_secs)
-        full = _full_because(st.discards, mark)
+        full = writefence.discards_since(st.discards, mark)
         try:
             dirty = size if full else ranges.blocks * bs
             progress.start(f"round {len(st.rounds) + 1}", dirty)
@@ -356,20 +356,3 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
                if len(st.rounds) > 1 else None}
     return summary
 
-
-def _full_because(then: str | None, now: str | None) -> str | None:
-    """Why a round must send the whole disk, else None: a discard through the era device since
-    the last drained snapshot (mark THEN) went by with its first block recorded only (see
-    Stack.discards), or that cannot be told. The whole disk, read after the snapshot that
-    counted it, carries every discard so far; one meanwhile shows in the next mark."""
-    if then is not None and then == now:
-        return None
-    if now is None:
-        return "the era device's discard counter cannot be read, so a discard cannot be ruled out"
-    if then is None:
-        return "no discard count was taken with the last snapshot (a copy begun by an older dmmig)"
-    d_then, d_now = then.rsplit("/", 1), now.rsplit("/", 1)
-    if d_then[0] != d_now[0]:
-        return f"the era device is another one since the last round ({d_then[0]}, now {d_now[0]})"
-    return (f"{int(d_now[1]) - int(d_then[1])} sector(s) were discarded through the era device since the last "
-            "round, and era records a discard by the block it starts in only")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from dmmig.adapters import nbd
+from dmmig.adapters import nbd, writefence
 from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.adapters.era import BlockRange, merge
@@ -160,6 +160,12 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
                                                         leg_dev))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
+            # a discard through era since the last round's snapshot went by with its first
+            # block recorded only (Stack.discards): the kernel resyncs the whole disk. Read after
+            # the swap's drain, the mark counts every discard before the mirror; one after it
+            # reached both legs through the mirror
+            mark = stack.discards(name)
+            full = writefence.discards_since(entry.copy.discards, mark)
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it). A
@@ -179,6 +185,14 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     shown = merge(shown + list(itertools.islice(second_ranges, SHOWN_RANGES + 1)))
             finally:
                 second_ranges.close()
+            if full:
+                log.warning("%s: the kernel resyncs the whole disk: %s", name, full)
+                everything = [BlockRange(0, -(-length // bs))]
+                if not layout.marked(marked, ((r.begin, r.end) for r in everything), bs):
+                    with sw("second swap (resyncing)"):
+                        pauses.append(round(_add_regions(stack, entry, layout, logs, everything, era_dev, leg_dev,
+                                                         save), 4))
+                layout.mark(marked, ((r.begin, r.end) for r in everything), bs)
         except BaseException:
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
@@ -207,10 +221,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
-        entry.copy.next_since = now
+        entry.copy.next_since, entry.copy.discards = now, mark
         stack.journal.save(entry, journal.MIRRORING)
     return {"name": name, "suspended_seconds": m.pause_seconds, "pauses": m.pauses,
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
+            "full_resync": full,
             "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
             "resync_bytes": m.resync_bytes, "resync_seconds": m.synced.seconds,

@@ -76,6 +76,7 @@ def test_a_discard_across_era_blocks_before_the_cutover_reaches_the_destination(
         assert zeros(a, origin, off, length), "the origin did not discard (the test proves nothing)"
         c = summary(a.dmmig("cutover", name, "--json", "--nbd-timeout", "3").out)
         assert zeros(b, dest, off, length), f"the destination kept the data the guest discarded; cutover {c}"
+        assert c["full_resync"] and c["resync_regions"] == c["regions"], c  # what it cost: every region
         assert digest(a, origin) == digest(b, dest)
         a.dmmig("finish", name)
     finally:
