@@ -154,18 +154,17 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
             leg_dev = block_device(leg).devno
+            # a discard through era since the last round's snapshot went by with its first
+            # block recorded only (Stack.discards): the kernel resyncs the whole disk. One between
+            # this read and the sync shows at the sync (below)
+            mark = stack.discards(name)
+            full = writefence.discards_since(entry.copy.discards, mark)
             with sw("swap"):
                 # one resume: the kernel suspends (drains: every write so far is done on leg 0),
                 # swaps and resumes in that ioctl, and reads the logs at the resume
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
                                                         leg_dev))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
-            # a discard through era since the last round's snapshot went by with its first
-            # block recorded only (Stack.discards): the kernel resyncs the whole disk. Read after
-            # the swap's drain, the mark counts every discard before the mirror; one after it
-            # reached both legs through the mirror
-            mark = stack.discards(name)
-            full = writefence.discards_since(entry.copy.discards, mark)
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it). A
@@ -215,6 +214,18 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
         stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
+        # a discard during the resync: before the swap era recorded its first block only; after
+        # it dm-raid1's do_writes sent it to both legs without waiting for a region the kernel
+        # was recovering (writes wait, discards do not), so kcopyd may have copied the old data
+        # over it. Nothing tells where: the journal keeps the last round's mark, and the next
+        # copy's first round sends the whole disk
+        during = writefence.discards_since(mark, stack.discards(name))
+        if during:
+            raise StateError(f"{name}: the guest discarded during the resync ({during}); the destination may "
+                             "hold data the guest discarded",
+                             hint=f"`dmmig copy {name}` (its first round sends the whole disk) then `dmmig cutover "
+                                  f"{name}`; if the guest discards all the time (fstrim timer, mount -o discard), "
+                                  f"stop that for the migration, or `dmmig abort {name}`")
         m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
                           kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
