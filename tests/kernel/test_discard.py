@@ -50,6 +50,9 @@ def test_a_discard_across_era_blocks_during_the_rounds_reaches_the_destination(p
         assert zeros(b, dest, off, length), (f"the destination kept the data the guest discarded; top limits "
                                              f"{lim}; rounds {s['rounds']}")
         assert digest(a, origin) == digest(b, dest)
+        again = summary(a.dmmig("copy", name, "--json").out)  # no discard since: the delta only
+        assert again["full_rounds"] == 0, again
+        print("full round:", s["rounds"][0], "\nnext round:", again["rounds"][0])
     finally:
         a.dmmig("abort", name, check=False)
         cleanup(a, b, name)
