@@ -120,6 +120,15 @@ def discards_since(then: str | None, now: str | None) -> str | None:
             "snapshot, and era records a discard by the block it starts in only")
 
 
+def discard_fallback(exact: bool, moved: str | None) -> str | None:
+    """Why a round (or the cutover) must treat the whole disk as written: a discard through era
+    (MOVED: writefence.discards_since) while era's discard limit did not hold (EXACT False),
+    else None: with the limit each discard piece lies in one era block and era marked them all."""
+    if exact or moved is None:
+        return None
+    return f"the era device's discard limit is not its granularity (see `dmmig status`), and {moved}"
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()

@@ -179,7 +179,8 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
     entry = stack.entry_of(name)
     size = stack.dm.table(top_name(name)).length * 512
     prepared = entry.block_sectors is not None and entry.phase not in (journal.WRAPPED, journal.PREPARING)
-    choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
+    choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes,
+                                 stack.discard_unit(name))
     st = entry.copy if prepared else CopyState()
     start = size if st.base_done else st.base_offset
     layout = sparse.layout_of(stack.loop, entry.origin)
@@ -315,7 +316,9 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
         ranges, now, mark = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
         era_secs = time.monotonic() - t_era
         t.add("rounds_era_snapshot", era_secs)
-        full = writefence.discards_since(st.discards, mark)
+        # era marks every block a discard touches while its limit holds (Stack.confine_discards);
+        # lost (raised by hand, a device an older dmmig prepared) a discard since counts whole
+        full = writefence.discard_fallback(stack.discards_exact(name), writefence.discards_since(st.discards, mark))
         try:
             dirty = size if full else ranges.blocks * bs
             progress.start(f"round {len(st.rounds) + 1}", dirty)

@@ -35,6 +35,26 @@ class CutoverOptions:
     resync_parts: int | None = None  # mirror targets side by side (regions recovered at once); None: by transport
 
 
+def check_no_discard_while_mirroring(name: str, leg: str | None, then: str | None, now: str | None) -> None:
+    """Fail the cutover if era's discard mark moved from THEN (right after the swap) to NOW (at
+    the sync), or cannot be told (see cutover)."""
+    during = writefence.discards_since(then, now)
+    if during:
+        raise StateError(f"{name}: a discard reached the era device while the mirror resynced ({during}); "
+                         "the destination may hold data the guest discarded",
+                         hint=f"check {leg}'s queue/discard_max_bytes (dmmig set it to 0); `dmmig copy {name}` "
+                              f"then `dmmig cutover {name}`, or `dmmig abort {name}`")
+
+
+def no_discards(stack: Stack, leg_dev: str) -> None:
+    """Set the NBD leg LEG_DEV's discard_max_bytes to 0 before a mirror is loaded over it, and
+    check it held (the mirror then takes no discard: see cutover)."""
+    lim = stack.queue.set_discard_max(leg_dev, 0)
+    if lim.max_bytes:
+        raise StateError(f"cannot turn discards off on the mirror's NBD leg {leg_dev}: discard_max_bytes is still "
+                         f"{lim.max_bytes}", hint="check the nbd device's queue limits; the cutover changed nothing")
+
+
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round. Race-free in three steps:
@@ -154,16 +174,24 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
             leg_dev = block_device(leg).devno
-            # a discard through era since the last round's snapshot went by with its first
-            # block recorded only (Stack.discards): the kernel resyncs the whole disk. One between
-            # this read and the sync shows at the sync (below)
-            mark = stack.discards(name)
-            full = writefence.discards_since(entry.copy.discards, mark)
+            # no discard while mirroring: dm-raid1's do_writes sends a discard to both legs without
+            # waiting for a region under recovery, so kcopyd could copy old data over it on the
+            # NBD leg. A mirror whose leg takes no discard takes none (dm_table_supports_discards),
+            # nor does the top over it: a guest's discard fails with EOPNOTSUPP (blkfront then
+            # stops sending them until it reconnects, on the destination)
+            no_discards(stack, leg_dev)
             with sw("swap"):
                 # one resume: the kernel suspends (drains: every write so far is done on leg 0),
                 # swaps and resumes in that ioctl, and reads the logs at the resume
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
                                                         leg_dev))
+            # read after the swap drained the top: it counts every discard era took. Era marked
+            # each block of them while its limit held (Stack.confine_discards): the queries below
+            # have them. Else (the limit was lost) a discard since the last round makes the
+            # kernel resync the whole disk
+            mark = stack.discards(name)
+            full = writefence.discard_fallback(stack.discards_exact(name),
+                                              writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
@@ -214,18 +242,10 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
         stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
-        # a discard during the resync: before the swap era recorded its first block only; after
-        # it dm-raid1's do_writes sent it to both legs without waiting for a region the kernel
-        # was recovering (writes wait, discards do not), so kcopyd may have copied the old data
-        # over it. Nothing tells where: the journal keeps the last round's mark, and the next
-        # copy's first round sends the whole disk
-        during = writefence.discards_since(mark, stack.discards(name))
-        if during:
-            raise StateError(f"{name}: the guest discarded during the resync ({during}); the destination may "
-                             "hold data the guest discarded",
-                             hint=f"`dmmig copy {name}` (its first round sends the whole disk) then `dmmig cutover "
-                                  f"{name}`; if the guest discards all the time (fstrim timer, mount -o discard), "
-                                  f"stop that for the migration, or `dmmig abort {name}`")
+        # should not happen: the mirror takes no discard (no_discards). If one reached era all
+        # the same, dm-raid1 may have let kcopyd copy old data over it on the NBD leg: fail, and
+        # the journal keeps the last round's mark (the next copy's first round counts it)
+        check_no_discard_while_mirroring(name, leg, mark, stack.discards(name))
         m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
                           kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
