@@ -126,7 +126,8 @@ def discard_fallback(exact: bool, moved: str | None) -> str | None:
     else None: with the limit each discard piece lies in one era block and era marked them all."""
     if exact or moved is None:
         return None
-    return f"the era device's discard limit is not its granularity (see `dmmig status`), and {moved}"
+    return (f"the era device's queue/discard_max_bytes is not confined to its discard_granularity (raised since "
+            f"prepare, or an era device that tracks a way back), and {moved}")
 
 
 def _read(path: str) -> str:

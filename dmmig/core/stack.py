@@ -358,9 +358,11 @@ class Stack:
 
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self, name: str, *, block_bytes: int | None = None,
-                metadata: str | None = None) -> Table:
+                metadata: str | None = None, confine: bool = True) -> Table:
         """BLOCK_BYTES None: the era block is chosen from the disk size (sizing.choose_block,
-        a pure function: the CLI describes the choice with it)."""
+        a pure function: the CLI describes the choice with it). CONFINE False: leave the era
+        device's discard limit as the origin's (warm tracking on B, where any discard makes the
+        copy back cold anyway, and the guest may run for days: see confine_discards)."""
         disk_name(name)
         if block_bytes is not None:
             era_block_size(block_bytes)
@@ -422,7 +424,8 @@ class Stack:
                 era_dev = block_device(f"/dev/mapper/{era_name(name)}")
                 # before the top is loaded over era: the top stacks era's limit then, and era
                 # itself is never reloaded (docs/design.md "Discards")
-                self.confine_discards(name, era_dev.devno, bs * 512)
+                if confine:
+                    self.confine_discards(name, era_dev.devno, bs * 512)
                 new = Table(Linear(length, era_dev.devno))
                 self.dm.swap(top, new)
             except BaseException:

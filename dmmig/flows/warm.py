@@ -106,7 +106,9 @@ def track(stack: Stack, name: str) -> str | None:
         save(state, rec)
         log.warning("%s: %s", name, rec.broken)
         return f"cold: {rec.broken}; a copy back will be a full one"
-    stack.prepare(name)
+    # not confined: a discard makes the copy back cold all the same (bypassed), and the guest
+    # would pay the split discards for as long as it runs here
+    stack.prepare(name, confine=False)
     era_dev = writefence.devno_of(f"/dev/mapper/{era_name(name)}")
     assert era_dev is not None
     # a dm device counts from zero when made; its diskseq names this very one
