@@ -121,8 +121,9 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
     # the leg failed (or something happened) since the sync: era knows every block written since
     # the cutover, and with the top suspended that set is final
     broken = f"the mirror was not intact (health {st.health}, dm events {info.events}, {at_sync} at sync)"
-    # a discard since the cutover went to leg 0 alone once the leg had failed, and era recorded
-    # its first block only (Stack.discards): no catch-up in the window can know where the rest is
+    # should not happen: the mirror takes no discard (cutover.no_discards). One that reached era
+    # all the same, with the leg failed, went to leg 0 alone, and if era's limit did not hold
+    # either it recorded the first block only: no catch-up in the window can tell, so no
     discarded = writefence.discards_since(entry.copy.discards, stack.discards(entry.name))
     if discarded:
         return False, f"{broken}, and {discarded}: `dmmig copy` sends the whole disk, not in this window", 0
