@@ -120,7 +120,7 @@ def test_a_round_after_a_discard_with_the_limit_lost_sends_the_whole_disk_and_th
     ])
     assert sent == [[(0, 1024 * KiB)], [(3 * 64 * KiB, 64 * KiB)]]
     assert e.copy.rounds[0].full and "2056 sector(s) were discarded" in e.copy.rounds[0].full
-    assert "discard limit is not its granularity" in e.copy.rounds[0].full
+    assert "discard_max_bytes is not confined" in e.copy.rounds[0].full
     assert e.copy.rounds[0].dirty_bytes == 1024 * KiB
     assert e.copy.rounds[1].full is None
     assert e.copy.discards == "254:1/9/2056" and e.copy.next_since == 12
