@@ -86,9 +86,11 @@ def cmd_unwrap(a: argparse.Namespace) -> int:
 def cmd_prepare(a: argparse.Namespace) -> int:
     from dmmig.sizing import choose_block
     block = parse_size(a.block_size) if a.block_size else None
-    table = make_stack(a).prepare(a.name, block_bytes=block, metadata=a.metadata)
+    stack = make_stack(a)
+    table = stack.prepare(a.name, block_bytes=block, metadata=a.metadata)
     print(f"dmmig-{a.name}: {table.render()}")
-    choice = choose_block(table.length * 512, block)  # what prepare chose: the same pure function
+    # what prepare chose: the same pure function
+    choice = choose_block(table.length * 512, block, stack.discard_unit(a.name))
     print(f"  {choice.describe()}")
     if choice.warning:
         print(f"dmmig prepare: warning: {choice.warning}", file=sys.stderr)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from dmmig.adapters import nbd
+from dmmig.adapters import nbd, writefence
 from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.adapters.era import BlockRange, merge
@@ -33,6 +33,26 @@ class CutoverOptions:
     nbd_timeout: int = 10       # seconds before a request to a dead peer fails the leg
     sync_timeout: float = 3600
     resync_parts: int | None = None  # mirror targets side by side (regions recovered at once); None: by transport
+
+
+def check_no_discard_while_mirroring(name: str, leg: str | None, then: str | None, now: str | None) -> None:
+    """Fail the cutover if era's discard mark moved from THEN (right after the swap) to NOW (at
+    the sync), or cannot be told (see cutover)."""
+    during = writefence.discards_since(then, now)
+    if during:
+        raise StateError(f"{name}: a discard reached the era device while the mirror resynced ({during}); "
+                         "the destination may hold data the guest discarded",
+                         hint=f"check {leg}'s queue/discard_max_bytes (dmmig set it to 0); `dmmig copy {name}` "
+                              f"then `dmmig cutover {name}`, or `dmmig abort {name}`")
+
+
+def no_discards(stack: Stack, leg_dev: str) -> None:
+    """Set the NBD leg LEG_DEV's discard_max_bytes to 0 before a mirror is loaded over it, and
+    check it held (the mirror then takes no discard: see cutover)."""
+    lim = stack.queue.set_discard_max(leg_dev, 0)
+    if lim.max_bytes:
+        raise StateError(f"cannot turn discards off on the mirror's NBD leg {leg_dev}: discard_max_bytes is still "
+                         f"{lim.max_bytes}", hint="check the nbd device's queue limits; the cutover changed nothing")
 
 
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
@@ -148,12 +168,25 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
             leg_dev = block_device(leg).devno
+            # no discard while mirroring: dm-raid1's do_writes sends a discard to both legs without
+            # waiting for a region under recovery, so kcopyd could copy old data over it on the
+            # NBD leg. A mirror whose leg takes no discard takes none (dm_table_supports_discards),
+            # nor does the top over it: a guest's discard fails with EOPNOTSUPP (blkfront then
+            # stops sending them until it reconnects, on the destination)
+            no_discards(stack, leg_dev)
             with sw("swap"):
                 # one resume: the kernel suspends (drains: every write so far is done on leg 0),
                 # swaps and resumes in that ioctl, and reads the logs at the resume
                 # (udev's handling of the change event is not waited for: the set-up's critical path)
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
                                                         leg_dev), udev_sync=False)
+            # read after the swap drained the top: it counts every discard era took. Era marked
+            # each block of them while its limit held (Stack.confine_discards): the queries below
+            # have them. Else (the limit was lost) a discard since the last round makes the
+            # kernel resync the whole disk
+            mark = stack.discards(name)
+            full = writefence.discard_fallback(stack.discards_exact(name),
+                                              writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
@@ -174,6 +207,14 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     shown = merge(shown + list(itertools.islice(second_ranges, SHOWN_RANGES + 1)))
             finally:
                 second_ranges.close()
+            if full:
+                log.warning("%s: the kernel resyncs the whole disk: %s", name, full)
+                everything = [BlockRange(0, -(-length // bs))]
+                if not layout.marked(marked, ((r.begin, r.end) for r in everything), bs):
+                    with sw("second swap (resyncing)"):
+                        pauses.append(round(_add_regions(stack, entry, layout, logs, everything, era_dev, leg_dev,
+                                                         save), 4))
+                layout.mark(marked, ((r.begin, r.end) for r in everything), bs)
         except BaseException:
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
@@ -196,16 +237,21 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
         stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
+        # should not happen: the mirror takes no discard (no_discards). If one reached era all
+        # the same, dm-raid1 may have let kcopyd copy old data over it on the NBD leg: fail, and
+        # the journal keeps the last round's mark (the next copy's first round counts it)
+        check_no_discard_while_mirroring(name, leg, mark, stack.discards(name))
         m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
                           kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
-        entry.copy.next_since = now
+        entry.copy.next_since, entry.copy.discards = now, mark
         stack.journal.save(entry, journal.MIRRORING)
     return {"name": name, "suspended_seconds": m.pause_seconds, "pauses": m.pauses,
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
+            "full_resync": full,
             "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
             "resync_bytes": m.resync_bytes, "resync_seconds": m.synced.seconds,

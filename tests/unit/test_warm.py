@@ -361,8 +361,9 @@ class _WrapStack(_Stack):
     def info(self, name: str) -> Any:
         return type("Info", (), {"open_count": self.open_count})()
 
-    def prepare(self, name: str) -> None:
+    def prepare(self, name: str, confine: bool = True) -> None:
         self.prepared += 1
+        self.confined = confine
         e = self.entry_of(name)
         self.journal.save(e, journal.PREPARED)
 
@@ -413,6 +414,7 @@ def test_wrap_of_the_handed_over_disk_puts_era_under_it_at_once(tmp_path: Path,
     assert "warm: era tracks every write to d1 since generation g1 (era 1)" == warm.track(s, "d1")
     e = s.entry_of("d1")
     assert s.prepared == 1 and e.copy.warm == WarmTrack("g1", 1, Counters("7:0", 3, 50, 0), Counters("254:7", 12, 0, 0))
+    assert s.confined is False  # B's tracking era keeps the origin's discard limit
     rec = generation.load(state, "d1")
     assert rec is not None and rec.tracking
     assert warm.track(s, "d1") is None  # once
