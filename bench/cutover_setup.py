@@ -6,7 +6,10 @@ start (`dmmig --help`), and the `dmmig copy` round that moved the same delta.
 
 Two UML kernels on a veth pair, --transport ssh (and nbd with TLS if asked).
 
-    [REPEAT=2] .venv/bin/python -m bench.cutover_setup [SIZE_MIB [TRANSPORT ...]]   (default: 96 ssh)
+    [REPEAT=2] [BASE=DIR] .venv/bin/python -m bench.cutover_setup [SIZE_MIB [TRANSPORT ...]]   (default: 96 ssh)
+
+BASE=DIR (a tree holding an older dmmig/ package, e.g. `git archive COMMIT dmmig | tar -x -C DIR`):
+each repeat runs that dmmig's cutover too, right after this one's, on the same disk and delta.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from bench.copy_wall import wrapper
 from bench.resync_speed import SCATTER, summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
@@ -23,6 +27,7 @@ DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 REPEAT = int(os.environ.get("REPEAT", "2"))
 CUT_ARGS = os.environ.get("CUT_ARGS", "").split()
 TRACE = os.environ.get("TRACE") == "1"
+BASE = os.environ.get("BASE")
 # TRACE=1: the cutover runs with every command it starts timed (the runner wrapped), printed
 # after the phases: which process starts the set-up waits for
 TRACED = r"""
@@ -65,14 +70,17 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> None:
         start = min(timed(lambda: a.dmmig("--help")) for _ in range(3))
         print(f"--transport {transport}: anchors: a process start {proc * 1000:.0f} ms, a dmmig start "
               f"{start * 1000:.0f} ms (both through the rig's runner)")
-        for i in range(REPEAT):
+        variants = [("", None)] + ([(" (base)", wrapper(os.path.abspath(BASE)))] if BASE else [])
+        for i, (label, exe) in ((i, v) for i in range(REPEAT) for v in variants):
             a.py(SCATTER, top, str(size << 20))
             t0 = time.monotonic()
             c = summary(a.dmmig(*copy).out)  # from mirroring, the copy drops the mirror first
             copy_s = time.monotonic() - t0
             a.py(SCATTER, top, str(size << 20))
             t0 = time.monotonic()
-            if TRACE:
+            if exe is not None:
+                r = a.run([exe, "cutover", "su", "--json", *CUT_ARGS])
+            elif TRACE:
                 r = a.py(TRACED, "cutover", "su", "--json", *CUT_ARGS)
             else:
                 r = a.dmmig("cutover", "su", "--json", *CUT_ARGS)
@@ -83,7 +91,8 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> None:
             # second era query and swap run inside it); and counting those steps as set-up too
             setup = wall - cut["resync_seconds"]
             strict = wall - secs.get("resync", 0.0)
-            print(f"  run {i + 1}: copy round of the delta {copy_s:.2f} s wall ({c['read'] / 1e6:.0f} MB); cutover "
+            print(f"  run {i + 1}{label}: copy round of the delta {copy_s:.2f} s wall ({c['read'] / 1e6:.0f} MB); "
+                  f"cutover "
                   f"{wall:.2f} s wall, resync {cut['resync_seconds']:.2f} s, set-up {setup:.2f} s = "
                   f"{setup / start:.1f} dmmig starts = {setup / copy_s:.2f}x the copy round (wall but the resync "
                   f"wait alone: {strict:.2f} s); parts {cut['parts']}, windows "
@@ -92,7 +101,7 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> None:
                   + f", outside the phases (python start, checks, exit) {wall - sum(secs.values()):.2f}"
                   + ("; in threads meanwhile: " + ", ".join(f"{k} {v:.2f}" for k, v in cut["overlapped"].items())
                      if cut.get("overlapped") else ""), flush=True)
-            if TRACE:
+            if TRACE and exe is None:
                 trace = next(ln for ln in r.err.splitlines() if ln.startswith("TRACE "))
                 print("    commands (start+seconds): " + trace[6:], flush=True)
         a.dmmig("finish", "su")

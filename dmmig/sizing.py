@@ -96,14 +96,18 @@ class BlockChoice:
                 f"{human(self.metadata_bytes)} at prepare, on a {human(self.metadata_file)} sparse device")
 
 
-def choose_block(disk_bytes: int, block_bytes: int | None = None) -> BlockChoice:
+def choose_block(disk_bytes: int, block_bytes: int | None = None, discard_unit: int = 0) -> BlockChoice:
     """The era block for a disk of DISK_BYTES: BLOCK_BYTES if given (the operator's, honoured,
-    with a warning past WARN_BLOCKS), else the smallest power of two >= 64 KiB that keeps the
-    disk at AUTO_MAX_BLOCKS blocks or fewer. Refuses a size dm-era cannot take, or whose
-    metadata would not fit dm-era's space map."""
+    with a warning past WARN_BLOCKS), else the smallest power of two >= 64 KiB and >= the
+    origin's DISCARD_UNIT (its discard_granularity: era's discards are cut into pieces of one
+    unit, each inside one era block; docs/design.md "Discards") that keeps the disk at
+    AUTO_MAX_BLOCKS blocks or fewer. Refuses a size dm-era cannot take, or whose metadata would
+    not fit dm-era's space map."""
     chosen = block_bytes is None
     if block_bytes is None:
         block_bytes = MIN_AUTO_BLOCK
+        while block_bytes < discard_unit:
+            block_bytes <<= 1
         while nr_blocks(disk_bytes, block_bytes) > AUTO_MAX_BLOCKS:
             block_bytes <<= 1
     nr = nr_blocks(disk_bytes, block_bytes)

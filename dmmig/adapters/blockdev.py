@@ -40,6 +40,65 @@ class BlockDev:
             return int(f.read()) * 512
 
 
+@dataclass(frozen=True)
+class DiscardLimits:
+    """A block device's discard limits as its queue shows them (bytes; max_bytes 0: no discard)."""
+    max_bytes: int
+    granularity: int
+    alignment: int
+
+    def exact_for(self, block_bytes: int) -> bool:
+        """Whether every discard piece the block layer cuts lies inside one BLOCK_BYTES block:
+        bio_split_discard (block/blk-merge.c) cuts pieces of at most max_bytes that end on a
+        granularity boundary (shifted by alignment), so with max_bytes <= granularity, alignment
+        0 and a granularity that divides the block, no piece crosses a block boundary."""
+        if self.max_bytes == 0:
+            return True
+        return (self.alignment == 0 and 0 < self.granularity and self.max_bytes <= self.granularity
+                and block_bytes % self.granularity == 0)
+
+    def confined_max(self, block_bytes: int) -> int:
+        """The discard_max_bytes that makes the device's discards exact for BLOCK_BYTES blocks:
+        its granularity, or 0 (no discard) where no granularity can (an alignment, a granularity
+        that does not divide the block)."""
+        if self.max_bytes == 0:
+            return 0
+        if self.alignment == 0 and 0 < self.granularity and block_bytes % self.granularity == 0:
+            return self.granularity
+        return 0
+
+
+class QueueLimits:
+    """A device's discard limits in sysfs (ROOT: another tree in the unit tests). A user's write
+    to queue/discard_max_bytes lowers the limit the block layer splits discards at; a dm table
+    loaded over the device stacks the value it has then (blk_stack_limits: min_not_zero)."""
+
+    def __init__(self, root: str = "/sys") -> None:
+        self.root = root
+
+    def _dir(self, devno: str) -> str:
+        return os.path.join(self.root, "dev", "block", devno)
+
+    def discard(self, devno: str) -> DiscardLimits:
+        d = self._dir(devno)
+
+        def num(rel: str) -> int:
+            with open(os.path.join(d, rel)) as f:
+                return int(f.read().strip())
+        return DiscardLimits(num("queue/discard_max_bytes"), num("queue/discard_granularity"),
+                             num("discard_alignment"))
+
+    def set_discard_max(self, devno: str, max_bytes: int) -> DiscardLimits:
+        """Write MAX_BYTES to DEVNO's queue/discard_max_bytes and read the limits back: the
+        caller checks them (the kernel clamps to discard_max_hw_bytes)."""
+        try:
+            with open(os.path.join(self._dir(devno), "queue", "discard_max_bytes"), "w") as f:
+                f.write(f"{max_bytes}\n")
+        except OSError as e:
+            raise LocalIOError(f"cannot set discard_max_bytes of {devno} to {max_bytes}: {e.strerror}") from e
+        return self.discard(devno)
+
+
 def block_device(path: str) -> BlockDev:
     """Stat PATH and insist it is a block device (refusing before anything changes)."""
     try:

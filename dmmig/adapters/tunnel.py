@@ -63,12 +63,17 @@ def relay_argv(dest: Target, log: str, name: str) -> list[str]:
     return [*base_argv(dest, log), "--", _target(dest), remote_command(agent_argv(dest, "relay", name))]
 
 
+# An SSH login plus a Python start of the agent: 2-5 s on a real host, but 30 s was exceeded in
+# emulated Xen dom0s on a loaded machine. Bounded still: a black-holed link fails in a minute.
+COME_UP_S = 60.0
+
+
 def _target(dest: Target) -> str:
     return f"{dest.user}@{dest.host}"
 
 
 def start(runner: Runner, mode: str, dest: Target, name: str, local: str, remote: str | None,
-          log: str, timeout: float = 30) -> int:
+          log: str, timeout: float = COME_UP_S) -> int:
     """The tunnel of MODE for disk NAME, listening on LOCAL (root only) once this returns;
     REMOTE is the export's socket on the destination (forward mode)."""
     if os.path.lexists(local):
@@ -104,7 +109,7 @@ def stop(pid: int | None, marker: str, local: str) -> bool:
 
 
 def probe(runner: Runner, dest: Target, remote_dir: str, local_dir: str,
-          timeout: float = 30) -> tuple[str, str]:
+          timeout: float = COME_UP_S) -> tuple[str, str]:
     """Which mode works: OpenSSH with the forward mode's exact options runs `dmmig agent probe
     TOKEN` there, which listens on REMOTE_DIR (its state dir)/probe-TOKEN.sock and answers one
     connection; we connect through the forward. ("forward", "") if the answer came through, else ("relay",

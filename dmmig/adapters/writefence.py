@@ -90,6 +90,49 @@ def counters(devno: str, runner: Runner | None = None) -> Counters:
                     mapping(devno, runner) if runner is not None else "")
 
 
+def discard_mark(c: Counters) -> str:
+    """C's discard count with the device's identity, as the copy journals it: a device made
+    again (another diskseq) or any sector discarded since makes another mark."""
+    return f"{c.devno}/{c.diskseq}/{c.discard_sectors}"
+
+
+def discard_mark_of(devno: str) -> str | None:
+    """DEVNO's discard mark now, None if its counters cannot be read (the caller assumes a
+    discard)."""
+    try:
+        return discard_mark(counters(devno))
+    except OSError:
+        return None
+
+
+def discards_since(then: str | None, now: str | None) -> str | None:
+    """Why a copy must treat the whole disk as written, else None: a discard through the era
+    device between discard marks THEN and NOW (era records a discard by its first block only:
+    Stack.discards), or that cannot be told."""
+    if then is not None and then == now:
+        return None
+    if now is None:
+        return "the era device's discard counter cannot be read, so a discard cannot be ruled out"
+    if then is None:
+        return "no discard count was taken with the last snapshot (a copy begun by an older dmmig)"
+    dev_then, n_then = then.rsplit("/", 1)
+    dev_now, n_now = now.rsplit("/", 1)
+    if dev_then != dev_now:
+        return f"the era device is another one since the last snapshot ({dev_then}, now {dev_now})"
+    return (f"{int(n_now) - int(n_then)} sector(s) were discarded through the era device since the last "
+            "snapshot, and era records a discard by the block it starts in only")
+
+
+def discard_fallback(exact: bool, moved: str | None) -> str | None:
+    """Why a round (or the cutover) must treat the whole disk as written: a discard through era
+    (MOVED: writefence.discards_since) while era's discard limit did not hold (EXACT False),
+    else None: with the limit each discard piece lies in one era block and era marked them all."""
+    if exact or moved is None:
+        return None
+    return (f"the era device's queue/discard_max_bytes is not confined to its discard_granularity (raised since "
+            f"prepare, or an era device that tracks a way back), and {moved}")
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
@@ -283,8 +326,9 @@ def bypassed(origin: Counters, era: Counters, runner: Runner) -> str | None:
         return (f"the origin {origin.devno} was written past the era device: {dw} sector(s) written and {dd} "
                 f"discarded on it since, {ew} and {ed} through era")
     if ed:
-        # dm-era marks a discard's first block only: before 6.3 dm splits a discard at target
-        # boundaries, not at era's block size (max_io_len), and era_map marks get_block(bio)
+        # dm-era marks a discard's first block only: dm splits a discard at target boundaries,
+        # not at era's block size (max_io_len; era sets no max_discard_granularity), and
+        # era_map marks get_block(bio) (docs/design.md "Discards")
         return (f"{ed} sector(s) were discarded through the era device since, and era records a "
                 "discard by its first block only")
     return None

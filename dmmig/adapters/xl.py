@@ -11,6 +11,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from dmmig.adapters.runner import Runner
 from dmmig.errors import BadInput
@@ -96,9 +97,11 @@ class Xl:
         os.unlink(log)
         return XlRun(rc, out, round(time.monotonic() - t, 3))
 
-    def config_disks(self, config: str) -> list[ConfigDisk]:
-        """The disks of domain config file CONFIG, parsed by libxl's own parser: `xl -N create`
-        (dry run) prints the domain config as JSON and creates nothing."""
+    def parsed_config(self, config: str) -> dict[str, Any]:
+        """Domain config file CONFIG as libxl itself parses it: `xl -N create` (dry run) prints
+        the domain config as JSON and creates nothing."""
+        if not config or config.startswith("-"):  # xl's getopt would take it for an option
+            raise BadInput(f"config file {config!r}: give it as a path (./{config}), not starting with '-'")
         res = self.r.run([self.xl, "-N", "create", config], check=False, timeout=60)
         if res.returncode != 0:
             raise BadInput(f"xl cannot parse the config {config}: {(res.stderr or res.stdout).strip()[-500:]}")
@@ -107,11 +110,36 @@ class Xl:
         except ValueError:
             raise BadInput(f"`xl -N create {config}` did not print JSON (output_format in xl.conf?): "
                            f"{res.stdout.strip()[:200]!r}") from None
-        out = []
-        for d in data.get("disks") or []:
-            out.append(ConfigDisk(vdev=str(d.get("vdev", "")), target=str(d.get("pdev_path", "")),
-                                  script=str(d.get("script", "")), writable=bool(d.get("readwrite", 0))))
-        return out
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):  # {"domid": null, "config": ...}
+            data = data["config"]
+        if not isinstance(data, dict):
+            raise BadInput(f"`xl -N create {config}` printed no domain config")
+        return data
+
+    def running_config(self, domid: int) -> dict[str, Any]:
+        """The running domain's config as libxl keeps it (`xl list -l DOMID`: what xl migrate
+        sends without -C)."""
+        res = self.r.run([self.xl, "list", "-l", str(domid)], check=False, timeout=60)
+        try:
+            data = json.loads(res.stdout) if res.returncode == 0 else None
+        except ValueError:
+            data = None
+        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+            data = data[0]
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise BadInput(f"`xl list -l {domid}` gave no JSON config: {(res.stderr or res.stdout).strip()[-300:]!r}",
+                           hint="output_format=json in /etc/xen/xl.conf")
+        return dict(data["config"])
+
+    def config_disks(self, config: str) -> list[ConfigDisk]:
+        """The disks of domain config file CONFIG, parsed by libxl's own parser."""
+        return disks_of(self.parsed_config(config))
+
+
+def disks_of(cfg: dict[str, Any]) -> list[ConfigDisk]:
+    return [ConfigDisk(vdev=str(d.get("vdev", "")), target=str(d.get("pdev_path", "")),
+                       script=str(d.get("script", "")), writable=bool(d.get("readwrite", 0)))
+            for d in cfg.get("disks") or []]
 
 
 def config_option(extra: list[str]) -> str | None:

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,6 +144,10 @@ class Entry:
 class Journal:
     def __init__(self, directory: str) -> None:
         self.dir = directory
+        # save() from several threads (the cutover attaches its leg beside the log preparation):
+        # one at a time, else two would write the same NAME.json.tmp.PID and one entry's JSON
+        # could be taken while the other thread changes it
+        self._saving = threading.Lock()
 
     def path(self, name: str) -> str:
         return Files(self.dir, name).journal
@@ -173,6 +178,10 @@ class Journal:
             return []
 
     def save(self, entry: Entry, phase: str | None = None) -> None:
+        with self._saving:
+            self._save(entry, phase)
+
+    def _save(self, entry: Entry, phase: str | None) -> None:
         if phase is not None and phase != entry.phase:
             entry.phase = phase
             entry.history.append([round(time.time(), 3), phase])

@@ -329,6 +329,7 @@ class Round:
     skipped: int = 0
     seconds: float = 0.0
     era_seconds: float = 0.0  # the drained era snapshot's query
+    full: str | None = None   # why this round sent the whole disk (a discard since the last one), else None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -349,6 +350,9 @@ class CopyState:
     base_done: bool = False
     base: BasePass | None = None
     next_since: int | None = None    # the era the next round (or the cutover) queries from
+    # the era device's discard mark (writefence.discard_mark) read with next_since, drained;
+    # another one later means a discard era recorded by its first block only (Stack.discards)
+    discards: str | None = None
     rounds: list[Round] = field(default_factory=list)
     warm: WarmTrack | None = None    # tracking since a generation (a warm copy back); None: none
     version: int = COPY_VERSION

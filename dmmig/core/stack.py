@@ -22,6 +22,7 @@ Every change is journaled before it is made, so a killed dmmig leaves a state th
 """
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -31,7 +32,17 @@ from functools import partial
 from typing import Any
 
 from dmmig import sizing
-from dmmig.adapters.blockdev import BlockDev, Loop, below, block_device, dm_name_of, holder_names
+from dmmig.adapters import writefence
+from dmmig.adapters.blockdev import (
+    BlockDev,
+    DiscardLimits,
+    Loop,
+    QueueLimits,
+    below,
+    block_device,
+    dm_name_of,
+    holder_names,
+)
 from dmmig.adapters.dm.dmsetup import DmInfo, DmSetup
 from dmmig.adapters.dm.guard import log_path as guard_log
 from dmmig.adapters.dm.targets import Era, Linear, ParseError, Segments, Table
@@ -46,6 +57,8 @@ from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
 
 UUID_PREFIX = "DMMIG"
 DEFAULT_BLOCK_BYTES = sizing.DEFAULT_BLOCK_BYTES
+
+log = logging.getLogger("dmmig.stack")
 
 
 # the targets an adopted LV's table may have: they map sectors and keep no state, so a second
@@ -147,6 +160,7 @@ class Stack:
     runner: Runner
     dm: DmSetup
     journal: Journal
+    queue: QueueLimits = field(default_factory=QueueLimits)  # discard limits in sysfs
     loop: Loop = field(init=False)
     era: EraTools = field(init=False)
     mirror: MirrorSide = field(init=False)
@@ -344,9 +358,11 @@ class Stack:
 
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self, name: str, *, block_bytes: int | None = None,
-                metadata: str | None = None) -> Table:
+                metadata: str | None = None, confine: bool = True) -> Table:
         """BLOCK_BYTES None: the era block is chosen from the disk size (sizing.choose_block,
-        a pure function: the CLI describes the choice with it)."""
+        a pure function: the CLI describes the choice with it). CONFINE False: leave the era
+        device's discard limit as the origin's (warm tracking on B, where any discard makes the
+        copy back cold anyway, and the guest may run for days: see confine_discards)."""
         disk_name(name)
         if block_bytes is not None:
             era_block_size(block_bytes)
@@ -365,7 +381,7 @@ class Stack:
         require_tools("dmsetup", "era_invalidate", "losetup")
         self.dm.require_targets("era")
         length = cur.length
-        bs = era_block_size(sizing.choose_block(length * 512, block_bytes).block_bytes)
+        bs = era_block_size(sizing.choose_block(length * 512, block_bytes, self.discard_unit(name)).block_bytes)
         block_fits(bs, length, name)  # else the mirror refuses the region at cutover, after the copy
         meta_dev: BlockDev | None = None
         if metadata is not None:
@@ -406,6 +422,10 @@ class Stack:
                                uuid=uuid_for("era", name))
                 undo.push(f"remove {era_name(name)}", lambda: self.dm.remove(era_name(name)))
                 era_dev = block_device(f"/dev/mapper/{era_name(name)}")
+                # before the top is loaded over era: the top stacks era's limit then, and era
+                # itself is never reloaded (docs/design.md "Discards")
+                if confine:
+                    self.confine_discards(name, era_dev.devno, bs * 512)
                 new = Table(Linear(length, era_dev.devno))
                 self.dm.swap(top, new)
             except BaseException:
@@ -416,6 +436,46 @@ class Stack:
                 raise
             self.journal.save(entry, PREPARED)
         return new
+
+    def discard_unit(self, name: str) -> int:
+        """NAME's origin's discard_granularity (bytes), 0 if it takes no discard or its limits
+        cannot be read: the smallest era block prepare chooses (sizing.choose_block)."""
+        try:
+            lim = self.queue.discard(self.entry_of(name).origin_devno)
+        except (OSError, ValueError):
+            return 0
+        return lim.granularity if lim.max_bytes else 0
+
+    def confine_discards(self, name: str, devno: str, block_bytes: int) -> DiscardLimits:
+        """Lower the era device DEVNO's discard_max_bytes to its discard_granularity (0: no
+        discard, where a granularity cannot keep a piece inside one BLOCK_BYTES era block). dm
+        hands a discard to era whole within a target (drivers/md/dm.c __send_changing_extent_only)
+        and era_map marks only the block a bio starts in; but dm_split_and_process_bio first cuts
+        a discard to the device's own queue limits (bio_split_to_limits), so with this limit each
+        piece lies in one era block and era marks every block a discard touches."""
+        lim = self.queue.discard(devno)
+        want = lim.confined_max(block_bytes)
+        if lim.max_bytes != want:
+            lim = self.queue.set_discard_max(devno, want)
+        if not lim.exact_for(block_bytes):
+            raise StateError(f"{name}: cannot confine the era device's discards to one era block: {lim} after "
+                             f"writing discard_max_bytes {want} ({block_bytes}-byte era blocks)",
+                             hint=f"`dmmig status {name}`; report this with the origin's queue limits")
+        log.info("%s: era device %s: discard_max_bytes %d (granularity %d, era block %d)", name, devno,
+                 lim.max_bytes, lim.granularity, block_bytes)
+        return lim
+
+    def discards_exact(self, name: str) -> bool:
+        """Whether era still cuts discards into pieces of one era block (confine_discards); False
+        if its limits cannot be read or were raised since (by hand: era is never reloaded)."""
+        entry = self.prepared(name)
+        devno = self.era_devno(name)
+        if devno is None or not entry.block_sectors:
+            return False
+        try:
+            return self.queue.discard(devno).exact_for(entry.block_sectors * 512)
+        except (OSError, ValueError):
+            return False
 
     def check_metadata_device(self, name: str, entry: Entry, top: DmInfo, dev: BlockDev) -> None:
         """prepare zeroes the first 4 KiB of the metadata device: never of one of the disk's own
@@ -460,13 +520,30 @@ class Stack:
             self.journal.save(entry)
         return era
 
-    def drained_checkpoint(self, name: str) -> int:
+    def drained_checkpoint(self, name: str) -> tuple[int, str | None]:
         """A new era, started with the top device suspended (see drained_dirty); every write
-        tagged with an era below the one returned has completed on the origin."""
+        tagged with an era below the one returned has completed on the origin. With it, the era
+        device's discard mark read in the same suspension (see discards)."""
         self.prepared(name)
+        devno = self.era_devno(name)  # before: a read of sysfs is all the suspension adds
         with self._drained(name):
             self.dm.message(era_name(name), "checkpoint")
-        return self.dm.era_status(era_name(name)).current_era
+            mark = writefence.discard_mark_of(devno) if devno else None
+        return self.dm.era_status(era_name(name)).current_era, mark
+
+    def era_devno(self, name: str) -> str | None:
+        info = self.dm.info(era_name(name))
+        return None if info is None else f"{info.major}:{info.minor}"
+
+    def discards(self, name: str) -> str | None:
+        """The era device's discard mark (writefence.discard_mark; None: unreadable). Era records
+        a discard by the block it starts in only: dm splits a discard at target boundaries, not
+        at era's block size (drivers/md/dm.c __process_abnormal_io: only a target that sets
+        max_discard_granularity, which era does not), and era_map marks get_block(bio). Where
+        the rest of it fell is not recorded anywhere; that one happened is, in the kernel's I/O
+        counters. Read with the top suspended, the mark covers exactly the discards before it."""
+        devno = self.era_devno(name)
+        return writefence.discard_mark_of(devno) if devno else None
 
     def drained_dirty(self, name: str, since: int) -> tuple[list[BlockRange], int]:
         """The blocks written in eras >= SINCE, and the era N that is current now, such that
@@ -479,25 +556,29 @@ class Stack:
         with the top device suspended: the suspend waits for every write in flight through
         it and holds new ones, which arrive after the snapshot's rollover and carry era N or
         later. The era device itself stays live (it answers messages through its worker)."""
-        d, now = self.drained_dirty_ranges(name, since)
+        d, now, _ = self.drained_dirty_ranges(name, since)
         try:
             return list(d), now
         finally:
             d.close()
 
-    def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int]:
+    def drained_dirty_ranges(self, name: str, since: int) -> tuple[DirtyRanges, int, str | None]:
         """As drained_dirty, the ranges in a file in the state dir, streamed: a scattered delta
-        of millions of blocks stays out of memory. The caller closes it (removes the file)."""
+        of millions of blocks stays out of memory. The caller closes it (removes the file).
+        With them, the era device's discard mark read in the same suspension (see discards)."""
         entry = self.prepared(name)
         era = era_name(name)
         assert entry.metadata
         if self.dm.era_status(era).snapshot_block is not None:
             self.dm.message(era, "drop_metadata_snap")  # left by a killed dmmig
+        devno = self.era_devno(name)
         with self._drained(name):
             self.dm.message(era, "take_metadata_snap")
+            mark = writefence.discard_mark_of(devno) if devno else None
         try:
             now = self.dm.era_status(era).current_era
-            return self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now
+            return (self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now,
+                    mark)
         finally:
             self.dm.message(era, "drop_metadata_snap")
 

@@ -86,9 +86,11 @@ def cmd_unwrap(a: argparse.Namespace) -> int:
 def cmd_prepare(a: argparse.Namespace) -> int:
     from dmmig.sizing import choose_block
     block = parse_size(a.block_size) if a.block_size else None
-    table = make_stack(a).prepare(a.name, block_bytes=block, metadata=a.metadata)
+    stack = make_stack(a)
+    table = stack.prepare(a.name, block_bytes=block, metadata=a.metadata)
     print(f"dmmig-{a.name}: {table.render()}")
-    choice = choose_block(table.length * 512, block)  # what prepare chose: the same pure function
+    # what prepare chose: the same pure function
+    choice = choose_block(table.length * 512, block, stack.discard_unit(a.name))
     print(f"  {choice.describe()}")
     if choice.warning:
         print(f"dmmig prepare: warning: {choice.warning}", file=sys.stderr)
@@ -234,7 +236,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     _check_destination(a)  # before anything: xl hands HOST to `sh -c` on its way to ssh
     opts = migrate_domain.MigrateOptions(copy=_copy_opts(a), cutover=cutover.CutoverOptions(nbd_timeout=a.nbd_timeout),
                              xl_args=check_migrate_args(a.xl_args), xl_timeout=a.xl_timeout, shared_ok=a.shared,
-                             block_bytes=parse_size(a.block_size) if a.block_size else None, rate=_rate(a))
+                             block_bytes=parse_size(a.block_size) if a.block_size else None, rate=_rate(a),
+                             config=a.config)
     # bad values are refused before anything, xenstored included
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
@@ -273,8 +276,10 @@ def _plan_dict(p: Any) -> dict[str, Any]:
             "tunnel": p.tunnel, "tunnel_why": p.tunnel_why,
             "disks": [{"vdev": d.vbd.vdev, "params": d.vbd.params, "name": d.name, "size": d.size, "phase": d.phase,
                        "destination": d.dest_disk, "destination_exists": d.dest_exists, "tables": d.tables,
-                       "estimate": d.estimate}
+                       "estimate": d.estimate, "adopt": d.adopt.render() if d.adopt else None}
                       for d in p.disks],
+            "xl_config": ({"source": p.xl_config.source, "adopted": p.xl_config.adopted, "text": p.xl_config.text}
+                          if p.xl_config else None),
             "not_moved": [{"vdev": v.vdev, "params": v.params, "script": v.script, "mode": v.mode} for v in p.others]}
 
 
@@ -483,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a request to a dead destination fails the mirror leg after this (1..600, default 10)")
     sp.add_argument("--shared", action="store_true",
                     help="the domain's writable disks that do not use block-dmmig are on shared storage")
+    sp.add_argument("--config", metavar="FILE",
+                    help="the domain's xl config file (default /etc/xen/DOMAIN.cfg): when dmmig adopts a `phy:` LV, "
+                         "xl migrate starts the guest on HOST with this file (-C), that disk on block-dmmig")
     sp.add_argument("--xl-timeout", type=float, default=3600, metavar="SECONDS",
                     help="wait this long for xl migrate (60..604800, default 3600). xl is never killed (a killed "
                          "xl leaves the guest suspended): past it dmmig stops waiting and says what to do")

@@ -3,12 +3,13 @@ converges; resumable after a kill from the journal's offsets and eras.
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
 from dmmig import sizing
-from dmmig.adapters import nbd, sparse
+from dmmig.adapters import nbd, sparse, writefence
 from dmmig.adapters.agentclient import WARM_PROTOCOL
 from dmmig.adapters.blockdev import logical_block_size
 from dmmig.adapters.ssh import SshOptions
@@ -23,7 +24,6 @@ from dmmig.flows.handover import copy_rate
 from dmmig.flows.session import (
     CopyOptions,
     Remote,
-    Started,
     check_destination,
     check_source,
     check_transport,
@@ -32,9 +32,12 @@ from dmmig.flows.session import (
     probe_tunnel,
     start_export,
 )
+from dmmig.flows.started import Started
 from dmmig.names import top_name
 from dmmig.progress import Progress, Stopwatch, since_exec
 from dmmig.validate import block_fits
+
+log = logging.getLogger("dmmig.copy")
 
 
 def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: CopyOptions,
@@ -176,7 +179,8 @@ def estimate(stack: Stack, name: str, *, block_bytes: int | None = None, rate: f
     entry = stack.entry_of(name)
     size = stack.dm.table(top_name(name)).length * 512
     prepared = entry.block_sectors is not None and entry.phase not in (journal.WRAPPED, journal.PREPARING)
-    choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes)
+    choice = sizing.choose_block(size, entry.block_sectors * 512 if prepared and entry.block_sectors else block_bytes,
+                                 stack.discard_unit(name))
     st = entry.copy if prepared else CopyState()
     start = size if st.base_done else st.base_offset
     layout = sparse.layout_of(stack.loop, entry.origin)
@@ -238,20 +242,21 @@ def render_estimate(e: dict[str, Any], indent: str = "") -> list[str]:
     return lines
 
 
-def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[int] | None:
+def _base_era(stack: Stack, name: str, entry: journal.Entry, par: Stopwatch) -> Started[tuple[int, str | None]] | None:
     """The base pass's era (see _copy_rounds), taken in a thread when it is still to take: a
     suspend and resume of the top here, while the destination prepares its disk and export."""
     if entry.copy.base_done or entry.copy.base_era is not None:
         return None
 
-    def take() -> int:
+    def take() -> tuple[int, str | None]:
         with par("era_base_checkpoint"):
             return stack.drained_checkpoint(name)
     return Started(take)
 
 
 def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
-                 progress: Progress, t: Stopwatch, base_era: Started[int] | None = None) -> dict[str, Any]:
+                 progress: Progress, t: Stopwatch, base_era: Started[tuple[int, str | None]] | None = None
+                 ) -> dict[str, Any]:
     assert entry.metadata
     # a loop device over a sparse file: its holes are not read (dmmig/adapters/sparse.py)
     layout = sparse.layout_of(stack.loop, entry.origin)
@@ -264,7 +269,7 @@ def _copy_rounds(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
 
 def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], size: int, opts: CopyOptions,
                  progress: Progress, layout: sparse.FileLayout | None, t: Stopwatch,
-                 base_era: Started[int] | None) -> dict[str, Any]:
+                 base_era: Started[tuple[int, str | None]] | None) -> dict[str, Any]:
     st = entry.copy
     assert entry.block_sectors
     bs = entry.block_sectors * 512
@@ -280,7 +285,7 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             # every write tagged below base_era has completed (drained): the base pass reads it;
             # every later one carries base_era or more, and the rounds query from there
             with t("era_base_checkpoint"):
-                st.base_era = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
+                st.base_era, st.discards = base_era.result() if base_era is not None else stack.drained_checkpoint(name)
             st.base_offset = 0
             stack.journal.save(entry)
         start = st.base_offset
@@ -310,24 +315,32 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
     rounds_now = 0
     while True:
         t_era = time.monotonic()
-        ranges, now = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
+        ranges, now, mark = stack.drained_dirty_ranges(name, int(st.next_since or 0))  # streamed from a file
         era_secs = time.monotonic() - t_era
         t.add("rounds_era_snapshot", era_secs)
+        # era marks every block a discard touches while its limit holds (Stack.confine_discards);
+        # lost (raised by hand, a device an older dmmig prepared) a discard since counts whole
+        full = writefence.discard_fallback(stack.discards_exact(name), writefence.discards_since(st.discards, mark))
         try:
-            dirty = ranges.blocks * bs
+            dirty = size if full else ranges.blocks * bs
             progress.start(f"round {len(st.rounds) + 1}", dirty)
-            c = rounds.copy((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges)
+            c = rounds.copy([(0, size)] if full else
+                            ((r.begin * bs, min(r.end * bs, size) - r.begin * bs) for r in ranges))
         finally:
             ranges.close()
         stack.check_lv(entry)  # each round: an adopted LV that LVM reloaded is no longer tracked
         total.add(c)
         t.add("rounds_copy", c.seconds)
         rounds_now += 1
-        rnd = Round(since=int(st.next_since or 0), dirty_bytes=dirty, **c.as_dict(), era_seconds=round(era_secs, 3))
+        rnd = Round(since=int(st.next_since or 0), dirty_bytes=dirty, **c.as_dict(), era_seconds=round(era_secs, 3),
+                    full=full)
         st.rounds.append(rnd)
         st.next_since = now  # every write tagged below now had landed before this round read
+        st.discards = mark   # and every discard counted in mark (a full round read after them all)
         stack.journal.save(entry)
         progress.end(**to_json(rnd))
+        if full:
+            log.warning("%s: round %d sent the whole disk: %s", name, len(st.rounds), full)
         if dirty <= opts.converge:
             why = f"delta {dirty} bytes is below --converge {opts.converge}"
             break
@@ -339,10 +352,12 @@ def _copy_passes(stack: Stack, name: str, entry: journal.Entry, h: list[Any], si
             break
         prev = dirty
     secs = max(total.seconds, 1e-9)
-    summary = {"name": name, "stopped_because": why, **total.as_dict(),
+    full_rounds = sum(1 for r in st.rounds[-rounds_now:] if r.full)
+    summary = {"name": name, "stopped_because": why, **total.as_dict(), "full_rounds": full_rounds,
                "base": None if rounds_only or st.base is None else to_json(st.base),
                "throughput_bytes_per_s": int(total.read / secs),
                "rounds": [to_json(r) for r in st.rounds[-rounds_now:]],
                "dirty_rate_bytes_per_s": int(st.rounds[-1].dirty_bytes / max(st.rounds[-2].seconds, 1e-9))
                if len(st.rounds) > 1 else None}
     return summary
+

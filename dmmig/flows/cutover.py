@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from dmmig.adapters import nbd
+from dmmig.adapters import nbd, writefence
 from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import MIRRORS, DiskLog, Linear, Mirror, MirrorSet, Table
 from dmmig.adapters.era import BlockRange, merge
 from dmmig.core import journal, mirrorlog
-from dmmig.core.records import Destination, MirrorState, Synced
+from dmmig.core.records import Destination, MirrorState, Synced, Tunnel
 from dmmig.core.stack import Stack
-from dmmig.errors import BadInput, RemoteError, StateError, Steps
-from dmmig.flows.session import Remote, Started, T, plan_transport, start_export
+from dmmig.errors import BadInput, CommandError, RemoteError, StateError, Steps
+from dmmig.flows.started import Started
 from dmmig.names import Files, era_name, top_name
 from dmmig.progress import Progress, Stopwatch
 from dmmig.validate import nbd_timeout, require_tools
@@ -35,15 +35,36 @@ class CutoverOptions:
     resync_parts: int | None = None  # mirror targets side by side (regions recovered at once); None: by transport
 
 
+def check_no_discard_while_mirroring(name: str, leg: str | None, then: str | None, now: str | None) -> None:
+    """Fail the cutover if era's discard mark moved from THEN (right after the swap) to NOW (at
+    the sync), or cannot be told (see cutover)."""
+    during = writefence.discards_since(then, now)
+    if during:
+        raise StateError(f"{name}: a discard reached the era device while the mirror resynced ({during}); "
+                         "the destination may hold data the guest discarded",
+                         hint=f"check {leg}'s queue/discard_max_bytes (dmmig set it to 0); `dmmig copy {name}` "
+                              f"then `dmmig cutover {name}`, or `dmmig abort {name}`")
+
+
+def no_discards(stack: Stack, leg_dev: str) -> None:
+    """Set the NBD leg LEG_DEV's discard_max_bytes to 0 before a mirror is loaded over it, and
+    check it held (the mirror then takes no discard: see cutover)."""
+    lim = stack.queue.set_discard_max(leg_dev, 0)
+    if lim.max_bytes:
+        raise StateError(f"cannot turn discards off on the mirror's NBD leg {leg_dev}: discard_max_bytes is still "
+                         f"{lim.max_bytes}", hint="check the nbd device's queue limits; the cutover changed nothing")
+
+
 def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -> dict[str, Any]:
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round. Race-free in three steps:
     1. era is queried (D1: eras >= the last round's) and the logs mark D1 out of sync, outside
-       any window; meanwhile the tunnel (--transport ssh) or the agent's export (--transport
-       nbd) comes up in threads that journal nothing (this thread journals what they made, and
-       on a failure waits for them before it tears down, so nothing of theirs comes up after
-       the teardown). --transport ssh attaches the export the copy left running and asks the
-       agent only if that one does not answer.
+       any window; meanwhile the tunnel and the NBD leg on the export the copy left running
+       (--transport ssh: the agent is asked only if that one does not answer) or the agent's
+       export (--transport nbd) come up in threads (the leg's thread journals the tunnel's pid
+       and the device, under the journal's lock; the export's nothing: this thread journals it).
+       On a failure this thread waits for them before it tears down, so nothing of theirs comes
+       up after the teardown.
     2. one resume swaps to the mirror: its suspend drains every write so far to leg 0; from
        then on every write lands on both legs or, in a region out of sync, on leg 0 and is
        resynced; a write to a region being recovered waits for that region's copy.
@@ -70,30 +91,30 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
 
         sw, par = Stopwatch(), Stopwatch()
         with sw("drop a previous mirror"):
-            drop_mirror(stack, entry)  # a rerun starts again from linear over era
+            length = drop_mirror(stack, entry)  # a rerun starts again from linear over era
         stack.journal.save(entry, journal.CUTTING_OVER)
-        assert entry.metadata and entry.block_sectors
-        length = stack.dm.table(top).length
+        assert entry.metadata and entry.block_sectors and length is not None
         bs = entry.block_sectors
         layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
         since = int(entry.copy.next_since or 0)
         # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
         # agent's start, the export) runs in threads while this host makes the logs and queries
-        # era. The threads journal nothing: this thread journals what they made once they are
-        # done. --transport ssh: the copy left its export running, so the leg first tries that
-        # one through the tunnel (which checks the host key and logs in itself); the agent is
+        # era. --transport ssh: the copy left its export running, so the leg's thread first tries
+        # that one through the tunnel (which checks the host key and logs in itself); the agent is
         # asked only if it does not answer. --transport nbd: the agent is asked meanwhile
         # (nbd-client's TCP connect to a host that stopped answering would hang a minute).
         dest = entry.destination().copy()
         exporting: Started[nbd.Export] | None = None
         copied = dest.export  # the copy's export: the same unless it moved
-        tunneling: Started[int] | None = None
+        tunneling: Started[tuple[int, str | None]] | None = None
         try:
             if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
                 save()  # the tunnel's log names it: a killed dmmig's is found by it
-                tunneling = Started(partial(_timed, par, "tunnel", stack.mirror.start_tunnel, name,
-                                            entry.destination().copy(), tun, copied.socket if copied else None))
+                # with the copy's export: the leg too, in the same thread (it journals the tunnel's
+                # pid and the device under the journal's lock), beside the log preparation
+                tunneling = Started(partial(_tunnel_and_leg, stack, entry, dest.copy(), tun, copied, opts.nbd_timeout,
+                                            save, par))
             if tunneling is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
@@ -118,16 +139,9 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             tried = False  # the copy's export, through the tunnel: a relay tunnel serves one connection only
             if exporting is None:
                 assert tunneling is not None
-                with sw("nbd leg"):
-                    assert entry.mirror.tunnel is not None
-                    entry.mirror.tunnel.pid = tunneling.result()
-                    save()
-                    try:
-                        tried = True
-                        assert copied is not None
-                        leg = stack.mirror.attach_nbd(entry, copied, opts.nbd_timeout, save)
-                    except RemoteError as e:
-                        log.info("the copy's export of %s did not answer (%s): asking the destination", name, e.message)
+                with sw("wait for the leg"):
+                    leg = tunneling.result()[1]
+                    tried = True
                 if leg is None:
                     exporting = Started(partial(_connect_export, stack, name, dest, par))
             if leg is None:
@@ -140,7 +154,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     save()
                 with sw("nbd leg"):
                     if ssh:
-                        pid = tunneling.result() if tunneling is not None else None
+                        pid = tunneling.result()[0] if tunneling is not None else None
                         if pid is not None and (tried or export.socket != (copied.socket if copied else None)):
                             stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
                             pid = None
@@ -154,11 +168,25 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     leg = stack.mirror.attach_nbd(entry, export, opts.nbd_timeout, save)
             era_dev = block_device(f"/dev/mapper/{era}").devno
             leg_dev = block_device(leg).devno
+            # no discard while mirroring: dm-raid1's do_writes sends a discard to both legs without
+            # waiting for a region under recovery, so kcopyd could copy old data over it on the
+            # NBD leg. A mirror whose leg takes no discard takes none (dm_table_supports_discards),
+            # nor does the top over it: a guest's discard fails with EOPNOTSUPP (blkfront then
+            # stops sending them until it reconnects, on the destination)
+            no_discards(stack, leg_dev)
             with sw("swap"):
                 # one resume: the kernel suspends (drains: every write so far is done on leg 0),
                 # swaps and resumes in that ioctl, and reads the logs at the resume
+                # (udev's handling of the change event is not waited for: the set-up's critical path)
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
-                                                        leg_dev))
+                                                        leg_dev), udev_sync=False)
+            # read after the swap drained the top: it counts every discard era took. Era marked
+            # each block of them while its limit held (Stack.confine_discards): the queries below
+            # have them. Else (the limit was lost) a discard since the last round makes the
+            # kernel resync the whole disk
+            mark = stack.discards(name)
+            full = writefence.discard_fallback(stack.discards_exact(name),
+                                              writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
@@ -179,6 +207,14 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     shown = merge(shown + list(itertools.islice(second_ranges, SHOWN_RANGES + 1)))
             finally:
                 second_ranges.close()
+            if full:
+                log.warning("%s: the kernel resyncs the whole disk: %s", name, full)
+                everything = [BlockRange(0, -(-length // bs))]
+                if not layout.marked(marked, ((r.begin, r.end) for r in everything), bs):
+                    with sw("second swap (resyncing)"):
+                        pauses.append(round(_add_regions(stack, entry, layout, logs, everything, era_dev, leg_dev,
+                                                         save), 4))
+                layout.mark(marked, ((r.begin, r.end) for r in everything), bs)
         except BaseException:
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
@@ -201,16 +237,21 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
         # from the first swap: the kernel's resync of the first delta began there
         stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
+        # should not happen: the mirror takes no discard (no_discards). If one reached era all
+        # the same, dm-raid1 may have let kcopyd copy old data over it on the NBD leg: fail, and
+        # the journal keeps the last round's mark (the next copy's first round counts it)
+        check_no_discard_while_mirroring(name, leg, mark, stack.discards(name))
         m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
                           kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
         # a catch-up must query from where this one did.
-        entry.copy.next_since = now
+        entry.copy.next_since, entry.copy.discards = now, mark
         stack.journal.save(entry, journal.MIRRORING)
     return {"name": name, "suspended_seconds": m.pause_seconds, "pauses": m.pauses,
             "resync_regions": resync_regions, "regions": layout.regions, "seconds": sw.rounded(),
+            "full_resync": full,
             "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
             "resync_bytes": m.resync_bytes, "resync_seconds": m.synced.seconds,
@@ -223,6 +264,9 @@ SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for stat
 def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) -> nbd.Export:
     """The cutover's calls to the destination (in a thread): connect, start its agent, plan the
     transport into DEST (a copy: the caller journals it), start or find the export."""
+    # imported here: session imports paramiko (0.8 s of a rig kernel's start), which a
+    # cutover over the copy's export (--transport ssh) never uses
+    from dmmig.flows.session import Remote, plan_transport, start_export
     with par("connect"):
         remote = Remote(dest)
     try:
@@ -233,9 +277,23 @@ def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) 
         remote.close()
 
 
-def _timed(sw: Stopwatch, phase: str, fn: Callable[..., T], *args: Any) -> T:
-    with sw(phase):
-        return fn(*args)
+def _tunnel_and_leg(stack: Stack, entry: journal.Entry, target: Destination, tun: Tunnel, copied: nbd.Export | None,
+                    timeout: int, save: Callable[[], None], par: Stopwatch) -> tuple[int, str | None]:
+    """--transport ssh (in a thread): the tunnel TUN up, its pid journaled; then, with the copy's
+    export COPIED, the kernel's NBD client on it through the tunnel. Returns the tunnel's pid and
+    the device, None without COPIED or when it did not answer (the caller asks the agent)."""
+    with par("tunnel"):
+        pid = stack.mirror.start_tunnel(entry.name, target, tun, copied.socket if copied else None)
+    tun.pid = pid
+    save()
+    if copied is None:
+        return pid, None
+    with par("nbd leg"):
+        try:
+            return pid, stack.mirror.attach_nbd(entry, copied, timeout, save)
+        except RemoteError as e:
+            log.info("the copy's export of %s did not answer (%s): asking the destination", entry.name, e.message)
+            return pid, None
 
 
 def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:
@@ -268,8 +326,12 @@ def _add_regions(stack: Stack, entry: journal.Entry, layout: mirrorlog.Layout, l
     for dev, img in zip(fresh, images):
         mirrorlog.write(dev, img.bytes())
     pause = stack.dm.swap(top_name(entry.name), mirror_table(layout, [block_device(d).devno for d in fresh],
-                                                             era_dev, leg_dev))
+                                                             era_dev, leg_dev), udev_sync=False)
     return pause  # the old log devices go at teardown with the rest: no losetup here
+
+
+SYNC_POLL = 2.0  # seconds between two looks at the resync's progress without an event (a dmsetup
+                 # process takes up to ~0.6 s to start in a loaded rig: a wait needs time to wait)
 
 
 def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progress, name: str) -> tuple[int, int]:
@@ -277,11 +339,12 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     enough (a failed recovery can still count). Returns the dm event counter then, and how
     many regions the kernel itself first reported out of sync (its view of our log)."""
     deadline = time.monotonic() + timeout
-    first = stack.dm.mirror_status(top)
+    seen = stack.dm.info(top)  # read before the status: an event raised after it ends the wait at once
+    assert seen is not None
+    first = st = stack.dm.mirror_status(top)
     progress.start("resync", first.regions - first.in_sync, unit="regions")
     done = 0
     while True:
-        st = stack.dm.mirror_status(top)
         progress.advance(max(0, st.in_sync - first.in_sync - done))
         done = max(done, st.in_sync - first.in_sync)
         if not st.healthy:
@@ -296,7 +359,16 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
         if time.monotonic() > deadline:
             raise StateError(f"{name}: resync not done after {timeout:.0f}s ({st.in_sync}/{st.regions})",
                              hint="it goes on in the kernel; `dmmig status` shows it; rerun cutover to wait")
-        time.sleep(0.1)
+        # until the kernel raises an event (a part in sync, a leg failed) or SYNC_POLL passes: a
+        # status every 0.1 s was a dmsetup process each, taken from the rig kernel's one CPU
+        # beside the resync and the guest's writes
+        try:
+            stack.dm.wait_event(top, seen.events, timeout=SYNC_POLL)
+            seen = stack.dm.info(top) or seen
+        except CommandError as e:
+            if not e.timed_out:
+                time.sleep(0.1)  # e.g. the device busy: look again
+        st = stack.dm.mirror_status(top)
     # the kernel raises one event when the last region is in sync: let it land first
     ev = stack.dm.info(top)
     assert ev is not None
@@ -311,16 +383,19 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     return ev.events, first.regions - first.in_sync
 
 
-def drop_mirror(stack: Stack, entry: journal.Entry) -> None:
+def drop_mirror(stack: Stack, entry: journal.Entry) -> int | None:
     """Back to linear over era (which holds every write), then tear down the leg, log,
-    tunnel and watcher. A no-op when there is no mirror."""
+    tunnel and watcher. A no-op when there is no mirror. Returns the top's length (sectors),
+    None without a top."""
     top = top_name(entry.name)
     info = stack.dm.info(top)
     steps = Steps()
-    if info is not None and (info.has_inactive or info.suspended or isinstance(stack.dm.table(top).target, MIRRORS)):
+    live = stack.dm.table(top) if info is not None else None  # read once: a dmsetup process each
+    if info is not None and live is not None and (info.has_inactive or info.suspended
+                                                  or isinstance(live.target, MIRRORS)):
         era_dev = block_device(f"/dev/mapper/{era_name(entry.name)}").devno
-        back = Table(Linear(stack.dm.table(top).length, era_dev))
-        if isinstance(stack.dm.table(top).target, MIRRORS) or info.has_inactive:
+        back = Table(Linear(live.length, era_dev))
+        if isinstance(live.target, MIRRORS) or info.has_inactive:
             steps(f"swap {top} back to linear over the era device", lambda: stack.dm.swap(top, back, noflush=True))
         else:
             steps(f"resume {top}", lambda: stack.dm.resume(top))
@@ -330,3 +405,4 @@ def drop_mirror(stack: Stack, entry: journal.Entry) -> None:
         entry.mirror = MirrorState()
         stack.journal.save(entry)
     steps.check(f"leaving the mirror of {entry.name}")
+    return live.length if live is not None else None

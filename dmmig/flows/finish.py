@@ -127,15 +127,18 @@ def finish_handed_over(stack: Stack, name: str | None, *, node: str | None, para
     destroys the guest here, within its budget) and `dmmig migrate` (for whatever remove left)
     end a migration with this. NAME None: nothing journaled is left, only the loop device."""
     done: list[str] = []
-    if name is not None and stack.journal.load(name) is not None:
+    entry = stack.journal.load(name) if name is not None else None
+    if name is not None and entry is not None:
         top = top_name(name)
         deadline = time.monotonic() + close_wait_s
         while True:
             info = stack.dm.info(top)
-            if info is None or info.open_count == 0 or time.monotonic() >= deadline:
+            # an adopted LV: blkback holds the LV's own device, which holds the top until finish
+            # gives the LV its table back (a live swap, whoever holds the LV): nothing to wait for
+            if info is None or info.open_count == 0 or entry.adopted is not None or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
-        if info is not None and info.open_count > 0:
+        if info is not None and info.open_count > 0 and entry.adopted is None:
             raise StateError(f"{name} was handed over, but {top} is still open ({info.open_count} opener(s)) "
                              f"after {close_wait_s:.0f}s", hint=f"`dmmig finish --remove {name}` once it is closed")
         # force: the mirror's leg is gone (the destination stopped its export at the yes), and

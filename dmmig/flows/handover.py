@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from dmmig.adapters import writefence
 from dmmig.adapters.ssh import close_quietly
 from dmmig.core import gate, journal
 from dmmig.core.copier import Copier
@@ -226,6 +227,12 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
     # the leg failed (or something happened) since the sync: era knows every block written since
     # the cutover, and with the top suspended that set is final
     broken = f"the mirror was not intact (health {st.health}, dm events {info.events}, {at_sync} at sync)"
+    # should not happen: the mirror takes no discard (cutover.no_discards). One that reached era
+    # all the same, with the leg failed, went to leg 0 alone, and if era's limit did not hold
+    # either it recorded the first block only: no catch-up in the window can tell, so no
+    discarded = writefence.discards_since(entry.copy.discards, stack.discards(entry.name))
+    if discarded:
+        return False, f"{broken}, and {discarded}: `dmmig copy` sends the whole disk, not in this window", 0
     assert entry.metadata and entry.block_sectors
     ranges, _ = stack.era.dirty(era, entry.metadata, int(entry.copy.next_since or 0))
     win.check("while era was queried")

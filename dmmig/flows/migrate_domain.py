@@ -1,10 +1,13 @@
 """`dmmig migrate DOMAIN HOST`: a running domain and all its block-dmmig disks, top to bottom.
 
 1. plan: find the domain's disks in XenStore; refuse, before anything changes, a disk dmmig
-   cannot move (a writable disk not on block-dmmig, unless the operator says it is shared; a
-   destination disk missing, too small or in use; no block-dmmig on the destination);
-2. every disk to a synchronous mirror, in parallel: prepare, copy (base + era rounds),
-   cutover; any failure aborts them all and the domain never moved;
+   cannot move (a writable disk neither on block-dmmig nor an LV `dmmig adopt` takes, unless
+   the operator says it is shared; a destination disk missing, too small or in use; no
+   block-dmmig on the destination). A domain with adopted LVs needs a config for xl migrate -C
+   that starts it on the destination with block-dmmig (xlcfg.py): built and checked here;
+2. adopt the LVs (each undone by abort), then every disk to a synchronous mirror, in
+   parallel: prepare, copy (base + era rounds), cutover; any failure aborts them all and the
+   domain never moved;
 3. `xl migrate`, while one agent session answers the handover gate for each disk as the
    destination's block script asks (handover.answer_gate);
 4. xl succeeded: finish every disk on both sides (the source's stack is removed, the loop
@@ -25,13 +28,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from dmmig import sizing
 from dmmig.adapters.blockdev import logical_block_size
 from dmmig.adapters.ssh import Endpoint, SshOptions
 from dmmig.adapters.xenstore import XenStore
 from dmmig.adapters.xl import Domain, Xl, XlRun, check_xl_timeout, config_option
+from dmmig.adapters.xlcfg import diff_configs, rewrite
 from dmmig.core import journal, mirrorlog
 from dmmig.core.records import Destination
-from dmmig.core.stack import Stack
+from dmmig.core.stack import HOLD_LVM, AdoptPlan, Stack
 from dmmig.errors import BadInput, DmmigError, RemoteError, StateError
 from dmmig.flows import warm
 from dmmig.flows.copying import copy, estimate, render_estimate
@@ -40,7 +45,7 @@ from dmmig.flows.domain import Vbd, vbds
 from dmmig.flows.finish import abort, finish_handed_over
 from dmmig.flows.handover import answer_gate, mirroring_entry, settle_generation
 from dmmig.flows.session import CopyOptions, Remote, check_destination, check_source, destination, stop_remote
-from dmmig.names import era_name, format_devno, top_name
+from dmmig.names import SCRIPT, disk_name_for, era_name, format_devno, lv_name, top_name
 from dmmig.progress import Progress
 from dmmig.validate import block_fits, era_block_size, nbd_timeout
 
@@ -61,6 +66,18 @@ class MigrateOptions:
     # None: each disk's is chosen from its size (sizing.choose_block)
     block_bytes: int | None = None
     rate: float | None = None       # --dry-run's estimate: the copy rate (bytes/s)
+    # the operator's xl config of the domain, the base of xl migrate's -C when dmmig adopts an
+    # LV (None: /etc/xen/DOMAIN.cfg)
+    config: str | None = None
+
+
+@dataclass
+class XlConfig:
+    """The config xl migrate gets with -C (xlcfg.py): SOURCE, the operator's file, with the
+    adopted disks on block-dmmig; TEXT None: the operator's own -C, checked, passed as it is."""
+    source: str
+    text: str | None
+    adopted: list[str]     # vdevs
 
 
 @dataclass
@@ -74,6 +91,7 @@ class Disk:
     dest_exists: bool
     tables: list[str]
     block_size: int | None = None   # logical block size blkfront got; the destination must match it
+    adopt: AdoptPlan | None = None  # a `phy:` LV dmmig adopts first (phase "adopt": nothing made yet)
     estimate: dict[str, Any] = field(default_factory=dict)  # era block, metadata, bytes and time (copying.estimate)
 
     @property
@@ -90,6 +108,7 @@ class Plan:
     transport: str = "ssh"
     tunnel: str | None = None   # ssh: the mirror leg's tunnel mode, probed on the destination
     tunnel_why: str = ""
+    xl_config: XlConfig | None = None
 
     def render(self) -> str:
         lines = [f"migrate domain {self.domain.name} (domid {self.domain.domid}) to {self.host}:"]
@@ -100,6 +119,10 @@ class Plan:
             lines.append("  NBD over TCP (--transport nbd)")
         for d in self.disks:
             dest = "exists" if d.dest_exists else "created (--create)"
+            if d.adopt is not None:
+                lines.append(f"  {d.vbd.vdev}: {d.vbd.params} (script {d.vbd.script or 'none'}): adopted first, "
+                             f"live, as dmmig disk {d.name}:")
+                lines += [f"    {ln}" for ln in d.adopt.render()[1:]]
             lines.append(f"  {d.vbd.vdev}: {d.vbd.params} as dmmig disk {d.name}, {d.size} bytes "
                          f"({d.size / (1 << 20):.1f} MiB), phase {d.phase}; destination {self.host}:{d.dest_disk} "
                          f"({dest})")
@@ -109,6 +132,13 @@ class Plan:
         for v in self.others:
             lines.append(f"  {v.vdev}: {v.params or '(no params)'} (script {v.script or 'none'}, mode {v.mode}): "
                          "not moved by dmmig; xl migrate expects it on the destination as it is")
+        c = self.xl_config
+        if c is not None and c.text is not None:
+            lines.append(f"  xl migrate -C: {c.source} with {', '.join(c.adopted)} on script={SCRIPT} (same target) "
+                         "and the running domain's uuid, every other setting as the file has it:")
+            lines += [f"    {ln}" for ln in c.text.splitlines()[-3:]]
+        elif c is not None:
+            lines.append(f"  xl migrate -C {c.source} (yours): {', '.join(c.adopted)} on script={SCRIPT} there")
         return "\n".join(lines)
 
 
@@ -127,24 +157,48 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     all_vbds = vbds(xs, dom.domid)
     mine = [v for v in all_vbds if v.managed]
     others = [v for v in all_vbds if not v.managed]
-    if not mine:
-        raise BadInput(f"none of {dom.name}'s disks uses block-dmmig: nothing for dmmig to move",
-                       hint="give its disks script=block-dmmig (README), or use `xl migrate` for shared storage")
+    # a writable disk on the stock script: adopted if it is an LV `dmmig adopt` takes (the
+    # reason it is not, otherwise); --shared says they are all on shared storage instead
+    adopt: dict[str, AdoptPlan] = {}
     risky = [v for v in others if v.writable]
     if risky and not opts.shared_ok:
-        raise BadInput(f"{dom.name} has writable disks dmmig does not move: "
-                       + ", ".join(f"{v.vdev} ({v.params})" for v in risky)
-                       + "; the destination would run the guest on its own copy of them",
-                       hint="use script=block-dmmig for them, or pass --shared if they are on shared storage. "
-                            "`dmmig migrate` does not adopt a running domain's LV yet: docs/manual.md "
-                            "(\"Adopting a running LV\") moves one with `dmmig adopt` and the manual verbs")
+        refused = []
+        for v in risky:
+            if _adopted_before(stack, v):  # an earlier run's (killed, or failed after the adopt): resumed
+                continue
+            try:
+                adopt[v.vdev] = _adoptable(stack, v)
+            except BadInput as e:
+                refused.append(f"{v.vdev} ({v.params}): {e.message}")
+        if refused:
+            raise BadInput(f"{dom.name} has writable disks dmmig can neither move nor adopt: " + "; ".join(refused)
+                           + "; the destination would run the guest on its own copy of them",
+                           hint="use script=block-dmmig for them (a restart), or pass --shared if they are on "
+                                "shared storage")
+    resumed = [v for v in risky if v.vdev not in adopt and not opts.shared_ok]
+    to_adopt = [v for v in others if v.vdev in adopt] + resumed
+    others = [v for v in others if v not in to_adopt]
+    if not mine and not to_adopt:
+        raise BadInput(f"none of {dom.name}'s disks uses block-dmmig or is an LV dmmig can adopt: nothing for "
+                       "dmmig to move",
+                       hint="give its disks script=block-dmmig (README), or use `xl migrate` for shared storage")
     remote_of = [v for v in mine if not v.local_backend]
     if remote_of:
         raise BadInput(f"{', '.join(v.vdev for v in remote_of)}: served from a driver domain "
                        f"({remote_of[0].backend}); dmmig moves disks served by dom0's blkback only")
     config = config_option(opts.xl_args)
+    adopted_vdevs = {v.vdev for v in to_adopt}
     if config is not None:
-        _check_config(xl, config, dom, all_vbds)
+        _check_config(xl, config, dom, all_vbds, adopted_vdevs)
+    xl_config = None
+    if to_adopt:
+        if opts.config is not None and config is not None:
+            raise BadInput("--config and `-- -C` both name xl's config: give one")
+        xl_config = (XlConfig(config, None, sorted(adopted_vdevs)) if config is not None else
+                     _config_for(stack, xl, opts.config or f"/etc/xen/{dom.name}.cfg", dom, all_vbds, adopted_vdevs))
+    elif opts.config is not None:
+        raise BadInput("--config: no disk of the domain is adopted, so xl migrate needs no config of dmmig's",
+                       hint="pass a config to xl itself with `-- -C FILE`")
     ep = Endpoint.parse(host, ssh_opts)
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
@@ -153,19 +207,151 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     parts = opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
-    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine]
+    disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine + resumed]
+    disks += [_adopted_disk(v, adopt[v.vdev], opts.block_bytes, opts.rate, parts) for v in to_adopt if v.vdev in adopt]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     # found missing at cutover, it would cost the whole copy
     check_source(stack, opts.copy.transport, [d.name for d in disks])
     tunnel, why = _check_destination(stack, disks, host, ssh_opts, opts, remote)
-    return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why)
+    return Plan(dom, host, disks, others, opts.copy.transport, tunnel, why, xl_config)
 
 
-def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
+def _adopted_before(stack: Stack, v: Vbd) -> bool:
+    """Whether V's LV is adopted already (by a dmmig migrate that was killed or failed after its
+    adopt): then its migration resumes as a wrapped disk's does. StateError if LVM reloaded
+    the LV since (nothing tracked its writes: abort, then migrate again)."""
+    try:
+        entry = stack.journal.load(disk_name_for(v.params))
+    except BadInput:
+        return False
+    if entry is None or entry.adopted is None or entry.phase == journal.ADOPTING:
+        return False  # an adopt that did not finish: adopt_plan refuses it, `dmmig abort` undoes it
+    if entry.adopted.devno != _devno_of(v.physical_device):
+        return False
+    stack.check_lv(entry)
+    return True
+
+
+def _adoptable(stack: Stack, v: Vbd) -> AdoptPlan:
+    """The adopt plan for V, a writable disk on the stock block script, or BadInput: why not."""
+    if os.path.basename(v.script) not in ("block", ""):
+        raise BadInput(f"its hotplug script is {v.script}, not xl's stock block script")
+    if not v.backend.startswith("/local/domain/0/backend/vbd/"):
+        raise BadInput(f"its backend is {v.backend}, not dom0's blkback")
+    plan = stack.adopt_plan(disk_name_for(v.params), v.params)  # not an LV, or one that cannot be: why
+    if plan.devno != _devno_of(v.physical_device):
+        raise BadInput(f"blkback serves {v.physical_device or '(nothing)'}, which is not {v.params} ({plan.devno})")
+    return plan
+
+
+def _devno_of(physical_device: str) -> str:
+    """physical-device is hex major:minor (the block script's); "" when it is not that."""
+    try:
+        major, minor = physical_device.split(":")
+        return f"{int(major, 16)}:{int(minor, 16)}"
+    except ValueError:
+        return ""
+
+
+def _adopted_disk(v: Vbd, a: AdoptPlan, block_bytes: int | None, rate: float | None, resync_parts: int) -> Disk:
+    """The plan of a disk dmmig adopts first (nothing of it exists yet): its tables to be."""
+    rate_given = rate is not None
+    length = a.table.length
+    choice = sizing.choose_block(length * 512, block_bytes)  # refuses a block dm-era cannot take
+    block_sectors = choice.block_bytes // 512
+    block_fits(block_sectors, length, f"{v.vdev} ({v.params})")
+    name, top = a.name, top_name(a.name)
+    tables = [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> <{lv_name(name)}> {block_sectors}",
+              f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
+    layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
+    lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
+                         "<nbd leg>").render().splitlines()
+    tables.append(f"cutover:    {top}: {layout.parts} dm-mirror targets side by side, regions of "
+                  f"{layout.region // 2} KiB, each recovering one at a time:")
+    tables += [f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]])]
+    tables.append("  " + HOLD_LVM.format(lv=a.lv))
+    rate = float(rate or sizing.DEFAULT_RATE)
+    est = {"name": name, "disk_bytes": length * 512, "block_bytes": choice.block_bytes,
+           "block": "chosen from the disk size" if choice.chosen else "--block-size", "era_blocks": choice.nr_blocks,
+           "metadata_bytes": choice.metadata_bytes, "metadata_file_bytes": choice.metadata_file,
+           "warning": choice.warning, "send_bytes": length * 512,
+           "send_basis": "the whole LV (zero blocks are found while copying and not sent)", "warm": None,
+           "rate_bytes_per_s": int(rate), "rate_basis": "--rate" if rate_given else "assumed; give --rate for yours",
+           "seconds": round(length * 512 / rate, 1)}
+    return Disk(v, name, v.params, length * 512, "adopt", v.params, True, tables, estimate=est, adopt=a)
+
+
+def _config_for(stack: Stack, xl: Xl, source: str, dom: Domain, running: list[Vbd], adopted: set[str]) -> XlConfig:
+    """The config xl migrate -C starts the domain with on the destination: SOURCE (the
+    operator's file for it) checked against the running domain (a stale file is refused),
+    rewritten (xlcfg.rewrite), and parsed by libxl again to prove that only the adopted disks'
+    scripts and the uuid changed."""
+    if not os.path.isfile(source):
+        raise BadInput(f"{dom.name} has LVs to adopt, and xl migrate must then start it on the destination with "
+                       f"block-dmmig: dmmig needs its config file, and {source} is none",
+                       hint="--config FILE (the file it was created from), or `-- -C FILE` with the adopted disks "
+                            f"already on script={SCRIPT}")
+    _check_config(xl, source, dom, running, set())  # the file describes the running domain, as it is
+    before = xl.parsed_config(source)
+    live = xl.running_config(dom.domid)
+    name = (before.get("c_info") or {}).get("name")
+    if name != dom.name:
+        raise BadInput(f"{source} is the config of {name!r}, not of {dom.name}")
+    _check_nics(source, before, live)
+    with open(source, encoding="utf-8", errors="strict") as f:
+        text = f.read()
+    scripts = {vdev: SCRIPT for vdev in adopted}
+    new = rewrite(text, list(before.get("disks") or []), scripts, str((live.get("c_info") or {}).get("uuid", "")))
+    path = _config_path(stack, dom)
+    try:
+        _write_private(path, new)
+        diffs = diff_configs(before, xl.parsed_config(path), scripts)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if diffs:
+        raise BadInput(f"the config dmmig wrote from {source} for xl migrate -C is not that file with "
+                       f"{', '.join(sorted(adopted))} on {SCRIPT}: " + "; ".join(diffs),
+                       hint=f"pass your own with `-- -C FILE` (the adopted disks on script={SCRIPT})")
+    return XlConfig(source, new, sorted(adopted))
+
+
+def _check_nics(source: str, cfg: dict[str, Any], live: dict[str, Any]) -> None:
+    """xl migrate -C gives the guest the file's vifs: each must keep the MAC it has now (a vif
+    without mac= gets a random one on the destination)."""
+    have = [str(n.get("mac", "")).lower() for n in live.get("nics") or []]
+    got = [str(n.get("mac", "")).lower() for n in cfg.get("nics") or []]
+    if len(have) != len(got):
+        raise BadInput(f"{source} has {len(got)} vifs, the running domain {len(have)}: a stale config?")
+    for i, (h, g) in enumerate(zip(have, got)):
+        if g in ("", "00:00:00:00:00:00"):
+            raise BadInput(f"vif {i} has no mac= in {source}: xl migrate -C would give the guest a random MAC "
+                           f"on the destination instead of {h}", hint=f"add mac={h} to that vif in {source}")
+        if g != h:
+            raise BadInput(f"vif {i} has mac {g} in {source} but {h} running: a stale config?")
+
+
+def _config_path(stack: Stack, dom: Domain) -> str:
+    return os.path.join(stack.journal.dir, f"xl-migrate-{dom.domid}.cfg")
+
+
+def _write_private(path: str, text: str) -> None:
+    """TEXT to PATH (in the state dir), root-only, replacing a leftover of an earlier run
+    (never through a link)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd], adopted: set[str]) -> None:
     """`-- -C CONFIG` makes xl migrate start the guest on the destination with CONFIG's disks:
     they must be the running domain's (same vdevs, targets, scripts, modes), or the guest
-    would boot there on disks dmmig did not move (or block-dmmig's gate would not be asked)."""
+    would boot there on disks dmmig did not move (or block-dmmig's gate would not be asked).
+    ADOPTED: vdevs dmmig adopts here, which must be on block-dmmig in CONFIG."""
     got = {d.vdev: d for d in xl.config_disks(config)}
     have = {v.vdev: v for v in running}
     diffs = []
@@ -177,8 +363,10 @@ def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
         elif d is None:
             diffs.append(f"{vdev} ({v.params}) is in the running domain but not in {config}")
         else:
-            if os.path.basename(d.script) != os.path.basename(v.script):
-                diffs.append(f"{vdev}: script {d.script or '(none)'} in {config}, {v.script or '(none)'} running")
+            want = SCRIPT if vdev in adopted else _script(v.script)
+            if _script(d.script) != want:
+                diffs.append(f"{vdev}: script {d.script or '(none)'} in {config}, {v.script or '(none)'} running"
+                             + (f" (adopted: {SCRIPT} there)" if vdev in adopted else ""))
             # qdisk's params carry the format: "raw:/srv/x.img" for target /srv/x.img
             if d.target != v.params and not v.params.endswith(":" + d.target):
                 diffs.append(f"{vdev}: target {d.target} in {config}, {v.params} running")
@@ -189,6 +377,12 @@ def _check_config(xl: Xl, config: str, dom: Domain, running: list[Vbd]) -> None:
         raise BadInput(f"-C {config} does not describe {dom.name}'s disks: " + "; ".join(diffs),
                        hint="xl migrate would start the guest on the destination with those disks: pass the "
                             "domain's own config, or leave -C out (xl then sends the running config)")
+
+
+def _script(path: str) -> str:
+    """A disk's hotplug script by name; none (a config's `phy:` disk) is libxl's default, block
+    (libxl_disk.c: a phy disk's script is `block` unless one is given)."""
+    return os.path.basename(path) or "block"
 
 
 def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, rate: float | None,
@@ -202,7 +396,11 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, ra
     if entry is None or info is None:
         raise StateError(f"{v.vdev} ({v.params}): block-dmmig set it up, but {top} or its journal entry is "
                          "missing here", hint=f"`dmmig status {name}`; the domain may need a restart on this host")
-    if format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
+    if entry.adopted is not None:  # blkback holds the LV, linear over the top (_adopted_before)
+        if _devno_of(v.physical_device) != entry.adopted.devno:
+            raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not the adopted LV "
+                             f"{entry.adopted.lv} ({entry.adopted.devno})", hint=f"`dmmig abort {name}`")
+    elif format_devno(os.makedev(info.major, info.minor)) != v.physical_device:
         raise StateError(f"{v.vdev}: blkback serves {v.physical_device}, which is not {top}",
                          hint="the disk was re-pointed behind block-dmmig; do not migrate it with dmmig")
     if entry.dest and entry.dest.host != dest_host:
@@ -299,7 +497,25 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ssh_opts: SshOptions, opts: MigrateOp
     ops = ops or Ops()
     t0 = time.monotonic()
     summary: dict[str, Any] = {"domain": p.domain.name, "host": p.host, "disks": {}}
-    # 2. every disk to a synchronous mirror
+    # 2. the LVs adopted (each journaled; abort gives an LV its own table back), then every disk
+    # to a synchronous mirror
+    adopted: list[Disk] = []
+    pauses: dict[str, float] = {}
+    for d in p.disks:
+        if d.adopt is None:
+            continue
+        try:
+            _, pause = ops.adopt(stack, d.name, d.vbd.params)
+        except BaseException as e:
+            _abort_all(stack, adopted, say, ops)
+            if not isinstance(e, DmmigError):
+                raise
+            raise e.with_context(f"adopting {d.vbd.params} failed, so every LV adopted before got its own table "
+                                 f"back and {p.domain.name} did not move") from e
+        adopted.append(d)
+        pauses[d.name] = pause
+        say(f"{d.name}: adopted {d.vbd.params} (its table swap paused I/O {pause * 1000:.0f} ms); "
+            + HOLD_LVM.format(lv=d.adopt.lv))
     # the tunnel's mode as the plan probed it: one probe for every disk
     opts = dataclasses.replace(opts, copy=dataclasses.replace(opts.copy, tunnel=p.tunnel))
     results = ops.to_mirror(stack, [(d.name, d.dest_disk) for d in p.disks], p.host, ssh_opts, opts,
@@ -315,6 +531,8 @@ def migrate(stack: Stack, xl: Xl, p: Plan, ssh_opts: SshOptions, opts: MigrateOp
                                  f"disk was aborted and {p.domain.name} did not move") from first
     for d, r in mirrored:
         summary["disks"][d.name] = r
+        if d.name in pauses:  # the LV's table swap: its I/O paused at most this long
+            r["adopt_swap_seconds"] = round(pauses[d.name], 4)
         say(f"{d.name}: mirroring; copied {r['copy']['read'] / (1 << 20):.1f} MiB, cutover suspended I/O for "
             f"{r['cutover']['suspended_seconds'] * 1000:.0f} ms, resynced {r['cutover']['resync_regions']} regions")
     summary["to_mirror_seconds"] = round(time.monotonic() - t0, 3)
@@ -405,12 +623,24 @@ def _xl_migrate_with_gate(stack: Stack, xl: Xl, p: Plan, opts: MigrateOptions,
     box: list[XlRun] = []
     xl_failed: list[BaseException] = []
     xl_log = os.path.join(stack.journal.dir, f"xl-migrate-{p.domain.domid}.log")
+    xl_args = list(opts.xl_args)
+    cfg = None
+    if p.xl_config is not None and p.xl_config.text is not None:  # dmmig's -C (see XlConfig): root-only
+        cfg = _config_path(stack, p.domain)
+        xl_args += ["-C", cfg]
 
     def run_xl() -> None:
         try:
-            box.append(xl.migrate(p.domain.domid, p.host, opts.xl_args, opts.xl_timeout, xl_log))
+            if cfg is not None:
+                assert p.xl_config is not None and p.xl_config.text is not None
+                _write_private(cfg, p.xl_config.text)
+            box.append(xl.migrate(p.domain.domid, p.host, xl_args, opts.xl_timeout, xl_log))
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread, as it is
             xl_failed.append(e)
+        finally:
+            if cfg is not None:  # xl read it before its migration child started (save_domain_core_begin)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg)
     th = threading.Thread(target=run_xl, name="xl-migrate", daemon=True)
     with contextlib.ExitStack() as locks:
         for name in entries:
@@ -516,3 +746,4 @@ class Ops:
     answer_gate: Callable[[Stack, journal.Entry, Any], dict[str, Any]] = partial(answer_gate, settle=False)
     finish: Callable[[Stack, Disk, Destination], dict[str, Any]] = _finish_source
     abort: Callable[[Stack, str], tuple[list[str], list[str]]] = abort
+    adopt: Callable[[Stack, str, str], tuple[str, float]] = Stack.adopt  # (stack, NAME, LV) -> (top, pause)

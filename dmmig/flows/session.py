@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from dmmig import names
 from dmmig.adapters import nbd, tlscreds, tunnel
@@ -31,6 +29,7 @@ from dmmig.core import journal, records
 from dmmig.core.records import Destination
 from dmmig.core.stack import Stack
 from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
+from dmmig.flows.started import Started
 from dmmig.names import Files
 from dmmig.progress import Stopwatch
 from dmmig.validate import host_name, missing_tools, require_tools
@@ -121,51 +120,6 @@ def probe_tunnel(stack: Stack, dest: Destination, remote: Remote,
         with par("tunnel_probe"):
             return remote.probe_tunnel(stack.runner, stack.journal.dir)
     return Started(probe)
-
-
-T = TypeVar("T")
-
-
-class Started(Generic[T]):
-    """FN running in a thread from now on. result() waits for it and returns what it returned
-    or raises what it raised; abandon(CLEANUP): nobody will take the result, CLEANUP gets it
-    once it comes (exactly once, whichever comes first)."""
-
-    def __init__(self, fn: Callable[[], T]) -> None:
-        self._lock = threading.Lock()
-        self._value: list[T] = []  # the result, once there
-        self._error: BaseException | None = None
-        self._cleanup: Callable[[T], None] | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], T]) -> None:
-        try:
-            value = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to whoever takes the result
-            self._error = e
-            return
-        with self._lock:
-            self._value.append(value)
-            cleanup = self._cleanup
-        if cleanup is not None:
-            cleanup(value)
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value[0]
-
-    def abandon(self, cleanup: Callable[[T], None]) -> None:
-        with self._lock:
-            self._cleanup = cleanup
-            value = list(self._value)
-        for v in value:
-            cleanup(v)
 
 
 def check_source(stack: Stack, transport: str, disks: list[str]) -> None:

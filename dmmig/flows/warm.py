@@ -166,7 +166,9 @@ def track(stack: Stack, name: str) -> str | None:
         save(state, rec)
         log.warning("%s: %s", name, rec.broken)
         return f"cold: {rec.broken}; a copy back will be a full one"
-    stack.prepare(name)
+    # not confined: a discard makes the copy back cold all the same (bypassed), and the guest
+    # would pay the split discards for as long as it runs here
+    stack.prepare(name, confine=False)
     era_dev = writefence.devno_of(f"/dev/mapper/{era_name(name)}")
     assert era_dev is not None
     # a dm device counts from zero when made; its diskseq names this very one
@@ -269,6 +271,10 @@ def decide(stack: Stack, entry: journal.Entry, track: WarmTrack | None, local_wh
 def _skip_base(entry: journal.Entry, era: int, size: int) -> None:
     st = entry.copy
     st.base_era = st.next_since = era
+    # the local verdict found no discard through era since the generation's era: the rounds
+    # count from the mark then (a discard since makes their first round a full one)
+    if entry.copy.warm is not None:
+        st.discards = writefence.discard_mark(entry.copy.warm.era_dev)
     st.base_offset, st.base_done = size, True
 
 

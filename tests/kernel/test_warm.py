@@ -64,6 +64,11 @@ def to_b(a: UmlHost, b: UmlHost, name: str, origin: str, dest: str, rec: str) ->
     assert "destination: recorded generation" in fin.out, fin.out
     wrap = b.dmmig("wrap", name, dest)
     assert "warm: era tracks every write" in wrap.err, wrap.err
+    # b's era is not confined to one discard unit per piece (a's was): a discard there makes the
+    # way back cold anyway, and the guest would pay the split for as long as it runs on b
+    q = "/sys/class/block/$(basename $(readlink -f {}))/queue/discard_max_bytes"
+    lim = b.sh(f"cat {q.format(dest)} {q.format(f'/dev/mapper/dmmig-{name}-era')}").out.split()
+    assert lim[0] == lim[1], lim
     st = json.loads(b.dmmig("status", name, "--json").out)
     assert st["warm"]["role"] == "took-over" and st["warm"]["tracking"]["era_metadata_bytes"] > 0, st["warm"]
 

@@ -151,6 +151,19 @@ def fake_nbd_devices(tmp_path: Path, n: int, attached: dict[int, int] | None = N
     return str(root)
 
 
+def fake_queue(tmp_path: Path, devno: str, max_bytes: int, granularity: int = 4096, alignment: int = 0,
+               hw_bytes: int = 4294966784) -> str:
+    """A /sys/dev/block/DEVNO with the discard limits a block device shows (a root for
+    blockdev.QueueLimits). A write to queue/discard_max_bytes lands in the file as is."""
+    d = tmp_path / "sys" / "dev" / "block" / devno
+    (d / "queue").mkdir(parents=True, exist_ok=True)
+    (d / "queue" / "discard_max_bytes").write_text(f"{max_bytes}\n")
+    (d / "queue" / "discard_max_hw_bytes").write_text(f"{hw_bytes}\n")
+    (d / "queue" / "discard_granularity").write_text(f"{granularity}\n")
+    (d / "discard_alignment").write_text(f"{alignment}\n")
+    return str(tmp_path / "sys")
+
+
 class World:
     """A source host with domain vm1 (domid 7) and a destination directory for its disks."""
 

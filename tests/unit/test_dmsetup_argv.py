@@ -140,6 +140,15 @@ def test_swap_loads_then_resumes_once(noflush: bool, flag: list[str]) -> None:
     assert secs >= 0 and w.calls == [("top", True)]
 
 
+def test_swap_without_udev_sync() -> None:
+    # the cutover's swaps: dmsetup returns once the kernel resumed; the node stays as it was
+    dm, r, w = make()
+    dm.swap("top", MIR, udev_sync=False)
+    assert r.argvs == [["dmsetup", "load", "top", "--table", MIR.render()],
+                       ["dmsetup", "resume", "--noudevsync", "top"]]
+    assert w.calls == []
+
+
 def test_swap_clears_inactive_when_resume_fails() -> None:
     dm, r, w = make([(["dmsetup", "resume"], (1, "", "device-mapper: resume ioctl failed")),
                      (["dmsetup", "clear"], (1, "", "clear failed too"))])

@@ -36,14 +36,18 @@ class _Dm:
 
 
 class _Stack:
-    def __init__(self, problems: list[str | None]) -> None:
+    def __init__(self, problems: list[str | None], discards: str = "254:1/9/0") -> None:
         self.dm = _Dm()
+        self.mark = discards
         self.era = SimpleNamespace(dirty=lambda era, meta, since: ([], 0))
         self.journal = SimpleNamespace(save=lambda entry, phase=None: None)
         self.problems = problems
 
     def lv_problem(self, entry: journal.Entry) -> str | None:
         return self.problems.pop(0) if self.problems else None
+
+    def discards(self, name: str) -> str | None:
+        return self.mark
 
 
 class _Remote:
@@ -74,6 +78,7 @@ def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
     monkeypatch.setattr(handover, "Copier", lambda *a, **k: SimpleNamespace(copy=lambda ext: copied))
     e = journal.Entry("d1", "/dev/loop0", "7:0", phase=journal.MIRRORING, metadata="/dev/loop1", block_sectors=128)
     e.mirror.synced = Synced(events=2)
+    e.copy.discards = "254:1/9/0"
     monkeypatch.setattr(journal.Entry, "destination", lambda self: None)
     s, r = _Stack(list(problems)), _Remote()
     s.journal.dir = str(tmp_path)  # where the gate drops a generation it does not record
@@ -81,4 +86,21 @@ def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
     assert rec["ok"] is ok and r.answers[-1][0] is ok, (rec, r.answers)
     if not ok:
         assert "no longer dmmig's" in rec["why"]
+    assert s.dm.calls == ["suspend dmmig-d1", "resume dmmig-d1"]
+
+
+def test_a_discard_since_the_cutover_turns_a_catch_up_into_a_no(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Era records a discard by its first block only, and after a leg failed a discard reached
+    leg 0 alone: no catch-up in the window can know where the rest of it fell."""
+    monkeypatch.setattr(handover, "start_export", lambda remote, dest, name, deadline_s=None: None)
+    copied = SimpleNamespace(read=0)
+    monkeypatch.setattr(handover, "Copier", lambda *a, **k: SimpleNamespace(copy=lambda ext: copied))
+    e = journal.Entry("d1", "/dev/loop0", "7:0", phase=journal.MIRRORING, metadata="/dev/loop1", block_sectors=128)
+    e.mirror.synced = Synced(events=2)
+    e.copy.discards = "254:1/9/0"
+    monkeypatch.setattr(journal.Entry, "destination", lambda self: None)
+    s, r = _Stack([], discards="254:1/9/2048"), _Remote()
+    rec = handover.answer_gate(s, e, r)  # type: ignore[arg-type]
+    assert rec["ok"] is False and r.answers[-1][0] is False, (rec, r.answers)
+    assert "2048 sector(s) were discarded through the era device" in rec["why"], rec
     assert s.dm.calls == ["suspend dmmig-d1", "resume dmmig-d1"]

@@ -82,8 +82,12 @@ def test_unknown_domain_and_dom0_refused(world: World) -> None:
 
 
 def test_no_managed_disk_refused(world: World) -> None:
-    world.xs.data.update(vbd_keys(51712, "xvda", "/dev/vg0/x", script="/etc/xen/scripts/block"))
-    with pytest.raises(BadInput, match="none of vm1's disks uses block-dmmig"):
+    world.xs.data.update(vbd_keys(51712, "xvda", "/dev/vg0/x", script="/etc/xen/scripts/block", mode="r"))
+    with pytest.raises(BadInput, match="none of vm1's disks uses block-dmmig or is an LV dmmig can adopt"):
+        world.plan()
+    # a writable one that is not an LV dmmig can adopt: why not (tests/unit/test_migrate_adopt.py)
+    world.xs.data.update(vbd_keys(51728, "xvdb", "/dev/vg0/y", script="/etc/xen/scripts/block"))
+    with pytest.raises(BadInput, match=r"can neither move nor adopt: xvdb \(/dev/vg0/y\)"):
         world.plan()
 
 

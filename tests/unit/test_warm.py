@@ -363,8 +363,9 @@ class _WrapStack(_Stack):
     def info(self, name: str) -> Any:
         return type("Info", (), {"open_count": self.open_count})()
 
-    def prepare(self, name: str) -> None:
+    def prepare(self, name: str, confine: bool = True) -> None:
         self.prepared += 1
+        self.confined = confine
         e = self.entry_of(name)
         self.journal.save(e, journal.PREPARED)
 
@@ -423,6 +424,7 @@ def test_wrap_of_the_handed_over_disk_puts_era_under_it_at_once(tmp_path: Path,
     assert "warm: era tracks every write to d1 since generation g1 (era 1)" == warm.track(s, "d1")
     e = s.entry_of("d1")
     assert s.prepared == 1 and e.copy.warm == WarmTrack("g1", 1, Counters("7:0", 3, 50, 0), Counters("254:7", 12, 0, 0))
+    assert s.confined is False  # B's tracking era keeps the origin's discard limit
     rec = generation.load(state, "d1")
     assert rec is not None and rec.tracking
     assert warm.track(s, "d1") is None  # once
@@ -701,6 +703,7 @@ def test_migrate_dry_run_says_why_a_disk_not_prepared_is_a_full_copy(tmp_path: P
     s.loop = type("Loop", (), {"find": lambda self, f: [], "info": lambda self, d: None})()
     s.dm = s
     s.table = lambda name: type("T", (), {"length": 2048})()
+    s.discard_unit = lambda name: 0  # main's Stack.discard_unit: an origin that takes no discard
     est = copying.estimate(s, "d1")
     assert est["warm"] == "cold: full copy, because no generation is recorded for this disk here " \
                           "(no migration finished onto it)", est

@@ -549,3 +549,125 @@ def test_dmmig_migrate_back_sends_only_what_the_guest_wrote_there(pair: tuple[Xe
         clean_up(a, b, name, disk, img)
         for h in (a, b):
             h.run(["rm", "-f", rec_a, rec_b, rec_a + ".started", rec_b + ".started", rec_a + ".none"], check=False)
+
+
+# LVM of the test's own (tests/kernel/test_adopt.py's Vg): its configuration in a directory of
+# its own (LVM_SYSTEM_DIR: nothing of /etc/lvm is read or written), one loop device PV
+LVM_CONF = """devices {{ filter = [ "a|^{pv}$|", "r|.*|" ] global_filter = [ "a|^{pv}$|", "r|.*|" ]
+  obtain_device_list_from_udev = 0 use_devicesfile = 0 }}
+global {{ use_lvmlockd = 0 }}
+backup {{ backup = 0 archive = 0 backup_dir = "{d}/backup" archive_dir = "{d}/archive" }}
+activation {{ monitoring = 0 }}
+"""
+
+
+def make_lv(h: XenHost, vg: str, lv: str, mib: int) -> str:
+    """/dev/VG/LV of MIB MiB on H, in a VG on a loop device over /dev/shm; udev's LVM
+    autoactivation (69-lvm.rules, which would run vgchange with /etc/lvm) masked meanwhile."""
+    d = f"/dev/shm/lvm-{vg}"
+    h.sh("mkdir -p /run/udev/rules.d && echo '# dmmig test: no LVM autoactivation' > /run/udev/rules.d/69-lvm.rules"
+         " && udevadm control --reload")
+    h.run(["truncate", "-s", f"{mib + 8}M", f"{d}.pv"])
+    pv = h.run(["losetup", "--find", "--show", f"{d}.pv"]).out.strip()
+    h.run(["mkdir", "-p", d])
+    h.write_file(f"{d}/lvm.conf", LVM_CONF.format(pv=pv, d=d))
+    env = {"LVM_SYSTEM_DIR": d}
+    h.run(["lvm", "pvcreate", "--yes", pv], env=env)
+    h.run(["lvm", "vgcreate", vg, pv], env=env)
+    h.run(["lvm", "lvcreate", "--yes", "-n", lv, "-L", f"{mib}M", vg], env=env)
+    h.run(["lvm", "vgmknodes", vg], env=env)  # /dev/VG/LV, whether or not udev made it
+    return f"/dev/{vg}/{lv}"
+
+
+def remove_lv(h: XenHost, vg: str) -> None:
+    d = f"/dev/shm/lvm-{vg}"
+    env = {"LVM_SYSTEM_DIR": d}
+    h.run(["lvm", "vgchange", "-an", vg], env=env, check=False)
+    h.run(["lvm", "vgremove", "--yes", "-f", vg], env=env, check=False)
+    h.sh(f"losetup -j {d}.pv | cut -d: -f1 | xargs -r -n1 losetup -d; rm -rf {d} {d}.pv "
+         "/run/udev/rules.d/69-lvm.rules; udevadm control --reload", check=False)
+
+
+def test_dmmig_migrate_adopts_a_phy_lv_on_the_stock_block_script(pair: tuple[XenHost, XenHost],
+                                                                 xen_report: dict[str, Any]) -> None:
+    """Issue 16 part 2: a guest started with `phy:/dev/VG/LV` (xl's stock block script, no
+    block-dmmig anywhere in its config) is moved by `dmmig migrate` as it writes. dmmig adopts
+    the LV (its table under dmmig's top, live), copies and mirrors it, and hands xl migrate
+    (-C) the domain's config with that disk on block-dmmig, so b's add asks the handover gate.
+    The guest's writes and those of an oracle writing in dom0 through the LV itself are all
+    on b; a's LV has its own table back and every write of its time on a."""
+    a, b = pair
+    name, seed, gseed = "xradopt", 61, 62
+    vg, lvname = "xrvg", "vm"
+    disk = f"{vg}-{lvname}"           # block-dmmig's and dmmig's name for /dev/xrvg/vm
+    rec = f"/run/{name}.rec"
+    # 32 MiB = 8192 blocks of 4 KiB: the oracle writes 0..1023, the guest 6144..6399
+    gstart, gcount = 6144, 256
+    lv = make_lv(a, vg, lvname, 32)
+    assert make_lv(b, vg, lvname, 32) == lv
+    own_table = a.run(["dmsetup", "table", disk]).out
+    oracle(a, "fill", lv, seed)
+    vm = DomU(a, name, disk=f"phy:{lv},xvda,w",
+              job=["workload", str(gseed), "/dev/xvda", str(gstart), str(gcount), "200"])
+    try:
+        step("create")
+        vm.create()
+        vm.wait_console(r"XENRIG-ACK 30 ", timeout=180)
+        assert "script" not in vm.config()  # the stock block script: dmmig never touched this domain
+
+        step("dry run")
+        r = a.run(migrate_argv(name, "--dry-run", "--config", vm.cfg_path), timeout=300)
+        assert f"xvda: {lv} (script /etc/xen/scripts/block): adopted first, live, as dmmig disk {disk}" in r.out, r
+        assert f"xl migrate -C: {vm.cfg_path} with xvda on script=block-dmmig" in r.out, r
+        assert f"script=block-dmmig,target={lv}' ]" in r.out, r
+        assert not [ln for ln in a.run(["dmsetup", "ls"]).out.splitlines() if ln.startswith("dmmig-")]
+        assert a.run(["dmsetup", "table", disk]).out == own_table
+
+        step("writer")
+        writer = start_writer(a, lv, seed, rec, "0:1024")  # through the LV: the path blkback takes
+        step("migrate")
+        t = time.monotonic()
+        job = a.spawn(migrate_argv(name, "--json", "--config", vm.cfg_path, "--", "-e"), timeout=1200)
+        wait_table(a, f"dmmig-{disk}", "mirror", 600, job)
+        time.sleep(3)
+        wrote = stop_writer(writer)
+        r = wait_migrate(job, a, b, name, 480)
+        step(f"migrate done: {r.rc}")
+        assert r.rc == 0, r
+        assert vm.domid(a) is None and vm.domid(b) is not None
+        [summary] = [e for e in events(r.out) if e["event"] == "summary"]
+
+        # on b the guest runs on block-dmmig (its add asked the gate): dmmig-DISK over the LV
+        entry = json.loads(b.run(["cat", f"{STATE}/{disk}.json"]).out)  # only block-dmmig's add writes it
+        assert entry["phase"] == "wrapped", entry
+        on_a = pattern.acks(vm.console(a))
+        vm.wait_console(rf"XENRIG-ACK {max(x.seq for x in on_a) + 20} ", host=b, timeout=180)
+        b.run(["xl", "pause", name])
+        top_b = f"/dev/mapper/dmmig-{disk}"
+        got = guest_acks_on_disk(b, top_b, gseed, vm.console(a) + vm.console(b))
+        assert got["ok"], got
+        b.write_file(rec, a.run(["cat", rec]).out)
+        ok = oracle_check(b, top_b, seed, rec, "0:6144")
+        assert ok["mismatches"] == 0 and ok["written_blocks"] > 50, ok
+
+        # a: the LV has its own table back, dmmig's devices are gone, every write is on it
+        assert a.run(["dmsetup", "table", disk]).out == own_table
+        assert not [ln for ln in a.run(["dmsetup", "ls"]).out.splitlines() if ln.startswith("dmmig-")]
+        assert oracle_check(a, lv, seed, rec, "0:6144")["mismatches"] == 0
+        on_b = pattern.acks(vm.console(b))
+        gap = pattern.largest_gap(pattern.merge(on_a, on_b))
+        d = summary["disks"][disk]
+        xen_report["dmmig migrate, adopted phy: LV (32 MiB): total s / to mirror s / xl migrate s / finish s"] = (
+            round(time.monotonic() - t, 1), summary["to_mirror_seconds"], summary["xl"]["seconds"],
+            d["finish"]["seconds"])
+        xen_report["dmmig migrate, adopted LV: guest downtime ms / oracle writes / guest writes acked"] = (
+            round(gap.real_ms), wrote["writes"], len(pattern.merge(on_a, on_b)))
+        vm.destroy(b)
+    finally:
+        for h in (a, b):
+            h.run(["xl", "destroy", name], check=False)
+        for h in (a, b):
+            h.run([DMMIG, "abort", disk], check=False)
+            h.run([DMMIG, "unwrap", "--force", disk], check=False)
+            h.run(["rm", "-f", rec, rec + ".started", f"{STATE}/{disk}.dest.json"], check=False)
+            remove_lv(h, vg)
