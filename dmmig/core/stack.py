@@ -440,8 +440,12 @@ class Stack:
     def discard_unit(self, name: str) -> int:
         """NAME's origin's discard_granularity (bytes), 0 if it takes no discard or its limits
         cannot be read: the smallest era block prepare chooses (sizing.choose_block)."""
+        return self.discard_unit_of(self.entry_of(name).origin_devno)
+
+    def discard_unit_of(self, devno: str) -> int:
+        """As discard_unit, for the device DEVNO (an LV not adopted yet)."""
         try:
-            lim = self.queue.discard(self.entry_of(name).origin_devno)
+            lim = self.queue.discard(devno)
         except (OSError, ValueError):
             return 0
         return lim.granularity if lim.max_bytes else 0

@@ -208,7 +208,8 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
     disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine + resumed]
-    disks += [_adopted_disk(v, adopt[v.vdev], opts.block_bytes, opts.rate, parts) for v in to_adopt if v.vdev in adopt]
+    disks += [_adopted_disk(v, adopt[v.vdev], opts.block_bytes, opts.rate, parts,
+                            stack.discard_unit_of(adopt[v.vdev].devno)) for v in to_adopt if v.vdev in adopt]
     for d in disks:
         d.block_size = _sector_size(xs, stack, d)
     # found missing at cutover, it would cost the whole copy
@@ -254,22 +255,29 @@ def _devno_of(physical_device: str) -> str:
         return ""
 
 
-def _adopted_disk(v: Vbd, a: AdoptPlan, block_bytes: int | None, rate: float | None, resync_parts: int) -> Disk:
-    """The plan of a disk dmmig adopts first (nothing of it exists yet): its tables to be."""
+def _cutover_lines(name: str, length: int, block_sectors: int, resync_parts: int) -> list[str]:
+    """The plan's lines for the top's mirror set at cutover (the first and last part)."""
+    layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
+    lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
+                         "<nbd leg>").render().splitlines()
+    return [f"cutover:    {top_name(name)}: {layout.parts} dm-mirror targets side by side, regions of "
+            f"{layout.region // 2} KiB, each recovering one at a time:",
+            *(f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]]))]
+
+
+def _adopted_disk(v: Vbd, a: AdoptPlan, block_bytes: int | None, rate: float | None, resync_parts: int,
+                  discard_unit: int) -> Disk:
+    """The plan of a disk dmmig adopts first (nothing of it exists yet): its tables to be.
+    DISCARD_UNIT: the LV's discard granularity, the smallest era block prepare will choose."""
     rate_given = rate is not None
     length = a.table.length
-    choice = sizing.choose_block(length * 512, block_bytes)  # refuses a block dm-era cannot take
+    choice = sizing.choose_block(length * 512, block_bytes, discard_unit)  # refuses a block dm-era cannot take
     block_sectors = choice.block_bytes // 512
     block_fits(block_sectors, length, f"{v.vdev} ({v.params})")
     name, top = a.name, top_name(a.name)
     tables = [f"prepare:    {era_name(name)}: 0 {length} era <metadata loop> <{lv_name(name)}> {block_sectors}",
               f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
-    layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
-    lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
-                         "<nbd leg>").render().splitlines()
-    tables.append(f"cutover:    {top}: {layout.parts} dm-mirror targets side by side, regions of "
-                  f"{layout.region // 2} KiB, each recovering one at a time:")
-    tables += [f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]])]
+    tables += _cutover_lines(name, length, block_sectors, resync_parts)
     tables.append("  " + HOLD_LVM.format(lv=a.lv))
     rate = float(rate or sizing.DEFAULT_RATE)
     est = {"name": name, "disk_bytes": length * 512, "block_bytes": choice.block_bytes,
@@ -417,12 +425,7 @@ def _disk_here(stack: Stack, v: Vbd, dest_host: str, block_bytes: int | None, ra
                    f"            {top}: 0 {length} linear <{era_name(name)}> 0"]
     else:  # prepared already: its era block stays
         block_sectors = entry.block_sectors or block_sectors
-    layout = mirrorlog.Layout.choose(length, block_sectors, max_parts=resync_parts)
-    lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
-                           "<nbd leg>").render().splitlines()
-    tables.append(f"cutover:    {top}: {layout.parts} dm-mirror targets side by side, regions of "
-                  f"{layout.region // 2} KiB, each recovering one at a time:")
-    tables += [f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]])]
+    tables += _cutover_lines(name, length, block_sectors, resync_parts)
     return Disk(v, name, entry.origin, length * 512, entry.phase, v.params, True, tables, estimate=est)
 
 
