@@ -45,7 +45,9 @@ sys.exit(1 if any("error" in v for v in out.values()) else 0)
 """
 
 
-@pytest.mark.parametrize("n", [2, 4])
+# four disks share every resource two would (nbd devices, the host-wide lock, the tunnels), and
+# more of them at once; the two-disk case cost 60 s of a main suite that must stay under 30 min
+@pytest.mark.parametrize("n", [4])
 def test_disks_reach_the_mirror_together_under_writers(pair, pdisks, name: str, n: int) -> None:
     a, b = pair
     da, db = pdisks
