@@ -70,9 +70,9 @@ class _Remote:
 RELOADED = "the table of vg0-vm1 is no longer dmmig's"
 
 
-@pytest.mark.parametrize("problems, ok", [([None, None], True), ([None, RELOADED], False)])
-def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, problems: list[str | None], ok: bool) -> None:
+def _catch_up(monkeypatch: pytest.MonkeyPatch) -> journal.Entry:
+    """A mirroring entry whose leg broke since the sync (events moved): the gate must catch up;
+    the export and the copy do nothing."""
     monkeypatch.setattr(handover, "start_export", lambda remote, dest, name, deadline_s=None: None)
     copied = SimpleNamespace(read=0)
     monkeypatch.setattr(handover, "Copier", lambda *a, **k: SimpleNamespace(copy=lambda ext: copied))
@@ -80,6 +80,13 @@ def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
     e.mirror.synced = Synced(events=2)
     e.copy.discards = "254:1/9/0"
     monkeypatch.setattr(journal.Entry, "destination", lambda self: None)
+    return e
+
+
+@pytest.mark.parametrize("problems, ok", [([None, None], True), ([None, RELOADED], False)])
+def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, problems: list[str | None], ok: bool) -> None:
+    e = _catch_up(monkeypatch)
     s, r = _Stack(list(problems)), _Remote()
     s.journal.dir = str(tmp_path)  # where the gate drops a generation it does not record
     rec = handover.answer_gate(s, e, r)  # type: ignore[arg-type]
@@ -92,13 +99,7 @@ def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
 def test_a_discard_since_the_cutover_turns_a_catch_up_into_a_no(monkeypatch: pytest.MonkeyPatch) -> None:
     """Era records a discard by its first block only, and after a leg failed a discard reached
     leg 0 alone: no catch-up in the window can know where the rest of it fell."""
-    monkeypatch.setattr(handover, "start_export", lambda remote, dest, name, deadline_s=None: None)
-    copied = SimpleNamespace(read=0)
-    monkeypatch.setattr(handover, "Copier", lambda *a, **k: SimpleNamespace(copy=lambda ext: copied))
-    e = journal.Entry("d1", "/dev/loop0", "7:0", phase=journal.MIRRORING, metadata="/dev/loop1", block_sectors=128)
-    e.mirror.synced = Synced(events=2)
-    e.copy.discards = "254:1/9/0"
-    monkeypatch.setattr(journal.Entry, "destination", lambda self: None)
+    e = _catch_up(monkeypatch)
     s, r = _Stack([], discards="254:1/9/2048"), _Remote()
     rec = handover.answer_gate(s, e, r)  # type: ignore[arg-type]
     assert rec["ok"] is False and r.answers[-1][0] is False, (rec, r.answers)

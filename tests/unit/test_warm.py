@@ -505,17 +505,26 @@ def _asked(dest: Dest, name: str, out: dict[str, Any]) -> Any:
     return t
 
 
+def _answer(dest: Dest, name: str, out: dict[str, Any], *, ok: bool = True, gen: str = "abc123",
+            asked: bool = True) -> dict[str, Any]:
+    """The source's answer to NAME's gate with a generation, with the `add` asking first unless
+    not ASKED (an `add` that gave up: the answer is not delivered); the agent's reply."""
+    t = _asked(dest, name, out) if asked else None
+    try:
+        r = dest.agent.op_answer_gate(name, ok, "fine", warm={"generation": gen, "peer": "hosta"})
+        if t is not None:
+            t.join(10)
+    finally:
+        dest.agent.gate.close()
+    return r
+
+
 def test_the_new_owner_records_its_half_at_the_gates_yes_once_its_export_stopped(dest: Dest) -> None:
     p = dest.path("vm1.img", 4 * MIB)
     dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
     assert dest.agent.op_hello()["warm_gate"] is True
     out: dict[str, Any] = {}
-    t = _asked(dest, "d1", out)
-    try:
-        r = dest.agent.op_answer_gate("d1", True, "fine", warm={"generation": "abc123", "peer": "hosta"})
-        t.join(10)
-    finally:
-        dest.agent.gate.close()
+    r = _answer(dest, "d1", out)
     assert r["delivered"] is True and r["warm"] == {"ok": True} and out["ok"], r
     rec = generation.load(dest.state, "d1")
     assert rec is not None and rec.role == TOOK_OVER and rec.generation == "abc123" and rec.path == p
@@ -532,15 +541,8 @@ def test_no_half_is_recorded_at_the_gate_unless_the_yes_reached_the_add(dest: De
     p = dest.path("vm1.img", 4 * MIB)
     dest.agent.op_prepare_disk("d1", p, 4 * MIB, block_size=512, migration="m1")
     generation.record(dest.state, "d1", TOOK_OVER, p, 4 * MIB, "older", "hosta", R)  # an older one goes too
-    out: dict[str, Any] = {}
-    t = _asked(dest, "d1", out) if case != "undelivered" else None
-    try:
-        r = dest.agent.op_answer_gate("d1", case != "no", "why",
-                                      warm={"generation": "../x" if case == "bad id" else "abc123", "peer": "a"})
-        if t is not None:
-            t.join(10)
-    finally:
-        dest.agent.gate.close()
+    r = _answer(dest, "d1", {}, ok=case != "no", gen="../x" if case == "bad id" else "abc123",
+                asked=case != "undelivered")
     assert r["warm"]["ok"] is False and why in r["warm"]["why"], r
     if case != "no":
         assert generation.load(dest.state, "d1") is None
@@ -568,12 +570,7 @@ def test_no_half_is_recorded_at_the_gate_for_a_disk_used_here_since_the_exports_
         with open(Files(dest.state, "d1").journal, "w") as fh:
             fh.write("{}")
     out: dict[str, Any] = {}
-    t = _asked(dest, "d1", out)
-    try:
-        r = dest.agent.op_answer_gate("d1", True, "fine", warm={"generation": "abc123", "peer": "hosta"})
-        t.join(10)
-    finally:
-        dest.agent.gate.close()
+    r = _answer(dest, "d1", out)
     assert r["delivered"] and r["warm"]["ok"] is False and why in r["warm"]["why"], r
     assert generation.load(dest.state, "d1") is None
 
