@@ -133,6 +133,9 @@ def merge(ranges: list[BlockRange]) -> list[BlockRange]:
     return out
 
 
+NICE = ("nice", "-n", "19")  # coreutils: everywhere dmmig runs
+
+
 class EraTools:
     def __init__(self, runner: Runner, dm: DmSetup) -> None:
         self.r = runner
@@ -172,11 +175,15 @@ class EraTools:
             raise
         return parse_invalidate_xml(res.stdout)
 
-    def written_since_file(self, metadata_dev: str, since_era: int, path: str) -> DirtyRanges:
-        """As written_since, the answer in PATH (era_invalidate -o), streamed by the caller."""
+    def written_since_file(self, metadata_dev: str, since_era: int, path: str, *,
+                           background: bool = False) -> DirtyRanges:
+        """As written_since, the answer in PATH (era_invalidate -o), streamed by the caller.
+        BACKGROUND: at the lowest CPU priority, for a query that holds no window and no guest
+        (a copy round's, the cutover's second): over a multi-TiB era array it takes seconds of
+        CPU, which the guest's I/O path (blkback, dm and loop workers, the resync) needs first."""
         try:
-            self.r.run(["era_invalidate", "--metadata-snapshot", "--written-since", str(since_era),
-                        "-o", path, metadata_dev], timeout=300)
+            self.r.run([*(NICE if background else ()), "era_invalidate", "--metadata-snapshot",
+                        "--written-since", str(since_era), "-o", path, metadata_dev], timeout=300)
             return DirtyRanges.load(path)
         except BaseException as e:
             DirtyRanges(path).close()
@@ -184,10 +191,11 @@ class EraTools:
                 e.hint = "is a metadata snapshot held? (dmmig takes one around this call)"
             raise
 
-    def dirty_ranges(self, era_dev: str, metadata_dev: str, since_era: int, path: str) -> tuple[DirtyRanges, int]:
+    def dirty_ranges(self, era_dev: str, metadata_dev: str, since_era: int, path: str, *,
+                     background: bool = False) -> tuple[DirtyRanges, int]:
         """As dirty, the answer in PATH, streamed; the caller closes it."""
         with self.snapshot(era_dev) as now:
-            return self.written_since_file(metadata_dev, since_era, path), now
+            return self.written_since_file(metadata_dev, since_era, path, background=background), now
 
     def dirty(self, era_dev: str, metadata_dev: str, since_era: int) -> tuple[list[BlockRange], int]:
         """Dirty blocks since since_era and the era that was current when they were read."""

@@ -581,8 +581,8 @@ class Stack:
             mark = writefence.discard_mark_of(devno) if devno else None
         try:
             now = self.dm.era_status(era).current_era
-            return (self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty), now,
-                    mark)
+            return (self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty,
+                                                background=True), now, mark)
         finally:
             self.dm.message(era, "drop_metadata_snap")
 

@@ -194,8 +194,9 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # region the first swap's logs already had out of sync needs nothing more: the
             # kernel recovers it after that swap, so its copy reads those writes too
             with sw("era query (resyncing)"):
+                # niced: the kernel resyncs and the guest writes meanwhile, both ahead of it
                 second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
-                                                            Files(stack.journal.dir, name).dirty)
+                                                            Files(stack.journal.dir, name).dirty, background=True)
             pauses = [round(pause, 4)]
             try:
                 if second_ranges.blocks:

@@ -13,6 +13,8 @@ from dmmig.adapters.dm.dmsetup import INFO_FIELDS, DmInfo, DmSetup
 from dmmig.adapters.dm.targets import CoreLog, Era, Linear, Mirror, Table
 from dmmig.adapters.era import BlockRange, EraTools
 from dmmig.adapters.runner import Result
+from dmmig.core import journal
+from dmmig.core.stack import Stack
 from dmmig.errors import CommandError, DmmigError, MissingDependency
 from tests.unit.fakes import INFO, FakeRunner
 
@@ -367,3 +369,37 @@ def test_fake_runner_matches_protocol() -> None:
     # the fake's signature is the Runner protocol's: argv, check, timeout, input
     r: Callable[..., Result] = FakeRunner().run
     assert r(["true"], check=True, timeout=None, input=None).returncode == 0
+
+
+def test_a_background_query_runs_niced_and_a_foreground_one_does_not(tmp_path: Path) -> None:
+    # the cutover's second query and a copy round's run beside the guest's I/O and the resync
+    # (never in a window): at the lowest CPU priority. The gate's catch-up and the cutover's
+    # first query stand on the critical path: not niced
+    r = FakeRunner(era_rules(["0 2048 era 8 12/1024 4 28\n"] * 2, "<blocks/>"))
+    tools = EraTools(r, DmSetup(r))
+    for background in (True, False):
+        (tmp_path / "dirty").write_text("<blocks/>")  # what era_invalidate -o writes
+        d, _ = tools.dirty_ranges("era-a", "/dev/loop3", 3, str(tmp_path / "dirty"), background=background)
+        d.close()
+    queries = [a for a in r.argvs if "era_invalidate" in a]
+    assert queries == [["nice", "-n", "19", "era_invalidate", "--metadata-snapshot", "--written-since", "3", "-o",
+                        str(tmp_path / "dirty"), "/dev/loop3"],
+                       ["era_invalidate", "--metadata-snapshot", "--written-since", "3", "-o",
+                        str(tmp_path / "dirty"), "/dev/loop3"]]
+
+
+def test_a_copy_rounds_query_is_niced(tmp_path: Path) -> None:
+    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d-era;253;3;L--w;1;1;0;DMMIG-era-d\n", "")),
+                    *era_rules(["0 2048 era 8 12/1024 4 -\n"] * 3, "<blocks/>")])
+    stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
+    e = journal.Entry("d", "/dev/loop1", "7:1")
+    e.metadata, e.block_sectors = "/dev/loop3", 128
+    stack.journal.save(e, journal.COPYING)
+    (tmp_path / "state" / "d.dirty.xml").write_text("<blocks/>")
+    d, now, _ = stack.drained_dirty_ranges("d", 2)
+    d.close()
+    assert now == 4
+    assert [a[:4] for a in r.argvs if "era_invalidate" in a] == [["nice", "-n", "19", "era_invalidate"]]
+    # the query ran between the snapshot's take and drop, after the top's resume
+    msgs = [a[1] if a[1] != "message" else a[4] for a in r.argvs if a[0] == "dmsetup" and a[1] != "info"]
+    assert msgs[:4] == ["status", "suspend", "take_metadata_snap", "resume"], msgs
