@@ -9,7 +9,12 @@ blocks of the first 64 MiB) runs across 10 plain swaps (DmSetup.swap: load + sus
 resume of the same table), then another across the cutover (other blocks); then the oracle
 checks both disks against both writers' records.
 
-    [CUT_ARGS="--resync-parts 4"] .venv/bin/python -m bench.cutover_pause [SIZE ...]   (default: 128M; e.g. 128M 2T)
+    [CUT_ARGS="--resync-parts 4"] [BASE=DIR] [REPEAT=N] .venv/bin/python -m bench.cutover_pause [SIZE ...]
+    (default: 128M; e.g. 128M 2T)
+
+BASE=DIR (a tree holding an older dmmig/ package, e.g. `git archive COMMIT dmmig | tar -x -C DIR`):
+each size also runs with that dmmig's cutover (everything else as this tree's), right after this
+one's; REPEAT=N (default 1) runs the pair N times per size, alternating.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import sys
 import tempfile
 import time
 
+from bench.copy_wall import wrapper
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
@@ -26,6 +32,8 @@ DMMIG = str(ROOT / ".venv" / "bin" / "dmmig")
 PY = str(ROOT / ".venv" / "bin" / "python")
 ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 CUT_ARGS = os.environ.get("CUT_ARGS", "").split()  # e.g. "--resync-parts 4"
+BASE = os.environ.get("BASE")
+REPEAT = int(os.environ.get("REPEAT", "1"))
 SWAPS = r"""
 import json, sys, time
 from dmmig.adapters.runner import SubprocessRunner
@@ -57,7 +65,8 @@ def stop(job: object) -> dict:
     return json.loads(job.wait().out)  # type: ignore[attr-defined]
 
 
-def one(a: UmlHost, b: UmlHost, size: str) -> None:
+def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = None) -> None:
+    """EXE: the dmmig that cuts over (None: this tree's)."""
     # the first 64 MiB hold the oracle's seq-0 content (its fill, through a loop device that
     # ends there), so that its check knows every block of them; the rest is a hole
     a.sh(f"truncate -s {size} /dev/shm/src && l=$(losetup -f --show --sizelimit 64M /dev/shm/src) && "
@@ -76,7 +85,8 @@ def one(a: UmlHost, b: UmlHost, size: str) -> None:
         sw = stop(w)
         w = writer(a, rec2, "8192:16384")
         t0 = time.monotonic()
-        out = a.dmmig("cutover", "cp", "--json", *CUT_ARGS).out
+        out = (a.run([exe, "cutover", "cp", "--json", *CUT_ARGS]) if exe else a.dmmig("cutover", "cp", "--json",
+                                                                                   *CUT_ARGS)).out
         cut_s = time.monotonic() - t0
         time.sleep(1)
         cw = stop(w)
@@ -87,7 +97,7 @@ def one(a: UmlHost, b: UmlHost, size: str) -> None:
                        "--record", rec2], check=False)
             if r.rc != 0:
                 bad.append(f"{h.name}: {r.out[-300:]}")
-        print(f"{size}: copy {copy_s:.1f} s; cutover {cut_s:.1f} s, its windows "
+        print(f"{size}{label}: load {os.getloadavg()[0]:.1f}; copy {copy_s:.1f} s; cutover {cut_s:.1f} s, its windows "
               f"{'+'.join(f'{p * 1000:.0f}' for p in cut.get('pauses', [cut['suspended_seconds']]))} ms")
         print(f"  plain swap (anchor): call max {max(swaps):.0f} ms; writer worst {sw['max_latency_ms']:.0f} ms, "
               f"{sw['writes_over_5ms']} of {sw['writes']} writes over 5 ms")
@@ -108,8 +118,11 @@ def main() -> None:
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"))
     try:
         a, b = p.start()
+        variants = [("", None)] + ([(" (base)", wrapper(os.path.abspath(BASE)))] if BASE else [])
         for size in sizes:
-            one(a, b, size)
+            for _ in range(REPEAT):
+                for label, exe in variants:
+                    one(a, b, size, label, exe)
     finally:
         p.stop()
 

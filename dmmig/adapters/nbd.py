@@ -52,6 +52,17 @@ class Export:
         return f"{self.addr}:{self.port}" + (" (TLS)" if self.tls else " (no TLS)")
 
 
+def answers(addr: str, port: int, timeout: float) -> bool:
+    """Whether something accepts a TCP connection on ADDR:PORT within TIMEOUT seconds. Asked
+    before nbd-client connects there: its connect has no timeout of its own, and a host that
+    black-holes the link would hold it for minutes (the kernel's SYN retries)."""
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
         try:

@@ -59,10 +59,10 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
     """Swap the top table to mirror(era device, nbd leg) and let the kernel resync exactly
     the regions era recorded since the last copy round. Race-free in three steps:
     1. era is queried (D1: eras >= the last round's) and the logs mark D1 out of sync, outside
-       any window; meanwhile the tunnel and the NBD leg on the export the copy left running
-       (--transport ssh: the agent is asked only if that one does not answer) or the agent's
-       export (--transport nbd) come up in threads (the leg's thread journals the tunnel's pid
-       and the device, under the journal's lock; the export's nothing: this thread journals it).
+       any window; meanwhile the NBD leg on the export the copy left running comes up in a
+       thread (--transport ssh: through its tunnel; the agent is asked only if that export does
+       not answer, in a thread too; the leg's thread journals the tunnel's pid and the device,
+       under the journal's lock; the export's thread nothing: this thread journals it).
        On a failure this thread waits for them before it tears down, so nothing of theirs comes
        up after the teardown.
     2. one resume swaps to the mirror: its suspend drains every write so far to leg 0; from
@@ -99,14 +99,15 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         since = int(entry.copy.next_since or 0)
         # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
         # agent's start, the export) runs in threads while this host makes the logs and queries
-        # era. --transport ssh: the copy left its export running, so the leg's thread first tries
-        # that one through the tunnel (which checks the host key and logs in itself); the agent is
-        # asked only if it does not answer. --transport nbd: the agent is asked meanwhile
-        # (nbd-client's TCP connect to a host that stopped answering would hang a minute).
+        # era. The copy left its export running, so the leg's thread first tries that one
+        # (--transport ssh: through the tunnel, which checks the host key and logs in itself;
+        # --transport nbd: over TCP once a connect with a deadline got through, since nbd-client's
+        # own connect to a host that black-holes would hang for minutes); the agent is asked only
+        # if it does not answer.
         dest = entry.destination().copy()
         exporting: Started[nbd.Export] | None = None
         copied = dest.export  # the copy's export: the same unless it moved
-        tunneling: Started[tuple[int, str | None]] | None = None
+        tunneling: Started[tuple[int | None, str | None]] | None = None
         try:
             if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
@@ -115,6 +116,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 # pid and the device under the journal's lock), beside the log preparation
                 tunneling = Started(partial(_tunnel_and_leg, stack, entry, dest.copy(), tun, copied, opts.nbd_timeout,
                                             save, par))
+            elif not ssh and copied and copied.addr and copied.port and not copied.socket:
+                # --transport nbd: the copy left its export listening (TLS with this migration's
+                # credentials, or --insecure as asked): the leg on it, no SSH login or agent start
+                # (2-4 s of the set-up's critical path in the rig); the agent only if it does not answer
+                tunneling = Started(partial(_leg_on_export, stack, entry, copied, opts.nbd_timeout, save, par))
             if tunneling is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
@@ -295,6 +301,23 @@ def _tunnel_and_leg(stack: Stack, entry: journal.Entry, target: Destination, tun
         except RemoteError as e:
             log.info("the copy's export of %s did not answer (%s): asking the destination", entry.name, e.message)
             return pid, None
+
+
+def _leg_on_export(stack: Stack, entry: journal.Entry, export: nbd.Export, timeout: int, save: Callable[[], None],
+                   par: Stopwatch) -> tuple[int | None, str | None]:
+    """--transport nbd (in a thread): the kernel's NBD client on EXPORT, the copy's, over TCP.
+    Returns (None, the device), or (None, None) when it did not answer (the caller asks the
+    agent). Nothing of it stays attached on a failure (NbdKernel.attach_free)."""
+    assert export.addr and export.port
+    with par("nbd leg"):
+        if not nbd.answers(export.addr, export.port, timeout):
+            log.info("the copy's export of %s (%s) does not answer: asking the destination", entry.name, export.where)
+            return None, None
+        try:
+            return None, stack.mirror.attach_nbd(entry, export, timeout, save)
+        except (RemoteError, CommandError) as e:
+            log.info("the copy's export of %s did not answer (%s): asking the destination", entry.name, e.message)
+            return None, None
 
 
 def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:

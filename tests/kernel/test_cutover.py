@@ -26,6 +26,7 @@ from tests.kernel.steps import (
     wait_resumed,
 )
 from tests.rig.output import summary
+from tests.rig.pair import B_IP
 from tests.rig.uml import UmlHost
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
@@ -104,18 +105,19 @@ def test_writes_between_the_era_query_and_the_swap_reach_the_destination(pair, p
     cleanup(a, b, name, rec)
 
 
-def test_cutover_asks_the_destination_when_the_copys_export_is_gone(pair, pdisks, name: str) -> None:
-    """--transport ssh: the cutover first attaches the export the copy left running, through its
-    tunnel, without a call to the agent; when that export is gone (its qemu-nbd died), it asks
-    the agent, which starts it again, and goes on with a fresh tunnel: the resync reaches the
-    destination."""
+@pytest.mark.parametrize("transport", ["ssh", "nbd"])
+def test_cutover_asks_the_destination_when_the_copys_export_is_gone(pair, pdisks, name: str, transport: str) -> None:
+    """The cutover first attaches the export the copy left running (--transport ssh: through
+    its tunnel; nbd: over TCP with TLS), without a call to the agent; when that export is gone
+    (its qemu-nbd died), it asks the agent, which starts it again, and goes on (ssh: with a
+    fresh tunnel): the resync reaches the destination."""
     a, b = pair
     da, db = pdisks
     origin, dest = da(32, fill_seed=6), db(32)
     top = f"/dev/mapper/dmmig-{name}"
     a.dmmig("wrap", name, origin)
     a.dmmig("prepare", name)
-    a.dmmig(*copy_args(name, dest))
+    a.dmmig(*copy_args(name, dest, *(["--transport", "nbd", "--nbd-address", B_IP] if transport == "nbd" else [])))
     a.py(WRITE_BLOCKS, top, f"0:{32 * MiB}:{2 * BLOCK}")  # every other region: 16 MiB to resync
     pid = b.run(["cat", f"/run/dmmig/{name}.qemu-nbd.pid"]).out.strip()
     b.run(["kill", pid])

@@ -357,6 +357,9 @@ def test_nbd_transport_needs_tls_or_explicit_consent(pair, pdisks, name: str) ->
         assert got == [], f"a client without dmmig's credentials read the disk: {got}"
         r = a.dmmig("cutover", name, "--json", check=False)
         assert r.rc == 0, r.err
+        # the leg on the export the copy left listening: no SSH login, no agent start
+        cut = summary(r.out)
+        assert "wait for the destination" not in cut["seconds"] and "connect" not in cut["overlapped"], cut
         time.sleep(2)
     finally:
         stop_writer(a, w)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dmmig.adapters import tlscreds, tunnel
+from dmmig.adapters import nbd, tlscreds, tunnel
 from dmmig.adapters.agentcmd import agent_argv
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.nbd import Export, free_port, open_client, stop_export
@@ -517,3 +517,15 @@ def test_the_relay_listener_path_appears_only_once_it_listens(tmp_path: Path) ->
     finally:
         p.kill()
         p.wait()
+
+
+def test_answers_tells_a_listener_from_a_closed_port_within_its_deadline() -> None:
+    # asked before nbd-client connects to the copy's export: nbd-client's own connect has no deadline
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        assert nbd.answers("127.0.0.1", port, 5)
+    t = time.monotonic()
+    assert not nbd.answers("127.0.0.1", port, 5)  # closed now: refused at once
+    assert time.monotonic() - t < 5
