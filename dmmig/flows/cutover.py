@@ -107,21 +107,22 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         dest = entry.destination().copy()
         exporting: Started[nbd.Export] | None = None
         copied = dest.export  # the copy's export: the same unless it moved
-        tunneling: Started[tuple[int | None, str | None]] | None = None
+        # the tunnel's pid (ssh) and the leg on the copy's export
+        on_copied: Started[tuple[int | None, str | None]] | None = None
         try:
             if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
                 save()  # the tunnel's log names it: a killed dmmig's is found by it
                 # with the copy's export: the leg too, in the same thread (it journals the tunnel's
                 # pid and the device under the journal's lock), beside the log preparation
-                tunneling = Started(partial(_tunnel_and_leg, stack, entry, dest.copy(), tun, copied, opts.nbd_timeout,
+                on_copied = Started(partial(_tunnel_and_leg, stack, entry, dest.copy(), tun, copied, opts.nbd_timeout,
                                             save, par))
             elif not ssh and copied and copied.addr and copied.port and not copied.socket:
                 # --transport nbd: the copy left its export listening (TLS with this migration's
                 # credentials, or --insecure as asked): the leg on it, no SSH login or agent start
                 # (2-4 s of the set-up's critical path in the rig); the agent only if it does not answer
-                tunneling = Started(partial(_leg_on_export, stack, entry, copied, opts.nbd_timeout, save, par))
-            if tunneling is None or not copied:
+                on_copied = Started(partial(_leg_on_export, stack, entry, copied, opts.nbd_timeout, save, par))
+            if on_copied is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
             # tagged below `first` and done once the swap's suspend is
@@ -144,9 +145,9 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             leg: str | None = None
             tried = False  # the copy's export, through the tunnel: a relay tunnel serves one connection only
             if exporting is None:
-                assert tunneling is not None
+                assert on_copied is not None
                 with sw("wait for the leg"):
-                    leg = tunneling.result()[1]
+                    leg = on_copied.result()[1]
                     tried = True
                 if leg is None:
                     exporting = Started(partial(_connect_export, stack, name, dest, par))
@@ -160,7 +161,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     save()
                 with sw("nbd leg"):
                     if ssh:
-                        pid = tunneling.result()[0] if tunneling is not None else None
+                        pid = on_copied.result()[0] if on_copied is not None else None
                         if pid is not None and (tried or export.socket != (copied.socket if copied else None)):
                             stack.mirror.stop_tunnel(name, pid)  # used up, or forwards to where the export was
                             pid = None
@@ -225,8 +226,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         except BaseException:
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
-            if tunneling is not None:
-                tunneling.wait()
+            if on_copied is not None:
+                on_copied.wait()
             drop_mirror(stack, entry)
             stack.journal.save(entry, journal.COPIED)
             raise
