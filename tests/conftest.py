@@ -50,16 +50,16 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         if fx in request.fixturenames:
             v = request.getfixturevalue(fx)
             hosts += list(v) if isinstance(v, tuple) else [v]
-    before = {h.name: leaks.snapshot(h) for h in hosts}
+    before = leaks.snapshots(hosts)
     for h in hosts:
         h.kmsg_seen = before[h.name].kmsg_last
     yield
     found = []
     logged = []
-    for h in hosts:
-        if not h.alive():
-            continue
-        after = leaks.snapshot(h, kmsg_since=h.kmsg_seen)
+    alive = [h for h in hosts if h.alive()]
+    afters = leaks.snapshots(alive, {h.name: h.kmsg_seen for h in alive})
+    for h in alive:
+        after = afters[h.name]
         logged += kernel_log.report(h.name, after.kmsg_lines)
         lk = leaks.leaks(before[h.name], after)
         if lk:

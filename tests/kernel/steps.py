@@ -53,6 +53,12 @@ def status(h: UmlHost, name: str) -> dict:
     return json.loads(h.dmmig("status", name, "--json").out)
 
 
+def statuses(h: UmlHost) -> dict[str, dict]:
+    """`dmmig status --json` of every disk on H, by name: one dmmig process for all of them."""
+    out = json.loads(h.dmmig("status", "--json").out)
+    return {st["name"]: st for st in out}
+
+
 def check(h: UmlHost, dev: str, seed: int, *records: str) -> None:
     argv = [python(), ORACLE, "check", dev, "--seed", str(seed)]
     for r in records:

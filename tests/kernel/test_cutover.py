@@ -21,6 +21,7 @@ from tests.kernel.steps import (
     retarget,
     start_writer,
     status,
+    statuses,
     stop_writer,
     wait_leg_failed,
     wait_resumed,
@@ -144,6 +145,18 @@ for off in offs:
     buf[:] = os.urandom(4096)
     os.pwrite(fd, buf, off)
 os.close(fd)
+"""
+
+# WRITE_BLOCKS for several devices in one process: DEV@OFFSET arguments, one 4 KiB block each
+WRITE_EACH = r"""
+import mmap, os, sys
+buf = mmap.mmap(-1, 4096)
+for arg in sys.argv[1:]:
+    dev, off = arg.rsplit("@", 1)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    buf[:] = os.urandom(4096)
+    os.pwrite(fd, buf, int(off))
+    os.close(fd)
 """
 
 DIGEST_AT = r"""
@@ -363,16 +376,20 @@ def test_parallel_cutovers_each_get_their_own_nbd_device(pair, pdisks, name: str
             devs = [summary(r.out)["nbd"] for r in res]
             assert len(set(devs)) == len(devs), f"round {rnd + 1}: one nbd device for two legs: {devs}"
             for n, dev in zip(names, devs):
-                # a leg detached under the mirror fails only at its next write: write, then look
                 assert a.run(["test", "-e", f"/sys/block/{dev[5:]}/pid"], check=False).rc == 0, \
                     f"round {rnd + 1}: {n}'s leg {dev} was detached"
-                a.py(WRITE_BLOCKS, f"/dev/mapper/dmmig-{n}", str(4096 * (rnd + 1)))
-                m = status(a, n)["devices"][f"dmmig-{n}"]["mirror"]
+            # a leg detached under the mirror fails only at its next write: write (every disk, one
+            # process), then look (every disk, one status)
+            a.py(WRITE_EACH, *(f"/dev/mapper/dmmig-{n}@{4096 * (rnd + 1)}" for n in names))
+            sts = statuses(a)
+            for n in names:
+                m = sts[n]["devices"][f"dmmig-{n}"]["mirror"]
                 assert m["healthy"] and m["in_sync"] == m["regions"], (rnd + 1, n, m)
         for o, d in zip(origins, dests):
             assert digest(a, o) == digest(b, d)
-    finally:
+    finally:  # the aborts at once too (each stops its own export on b); the leak check follows
+        for j in [a.spawn([DMMIG, "abort", n]) for n in names]:
+            j.wait(300)
         for n in names:
-            a.dmmig("abort", n, check=False)
             a.dmmig("unwrap", n, check=False)
     assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0

@@ -59,11 +59,14 @@ def test_gate_refuses_when_no_source_vouches(pair, pdisks, name: str) -> None:
     origin, dest = da(16, fill_seed=5), db(16)
     migrate_to_mirror(a, name, origin, dest)
     t = time.monotonic()
-    rc, rep = ask(b, name, 10)   # nobody runs `dmmig handover` on the source
+    # nobody runs `dmmig handover` on the source: the ask keeps trying until its deadline, then
+    # refuses (how long that deadline is proves nothing more)
+    rc, rep = ask(b, name, 1)
     assert rc == 3 and "refusing a disk that may have missed writes" in rep["refused"], rep
     assert time.monotonic() - t < 30
-    # a source that waits, but for another disk, leaves this one's `add` to time out
-    job = a.spawn([DMMIG, "handover", name, "--timeout", "30"])
+    # a source that waits, but for another disk, leaves this one's `add` to time out; the
+    # source's wait counts from its gate's listen, and outlasts the 1 s ask below with room
+    job = a.spawn([DMMIG, "handover", name, "--timeout", "10"])
     # the source's agent on b listens once SSH and the agent are up: seconds in a loaded rig
     # (a fixed 3 s once asked before it listened, and got 'no dmmig source is waiting')
     for _ in range(100):
@@ -72,7 +75,7 @@ def test_gate_refuses_when_no_source_vouches(pair, pdisks, name: str) -> None:
         time.sleep(0.2)
     else:
         raise AssertionError(f"the source's gate never listened on b: {job.wait(60)}")
-    rc, rep = ask(b, "not-" + name, 5)
+    rc, rep = ask(b, "not-" + name, 1)
     assert rc == 3 and "no dmmig source is waiting to hand over not-" in rep["refused"], rep
     res = job.wait(60)
     assert res.rc == 8 and "did not ask" in res.err, res.err

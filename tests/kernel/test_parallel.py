@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.kernel.steps import DMMIG, check, digest, start_writer, stop_writer
+from tests.kernel.steps import DMMIG, check, digest, start_writer, statuses, stop_writer
 from tests.rig.pair import B_IP, SSH_OPTS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.twohost]
@@ -68,8 +68,9 @@ def test_disks_reach_the_mirror_together_under_writers(pair, pdisks, name: str, 
         res = json.loads(r.out)
         legs = {res[nm]["cutover"]["nbd"] for nm in names}
         assert len(legs) == n, res   # every disk its own nbd device
+        sts = statuses(a)
         for nm in names:
-            st = json.loads(a.dmmig("status", nm, "--json").out)
+            st = sts[nm]
             m = st["devices"][f"dmmig-{nm}"]["mirror"]
             assert st["journal"]["phase"] == "mirroring" and m["healthy"] and m["in_sync"] == m["regions"], st
     finally:
@@ -78,8 +79,12 @@ def test_disks_reach_the_mirror_together_under_writers(pair, pdisks, name: str, 
     for i, (nm, o, d, rec) in enumerate(zip(names, origins, dests, recs)):
         check(b, d, 60 + i, rec)
         assert digest(a, o) == digest(b, d), nm
+    # the finishes at once (each stops its own export on b): dmmig runs on distinct disks may overlap
+    fins = [a.spawn([DMMIG, "finish", nm]) for nm in names]
+    for nm, j in zip(names, fins):
+        r = j.wait(300)
+        assert r.rc == 0, (nm, r.err[-2000:])
     for nm in names:
-        a.dmmig("finish", nm)
         a.dmmig("unwrap", nm)
     a.run(["rm", "-f", *recs, *(r + ".started" for r in recs)])
     assert b.run(["pgrep", "qemu-nbd"], check=False).rc != 0

@@ -49,15 +49,21 @@ def back_args(name: str, dest: str, *extra: str) -> list[str]:
             "--converge", "1M", *extra]
 
 
+def to_mirror(a: UmlHost, name: str, origin: str, dest: str, rec: str) -> object:
+    """a's disk to the mirror under a writer on a (its first 16 MiB), by the manual verbs:
+    wrap, prepare, copy, cutover. Returns the writer, still writing."""
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    w = start_writer(a, f"/dev/mapper/dmmig-{name}", rec, seed=SEED, rate="1000", blocks="0:4096")
+    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4"))
+    a.dmmig("cutover", name, "--json")
+    return w
+
+
 def to_b(a: UmlHost, b: UmlHost, name: str, origin: str, dest: str, rec: str) -> None:
     """a -> b under a writer on a, by the manual verbs; the writer stops before finish (the
     operator stops the disk's users on a), and b wraps its disk (its users start there)."""
-    top = f"/dev/mapper/dmmig-{name}"
-    a.dmmig("wrap", name, origin)
-    a.dmmig("prepare", name)
-    w = start_writer(a, top, rec, seed=SEED, rate="1000", blocks="0:4096")
-    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4"))
-    a.dmmig("cutover", name, "--json")
+    w = to_mirror(a, name, origin, dest, rec)
     assert stop_writer(a, w)["writes"] > 100
     fin = a.dmmig("finish", name, "--remove")
     assert "recorded generation" in fin.out, fin.out
@@ -219,11 +225,7 @@ def test_the_gates_yes_records_the_generation_so_the_way_back_is_warm(pair, pdis
     origin, dest = da(64, fill_seed=SEED), db(64)
     rec_a, rec_b = f"{a.shared}/{name}.reca", f"{a.shared}/{name}.recb"
     top = f"/dev/mapper/dmmig-{name}"
-    a.dmmig("wrap", name, origin)
-    a.dmmig("prepare", name)
-    w = start_writer(a, top, rec_a, seed=SEED, rate="1000", blocks="0:4096")
-    a.dmmig(*copy_args(name, dest, "--converge", "1M", "--max-rounds", "4"))
-    a.dmmig("cutover", name, "--json")
+    w = to_mirror(a, name, origin, dest, rec_a)
     if leg == "failed":
         inject(b, "kill-server", None)
         wait_leg_failed(a, name)

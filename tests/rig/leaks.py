@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 
 from tests.rig.kernel_log import KMSG
-from tests.rig.uml import UmlHost
+from tests.rig.uml import UmlHost, venv_python
 
 SNAPSHOT = KMSG + r"""
 import json, os, subprocess, sys
@@ -62,9 +62,22 @@ class Snapshot:
 
 
 def snapshot(host: UmlHost, kmsg_since: int | None = None) -> Snapshot:
-    d = json.loads(host.py(SNAPSHOT, *([] if kmsg_since is None else [str(kmsg_since)])).out)
-    return Snapshot(set(d["dm"]), set(d["loops"]), set(d["nbd"]), {p: c for p, c in d["procs"]}, set(d["state"]),
-                    d["kmsg"]["last"], d["kmsg"]["lines"])
+    return snapshots([host], {host.name: kmsg_since})[host.name]
+
+
+def snapshots(hosts: list[UmlHost], kmsg_since: dict[str, int | None] | None = None) -> dict[str, Snapshot]:
+    """snapshot() of every host in HOSTS at once (each host its own kernel and CPU; every
+    kernel test takes two of these rounds), by host name."""
+    since = kmsg_since or {}
+    jobs = [(h, h.spawn([venv_python(), "-c", SNAPSHOT, *([] if since.get(h.name) is None
+                                                           else [str(since[h.name])])], timeout=300))
+            for h in hosts]
+    out = {}
+    for h, job in jobs:
+        d = json.loads(job.wait(330).check().out)
+        out[h.name] = Snapshot(set(d["dm"]), set(d["loops"]), set(d["nbd"]), {p: c for p, c in d["procs"]},
+                               set(d["state"]), d["kmsg"]["last"], d["kmsg"]["lines"])
+    return out
 
 
 def leaks(before: Snapshot, after: Snapshot) -> list[str]:
