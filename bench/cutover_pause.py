@@ -3,11 +3,12 @@ against its worst write across plain live table swaps of the same top device (th
 side by side in one rig run, for each disk size given.
 
 Two UML kernels on a veth pair; the source disk is a sparse file on the guest's tmpfs (only
-the first 64 MiB hold data), the destination the same; --transport ssh. For each size: wrap,
+the first 96 MiB hold data), the destination the same; --transport ssh. For each size: wrap,
 prepare, copy; the oracle writer (tests/tools/oracle.py, 4 KiB O_DIRECT writes to random
-blocks of the first 64 MiB) runs across 10 plain swaps (DmSetup.swap: load + suspend +
-resume of the same table), then another across the cutover (other blocks); then the oracle
-checks both disks against both writers' records.
+blocks of the first 96 MiB) runs across 10 plain swaps (DmSetup.swap: load + suspend +
+resume of the same table), then another across the cutover (other blocks), then a third as long
+on the mirror in sync (a second anchor: what a replicated write costs without the cutover); then
+the oracle checks both disks against the three writers' records.
 
     [CUT_ARGS="--resync-parts 4"] [BASE=DIR] [REPEAT=N] .venv/bin/python -m bench.cutover_pause [SIZE ...]
     (default: 128M; e.g. 128M 2T)
@@ -67,12 +68,12 @@ def stop(job: object) -> dict:
 
 def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = None) -> None:
     """EXE: the dmmig that cuts over (None: this tree's)."""
-    # the first 64 MiB hold the oracle's seq-0 content (its fill, through a loop device that
+    # the first 96 MiB hold the oracle's seq-0 content (its fill, through a loop device that
     # ends there), so that its check knows every block of them; the rest is a hole
-    a.sh(f"truncate -s {size} /dev/shm/src && l=$(losetup -f --show --sizelimit 64M /dev/shm/src) && "
+    a.sh(f"truncate -s {size} /dev/shm/src && l=$(losetup -f --show --sizelimit 96M /dev/shm/src) && "
          f"{PY} {ORACLE} fill $l --seed 5 && losetup -d $l && losetup /dev/loop0 /dev/shm/src")
     b.sh(f"truncate -s {size} /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
-    rec1, rec2 = f"{a.shared}/cp-swap.rec", f"{a.shared}/cp-cut.rec"
+    rec1, rec2, rec3 = f"{a.shared}/cp-swap.rec", f"{a.shared}/cp-cut.rec", f"{a.shared}/cp-mirror.rec"
     try:
         a.dmmig("wrap", "cp", "/dev/loop0")
         a.dmmig("prepare", "cp")
@@ -90,11 +91,16 @@ def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = No
         cut_s = time.monotonic() - t0
         time.sleep(1)
         cw = stop(w)
+        # the second anchor: the same writer as long again on the mirror in sync (every write on
+        # both legs, the NBD leg through the tunnel): what replication itself costs a write
+        w = writer(a, rec3, "16384:24576")
+        time.sleep(cut_s + 1)
+        mw = stop(w)
         cut = next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
         bad = []
         for dev, h in (("/dev/loop0", a), ("/dev/loop0", b)):
-            r = h.run([PY, ORACLE, "check", dev, "--seed", "5", "--blocks", "0:16384", "--record", rec1,
-                       "--record", rec2], check=False)
+            r = h.run([PY, ORACLE, "check", dev, "--seed", "5", "--blocks", "0:24576", "--record", rec1,
+                       "--record", rec2, "--record", rec3], check=False)
             if r.rc != 0:
                 bad.append(f"{h.name}: {r.out[-300:]}")
         print(f"{size}{label}: load {os.getloadavg()[0]:.1f}; copy {copy_s:.1f} s; cutover {cut_s:.1f} s, its windows "
@@ -104,12 +110,15 @@ def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = No
         print(f"  cutover:             writer worst {cw['max_latency_ms']:.0f} ms, {cw['writes_over_5ms']} of "
               f"{cw['writes']} writes over 5 ms = {cw['max_latency_ms'] / max(sw['max_latency_ms'], 1):.2f}x the swap's"
               + ("; ORACLE: " + " | ".join(bad) if bad else "; oracle: every write on both disks"), flush=True)
+        print(f"  mirror in sync, as long: writer worst {mw['max_latency_ms']:.0f} ms, {mw['writes_over_5ms']} of "
+              f"{mw['writes']} writes over 5 ms; the cutover's worst = "
+              f"{cw['max_latency_ms'] / max(mw['max_latency_ms'], 1):.2f}x this", flush=True)
         if "seconds" in cut:
             print("  cutover by phase: " + ", ".join(f"{k} {v:.2f} s" for k, v in cut["seconds"].items()))
         a.dmmig("finish", "cp")
     finally:
         a.sh(f"{DMMIG} abort cp; {DMMIG} unwrap cp; true", check=False)
-        a.sh(f"losetup -d /dev/loop0; rm -f /dev/shm/src {rec1}* {rec2}*", check=False)
+        a.sh(f"losetup -d /dev/loop0; rm -f /dev/shm/src {rec1}* {rec2}* {rec3}*", check=False)
         b.sh("losetup -d /dev/loop0; rm -f /dev/shm/dst", check=False)
 
 
