@@ -121,7 +121,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 # --transport nbd: the copy left its export listening (TLS with this migration's
                 # credentials, or --insecure as asked): the leg on it, no SSH login or agent start
                 # (2-4 s of the set-up's critical path in the rig); the agent only if it does not answer
-                on_copied = Started(partial(_leg_on_export, stack, entry, copied, opts.nbd_timeout, save, par))
+                nbd_leg = partial(_leg_on_copied, stack, entry, copied, opts.nbd_timeout, save, par)
+                on_copied = Started(lambda: (None, nbd_leg()))
             if on_copied is None or not copied:
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
@@ -296,29 +297,26 @@ def _tunnel_and_leg(stack: Stack, entry: journal.Entry, target: Destination, tun
     save()
     if copied is None:
         return pid, None
-    with par("nbd leg"):
-        try:
-            return pid, stack.mirror.attach_nbd(entry, copied, timeout, save)
-        except RemoteError as e:
-            log.info("the copy's export of %s did not answer (%s): asking the destination", entry.name, e.message)
-            return pid, None
+    return pid, _leg_on_copied(stack, entry, copied, timeout, save, par)
 
 
-def _leg_on_export(stack: Stack, entry: journal.Entry, export: nbd.Export, timeout: int, save: Callable[[], None],
-                   par: Stopwatch) -> tuple[int | None, str | None]:
-    """--transport nbd (in a thread): the kernel's NBD client on EXPORT, the copy's, over TCP.
-    Returns (None, the device), or (None, None) when it did not answer (the caller asks the
-    agent). Nothing of it stays attached on a failure (NbdKernel.attach_free)."""
-    assert export.addr and export.port
+def _leg_on_copied(stack: Stack, entry: journal.Entry, export: nbd.Export, timeout: int, save: Callable[[], None],
+                   par: Stopwatch) -> str | None:
+    """The kernel's NBD client on EXPORT, the one the copy left running (through the tunnel the
+    caller started, or over TCP). Returns the device, None when it did not answer (the caller
+    asks the agent); nothing of it stays attached then (NbdKernel.attach_free). Over TCP a
+    connect with the NBD timeout as its deadline goes first: nbd-client's own has none, and a
+    host that black-holes would hold it for minutes."""
     with par("nbd leg"):
-        if not nbd.answers(export.addr, export.port, timeout):
+        if export.socket is None and export.addr and export.port \
+                and not nbd.answers(export.addr, export.port, timeout):
             log.info("the copy's export of %s (%s) does not answer: asking the destination", entry.name, export.where)
-            return None, None
+            return None
         try:
-            return None, stack.mirror.attach_nbd(entry, export, timeout, save)
+            return stack.mirror.attach_nbd(entry, export, timeout, save)
         except (RemoteError, CommandError) as e:
             log.info("the copy's export of %s did not answer (%s): asking the destination", entry.name, e.message)
-            return None, None
+            return None
 
 
 def mirror_table(layout: mirrorlog.Layout, logs: list[str], era_dev: str, leg_dev: str) -> Table:

@@ -134,29 +134,22 @@ def test_cutover_asks_the_destination_when_the_copys_export_is_gone(pair, pdisks
     cleanup(a, b, name)
 
 
-# offsets as OFF or START:STOP:STEP (the rig's console loses bytes of very long lines)
+# 4 KiB random blocks: arguments DEV OFFSET... [DEV OFFSET...]: a path starts the next device's
+# offsets, each OFF or START:STOP:STEP (the rig's console loses bytes of very long lines)
 WRITE_BLOCKS = r"""
 import mmap, os, sys
-dev = sys.argv[1]
-offs = [o for a in sys.argv[2:] for o in (range(*map(int, a.split(":"))) if ":" in a else [int(a)])]
-fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
 buf = mmap.mmap(-1, 4096)
-for off in offs:
-    buf[:] = os.urandom(4096)
-    os.pwrite(fd, buf, off)
+fd = -1
+for a in sys.argv[1:]:
+    if a.startswith("/"):
+        if fd >= 0:
+            os.close(fd)
+        fd = os.open(a, os.O_WRONLY | os.O_DIRECT)
+        continue
+    for off in (range(*map(int, a.split(":"))) if ":" in a else [int(a)]):
+        buf[:] = os.urandom(4096)
+        os.pwrite(fd, buf, off)
 os.close(fd)
-"""
-
-# WRITE_BLOCKS for several devices in one process: DEV@OFFSET arguments, one 4 KiB block each
-WRITE_EACH = r"""
-import mmap, os, sys
-buf = mmap.mmap(-1, 4096)
-for arg in sys.argv[1:]:
-    dev, off = arg.rsplit("@", 1)
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
-    buf[:] = os.urandom(4096)
-    os.pwrite(fd, buf, int(off))
-    os.close(fd)
 """
 
 DIGEST_AT = r"""
@@ -380,7 +373,7 @@ def test_parallel_cutovers_each_get_their_own_nbd_device(pair, pdisks, name: str
                     f"round {rnd + 1}: {n}'s leg {dev} was detached"
             # a leg detached under the mirror fails only at its next write: write (every disk, one
             # process), then look (every disk, one status)
-            a.py(WRITE_EACH, *(f"/dev/mapper/dmmig-{n}@{4096 * (rnd + 1)}" for n in names))
+            a.py(WRITE_BLOCKS, *(x for n in names for x in (f"/dev/mapper/dmmig-{n}", str(4096 * (rnd + 1)))))
             sts = statuses(a)
             for n in names:
                 m = sts[n]["devices"][f"dmmig-{n}"]["mirror"]
