@@ -151,6 +151,14 @@ class EraTools:
     def snapshot(self, era_dev: str) -> Iterator[int]:
         """Hold a metadata snapshot; yields the era current after it (the snapshot holds
         every era below it)."""
+        now = self.take(era_dev)
+        try:
+            yield now
+        finally:
+            self.release(era_dev)
+
+    def take(self, era_dev: str) -> int:
+        """Take a metadata snapshot (release drops it); returns the era current after it."""
         try:
             self.dm.message(era_dev, "take_metadata_snap")
         except CommandError:
@@ -158,12 +166,16 @@ class EraTools:
             # drop and retake. Asked only then: a status is a process start per query
             if self.dm.era_status(era_dev).snapshot_block is None:
                 raise
-            self.dm.message(era_dev, "drop_metadata_snap")
+            self.release(era_dev)
             self.dm.message(era_dev, "take_metadata_snap")
         try:
-            yield self.dm.era_status(era_dev).current_era
-        finally:
-            self.dm.message(era_dev, "drop_metadata_snap")
+            return self.dm.era_status(era_dev).current_era
+        except BaseException:
+            self.release(era_dev)
+            raise
+
+    def release(self, era_dev: str) -> None:
+        self.dm.message(era_dev, "drop_metadata_snap")
 
     def written_since(self, metadata_dev: str, since_era: int) -> list[BlockRange]:
         """Blocks whose era >= since_era, from the held metadata snapshot."""
@@ -192,10 +204,20 @@ class EraTools:
             raise
 
     def dirty_ranges(self, era_dev: str, metadata_dev: str, since_era: int, path: str, *,
-                     background: bool = False) -> tuple[DirtyRanges, int]:
-        """As dirty, the answer in PATH, streamed; the caller closes it."""
-        with self.snapshot(era_dev) as now:
+                     background: bool = False, hold: bool = False) -> tuple[DirtyRanges, int]:
+        """As dirty, the answer in PATH, streamed; the caller closes it. HOLD: the snapshot stays
+        held once the answer is in PATH, for the caller to release (release) off its critical
+        path; a query that fails releases it. One left held by a killed dmmig is dropped by the
+        next take."""
+        if not hold:
+            with self.snapshot(era_dev) as now:
+                return self.written_since_file(metadata_dev, since_era, path, background=background), now
+        now = self.take(era_dev)
+        try:
             return self.written_since_file(metadata_dev, since_era, path, background=background), now
+        except BaseException:
+            self.release(era_dev)
+            raise
 
     def dirty(self, era_dev: str, metadata_dev: str, since_era: int) -> tuple[list[BlockRange], int]:
         """Dirty blocks since since_era and the era that was current when they were read."""

@@ -59,7 +59,8 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
             # what the cutover will need, here and there, before the copy: not after it
             check_source(stack, dest.transport, [name])
             assert entry.block_sectors
-            block_fits(entry.block_sectors, stack.dm.table(top_name(name)).length, name)
+            length = stack.dm.table(top_name(name)).length  # read once: a dmsetup process each
+            block_fits(entry.block_sectors, length, name)
             stack.dm.arm_guard()
         except BaseException:
             connecting.abandon(lambda r: r.close())
@@ -89,7 +90,7 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                     dest.tunnel, why = probing.result()
                     dest.tunnel_probe = why or "streamlocal forwarding works"
                 plan_transport(stack, name, dest, remote)
-            size = stack.dm.table(f"dmmig-{name}").length * 512
+            size = length * 512  # dropping a mirror keeps the top's length
             # the top's logical block size is what blkfront got (blkback passes it on)
             block_size = logical_block_size(stack.runner, f"/dev/mapper/{top_name(name)}")
             if entry.copy.migration is None:  # prepared by an earlier version: one id from now on

@@ -109,6 +109,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         copied = dest.export  # the copy's export: the same unless it moved
         # the tunnel's pid (ssh) and the leg on the copy's export
         on_copied: Started[tuple[int | None, str | None]] | None = None
+        held = False  # the first query's era metadata snapshot
         try:
             if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
@@ -131,8 +132,10 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             with sw("logs"):
                 logs = stack.mirror.make_logs(entry, layout, 0, save)
             with sw("era query"):
+                # its snapshot is dropped after the swap: a dmsetup process off the critical path
                 first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
-                                                             Files(stack.journal.dir, name).dirty)
+                                                             Files(stack.journal.dir, name).dirty, hold=True)
+                held = True
             with sw("logs"):
                 images = layout.blank()
                 try:  # streamed: a scattered delta of millions of blocks is never a list here
@@ -196,6 +199,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             full = writefence.discard_fallback(stack.discards_exact(name),
                                               writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
+            held = False
+            stack.era.release(era)
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it). A
@@ -225,6 +230,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                                                          save), 4))
                 layout.mark(marked, ((r.begin, r.end) for r in everything), bs)
         except BaseException:
+            if held:
+                try:
+                    stack.era.release(era)
+                except CommandError as e:  # the next query's take drops it
+                    log.warning("%s: the era metadata snapshot stays held: %s", name, e)
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
             if on_copied is not None:
@@ -411,6 +421,14 @@ def drop_mirror(stack: Stack, entry: journal.Entry) -> int | None:
     tunnel and watcher. A no-op when there is no mirror. Returns the top's length (sectors),
     None without a top."""
     top = top_name(entry.name)
+    if entry.phase == journal.COPIED and entry.mirror.empty() and not stack.mirror.leftovers(entry.name):
+        # the copy ended on linear over era and no cutover has begun since (it journals
+        # CUTTING_OVER before its first swap, and a failed one COPIED only once it dropped its
+        # mirror): the live table alone confirms it, one dmsetup process where info + table
+        # are two on the cutover's critical path
+        cur = stack.dm.table(top)
+        if not isinstance(cur.target, MIRRORS):
+            return cur.length
     info = stack.dm.info(top)
     steps = Steps()
     live = stack.dm.table(top) if info is not None else None  # read once: a dmsetup process each

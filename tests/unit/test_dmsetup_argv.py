@@ -403,3 +403,23 @@ def test_a_copy_rounds_query_is_niced(tmp_path: Path) -> None:
     # the query ran between the snapshot's take and drop, after the top's resume
     msgs = [a[1] if a[1] != "message" else a[4] for a in r.argvs if a[0] == "dmsetup" and a[1] != "info"]
     assert msgs[:4] == ["status", "suspend", "take_metadata_snap", "resume"], msgs
+
+
+def test_a_held_query_leaves_its_snapshot_for_the_caller_and_a_failed_one_drops_it(tmp_path: Path) -> None:
+    # the cutover's first query: its snapshot is dropped after the swap (a dmsetup process off
+    # the critical path), so the query returns with it held; a query that fails must not leave it
+    r = FakeRunner(era_rules(["0 2048 era 8 12/1024 4 28\n"] * 2, "<blocks/>"))
+    tools = EraTools(r, DmSetup(r))
+    (tmp_path / "dirty").write_text("<blocks/>")
+    d, now = tools.dirty_ranges("era-a", "/dev/loop3", 3, str(tmp_path / "dirty"), hold=True)
+    d.close()
+    msgs = [a[4] for a in r.argvs if a[:2] == ["dmsetup", "message"]]
+    assert now == 4 and msgs == ["take_metadata_snap"] and "era_invalidate" in r.argvs[-1]
+    tools.release("era-a")
+    assert r.argvs[-1] == ["dmsetup", "message", "era-a", "0", "drop_metadata_snap"]
+
+    r = FakeRunner([(["dmsetup", "status"], [(0, "0 2048 era 8 12/1024 4 28\n", "")]),
+                    (["era_invalidate"], (1, "", "boom"))])
+    with pytest.raises(CommandError):
+        EraTools(r, DmSetup(r)).dirty_ranges("era-a", "/dev/loop3", 0, str(tmp_path / "dirty"), hold=True)
+    assert r.argvs[-1] == ["dmsetup", "message", "era-a", "0", "drop_metadata_snap"]

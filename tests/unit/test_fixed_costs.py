@@ -212,3 +212,23 @@ def test_paramiko_runs_without_invoke() -> None:
     """dmmig never has paramiko read an ssh_config (`Match exec` is what it imports invoke for)."""
     mods = imported_by("import dmmig.flows.session; import paramiko; paramiko.SSHClient()")
     assert "paramiko" in mods and "invoke" not in mods
+
+
+@pytest.mark.parametrize("phase", ["copied", "cutting-over"])
+def test_after_a_copy_the_cutover_reads_only_the_live_table_to_know_there_is_no_mirror(
+        tmp_path: Any, phase: str) -> None:
+    # COPIED with nothing of a mirror journaled: no cutover has begun since the copy, so one
+    # `dmsetup table` (it must not show a mirror) replaces info + table on the critical path.
+    # A cutover that began (CUTTING_OVER) may have left a suspended top or an inactive table:
+    # info is read as before
+    from dmmig.core import journal
+    from dmmig.core.stack import Stack
+    from dmmig.flows.cutover import drop_mirror
+    j = journal.Journal(str(tmp_path))
+    e = journal.Entry(name="d1", origin="/dev/loop0", origin_devno="7:0", block_sectors=128, metadata="/dev/loop1")
+    j.save(e, {"copied": journal.COPIED, "cutting-over": journal.CUTTING_OVER}[phase])
+    r = FakeRunner([(["dmsetup", "table"], (0, "0 2048 linear 253:1 0\n", "")),
+                    (["dmsetup", "info"], (0, "dmmig-d1;253;2;L--w;1;1;0;DMMIG-top-d1\n", ""))])
+    stack = Stack(r, DmSetup(r), j)  # type: ignore[arg-type]
+    assert drop_mirror(stack, e) == 2048
+    assert [a[1] for a in r.argvs] == (["table"] if phase == "copied" else ["info", "table"])
