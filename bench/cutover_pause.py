@@ -10,6 +10,12 @@ resume of the same table), then another across the cutover (other blocks), then 
 on the mirror in sync (a second anchor: what a replicated write costs without the cutover); then
 the oracle checks both disks against the three writers' records.
 
+Besides the worst write across each run, it prints the worst of the writes a swap held (those
+that overlap a swap's resume: the plain swaps', and the cutover's as its --debug log and its
+`pauses` place them), and the cutover's worst before its first swap (the set-up: other processes
+in this one-CPU kernel, e.g. the tunnel's SSH login) and after it (every write also goes to the
+NBD leg, behind the resync's copies).
+
     [CUT_ARGS="--resync-parts 4"] [BASE=DIR] [REPEAT=N] .venv/bin/python -m bench.cutover_pause [SIZE ...]
     (default: 128M; e.g. 128M 2T)
 
@@ -19,6 +25,7 @@ one's; REPEAT=N (default 1) runs the pair N times per size, alternating.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -43,12 +50,36 @@ dm = DmSetup(SubprocessRunner())
 t = dm.table(sys.argv[1])
 out = []
 for i in range(10):
-    t0 = time.monotonic()
+    t0, w0 = time.monotonic(), time.time()
     dm.swap(sys.argv[1], t)
-    out.append((time.monotonic() - t0) * 1000)
+    out.append((w0, (time.monotonic() - t0) * 1000))
     time.sleep(0.3)
 print(json.dumps(out))
 """
+SWAP_RUN = "run: ['dmsetup', 'resume'"  # DmSetup.swap's resume, in a --debug log
+
+
+def logged_at(line: str) -> float | None:
+    """The wall time of a --debug log line (logging's asctime, this machine's zone)."""
+    try:
+        return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def worst_in(rec: str, spans: list[tuple[float, float]]) -> float:
+    """The writer's worst write (ms) among those that overlap one of SPANS (wall start, end):
+    the writes the swap held. Writes under 5 ms are not recorded: 5 is the floor."""
+    with open(rec) as f:
+        slow = json.load(f)["slow_at"]
+    held = [ms for end, ms in slow if any(end - ms / 1000 < e and end > s for s, e in spans)]
+    return max(held, default=5.0)
+
+
+def worst_between(rec: str, lo: float, hi: float) -> float:
+    with open(rec) as f:
+        slow = json.load(f)["slow_at"]
+    return max((ms for end, ms in slow if lo <= end - ms / 1000 < hi), default=5.0)
 
 
 def writer(a: UmlHost, rec: str, blocks: str) -> object:
@@ -82,12 +113,14 @@ def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = No
                 timeout=7200)
         copy_s = time.monotonic() - t0
         w = writer(a, rec1, "0:8192")  # the two writers' records cover disjoint blocks
-        swaps = json.loads(a.py(SWAPS, "dmmig-cp", cwd=str(ROOT)).out)
+        swap_at = json.loads(a.py(SWAPS, "dmmig-cp", cwd=str(ROOT)).out)
+        swaps = [ms for _, ms in swap_at]
         sw = stop(w)
+        anchor_held = worst_in(rec1, [(w0, w0 + ms / 1000) for w0, ms in swap_at])
         w = writer(a, rec2, "8192:16384")
-        t0 = time.monotonic()
-        out = (a.run([exe, "cutover", "cp", "--json", *CUT_ARGS]) if exe else a.dmmig("cutover", "cp", "--json",
-                                                                                   *CUT_ARGS)).out
+        t0, w0 = time.monotonic(), time.time()
+        res = a.run([exe or DMMIG, "--debug", "cutover", "cp", "--json", *CUT_ARGS])
+        out = res.out
         cut_s = time.monotonic() - t0
         time.sleep(1)
         cw = stop(w)
@@ -97,6 +130,13 @@ def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = No
         time.sleep(cut_s + 1)
         mw = stop(w)
         cut = next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
+        # the cutover's swaps as the writer saw them: each resume's start (its --debug log) and
+        # the pause dmmig timed; the writes that overlap them are the ones a swap held
+        starts = [t for t in (logged_at(ln) for ln in res.err.splitlines() if SWAP_RUN in ln) if t]
+        spans = [(t, t + p) for t, p in zip(starts, cut.get("pauses", []))]
+        cut_held = worst_in(rec2, spans) if spans else float("nan")
+        setup_worst = worst_between(rec2, w0, spans[0][0]) if spans else float("nan")
+        after_worst = worst_between(rec2, spans[0][1], time.time()) if spans else float("nan")
         bad = []
         for dev, h in (("/dev/loop0", a), ("/dev/loop0", b)):
             r = h.run([PY, ORACLE, "check", dev, "--seed", "5", "--blocks", "0:24576", "--record", rec1,
@@ -110,6 +150,10 @@ def one(a: UmlHost, b: UmlHost, size: str, label: str = "", exe: str | None = No
         print(f"  cutover:             writer worst {cw['max_latency_ms']:.0f} ms, {cw['writes_over_5ms']} of "
               f"{cw['writes']} writes over 5 ms = {cw['max_latency_ms'] / max(sw['max_latency_ms'], 1):.2f}x the swap's"
               + ("; ORACLE: " + " | ".join(bad) if bad else "; oracle: every write on both disks"), flush=True)
+        print(f"  the writes a swap held (overlapping its resume): plain swaps' worst {anchor_held:.0f} ms, the "
+              f"cutover's swaps' worst {cut_held:.0f} ms = {cut_held / anchor_held:.2f}x; the cutover's worst "
+              f"before its swap (set-up) {setup_worst:.0f} ms, after it (mirroring, resync) {after_worst:.0f} ms",
+              flush=True)
         print(f"  mirror in sync, as long: writer worst {mw['max_latency_ms']:.0f} ms, {mw['writes_over_5ms']} of "
               f"{mw['writes']} writes over 5 ms; the cutover's worst = "
               f"{cw['max_latency_ms'] / max(mw['max_latency_ms'], 1):.2f}x this", flush=True)

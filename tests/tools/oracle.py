@@ -81,6 +81,7 @@ def cmd_write(a: argparse.Namespace) -> int:
     buf = mmap.mmap(-1, BS)
     writes = 0
     slow: list[float] = []  # latencies over 5 ms, in ms: the writer's view of I/O pauses
+    slow_at: list[tuple[float, float]] = []
     t0 = time.monotonic()
     ready = a.record + ".started"
     open(ready, "w").close()
@@ -99,6 +100,7 @@ def cmd_write(a: argparse.Namespace) -> int:
         lat = time.monotonic() - t1
         if lat > 0.005:
             slow.append(round(lat * 1000, 2))
+            slow_at.append((round(time.time(), 4), round(lat * 1000, 2)))  # when it ended: for a timeline
         record[blk] = seq  # acknowledged: it must be there afterwards
         if zero:
             zeroed.add(blk)
@@ -110,7 +112,7 @@ def cmd_write(a: argparse.Namespace) -> int:
     os.close(fd)
     with open(a.record + ".tmp", "w") as f:
         json.dump({"seed": a.seed, "writes": writes, "errors": errors, "seconds": time.monotonic() - t0,
-                   "slow_ms": slow, "last": record, "zero": sorted(zeroed)}, f)
+                   "slow_ms": slow, "slow_at": slow_at, "last": record, "zero": sorted(zeroed)}, f)
     os.replace(a.record + ".tmp", a.record)
     print(json.dumps({"writes": writes, "errors": errors, "max_latency_ms": max(slow, default=0.0),
                       "writes_over_5ms": len(slow), "zero_blocks": len(zeroed)}))
