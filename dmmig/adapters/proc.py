@@ -10,15 +10,22 @@ import time
 def alive(pid: int | None, marker: str) -> bool:
     if not pid:
         return False
+    return _running_with(pid, (marker,))
+
+
+def _running_with(pid: int, markers: tuple[str, ...]) -> bool:
+    """PID runs (not a zombie) with one of MARKERS in its command line. The stat file is read
+    only on a match: in a user-mode-linux rig kernel each open costs ~0.3 ms, and a scan of
+    /proc opens one file per process this way instead of two."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        if not any(m in cmd for m in markers):
+            return False
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-    return marker in cmd
 
 
 def stop(pid: int | None, marker: str, timeout: float = 5) -> bool:
@@ -67,10 +74,8 @@ def parent_runs(pid: int, marker: str) -> bool:
     return alive(ppid, marker)
 
 
-def find(marker: str) -> list[int]:
-    """Pids whose command line contains MARKER (a daemon whose pid was never journaled)."""
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit() and int(p) != os.getpid() and alive(int(p), marker):
-            out.append(int(p))
-    return out
+def find(*markers: str) -> list[int]:
+    """Pids whose command line contains one of MARKERS (daemons whose pids were never
+    journaled), in one scan of /proc: ~0.1 s each in a rig kernel."""
+    me = os.getpid()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me and _running_with(int(p), markers)]

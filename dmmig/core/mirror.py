@@ -151,8 +151,8 @@ class MirrorSide:
 
     def leftovers(self, name: str) -> bool:
         """Anything of a mirror that a killed dmmig did not journal."""
-        return bool(proc.find(self.watcher_marker(name)) or any(proc.find(m) for m in self._tunnel_markers(name))
-                    or any(os.path.exists(p) for p in self._log_files(name)) or self.nbd.owned(self.nbd_owner(name)))
+        return bool(any(os.path.exists(p) for p in self._log_files(name)) or self.nbd.owned(self.nbd_owner(name))
+                    or proc.find(self.watcher_marker(name), *self._tunnel_markers(name)))  # one scan of /proc
 
     # ---- tear down ----------------------------------------------------------------------
     def teardown(self, name: str, entry: journal.Entry | None, step: Steps) -> None:

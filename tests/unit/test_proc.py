@@ -1,0 +1,34 @@
+"""proc: dmmig's daemons found again by a word of their command line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from dmmig.adapters import proc
+
+
+def test_one_scan_finds_every_marker_and_no_zombie() -> None:
+    # the set-up's leftover check asks for the watcher's and three tunnel markers at once:
+    # one scan of /proc (each is ~0.1 s in a rig kernel), as exact as four
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    a = subprocess.Popen([*sleeper, "/run/dmmig-test/a.tunnel.log"])
+    b = subprocess.Popen([*sleeper, "/run/dmmig-test/b.watch"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass", "/run/dmmig-test/c.watch"])  # left unreaped
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{dead.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        assert sorted(proc.find("/run/dmmig-test/a.tunnel.log", "/run/dmmig-test/b.watch",
+                                "/run/dmmig-test/c.watch")) == sorted([a.pid, b.pid])
+        assert proc.find("/run/dmmig-test/b.watch") == [b.pid]
+        assert proc.find("/run/dmmig-test/none") == []
+        assert proc.alive(a.pid, "a.tunnel.log") and not proc.alive(a.pid, "b.watch")
+        assert not proc.alive(dead.pid, "c.watch") and not proc.alive(None, "x")
+    finally:
+        for p in (a, b, dead):
+            p.kill()
+            p.wait()
