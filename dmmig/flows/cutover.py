@@ -200,7 +200,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                                               writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
             held = False
-            stack.era.release(era)
+            _release_snapshot(stack, name)
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it). A
@@ -231,10 +231,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 layout.mark(marked, ((r.begin, r.end) for r in everything), bs)
         except BaseException:
             if held:
-                try:
-                    stack.era.release(era)
-                except CommandError as e:  # the next query's take drops it
-                    log.warning("%s: the era metadata snapshot stays held: %s", name, e)
+                _release_snapshot(stack, name)
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
             if on_copied is not None:
@@ -294,6 +291,15 @@ def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) 
             return start_export(remote, dest, name)         # destination journaled by an older dmmig
     finally:
         remote.close()
+
+
+def _release_snapshot(stack: Stack, name: str) -> None:
+    """Drop the era metadata snapshot the first query held. A failure fails nothing: the next
+    query's take finds it held and drops it first (EraTools.take)."""
+    try:
+        stack.era.release(era_name(name))
+    except CommandError as e:
+        log.warning("%s: the era metadata snapshot stays held until the next query: %s", name, e)
 
 
 def _tunnel_and_leg(stack: Stack, entry: journal.Entry, target: Destination, tun: Tunnel, copied: nbd.Export | None,
