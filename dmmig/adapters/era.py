@@ -209,15 +209,15 @@ class EraTools:
         held once the answer is in PATH, for the caller to release (release) off its critical
         path; a query that fails releases it. One left held by a killed dmmig is dropped by the
         next take."""
-        if not hold:
-            with self.snapshot(era_dev) as now:
-                return self.written_since_file(metadata_dev, since_era, path, background=background), now
         now = self.take(era_dev)
         try:
-            return self.written_since_file(metadata_dev, since_era, path, background=background), now
+            answer = self.written_since_file(metadata_dev, since_era, path, background=background)
         except BaseException:
             self.release(era_dev)
             raise
+        if not hold:
+            self.release(era_dev)
+        return answer, now
 
     def dirty(self, era_dev: str, metadata_dev: str, since_era: int) -> tuple[list[BlockRange], int]:
         """Dirty blocks since since_era and the era that was current when they were read."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from dmmig.adapters import proc
 
@@ -17,6 +18,9 @@ def test_one_scan_finds_every_marker_and_no_zombie() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass", "/run/dmmig-test/c.watch"])  # left unreaped
     try:
         deadline = time.monotonic() + 10
+        for p, marker in ((a, "a.tunnel.log"), (b, "b.watch")):  # exec'd: before, the command line is pytest's
+            while marker not in Path(f"/proc/{p.pid}/cmdline").read_text() and time.monotonic() < deadline:
+                time.sleep(0.01)
         while time.monotonic() < deadline:
             with open(f"/proc/{dead.pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":

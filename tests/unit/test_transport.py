@@ -473,6 +473,9 @@ def test_abort_finds_the_tunnel_an_older_dmmig_journaled_and_a_killed_probes_fil
     sock = os.path.join(state, "d1.nbd.sock")
     # a stand-in with the old tunnel's command line (no network): what teardown looks for
     old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-L", f"{sock}:127.0.0.1:10809"])
+    deadline = time.monotonic() + 10  # until it has exec'd: before, its command line is pytest's
+    while sock not in Path(f"/proc/{old.pid}/cmdline").read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
     stale = [os.path.join(state, f"probe-{'0' * 16}.{x}") for x in ("log", "sock")]
     for f in stale:
         open(f, "w").close()
