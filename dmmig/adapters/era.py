@@ -159,6 +159,16 @@ class EraTools:
 
     def take(self, era_dev: str) -> int:
         """Take a metadata snapshot (release drops it); returns the era current after it."""
+        self.take_snapshot(era_dev)
+        try:
+            return self.dm.era_status(era_dev).current_era
+        except BaseException:
+            self.release(era_dev)
+            raise
+
+    def take_snapshot(self, era_dev: str) -> None:
+        """Take a metadata snapshot (release drops it), without reading the era it rolled over to
+        (a status is a process start: a caller with the top suspended reads it after the resume)."""
         try:
             self.dm.message(era_dev, "take_metadata_snap")
         except CommandError:
@@ -168,11 +178,6 @@ class EraTools:
                 raise
             self.release(era_dev)
             self.dm.message(era_dev, "take_metadata_snap")
-        try:
-            return self.dm.era_status(era_dev).current_era
-        except BaseException:
-            self.release(era_dev)
-            raise
 
     def release(self, era_dev: str) -> None:
         self.dm.message(era_dev, "drop_metadata_snap")

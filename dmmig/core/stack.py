@@ -528,11 +528,10 @@ class Stack:
         """A new era, started with the top device suspended (see drained_dirty); every write
         tagged with an era below the one returned has completed on the origin. With it, the era
         device's discard mark read in the same suspension (see discards)."""
-        self.prepared(name)
-        devno = self.era_devno(name)  # before: a read of sysfs is all the suspension adds
+        _, devno = self.prepared_era(name)  # before: a read of sysfs is all the suspension adds
         with self._drained(name):
             self.dm.message(era_name(name), "checkpoint")
-            mark = writefence.discard_mark_of(devno) if devno else None
+            mark = writefence.discard_mark_of(devno)
         return self.dm.era_status(era_name(name)).current_era, mark
 
     def era_devno(self, name: str) -> str | None:
@@ -570,15 +569,14 @@ class Stack:
         """As drained_dirty, the ranges in a file in the state dir, streamed: a scattered delta
         of millions of blocks stays out of memory. The caller closes it (removes the file).
         With them, the era device's discard mark read in the same suspension (see discards)."""
-        entry = self.prepared(name)
+        entry, devno = self.prepared_era(name)
         era = era_name(name)
         assert entry.metadata
-        if self.dm.era_status(era).snapshot_block is not None:
-            self.dm.message(era, "drop_metadata_snap")  # left by a killed dmmig
-        devno = self.era_devno(name)
         with self._drained(name):
-            self.dm.message(era, "take_metadata_snap")
-            mark = writefence.discard_mark_of(devno) if devno else None
+            # one left by a killed dmmig is dropped and retaken in here: rare, and it spares
+            # every round a status before the suspend
+            self.era.take_snapshot(era)
+            mark = writefence.discard_mark_of(devno)
         try:
             now = self.dm.era_status(era).current_era
             return (self.era.written_since_file(entry.metadata, since, Files(self.journal.dir, name).dirty,
@@ -589,13 +587,14 @@ class Stack:
     @contextmanager
     def _drained(self, name: str) -> Iterator[None]:
         """The top device suspended (every write through it completed, new ones held) for the
-        body, and resumed whatever happens: the guest must find its disk."""
+        body, and resumed whatever happens: the guest must find its disk. The resume does not
+        wait for udev (the table, node and number are the ones from before the suspend)."""
         top = top_name(name)
         self.dm.suspend(top)
         try:
             yield
         finally:
-            self.dm.resume(top)
+            self.dm.resume(top, udev_sync=False)
 
     def dirty(self, name: str, since: int = 1) -> tuple[list[BlockRange], int, int]:
         """(dirty block ranges, block size in bytes, era current when read)."""
@@ -688,12 +687,17 @@ class Stack:
 
     def prepared(self, name: str) -> Entry:
         """NAME's entry, if NAME has its era device (prepared or later); else StateError."""
+        return self.prepared_era(name)[0]
+
+    def prepared_era(self, name: str) -> tuple[Entry, str]:
+        """As prepared, with the era device's number (major:minor) from the same query."""
         disk_name(name)
         e = self.entry_of(name)
-        if e.phase in (ADOPTING, WRAPPED, PREPARING) or self.dm.info(era_name(name)) is None:
+        info = None if e.phase in (ADOPTING, WRAPPED, PREPARING) else self.dm.info(era_name(name))
+        if info is None:
             raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
         self.check_lv(e)  # every step after prepare starts here (and each copy round's query)
-        return e
+        return e, f"{info.major}:{info.minor}"
 
     def _origin_devno(self, name: str, entry: Entry | None, target: Any) -> str | None:
         if entry is not None:

@@ -400,9 +400,35 @@ def test_a_copy_rounds_query_is_niced(tmp_path: Path) -> None:
     d.close()
     assert now == 4
     assert [a[:4] for a in r.argvs if "era_invalidate" in a] == [["nice", "-n", "19", "era_invalidate"]]
-    # the query ran between the snapshot's take and drop, after the top's resume
-    msgs = [a[1] if a[1] != "message" else a[4] for a in r.argvs if a[0] == "dmsetup" and a[1] != "info"]
-    assert msgs[:4] == ["status", "suspend", "take_metadata_snap", "resume"], msgs
+    # the query ran between the snapshot's take and drop, after the top's resume; one info (the
+    # era device's number with the check that it exists), no status before the suspend, and a
+    # resume that does not wait for udev: each a process start per round
+    dm = [a[1:] for a in r.argvs if a[0] == "dmsetup"]
+    assert dm == [["info", "-c", "--noheadings", "--separator", ";", "-o",
+                   "name,major,minor,attr,open,segments,events,uuid", "dmmig-d-era"],
+                  ["suspend", "dmmig-d"], ["message", "dmmig-d-era", "0", "take_metadata_snap"],
+                  ["resume", "--noudevsync", "dmmig-d"], ["status", "--noflush", "dmmig-d-era"],
+                  ["message", "dmmig-d-era", "0", "drop_metadata_snap"]], dm
+
+
+def test_a_copy_rounds_query_drops_a_snapshot_a_killed_dmmig_left_and_retakes_it(tmp_path: Path) -> None:
+    # era refuses a second snapshot: the one left is dropped and the take retried inside the
+    # suspension, and the top is resumed once
+    takes = [(1, "", "device-mapper: message ioctl on dmmig-d-era failed: Invalid argument"), (0, "", "")]
+    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d-era;253;3;L--w;1;1;0;DMMIG-era-d\n", "")),
+                    (["dmsetup", "message", "dmmig-d-era", "0", "take_metadata_snap"], takes),
+                    *era_rules(["0 2048 era 8 12/1024 4 31\n", "0 2048 era 8 12/1024 5 33\n"], "<blocks/>")])
+    stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
+    e = journal.Entry("d", "/dev/loop1", "7:1")
+    e.metadata, e.block_sectors = "/dev/loop3", 128
+    stack.journal.save(e, journal.COPYING)
+    (tmp_path / "state" / "d.dirty.xml").write_text("<blocks/>")
+    d, now, _ = stack.drained_dirty_ranges("d", 2)
+    d.close()
+    assert now == 5
+    dm = [a[1] if a[1] != "message" else a[4] for a in r.argvs if a[0] == "dmsetup" and a[1] != "info"]
+    assert dm == ["suspend", "take_metadata_snap", "status", "drop_metadata_snap", "take_metadata_snap",
+                  "resume", "status", "drop_metadata_snap"], dm
 
 
 def test_a_held_query_leaves_its_snapshot_for_the_caller_and_a_failed_one_drops_it(tmp_path: Path) -> None:
