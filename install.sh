@@ -48,8 +48,9 @@ case "${1:-}" in
 esac
 
 PKGS=(
-  # dmmig at run time
+  # dmmig at run time; its Python libraries are Debian's, the ones the package depends on
   dmsetup thin-provisioning-tools nbd-client qemu-utils libnbd-bin python3-libnbd
+  python3-paramiko python3-pyudev python3-pyxs python3-tqdm python3-cryptography
   openssh-client udev kmod util-linux iproute2 iputils-ping
   # the destination side (dmmig agent) and the rig's second host
   openssh-server
@@ -77,7 +78,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+# The venv runs dmmig on Debian's python3-* libraries (through its system site packages), so
+# the tests and benches run what the package runs on a host: only the `test` extra comes from
+# PyPI. A venv in which pip installed its own copies (made before Debian's were there) is remade.
+debian_libs() {
+  .venv/bin/python - <<'EOF' 2>/dev/null
+import importlib, sys
+for m in ("nbd", "paramiko", "pyudev", "pyxs", "tqdm", "cryptography", "nacl", "bcrypt"):
+    f = importlib.import_module(m).__file__ or ""
+    if not f.startswith("/usr/lib/python3/"):
+        sys.exit(f"{m}: {f}")
+EOF
+}
+if [ ! -x .venv/bin/python ] || ! debian_libs; then
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
