@@ -469,12 +469,15 @@ class Stack:
                  lim.max_bytes, lim.granularity, block_bytes)
         return lim
 
-    def discards_exact(self, name: str) -> bool:
+    def discards_exact(self, name: str, devno: str | None = None) -> bool:
         """Whether era still cuts discards into pieces of one era block (confine_discards); False
-        if its limits cannot be read or were raised since (by hand: era is never reloaded)."""
-        entry = self.prepared(name)
-        devno = self.era_devno(name)
-        if devno is None or not entry.block_sectors:
+        if its limits cannot be read or were raised since (by hand: era is never reloaded).
+        DEVNO: the era device's number, when the caller has it (a dmsetup process less)."""
+        if devno is None:
+            entry, devno = self.prepared_era(name)
+        else:
+            entry = self.entry_of(name)
+        if not entry.block_sectors:
             return False
         try:
             return self.queue.discard(devno).exact_for(entry.block_sectors * 512)
@@ -538,14 +541,15 @@ class Stack:
         info = self.dm.info(era_name(name))
         return None if info is None else f"{info.major}:{info.minor}"
 
-    def discards(self, name: str) -> str | None:
+    def discards(self, name: str, devno: str | None = None) -> str | None:
         """The era device's discard mark (writefence.discard_mark; None: unreadable). Era records
         a discard by the block it starts in only: dm splits a discard at target boundaries, not
         at era's block size (drivers/md/dm.c __process_abnormal_io: only a target that sets
         max_discard_granularity, which era does not), and era_map marks get_block(bio). Where
         the rest of it fell is not recorded anywhere; that one happened is, in the kernel's I/O
-        counters. Read with the top suspended, the mark covers exactly the discards before it."""
-        devno = self.era_devno(name)
+        counters. Read with the top suspended, the mark covers exactly the discards before it.
+        DEVNO: the era device's number, when the caller has it (a dmsetup process less)."""
+        devno = devno or self.era_devno(name)
         return writefence.discard_mark_of(devno) if devno else None
 
     def drained_dirty(self, name: str, since: int) -> tuple[list[BlockRange], int]:

@@ -195,8 +195,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # each block of them while its limit held (Stack.confine_discards): the queries below
             # have them. Else (the limit was lost) a discard since the last round makes the
             # kernel resync the whole disk
-            mark = stack.discards(name)
-            full = writefence.discard_fallback(stack.discards_exact(name),
+            mark = stack.discards(name, era_dev)
+            full = writefence.discard_fallback(stack.discards_exact(name, era_dev),
                                               writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
             held = False
@@ -256,7 +256,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # should not happen: the mirror takes no discard (no_discards). If one reached era all
         # the same, dm-raid1 may have let kcopyd copy old data over it on the NBD leg: fail, and
         # the journal keeps the last round's mark (the next copy's first round counts it)
-        check_no_discard_while_mirroring(name, leg, mark, stack.discards(name))
+        check_no_discard_while_mirroring(name, leg, mark, stack.discards(name, era_dev))
         m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
                           kernel_out_of_sync_first_seen=kernel_out)
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a

@@ -217,6 +217,11 @@ def test_the_guard_reads_era_s_own_limit(tmp_path: Any) -> None:
     assert s.discards_exact("d1") is False
     (tmp_path / "sys" / "dev" / "block" / "253:5" / "queue" / "discard_max_bytes").unlink()
     assert s.discards_exact("d1") is False          # unreadable: counted as lost
+    # one dmsetup process per ask (the era device's number with the check that it exists), and
+    # none from a caller that has the number (the cutover, after its swap)
+    assert len(s.runner.argvs) == 3, s.runner.argvs
+    (tmp_path / "sys" / "dev" / "block" / "253:5" / "queue" / "discard_max_bytes").write_text("4096\n")
+    assert s.discards_exact("d1", "253:5") is True and len(s.runner.argvs) == 3
 
 
 def test_the_cutover_turns_the_nbd_legs_discards_off(tmp_path: Any) -> None:
