@@ -43,6 +43,7 @@ import tempfile
 import time
 from typing import Any
 
+from bench import libraries
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, RigError, UmlHost
 
@@ -275,7 +276,7 @@ def main() -> None:
     print(json.dumps({"rows": rows, "cpu": cpu, "last": last, "rounds": rounds}))
     anchor = min(rows["nbdcopy tcp"])
     print(f"disk {size} MiB (first half random, second half zeros), two UML kernels on a veth pair, "
-          f"best of {args.reps}")
+          f"best of {args.reps}; {libraries()}")
     def best(k: str) -> float:
         return min((x for x in rows[k] if x == x), default=float("nan"))  # NaN: that run failed
     for k, v in rows.items():

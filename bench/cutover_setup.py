@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from bench import libraries
 from bench.copy_wall import wrapper
 from bench.resync_speed import SCATTER, summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
@@ -118,7 +119,7 @@ def main() -> None:
     try:
         a, b = p.start()
         print(f"disk {size} MiB, delta every other 64 KiB block ({size // 2} MiB); two UML kernels on a veth pair; "
-              f"load {os.getloadavg()[0]:.2f}")
+              f"load {os.getloadavg()[0]:.2f}; {libraries()}")
         for transport in transports:
             run(a, b, size, transport)
     finally:

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 
+from bench import libraries
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
@@ -80,7 +81,8 @@ def main() -> None:
         a, b = p.start()
         for h in (a, b):
             h.run(["modprobe", "--dirname=/run/mods", "sch_netem"])
-        print(f"disk {size} MiB, delta every other 64 KiB block ({size // 2} MiB); two UML kernels on a veth pair")
+        print(f"disk {size} MiB, delta every other 64 KiB block ({size // 2} MiB); two UML kernels on a veth pair; "
+              f"{libraries()}")
         for delay in [None if d == "0" else d for d in os.environ.get("DELAYS", "0,2ms").split(",")]:
             if delay:
                 for h in (a, b):
