@@ -388,9 +388,9 @@ def test_a_background_query_runs_niced_and_a_foreground_one_does_not(tmp_path: P
                         str(tmp_path / "dirty"), "/dev/loop3"]]
 
 
-def test_a_copy_rounds_query_is_niced(tmp_path: Path) -> None:
-    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d-era;253;3;L--w;1;1;0;DMMIG-era-d\n", "")),
-                    *era_rules(["0 2048 era 8 12/1024 4 -\n"] * 3, "<blocks/>")])
+def round_query(tmp_path: Path, rules: list[tuple[list[str], Any]]) -> tuple[FakeRunner, int]:
+    """A copy round's drained query of prepared disk d (era device 253:3), on RULES."""
+    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d-era;253;3;L--w;1;1;0;DMMIG-era-d\n", "")), *rules])
     stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
     e = journal.Entry("d", "/dev/loop1", "7:1")
     e.metadata, e.block_sectors = "/dev/loop3", 128
@@ -398,6 +398,11 @@ def test_a_copy_rounds_query_is_niced(tmp_path: Path) -> None:
     (tmp_path / "state" / "d.dirty.xml").write_text("<blocks/>")
     d, now, _ = stack.drained_dirty_ranges("d", 2)
     d.close()
+    return r, now
+
+
+def test_a_copy_rounds_query_is_niced(tmp_path: Path) -> None:
+    r, now = round_query(tmp_path, era_rules(["0 2048 era 8 12/1024 4 -\n"] * 3, "<blocks/>"))
     assert now == 4
     assert [a[:4] for a in r.argvs if "era_invalidate" in a] == [["nice", "-n", "19", "era_invalidate"]]
     # the query ran between the snapshot's take and drop, after the top's resume; one info (the
@@ -415,16 +420,8 @@ def test_a_copy_rounds_query_drops_a_snapshot_a_killed_dmmig_left_and_retakes_it
     # era refuses a second snapshot: the one left is dropped and the take retried inside the
     # suspension, and the top is resumed once
     takes = [(1, "", "device-mapper: message ioctl on dmmig-d-era failed: Invalid argument"), (0, "", "")]
-    r = FakeRunner([(["dmsetup", "info"], (0, "dmmig-d-era;253;3;L--w;1;1;0;DMMIG-era-d\n", "")),
-                    (["dmsetup", "message", "dmmig-d-era", "0", "take_metadata_snap"], takes),
-                    *era_rules(["0 2048 era 8 12/1024 4 31\n", "0 2048 era 8 12/1024 5 33\n"], "<blocks/>")])
-    stack = Stack(r, DmSetup(r), journal.Journal(str(tmp_path / "state")))
-    e = journal.Entry("d", "/dev/loop1", "7:1")
-    e.metadata, e.block_sectors = "/dev/loop3", 128
-    stack.journal.save(e, journal.COPYING)
-    (tmp_path / "state" / "d.dirty.xml").write_text("<blocks/>")
-    d, now, _ = stack.drained_dirty_ranges("d", 2)
-    d.close()
+    r, now = round_query(tmp_path, [(["dmsetup", "message", "dmmig-d-era", "0", "take_metadata_snap"], takes),
+                                    *era_rules(["0 2048 era 8 12/1024 4 31\n", "0 2048 era 8 12/1024 5 33\n"])])
     assert now == 5
     dm = [a[1] if a[1] != "message" else a[4] for a in r.argvs if a[0] == "dmsetup" and a[1] != "info"]
     assert dm == ["suspend", "take_metadata_snap", "status", "drop_metadata_snap", "take_metadata_snap",
