@@ -67,6 +67,7 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
             raise
         t.add("local_checks", time.monotonic() - t0)
         with t("remote_wait"):
+            nbd.load_client()  # this host only waits here (for the agent's start there)
             remote = connecting.result()  # unknown host key, bad credentials, unreachable: refused here
         probing = probe_tunnel(stack, dest, remote, par)
         try:
