@@ -3,6 +3,8 @@ OSError) on the write; dmmig reports a remote failure (exit 8), never an interna
 from __future__ import annotations
 
 import json
+import os
+import random
 import socket
 import threading
 import time
@@ -13,7 +15,7 @@ import pytest
 
 from dmmig.adapters import agentclient
 from dmmig.adapters.agentclient import PROTOCOL, AgentClient, deadline_for
-from dmmig.adapters.ssh import _pump
+from dmmig.adapters.ssh import pump_to_channel
 from dmmig.core.records import Destination
 from dmmig.errors import Exit, RemoteError
 from dmmig.flows import session
@@ -104,7 +106,7 @@ def test_a_transport_dying_as_the_agent_starts_is_a_remote_error(
 def test_the_tunnel_pump_ends_quietly_when_the_transport_dies() -> None:
     """The pump thread's own close raised EOFError: 'Exception in thread' on stderr."""
     class Chan:
-        def sendall(self, data: bytes) -> None:
+        def send(self, data: bytes) -> int:
             raise EOFError()
 
         def close(self) -> None:
@@ -115,7 +117,7 @@ def test_the_tunnel_pump_ends_quietly_when_the_transport_dies() -> None:
     threading.excepthook = lambda a: seen.append(a.exc_value)  # type: ignore[arg-type]
     try:
         ours.sendall(b"request")
-        t = threading.Thread(target=_pump, args=(theirs, Chan()))
+        t = threading.Thread(target=pump_to_channel, args=(theirs, Chan()))
         t.start()
         t.join(5)
     finally:
@@ -123,6 +125,38 @@ def test_the_tunnel_pump_ends_quietly_when_the_transport_dies() -> None:
         ours.close()
         theirs.close()
     assert not t.is_alive() and seen == []
+
+
+def test_the_copiers_pump_sends_every_byte_in_order_a_packet_at_a_time() -> None:
+    """paramiko's send takes one packet's worth or less (the window) and returns how much; 0 once
+    the channel is closing. The pump must resend the rest of each read, in order, and stop (and
+    close) at 0 instead of spinning."""
+    class Chan:
+        def __init__(self) -> None:
+            self.got = bytearray()
+            self.sizes: list[int] = []
+            self.closed = False
+
+        def send(self, data: bytes | memoryview) -> int:
+            # takes the payload, then nothing: closing
+            n = min(len(data), random.choice([1, 4096, 32 << 10, 32 << 10]), len(payload) - len(self.got))
+            self.got += data[:n]
+            self.sizes.append(n)
+            return n
+
+        def close(self) -> None:
+            self.closed = True
+    payload = os.urandom(3 << 20)
+    ours, theirs = socket.socketpair()
+    chan = Chan()
+    t = threading.Thread(target=pump_to_channel, args=(theirs, chan))
+    t.start()
+    ours.sendall(payload + bytes(64 << 10))  # more than the channel takes
+    t.join(10)
+    ours.close()
+    theirs.close()
+    assert not t.is_alive() and chan.closed
+    assert bytes(chan.got) == payload and max(chan.sizes) <= 32 << 10
 
 
 class SocketChannel:

@@ -232,6 +232,12 @@ class ProcChannel:
         self.p.stdin.write(data)
         self.p.stdin.flush()
 
+    def send(self, data: bytes | memoryview) -> int:
+        """As paramiko's: one packet's worth (32 KiB) at most."""
+        n = min(len(data), 32 << 10)
+        self.sendall(bytes(data[:n]))
+        return n
+
     def close(self) -> None:
         if self.p and self.p.stdin and not self.p.stdin.closed:
             self.p.stdin.close()
