@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -200,10 +201,17 @@ def imported_by(code: str) -> set[str]:
     return set(out.split())
 
 
+@functools.cache
+def agent_start() -> frozenset[str]:
+    """What an agent's start imports (the CLI, the agent, its confinement): one interpreter for
+    every test that asks."""
+    return frozenset(imported_by("import dmmig.entry.cli, dmmig.entry.agent, dmmig.core.confine"))
+
+
 def test_the_agent_imports_no_disk_stack() -> None:
     """Every agent start on the destination (its session, a probe, the tunnel's hold or relay)
     paid for the disk stack's imports through the CLI: 0.15 s of Python in the rig, each."""
-    mods = imported_by("import dmmig.entry.cli, dmmig.entry.agent, dmmig.core.confine")
+    mods = agent_start()
     assert not {"dmmig.core.stack", "dmmig.adapters.era", "dmmig.core.mirror", "dmmig.adapters.tunnel",
                 "dmmig.adapters.dm.dmsetup", "paramiko"} & mods
 
@@ -212,14 +220,14 @@ def test_the_agent_loads_no_library_that_only_one_of_its_calls_uses() -> None:
     """pyxs (a Xen host's handover), hashlib with OpenSSL (verify's digests) and datetime (the
     TLS certificates) cost 0.12 s of each agent start in the rig, for calls most sessions never
     make: they load where they are used."""
-    mods = imported_by("import dmmig.entry.cli, dmmig.entry.agent, dmmig.core.confine")
+    mods = agent_start()
     assert not {"pyxs", "_hashlib", "datetime"} & mods
 
 
 def test_a_tunnels_hold_and_the_plans_probe_start_without_the_destinations_flow() -> None:
     """`dmmig agent hold NAME` (each cutover's tunnel) and `dmmig agent probe TOKEN` (a first
     copy's plan) only wait on their session: the JSON agent's flow was 0.14 s of their start."""
-    mods = imported_by("import dmmig.entry.cli, dmmig.entry.agent, dmmig.core.confine")
+    mods = agent_start()
     assert "dmmig.flows.destination" not in mods
 
 
