@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,7 +32,7 @@ class Process(Protocol):
 
 class Runner(Protocol):
     def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
-            input: str | None = None) -> Result: ...
+            input: str | None = None, env: Mapping[str, str] | None = None) -> Result: ...
 
     def spawn(self, argv: list[str], *, logfile: str) -> int: ...
 
@@ -47,16 +48,18 @@ class SubprocessRunner:
         self.default_timeout = default_timeout
 
     def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
-            input: str | None = None) -> Result:
+            input: str | None = None, env: Mapping[str, str] | None = None) -> Result:
+        """ENV: variables set for this command on top of dmmig's own environment."""
         if not argv or not all(isinstance(a, str) for a in argv):
             raise TypeError(f"argv must be a non-empty list of str, got {argv!r}")
         t = self.default_timeout if timeout is None else timeout
-        log.debug("run: %s", argv)
-        env = dict(os.environ)
-        env.setdefault("LC_ALL", "C")  # we parse output; keep it stable
+        log.debug("run: %s%s", argv, f" with {dict(env)}" if env else "")
+        full = dict(os.environ)
+        full.setdefault("LC_ALL", "C")  # we parse output; keep it stable
+        full.update(env or {})
         try:
             p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=t,
-                               env=env, stdin=None if input is not None else subprocess.DEVNULL)
+                               env=full, stdin=None if input is not None else subprocess.DEVNULL)
         except FileNotFoundError as e:
             raise MissingDependency(f"command not found: {argv[0]}",
                                     hint="install it (see README: the install command)") from e

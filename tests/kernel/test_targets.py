@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -58,8 +58,8 @@ class RigRunner:
         self.rig = rig
 
     def run(self, argv: list[str], *, check: bool = True, timeout: float | None = None,
-            input: str | None = None) -> Result:
-        r = self.rig.run(argv, check=False, timeout=timeout or 60,
+            input: str | None = None, env: Mapping[str, str] | None = None) -> Result:
+        r = self.rig.run(argv, check=False, timeout=timeout or 60, env=dict(env) if env else None,
                          input=input.encode() if input is not None else None)
         res = Result(argv, r.rc, r.out, r.err)
         if check and r.rc != 0:

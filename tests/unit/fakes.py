@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ class FakeRunner:
         self.calls: list[dict[str, Any]] = []
 
     def run(self, argv: list[str], check: bool = True, timeout: float | None = None,
-            input: str | None = None) -> Result:
-        self.calls.append({"argv": list(argv), "check": check, "timeout": timeout, "input": input})
+            input: str | None = None, env: Mapping[str, str] | None = None) -> Result:
+        self.calls.append({"argv": list(argv), "check": check, "timeout": timeout, "input": input,
+                           **({"env": dict(env)} if env else {})})
         rc, out, err = 0, "", ""
         for prefix, reply in self.rules:
             if argv[:len(prefix)] == prefix:
