@@ -9,8 +9,12 @@ before issue 14), every other 64 KiB era block is written (a scattered delta of 
 a `dmmig copy` round moves it (the anchor: its bytes over its data phase), the same blocks are
 written again and `dmmig cutover` hands them to the kernel (its bytes over its resync time).
 
-    [PARTS=1,4,16] [DELAYS=0,2ms] .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]
+    [PARTS=1,4,16] [DELAYS=0,2ms] [TREES=DIR,...] .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]
     (default: 128 ssh nbd)
+
+TREES: directories each holding a dmmig/ package (under /var/tmp, e.g. `git archive COMMIT dmmig |
+tar -x -C DIR`), run in turn for each transport on each link, side by side in one run (default:
+this checkout).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import sys
 import tempfile
 
 from bench import libraries
+from bench.copy_wall import wrapper
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
@@ -45,30 +50,32 @@ def summary(out: str) -> dict:
     return next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
 
 
-def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> list[tuple[int, float, float, int]]:
-    """[(parts, copier MB/s, kernel MB/s, regions)] for one transport on the current link."""
+def run(a: UmlHost, b: UmlHost, size: int, transport: str, dmmig: str = DMMIG) -> list[tuple[int, float, float, int]]:
+    """[(parts, copier MB/s, kernel MB/s, regions)] for one transport on the current link, with
+    the dmmig at DMMIG on both hosts."""
     a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size} status=none && losetup /dev/loop0 /dev/shm/src")
     b.sh(f"truncate -s {size}M /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
     top = "/dev/mapper/dmmig-rs"
-    copy = ["copy", "rs", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", DMMIG, *SSH_OPTS, "--json",
+    copy = ["copy", "rs", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", dmmig, *SSH_OPTS, "--json",
             "--max-rounds", "1", "--transport", transport, *(["--nbd-address", B_IP] if transport == "nbd" else [])]
     out = []
     try:
-        a.dmmig("wrap", "rs", "/dev/loop0")
-        a.dmmig("prepare", "rs", "--block-size", "64K")
-        a.dmmig(*copy)
+        a.run([dmmig, "wrap", "rs", "/dev/loop0"])
+        a.run([dmmig, "prepare", "rs", "--block-size", "64K"])
+        a.run([dmmig, *copy])
         for parts in PARTS:
             a.py(SCATTER, top, str(size << 20))
-            c = summary(a.dmmig(*copy).out)   # from mirroring, the copy drops the mirror first
+            c = summary(a.run([dmmig, *copy]).out)   # from mirroring, the copy drops the mirror first
             copier = c["throughput_bytes_per_s"] / 1e6
             a.py(SCATTER, top, str(size << 20))
-            cut = summary(a.dmmig("cutover", "rs", "--json", *(["--resync-parts", str(parts)] if parts else [])).out)
+            cut = summary(a.run([dmmig, "cutover", "rs", "--json",
+                                 *(["--resync-parts", str(parts)] if parts else [])]).out)
             out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"],
                         cut["resync_regions"]))
-        a.dmmig("finish", "rs")
+        a.run([dmmig, "finish", "rs"])
         return out
     finally:
-        a.sh(f"{DMMIG} abort rs; {DMMIG} unwrap rs; true", check=False)
+        a.sh(f"{dmmig} abort rs; {dmmig} unwrap rs; true", check=False)
         a.sh("losetup -d /dev/loop0; rm -f /dev/shm/src", check=False)
         b.sh("losetup -d /dev/loop0; rm -f /dev/shm/dst", check=False)
 
@@ -76,6 +83,7 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> list[tuple[int, fl
 def main() -> None:
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     transports = sys.argv[2:] or ["ssh", "nbd"]
+    trees = {t: wrapper(os.path.abspath(t)) for t in os.environ.get("TREES", "").split(",") if t} or {"": DMMIG}
     p = Pair(tempfile.mkdtemp(prefix="dmmig-bench-"))
     try:
         a, b = p.start()
@@ -90,10 +98,11 @@ def main() -> None:
             rtt = a.sh(f"ping -c 5 -i 0.2 -q {B_IP} | tail -1").out.strip()
             print(f"link: {'+' + delay + ' each way' if delay else 'as is'} ({rtt})")
             for transport in transports:
-                for parts, copier, kernel, regions in run(a, b, size, transport):
-                    print(f"  --transport {transport:3s} --resync-parts {parts:2d}: copier {copier:6.2f} MB/s "
-                          f"(anchor), kernel resync {kernel:6.2f} MB/s over {regions} regions = "
-                          f"{kernel / copier:.2f}x the copier", flush=True)
+                for tree, dmmig in trees.items():
+                    for parts, copier, kernel, regions in run(a, b, size, transport, dmmig):
+                        print(f"  {tree + ': ' if tree else ''}--transport {transport:3s} --resync-parts {parts:2d}: "
+                              f"copier {copier:6.2f} MB/s (anchor), kernel resync {kernel:6.2f} MB/s over {regions} "
+                              f"regions = {kernel / copier:.2f}x the copier", flush=True)
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
