@@ -53,7 +53,7 @@ class SubprocessRunner:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise TypeError(f"argv must be a non-empty list of str, got {argv!r}")
         t = self.default_timeout if timeout is None else timeout
-        log.debug("run: %s%s", argv, f" with {dict(env)}" if env else "")
+        log.debug("run: %s%s", argv, f" with {', '.join(sorted(env))} set" if env else "")  # names only
         full = dict(os.environ)
         full.setdefault("LC_ALL", "C")  # we parse output; keep it stable
         full.update(env or {})

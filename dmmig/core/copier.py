@@ -178,8 +178,8 @@ class Copier:
         """Which SUB pieces of BUF[:N] hold only zeros, without a new object per piece.
 
         Slicing the mmap made a 64 KiB bytes object per piece, which glibc gave back to the
-        kernel at its free (it topped the heap), so the next one faulted in 16 fresh pages:
-        under user-mode-linux, 40 ms per MiB, most of every copy's time in the rig. Data is
+        kernel at its free when it topped the heap, so the next one faulted in 16 fresh pages:
+        under user-mode-linux 40 ms per MiB, most of a small round's time in the rig. Data is
         mostly told by its first or last byte; the rest is copied to one reused buffer and
         compared there (memcmp)."""
         flags = []
