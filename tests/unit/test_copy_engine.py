@@ -73,7 +73,7 @@ def test_data_with_zero_ends_is_data_and_zero_detection_allocates_no_piece(tmp_p
     """A guest chooses what it writes: pieces whose first and last bytes are zero, with data in
     between (one byte, or all but the ends), must be sent as data, and all-zero pieces not; a
     short last piece likewise. The zero check makes no object the size of a piece: one per piece
-    was the copy's main cost under user-mode-linux (each allocation faulted in fresh pages)."""
+    was most of a small round's time under user-mode-linux (each faulted in fresh pages)."""
     import tracemalloc
     size = 6 * SUB + 4096 + 512
     data = bytearray(os.urandom(size))
