@@ -20,7 +20,7 @@ import time
 
 from bench import libraries
 from bench.copy_wall import wrapper
-from bench.resync_speed import SCATTER, summary
+from bench.resync_speed import WRITE, summary
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
@@ -73,11 +73,11 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str) -> None:
               f"{start * 1000:.0f} ms (both through the rig's runner)")
         variants = [("", None)] + ([(" (base)", wrapper(os.path.abspath(BASE)))] if BASE else [])
         for i, (label, exe) in ((i, v) for i in range(REPEAT) for v in variants):
-            a.py(SCATTER, top, str(size << 20))
+            a.py(WRITE, top, str(size << 20), "0")
             t0 = time.monotonic()
             c = summary(a.dmmig(*copy).out)  # from mirroring, the copy drops the mirror first
             copy_s = time.monotonic() - t0
-            a.py(SCATTER, top, str(size << 20))
+            a.py(WRITE, top, str(size << 20), "0")
             t0 = time.monotonic()
             if exe is not None:
                 r = a.run([exe, "cutover", "su", "--json", *CUT_ARGS])

@@ -8,9 +8,11 @@ for each number of mirror parts (`cutover --resync-parts`; 1 is the one dm-mirro
 before issue 14), every other 64 KiB era block is written (a scattered delta of SIZE/2 MiB),
 a `dmmig copy` round moves it (the anchor: its bytes over its data phase), the same blocks are
 written again and `dmmig cutover` hands them to the kernel (its bytes over its resync time).
+DELTA=cluster:N writes N MiB in one piece instead, a third into the disk (a guest rewriting one
+file: the case where the delta sits in few of the mirror's parts).
 
-    [PARTS=1,4,16] [DELAYS=0,2ms] [TREES=DIR,...] .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]
-    (default: 128 ssh nbd)
+    [PARTS=1,4,16] [DELAYS=0,2ms] [TREES=DIR,...] [DELTA=scatter|cluster:MIB]
+    .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]   (default: 128 ssh nbd)
 
 TREES: directories each holding a dmmig/ package (under /var/tmp, e.g. `git archive COMMIT dmmig |
 tar -x -C DIR`), run in turn for each transport on each link, side by side in one run (default:
@@ -33,13 +35,16 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 # 0: dmmig's default for the transport (no --resync-parts)
 PARTS = tuple(int(x) for x in os.environ.get("PARTS", "1,4,16").split(","))
 BLOCK = 64 << 10
-# every other block, random data (the copier skips zeros, the kernel does not)
-SCATTER = r"""
+DELTA = os.environ.get("DELTA", "scatter")
+# random data (the copier skips zeros, the kernel does not): every other block of the disk, or
+# CLUSTER bytes in one piece a third into it
+WRITE = r"""
 import mmap, os, sys
-dev, size = sys.argv[1], int(sys.argv[2])
+dev, size, cluster = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 buf = mmap.mmap(-1, 65536)
 fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
-for off in range(0, size, 2 * 65536):
+first = size // 3 // 65536 * 65536
+for off in range(first, first + cluster, 65536) if cluster else range(0, size, 2 * 65536):
     buf[:] = os.urandom(65536)
     os.pwrite(fd, buf, off)
 os.close(fd)
@@ -50,12 +55,15 @@ def summary(out: str) -> dict:
     return next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
 
 
-def run(a: UmlHost, b: UmlHost, size: int, transport: str, dmmig: str = DMMIG) -> list[tuple[int, float, float, int]]:
-    """[(parts, copier MB/s, kernel MB/s, regions)] for one transport on the current link, with
-    the dmmig at DMMIG on both hosts."""
+def run(a: UmlHost, b: UmlHost, size: int, transport: str,
+        dmmig: str = DMMIG) -> list[tuple[int, float, float, int, int | None]]:
+    """[(parts, copier MB/s, kernel MB/s, regions, most regions in one part)] for one transport
+    on the current link, with the dmmig at DMMIG on both hosts (an older one does not say the
+    last)."""
     a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size} status=none && losetup /dev/loop0 /dev/shm/src")
     b.sh(f"truncate -s {size}M /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
     top = "/dev/mapper/dmmig-rs"
+    cluster = str(int(DELTA.split(":")[1]) << 20) if DELTA.startswith("cluster:") else "0"
     copy = ["copy", "rs", f"root@{B_IP}", "--dest-disk", "/dev/loop0", "--remote-dmmig", dmmig, *SSH_OPTS, "--json",
             "--max-rounds", "1", "--transport", transport, *(["--nbd-address", B_IP] if transport == "nbd" else [])]
     out = []
@@ -64,14 +72,14 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str, dmmig: str = DMMIG) -
         a.run([dmmig, "prepare", "rs", "--block-size", "64K"])
         a.run([dmmig, *copy])
         for parts in PARTS:
-            a.py(SCATTER, top, str(size << 20))
+            a.py(WRITE, top, str(size << 20), cluster)
             c = summary(a.run([dmmig, *copy]).out)   # from mirroring, the copy drops the mirror first
             copier = c["throughput_bytes_per_s"] / 1e6
-            a.py(SCATTER, top, str(size << 20))
+            a.py(WRITE, top, str(size << 20), cluster)
             cut = summary(a.run([dmmig, "cutover", "rs", "--json",
                                  *(["--resync-parts", str(parts)] if parts else [])]).out)
             out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"],
-                        cut["resync_regions"]))
+                        cut["resync_regions"], cut.get("resync_regions_most_in_a_part")))
         a.run([dmmig, "finish", "rs"])
         return out
     finally:
@@ -89,7 +97,9 @@ def main() -> None:
         a, b = p.start()
         for h in (a, b):
             h.run(["modprobe", "--dirname=/run/mods", "sch_netem"])
-        print(f"disk {size} MiB, delta every other 64 KiB block ({size // 2} MiB); two UML kernels on a veth pair; "
+        what = (f"{DELTA.split(':')[1]} MiB in one piece" if DELTA.startswith("cluster:")
+                else f"every other 64 KiB block ({size // 2} MiB)")
+        print(f"disk {size} MiB, delta {what}; two UML kernels on a veth pair; "
               f"{libraries()}")
         for delay in [None if d == "0" else d for d in os.environ.get("DELAYS", "0,2ms").split(",")]:
             if delay:
@@ -99,10 +109,11 @@ def main() -> None:
             print(f"link: {'+' + delay + ' each way' if delay else 'as is'} ({rtt})")
             for transport in transports:
                 for tree, dmmig in trees.items():
-                    for parts, copier, kernel, regions in run(a, b, size, transport, dmmig):
+                    for parts, copier, kernel, regions, most in run(a, b, size, transport, dmmig):
                         print(f"  {tree + ': ' if tree else ''}--transport {transport:3s} --resync-parts {parts:2d}: "
                               f"copier {copier:6.2f} MB/s (anchor), kernel resync {kernel:6.2f} MB/s over {regions} "
-                              f"regions = {kernel / copier:.2f}x the copier", flush=True)
+                              f"regions (most in one part: {'?' if most is None else most}) "
+                              f"= {kernel / copier:.2f}x the copier", flush=True)
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
