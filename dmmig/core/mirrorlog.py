@@ -15,10 +15,11 @@ of the disk with its own log: dm-mirror recovers one region at a time per target
 """
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dmmig.errors import LocalIOError
@@ -167,25 +168,43 @@ def _header(img: bytes) -> tuple[int, int]:
     return nr, version
 
 
+LENGTH_SHARE = 4  # a balanced part's bounds: its length at most 4x the mean, its delta 4/3x
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The top's mirror set: LENGTH sectors in regions of REGION sectors, PER_PART regions to
-    a part (the last may have fewer); each part's log has a SLOT of the log file."""
+    """The top's mirror set: LENGTH sectors in regions of REGION sectors; part i begins at
+    region STARTS[i] (STARTS[0] is 0) and ends where the next begins; each part's log has a
+    SLOT of the log file."""
     length: int
     region: int
-    per_part: int
+    starts: tuple[int, ...]
+
+    @classmethod
+    def uniform(cls, length: int, region: int, per_part: int) -> Layout:
+        return cls(length, region, tuple(range(0, region_count(length, region), per_part)))
 
     @classmethod
     def choose(cls, length: int, block_sectors: int, *, max_parts: int = MAX_PARTS,
-               max_part_regions: int = MAX_PART_REGIONS) -> Layout:
+               max_part_regions: int = MAX_PART_REGIONS, delta: Iterable[tuple[int, int]] = (),
+               delta_blocks: int = 0) -> Layout:
         """Regions as small as an era block (a scattered delta resyncs no more than era
-        recorded), doubled only while a part would hold more than MAX_PART_REGIONS: with a disk
-        log, every region the kernel recovers rewrites its part's whole bitset."""
+        recorded), doubled only while a part of equal length would hold more than
+        MAX_PART_REGIONS: with a disk log, every region the kernel recovers rewrites its part's
+        whole bitset. Without a DELTA the parts are of equal length. With one (DELTA_BLOCKS era
+        blocks in ascending [begin, end) ranges, streamed once) the parts share it out
+        (balanced): each part recovers its regions one at a time, so the resync lasts as long as
+        its part with the most of the delta, and a guest that rewrites one file puts all of it
+        in one or two parts of equal length."""
         region = block_sectors
         while -(-region_count(length, region) // max_parts) > max_part_regions:
             region *= 2
         nr = region_count(length, region)
-        return cls(length, region, max(1, -(-nr // max_parts)))
+        if delta_blocks <= 0:
+            return cls.uniform(length, region, max(1, -(-nr // max_parts)))
+        per_region = region // block_sectors  # era blocks in a region (region >= block)
+        regions = ((b0 // per_region, -(-b1 // per_region), b1 - b0) for b0, b1 in delta)
+        return cls(length, region, balanced(nr, max_parts, regions, delta_blocks))
 
     @property
     def regions(self) -> int:
@@ -193,43 +212,103 @@ class Layout:
 
     @property
     def parts(self) -> int:
-        return -(-self.regions // self.per_part)
+        return len(self.starts)
+
+    def _ends(self) -> tuple[int, ...]:
+        return (*self.starts[1:], self.regions)
 
     @property
     def slot(self) -> int:
-        return log_bytes(self.per_part)
+        return log_bytes(max(e - s for s, e in zip(self.starts, self._ends())))
 
     def part(self, i: int) -> tuple[int, int, int]:
         """(first sector, sectors, regions) of part I."""
-        start = i * self.per_part * self.region
-        length = min(self.per_part * self.region, self.length - start)
-        return start, length, region_count(length, self.region)
+        first, end = self.starts[i], self._ends()[i]
+        start = first * self.region
+        return start, min(end * self.region, self.length) - start, end - first
 
     def blank(self) -> list[LogImage]:
         return [LogImage(self.part(i)[2]) for i in range(self.parts)]
 
+    def _spans(self, block_ranges: Iterable[tuple[int, int]],
+               block_sectors: int) -> Iterator[tuple[int, int, int, int]]:
+        """(blocks, part, first region, end region) in that part's numbering, for each part
+        a block range touches."""
+        ends = self._ends()
+        for b0, b1 in block_ranges:
+            r0 = b0 * block_sectors // self.region
+            r1 = min(-(-b1 * block_sectors // self.region), self.regions)
+            blocks = b1 - b0
+            i = bisect.bisect_right(self.starts, r0) - 1
+            while r0 < r1:
+                end = min(r1, ends[i])
+                yield blocks, i, r0 - self.starts[i], end - self.starts[i]
+                blocks = 0
+                r0, i = end, i + 1
+            if blocks:  # a range past the regions: counted, nothing to mark
+                yield blocks, -1, 0, 0
+
     def marked(self, images: list[LogImage], block_ranges: Iterable[tuple[int, int]], block_sectors: int) -> bool:
         """Whether every region holding a block of BLOCK_RANGES is out of sync in IMAGES
         already (stops at the first that is not)."""
-        for b0, b1 in block_ranges:
-            r1 = min(-(-b1 * block_sectors // self.region), self.regions)
-            for r in range(b0 * block_sectors // self.region, r1):
-                i = r // self.per_part
-                if images[i].in_sync(r - i * self.per_part):
-                    return False
+        for _, i, r0, r1 in self._spans(block_ranges, block_sectors):
+            if i >= 0 and any(images[i].in_sync(r) for r in range(r0, r1)):
+                return False
         return True
 
     def mark(self, images: list[LogImage], block_ranges: Iterable[tuple[int, int]], block_sectors: int) -> int:
         """Every region holding a block of BLOCK_RANGES ([begin, end) in era blocks) out of
         sync, range by range (a list of regions is never built); returns the blocks seen."""
-        blocks = 0
-        for b0, b1 in block_ranges:
-            blocks += b1 - b0
-            r0 = b0 * block_sectors // self.region
-            r1 = min(-(-b1 * block_sectors // self.region), self.regions)
-            while r0 < r1:
-                i = r0 // self.per_part
-                end = min(r1, (i + 1) * self.per_part)
-                images[i].mark(r0 - i * self.per_part, end - i * self.per_part)
-                r0 = end
-        return blocks
+        seen = 0
+        for blocks, i, r0, r1 in self._spans(block_ranges, block_sectors):
+            seen += blocks
+            if i >= 0:
+                images[i].mark(r0, r1)
+        return seen
+
+
+def balanced(nr: int, parts: int, delta: Iterable[tuple[int, int, int]], total: int) -> tuple[int, ...]:
+    """The first region of each of at most PARTS parts over NR regions, given a delta of TOTAL
+    era blocks as ascending (first region, end region, blocks) spans. Each cut is where a
+    weight reaches its next share: (LENGTH_SHARE - 1) parts of the delta's blocks to one of
+    the regions' count. So no part holds more than 4/3 of its equal share of the delta, nor
+    more than LENGTH_SHARE times its equal share of the disk (one region more at most): its
+    log stays bounded, and a whole-disk resync (the discard fallback, added after the swap)
+    is at most that much slower than on equal parts."""
+    d_w, l_w = LENGTH_SHARE - 1, 1          # weights: the delta's and the length's
+    # w(x) = (d_w * dirty_before(x) / total + l_w * x / nr) / LENGTH_SHARE, cut i at w >= i / parts;
+    # in integers: W(x) = d_w * dirty * nr + l_w * x * total, cut i at W * parts >= i * LENGTH_SHARE * nr * total
+    unit = LENGTH_SHARE * nr * total
+    cuts: list[int] = []
+    i, x, dirty = 1, 0, 0
+
+    def advance(end: int, blocks: int, span: int) -> None:
+        """Regions x..END, BLOCKS delta blocks spread over SPAN regions from x."""
+        nonlocal i, x, dirty
+        if end <= x:
+            return
+        slope = d_w * nr * blocks + l_w * total * span                # W per region, times SPAN
+        while i < parts:
+            need = i * unit - parts * (d_w * dirty * nr + l_w * x * total)
+            cut = x if need <= 0 else x - (-need * span // (parts * slope))
+            if cut >= end:
+                break
+            cuts.append(cut)
+            i += 1
+        dirty += blocks * (end - x) // span
+        x = end
+
+    for r0, r1, blocks in delta:
+        r0, r1 = min(max(r0, x), nr), min(r1, nr)
+        advance(r0, 0, 1)
+        if r1 > r0:
+            advance(r1, blocks, r1 - r0)
+    advance(nr, 0, 1)
+    starts = sorted({0, *(c for c in cuts if 0 < c < nr)})
+    # cuts that fell together: the longest parts halved until there are PARTS again (the guest's
+    # writes while mirroring go through every part's worker, not just the delta's)
+    while len(starts) < min(parts, nr):
+        ends = [*starts[1:], nr]
+        i = max(range(len(starts)), key=lambda k: ends[k] - starts[k])
+        starts.insert(i + 1, (starts[i] + ends[i]) // 2)
+    return tuple(starts)

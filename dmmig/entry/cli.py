@@ -185,7 +185,8 @@ def cmd_cutover(a: argparse.Namespace) -> int:
     print(f"{a.name}: mirroring to the destination over {s['nbd']}; every write now reaches both hosts")
     print(f"  top device suspended for {' + '.join(f'{p * 1000:.0f}' for p in s['pauses'])} ms; the kernel "
           f"resynced {s['resync_regions']} of {s['regions']} regions of {s['region_bytes'] >> 10} KiB "
-          f"({s['resync_bytes'] / (1 << 20):.2f} MiB) in {s['resync_seconds']:.2f}s, {s['parts']} at a time")
+          f"({s['resync_bytes'] / (1 << 20):.2f} MiB) in {s['resync_seconds']:.2f}s, {s['parts']} at a time "
+          f"(at most {s['resync_regions_most_in_a_part']} in one)")
     return 0
 
 

@@ -95,7 +95,6 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         stack.journal.save(entry, journal.CUTTING_OVER)
         assert entry.metadata and entry.block_sectors and length is not None
         bs = entry.block_sectors
-        layout = mirrorlog.Layout.choose(length, bs, max_parts=parts)
         since = int(entry.copy.next_since or 0)
         # SET-UP: what waits on the destination (OpenSSH's tunnel login; the connection, its
         # agent's start, the export) runs in threads while this host makes the logs and queries
@@ -128,15 +127,18 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 exporting = Started(partial(_connect_export, stack, name, dest, par))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
             # tagged below `first` and done once the swap's suspend is
-            marked = layout.blank()  # for the summary: what both steps mark
-            with sw("logs"):
-                logs = stack.mirror.make_logs(entry, layout, 0, save)
             with sw("era query"):
                 # its snapshot is dropped after the swap: a dmsetup process off the critical path
                 first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
                                                              Files(stack.journal.dir, name).dirty, hold=True)
                 held = True
             with sw("logs"):
+                # the parts cut where this delta lies: each recovers one region at a time
+                layout = mirrorlog.Layout.choose(length, bs, max_parts=parts,
+                                                 delta=((r.begin, r.end) for r in first_ranges),
+                                                 delta_blocks=first_ranges.blocks)
+                marked = layout.blank()  # for the summary: what both steps mark
+                logs = stack.mirror.make_logs(entry, layout, 0, save)
                 images = layout.blank()
                 try:  # streamed: a scattered delta of millions of blocks is never a list here
                     layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
@@ -270,6 +272,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             "full_resync": full,
             "overlapped": par.rounded(),
             "region_bytes": layout.region * 512, "parts": layout.parts,
+            # the part with the most: it recovers them one at a time, so the resync lasts as long
+            "resync_regions_most_in_a_part": max(i.out_of_sync() for i in marked),
             "resync_bytes": m.resync_bytes, "resync_seconds": m.synced.seconds,
             "nbd": leg, "events_at_sync": events, "kernel_out_of_sync_first_seen": kernel_out}
 

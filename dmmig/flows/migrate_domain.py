@@ -261,7 +261,8 @@ def _cutover_lines(name: str, length: int, block_sectors: int, resync_parts: int
     lines = mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<{era_name(name)}>",
                          "<nbd leg>").render().splitlines()
     return [f"cutover:    {top_name(name)}: {layout.parts} dm-mirror targets side by side, regions of "
-            f"{layout.region // 2} KiB, each recovering one at a time:",
+            f"{layout.region // 2} KiB, each recovering one at a time (shown of equal length: the cutover "
+            f"cuts them where the last delta lies):",
             *(f"            {ln}" for ln in (lines if len(lines) <= 3 else [lines[0], "...", lines[-1]]))]
 
 

@@ -183,6 +183,9 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
         retarget(b, slow, "delay {under} 0 0 {under} 0 3000")
         cut = summary(a.dmmig("cutover", name, "--json").out)
         assert cut["resync_regions"] == 3 and cut["resync_bytes"] == 3 * BLOCK, cut
+        # the parts are cut where the delta lies: each of the three in a part of its own, recovered
+        # at once (equal parts of 2 MiB put all three in the first, one after the other)
+        assert cut["resync_regions_most_in_a_part"] == 1, cut
         # the kernel's own view of the log we wrote, at dmmig's first look after the resume:
         # those 3 regions out of sync, never more
         assert cut["kernel_out_of_sync_first_seen"] == 3, cut
