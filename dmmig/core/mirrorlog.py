@@ -303,6 +303,8 @@ def balanced(nr: int, parts: int, delta: Iterable[tuple[int, int, int]], total: 
         advance(r0, 0, 1)
         if r1 > r0:
             advance(r1, blocks, r1 - r0)
+        else:  # in a region the range before already counted (regions of several blocks)
+            dirty += blocks
     advance(nr, 0, 1)
     starts = sorted({0, *(c for c in cuts if 0 < c < nr)})
     # cuts that fell together: the longest parts halved until there are PARTS again (the guest's

@@ -133,14 +133,14 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                                                              Files(stack.journal.dir, name).dirty, hold=True)
                 held = True
             with sw("logs"):
-                # the parts cut where this delta lies: each recovers one region at a time
-                layout = mirrorlog.Layout.choose(length, bs, max_parts=parts,
-                                                 delta=((r.begin, r.end) for r in first_ranges),
-                                                 delta_blocks=first_ranges.blocks)
-                marked = layout.blank()  # for the summary: what both steps mark
-                logs = stack.mirror.make_logs(entry, layout, 0, save)
-                images = layout.blank()
                 try:  # streamed: a scattered delta of millions of blocks is never a list here
+                    # the parts cut where this delta lies: each recovers one region at a time
+                    layout = mirrorlog.Layout.choose(length, bs, max_parts=parts,
+                                                     delta=((r.begin, r.end) for r in first_ranges),
+                                                     delta_blocks=first_ranges.blocks)
+                    marked = layout.blank()  # for the summary: what both steps mark
+                    logs = stack.mirror.make_logs(entry, layout, 0, save)
+                    images = layout.blank()
                     layout.mark(images, ((r.begin, r.end) for r in first_ranges), bs)
                     layout.mark(marked, ((r.begin, r.end) for r in first_ranges), bs)
                     shown = list(itertools.islice(first_ranges, SHOWN_RANGES + 1))

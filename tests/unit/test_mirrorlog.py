@@ -119,6 +119,16 @@ def test_a_scattered_delta_keeps_parts_of_equal_length_and_a_tiny_one_keeps_ever
     assert mirrorlog.Layout.choose(1000, 128, delta=iter([(3, 4)]), delta_blocks=1).parts == 8  # 8 regions
 
 
+def test_blocks_that_share_a_region_count_for_the_cuts() -> None:
+    """Regions of 4 era blocks (a big disk's doubled regions) and a delta of every other block:
+    two ranges fall in each region; both count, so the parts stay of equal length."""
+    length = 96 * 2048
+    scattered = [(b, b + 1) for b in range(0, 1536, 2)]
+    lay = mirrorlog.Layout.choose(length, 128, max_parts=4, max_part_regions=96, delta=iter(scattered),
+                                  delta_blocks=len(scattered))
+    assert lay.region == 512 and lay.starts == (0, 96, 192, 288)
+
+
 def test_parts_of_any_length_mark_exactly_the_regions_of_their_blocks() -> None:
     """Marking and `marked` across parts that begin anywhere, regions of 4 era blocks."""
     lay = mirrorlog.Layout(96 * 2048, 512, (0, 5, 6, 200, 383))  # 384 regions
