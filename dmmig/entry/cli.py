@@ -448,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nbd-timeout", type=int, default=10, metavar="SECONDS",
                     help="a request to a dead destination fails the leg after this (1..600, default 10)")
     sp.add_argument("--resync-parts", type=int, metavar="N",
-                    help="mirror targets side by side, each recovering one region at a time: fewer is "
-                         "gentler on the link, more is faster on a long round trip (1..64; default 16 "
-                         "over ssh, 32 over nbd)")
+                    help="mirror targets side by side, cut where the last delta lies, each recovering one region "
+                         "at a time: fewer is gentler on the link, more is faster on a long round trip (1..64; "
+                         "default 16 over ssh, 32 over nbd)")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("handover", cmd_handover, "the source's side of the handover gate: wait for the destination's "
