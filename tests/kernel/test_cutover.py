@@ -186,6 +186,11 @@ def test_resync_covers_exactly_what_was_written_after_the_last_round(pair, pdisk
         # the parts are cut where the delta lies: each of the three in a part of its own, recovered
         # at once (equal parts of 2 MiB put all three in the first, one after the other)
         assert cut["resync_regions_most_in_a_part"] == 1, cut
+        # and so are the targets the kernel runs (its table, not dmmig's count): three lines
+        spans = [tuple(map(int, ln.split()[:2])) for ln in
+                 a.run(["dmsetup", "table", f"dmmig-{name}"]).out.splitlines()]
+        lines = {next(i for i, (s, n) in enumerate(spans) if s <= r * BLOCK // 512 < s + n) for r in (3, 10, 11)}
+        assert len(lines) == 3, spans
         # the kernel's own view of the log we wrote, at dmmig's first look after the resume:
         # those 3 regions out of sync, never more
         assert cut["kernel_out_of_sync_first_seen"] == 3, cut
