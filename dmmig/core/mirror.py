@@ -38,7 +38,9 @@ class MirrorSide:
         return Files(self.state, name).mirror(what)
 
     def watcher_marker(self, name: str) -> str:
-        return f"--state-dir {self.state} watch {name}"
+        # the trailing space: a command line read from /proc ends each word with one (proc.find),
+        # so NAME's marker is not a prefix of NAME10's watcher, another migration's
+        return f"--state-dir {self.state} watch {name} "
 
     def nbd_owner(self, name: str) -> str:
         return owner_of(self.state, name)
