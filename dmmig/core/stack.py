@@ -538,8 +538,7 @@ class Stack:
         return self.dm.era_status(era_name(name)).current_era, mark
 
     def era_devno(self, name: str) -> str | None:
-        info = self.dm.info(era_name(name))
-        return None if info is None else f"{info.major}:{info.minor}"
+        return self.dm.devno(era_name(name))
 
     def discards(self, name: str, devno: str | None = None) -> str | None:
         """The era device's discard mark (writefence.discard_mark; None: unreadable). Era records
@@ -697,11 +696,11 @@ class Stack:
         """As prepared, with the era device's number (major:minor) from the same query."""
         disk_name(name)
         e = self.entry_of(name)
-        info = None if e.phase in (ADOPTING, WRAPPED, PREPARING) else self.dm.info(era_name(name))
-        if info is None:
+        devno = None if e.phase in (ADOPTING, WRAPPED, PREPARING) else self.dm.devno(era_name(name))
+        if devno is None:
             raise StateError(f"{name} is not prepared (phase {e.phase})", hint=f"`dmmig prepare {name}` first")
         self.check_lv(e)  # every step after prepare starts here (and each copy round's query)
-        return e, f"{info.major}:{info.minor}"
+        return e, devno
 
     def _origin_devno(self, name: str, entry: Entry | None, target: Any) -> str | None:
         if entry is not None:

@@ -16,7 +16,7 @@ from dmmig.adapters.runner import Result
 from dmmig.core import journal
 from dmmig.core.stack import Stack
 from dmmig.errors import CommandError, DmmigError, MissingDependency
-from tests.unit.fakes import INFO, FakeRunner
+from tests.unit.fakes import INFO, NOT_THERE, FakeRunner
 
 KERNEL = json.loads((Path(__file__).parent / "fixtures" / "kernel_output.json").read_text())
 
@@ -446,3 +446,13 @@ def test_a_held_query_leaves_its_snapshot_for_the_caller_and_a_failed_one_drops_
     with pytest.raises(CommandError):
         EraTools(r, DmSetup(r)).dirty_ranges("era-a", "/dev/loop3", 0, str(tmp_path / "dirty"), hold=True)
     assert r.argvs[-1] == ["dmsetup", "message", "era-a", "0", "drop_metadata_snap"]
+
+
+def test_a_devices_number_without_its_node_comes_from_dmsetup_info() -> None:
+    """devno reads the node and sysfs (no process); a node that is not there (this machine has
+    no device-mapper) falls back to dmsetup info, which also says when there is no device."""
+    dm, r, _ = make([(INFO + ["dmmig-x-era"], (0, "dmmig-x-era;254;3;L--w;1;1;0;\n", ""))])
+    assert dm.devno("dmmig-x-era") == "254:3"
+    assert r.argvs == [INFO + ["dmmig-x-era"]]
+    dm, r, _ = make([(INFO, NOT_THERE)])
+    assert dm.devno("dmmig-gone-era") is None

@@ -1,6 +1,8 @@
 """dmsetup adapter: every device-mapper operation dmmig does goes through here."""
 from __future__ import annotations
 
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +79,23 @@ class DmSetup:
                 return None
             raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
         return _parse_info(res.stdout.strip().splitlines()[0])
+
+    def devno(self, name: str) -> str | None:
+        """NAME's device number (major:minor), or None if there is no such dm device. Read from
+        its node and the kernel's sysfs: no dmsetup process, which costs ~90 ms in a rig kernel
+        and every copy round asked twice. A node that is missing, not a block device or now
+        another device's (sysfs names it otherwise) falls back to dmsetup info."""
+        try:
+            st = os.stat(f"/dev/mapper/{name}")
+            if stat.S_ISBLK(st.st_mode):
+                devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                with open(f"/sys/dev/block/{devno}/dm/name") as f:
+                    if f.read().rstrip("\n") == name:
+                        return devno
+        except OSError:
+            pass
+        info = self.info(name)
+        return None if info is None else info.devno
 
     def info_of(self, devno: str) -> DmInfo | None:
         """The dm device with number DEVNO (major:minor), or None if it is no dm device: found
