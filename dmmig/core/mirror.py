@@ -130,11 +130,20 @@ class MirrorSide:
         return devs
 
     def start_watcher(self, entry: journal.Entry, save: Callable[[], None]) -> int:
-        argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name]
-        pid = self.r.spawn(argv, logfile=self._path(entry.name, "watch.log"))
-        entry.mirror.watcher = pid
-        save()
-        return pid
+        """Start the leg watcher before the swap that makes the mirror: its Python start (~0.5 s
+        of a rig kernel's one CPU) then falls in the cutover's set-up, not on the resync. It
+        waits for its stdin to end before its first look. Returns the pipe's write end: the
+        caller closes it once the mirror is in (or this process's exit does, however it exits);
+        a watcher that then finds no mirror exits."""
+        argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name, "--after-stdin"]
+        pid, gate = self.r.spawn_piped(argv, logfile=self._path(entry.name, "watch.log"))
+        try:
+            entry.mirror.watcher = pid
+            save()
+        except BaseException:
+            os.close(gate)
+            raise
+        return gate
 
     def tunnel_log(self, name: str) -> str:
         return tunnel.tail(self._path(name, "tunnel.log"))

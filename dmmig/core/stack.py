@@ -51,7 +51,7 @@ from dmmig.adapters.runner import Runner
 from dmmig.core.journal import ABORTING, ADOPTING, FINISHING, PREPARED, PREPARING, WRAPPED, Entry, Journal
 from dmmig.core.mirror import MirrorSide
 from dmmig.core.records import Adopted, CopyState, MirrorState
-from dmmig.errors import BadInput, Busy, StateError, Steps, Undo
+from dmmig.errors import BadInput, Busy, CommandError, StateError, Steps, Undo
 from dmmig.names import Files, era_name, lv_name, top_name
 from dmmig.validate import block_fits, disk_name, era_block_size, require_tools
 
@@ -586,6 +586,14 @@ class Stack:
                                                 background=True), now, mark)
         finally:
             self.dm.message(era, "drop_metadata_snap")
+
+    def drop_era_snapshot(self, name: str) -> None:
+        """Drop the era metadata snapshot a query held (EraTools.dirty_ranges, hold). A failure
+        fails nothing: the next query finds it held and drops it first (EraTools.take_snapshot)."""
+        try:
+            self.era.release(era_name(name))
+        except CommandError as e:
+            log.warning("%s: the era metadata snapshot stays held until the next query: %s", name, e)
 
     @contextmanager
     def _drained(self, name: str) -> Iterator[None]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 from dmmig.adapters.dm.dmsetup import DmSetup
-from dmmig.adapters.dm.targets import MIRRORS
+from dmmig.adapters.dm.targets import MIRRORS, ParseError
 from dmmig.core.records import HEALTH_VERSION, LegFailure, to_json
 from dmmig.errors import CommandError
 from dmmig.names import Files
@@ -45,19 +46,35 @@ def record(state: str, name: str, rec: LegFailure) -> None:
     os.replace(tmp, p)
 
 
-def watch(dm: DmSetup, state: str, name: str, top: str) -> int:
+def watch(dm: DmSetup, state: str, name: str, top: str, gate: Callable[[], object] | None = None) -> int:
+    """GATE: returns once the cutover that started this watcher swapped the mirror in or gave
+    up (MirrorSide.start_watcher); the first look is after it."""
+    if gate is not None:
+        gate()
+    # the counter the last wake returned: a wake then costs a status only. Each of the
+    # resync's parts raises an event when in sync, and every process here is taken from the
+    # CPU the resync runs on (a rig kernel has one)
+    events: int | None = None
     while True:
-        info = dm.info(top)
-        if info is None or not isinstance(dm.table(top).target, MIRRORS):
-            return 0  # the mirror is gone: finish/abort/catch-up took over
-        st = dm.mirror_status(top)
+        if events is None:
+            info = dm.info(top)
+            if info is None or not isinstance(dm.table(top).target, MIRRORS):
+                return 0  # the mirror is gone: finish/abort/catch-up took over
+            events = info.events
+        try:
+            st = dm.mirror_status(top)
+        except ParseError:
+            events = None  # not a mirror's status any more: look at the table again
+            time.sleep(1)
+            continue
         if not st.healthy and read_health(state, name) is None:
             record(state, name, LegFailure(failed_at=time.time(), health=st.health, log_health=st.log_health,
-                                           events=info.events, failed_legs=st.failed_legs))
+                                           events=events, failed_legs=st.failed_legs))
         try:
-            dm.wait_event(top, info.events, timeout=3600)
+            events = dm.wait_event(top, events, timeout=3600)
         except CommandError as e:
             if not e.timed_out and dm.info(top) is None:
                 return 0
             if not e.timed_out:
                 time.sleep(1)  # e.g. a table swap in progress: look again
+            events = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -108,8 +109,12 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         copied = dest.export  # the copy's export: the same unless it moved
         # the tunnel's pid (ssh) and the leg on the copy's export
         on_copied: Started[tuple[int | None, str | None]] | None = None
-        held = False  # the first query's era metadata snapshot
+        held = False  # an era query's metadata snapshot, still to drop
+        dropping: Started[None] | None = None  # the first query's, dropped in a thread
+        gate: int | None = None  # the leg watcher looks once this pipe closes (after the swap)
         try:
+            # started now: its Python start overlaps the set-up's waits, not the resync
+            gate = stack.mirror.start_watcher(entry, save)
             if ssh and dest.tunnel in ("relay", "forward" if copied and copied.socket else None):
                 tun = stack.mirror.plan_tunnel(entry)
                 save()  # the tunnel's log names it: a killed dmmig's is found by it
@@ -128,7 +133,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # 1. what era recorded since the last round, into the logs. A write in flight now is
             # tagged below `first` and done once the swap's suspend is
             with sw("era query"):
-                # its snapshot is dropped after the swap: a dmsetup process off the critical path
+                # its snapshot is dropped while this thread waits for the leg (below)
                 first_ranges, first = stack.era.dirty_ranges(era, entry.metadata, since,
                                                              Files(stack.journal.dir, name).dirty, hold=True)
                 held = True
@@ -148,6 +153,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     first_ranges.close()
                 for dev, img in zip(logs, images):
                     mirrorlog.write(dev, img.bytes())
+            # a dmsetup process neither on the set-up's critical path nor on the resync's tail
+            dropping, held = Started(partial(stack.drop_era_snapshot, name)), False
             leg: str | None = None
             tried = False  # the copy's export, through the tunnel: a relay tunnel serves one connection only
             if exporting is None:
@@ -193,6 +200,8 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 # (udev's handling of the change event is not waited for: the set-up's critical path)
                 pause = stack.dm.swap(top, mirror_table(layout, [block_device(d).devno for d in logs], era_dev,
                                                         leg_dev), udev_sync=False)
+            os.close(gate)  # the mirror is in: the watcher looks from now on
+            gate = None
             # read after the swap drained the top: it counts every discard era took. Era marked
             # each block of them while its limit held (Stack.confine_discards): the queries below
             # have them. Else (the limit was lost) a discard since the last round makes the
@@ -201,8 +210,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             full = writefence.discard_fallback(stack.discards_exact(name, era_dev),
                                               writefence.discards_since(entry.copy.discards, mark))
             t1 = time.monotonic()  # the kernel resyncs from here on, while the steps below run
-            held = False
-            _release_snapshot(stack, name)
+            dropping.wait()  # long done: the next query takes a snapshot of its own
             # 2. the mirror is live: every write from the swap on lands on both legs, or, in a
             # region out of sync, on leg 0 and is resynced. Left: what was written between the
             # query and the swap; era has it in eras >= first, done (the swap drained it). A
@@ -210,8 +218,11 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             # kernel recovers it after that swap, so its copy reads those writes too
             with sw("era query (resyncing)"):
                 # niced: the kernel resyncs and the guest writes meanwhile, both ahead of it
+                # its snapshot is dropped once in sync: a dmsetup process off the resync's tail
                 second_ranges, now = stack.era.dirty_ranges(era, entry.metadata, first,
-                                                            Files(stack.journal.dir, name).dirty, background=True)
+                                                            Files(stack.journal.dir, name).dirty, background=True,
+                                                            hold=True)
+                held = True
             pauses = [round(pause, 4)]
             try:
                 if second_ranges.blocks:
@@ -232,8 +243,12 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                                                          save), 4))
                 layout.mark(marked, ((r.begin, r.end) for r in everything), bs)
         except BaseException:
+            if gate is not None:
+                os.close(gate)  # a watcher that finds no mirror exits (the teardown stops it too)
+            if dropping is not None:
+                dropping.wait()
             if held:
-                _release_snapshot(stack, name)
+                stack.drop_era_snapshot(name)
             if exporting is not None:
                 exporting.wait()  # nothing of theirs may come up after the teardown
             if on_copied is not None:
@@ -249,18 +264,19 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         m.resync_ranges = [[r.begin, r.end] for r in shown[:SHOWN_RANGES]]
         m.resync_ranges_cut = len(shown) > SHOWN_RANGES
         save()
-        with sw("watcher (resyncing)"):
-            stack.mirror.start_watcher(entry, save)
-        with sw("resync"):
-            events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
-        # from the first swap: the kernel's resync of the first delta began there
-        stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
-        # should not happen: the mirror takes no discard (no_discards). If one reached era all
-        # the same, dm-raid1 may have let kcopyd copy old data over it on the NBD leg: fail, and
-        # the journal keeps the last round's mark (the next copy's first round counts it)
-        check_no_discard_while_mirroring(name, leg, mark, stack.discards(name, era_dev))
-        m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
-                          kernel_out_of_sync_first_seen=kernel_out)
+        try:
+            with sw("resync"):
+                events, kernel_out = _wait_sync(stack, top, layout.regions, opts.sync_timeout, progress, name)
+            # from the first swap: the kernel's resync of the first delta began there
+            stack.check_lv(entry)  # in sync means nothing for an adopted LV that LVM reloaded meanwhile
+            # should not happen: the mirror takes no discard (no_discards). If one reached era all
+            # the same, dm-raid1 may have let kcopyd copy old data over it on the NBD leg: fail, and
+            # the journal keeps the last round's mark (the next copy's first round counts it)
+            check_no_discard_while_mirroring(name, leg, mark, stack.discards(name, era_dev))
+            m.synced = Synced(at=time.time(), events=events, seconds=round(time.monotonic() - t1, 3),
+                              kernel_out_of_sync_first_seen=kernel_out)
+        finally:
+            stack.drop_era_snapshot(name)  # the second query's, held through the resync
         # in sync: every write tagged below `now` is on both legs (see 2. above), and a
         # catch-up resends what era recorded from here. Not before the sync: a resync cut short
         # (dmmig killed, the leg failed) leaves regions of the last delta behind, so a rerun or
@@ -295,15 +311,6 @@ def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) 
             return start_export(remote, dest, name)         # destination journaled by an older dmmig
     finally:
         remote.close()
-
-
-def _release_snapshot(stack: Stack, name: str) -> None:
-    """Drop the era metadata snapshot the first query held. A failure fails nothing: the next
-    query's take finds it held and drops it first (EraTools.take)."""
-    try:
-        stack.era.release(era_name(name))
-    except CommandError as e:
-        log.warning("%s: the era metadata snapshot stays held until the next query: %s", name, e)
 
 
 def _tunnel_and_leg(stack: Stack, entry: journal.Entry, target: Destination, tun: Tunnel, copied: nbd.Export | None,
@@ -384,6 +391,7 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     deadline = time.monotonic() + timeout
     seen = stack.dm.info(top)  # read before the status: an event raised after it ends the wait at once
     assert seen is not None
+    events = seen.events
     first = st = stack.dm.mirror_status(top)
     progress.start("resync", first.regions - first.in_sync, unit="regions")
     done = 0
@@ -405,25 +413,32 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
         # until the kernel raises an event (a part in sync, a leg failed) or SYNC_POLL passes: a
         # status every 0.1 s was a dmsetup process each, taken from the rig kernel's one CPU
         # beside the resync and the guest's writes
+        # each wake is a dmsetup process or two taken from the rig kernel's one CPU, which
+        # the resync needs: the counter comes with the wake (an info only if it did not)
         try:
-            stack.dm.wait_event(top, seen.events, timeout=SYNC_POLL)
-            seen = stack.dm.info(top) or seen
+            got = stack.dm.wait_event(top, events, timeout=SYNC_POLL)
+            events = got if got is not None else _events(stack, top, events)
         except CommandError as e:
             if not e.timed_out:
                 time.sleep(0.1)  # e.g. the device busy: look again
         st = stack.dm.mirror_status(top)
-    # the kernel raises one event when the last region is in sync: let it land first
-    ev = stack.dm.info(top)
-    assert ev is not None
+    # the kernel raises one event when the last region is in sync: let it land first. EVENTS
+    # was read before the status that said in sync: no change from it over 0.2 s after that
     while True:
         time.sleep(0.2)
-        again = stack.dm.info(top)
-        assert again is not None
-        if again.events == ev.events:
+        info = stack.dm.info(top)
+        assert info is not None
+        if info.events == events:
             break
-        ev = again
+        events = info.events
     progress.end(in_sync=st.in_sync, regions=st.regions)
-    return ev.events, first.regions - first.in_sync
+    return events, first.regions - first.in_sync
+
+
+def _events(stack: Stack, top: str, last: int) -> int:
+    """TOP's event counter (LAST if it cannot be read: the next wake returns at once then)."""
+    info = stack.dm.info(top)
+    return last if info is None else info.events
 
 
 def drop_mirror(stack: Stack, entry: journal.Entry) -> int | None:

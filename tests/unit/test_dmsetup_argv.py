@@ -124,11 +124,26 @@ def test_remove(retry: bool, flag: list[str]) -> None:
     assert w.calls == [("a", False)]
 
 
-def test_wait_event() -> None:
-    dm, r, _ = make()
-    dm.wait_event("a", 7, timeout=5)
-    assert r.calls == [{"argv": ["dmsetup", "wait", "--noflush", "a", "7"], "check": True, "timeout": 5,
+# `dmsetup -v wait mm 0` in the rig's kernel, on a mirror that had raised its in-sync event
+WAIT_V = """Name:              mm
+State:             ACTIVE
+Read Ahead:        256
+Tables present:    LIVE
+Open count:        0
+Event number:      1
+Major, minor:      254, 0
+Number of targets: 1
+
+"""
+
+
+def test_wait_event_returns_the_counter_dmsetup_printed() -> None:
+    dm, r, _ = make([(["dmsetup", "-v", "wait"], (0, WAIT_V, ""))])
+    assert dm.wait_event("a", 0, timeout=5) == 1
+    assert r.calls == [{"argv": ["dmsetup", "-v", "wait", "--noflush", "a", "0"], "check": True, "timeout": 5,
                         "input": None}]
+    dm, r, _ = make()  # a dmsetup that printed nothing: the caller asks info
+    assert dm.wait_event("a", 7, timeout=5) is None
 
 
 @pytest.mark.parametrize("noflush, flag", [(False, []), (True, ["--noflush"])])

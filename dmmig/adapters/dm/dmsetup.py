@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -178,8 +179,12 @@ class DmSetup:
         self.r.run(["dmsetup", "remove"] + (["--retry"] if retry else []) + [name], timeout=60)
         self._wait(name, present=False)
 
-    def wait_event(self, name: str, event_nr: int, timeout: float) -> None:
-        self.r.run(["dmsetup", "wait", "--noflush", name, str(event_nr)], timeout=timeout)
+    def wait_event(self, name: str, event_nr: int, timeout: float) -> int | None:
+        """Until NAME's event counter is no longer EVENT_NR; returns the counter then, which
+        `dmsetup -v wait` prints (an info process less per wake), or None if it did not."""
+        res = self.r.run(["dmsetup", "-v", "wait", "--noflush", name, str(event_nr)], timeout=timeout)
+        m = re.search(r"^Event number:\s*(\d+)\s*$", res.stdout, re.M)
+        return int(m.group(1)) if m else None
 
     def swap(self, name: str, table: Table | Segments, *, noflush: bool = False,
              udev_sync: bool = True) -> float:
