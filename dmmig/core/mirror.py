@@ -135,7 +135,9 @@ class MirrorSide:
         waits for its stdin to end before its first look. Returns the pipe's write end: the
         caller closes it once the mirror is in (or this process's exit does, however it exits);
         a watcher that then finds no mirror exits."""
-        argv = [sys.executable, "-m", "dmmig", "--state-dir", self.state, "watch", entry.name, "--after-stdin"]
+        # its own entry (core/watch.py main), with the words of `dmmig watch`: the marker
+        argv = [sys.executable, "-m", "dmmig.core.watch", "--state-dir", self.state, "watch", entry.name,
+                "--after-stdin"]
         pid, gate = self.r.spawn_piped(argv, logfile=self._path(entry.name, "watch.log"))
         try:
             entry.mirror.watcher = pid

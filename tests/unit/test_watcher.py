@@ -17,6 +17,7 @@ from dmmig.core.mirror import MirrorSide
 from dmmig.core.records import MirrorState
 from dmmig.errors import CommandError, Steps
 from dmmig.flows import cutover
+from dmmig.names import Files
 from dmmig.progress import Progress
 
 
@@ -69,9 +70,18 @@ def test_the_watcher_started_before_the_swap_looks_only_once_its_gate_closes(tmp
     finally:
         os.close(gate)
     deadline = time.monotonic() + 30
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):  # no mirror here (no dm at all): it looks, and ends
+    while (got := os.waitpid(pid, os.WNOHANG)) == (0, 0):  # no mirror here (no dm at all): it looks, and ends
         assert time.monotonic() < deadline, "the watcher did not look once its gate closed"
         time.sleep(0.05)
+    with open(Files(state, "d1").mirror("watch.log")) as f:
+        logged = f.read()
+    # 0: watch() found no mirror and returned (2 would be its entry refusing the words it got)
+    assert os.waitstatus_to_exitcode(got[1]) == 0, logged
+
+
+def test_the_watchers_own_entry_takes_only_the_words_cutover_gives_it() -> None:
+    assert watch.main(["--state-dir", "/x", "watch", "d1"]) == 2
+    assert watch.main(["--state-dir", "/x", "watch", "d1", "--after-stdin", "more"]) == 2
 
 
 class _Dm:
