@@ -79,3 +79,21 @@ def find(*markers: str) -> list[int]:
     journaled), in one scan of /proc: ~0.1 s each in a rig kernel."""
     me = os.getpid()
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me and _running_with(int(p), markers)]
+
+
+def yield_cpu(pid: int) -> None:
+    """PID to the lowest CPU priority (nice 19): a daemon whose start should take only CPU
+    nobody else wants (the leg watcher, started during the cutover's set-up). It may raise
+    its own back (root may: CAP_SYS_NICE). A pid already gone is no error."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except ProcessLookupError:
+        pass
+
+
+def reclaim_cpu() -> None:
+    """This process back to the normal CPU priority (nice 0) after yield_cpu, if allowed."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:
+        pass

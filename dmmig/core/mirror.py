@@ -140,6 +140,10 @@ class MirrorSide:
                 "--after-stdin"]
         pid, gate = self.r.spawn_piped(argv, logfile=self._path(entry.name, "watch.log"))
         try:
+            # its start takes only CPU the set-up leaves idle (waiting for the destination):
+            # in a rig kernel the era queries and the swap share one CPU with it. It takes the
+            # normal priority back at its first look (watch.watch)
+            proc.yield_cpu(pid)
             entry.mirror.watcher = pid
             save()
         except BaseException:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from dmmig.adapters import proc
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.dm.targets import MIRRORS, ParseError
 from dmmig.adapters.runner import SubprocessRunner
@@ -56,6 +57,7 @@ def watch(dm: DmSetup, state: str, name: str, top: str, gate: Callable[[], objec
     up (MirrorSide.start_watcher); the first look is after it."""
     if gate is not None:
         gate()
+        proc.reclaim_cpu()  # started at nice 19 (MirrorSide.start_watcher): it watches at 0
     # the counter the last wake returned: a wake then costs a status only. Each of the
     # resync's parts raises an event when in sync, and every process here is taken from the
     # CPU the resync runs on (a rig kernel has one)
