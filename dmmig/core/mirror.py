@@ -130,13 +130,13 @@ class MirrorSide:
         return devs
 
     def start_watcher(self, entry: journal.Entry, save: Callable[[], None]) -> int:
-        """Start the leg watcher before the swap that makes the mirror: its Python start (~0.5 s
-        of a rig kernel's one CPU) then falls in the cutover's set-up, not on the resync. It
-        waits for its stdin to end before its first look. Returns the pipe's write end: the
-        caller closes it once the mirror is in (or this process's exit does, however it exits);
-        a watcher that then finds no mirror exits."""
-        # its own entry (core/watch.py main), with the words of `dmmig watch`: the marker
-        argv = [sys.executable, "-m", "dmmig.core.watch", "--state-dir", self.state, "watch", entry.name,
+        """Start the leg watcher before the swap that makes the mirror: its Python start then
+        falls in the cutover's set-up, not on the resync. It waits for its stdin to end before
+        its first look. Returns the pipe's write end: the caller closes it once the mirror is in
+        (or this process's exit does, however it exits); a watcher that then finds no mirror
+        exits."""
+        # its own lean entry, with the words of `dmmig watch`: the marker
+        argv = [sys.executable, "-m", "dmmig.entry.watch", "--state-dir", self.state, "watch", entry.name,
                 "--after-stdin"]
         pid, gate = self.r.spawn_piped(argv, logfile=self._path(entry.name, "watch.log"))
         try:

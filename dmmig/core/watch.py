@@ -1,5 +1,5 @@
 """The leg watcher: `dmmig watch NAME`, a daemon started by cutover, stopped by finish/abort.
-cutover runs it as `python -m dmmig.core.watch` (main below).
+cutover runs it as `python -m dmmig.entry.watch` (the lean entry there).
 
 With `handle_errors keep_log` the mirror raises a dm event when a leg fails but holds no
 write (the guest never stalls). Nothing in the kernel remembers *when* that happened, so the
@@ -10,20 +10,16 @@ handover gate checks.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 
 from dmmig.adapters import proc
 from dmmig.adapters.dm.dmsetup import DmSetup
 from dmmig.adapters.dm.targets import MIRRORS, ParseError
-from dmmig.adapters.runner import SubprocessRunner
 from dmmig.core.records import HEALTH_VERSION, LegFailure, to_json
 from dmmig.errors import CommandError
-from dmmig.names import Files, top_name
-from dmmig.validate import disk_name
+from dmmig.names import Files
 
 
 def health_path(state: str, name: str) -> str:
@@ -86,23 +82,3 @@ def watch(dm: DmSetup, state: str, name: str, top: str, gate: Callable[[], objec
                 time.sleep(1)  # e.g. a table swap in progress: look again
             events = None
 
-
-USAGE = "python -m dmmig.core.watch --state-dir STATE watch NAME --after-stdin"
-
-
-def main(argv: list[str]) -> int:
-    """What cutover starts (MirrorSide.start_watcher): the words of `dmmig --state-dir STATE
-    watch NAME`, which are its marker (proc.find), without the CLI and the disk stack that
-    `python -m dmmig` imports first: ~0.3 s less of a rig kernel's one CPU, which the set-up
-    and the resync share with it."""
-    if len(argv) != 5 or argv[0] != "--state-dir" or argv[2] != "watch" or argv[4] != "--after-stdin":
-        print(f"usage: {USAGE}", file=sys.stderr)
-        return 2
-    state, name = argv[1], disk_name(argv[3])
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    return watch(DmSetup(SubprocessRunner()), state, name, top_name(name), sys.stdin.buffer.read)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

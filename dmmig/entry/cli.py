@@ -288,8 +288,7 @@ def cmd_watch(a: argparse.Namespace) -> int:
     from dmmig.core.watch import watch
     from dmmig.names import top_name
     stack = make_stack(a)
-    return watch(stack.dm, stack.journal.dir, a.name, top_name(a.name),
-                 sys.stdin.buffer.read if a.after_stdin else None)  # read to its end: the cutover's pipe
+    return watch(stack.dm, stack.journal.dir, a.name, top_name(a.name))
 
 
 def cmd_hotplug(a: argparse.Namespace) -> int:
@@ -499,10 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     _block_size_option(sp)
     sp.add_argument("--json", action="store_true")
 
+    # cutover starts the watcher through its lean entry (dmmig/entry/watch.py); this is for one
+    # started by hand
     sp = verb("watch", cmd_watch, "leg watcher daemon, started by cutover (records when a leg fails)")
     sp.add_argument("name", metavar="NAME")
-    # started before the swap: the first look waits for stdin to end (the cutover's pipe)
-    sp.add_argument("--after-stdin", action="store_true", help=argparse.SUPPRESS)
 
     sp = verb("agent", cmd_agent, "destination side, run over SSH: speak the agent protocol on stdin/stdout; "
               "`relay NAME`: relay stdin/stdout to NAME's NBD export; `hold NAME`: keep a tunnel's session open; "

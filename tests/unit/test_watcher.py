@@ -15,6 +15,7 @@ from dmmig.adapters.runner import SubprocessRunner
 from dmmig.core import journal, watch
 from dmmig.core.mirror import MirrorSide
 from dmmig.core.records import MirrorState
+from dmmig.entry import watch as watch_entry
 from dmmig.errors import CommandError, Steps
 from dmmig.flows import cutover
 from dmmig.names import Files
@@ -80,8 +81,8 @@ def test_the_watcher_started_before_the_swap_looks_only_once_its_gate_closes(tmp
 
 
 def test_the_watchers_own_entry_takes_only_the_words_cutover_gives_it() -> None:
-    assert watch.main(["--state-dir", "/x", "watch", "d1"]) == 2
-    assert watch.main(["--state-dir", "/x", "watch", "d1", "--after-stdin", "more"]) == 2
+    assert watch_entry.main(["--state-dir", "/x", "watch", "d1"]) == 2
+    assert watch_entry.main(["--state-dir", "/x", "watch", "d1", "--after-stdin", "more"]) == 2
 
 
 class _Dm:
