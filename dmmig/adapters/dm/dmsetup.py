@@ -1,17 +1,16 @@
 """dmsetup adapter: every device-mapper operation dmmig does goes through here."""
 from __future__ import annotations
 
-import os
 import re
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from dmmig.adapters.blockdev import block_device
 from dmmig.adapters.dm.targets import EraStatus, MirrorStatus, Segments, Table
 from dmmig.adapters.runner import Runner
-from dmmig.errors import CommandError, MissingDependency
+from dmmig.errors import BadInput, CommandError, MissingDependency
 
 INFO_FIELDS = "name,major,minor,attr,open,segments,events,uuid"
 
@@ -87,13 +86,11 @@ class DmSetup:
         and every copy round asked twice. A node that is missing, not a block device or now
         another device's (sysfs names it otherwise) falls back to dmsetup info."""
         try:
-            st = os.stat(f"/dev/mapper/{name}")
-            if stat.S_ISBLK(st.st_mode):
-                devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                with open(f"/sys/dev/block/{devno}/dm/name") as f:
-                    if f.read().rstrip("\n") == name:
-                        return devno
-        except OSError:
+            devno = block_device(f"/dev/mapper/{name}").devno
+            with open(f"/sys/dev/block/{devno}/dm/name") as f:
+                if f.read().rstrip("\n") == name:
+                    return devno
+        except (BadInput, OSError):  # no node, or not a block device; no such sysfs entry
             pass
         info = self.info(name)
         return None if info is None else info.devno
