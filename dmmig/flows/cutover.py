@@ -413,11 +413,11 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
         # until the kernel raises an event (a part in sync, a leg failed) or SYNC_POLL passes: a
         # status every 0.1 s was a dmsetup process each, taken from the rig kernel's one CPU
         # beside the resync and the guest's writes
-        # each wake is a dmsetup process or two taken from the rig kernel's one CPU, which
-        # the resync needs: the counter comes with the wake (an info only if it did not)
+        # each wake is a dmsetup process taken from the rig kernel's one CPU, which the resync
+        # needs: the counter comes with the wake
         try:
             got = stack.dm.wait_event(top, events, timeout=SYNC_POLL)
-            events = got if got is not None else _events(stack, top, events)
+            events = events if got is None else got  # gone: the status below says so
         except CommandError as e:
             if not e.timed_out:
                 time.sleep(0.1)  # e.g. the device busy: look again
@@ -434,11 +434,6 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     progress.end(in_sync=st.in_sync, regions=st.regions)
     return events, first.regions - first.in_sync
 
-
-def _events(stack: Stack, top: str, last: int) -> int:
-    """TOP's event counter (LAST if it cannot be read: the next wake returns at once then)."""
-    info = stack.dm.info(top)
-    return last if info is None else info.events
 
 
 def drop_mirror(stack: Stack, entry: journal.Entry) -> int | None:

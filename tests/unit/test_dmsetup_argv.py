@@ -142,7 +142,11 @@ def test_wait_event_returns_the_counter_dmsetup_printed() -> None:
     assert dm.wait_event("a", 0, timeout=5) == 1
     assert r.calls == [{"argv": ["dmsetup", "-v", "wait", "--noflush", "a", "0"], "check": True, "timeout": 5,
                         "input": None}]
-    dm, r, _ = make()  # a dmsetup that printed nothing: the caller asks info
+    # a dmsetup that printed nothing: the counter from info; None once the device is gone
+    dm, r, _ = make([(INFO, (0, "a;254;3;L--w;1;1;9;\n", ""))])
+    assert dm.wait_event("a", 7, timeout=5) == 9
+    assert r.argvs[1] == INFO + ["a"]
+    dm, r, _ = make([(INFO, NOT_THERE)])
     assert dm.wait_event("a", 7, timeout=5) is None
 
 

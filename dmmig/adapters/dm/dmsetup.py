@@ -178,10 +178,14 @@ class DmSetup:
 
     def wait_event(self, name: str, event_nr: int, timeout: float) -> int | None:
         """Until NAME's event counter is no longer EVENT_NR; returns the counter then, which
-        `dmsetup -v wait` prints (an info process less per wake), or None if it did not."""
+        `dmsetup -v wait` prints (an info process less per wake; asked of info if it did not),
+        or None if NAME is gone."""
         res = self.r.run(["dmsetup", "-v", "wait", "--noflush", name, str(event_nr)], timeout=timeout)
         m = re.search(r"^Event number:\s*(\d+)\s*$", res.stdout, re.M)
-        return int(m.group(1)) if m else None
+        if m:
+            return int(m.group(1))
+        info = self.info(name)
+        return None if info is None else info.events
 
     def swap(self, name: str, table: Table | Segments, *, noflush: bool = False,
              udev_sync: bool = True) -> float:
