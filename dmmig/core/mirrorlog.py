@@ -19,7 +19,7 @@ import bisect
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dmmig.errors import LocalIOError
@@ -114,14 +114,6 @@ def default_parts(transport: str) -> int:
     0.88-0.94x where 16 reached 0.71-0.72x."""
     return 32 if transport == "nbd" else MAX_PARTS
 MAX_PART_REGIONS = 1 << 17  # 16 KiB of bitset per part: the kernel rewrites it at every log flush
-# A dense delta's regions: kcopyd copies a region in one job and the NBD leg takes it in large
-# requests, where each 64 KiB region costs a round of kcopyd, the leg and the log (the rig,
-# bench/resync_levers.py, 64 MiB written whole, 0.34 ms: 16 parts over ssh 16.6 MiB/s at 64 KiB,
-# 29.0 at 256 KiB, 35.4 at 512 KiB; over TLS 13.5, 21.2, 23.3; 32 parts over TLS with 4
-# connections 17.2, 30.1, 20.8). Bounded at 256 KiB because a guest write to a region under
-# recovery waits for that region's copy, behind the other parts' copies on the same leg.
-DENSE_REGION_BYTES = 256 << 10
-DENSE_SHARE = (5, 4)  # a larger region may resync at most 5/4 of what era recorded
 
 
 def clear_bits(bits: bytearray, begin: int, end: int) -> None:
@@ -194,28 +186,24 @@ class Layout:
 
     @classmethod
     def choose(cls, length: int, block_sectors: int, *, max_parts: int = MAX_PARTS,
-               max_part_regions: int = MAX_PART_REGIONS,
-               delta: Callable[[], Iterable[tuple[int, int]]] | None = None, delta_blocks: int = 0,
-               dense_region_bytes: int = DENSE_REGION_BYTES) -> Layout:
+               max_part_regions: int = MAX_PART_REGIONS, delta: Iterable[tuple[int, int]] = (),
+               delta_blocks: int = 0) -> Layout:
         """Regions as small as an era block (a scattered delta resyncs no more than era
-        recorded), doubled while a part of equal length would hold more than MAX_PART_REGIONS
-        (with a disk log, every region the kernel recovers rewrites its part's whole bitset),
-        and for a dense DELTA up to DENSE_REGION_BYTES (dense_region). Without a DELTA the parts
-        are of equal length. With one (DELTA() streams DELTA_BLOCKS era blocks in ascending
-        [begin, end) ranges; called twice) the parts share it out (balanced): each part
-        recovers its regions one at a time, so the resync lasts as long as its part with the
-        most of the delta, and a guest that rewrites one file puts all of it in one or two
-        parts of equal length."""
+        recorded), doubled only while a part of equal length would hold more than
+        MAX_PART_REGIONS: with a disk log, every region the kernel recovers rewrites its part's
+        whole bitset. Without a DELTA the parts are of equal length. With one (DELTA_BLOCKS era
+        blocks in ascending [begin, end) ranges, streamed once) the parts share it out
+        (balanced): each part recovers its regions one at a time, so the resync lasts as long as
+        its part with the most of the delta, and a guest that rewrites one file puts all of it
+        in one or two parts of equal length."""
         region = block_sectors
         while -(-region_count(length, region) // max_parts) > max_part_regions:
             region *= 2
-        if delta is None or delta_blocks <= 0:
-            nr = region_count(length, region)
-            return cls.uniform(length, region, max(1, -(-nr // max_parts)))
-        region = dense_region(region, block_sectors, delta(), delta_blocks, dense_region_bytes // 512)
         nr = region_count(length, region)
+        if delta_blocks <= 0:
+            return cls.uniform(length, region, max(1, -(-nr // max_parts)))
         per_region = region // block_sectors  # era blocks in a region (region >= block)
-        regions = ((b0 // per_region, -(-b1 // per_region), b1 - b0) for b0, b1 in delta())
+        regions = ((b0 // per_region, -(-b1 // per_region), b1 - b0) for b0, b1 in delta)
         return cls(length, region, balanced(nr, max_parts, regions, delta_blocks))
 
     @property
@@ -277,31 +265,6 @@ class Layout:
             if i >= 0:
                 images[i].mark(r0, r1)
         return seen
-
-
-def dense_region(region: int, block_sectors: int, delta: Iterable[tuple[int, int]], delta_blocks: int,
-                 max_sectors: int) -> int:
-    """The largest of REGION, 2 REGION, 4 REGION ... up to MAX_SECTORS whose regions holding
-    the delta (DELTA_BLOCKS era blocks of BLOCK_SECTORS in ascending [begin, end) ranges,
-    streamed once) cover at most DENSE_SHARE of it: a guest that rewrote a file gets few large
-    regions, a scattered delta keeps regions as small as its blocks."""
-    sizes: list[int] = []
-    while region * 2 ** (len(sizes) + 1) <= max_sectors:
-        sizes.append(region * 2 ** (len(sizes) + 1))
-    if not sizes or delta_blocks <= 0:
-        return region
-    covered = [0] * len(sizes)   # regions holding a delta block, per size
-    last = [-1] * len(sizes)     # the last such region (the ranges ascend)
-    for b0, b1 in delta:
-        s0, s1 = b0 * block_sectors, b1 * block_sectors
-        for k, size in enumerate(sizes):
-            r0, r1 = max(s0 // size, last[k] + 1), -(-s1 // size)
-            if r1 > r0:
-                covered[k] += r1 - r0
-                last[k] = r1 - 1
-    num, den = DENSE_SHARE
-    budget = delta_blocks * block_sectors * num
-    return max((s for k, s in enumerate(sizes) if covered[k] * s * den <= budget), default=region)
 
 
 def balanced(nr: int, parts: int, delta: Iterable[tuple[int, int, int]], total: int) -> tuple[int, ...]:

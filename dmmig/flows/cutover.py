@@ -141,7 +141,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 try:  # streamed: a scattered delta of millions of blocks is never a list here
                     # the parts cut where this delta lies: each recovers one region at a time
                     layout = mirrorlog.Layout.choose(length, bs, max_parts=parts,
-                                                     delta=lambda: ((r.begin, r.end) for r in first_ranges),
+                                                     delta=((r.begin, r.end) for r in first_ranges),
                                                      delta_blocks=first_ranges.blocks)
                     marked = layout.blank()  # for the summary: what both steps mark
                     logs = stack.mirror.make_logs(entry, layout, 0, save)

@@ -97,8 +97,7 @@ def test_a_delta_in_one_piece_is_shared_out_over_the_parts(length: int, where: f
     first = min(int(length // 128 * where), length // 128 - blocks)
     delta = [(first, first + blocks)]
     equal = mirrorlog.Layout.choose(length, 128, max_parts=parts)
-    lay = mirrorlog.Layout.choose(length, 128, max_parts=parts, delta=lambda: iter(delta), delta_blocks=blocks,
-                                  dense_region_bytes=64 << 10)  # the cuts in era blocks
+    lay = mirrorlog.Layout.choose(length, 128, max_parts=parts, delta=iter(delta), delta_blocks=blocks)
     loads = _resync_loads(lay, delta)
     assert max(_resync_loads(equal, delta)) >= 3 * max(loads)  # equal parts: a tail 3x as long or more
     assert lay.parts == parts and sum(loads) == blocks
@@ -112,36 +111,12 @@ def test_a_delta_in_one_piece_is_shared_out_over_the_parts(length: int, where: f
 def test_a_scattered_delta_keeps_parts_of_equal_length_and_a_tiny_one_keeps_every_part() -> None:
     length = 96 * 2048
     scattered = [(b, b + 1) for b in range(0, 1536, 2)]
-    lay = mirrorlog.Layout.choose(length, 128, delta=lambda: iter(scattered), delta_blocks=len(scattered))
+    lay = mirrorlog.Layout.choose(length, 128, delta=iter(scattered), delta_blocks=len(scattered))
     assert lay == mirrorlog.Layout.choose(length, 128)
-    one = mirrorlog.Layout.choose(20 * GIB, 128, delta=lambda: iter([(7, 8)]), delta_blocks=1)
+    one = mirrorlog.Layout.choose(20 * GIB, 128, delta=iter([(7, 8)]), delta_blocks=1)
     assert one.parts == mirrorlog.MAX_PARTS and _resync_loads(one, [(7, 8)]).count(1) == 1
     assert max(one.part(i)[2] for i in range(one.parts)) <= 4 * one.regions / one.parts + 1
-    assert mirrorlog.Layout.choose(1000, 128, delta=lambda: iter([(3, 4)]), delta_blocks=1).parts == 8  # 8 regions
-
-
-def test_a_dense_delta_gets_larger_regions_that_resync_at_most_a_quarter_more() -> None:
-    """dm-mirror recovers a part's regions one at a time: a guest that rewrote a file resyncs
-    in a few large regions; a scattered delta keeps regions of one era block, and a mixed one
-    gets the largest size that copies at most 5/4 of what era recorded."""
-    length = 256 * 2048                                        # 256 MiB, 64 KiB era blocks
-    cluster = [(1365, 1365 + 512)]                             # 32 MiB a third into the disk
-    lay = mirrorlog.Layout.choose(length, 128, delta=lambda: iter(cluster), delta_blocks=512)
-    assert lay.region == mirrorlog.DENSE_REGION_BYTES // 512 == 512
-    assert sum(_resync_loads(lay, cluster)) * lay.region <= 512 * 128 * 5 // 4
-    scattered = [(b, b + 1) for b in range(0, 4096, 2)]
-    assert mirrorlog.Layout.choose(length, 128, delta=lambda: iter(scattered), delta_blocks=2048).region == 128
-    # the cluster and 64 single blocks 1 MiB apart: 128 KiB regions resync 642 blocks' worth for
-    # 576 (1.11x), 256 KiB regions 772 (1.34x)
-    mixed = sorted(cluster + [(b, b + 1) for b in range(2048, 2048 + 64 * 16, 16)])
-    lay = mirrorlog.Layout.choose(length, 128, delta=lambda: iter(mixed), delta_blocks=576)
-    assert lay.region == 256
-    assert sum(_resync_loads(lay, mixed)) * lay.region <= 576 * 128 * 5 // 4
-    # a delta in ranges that share regions, and one that cannot grow past the bound
-    assert mirrorlog.dense_region(128, 128, iter([(0, 3), (3, 8)]), 8, 1024) == 1024  # one region, counted once
-    assert mirrorlog.dense_region(128, 128, iter([(0, 3), (3, 8), (8, 9)]), 9, 1024) == 256  # 10 blocks' worth for 9
-    assert mirrorlog.dense_region(128, 128, iter([(0, 8)]), 8, 128) == 128
-    assert mirrorlog.dense_region(2048, 128, iter([(0, 64)]), 64, 1024) == 2048  # a big disk's regions stay
+    assert mirrorlog.Layout.choose(1000, 128, delta=iter([(3, 4)]), delta_blocks=1).parts == 8  # 8 regions
 
 
 def test_blocks_that_share_a_region_count_for_the_cuts() -> None:
@@ -149,7 +124,7 @@ def test_blocks_that_share_a_region_count_for_the_cuts() -> None:
     two ranges fall in each region; both count, so the parts stay of equal length."""
     length = 96 * 2048
     scattered = [(b, b + 1) for b in range(0, 1536, 2)]
-    lay = mirrorlog.Layout.choose(length, 128, max_parts=4, max_part_regions=96, delta=lambda: iter(scattered),
+    lay = mirrorlog.Layout.choose(length, 128, max_parts=4, max_part_regions=96, delta=iter(scattered),
                                   delta_blocks=len(scattered))
     assert lay.region == 512 and lay.starts == (0, 96, 192, 288)
 
