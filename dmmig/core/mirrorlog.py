@@ -105,14 +105,14 @@ def read(dev: str, nbytes: int) -> bytes:
 
 
 # ---- several logs: the top's mirror set --------------------------------------------------
-MAX_PARTS = 16            # mirror targets side by side: regions recovered at once
-
-
-def default_parts(transport: str) -> int:
-    """Measured (bench/resync_speed.py): over the ssh tunnel 16 parts reached 0.89-0.93x the
-    copier and 32 or 64 did no better; over TLS NBD (four connections) 32 parts reached
-    0.88-0.94x where 16 reached 0.71-0.72x."""
-    return 32 if transport == "nbd" else MAX_PARTS
+# Mirror targets side by side: regions recovered at once, over either transport. More parts
+# put more bytes in flight on the leg, and a guest write queues behind them (or waits for the
+# copy of its region): real cutovers, a 32 MiB delta with a writer inside it (stop 29), over ssh
+# 8 / 16 / 32 parts resynced at 11-12 / 14-16 / 11-12 MB/s, the worst write 107-126 / 129-192 /
+# 359-419 ms; over TLS NBD 16 parts as fast as 32 (18 against 13-20 MB/s, 15-17 against 15-16 at
+# 4.4 ms) with a worst write 86-139 ms against 177-508 ms. (32 over nbd before: hand-built
+# tables, a scattered delta, no writer.)
+MAX_PARTS = 16            # --resync-parts when not given
 MAX_PART_REGIONS = 1 << 17  # 16 KiB of bitset per part: the kernel rewrites it at every log flush
 
 

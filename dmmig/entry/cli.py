@@ -449,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a request to a dead destination fails the leg after this (1..600, default 10)")
     sp.add_argument("--resync-parts", type=int, metavar="N",
                     help="mirror targets side by side, cut where the last delta lies, each recovering one region "
-                         "at a time: fewer is gentler on the link, more is faster on a long round trip (1..64; "
-                         "default 16 over ssh, 32 over nbd)")
+                         "at a time: more put more bytes in flight on the leg, which the guest's writes wait "
+                         "behind; fewer are gentler on them, and past 16 the rig's tail was no faster (1..64; "
+                         "default 16)")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("handover", cmd_handover, "the source's side of the handover gate: wait for the destination's "

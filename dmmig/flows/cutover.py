@@ -80,7 +80,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                          hint=f"`dmmig copy {name} HOST` first")
     nbd_timeout(opts.nbd_timeout)
     ssh = entry.destination().transport == "ssh"
-    parts = opts.resync_parts or mirrorlog.default_parts(entry.destination().transport)
+    parts = opts.resync_parts or mirrorlog.MAX_PARTS
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
     require_tools("nbd-client", *(["ssh"] if ssh else []))

@@ -202,9 +202,9 @@ def plan(stack: Stack, xs: XenStore, xl: Xl, domain: str, host: str, ssh_opts: S
     ep = Endpoint.parse(host, ssh_opts)
     if opts.block_bytes is not None:
         era_block_size(opts.block_bytes)
-    # the parts cutover will choose (cutover.cutover: --resync-parts, else by transport), refused
+    # the parts cutover will choose (cutover.cutover: --resync-parts, else MAX_PARTS), refused
     # as it would refuse them, so the tables below are the ones it loads
-    parts = opts.cutover.resync_parts or mirrorlog.default_parts(opts.copy.transport)
+    parts = opts.cutover.resync_parts or mirrorlog.MAX_PARTS
     if not 1 <= parts <= 64:
         raise BadInput(f"--resync-parts {parts}: 1..64")
     disks = [_disk_here(stack, v, ep.host, opts.block_bytes, opts.rate, parts) for v in mine + resumed]

@@ -565,14 +565,14 @@ def test_plan_refuses_resync_parts_cutover_would_refuse(world: World) -> None:
 @pytest.mark.parametrize("transport,parts", [("ssh", None), ("nbd", None), ("ssh", 3)])
 def test_plan_renders_the_table_cutover_loads(world: World, transport: str, parts: int | None) -> None:
     """The same function and Layout choice as cutover.cutover (parts: --resync-parts, else the
-    transport's default), with placeholders for the devices cutover makes."""
+    default, 16 over both transports), with placeholders for the devices cutover makes."""
     from dmmig.core import mirrorlog
     from dmmig.flows import cutover, session
     name = world.disk()
     copy = session.CopyOptions(transport=transport, nbd_address="192.0.2.2" if transport == "nbd" else None)
     p = world.plan(copy=copy, cutover=cutover.CutoverOptions(resync_parts=parts))
     length, bs = 8 * MIB // 512, p.disks[0].estimate["block_bytes"] // 512
-    layout = mirrorlog.Layout.choose(length, bs, max_parts=parts or mirrorlog.default_parts(transport))
+    layout = mirrorlog.Layout.choose(length, bs, max_parts=parts or 16)  # both transports
     want = cutover.mirror_table(layout, [f"<log {i}>" for i in range(layout.parts)], f"<dmmig-{name}-era>",
                                 "<nbd leg>").render().splitlines()
     text = p.render()
