@@ -10,8 +10,12 @@ a `dmmig copy` round moves it (the anchor: its bytes over its data phase), the s
 written again and `dmmig cutover` hands them to the kernel (its bytes over its resync time).
 DELTA=cluster:N writes N MiB in one piece instead, a third into the disk (a guest rewriting one
 file: the case where the delta sits in few of the mirror's parts).
+WRITER=1: the oracle's O_DIRECT writer (4 KiB writes to random blocks of 32 MiB from a third
+into the disk: inside the delta) runs across each cutover, then as long again on the mirror in
+sync (the anchor: what a replicated write costs without the resync); each row adds both worst
+writes and their ratio. The writer's blocks are part of the delta the cutover hands over.
 
-    [PARTS=1,4,16] [DELAYS=0,2ms] [TREES=DIR,...] [DELTA=scatter|cluster:MIB]
+    [PARTS=1,4,16] [DELAYS=0,2ms] [TREES=DIR,...] [DELTA=scatter|cluster:MIB] [WRITER=1]
     .venv/bin/python -m bench.resync_speed [SIZE_MIB [TRANSPORT ...]]   (default: 128 ssh nbd)
 
 TREES: directories each holding a dmmig/ package (under /var/tmp, e.g. `git archive COMMIT dmmig |
@@ -24,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 from bench import libraries
 from bench.copy_wall import wrapper
@@ -36,6 +41,8 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 PARTS = tuple(int(x) for x in os.environ.get("PARTS", "1,4,16").split(","))
 BLOCK = 64 << 10
 DELTA = os.environ.get("DELTA", "scatter")
+WRITER = os.environ.get("WRITER") == "1"
+ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 # random data (the copier skips zeros, the kernel does not): every other block of the disk, or
 # CLUSTER bytes in one piece a third into it
 WRITE = r"""
@@ -55,11 +62,29 @@ def summary(out: str) -> dict:
     return next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
 
 
+def writer(a: UmlHost, top: str, rec: str, size: int) -> object:
+    """The oracle's writer on 32 MiB (in 4 KiB blocks) from a third into the disk, started."""
+    first = size * 256 // 3
+    job = a.spawn([PY, ORACLE, "write", top, "--seed", "9", "--record", rec, "--blocks",
+                   f"{first}:{first + min(8192, size * 256 - first)}"])
+    for _ in range(100):
+        if a.run(["test", "-e", rec + ".started"], check=False).rc == 0:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return job
+
+
+def worst(job: object) -> float:
+    job.signal(15)  # type: ignore[attr-defined]
+    return float(json.loads(job.wait().out)["max_latency_ms"])  # type: ignore[attr-defined]
+
+
 def run(a: UmlHost, b: UmlHost, size: int, transport: str,
-        dmmig: str = DMMIG) -> list[tuple[int, float, float, int, int | None]]:
-    """[(parts, copier MB/s, kernel MB/s, regions, most regions in one part)] for one transport
-    on the current link, with the dmmig at DMMIG on both hosts (an older one does not say the
-    last)."""
+        dmmig: str = DMMIG) -> list[tuple[int, float, float, int, int | None, float | None, float | None]]:
+    """[(parts, copier MB/s, kernel MB/s, regions, most regions in one part, the writer's worst
+    write across the cutover and on the mirror in sync (ms; WRITER))] for one transport on the
+    current link, with the dmmig at DMMIG on both hosts (an older one does not say the fifth)."""
     a.sh(f"dd if=/dev/urandom of=/dev/shm/src bs=1M count={size} status=none && losetup /dev/loop0 /dev/shm/src")
     b.sh(f"truncate -s {size}M /dev/shm/dst && losetup /dev/loop0 /dev/shm/dst")
     top = "/dev/mapper/dmmig-rs"
@@ -76,10 +101,19 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str,
             c = summary(a.run([dmmig, *copy]).out)   # from mirroring, the copy drops the mirror first
             copier = c["throughput_bytes_per_s"] / 1e6
             a.py(WRITE, top, str(size << 20), cluster)
+            job = writer(a, top, f"{a.shared}/rs-{parts}.rec", size) if WRITER else None
+            t0 = time.monotonic()
             cut = summary(a.run([dmmig, "cutover", "rs", "--json",
                                  *(["--resync-parts", str(parts)] if parts else [])]).out)
+            across = in_sync = None
+            if job is not None:
+                took = time.monotonic() - t0
+                across = worst(job)
+                job = writer(a, top, f"{a.shared}/rs-{parts}-sync.rec", size)
+                time.sleep(took)
+                in_sync = worst(job)
             out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"],
-                        cut["resync_regions"], cut.get("resync_regions_most_in_a_part")))
+                        cut["resync_regions"], cut.get("resync_regions_most_in_a_part"), across, in_sync))
         a.run([dmmig, "finish", "rs"])
         return out
     finally:
@@ -109,11 +143,14 @@ def main() -> None:
             print(f"link: {'+' + delay + ' each way' if delay else 'as is'} ({rtt})")
             for transport in transports:
                 for tree, dmmig in trees.items():
-                    for parts, copier, kernel, regions, most in run(a, b, size, transport, dmmig):
+                    for parts, copier, kernel, regions, most, across, in_sync in run(a, b, size, transport, dmmig):
+                        w = (f"; writer's worst write {across:.0f} ms across the cutover, {in_sync:.0f} ms on the "
+                             f"mirror in sync (anchor) = {across / max(in_sync, 5.0):.1f}x" if across is not None
+                             and in_sync is not None else "")
                         print(f"  {tree + ': ' if tree else ''}--transport {transport:3s} --resync-parts {parts:2d}: "
                               f"copier {copier:6.2f} MB/s (anchor), kernel resync {kernel:6.2f} MB/s over {regions} "
                               f"regions (most in one part: {'?' if most is None else most}) "
-                              f"= {kernel / copier:.2f}x the copier", flush=True)
+                              f"= {kernel / copier:.2f}x the copier{w}", flush=True)
             if delay:
                 for h in (a, b):
                     h.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
