@@ -105,13 +105,10 @@ def read(dev: str, nbytes: int) -> bytes:
 
 
 # ---- several logs: the top's mirror set --------------------------------------------------
-# Mirror targets side by side: regions recovered at once, over either transport. More parts
-# put more bytes in flight on the leg, and a guest write queues behind them (or waits for the
-# copy of its region): real cutovers, a 32 MiB delta with a writer inside it (stop 29), over ssh
-# 8 / 16 / 32 parts resynced at 11-12 / 14-16 / 11-12 MB/s, the worst write 107-126 / 129-192 /
-# 359-419 ms; over TLS NBD 16 parts as fast as 32 (18 against 13-20 MB/s, 15-17 against 15-16 at
-# 4.4 ms) with a worst write 86-139 ms against 177-508 ms. (32 over nbd before: hand-built
-# tables, a scattered delta, no writer.)
+# Mirror targets side by side: regions recovered at once, over either transport. More parts put
+# more bytes in flight on the leg, which a guest write queues behind: with a writer inside the
+# delta, 32 parts resynced no faster than 16 and its worst write was 2-4x longer, over ssh and
+# TLS alike (docs/design.md, Resync speed).
 MAX_PARTS = 16            # --resync-parts when not given
 MAX_PART_REGIONS = 1 << 17  # 16 KiB of bitset per part: the kernel rewrites it at every log flush
 
