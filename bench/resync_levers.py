@@ -8,6 +8,10 @@ targets side by side, nbd-client connections) the whole top table is built over 
 source disk and leg 1 = the export, with a disk log per target marking the delta's regions
 out of sync, and the time until every target is in sync is taken.
 
+CONNS above 1 changes nothing in the rig: its kernels have one CPU, so the nbd device has one
+blk-mq hardware queue and the driver sends every request on its first connection (design.md,
+Resync speed).
+
     [CONFIGS=KIB:PARTS:CONNS,...] .venv/bin/python -m bench.resync_levers [SIZE_MIB [DELAYS [PATTERNS [HOWS]]]]
     (default 96 0,2ms half,all ssh,tls,tcp; a delay of 0 is the link as is)
 """
