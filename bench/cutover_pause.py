@@ -82,8 +82,9 @@ def worst_between(rec: str, lo: float, hi: float) -> float:
     return max((ms for end, ms in slow if lo <= end - ms / 1000 < hi), default=5.0)
 
 
-def writer(a: UmlHost, rec: str, blocks: str) -> object:
-    job = a.spawn([PY, ORACLE, "write", "/dev/mapper/dmmig-cp", "--seed", "5", "--record", rec, "--blocks", blocks])
+def writer(a: UmlHost, rec: str, blocks: str, dev: str = "/dev/mapper/dmmig-cp") -> object:
+    """The oracle's writer on BLOCKS (4 KiB, A:B) of DEV, started and writing."""
+    job = a.spawn([PY, ORACLE, "write", dev, "--seed", "5", "--record", rec, "--blocks", blocks])
     for _ in range(100):
         if a.run(["test", "-e", rec + ".started"], check=False).rc == 0:
             break

@@ -32,6 +32,7 @@ import time
 
 from bench import libraries
 from bench.copy_wall import wrapper
+from bench.cutover_pause import stop, writer
 from tests.rig.pair import B_IP, SSH_OPTS, Pair
 from tests.rig.uml import ROOT, UmlHost
 
@@ -42,7 +43,6 @@ PARTS = tuple(int(x) for x in os.environ.get("PARTS", "1,4,16").split(","))
 BLOCK = 64 << 10
 DELTA = os.environ.get("DELTA", "scatter")
 WRITER = os.environ.get("WRITER") == "1"
-ORACLE = str(ROOT / "tests" / "tools" / "oracle.py")
 # random data (the copier skips zeros, the kernel does not): every other block of the disk, or
 # CLUSTER bytes in one piece a third into it
 WRITE = r"""
@@ -62,22 +62,10 @@ def summary(out: str) -> dict:
     return next(json.loads(ln) for ln in reversed(out.splitlines()) if '"summary"' in ln)
 
 
-def writer(a: UmlHost, top: str, rec: str, size: int) -> object:
-    """The oracle's writer on 32 MiB (in 4 KiB blocks) from a third into the disk, started."""
+def writer_blocks(size: int) -> str:
+    """The writer's 4 KiB blocks: 32 MiB from a third into a SIZE MiB disk."""
     first = size * 256 // 3
-    job = a.spawn([PY, ORACLE, "write", top, "--seed", "9", "--record", rec, "--blocks",
-                   f"{first}:{first + min(8192, size * 256 - first)}"])
-    for _ in range(100):
-        if a.run(["test", "-e", rec + ".started"], check=False).rc == 0:
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)
-    return job
-
-
-def worst(job: object) -> float:
-    job.signal(15)  # type: ignore[attr-defined]
-    return float(json.loads(job.wait().out)["max_latency_ms"])  # type: ignore[attr-defined]
+    return f"{first}:{first + min(8192, size * 256 - first)}"
 
 
 def run(a: UmlHost, b: UmlHost, size: int, transport: str,
@@ -101,17 +89,17 @@ def run(a: UmlHost, b: UmlHost, size: int, transport: str,
             c = summary(a.run([dmmig, *copy]).out)   # from mirroring, the copy drops the mirror first
             copier = c["throughput_bytes_per_s"] / 1e6
             a.py(WRITE, top, str(size << 20), cluster)
-            job = writer(a, top, f"{a.shared}/rs-{parts}.rec", size) if WRITER else None
+            job = writer(a, f"{a.shared}/rs-{parts}.rec", writer_blocks(size), top) if WRITER else None
             t0 = time.monotonic()
             cut = summary(a.run([dmmig, "cutover", "rs", "--json",
                                  *(["--resync-parts", str(parts)] if parts else [])]).out)
             across = in_sync = None
             if job is not None:
                 took = time.monotonic() - t0
-                across = worst(job)
-                job = writer(a, top, f"{a.shared}/rs-{parts}-sync.rec", size)
+                across = stop(job)["max_latency_ms"]
+                job = writer(a, f"{a.shared}/rs-{parts}-sync.rec", writer_blocks(size), top)
                 time.sleep(took)
-                in_sync = worst(job)
+                in_sync = stop(job)["max_latency_ms"]
             out.append((cut.get("parts", parts), copier, cut["resync_bytes"] / 1e6 / cut["resync_seconds"],
                         cut["resync_regions"], cut.get("resync_regions_most_in_a_part"), across, in_sync))
         a.run([dmmig, "finish", "rs"])
