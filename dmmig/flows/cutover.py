@@ -435,7 +435,6 @@ def _wait_sync(stack: Stack, top: str, nr: int, timeout: float, progress: Progre
     return events, first.regions - first.in_sync
 
 
-
 def drop_mirror(stack: Stack, entry: journal.Entry) -> int | None:
     """Back to linear over era (which holds every write), then tear down the leg, log,
     tunnel and watcher. A no-op when there is no mirror. Returns the top's length (sectors),
