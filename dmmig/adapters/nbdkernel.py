@@ -72,7 +72,7 @@ class NbdKernel:
 
     def attach_free(self, owner: str, export: str, *, timeout: int, on_claim: Callable[[str], None],
                     unix: str | None = None, host: str | None = None, port: int | None = None,
-                    tls: str | None = None, connections: int = 1) -> str:
+                    tls: str | None = None) -> str:
         """Choose a free device, mark it OWNER's, tell ON_CLAIM (which journals it), attach the
         export: all under the host-wide lock. On failure nothing of it stays attached or
         marked. Returns the device."""
@@ -81,8 +81,7 @@ class NbdKernel:
             _mark(dev, owner)
             try:
                 on_claim(dev)
-                self._attach(dev, export, timeout=timeout, unix=unix, host=host, port=port, tls=tls,
-                             connections=connections)
+                self._attach(dev, export, timeout=timeout, unix=unix, host=host, port=port, tls=tls)
             except BaseException:
                 # under the lock, nobody but this call can have attached DEV
                 if self.attached(dev):
@@ -151,12 +150,12 @@ class NbdKernel:
             return 0
 
     def _attach(self, dev: str, export: str, *, timeout: int, unix: str | None = None,
-                host: str | None = None, port: int | None = None, tls: str | None = None,
-                connections: int = 1) -> None:
+                host: str | None = None, port: int | None = None, tls: str | None = None) -> None:
         """TLS: a directory with ca-cert.pem, client-cert.pem, client-key.pem; nbd-client then
         checks the server's certificate against the CA and HOST, and leaves a daemon of its own
-        (command line naming TLS) proxying between the kernel's socket and the TLS connection,
-        one per connection (CONNECTIONS, nbd-client -C: the kernel spreads requests over them)."""
+        (command line naming TLS) proxying between the kernel's socket and the TLS connection.
+        Always one connection (no -C): with several, the kernel sends a write that timed out
+        again on another one instead of failing it, and the first may still land later."""
         if unix is not None:
             where = ["-u", unix]
         else:
@@ -167,8 +166,7 @@ class NbdKernel:
             where += ["--enable-tls", "--cacertfile", os.path.join(tls, "ca-cert.pem"),
                       "--certfile", os.path.join(tls, "client-cert.pem"),
                       "--keyfile", os.path.join(tls, "client-key.pem"), "--tlshostname", host]
-        many = ["-C", str(connections)] if connections > 1 else []
-        res = self.r.run(["nbd-client", "-N", export, *where, dev, "-b", "512", "-t", str(timeout), *many],
+        res = self.r.run(["nbd-client", "-N", export, *where, dev, "-b", "512", "-t", str(timeout)],
                          check=False, timeout=60)
         if res.returncode != 0 or not self.attached(dev):
             raise RemoteError(f"nbd-client could not attach the destination's export to {dev}: "

@@ -24,8 +24,6 @@ from dmmig.core.watch import health_path
 from dmmig.errors import RemoteError, Steps
 from dmmig.names import RUN_DIR, Files
 
-TLS_CONNECTIONS = 4
-
 
 class MirrorSide:
     def __init__(self, runner: Runner, state: str) -> None:
@@ -82,14 +80,15 @@ class MirrorSide:
         def claimed(dev: str) -> None:  # journaled before it connects: abort finds it whatever happens
             m.nbd = dev
             save()
-        # --transport nbd with TLS: nbd-client's proxy is one select() loop with 64 KiB buffers
-        # per connection, which capped the resync at a long round trip (bench/resync_levers.py);
-        # four connections, four proxies. The relay tunnel takes one connection only.
+        # One NBD connection, never nbd-client -C N: with several, the kernel (nbd_xmit_timeout)
+        # answers a write that outlives --nbd-timeout by sending it again on another connection,
+        # not by failing it. dm-mirror then never learns of the failure, while the first copy may
+        # still reach the destination later, over a newer write to the same block: a stale block
+        # there under a mirror that reports itself in sync (docs/design.md, Leg failures).
         tun = m.tunnel
         assert tun is not None or not ssh, "plan_tunnel first"
         where: dict[str, Any] = ({"unix": tun.sock} if tun is not None and ssh
-                                 else {"host": export.addr, "port": int(export.port or 0), "tls": dest.tls,
-                                       "connections": TLS_CONNECTIONS if dest.tls else 1})
+                                 else {"host": export.addr, "port": int(export.port or 0), "tls": dest.tls})
         try:
             return self.nbd.attach_free(self.nbd_owner(entry.name), export.name, timeout=timeout,
                                         on_claim=claimed, **where)

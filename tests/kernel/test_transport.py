@@ -454,3 +454,88 @@ def test_a_copy_that_fails_after_the_destination_changed_is_aborted_there_too(pa
     assert a.dmmig("abort", name, check=False).rc == 0
     assert leftovers(a, b, name) == []
     a.dmmig("unwrap", name)
+
+
+# One 4 KiB O_DIRECT write of the byte CH at OFF; prints how long it took
+WRITE_ONE = r"""
+import mmap, os, sys, time
+dev, off, ch = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+buf = mmap.mmap(-1, 4096)
+buf[:] = ch * 4096
+fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+t0 = time.monotonic()
+os.pwrite(fd, buf, off)
+os.close(fd)
+print(round(time.monotonic() - t0, 2))
+"""
+
+READ_ONE = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+os.preadv(fd, [buf], int(sys.argv[2]))
+print(bytes(buf[:4096]).decode("latin-1")[:1] if len(set(buf[:4096])) == 1 else "mixed")
+"""
+
+
+def data_flow(a: UmlHost) -> tuple[int, int]:
+    """(local port, bytes acked) of a's TCP connection to b's export that carried the leg's
+    writes, found by its byte count (ss -ti); not the SSH session (port 22)."""
+    lines = a.run(["ss", "-tinH", "dst", B_IP]).out.splitlines()
+    flows = []
+    for head, info in zip(lines, lines[1:]):
+        f = head.split()
+        if f and f[0] == "ESTAB" and not f[4].endswith(":22"):
+            acked = next((int(x.split(":")[1]) for x in info.split() if x.startswith("bytes_acked:")), 0)
+            flows.append((acked, int(f[3].rsplit(":", 1)[1])))
+    assert flows, lines
+    acked, port = max(flows)
+    return port, acked
+
+
+def test_a_leg_write_held_past_the_nbd_timeout_never_lands_stale_under_an_in_sync_mirror(
+        pair, pdisks, name: str) -> None:
+    """--transport nbd: the leg's TCP flow black-holes (every segment dropped, no RST: one
+    ECMP path, a middlebox) longer than --nbd-timeout, then comes back. The guest writes A to a
+    block, then B. With several NBD connections (nbd-client -C 4, as before), the kernel sent A
+    again on another connection when it timed out, and B after it; the mirror stayed in sync;
+    then the first A, held in the dead flow, reached b's export and overwrote B there. Either
+    outcome is safe: the leg reported failed (a catch-up or abort follows, never a handover),
+    or b holds what a holds."""
+    a, b = pair
+    da, db = pdisks
+    origin, dest = da(32, fill_seed=17), db(32)
+    top = f"/dev/mapper/dmmig-{name}"
+    a.dmmig("wrap", name, origin)
+    a.dmmig("prepare", name)
+    a.dmmig(*copy_args(name, dest, "--transport", "nbd", "--nbd-address", B_IP))
+    a.dmmig("cutover", name, "--nbd-timeout", "3")
+    for m in ("sch_prio", "sch_netem", "cls_u32"):
+        a.run(["modprobe", "--dirname=/run/mods", m])
+    try:
+        a.run(["dd", "if=/dev/urandom", f"of={top}", "bs=1M", "count=4", "seek=8", "oflag=direct", "status=none"])
+        port, acked = data_flow(a)
+        assert acked > 4 * MiB, acked
+        # drop every segment of that flow only: the other connections (if any) still pass
+        a.sh("tc qdisc add dev vec0 root handle 1: prio && "
+             "tc qdisc add dev vec0 parent 1:3 handle 30: netem loss 100% && "
+             f"tc filter add dev vec0 protocol ip parent 1:0 prio 1 u32 match ip sport {port} 0xffff flowid 1:3")
+        x = 1 * MiB
+        a.py(WRITE_ONE, top, str(x), "A", timeout=120)  # the guest never sees an error: leg 0 takes it
+        a.py(WRITE_ONE, top, str(x), "B", timeout=120)
+        time.sleep(1)
+        a.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
+        # the dead flow's retransmission reaches b within a few RTOs once the path is back
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and b.py(READ_ONE, dest, str(x)).out.strip() != "A":
+            time.sleep(1)
+        time.sleep(2)
+        assert a.py(READ_ONE, origin, str(x)).out.strip() == "B"
+        on_b = b.py(READ_ONE, dest, str(x)).out.strip()
+        mirror = status(a, name)["devices"][f"dmmig-{name}"]["mirror"]
+        assert not mirror["healthy"] or on_b == "B", (
+            f"b holds {on_b!r} where a holds 'B', under a mirror that reports {mirror}: a handover now loses a write")
+    finally:
+        a.run(["tc", "qdisc", "del", "dev", "vec0", "root"], check=False)
+    a.dmmig("abort", name)
+    a.dmmig("unwrap", name)
