@@ -142,8 +142,11 @@ def _pid(pidfile: str) -> int:
         return int(f.read().strip())
 
 
-def stop_export(exp: Export, timeout: float = 10) -> None:
-    """Stop qemu-nbd; remove its socket and its TLS credentials."""
+def stop_export(exp: Export, timeout: float = 10) -> bool:
+    """Stop qemu-nbd; remove its socket and its TLS credentials. Returns whether it is gone:
+    then every write it took has reached the disk (a process's memory, whence /proc's cmdline,
+    outlives its threads' system calls and, in exit_aio, its in-flight AIO) and no connection
+    of its can take another."""
     if exp.alive():
         os.kill(exp.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -151,10 +154,14 @@ def stop_export(exp: Export, timeout: float = 10) -> None:
             time.sleep(0.05)
         if exp.alive():
             os.kill(exp.pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+            while exp.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
     if exp.socket and os.path.lexists(exp.socket):
         os.unlink(exp.socket)
     if exp.tls:
         shutil.rmtree(exp.tls, ignore_errors=True)
+    return not exp.alive()
 
 
 def load_client() -> None:

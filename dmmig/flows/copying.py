@@ -124,7 +124,9 @@ def copy(stack: Stack, name: str, host: str | None, ssh_opts: SshOptions, opts: 
                     stack.journal.save(entry)
                     raise
                 with t("export"):
-                    export = start_export(remote, dest, name)
+                    # fresh: an earlier copy's or mirror leg's connection may still hold writes
+                    # on their way there, which must not land over this copy's
+                    export = start_export(remote, dest, name, fresh=True)
                 dest.export = export
                 dest.remote_state = remote.agent.hello.get("state_dir")
                 if entry.copy.zeroed is None:

@@ -91,6 +91,10 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
             stack.journal.save(entry)
 
         sw, par = Stopwatch(), Stopwatch()
+        # a rerun after a leg that failed or was cut short: writes of that leg may still be on
+        # their way over its connection, and would land over this cutover's. The destination
+        # restarts its export first (fresh): this leg never goes on the copy's
+        fence = not entry.mirror.empty() or bool(stack.mirror.leftovers(name))
         with sw("drop a previous mirror"):
             length = drop_mirror(stack, entry)  # a rerun starts again from linear over era
         stack.journal.save(entry, journal.CUTTING_OVER)
@@ -106,7 +110,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         # if it does not answer.
         dest = entry.destination().copy()
         exporting: Started[nbd.Export] | None = None
-        copied = dest.export  # the copy's export: the same unless it moved
+        copied = None if fence else dest.export  # the copy's export: the same unless it moved
         # the tunnel's pid (ssh) and the leg on the copy's export
         on_copied: Started[tuple[int | None, str | None]] | None = None
         held = False  # an era query's metadata snapshot, still to drop
@@ -129,7 +133,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                 nbd_leg = partial(_leg_on_copied, stack, entry, copied, opts.nbd_timeout, save, par)
                 on_copied = Started(lambda: (None, nbd_leg()))
             if on_copied is None or not copied:
-                exporting = Started(partial(_connect_export, stack, name, dest, par))
+                exporting = Started(partial(_connect_export, stack, name, dest, par, fence))
             # 1. what era recorded since the last round, into the logs. A write in flight now is
             # tagged below `first` and done once the swap's suspend is
             with sw("era query"):
@@ -163,7 +167,7 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
                     leg = on_copied.result()[1]
                     tried = True
                 if leg is None:
-                    exporting = Started(partial(_connect_export, stack, name, dest, par))
+                    exporting = Started(partial(_connect_export, stack, name, dest, par, fence))
             if leg is None:
                 assert exporting is not None
                 with sw("wait for the destination"):
@@ -297,9 +301,10 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
 SHOWN_RANGES = 256  # of the resync's block ranges, kept in the journal for status
 
 
-def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) -> nbd.Export:
+def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch, fresh: bool) -> nbd.Export:
     """The cutover's calls to the destination (in a thread): connect, start its agent, plan the
-    transport into DEST (a copy: the caller journals it), start or find the export."""
+    transport into DEST (a copy: the caller journals it), start or find the export (FRESH: a
+    new one, see session.start_export)."""
     # imported here: session imports paramiko (0.8 s of a rig kernel's start), which a
     # cutover over the copy's export (--transport ssh) never uses
     from dmmig.flows.session import Remote, plan_transport, start_export
@@ -308,7 +313,7 @@ def _connect_export(stack: Stack, name: str, dest: Destination, par: Stopwatch) 
     try:
         with par("export"):
             plan_transport(stack, name, dest, remote)  # decided by copy; probed again only for a
-            return start_export(remote, dest, name)         # destination journaled by an older dmmig
+            return start_export(remote, dest, name, fresh=fresh)  # destination journaled by an older dmmig
     finally:
         remote.close()
 

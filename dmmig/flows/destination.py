@@ -32,7 +32,7 @@ from dmmig.core import generation as warmth
 from dmmig.core.copier import digest_ranges
 from dmmig.core.gate import GateServer
 from dmmig.core.records import INCOMING_VERSION, TOOK_OVER, Incoming, Unreadable, read_incoming, to_json
-from dmmig.errors import BadInput, Busy, DmmigError, StateError
+from dmmig.errors import BadInput, Busy, DmmigError, RemoteError, StateError
 from dmmig.names import INCOMING_SUFFIX, Files, export_dir, incoming_names
 from dmmig.validate import disk_name
 
@@ -104,7 +104,7 @@ class AgentServer:
         return {"protocol": PROTOCOL, "version": __version__, "host": socket.gethostname(),
                 "state_dir": self.state, "export_dir": export_dir(self.state),
                 "tools": {t: shutil.which(t) is not None for t in DEST_TOOLS}, "warm": WARM_PROTOCOL,
-                "warm_gate": True}
+                "warm_gate": True, "fresh_export": True}
 
     def op_prepare_disk(self, name: str, path: str, size: int, create: bool = False,
                         block_size: int | None = None, migration: str | None = None,
@@ -213,10 +213,16 @@ class AgentServer:
                 "state_dir": self.state, "hotplug_state_dir": journal.state_dir(None)}
 
     def op_export(self, name: str, addr: str | None = None, tls: dict[str, str] | None = None,
-                  insecure: bool = False) -> dict[str, Any]:
+                  insecure: bool = False, fresh: bool = False) -> dict[str, Any]:
         """Export NAME's disk: on a unix socket in the root-only export dir (ADDR None: --transport
         ssh), or on ADDR with TLS (the server's credentials, sent by the source) or, only if the
-        source's operator said --insecure, without."""
+        source's operator said --insecure, without.
+
+        FRESH: never the running export; it is stopped first, and must be gone. A connection of
+        an earlier copy or mirror leg that the source gave up on (a dead TCP flow, a killed
+        dmmig) may still hold writes that reach qemu-nbd when its path comes back, and would land
+        over what the source writes from now on. Once that qemu-nbd has exited, its writes are
+        on the disk and its connections are closed: late segments meet a reset."""
         rec = self.load(name)
         if rec is None:
             raise BadInput(f"no destination disk prepared for {name}")
@@ -229,9 +235,13 @@ class AgentServer:
         if old:
             same = (old.socket is not None) if addr is None else (
                 old.addr == addr and old.tls == tls_dir and (tls is None or _same_creds(old.tls, tls)))
-            if same and old.alive():
+            if same and old.alive() and not fresh:
                 return {"export": asdict(old)}
-            nbd.stop_export(old)  # gone, or another kind (a TCP export of an older dmmig, new credentials)
+            # gone, or another kind (a TCP export of an older dmmig, new credentials), or FRESH
+            if not nbd.stop_export(old):
+                raise RemoteError(f"qemu-nbd {old.pid} exporting {old.path} did not exit within 20 s: writes of an "
+                                  "earlier connection may still be on their way to the disk",
+                                  hint="check the destination's storage (a hung write?), then retry")
         if tls_dir is not None:
             assert tls is not None
             if "," in tls_dir:

@@ -245,7 +245,9 @@ def _vouch(stack: Stack, entry: journal.Entry, remote: Remote, top: str, era: st
         return False, (f"{broken}, and the {delta} bytes era recorded since the cutover would take ~"
                        f"{delta / rate:.0f}s at the {rate / (1 << 20):.1f} MiB/s the copy reached: more than the "
                        f"{win.remaining():.0f}s left of the {win.cap:.0f}s the guest's disk may stay suspended"), 0
-    export = start_export(remote, entry.destination(), entry.name, deadline_s=max(win.remaining(), 0.1))
+    # fresh: the broken leg's connection may still hold writes on their way there; once the old
+    # qemu-nbd has exited none can land over the catch-up's
+    export = start_export(remote, entry.destination(), entry.name, deadline_s=max(win.remaining(), 0.1), fresh=True)
     win.check("while the export started")
     # a handshake over a dead link blocks in libnbd: only closing the connection under it ends it
     unhook = win.on_expiry(lambda: close_quietly(remote.ssh))

@@ -202,9 +202,17 @@ def plan_transport(stack: Stack, name: str, dest: Destination, remote: Remote) -
         dest.tls = stack.mirror.credentials(name, str(dest.nbd_address))
 
 
-def start_export(remote: Remote, dest: Destination, name: str, deadline_s: float | None = None) -> nbd.Export:
-    """Start (or find) NAME's export there, as DEST's transport wants it."""
-    return _export(name, _start_export(remote, dest, name, deadline_s))
+def start_export(remote: Remote, dest: Destination, name: str, deadline_s: float | None = None, *,
+                 fresh: bool = False) -> nbd.Export:
+    """Start (or find) NAME's export there, as DEST's transport wants it. FRESH: a new qemu-nbd
+    whatever runs there, once the old one has exited (op_export): asked by whatever writes to
+    the destination after a connection this host gave up on (a copy, a cutover after a mirror,
+    the gate's catch-up), so that nothing still on its way over that connection lands after it."""
+    if fresh and not remote.agent.hello.get("fresh_export"):
+        raise BadInput(f"the destination's dmmig {remote.agent.hello.get('version', '?')} cannot restart an export "
+                       "before writes that must come after every earlier one",
+                       hint="install the same dmmig version on both hosts")
+    return _export(name, _start_export(remote, dest, name, deadline_s, {"fresh": True} if fresh else {}))
 
 
 def _export(name: str, reply: dict[str, Any]) -> nbd.Export:
@@ -214,9 +222,10 @@ def _export(name: str, reply: dict[str, Any]) -> nbd.Export:
     return exp
 
 
-def _start_export(remote: Remote, dest: Destination, name: str, deadline_s: float | None) -> dict[str, Any]:
+def _start_export(remote: Remote, dest: Destination, name: str, deadline_s: float | None,
+                  fresh: dict[str, bool]) -> dict[str, Any]:
     if dest.transport == "ssh":
-        return dict(remote.agent.call("export", name=name, deadline_s=deadline_s))
+        return dict(remote.agent.call("export", name=name, deadline_s=deadline_s, **fresh))
     if dest.tls:
         try:
             files = tlscreds.server_files(dest.tls)
@@ -224,12 +233,12 @@ def _start_export(remote: Remote, dest: Destination, name: str, deadline_s: floa
             raise StateError(f"the TLS credentials of {name} are gone ({e})",
                              hint=f"`dmmig copy {name}` makes new ones") from e
         return dict(remote.agent.call("export", name=name, addr=dest.nbd_address, tls=files,
-                                      deadline_s=deadline_s))
+                                      deadline_s=deadline_s, **fresh))
     if not dest.insecure:
         raise StateError(f"{name}: no TLS credentials for --transport nbd (journaled by an older dmmig?)",
                          hint=f"`dmmig copy {name}` makes them, or `dmmig abort {name}`")
     return dict(remote.agent.call("export", name=name, addr=dest.nbd_address, insecure=True,
-                                  deadline_s=deadline_s))
+                                  deadline_s=deadline_s, **fresh))
 
 
 def destination_of(entry: journal.Entry, host: str | None, ssh_opts: SshOptions,

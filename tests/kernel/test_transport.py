@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.steps import DMMIG, ask, check, copy_args, digest, start_writer, status, stop_writer
+from tests.kernel.steps import DMMIG, ask, check, copy_args, digest, start_writer, status, stop_writer, wait_leg_failed
 from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS, sshd_config
 from tests.rig.uml import UmlHost
@@ -493,15 +493,22 @@ def data_flow(a: UmlHost) -> tuple[int, int]:
     return port, acked
 
 
+@pytest.mark.parametrize("catch_up", [False, True])
 def test_a_leg_write_held_past_the_nbd_timeout_never_lands_stale_under_an_in_sync_mirror(
-        pair, pdisks, name: str) -> None:
+        pair, pdisks, name: str, catch_up: bool) -> None:
     """--transport nbd: the leg's TCP flow black-holes (every segment dropped, no RST: one
     ECMP path, a middlebox) longer than --nbd-timeout, then comes back. The guest writes A to a
     block, then B. With several NBD connections (nbd-client -C 4, as before), the kernel sent A
     again on another connection when it timed out, and B after it; the mirror stayed in sync;
     then the first A, held in the dead flow, reached b's export and overwrote B there. Either
     outcome is safe: the leg reported failed (a catch-up or abort follows, never a handover),
-    or b holds what a holds."""
+    or b holds what a holds.
+
+    CATCH_UP: the operator (or the gate) catches up while that flow is still dead, then cuts
+    over again. The catch-up copied B, and before the fix the held A then landed over it
+    through the export the catch-up had reused: the new cutover's delta does not hold that
+    block, and the mirror reported in sync over a stale block. A fresh export (the old qemu-nbd
+    gone) leaves the held write nobody to land on: b answers its segments with a reset."""
     a, b = pair
     da, db = pdisks
     origin, dest = da(32, fill_seed=17), db(32)
@@ -524,12 +531,18 @@ def test_a_leg_write_held_past_the_nbd_timeout_never_lands_stale_under_an_in_syn
         a.py(WRITE_ONE, top, str(x), "A", timeout=120)  # the guest never sees an error: leg 0 takes it
         a.py(WRITE_ONE, top, str(x), "B", timeout=120)
         time.sleep(1)
+        if catch_up:
+            wait_leg_failed(a, name)
+            a.dmmig("copy", name)  # over a new connection: the dead flow stays dead meanwhile
         a.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
-        # the dead flow's retransmission reaches b within a few RTOs once the path is back
-        deadline = time.monotonic() + 20
+        # the dead flow's retransmission reaches b at its next RTO once the path is back (the
+        # backoff doubles from 0.2 s: within ~30 s for a flow dead for under a minute)
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and b.py(READ_ONE, dest, str(x)).out.strip() != "A":
             time.sleep(1)
         time.sleep(2)
+        if catch_up:
+            a.dmmig("cutover", name, "--nbd-timeout", "3")
         assert a.py(READ_ONE, origin, str(x)).out.strip() == "B"
         on_b = b.py(READ_ONE, dest, str(x)).out.strip()
         mirror = status(a, name)["devices"][f"dmmig-{name}"]["mirror"]

@@ -70,10 +70,11 @@ class _Remote:
 RELOADED = "the table of vg0-vm1 is no longer dmmig's"
 
 
-def _catch_up(monkeypatch: pytest.MonkeyPatch) -> journal.Entry:
+def _catch_up(monkeypatch: pytest.MonkeyPatch, exports: list[bool] | None = None) -> journal.Entry:
     """A mirroring entry whose leg broke since the sync (events moved): the gate must catch up;
-    the export and the copy do nothing."""
-    monkeypatch.setattr(handover, "start_export", lambda remote, dest, name, deadline_s=None: None)
+    the export and the copy do nothing (EXPORTS gets each export's `fresh`)."""
+    monkeypatch.setattr(handover, "start_export", lambda remote, dest, name, deadline_s=None, fresh=False:
+                        (exports if exports is not None else []).append(fresh))
     copied = SimpleNamespace(read=0)
     monkeypatch.setattr(handover, "Copier", lambda *a, **k: SimpleNamespace(copy=lambda ext: copied))
     e = journal.Entry("d1", "/dev/loop0", "7:0", phase=journal.MIRRORING, metadata="/dev/loop1", block_sectors=128)
@@ -94,6 +95,18 @@ def test_a_reload_during_the_catch_up_turns_the_yes_into_a_no(
     if not ok:
         assert "no longer dmmig's" in rec["why"]
     assert s.dm.calls == ["suspend dmmig-d1", "resume dmmig-d1"]
+
+
+def test_the_catch_up_writes_through_a_fresh_export_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The broken leg's connection may still hold writes on their way to the destination (a
+    TCP flow that black-holed, then comes back): they would land over the catch-up's. So the
+    catch-up asks for a fresh export, whose old qemu-nbd has exited (op_export)."""
+    exports: list[bool] = []
+    e = _catch_up(monkeypatch, exports)
+    s, r = _Stack([None, None]), _Remote()
+    s.journal.dir = str(tmp_path)
+    assert handover.answer_gate(s, e, r)["ok"]  # type: ignore[arg-type]
+    assert exports == [True]
 
 
 def test_a_discard_since_the_cutover_turns_a_catch_up_into_a_no(monkeypatch: pytest.MonkeyPatch) -> None:
