@@ -535,12 +535,12 @@ def test_a_leg_write_held_past_the_nbd_timeout_never_lands_stale_under_an_in_syn
             wait_leg_failed(a, name)
             a.dmmig("copy", name)  # over a new connection: the dead flow stays dead meanwhile
         a.run(["tc", "qdisc", "del", "dev", "vec0", "root"])
-        # the dead flow's retransmission reaches b at its next RTO once the path is back (the
-        # backoff doubles from 0.2 s: within ~30 s for a flow dead for under a minute)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and b.py(READ_ONE, dest, str(x)).out.strip() != "A":
-            time.sleep(1)
-        time.sleep(2)
+        # the dead flow retransmits at its next RTO once the path is back (the backoff doubles
+        # from 0.2 s), and is gone once b took its data or answered with a reset
+        deadline = time.monotonic() + 60
+        while a.run(["ss", "-tanH", "sport", "=", f":{port}"]).out.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
         if catch_up:
             a.dmmig("cutover", name, "--nbd-timeout", "3")
         assert a.py(READ_ONE, origin, str(x)).out.strip() == "B"
