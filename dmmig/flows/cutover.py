@@ -93,8 +93,9 @@ def cutover(stack: Stack, name: str, opts: CutoverOptions, progress: Progress) -
         sw, par = Stopwatch(), Stopwatch()
         # a rerun after a leg that failed or was cut short: writes of that leg may still be on
         # their way over its connection, and would land over this cutover's. The destination
-        # restarts its export first (fresh): this leg never goes on the copy's
-        fence = not entry.mirror.empty() or bool(stack.mirror.leftovers(name))
+        # restarts its export first (fresh): this leg never goes on the copy's. A leg is
+        # journaled before it connects (MirrorSide.attach_nbd), and a copy drops it
+        fence = entry.mirror.nbd is not None
         with sw("drop a previous mirror"):
             length = drop_mirror(stack, entry)  # a rerun starts again from linear over era
         stack.journal.save(entry, journal.CUTTING_OVER)
