@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmmig.adapters import listen
+from dmmig.adapters import listen, proc
 from dmmig.adapters.runner import Runner
 from dmmig.errors import BadInput, CommandError, MissingDependency, RemoteError
 
@@ -143,25 +143,26 @@ def _pid(pidfile: str) -> int:
 
 
 def stop_export(exp: Export, timeout: float = 10) -> bool:
-    """Stop qemu-nbd; remove its socket and its TLS credentials. Returns whether it is gone:
-    then every write it took has reached the disk (a process's memory, whence /proc's cmdline,
-    outlives its threads' system calls and, in exit_aio, its in-flight AIO) and no connection
-    of its can take another."""
-    if exp.alive():
+    """Stop qemu-nbd; remove its socket and its TLS credentials. Returns whether it is gone,
+    every thread of it (proc.exited): then every write it took has reached the disk (a thread
+    leaves the kernel only once its write returned; the last one's exit_aio waits for its
+    in-flight AIO) and no connection of its can take another."""
+    started = proc.start_time(exp.pid) if exp.alive() else None
+    if started is not None:
         os.kill(exp.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while exp.alive() and time.monotonic() < deadline:
+        while not proc.exited(exp.pid, started) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if exp.alive():
+        if not proc.exited(exp.pid, started):
             os.kill(exp.pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
-            while exp.alive() and time.monotonic() < deadline:
+            while not proc.exited(exp.pid, started) and time.monotonic() < deadline:
                 time.sleep(0.05)
     if exp.socket and os.path.lexists(exp.socket):
         os.unlink(exp.socket)
     if exp.tls:
         shutil.rmtree(exp.tls, ignore_errors=True)
-    return not exp.alive()
+    return started is None or proc.exited(exp.pid, started)
 
 
 def load_client() -> None:

@@ -47,6 +47,31 @@ def stop(pid: int | None, marker: str, timeout: float = 5) -> bool:
     return True
 
 
+def start_time(pid: int) -> str | None:
+    """PID's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid, it names
+    one process, never the next one the kernel gives that pid. None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def exited(pid: int, started: str) -> bool:
+    """Every thread of the process PID, started at STARTED, has left the kernel: reaped (its
+    pid gone or another process's), or a zombie leader whose last other thread has exited.
+    Not its command line: that empties as soon as the leader thread exits, while another
+    thread of it may still be inside a write."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return True
+    if fields[19] != started:
+        return True
+    return fields[0] in ("Z", "X") and int(fields[17]) <= 1
+
+
 def exit_status(pid: int) -> int | None:
     """Exit code of our own dead child (None if not ours or already collected)."""
     try:

@@ -36,3 +36,33 @@ def test_one_scan_finds_every_marker_and_no_zombie() -> None:
         for p in (a, b, dead):
             p.kill()
             p.wait()
+
+
+# The leader thread leaves (pthread_exit) while a second thread sleeps on: the state a
+# qemu-nbd can be in while SIGKILL takes its threads down one by one, one of them in a write
+LEADER_FIRST = r"""
+import ctypes, sys, threading, time
+threading.Thread(target=time.sleep, args=(float(sys.argv[1]),)).start()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_has_not_exited_while_a_thread_of_it_runs_though_its_command_line_is_gone() -> None:
+    p = subprocess.Popen([sys.executable, "-c", LEADER_FIRST, "3"])
+    try:
+        started = proc.start_time(p.pid)
+        assert started is not None
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{p.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # what Export.alive reads is empty now: the old fence took this for gone
+        assert Path(f"/proc/{p.pid}/cmdline").read_bytes() == b""
+        assert not proc.exited(p.pid, started)
+        deadline = time.monotonic() + 10
+        while not proc.exited(p.pid, started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.exited(p.pid, started)  # a zombie now, its last thread gone
+    finally:
+        p.kill()
+        p.wait()
+    assert proc.exited(p.pid, started)  # reaped
