@@ -32,6 +32,9 @@ def props(h: UmlHost, dev: str) -> dict[str, str]:
 def test_era_and_metadata_are_not_scanned_and_top_has_a_stable_name(rig: UmlHost, disks, name: str) -> None:
     origin = disks(16)
     rig.run(["mkfs.ext4", "-q", "-F", origin])  # a signature blkid would report
+    # the change event udev's inotify watch makes when mkfs closes the device is lost if mkfs
+    # ran before udevd set that watch up (the loop device is brand new): asked for explicitly
+    rig.run(["udevadm", "trigger", "--action=change", "--settle", origin])
     assert props(rig, origin).get("ID_FS_TYPE") == "ext4"  # the control: the origin is probed
     rig.dmmig("wrap", name, origin)
     rig.dmmig("prepare", name)
