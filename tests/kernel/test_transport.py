@@ -13,7 +13,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.steps import DMMIG, ask, check, copy_args, digest, start_writer, status, stop_writer, wait_leg_failed
+from tests.kernel.steps import (
+    DMMIG,
+    ask,
+    check,
+    copy_args,
+    digest,
+    migrate_to_mirror,
+    start_writer,
+    status,
+    stop_writer,
+    wait_leg_failed,
+)
 from tests.rig.output import summary
 from tests.rig.pair import B_IP, SSH_OPTS, sshd_config
 from tests.rig.uml import UmlHost
@@ -513,10 +524,7 @@ def test_a_leg_write_held_past_the_nbd_timeout_never_lands_stale_under_an_in_syn
     da, db = pdisks
     origin, dest = da(32, fill_seed=17), db(32)
     top = f"/dev/mapper/dmmig-{name}"
-    a.dmmig("wrap", name, origin)
-    a.dmmig("prepare", name)
-    a.dmmig(*copy_args(name, dest, "--transport", "nbd", "--nbd-address", B_IP))
-    a.dmmig("cutover", name, "--nbd-timeout", "3")
+    migrate_to_mirror(a, name, origin, dest, "--transport", "nbd", "--nbd-address", B_IP)  # --nbd-timeout 3
     for m in ("sch_prio", "sch_netem", "cls_u32"):
         a.run(["modprobe", "--dirname=/run/mods", m])
     try:
